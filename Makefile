@@ -1,0 +1,32 @@
+# Quick start:  make demo   (train + evaluate DiffMIC on HAM10000 on a CPU, a few minutes)
+#               make test   (the test suite)
+PY      ?= python3
+VENV    ?= .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.diffmic-installed
+DATA    ?= ../shared/data
+
+.PHONY: venv demo test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	# torch/torchvision first, pinned to the builds this machine serves from disk
+	$(VPY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(VPY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/diffmic fit --config src/diffmic/configs/demo_cpu.yaml data.root=$(DATA)/ham10000 run.dir=runs/demo
+	$(VENV)/bin/diffmic test --run runs/demo
+
+test: $(STAMP)
+	$(VPY) -m pytest -q
+
+bench: $(STAMP)
+	$(VPY) benchmarks/run_all.py
+
+clean:
+	rm -rf runs .cache
