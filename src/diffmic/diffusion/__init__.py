@@ -1,0 +1,46 @@
+"""Pure-tensor diffusion maths for DiffMIC: noise schedule, forward process, samplers."""
+
+from diffmic.diffusion.process import (
+    PRIOR_KINDS,
+    antithetic_timesteps,
+    posterior_mean_variance,
+    predict_y0_from_eps,
+    prior_mean,
+    q_sample,
+)
+from diffmic.diffusion.samplers import (
+    DDIM_STARTS,
+    SAMPLERS,
+    EpsFn,
+    SampleOutput,
+    ddim_timesteps,
+    num_noise_draws,
+    sample,
+    sample_ddim,
+    sample_ddpm,
+    sample_truncated,
+)
+from diffmic.diffusion.schedule import BETA_SCHEDULES, NoiseSchedule, extract, make_beta_schedule
+
+__all__ = [
+    "BETA_SCHEDULES",
+    "DDIM_STARTS",
+    "PRIOR_KINDS",
+    "SAMPLERS",
+    "EpsFn",
+    "NoiseSchedule",
+    "SampleOutput",
+    "antithetic_timesteps",
+    "ddim_timesteps",
+    "extract",
+    "make_beta_schedule",
+    "num_noise_draws",
+    "posterior_mean_variance",
+    "predict_y0_from_eps",
+    "prior_mean",
+    "q_sample",
+    "sample",
+    "sample_ddim",
+    "sample_ddpm",
+    "sample_truncated",
+]
