@@ -1,0 +1,115 @@
+"""CARD-style conditional denoiser ε_θ and the image embedding ρ(x).
+
+Architecture (released ``ConditionalModel``)::
+
+    feat = ρ(x) = BN1d(Linear(D → H)(encoder(x)))                               [B, H]
+    h = softplus(BN(ConditionalLinear([y_t, ŷ] → H)(·, t)))  ⊙ feat              [B, H]
+    h = softplus(BN(ConditionalLinear(H → H)(h, t)))         × (num_layers − 1)  [B, H]
+    ε̂ = Linear(H → C)(h)                                                          [B, C]
+
+Time conditioning is a purely multiplicative gate: ``ConditionalLinear(x, t) = (W x + b) ⊙ E[t]`` with a learned
+table ``E ∈ R^{(T+1)×out}`` initialised U(0, 1).  ``t`` is 0-based (0 … T−1).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .encoders import create_encoder
+
+__all__ = ["ConditionalLinear", "ImageEmbedding", "ConditionalDenoiser"]
+
+
+class ConditionalLinear(nn.Module):
+    """``(W x + b) ⊙ E[t]``; ``E = nn.Embedding(num_timesteps + 1, out_features)`` initialised U(0, 1).
+
+    Forward: ``x [B, in_features], t [B] long -> [B, out_features]``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, num_timesteps: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(in_features, out_features)
+        self.embed = nn.Embedding(int(num_timesteps) + 1, out_features)
+        nn.init.uniform_(self.embed.weight, 0.0, 1.0)
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        """``x [B, in], t [B] -> [B, out]``."""
+        return self.lin(x) * self.embed(t)
+
+
+class ImageEmbedding(nn.Module):
+    """ρ(x): ``encoder → Linear(D, hidden_dim) → BatchNorm1d(hidden_dim)``.
+
+    Forward: ``x [B, in_chans, H, W] -> [B, hidden_dim]``.
+    """
+
+    def __init__(
+        self,
+        encoder_name: str,
+        hidden_dim: int,
+        in_chans: int = 3,
+        weights_path: str | os.PathLike[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.encoder = create_encoder(encoder_name, in_chans=in_chans, weights_path=weights_path)
+        self.proj = nn.Linear(self.encoder.out_dim, int(hidden_dim))
+        self.norm = nn.BatchNorm1d(int(hidden_dim))
+        self.out_dim = int(hidden_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x [B, in_chans, H, W] -> feat [B, hidden_dim]``."""
+        return self.norm(self.proj(self.encoder(x)))
+
+
+class ConditionalDenoiser(nn.Module):
+    """Noise-prediction MLP conditioned on the image embedding, the guidance vector and t.
+
+    Args:
+        num_classes: ``C``.
+        hidden_dim: width ``H`` (6144 in the paper / released code).
+        num_layers: number of ConditionalLinear→BN→Softplus blocks (3 released).
+        num_timesteps: ``T``; time tables have ``T + 1`` rows.
+        use_guidance: input is ``[y_t, guidance]`` (``2C``) when True, ``y_t`` only (``C``) when False.
+
+    Forward: ``feat [B, H], y_t [B, C], t [B] long, guidance [B, C] | None -> eps [B, C]``.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        hidden_dim: int = 6144,
+        num_layers: int = 3,
+        num_timesteps: int = 1000,
+        use_guidance: bool = True,
+    ) -> None:
+        super().__init__()
+        if int(num_classes) < 1 or int(hidden_dim) < 1 or int(num_layers) < 1 or int(num_timesteps) < 1:
+            raise ValueError("num_classes, hidden_dim, num_layers and num_timesteps must all be >= 1")
+        c, h = int(num_classes), int(hidden_dim)
+        self.num_classes = c
+        self.hidden_dim = h
+        self.use_guidance = bool(use_guidance)
+        in_dim = 2 * c if self.use_guidance else c
+        self.layers = nn.ModuleList(
+            [ConditionalLinear(in_dim if i == 0 else h, h, num_timesteps) for i in range(int(num_layers))]
+        )
+        self.norms = nn.ModuleList([nn.BatchNorm1d(h) for _ in range(int(num_layers))])
+        self.out = nn.Linear(h, c)
+
+    def forward(self, feat: Tensor, y_t: Tensor, t: Tensor, guidance: Tensor | None = None) -> Tensor:
+        """``feat [B, H], y_t [B, C], t [B], guidance [B, C] | None -> eps [B, C]``."""
+        if self.use_guidance:
+            if guidance is None:
+                raise ValueError("this denoiser was built with use_guidance=True; pass guidance [B, C]")
+            h = torch.cat((y_t, guidance.to(y_t.dtype)), dim=-1)
+        else:
+            h = y_t
+        for i, (layer, norm) in enumerate(zip(self.layers, self.norms)):
+            h = F.softplus(norm(layer(h, t)))
+            if i == 0:
+                h = h * feat
+        return self.out(h)

@@ -1,0 +1,238 @@
+"""DiffMIC model: image embedding ρ, conditional denoiser ε_θ and the DCG prior network τ_D.
+
+Variants (paper Table 2):
+
+* ``"basic"`` — encoder + linear head, no diffusion, no DCG (``classify(x) -> logits``).
+* ``"C1"``    — diffusion without DCG: zero prior mean, denoiser input ``y_t`` only.
+* ``"C2"``    — diffusion with DCG (noise MSE only; the loss is chosen by the trainer).
+* ``"full"``  — diffusion with DCG and the condition-specific MMD terms (``uses_mmd``).
+
+No optimiser, no data, no sampling loop here: the trainer/predictor composes ``encode`` (once per image),
+``guide``/``priors`` (once per image) and ``eps`` (once per diffusion step).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from diffmic.diffusion.process import PRIOR_KINDS, prior_mean
+
+from .denoiser import ConditionalDenoiser, ImageEmbedding
+from .encoders import create_encoder
+from .guidance import DCG, ROI_CHANNELS, GuidanceOutput, WeightsArg
+
+__all__ = ["VARIANTS", "PRIOR_KINDS", "Priors", "DiffMIC"]
+
+VARIANTS: tuple[str, ...] = ("basic", "C1", "C2", "full")
+
+
+class Priors(NamedTuple):
+    """Per-branch prior mean μ, which is also that branch's guidance vector; each ``[B, C]``."""
+
+    fused: Tensor  #: prior_mean(kind, z_g, z_l) — main branch, the only one used at inference
+    global_: Tensor  #: softmax(z_g) — global MMD branch
+    local: Tensor  #: softmax(z_l) — local MMD branch
+
+
+def _path_or_none(p: WeightsArg) -> Any:
+    if p is None:
+        return None
+    if isinstance(p, (tuple, list)):
+        return tuple(None if q is None else os.fspath(q) for q in p)
+    return os.fspath(p)
+
+
+class DiffMIC(nn.Module):
+    """DiffMIC (Yang et al., MICCAI 2023).
+
+    Args:
+        num_classes: ``C``.
+        variant: one of :data:`VARIANTS`.
+        encoder: image-encoder name for ρ (see :func:`diffmic.nn.encoders.create_encoder`).
+        hidden_dim: denoiser width ``H`` (6144).
+        num_layers: denoiser depth (3).
+        num_timesteps: ``T`` (1000).
+        dcg_global, dcg_local: DCG backbones.
+        num_rois, crop_size, roi_channels: DCG ROI settings (``roi_channels`` in ``("rgb", "first")``).
+        prior: fused prior kind, one of ``PRIOR_KINDS``.
+        in_chans: image channels.
+        encoder_weights: optional local state-dict file for ρ's encoder.
+        dcg_weights: optional local backbone state-dict file(s) for the DCG (see :class:`DCG`).
+
+    Attributes:
+        hparams: the constructor arguments; ``DiffMIC(**model.hparams)`` rebuilds the architecture.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        variant: str = "full",
+        encoder: str = "resnet18",
+        hidden_dim: int = 6144,
+        num_layers: int = 3,
+        num_timesteps: int = 1000,
+        dcg_global: str = "resnet18",
+        dcg_local: str = "resnet18",
+        num_rois: int = 6,
+        crop_size: int = 32,
+        roi_channels: str = "rgb",
+        prior: str = "softmax_mean_logits",
+        in_chans: int = 3,
+        encoder_weights: str | os.PathLike[str] | None = None,
+        dcg_weights: WeightsArg = None,
+    ) -> None:
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+        if prior not in PRIOR_KINDS:
+            raise ValueError(f"unknown prior {prior!r}; expected one of {PRIOR_KINDS}")
+        if roi_channels not in ROI_CHANNELS:
+            raise ValueError(f"unknown roi_channels {roi_channels!r}; expected one of {ROI_CHANNELS}")
+        if int(num_classes) < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.hparams: dict[str, Any] = dict(
+            num_classes=int(num_classes),
+            variant=variant,
+            encoder=encoder,
+            hidden_dim=int(hidden_dim),
+            num_layers=int(num_layers),
+            num_timesteps=int(num_timesteps),
+            dcg_global=dcg_global,
+            dcg_local=dcg_local,
+            num_rois=int(num_rois),
+            crop_size=int(crop_size),
+            roi_channels=roi_channels,
+            prior=prior,
+            in_chans=int(in_chans),
+            encoder_weights=_path_or_none(encoder_weights),
+            dcg_weights=_path_or_none(dcg_weights),
+        )
+        self.num_classes = int(num_classes)
+        self.variant = variant
+        self.prior = prior
+        self.num_timesteps = int(num_timesteps)
+
+        self.encoder: nn.Module | None = None
+        self.classifier: nn.Linear | None = None
+        self.image_embedding: ImageEmbedding | None = None
+        self.denoiser: ConditionalDenoiser | None = None
+        self.dcg: DCG | None = None
+        if variant == "basic":
+            self.encoder = create_encoder(encoder, in_chans=in_chans, weights_path=encoder_weights)
+            self.classifier = nn.Linear(self.encoder.out_dim, self.num_classes)
+            return
+        self.image_embedding = ImageEmbedding(encoder, hidden_dim, in_chans=in_chans, weights_path=encoder_weights)
+        self.denoiser = ConditionalDenoiser(
+            self.num_classes, hidden_dim, num_layers, num_timesteps, use_guidance=self.uses_dcg
+        )
+        if self.uses_dcg:
+            self.dcg = DCG(
+                self.num_classes,
+                global_backbone=dcg_global,
+                local_backbone=dcg_local,
+                num_rois=num_rois,
+                crop_size=crop_size,
+                roi_channels=roi_channels,
+                in_chans=in_chans,
+                weights_path=dcg_weights,
+            )
+
+    # ------------------------------------------------------------------ flags
+    @property
+    def uses_diffusion(self) -> bool:
+        """False only for ``"basic"``."""
+        return self.variant != "basic"
+
+    @property
+    def uses_dcg(self) -> bool:
+        """True for ``"C2"`` and ``"full"``."""
+        return self.variant in ("C2", "full")
+
+    @property
+    def uses_guidance(self) -> bool:
+        """Whether the denoiser takes a guidance vector (every diffusion variant but ``"C1"``)."""
+        return self.uses_dcg
+
+    @property
+    def uses_mmd(self) -> bool:
+        """True only for ``"full"`` (condition-specific MMD regularisation)."""
+        return self.variant == "full"
+
+    # ------------------------------------------------------------------ parameter groups
+    def diffusion_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of everything except the DCG (ρ + denoiser, or encoder + head for ``basic``)."""
+        for name, p in self.named_parameters():
+            if not name.startswith("dcg."):
+                yield p
+
+    def dcg_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the DCG (empty when the variant has none)."""
+        if self.dcg is not None:
+            yield from self.dcg.parameters()
+
+    # ------------------------------------------------------------------ compute
+    def encode(self, x: Tensor) -> Tensor:
+        """Image features: ρ(x) ``[B, hidden_dim]`` (``[B, D]`` backbone features for ``basic``)."""
+        if self.image_embedding is not None:
+            return self.image_embedding(x)
+        assert self.encoder is not None
+        return self.encoder(x)
+
+    def classify(self, x: Tensor) -> Tensor:
+        """``basic`` only: ``x [B, C_in, H, W] -> logits [B, C]``."""
+        if self.classifier is None:
+            raise RuntimeError(f"classify() is only available for variant 'basic', not {self.variant!r}")
+        return self.classifier(self.encode(x))
+
+    def guide(self, x: Tensor) -> GuidanceOutput | None:
+        """DCG outputs for ``x``, or ``None`` when the variant has no DCG."""
+        return self.dcg(x) if self.dcg is not None else None
+
+    def priors(
+        self,
+        g: GuidanceOutput | None,
+        batch_size: int,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Priors:
+        """Prior means / guidance vectors ``[B, C]`` for the fused, global and local branches.
+
+        With DCG: ``fused = prior_mean(self.prior, z_g, z_l)``, ``global_ = softmax(z_g)``,
+        ``local = softmax(z_l)`` (all zeros when ``prior == "zero"``).  Without DCG (``g is None``, variants
+        ``basic``/``C1``): zeros of shape ``[batch_size, C]`` on ``device``/``dtype``.
+        """
+        if g is None:
+            z = torch.zeros(batch_size, self.num_classes, device=device, dtype=dtype)
+            return Priors(z, z, z)
+        fused = prior_mean(self.prior, g.z_global, g.z_local)
+        if self.prior == "zero":
+            pg, pl = torch.zeros_like(fused), torch.zeros_like(fused)
+        else:
+            pg, pl = torch.softmax(g.z_global, dim=-1), torch.softmax(g.z_local, dim=-1)
+        if dtype is not None:
+            fused, pg, pl = fused.to(dtype), pg.to(dtype), pl.to(dtype)
+        return Priors(fused, pg, pl)
+
+    def eps(self, feat: Tensor, y_t: Tensor, t: Tensor, guidance: Tensor | None = None) -> Tensor:
+        """Predicted noise ``[B, C]`` from ``feat [B, H]``, ``y_t [B, C]``, ``t [B]`` and ``guidance [B, C]``.
+
+        ``guidance`` is ignored for ``C1`` (the denoiser sees ``y_t`` only).
+        """
+        if self.denoiser is None:
+            raise RuntimeError("eps() is not available for variant 'basic' (no diffusion)")
+        return self.denoiser(feat, y_t, t, guidance if self.denoiser.use_guidance else None)
+
+    def forward(
+        self, x: Tensor, y_t: Tensor | None = None, t: Tensor | None = None, guidance: Tensor | None = None
+    ) -> Tensor:
+        """``basic``: logits ``[B, C]``; diffusion variants: ``eps(encode(x), y_t, t, guidance)`` ``[B, C]``."""
+        if not self.uses_diffusion:
+            return self.classify(x)
+        if y_t is None or t is None:
+            raise ValueError("diffusion variants need y_t and t in forward()")
+        return self.eps(self.encode(x), y_t, t, guidance)

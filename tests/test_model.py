@@ -1,0 +1,135 @@
+"""DiffMIC model: variants, priors, parameter count, backbones, hparams rebuild."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffmic.nn import VARIANTS, DiffMIC, GuidanceOutput
+
+TINY = dict(encoder="resnet10_tiny", hidden_dim=32, num_timesteps=50, dcg_global="resnet10_tiny",
+            dcg_local="resnet10_tiny", crop_size=16)
+
+
+def _step(model: DiffMIC, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One training-style forward returning a scalar loss."""
+    if not model.uses_diffusion:
+        return F.cross_entropy(model.classify(x), y)
+    b, c = x.shape[0], model.num_classes
+    feat = model.encode(x)
+    g = model.guide(x)
+    with torch.no_grad():
+        pri = model.priors(g, b, x.device, x.dtype) if g is None else model.priors(
+            GuidanceOutput(*(v.detach() for v in g)), b, x.device, x.dtype)
+    t = torch.randint(0, model.num_timesteps, (b,))
+    y0 = F.one_hot(y, c).float()
+    noise = torch.randn(b, c)
+    y_t = y0 + noise + pri.fused  # shape-level stand-in for q_sample
+    loss = F.mse_loss(model.eps(feat, y_t, t, pri.fused), noise)
+    if model.uses_mmd:
+        loss = loss + model.eps(feat, y_t, t, pri.global_).pow(2).mean() + model.eps(feat, y_t, t, pri.local).pow(2).mean()
+    if g is not None:
+        loss = loss + F.cross_entropy(g.z_fused, y)
+    return loss
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variants_forward_backward(variant: str) -> None:
+    torch.manual_seed(0)
+    model = DiffMIC(3, variant=variant, **TINY)
+    assert model.uses_diffusion == (variant != "basic")
+    assert model.uses_dcg == (variant in ("C2", "full"))
+    assert model.uses_mmd == (variant == "full")
+    assert (model.dcg is not None) == model.uses_dcg
+    x, y = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 1])
+    loss = _step(model, x, y)
+    assert torch.isfinite(loss)
+    loss.backward()
+    if variant == "basic":
+        assert model.classifier.weight.grad is not None
+        with pytest.raises(RuntimeError):
+            model.eps(torch.randn(4, 32), torch.randn(4, 3), torch.zeros(4, dtype=torch.long))
+    else:
+        assert all(p.grad is not None for p in model.denoiser.parameters())
+        assert model.image_embedding.proj.weight.grad is not None
+        assert model.denoiser.use_guidance == model.uses_dcg
+        with pytest.raises(RuntimeError):
+            model.classify(x)
+    if model.dcg is not None:
+        assert model.dcg.saliency_head.weight.grad is not None
+    for p in model.parameters():
+        if p.grad is not None:
+            assert torch.isfinite(p.grad).all()
+
+
+@pytest.mark.parametrize("encoder", ["resnet18", "resnet10_tiny", "timm:resnet10t", "tv:mobilenet_v3_small"])
+def test_backbones(encoder: str) -> None:
+    torch.manual_seed(0)
+    model = DiffMIC(3, variant="full", **{**TINY, "encoder": encoder, "dcg_global": encoder,
+                                          "dcg_local": "resnet10_tiny", "num_rois": 3})
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 2])
+    loss = _step(model, x, y)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.denoiser.out.weight.grad is not None
+
+
+def test_priors() -> None:
+    torch.manual_seed(0)
+    g = GuidanceOutput(torch.randn(2, 3), torch.randn(2, 3), torch.zeros(2, 3), torch.zeros(2, 3, 1, 1),
+                       torch.zeros(2, 1, 4, dtype=torch.long), torch.ones(2, 1))
+    m = DiffMIC(3, variant="C2", **TINY)
+    p = m.priors(g, 2, None, torch.float32)
+    torch.testing.assert_close(p.fused, torch.softmax(0.5 * (g.z_global + g.z_local), -1))
+    torch.testing.assert_close(p.global_, torch.softmax(g.z_global, -1))
+    torch.testing.assert_close(p.local, torch.softmax(g.z_local, -1))
+    m = DiffMIC(3, variant="full", prior="sum_probs", **TINY)
+    torch.testing.assert_close(m.priors(g, 2).fused, p.global_ + p.local)
+    m = DiffMIC(3, variant="full", prior="zero", **TINY)
+    assert all(torch.count_nonzero(v) == 0 for v in m.priors(g, 2))
+    c1 = DiffMIC(3, variant="C1", **TINY)
+    assert c1.guide(torch.randn(2, 3, 32, 32)) is None
+    z = c1.priors(None, 2, torch.device("cpu"), torch.float64)
+    assert z.fused.shape == (2, 3) and z.fused.dtype == torch.float64 and torch.count_nonzero(z.fused) == 0
+
+
+def test_cached_features_equal_forward() -> None:
+    torch.manual_seed(0)
+    m = DiffMIC(3, variant="full", **TINY).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        g = m.guide(x)
+        pri = m.priors(g, 2)
+        feat = m.encode(x)
+        for t in (49, 10, 0):
+            tt = torch.full((2,), t, dtype=torch.long)
+            y = torch.randn(2, 3)
+            torch.testing.assert_close(m.eps(feat, y, tt, pri.fused), m(x, y, tt, pri.fused))
+
+
+def test_hparams_rebuild() -> None:
+    m = DiffMIC(3, variant="full", roi_channels="first", prior="mean_probs", **TINY)
+    m2 = DiffMIC(**m.hparams)
+    m2.load_state_dict(m.state_dict(), strict=True)
+    assert m2.hparams == m.hparams and m2.dcg.roi_channels == "first"
+
+
+def test_validation_errors() -> None:
+    with pytest.raises(ValueError, match="variant"):
+        DiffMIC(3, variant="C3", **TINY)
+    with pytest.raises(ValueError, match="prior"):
+        DiffMIC(3, prior="median", **TINY)
+    with pytest.raises(ValueError, match="roi_channels"):
+        DiffMIC(3, roi_channels="red", **TINY)
+
+
+def test_default_parameter_count() -> None:
+    """Released ConditionalModel for C=7: ResNet-18 ρ + 6144-wide 3-layer MLP ≈ 108.5 M parameters."""
+    m = DiffMIC(7, variant="full")
+    n = sum(p.numel() for p in m.image_embedding.parameters()) + sum(p.numel() for p in m.denoiser.parameters())
+    assert abs(n - 108.5e6) / 108.5e6 < 0.005
+    trunk = sum(p.numel() for p in m.image_embedding.encoder.parameters())
+    assert abs(trunk - 11.18e6) / 11.18e6 < 0.005
+    assert m.image_embedding.proj.weight.shape == (6144, 512)
+    assert [layer.embed.weight.shape for layer in m.denoiser.layers] == [(1001, 6144)] * 3
