@@ -1,0 +1,91 @@
+"""Callbacks: an EMA of the diffusion modules, and stage-aware checkpoint selection."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+
+class DenoiserEMA(pl.Callback):
+    """Exponential moving average of ρ(x) and the denoiser (not the DCG), used for evaluation.
+
+    Built on :class:`torch.optim.swa_utils.AveragedModel` (parameters and BN buffers). Updated after
+    every joint-stage training step; swapped in for validation, stored in every checkpoint under
+    ``"diffmic_ema"`` and applied by :func:`diffmic.training.checkpoint.load_module` for test and
+    predict. The released code keeps an EMA (0.9999) but never uses it.
+    """
+
+    def __init__(self, decay: float = 0.9999) -> None:
+        self.decay = decay
+        self.ema: Optional[AveragedModel] = None
+        self._swapped = False
+        self._pending_state: Optional[dict] = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.ema is None:
+            self.ema = AveragedModel(
+                pl_module.diffusion_modules(), multi_avg_fn=get_ema_multi_avg_fn(self.decay), use_buffers=True
+            )
+            if self._pending_state is not None:
+                self.ema.load_state_dict(self._pending_state)
+                self._pending_state = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.ema is not None and not pl_module.in_dcg_warmup:
+            self.ema.update_parameters(pl_module.diffusion_modules())
+
+    def _swap(self, pl_module: pl.LightningModule) -> None:
+        if self.ema is None or self.ema.n_averaged.item() == 0:
+            return
+        live = pl_module.diffusion_modules()
+        with torch.no_grad():
+            for a, b in zip(
+                list(self.ema.module.parameters()) + list(self.ema.module.buffers()),
+                list(live.parameters()) + list(live.buffers()),
+            ):
+                tmp = a.detach().clone()
+                a.copy_(b)
+                b.copy_(tmp)
+        self._swapped = not self._swapped
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "fit":
+            self._swap(pl_module)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if self._swapped:
+            self._swap(pl_module)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        if self.ema is not None and self.ema.n_averaged.item() > 0:
+            state = self.ema.module.state_dict()
+            if self._swapped:  # saving during validation: the live weights are the EMA ones
+                state = pl_module.diffusion_modules().state_dict()
+            checkpoint["diffmic_ema"] = {k: v.detach().clone() for k, v in state.items()}
+            checkpoint["diffmic_ema_n"] = int(self.ema.n_averaged.item())
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        if "diffmic_ema" not in checkpoint:
+            return
+        state = {f"module.{k}": v for k, v in checkpoint["diffmic_ema"].items()}
+        state["n_averaged"] = torch.tensor(checkpoint.get("diffmic_ema_n", 1))
+        if self.ema is not None:
+            self.ema.load_state_dict(state)
+        else:
+            self._pending_state = state
+
+
+class StageAwareCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that does not select (top-k) during the DCG warm-up, whose validation
+    measures the DCG only; ``last.ckpt`` is still written for resuming."""
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if getattr(pl_module, "in_dcg_warmup", False):
+            if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            return
+        super().on_validation_end(trainer, pl_module)

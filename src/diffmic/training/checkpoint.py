@@ -1,0 +1,105 @@
+"""Checkpoint loading that never unpickles arbitrary objects and never loads partially.
+
+A diffmic checkpoint is a Lightning checkpoint whose ``hyper_parameters`` hold the full resolved
+config (plain types), the number of classes and the class names, so the model is rebuilt from the
+file alone. It is read with ``torch.load(weights_only=True)``: a file carrying a pickled object
+(code) is refused.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from diffmic import __version__
+
+
+class CheckpointError(ValueError):
+    """The file is not a usable diffmic checkpoint for this purpose."""
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint '{p}' does not exist. Train first (diffmic fit) or pass --ckpt PATH.")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"checkpoint '{p}' was refused: it contains pickled objects other than tensors and plain "
+            f"containers, which could run code when loaded. Only load checkpoints you trust; diffmic "
+            f"never unpickles arbitrary objects. ({str(exc).splitlines()[0]})"
+        ) from exc
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"checkpoint '{p}' could not be read (truncated or not a torch file): {exc}") from exc
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+        raise CheckpointError(f"'{p}' is not a diffmic checkpoint (no state_dict/hyper_parameters).")
+    hp = ckpt["hyper_parameters"]
+    if not isinstance(hp, dict) or not {"config", "num_classes", "class_names"} <= set(hp):
+        raise CheckpointError(f"'{p}' is a Lightning checkpoint of another model, not of diffmic.")
+    return ckpt
+
+
+def load_module(
+    path: str | Path,
+    *,
+    expected_class_names: Optional[list[str]] = None,
+    overrides: Optional[dict] = None,
+    use_ema: Optional[bool] = None,
+):
+    """Rebuild a :class:`DiffMICModule` from a checkpoint and load its weights strictly.
+
+    ``overrides`` may change evaluation-only settings (``{"eval": {...}}``); anything that changes
+    the network is refused. ``expected_class_names`` guards against evaluating on other classes.
+    """
+    from diffmic.config import config_from_dict
+    from diffmic.training.module import DiffMICModule
+
+    ckpt = read_checkpoint(path)
+    hp = ckpt["hyper_parameters"]
+    config = dict(hp["config"])
+    if overrides:
+        bad = set(overrides) - {"eval", "data", "run"}
+        if bad:
+            raise CheckpointError(
+                f"cannot override {sorted(bad)} when loading '{path}': these change the network. "
+                f"Only eval.*, data.* and run.* may differ from training."
+            )
+        for sec, body in overrides.items():
+            merged = dict(config.get(sec, {}))
+            merged.update(body)
+            config[sec] = merged
+    config_from_dict(config)  # validates
+    names = list(hp["class_names"])
+    if expected_class_names is not None and list(expected_class_names) != names:
+        raise CheckpointError(
+            f"checkpoint '{path}' was trained on {len(names)} classes {names}, but the data has "
+            f"{len(expected_class_names)} classes {list(expected_class_names)}. Use a checkpoint "
+            f"trained on this data set or fix data.* in the config."
+        )
+    module = DiffMICModule(config, int(hp["num_classes"]), names)
+    try:
+        module.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"checkpoint '{path}' does not match the model its config describes (different architecture "
+            f"or a file edited by hand); nothing was loaded. Details: {str(exc)[:800]}"
+        ) from exc
+    if use_ema is None:
+        use_ema = module.cfg.train.use_ema
+    if use_ema and "diffmic_ema" in ckpt:
+        try:
+            module.diffusion_modules().load_state_dict(ckpt["diffmic_ema"], strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"EMA weights in '{path}' do not match the model: {str(exc)[:500]}") from exc
+    module.eval()
+    module.loaded_from = str(path)
+    module.diffmic_version = ckpt.get("diffmic_version", "unknown")
+    return module
+
+
+def stamp_checkpoint(checkpoint: dict) -> None:
+    checkpoint["diffmic_version"] = __version__

@@ -1,0 +1,304 @@
+"""The LightningModule: DCG warm-up, joint DCG + diffusion training, evaluation by reverse sampling.
+
+Stages (paper Sect. 2.3, released code §4.1):
+
+1. ``train.dcg_warmup_epochs`` epochs of DCG cross-entropy only (released code 15, paper 10).
+2. Joint training: each step one diffusion step (noise MSE on the dual-prior branch + λ·MMD on the
+   global and local branches, Eq. 6) with the denoiser optimiser, then one DCG cross-entropy step
+   with the DCG optimiser (``train.joint_dcg``).
+
+Speed-ups relative to the released step (see ``docs/performance.md``):
+* the image encoder ρ(x) runs once per step and feeds the three denoiser branches (released: three
+  passes; forward values and summed gradients are identical, BN running stats get one update
+  instead of three);
+* the DCG priors for the diffusion loss are computed under ``torch.no_grad`` (the released code
+  back-propagates through the DCG and then discards those gradients: no parameter update changes).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from diffmic.config import Config, config_from_dict
+from diffmic.diffusion.process import antithetic_timesteps, q_sample
+from diffmic.diffusion.schedule import NoiseSchedule
+from diffmic.inference.sampling import reverse_sample
+from diffmic.training.checkpoint import stamp_checkpoint
+from diffmic.losses import diffusion_loss, guidance_ce
+from diffmic.metrics import SCALAR_METRICS, classification_metrics, metrics_to_json, readout
+from diffmic.nn.diffmic import DiffMIC
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when a training loss becomes NaN or Inf."""
+
+
+def build_model(cfg: Config, num_classes: int) -> DiffMIC:
+    m = cfg.model
+    return DiffMIC(
+        num_classes,
+        variant=m.variant,
+        encoder=m.encoder,
+        hidden_dim=m.hidden_dim,
+        num_layers=m.num_layers,
+        num_timesteps=cfg.diffusion.num_timesteps,
+        dcg_global=m.dcg_global,
+        dcg_local=m.dcg_local,
+        num_rois=m.num_rois,
+        crop_size=cfg.crop_size(),
+        roi_channels=m.roi_channels,
+        prior=m.prior,
+        in_chans=cfg.data.in_chans,
+        encoder_weights=m.encoder_weights,
+        dcg_weights=m.dcg_weights,
+    )
+
+
+def lr_factor(epoch: float, warmup: float, total: float, min_ratio: float = 0.0) -> float:
+    """Released schedule: linear warm-up from 0 over ``warmup`` epochs, then half-cosine to min."""
+    if warmup > 0 and epoch < warmup:
+        return epoch / warmup
+    span = max(total - warmup, 1e-8)
+    progress = min(max((epoch - warmup) / span, 0.0), 1.0)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class DiffMICModule(pl.LightningModule):
+    """Training and evaluation of :class:`~diffmic.nn.diffmic.DiffMIC` (all Table 2 variants)."""
+
+    def __init__(self, config: dict, num_classes: int, class_names: list[str]) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.cfg: Config = config_from_dict(config)
+        self.num_classes = num_classes
+        self.class_names = list(class_names)
+        self.model = build_model(self.cfg, num_classes)
+        self.automatic_optimization = False
+        self.val_metrics = classification_metrics(num_classes)
+        self.test_metrics = classification_metrics(num_classes)
+        self._schedule: Optional[NoiseSchedule] = None
+        self._test_rows: list[dict] = []
+        self.output_dir: Optional[Path] = None  # where test writes metrics/predictions
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def schedule(self) -> NoiseSchedule:
+        s = self._schedule
+        if s is None or s.betas.device != self.device:
+            d = self.cfg.diffusion
+            s = NoiseSchedule.build(d.schedule, d.num_timesteps, d.beta_start, d.beta_end).to(self.device)
+            self._schedule = s
+        return s
+
+    @property
+    def in_dcg_warmup(self) -> bool:
+        """True during the DCG-only warm-up epochs of ``fit`` (never in validate/test/predict)."""
+        if self._trainer is None or self.trainer.state.fn != "fit":
+            return False
+        return self.model.uses_dcg and self.current_epoch < self.cfg.train.dcg_warmup_epochs
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        stamp_checkpoint(checkpoint)
+
+    def diffusion_modules(self) -> torch.nn.ModuleList:
+        """The modules covered by the EMA: everything but the DCG (ρ(x), the denoiser / head)."""
+        return torch.nn.ModuleList(
+            [m for name, m in self.model.named_children() if name != "dcg" and m is not None]
+        )
+
+    # ------------------------------------------------------------------ optimisers
+    def configure_optimizers(self):
+        t = self.cfg.train
+        opts = [torch.optim.Adam(list(self.model.diffusion_parameters()), lr=t.lr, betas=(0.9, 0.999), eps=1e-8)]
+        if self.model.uses_dcg:
+            opts.append(torch.optim.Adam(list(self.model.dcg_parameters()), lr=t.dcg_lr, amsgrad=t.dcg_amsgrad))
+        return opts
+
+    def _set_diffusion_lr(self, opt: torch.optim.Optimizer, batch_idx: int) -> float:
+        t = self.cfg.train
+        n = max(self.trainer.num_training_batches, 1) if self.trainer is not None else 1
+        warm = t.dcg_warmup_epochs if self.model.uses_dcg else 0
+        epoch = (self.current_epoch - warm) + batch_idx / n
+        lr = t.lr * lr_factor(epoch, t.lr_warmup_epochs, t.epochs, t.min_lr / t.lr if t.lr else 0.0)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def _check_finite(self, loss: Tensor, what: str) -> None:
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"{what} loss is {loss.item()} at epoch {self.current_epoch}, global step "
+                f"{self.global_step}. Training stopped; the last good checkpoint in "
+                f"{self.cfg.run.dir}/checkpoints is kept. Lower train.lr, check the data, or use "
+                f"train.precision=32-true."
+            )
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        x, y = batch["image"], batch["label"]
+        opts = self.optimizers()
+        opts = opts if isinstance(opts, list) else [opts]
+        opt_diff = opts[0]
+        opt_dcg = opts[1] if len(opts) > 1 else None
+        B = x.shape[0]
+
+        if self.model.variant == "basic":
+            self._set_diffusion_lr(opt_diff, batch_idx)
+            loss = F.cross_entropy(self.model.classify(x), y)
+            self._check_finite(loss, "cross-entropy")
+            self._step(opt_diff, loss, self.cfg.train.grad_clip)
+            self.log("train/loss", loss, prog_bar=True, batch_size=B)
+            return
+
+        if self.in_dcg_warmup:
+            self._dcg_step(opt_dcg, x, y)
+            return
+
+        # ---- diffusion step (one encoder pass feeds all branches)
+        lr = self._set_diffusion_lr(opt_diff, batch_idx)
+        if self.model.uses_dcg:
+            with torch.no_grad():
+                was_training = self.model.dcg.training
+                if self.cfg.train.exact_dcg_priors:
+                    self.model.dcg.eval()  # released code: priors from the DCG in eval mode
+                g = self.model.guide(x)
+                self.model.dcg.train(was_training)
+        else:
+            g = None
+        pri = self.model.priors(g, B, x.device, x.dtype)
+        s = self.schedule
+        t = antithetic_timesteps(B, s.num_timesteps, device=x.device)
+        eps = torch.randn(B, self.num_classes, device=x.device, dtype=x.dtype)
+        y0 = F.one_hot(y, self.num_classes).to(x.dtype)
+        feat = self.model.encode(x)
+        guid = (lambda v: v) if self.model.uses_guidance else (lambda v: None)
+        y_f = q_sample(s, y0, t, pri.fused, eps)
+        eps_f = self.model.eps(feat, y_f, t, guid(pri.fused))
+        eps_g = eps_l = None
+        mmd_w = self.cfg.loss.mmd_weight if self.model.uses_mmd else 0.0
+        if mmd_w > 0:
+            eps_g = self.model.eps(feat, q_sample(s, y0, t, pri.global_, eps), t, guid(pri.global_))
+            eps_l = self.model.eps(feat, q_sample(s, y0, t, pri.local, eps), t, guid(pri.local))
+        losses = diffusion_loss(eps, eps_f, eps_g, eps_l, mmd_weight=mmd_w, bandwidth=self.cfg.loss.mmd_bandwidth)
+        self._check_finite(losses["loss"], "diffusion")
+        self._step(opt_diff, losses["loss"], self.cfg.train.grad_clip)
+        self.log_dict({f"train/{k}": v for k, v in losses.items() if v is not None}, batch_size=B)
+        self.log("train/loss_diff", losses["loss"], prog_bar=True, batch_size=B, logger=False)
+        self.log("train/lr", lr, batch_size=B)
+
+        # ---- DCG step on the same batch (released: after every diffusion step)
+        if opt_dcg is not None and self.cfg.train.joint_dcg:
+            self._dcg_step(opt_dcg, x, y)
+
+    def _dcg_step(self, opt: torch.optim.Optimizer, x: Tensor, y: Tensor) -> None:
+        g = self.model.guide(x)
+        loss = guidance_ce(g.z_fused, g.z_global, g.z_local, y, mode=self.cfg.loss.dcg_ce)
+        self._check_finite(loss, "DCG cross-entropy")
+        self._step(opt, loss, None)
+        self.log("train/dcg_ce", loss, prog_bar=True, batch_size=x.shape[0])
+
+    def _step(self, opt: torch.optim.Optimizer, loss: Tensor, clip: Optional[float]) -> None:
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if clip:
+            self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+        opt.step()
+
+    # ------------------------------------------------------------------ evaluation
+    def _scores(self, batch: dict, stage: str) -> tuple[Tensor, Optional[Any], Optional[Tensor]]:
+        """Class probabilities ``[B,C]`` for the metrics, plus the sample read-out when sampling."""
+        x = batch["image"]
+        e = self.cfg.eval
+        if self.model.variant == "basic":
+            return torch.softmax(self.model.classify(x), -1), None, None
+        if stage == "val" and self.in_dcg_warmup:
+            g = self.model.guide(x)
+            return torch.softmax(g.z_fused, -1), None, None
+        if stage == "val":
+            sampler, steps, K = e.val_sampler, e.val_steps, 1
+        else:
+            sampler, steps, K = e.sampler, e.steps, e.num_samples
+        out = reverse_sample(
+            self.model, self.schedule, x, sampler=sampler, steps=steps, eta=e.eta, start=e.start,
+            num_samples=K, ids=batch["id"], seed=e.sample_seed,
+        )
+        r = readout(out.y0, e.aggregate, e.temperature)
+        return r.probs, r, out.prior
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        probs, _, _ = self._scores(batch, "val")
+        self.val_metrics.update(probs, batch["label"])
+
+    def on_validation_epoch_end(self) -> None:
+        values = self.val_metrics.compute()
+        prefix = "val/dcg_" if (self.in_dcg_warmup and self.model.variant != "basic") else "val/"
+        for k in SCALAR_METRICS:
+            self.log(f"{prefix}{k}", values[k], prog_bar=(k == self.cfg.train.monitor))
+        self.val_metrics.reset()
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        probs, r, prior = self._scores(batch, "test")
+        labels = batch["label"]
+        self.test_metrics.update(probs, labels)
+        pred = probs.argmax(-1)
+        conf = probs.max(-1).values
+        for i, image_id in enumerate(batch["id"]):
+            row = {"id": image_id, "label": int(labels[i]), "pred": int(pred[i]), "confidence": float(conf[i])}
+            if r is not None:
+                row["agreement"] = float(r.agreement[i])
+                row["spread"] = float(r.spread[i])
+                row["entropy"] = float(r.entropy[i])
+                row["refer"] = int(float(conf[i]) < self.cfg.eval.refer_threshold or float(r.agreement[i]) < 1.0)
+            for c, name in enumerate(self.class_names):
+                row[f"p_{name}"] = float(probs[i, c])
+            if prior is not None:
+                row["prior_pred"] = int(prior[i].argmax())
+            self._test_rows.append(row)
+
+    def on_test_epoch_end(self) -> None:
+        values = self.test_metrics.compute()
+        result = metrics_to_json(values, self.class_names)
+        self.log_dict({f"test/{k}": values[k] for k in SCALAR_METRICS})
+        self.test_metrics.reset()
+        rows = self._test_rows
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, rows)
+            rows = [r for part in gathered for r in part]
+        self._test_rows = []
+        if self.trainer.is_global_zero and self.output_dir is not None:
+            e = self.cfg.eval
+            result.update(
+                num_images=len({r["id"] for r in rows}),
+                class_names=self.class_names,
+                variant=self.model.variant,
+                sampler=e.sampler if self.model.variant != "basic" else None,
+                steps=e.steps if self.model.variant != "basic" else None,
+                num_samples=e.num_samples,
+                aggregate=e.aggregate,
+            )
+            out = Path(self.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "test_metrics.json").write_text(json.dumps(result, indent=2))
+            write_rows_csv(out / "predictions.csv", sorted({r["id"]: r for r in rows}.values(), key=lambda r: r["id"]))
+            self.test_result = result
+
+
+def write_rows_csv(path: Path, rows: list[dict]) -> None:
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", newline="") as fh:
+        if rows:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0].keys()))
+            writer.writeheader()
+            writer.writerows(rows)
+    tmp.replace(path)
