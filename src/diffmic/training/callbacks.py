@@ -7,7 +7,20 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
+
+
+def ema_avg_fn(decay: float):
+    """EMA update with the usual warm-up: the effective decay is min(decay, (1+n)/(10+n)), so a
+    short run is not dominated by its initial weights (0.9999 over 400 steps would keep 96% of
+    them)."""
+
+    def avg(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        n = float(num_averaged)
+        d = min(decay, (1.0 + n) / (10.0 + n))
+        return averaged + (current - averaged) * (1.0 - d)
+
+    return avg
 
 
 class DenoiserEMA(pl.Callback):
@@ -27,9 +40,7 @@ class DenoiserEMA(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self.ema is None:
-            self.ema = AveragedModel(
-                pl_module.diffusion_modules(), multi_avg_fn=get_ema_multi_avg_fn(self.decay), use_buffers=True
-            )
+            self.ema = AveragedModel(pl_module.diffusion_modules(), avg_fn=ema_avg_fn(self.decay), use_buffers=True)
             if self._pending_state is not None:
                 self.ema.load_state_dict(self._pending_state)
                 self._pending_state = None

@@ -88,6 +88,8 @@ class DiffMICModule(pl.LightningModule):
         self._schedule: Optional[NoiseSchedule] = None
         self._test_rows: list[dict] = []
         self.output_dir: Optional[Path] = None  # where test writes metrics/predictions
+        # persistent flag (saved in checkpoints) so a resumed run does not re-initialise rho(x)
+        self.register_buffer("encoder_from_dcg_done", torch.zeros((), dtype=torch.bool))
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -143,6 +145,34 @@ class DiffMICModule(pl.LightningModule):
             )
 
     # ------------------------------------------------------------------ training
+    def on_train_epoch_start(self) -> None:
+        t = self.cfg.train
+        if (
+            t.init_encoder_from_dcg
+            and self.model.uses_dcg
+            and not bool(self.encoder_from_dcg_done)
+            and self.current_epoch >= t.dcg_warmup_epochs
+        ):
+            self.init_encoder_from_dcg()
+
+    def init_encoder_from_dcg(self) -> None:
+        """Start ρ(x) from the warmed-up DCG global backbone (``train.init_encoder_from_dcg``).
+
+        Not in the paper or the released code (there ρ starts from random weights and learns only
+        from the diffusion loss, which takes hundreds of epochs). Needs ``model.encoder`` and
+        ``model.dcg_global`` to name the same architecture.
+        """
+        src = self.model.dcg.global_encoder.state_dict()
+        dst = self.model.image_embedding.encoder
+        try:
+            dst.load_state_dict(src, strict=True)
+        except RuntimeError as exc:
+            raise ValueError(
+                "train.init_encoder_from_dcg needs model.encoder and model.dcg_global to be the same "
+                f"backbone (got {self.cfg.model.encoder!r} and {self.cfg.model.dcg_global!r}): {str(exc)[:300]}"
+            ) from exc
+        self.encoder_from_dcg_done.fill_(True)
+
     def training_step(self, batch: dict, batch_idx: int) -> None:
         x, y = batch["image"], batch["label"]
         opts = self.optimizers()

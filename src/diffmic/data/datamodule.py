@@ -1,0 +1,404 @@
+"""Datasets over decoded-image caches, and the Lightning DataModule.
+
+Batches are dicts::
+
+    {"image": float32 [B, C, H, W] (ImageNet-normalised), "label": int64 [B],
+     "index": int64 [B] (position in the split's dataset), "id": list[str]}
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .cache import DecodedCache
+from .checks import DataReport, check_dataset
+from .records import DataError, DatasetIndex, Record, filter_existing
+from .sources import (load_aptos2019, load_csv_manifest, load_ham10000, load_image_folder,
+                      load_medmnist, split_all)
+from .splits import stratified_split, stratified_subset
+from .transforms import DEFAULT_MAX_PIXELS, build_transform, decode_image
+
+__all__ = ["CachedImageDataset", "ImagePathsDataset", "DiffMICDataModule", "DATASETS"]
+
+DATASETS = ("ham10000", "aptos2019", "csv", "folder", "medmnist")
+_ALIASES = {"ham": "ham10000", "isic2018": "ham10000", "isic": "ham10000", "aptos": "aptos2019",
+            "image_folder": "folder", "imagefolder": "folder", "npz": "medmnist"}
+
+
+class CachedImageDataset(Dataset):
+    """Rows ``rows`` of a decoded ``uint8 [N,S,S,C]`` array (usually a memory-mapped cache file)
+    with their labels and ids; ``transform`` maps one ``uint8 [S,S,C]`` array to the model input
+    (default: the raw ``uint8 [C,S,S]`` tensor).
+
+    A memory-mapped array is reopened by file name in each DataLoader worker instead of being
+    pickled (which would copy it)."""
+
+    def __init__(self, images: np.ndarray, rows: Sequence[int], labels: Sequence[int],
+                 ids: Sequence[str], transform: Callable[[np.ndarray], torch.Tensor] | None = None) -> None:
+        rows = np.asarray(rows, dtype=np.int64)
+        if not (len(rows) == len(labels) == len(ids)):
+            raise ValueError("rows, labels and ids must have the same length")
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(images)):
+            raise ValueError("row index out of range of the image array")
+        self.images = images
+        self.rows = rows
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.ids = list(ids)
+        self.transform = transform
+        self._mmap_path = getattr(images, "filename", None) if isinstance(images, np.memmap) else None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if self._mmap_path:
+            state["images"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def _array(self) -> np.ndarray:
+        if self.images is None:
+            self.images = np.load(self._mmap_path, mmap_mode="r")
+        return self.images
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        arr = np.asarray(self._array()[self.rows[i]])  # HWC uint8 (read-only view)
+        if self.transform is not None:
+            x = self.transform(arr)
+        else:
+            x = torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1).contiguous()
+        return {"image": x, "label": int(self.labels[i]), "index": int(i), "id": self.ids[i]}
+
+
+class ImagePathsDataset(Dataset):
+    """Arbitrary image files for prediction (no labels: ``label`` is -1), preprocessed exactly
+    like the training data (square crop, resize, ImageNet normalisation). A bad file raises
+    :class:`DataError` naming it."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike], image_size: int = 224,
+                 in_chans: int = 3, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
+        self.paths = [Path(p) for p in paths]
+        self.image_size = int(image_size)
+        self.in_chans = int(in_chans)
+        self.max_pixels = max_pixels
+        self.transform = build_transform(train=False, in_chans=in_chans)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        arr = decode_image(self.paths[i], self.image_size, self.in_chans, self.max_pixels)
+        x = self.transform(arr)
+        return {"image": x, "label": -1, "index": int(i), "id": str(self.paths[i])}
+
+
+class DiffMICDataModule(pl.LightningDataModule):
+    """Data for DiffMIC training, validation, testing and prediction.
+
+    dataset: ``"ham10000"`` | ``"aptos2019"`` | ``"csv"`` | ``"folder"`` | ``"medmnist"``.
+    root: dataset folder (HAM10000 / APTOS / class folders), the ``.npz`` file (MedMNIST), or
+        the base folder for relative CSV paths (``csv_path`` names the CSV; a ``root`` ending in
+        ``.csv`` is taken as the CSV itself).
+    split: ``"authors"`` = the released DiffMIC split (HAM10000, APTOS) or the source's own
+        train/val/test (CSV split column, split folders, MedMNIST); a source without a test split
+        gets a seeded stratified ``test_fraction`` split. ``"lesion"`` (HAM10000 only) =
+        lesion-grouped stratified 7:3; ``"random"`` = seeded stratified 7:3 over all records.
+    val_fraction: validation carved from train (stratified; grouped by lesion for HAM10000)
+        unless the source has a val split. Test data are never used for training or selection.
+    subset: use a stratified subset of at most ``subset`` train and ``subset // 2`` val/test
+        records (fast tests, demos).
+    skip_bad: drop bad records (listed in ``report``) instead of raising :class:`DataError`.
+    require_images: ``False`` drops records whose image file is missing before the checks
+        (for partial copies such as the two-image APTOS folder); the dropped ids are in
+        ``missing_dropped``.
+    cache_dir: decoded-image cache folder (default ``$DIFFMIC_CACHE_DIR`` or
+        ``<project>/.cache/diffmic``).
+
+    ``setup()`` loads the indexes, runs :func:`check_dataset` (raising before any training),
+    carves the validation split and decodes every image once into the cache.
+    """
+
+    def __init__(
+        self,
+        *,
+        dataset: str = "ham10000",
+        root: str | os.PathLike | None = None,
+        split: str = "authors",
+        csv_path: str | os.PathLike | None = None,
+        path_col: str = "path",
+        label_col: str = "label",
+        split_col: str | None = None,
+        class_names: Sequence[str] | None = None,
+        image_size: int = 224,
+        in_chans: int = 3,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool | None = None,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.3,
+        seed: int = 1234,
+        hflip: bool = True,
+        vflip: bool = False,
+        rotation: float = 30.0,
+        cache_dir: str | os.PathLike | None = None,
+        skip_bad: bool = False,
+        subset: int | None = None,
+        check_images: bool = True,
+        require_images: bool = True,
+        allow_empty_classes: bool = False,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        decode_workers: int | None = None,
+        predict_split: str = "test",
+    ) -> None:
+        super().__init__()
+        ds = _ALIASES.get(dataset.lower(), dataset.lower())
+        if ds not in DATASETS:
+            raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+        if split not in ("authors", "lesion", "random"):
+            raise ValueError(f"split must be 'authors', 'lesion' or 'random', got {split!r}")
+        if split == "lesion" and ds != "ham10000":
+            raise ValueError("split='lesion' needs lesion ids, which only HAM10000 has")
+        if in_chans not in (1, 3):
+            raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
+        if image_size <= 0 or batch_size <= 0:
+            raise ValueError("image_size and batch_size must be positive")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if subset is not None and subset <= 0:
+            raise ValueError(f"subset must be a positive int or None, got {subset}")
+        if predict_split not in ("train", "val", "test"):
+            raise ValueError(f"predict_split must be train/val/test, got {predict_split!r}")
+        if root is None and csv_path is None:
+            raise ValueError("root is required")
+        self.dataset = ds
+        self.root = Path(root) if root is not None else None
+        self.split = split
+        self.csv_path = Path(csv_path) if csv_path is not None else None
+        self.path_col, self.label_col, self.split_col = path_col, label_col, split_col
+        self._class_names_arg = list(class_names) if class_names is not None else None
+        self.image_size, self.in_chans = int(image_size), int(in_chans)
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size) if eval_batch_size else int(batch_size)
+        self.num_workers = int(num_workers)
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+        self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
+        self.seed = int(seed)
+        self.hflip, self.vflip, self.rotation = bool(hflip), bool(vflip), float(rotation)
+        self.cache = DecodedCache(cache_dir, workers=decode_workers, max_pixels=max_pixels)
+        self.skip_bad, self.subset = bool(skip_bad), subset
+        self.check_images, self.require_images = bool(check_images), bool(require_images)
+        self.allow_empty_classes = bool(allow_empty_classes)
+        self.max_pixels = max_pixels
+        self.predict_split = predict_split
+
+        self.report: DataReport | None = None
+        self.missing_dropped: list[Record] = []
+        self.indexes: dict[str, DatasetIndex] = {}  # final train / val / test
+        self.datasets: dict[str, CachedImageDataset] = {}  # built on first use
+        self._arrays: dict[str, np.ndarray] = {}
+        self._positions: dict[str, tuple[str, np.ndarray]] = {}
+        self._checked: dict[str, DatasetIndex] = {}
+        self._sources: dict[str, DatasetIndex] | None = None
+        self._is_setup = False
+
+    # ---- indexes -----------------------------------------------------------------------------
+    def _load_sources(self) -> dict[str, DatasetIndex]:
+        if self._sources is not None:
+            return self._sources
+        ds, root = self.dataset, self.root
+        if ds == "ham10000":
+            src = load_ham10000(root, self.split, seed=self.seed, test_fraction=self.test_fraction)
+        elif ds == "aptos2019":
+            if self.split == "lesion":
+                raise ValueError("APTOS has no lesion ids")
+            src = load_aptos2019(root, self.split, seed=self.seed, test_fraction=self.test_fraction)
+        elif ds == "csv":
+            csv_path = self.csv_path
+            base = root
+            if csv_path is None:
+                if root is not None and root.suffix.lower() == ".csv":
+                    csv_path, base = root, None
+                else:
+                    raise ValueError("dataset='csv' needs csv_path (or root pointing at the CSV)")
+            src = load_csv_manifest(csv_path, base, self.path_col, self.label_col, self.split_col,
+                                    self._class_names_arg)
+        elif ds == "folder":
+            src = load_image_folder(root, self._class_names_arg)
+        else:
+            if self.split != "authors":
+                raise ValueError("MedMNIST only supports its official split (split='authors')")
+            src = load_medmnist(root, self._class_names_arg)
+        self._sources = self._arrange(src)
+        return self._sources
+
+    def _arrange(self, src: dict[str, DatasetIndex]) -> dict[str, DatasetIndex]:
+        """train / [val] / test from whatever the loader returned."""
+        if self.split == "random" and self.dataset in ("csv", "folder") and len(src) > 1:
+            # pool the source's splits and re-split
+            recs = [r for ix in src.values() for r in ix.records]
+            probs = [p for ix in src.values() for p in ix.problems]
+            first = next(iter(src.values()))
+            src = {"all": DatasetIndex(recs, list(first.class_names), problems=probs)}
+        if "all" in src:
+            src = split_all(src["all"], self.test_fraction, self.seed)
+        if "train" not in src:
+            raise DataError(f"{self.root}: the data has no train split (found {sorted(src)})")
+        if "test" not in src:
+            parts = split_all(src["train"], self.test_fraction, self.seed,
+                              grouped=self.dataset == "ham10000")
+            src = {**src, **parts}
+        return {k: src[k] for k in ("train", "val", "test") if k in src}
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self._load_sources()["train"].class_names)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def split_sizes(self) -> dict[str, int]:
+        """Sizes of the final train / val / test splits (after ``setup()``; before it, of the
+        source splits)."""
+        if self.indexes:
+            return {k: len(v) for k, v in self.indexes.items()}
+        return {k: len(v) for k, v in self._load_sources().items()}
+
+    def _prepared_sources(self) -> dict[str, DatasetIndex]:
+        src = dict(self._load_sources())
+        if not self.require_images:
+            src, self.missing_dropped = filter_existing(src)
+        if self.subset is not None:
+            src = {k: stratified_subset(v, self.subset if k == "train" else max(1, self.subset // 2),
+                                        seed=self.seed) for k, v in src.items()}
+        return src
+
+    def check(self, check_images: bool | None = None, raise_on_error: bool = False) -> DataReport:
+        """Run the data checks (for ``diffmic data check``) without decoding into the cache.
+
+        Returns the :class:`DataReport` even when it has errors (``report.errors``; print
+        ``report.summary()``), unless ``raise_on_error``. A source that cannot be read at all
+        (missing split file, bad CSV header) still raises :class:`DataError`."""
+        src = self._prepared_sources()
+        ci = self.check_images if check_images is None else check_images
+        try:
+            return check_dataset(src, max_pixels=self.max_pixels, check_images=ci,
+                                 skip_bad=self.skip_bad,
+                                 allow_empty_classes=self.allow_empty_classes)
+        except DataError as e:
+            if raise_on_error or e.report is None:
+                raise
+            return e.report
+
+    # ---- Lightning hooks ---------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self._is_setup:
+            return
+        src = self._prepared_sources()
+        # a cache hit proves every image decoded before: skip re-opening them
+        ci = self.check_images and not all(
+            self.cache.exists(ix, self.image_size, self.in_chans) for ix in src.values())
+        self.report = check_dataset(src, max_pixels=self.max_pixels, check_images=ci,
+                                    skip_bad=self.skip_bad,
+                                    allow_empty_classes=self.allow_empty_classes)
+        src = self.report.splits
+
+        positions: dict[str, tuple[str, np.ndarray]] = {
+            k: (k, np.arange(len(ix), dtype=np.int64)) for k, ix in src.items()}
+        if "val" not in src:
+            train = src["train"]
+            if self.val_fraction > 0 and len(train) > 1:
+                groups = train.groups if train.has_groups else None
+                tr, va = stratified_split(train.labels, test_fraction=self.val_fraction,
+                                          seed=self.seed, groups=groups)
+            else:
+                tr, va = np.arange(len(train), dtype=np.int64), np.zeros(0, dtype=np.int64)
+            positions["train"] = ("train", tr)
+            positions["val"] = ("train", va)
+        self._checked, self._positions = src, positions
+        self.indexes = {k: src[base].subset(rows) for k, (base, rows) in positions.items()}
+        self.indexes = {k: self.indexes[k] for k in ("train", "val", "test")}
+        self.datasets, self._arrays = {}, {}
+        self._is_setup = True
+        # decode now the splits this stage needs (the rest on first use)
+        need = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",),
+                "predict": (self.predict_split,)}.get(stage or "", ("train", "val", "test"))
+        for k in need:
+            self.get_dataset(k)
+
+    def get_dataset(self, name: str) -> CachedImageDataset:
+        """The ``train`` / ``val`` / ``test`` dataset; its images are decoded (or loaded from
+        the cache) on first use."""
+        if not self._is_setup:
+            self.setup()
+        if name not in self.datasets:
+            if name not in self._positions:
+                raise KeyError(f"no split {name!r}; have {sorted(self._positions)}")
+            base, rows = self._positions[name]
+            if base not in self._arrays:
+                self._arrays[base] = self.cache.get(self._checked[base], self.image_size,
+                                                    self.in_chans)
+            ix = self.indexes[name]
+            tf = build_transform(train=(name == "train"), in_chans=self.in_chans,
+                                 hflip=self.hflip, vflip=self.vflip, rotation=self.rotation)
+            self.datasets[name] = CachedImageDataset(self._arrays[base], rows, ix.labels, ix.ids, tf)
+        return self.datasets[name]
+
+    def summary(self) -> str:
+        """The data-check report plus the final split sizes."""
+        if self.report is None:
+            self.setup()
+        assert self.report is not None
+        sizes = ", ".join(f"{k} {v}" for k, v in self.split_sizes.items())
+        extra = f"\nFinal splits (validation carved from train where needed): {sizes}"
+        if self.missing_dropped:
+            extra += (f"\nrequire_images=False: {len(self.missing_dropped)} record(s) without an "
+                      "image file were dropped before the checks")
+        return self.report.summary() + extra
+
+    # ---- loaders -----------------------------------------------------------------------------
+    def _loader(self, ds: Dataset, train: bool) -> DataLoader:
+        g = torch.Generator()
+        g.manual_seed(self.seed)
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            drop_last=False,
+            persistent_workers=self.num_workers > 0,
+            generator=g if train else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.get_dataset("train"), train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.get_dataset("val"), train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.get_dataset("test"), train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The ``predict_split`` (default: test) without augmentation."""
+        return self._loader(self.get_dataset(self.predict_split), train=False)
+
+    def paths_dataloader(self, paths: Sequence[str | os.PathLike],
+                         batch_size: int | None = None) -> DataLoader:
+        """Arbitrary image files, preprocessed like this data (label -1)."""
+        ds = ImagePathsDataset(paths, self.image_size, self.in_chans, self.max_pixels)
+        return DataLoader(ds, batch_size=batch_size or self.eval_batch_size, shuffle=False,
+                          num_workers=self.num_workers, pin_memory=self.pin_memory)
