@@ -102,6 +102,30 @@ class ImagePathsDataset(Dataset):
         return {"image": x, "label": -1, "index": int(i), "id": str(self.paths[i])}
 
 
+class EpochSeededSampler(torch.utils.data.Sampler[int]):
+    """Shuffles with a permutation that depends only on (seed, epoch).
+
+    Lightning calls ``set_epoch`` at the start of every epoch, so a run resumed from a checkpoint
+    sees exactly the batch order of an uninterrupted run (a generator created once would restart
+    its sequence after a resume). Under DDP Lightning wraps it in a distributed sampler.
+    """
+
+    def __init__(self, num_samples: int, seed: int) -> None:
+        self.num_samples = int(num_samples)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.num_samples, generator=g).tolist())
+
+
 class DiffMICDataModule(pl.LightningDataModule):
     """Data for DiffMIC training, validation, testing and prediction.
 
@@ -370,17 +394,15 @@ class DiffMICDataModule(pl.LightningDataModule):
 
     # ---- loaders -----------------------------------------------------------------------------
     def _loader(self, ds: Dataset, train: bool) -> DataLoader:
-        g = torch.Generator()
-        g.manual_seed(self.seed)
         return DataLoader(
             ds,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
+            sampler=EpochSeededSampler(len(ds), self.seed) if train else None,
+            shuffle=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             drop_last=False,
             persistent_workers=self.num_workers > 0,
-            generator=g if train else None,
         )
 
     def train_dataloader(self) -> DataLoader:

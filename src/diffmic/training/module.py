@@ -20,10 +20,12 @@ from __future__ import annotations
 import csv
 import json
 import math
+import random
 from pathlib import Path
 from typing import Any, Optional
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -146,6 +148,12 @@ class DiffMICModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ training
     def on_train_epoch_start(self) -> None:
+        # Re-seed every epoch from (seed, epoch, rank): the noise, timesteps and augmentation of
+        # an epoch do not depend on what ran before, so a resumed run repeats an uninterrupted one.
+        seed = (self.cfg.run.seed * 1_000_003 + self.current_epoch * 1_009 + self.global_rank) % (2**31 - 1)
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
         t = self.cfg.train
         if (
             t.init_encoder_from_dcg
