@@ -114,19 +114,15 @@ def _predict(args) -> int:
     images, over = _expand_inputs(args.inputs)
     if not images:
         raise FileNotFoundError("no images given: pass image files or folders")
+    from diffmic.config import ConfigError, parse_value
+
     eval_over = {}
     for item in over:
         key, value = item.split("=", 1)
         if not key.startswith("eval."):
-            from diffmic.config import ConfigError
-
             raise ConfigError(f"predict accepts eval.* overrides only, got '{key}'")
-        import yaml
-
-        eval_over[key.split(".", 1)[1]] = yaml.safe_load(value)
+        eval_over[key.split(".", 1)[1]] = parse_value(key, value)
     if not args.run and not args.ckpt:
-        from diffmic.config import ConfigError
-
         raise ConfigError("predict needs --run DIR or --ckpt FILE")
     ckpt = resolve_checkpoint(Path(args.run), args.ckpt) if args.run else Path(args.ckpt)
     predictor = Predictor.from_checkpoint(ckpt, **eval_over)
@@ -180,6 +176,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not hasattr(args, target):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         setattr(args, target, list(getattr(args, target)) + extra)
+    if args.verb == "fit":  # imported here so that `diffmic --help` does not load Lightning
+        from diffmic.training.module import NonFiniteLossError
+        from diffmic.training.run import RunFolderError
+
+        errors = errors + (RunFolderError, NonFiniteLossError)
     try:
         if args.verb == "fit":
             return _fit(args)

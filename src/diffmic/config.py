@@ -98,6 +98,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
     use_ema: bool = True  # evaluate with the EMA of the denoiser (released code keeps it unused)
+    noise_samples_per_image: int = 1  # ours: R (t, eps) draws per image per step (released: 1)
     init_encoder_from_dcg: bool = False  # ours: start rho(x) from the warmed-up DCG backbone (CPU presets)
     exact_dcg_priors: bool = True  # priors from a separate eval-mode DCG pass (released); False reuses the train pass
     precision: str = "32-true"
@@ -235,8 +236,10 @@ def _section_types(cls: type) -> dict[str, Any]:
 
 
 def _unknown(key: str, valid: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(key.split(".")[-1], valid, n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
+    # compare the last component with the last components of the valid keys ("rooot" ~ "root")
+    leaves = {v.split(".")[-1]: v for v in valid}
+    close = difflib.get_close_matches(key.split(".")[-1], list(leaves), n=1)
+    hint = f" Did you mean '{leaves[close[0]]}'?" if close else ""
     return ConfigError(f"unknown config key '{key}'.{hint} Valid keys here: {', '.join(sorted(valid))}")
 
 
@@ -269,6 +272,7 @@ def _validate(cfg: Config) -> None:
         "model.num_rois": cfg.model.num_rois,
         "diffusion.num_timesteps": cfg.diffusion.num_timesteps,
         "eval.num_samples": cfg.eval.num_samples,
+        "train.noise_samples_per_image": cfg.train.noise_samples_per_image,
     }
     for key, val in positive.items():
         if val < 1:
@@ -291,6 +295,17 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("data.split=lesion needs lesion ids: only data.dataset=ham10000 has them")
 
 
+def parse_value(key: str, text: str) -> Any:
+    """Parse the value of a ``key=value`` override as YAML (``yaml.safe_load``: no Python tags)."""
+    if text == "":
+        return None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        reason = str(exc).splitlines()[0]
+        raise ConfigError(f"{key}: the value {text!r} is not valid YAML ({reason})") from exc
+
+
 def config_from_dict(raw: dict | None, overrides: list[str] | None = None, source: str = "config") -> Config:
     """Build a :class:`Config` from a nested dict and ``key=value`` overrides (strict)."""
     cfg = Config()
@@ -311,8 +326,7 @@ def config_from_dict(raw: dict | None, overrides: list[str] | None = None, sourc
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like section.key=value (e.g. data.root=/data)")
         key, value = item.split("=", 1)
-        parsed = yaml.safe_load(value) if value != "" else None
-        _set(cfg, key.strip(), parsed)
+        _set(cfg, key.strip(), parse_value(key.strip(), value))
     _validate(cfg)
     return cfg
 

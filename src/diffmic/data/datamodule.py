@@ -71,9 +71,21 @@ class CachedImageDataset(Dataset):
             self.images = np.load(self._mmap_path, mmap_mode="r")
         return self.images
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        """``key`` is an index, or ``(index, seed)`` from :class:`EpochSeededSampler`: then the
+        random augmentation of this sample is drawn from its own seed, independent of the global
+        RNG (so a resumed run augments exactly like an uninterrupted one)."""
+        seed = None
+        if isinstance(key, tuple):
+            i, seed = int(key[0]), int(key[1])
+        else:
+            i = int(key)
         arr = np.asarray(self._array()[self.rows[i]])  # HWC uint8 (read-only view)
-        if self.transform is not None:
+        if self.transform is not None and seed is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                x = self.transform(arr)
+        elif self.transform is not None:
             x = self.transform(arr)
         else:
             x = torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1).contiguous()
@@ -122,8 +134,11 @@ class EpochSeededSampler(torch.utils.data.Sampler[int]):
         return self.num_samples
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.num_samples, generator=g).tolist())
+        base = self.seed * 100_003 + self.epoch
+        g = torch.Generator().manual_seed(base)
+        order = torch.randperm(self.num_samples, generator=g).tolist()
+        # (index, per-sample augmentation seed) pairs, see CachedImageDataset.__getitem__
+        return iter((i, (base * 1_000_033 + i) % (2**63 - 1)) for i in order)
 
 
 class DiffMICDataModule(pl.LightningDataModule):

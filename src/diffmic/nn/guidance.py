@@ -90,7 +90,12 @@ def select_rois(saliency: Tensor, grid_hw: tuple[int, int], k: int, eps: float =
     flat = s.flatten(2)  # [B, C, gh*gw]
     lo = flat.amin(dim=2, keepdim=True)
     hi = flat.amax(dim=2, keepdim=True)
-    norm = (flat - lo) / (hi - lo).clamp_min(eps)
+    rng = hi - lo
+    # A channel whose range is round-off relative to its magnitude counts as constant (zeros):
+    # otherwise 1-ulp differences from the resize would be blown up to [0, 1] and pick the ROIs.
+    flat_scale = torch.maximum(hi.abs(), lo.abs()).clamp_min(1.0)
+    constant = rng <= 1e-5 * flat_scale
+    norm = torch.where(constant, torch.zeros_like(flat), (flat - lo) / rng.clamp_min(eps))
     sel = norm.sum(dim=1)  # [B, gh*gw]
     kk = max(1, min(int(k), gh * gw))
     scores, idx = torch.topk(sel, kk, dim=1, largest=True, sorted=True)

@@ -8,11 +8,13 @@ file alone. It is read with ``torch.load(weights_only=True)``: a file carrying a
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from diffmic import __version__
 
@@ -103,3 +105,43 @@ def load_module(
 
 def stamp_checkpoint(checkpoint: dict) -> None:
     checkpoint["diffmic_version"] = __version__
+
+
+TMP_MARK = ".tmp-"  # "<name>.ckpt.tmp-<pid>": a checkpoint being written (removed by fit on start)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint to a temporary file next to it, flushes it to disk and renames it over
+    the old one, so that a kill or a full disk at any moment leaves either the previous or the new
+    checkpoint, never a partial file.
+
+    Lightning's default stages the file in the system temp folder and moves it; when that folder is
+    on another filesystem (common on clusters) the move is a plain copy that a kill can cut short,
+    and a killed run also leaves its staged copy in the temp folder.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None or "://" in str(path):  # remote storage: Lightning's path
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
+        try:
+            with open(tmp, "wb") as fh:
+                torch.save(checkpoint, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        try:  # make the rename itself durable
+            fd = os.open(path.parent, os.O_RDONLY)
+        except OSError:  # pragma: no cover - e.g. Windows cannot open folders
+            return
+        try:
+            os.fsync(fd)
+        except OSError:  # pragma: no cover
+            pass
+        finally:
+            os.close(fd)

@@ -147,13 +147,19 @@ class DiffMICModule(pl.LightningModule):
             )
 
     # ------------------------------------------------------------------ training
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Re-seed at the first batch of every epoch from (seed, epoch, rank): the noise and
+        # timesteps of an epoch do not depend on what ran before (augmentation is seeded per
+        # sample by the sampler), so a resumed run repeats an uninterrupted one. Done here rather
+        # than in on_train_epoch_start because Lightning creates the data iterator (which draws
+        # from the global RNG) before or after that hook depending on whether the fit resumed.
+        if batch_idx == 0:
+            seed = (self.cfg.run.seed * 1_000_003 + self.current_epoch * 1_009 + self.global_rank) % (2**31 - 1)
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.manual_seed(seed)
+
     def on_train_epoch_start(self) -> None:
-        # Re-seed every epoch from (seed, epoch, rank): the noise, timesteps and augmentation of
-        # an epoch do not depend on what ran before, so a resumed run repeats an uninterrupted one.
-        seed = (self.cfg.run.seed * 1_000_003 + self.current_epoch * 1_009 + self.global_rank) % (2**31 - 1)
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
         t = self.cfg.train
         if (
             t.init_encoder_from_dcg
@@ -214,10 +220,14 @@ class DiffMICModule(pl.LightningModule):
             g = None
         pri = self.model.priors(g, B, x.device, x.dtype)
         s = self.schedule
-        t = antithetic_timesteps(B, s.num_timesteps, device=x.device)
-        eps = torch.randn(B, self.num_classes, device=x.device, dtype=x.dtype)
-        y0 = F.one_hot(y, self.num_classes).to(x.dtype)
         feat = self.model.encode(x)
+        y0 = F.one_hot(y, self.num_classes).to(x.dtype)
+        R = self.cfg.train.noise_samples_per_image
+        if R > 1:  # R (t, eps) draws per image share one encoder pass: same loss expectation
+            feat, y0 = feat.repeat_interleave(R, 0), y0.repeat_interleave(R, 0)
+            pri = type(pri)(*(p.repeat_interleave(R, 0) for p in pri))
+        t = antithetic_timesteps(B * R, s.num_timesteps, device=x.device)
+        eps = torch.randn(B * R, self.num_classes, device=x.device, dtype=x.dtype)
         guid = (lambda v: v) if self.model.uses_guidance else (lambda v: None)
         y_f = q_sample(s, y0, t, pri.fused, eps)
         eps_f = self.model.eps(feat, y_f, t, guid(pri.fused))

@@ -16,11 +16,16 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 from diffmic.config import Config, ConfigError, load_config, save_config
 from diffmic.training.callbacks import DenoiserEMA, StageAwareCheckpoint
-from diffmic.training.checkpoint import CheckpointError, load_module
+from diffmic.training.checkpoint import TMP_MARK, AtomicCheckpointIO, CheckpointError, load_module
 from diffmic.training.module import DiffMICModule
+
+
+class RunFolderError(OSError):
+    """The run folder cannot be created or written to."""
 
 
 def build_datamodule(cfg: Config):
@@ -77,6 +82,7 @@ def _trainer(cfg: Config, run_dir: Path, callbacks: list, for_fit: bool) -> pl.T
         max_epochs=total_epochs,
         logger=loggers if loggers else False,
         callbacks=cbs,
+        plugins=[AtomicCheckpointIO()],
         default_root_dir=str(run_dir),
         check_val_every_n_epoch=t.check_val_every_n_epoch,
         limit_train_batches=t.limit_train_batches,
@@ -102,10 +108,20 @@ def fit(cfg: Config, resume: bool = False) -> Path:
     if resume and not last.exists():
         raise CheckpointError(f"--resume: no {last} to resume from.")
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt_dir.mkdir(parents=True, exist_ok=True)  # fail now, not after the first epoch
         save_config(cfg, run_dir / "config.yaml")
+        for partial in ckpt_dir.glob(f"*.ckpt{TMP_MARK}*"):  # left by a run killed while saving
+            partial.unlink()
+        log = run_dir / "logs" / "metrics.csv"
+        if resume and log.is_file() and rank_zero_only.rank == 0:
+            # Lightning's CSVLogger deletes an existing metrics.csv: keep the log of the epochs
+            # before the interruption as metrics.part1.csv, metrics.part2.csv, ...
+            n = 1
+            while (log.parent / f"metrics.part{n}.csv").exists():
+                n += 1
+            os.replace(log, log.parent / f"metrics.part{n}.csv")
     except OSError as exc:
-        raise OSError(f"cannot write to run folder '{run_dir}': {exc}. Choose a writable run.dir.") from exc
+        raise RunFolderError(f"cannot write to run folder '{run_dir}': {exc}. Choose a writable run.dir.") from exc
     pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
     dm = build_datamodule(cfg)
     dm.setup("fit")
@@ -127,6 +143,9 @@ def fit(cfg: Config, resume: bool = False) -> Path:
         callbacks.append(DenoiserEMA(cfg.train.ema_decay))
     trainer = _trainer(cfg, run_dir, callbacks, for_fit=True)
     trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None, weights_only=True)
+    # The final state, always: ModelCheckpoint may skip the last epoch's `last.ckpt` (for
+    # example when it saved at that global step already), and resume/export rely on it.
+    trainer.save_checkpoint(str(last))
     summary = {
         "best_checkpoint": best.best_model_path or None,
         "best_score": float(best.best_model_score) if best.best_model_score is not None else None,

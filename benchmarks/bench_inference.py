@@ -1,0 +1,212 @@
+"""Inference speed: the library's reverse sampler vs the released algorithm (same weights, same noise).
+
+OURS      = ``diffmic.inference.sampling.reverse_sample(model, schedule, x, sampler="truncated",
+            steps=250, noise=noise)``: DCG once per batch (vectorised ROI crops), image encoder once per
+            image, only the denoiser head at each of the 250 reverse steps.
+BASELINE  = the released ``test()`` algorithm (``benchmarks/_released.py``): the DCG twice per batch with a
+            per-sample host-synced Python crop loop, and the image encoder + full denoiser re-run at every one
+            of the 250 reverse steps.
+
+Setting: 224 px, ResNet-18 image encoder, ResNet-18 DCG streams, denoiser width 6144, C = 7, truncated
+250-step sampler (the released ISIC ``test_timesteps``), random-init weights in eval mode.
+Both runs use the same ``[steps, B, C]`` noise tensor; the script asserts equal predictions
+(argmax equal for every image, max |Δy0| < --tol) and exits non-zero otherwise.
+
+Usage:  python benchmarks/bench_inference.py [--batch 16] [--steps 250] [--device auto]
+The last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import Phase, best_of, emit, log, machine_info, pick_device, set_threads, wait_for_quiet  # noqa: E402
+
+import torch  # noqa: E402
+
+from _released import released_dcg_forward, released_reverse  # noqa: E402
+from diffmic.diffusion.schedule import NoiseSchedule  # noqa: E402
+from diffmic.inference.sampling import reverse_sample  # noqa: E402
+from diffmic.nn.diffmic import DiffMIC  # noqa: E402
+
+
+class StepClock:
+    """Transparent proxy of the model that stamps the wall time of every ``eps`` call (one per reverse step).
+
+    Used on CPU only, to give a contention-robust estimate of a run: ``prefix + n · median(step interval)``,
+    where ``prefix`` is the time before the first step (DCG, encoder). Nothing else changes.
+    """
+
+    def __init__(self, model) -> None:
+        self._model = model
+        self.stamps: list[float] = []
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def eps(self, *args, **kwargs):
+        self.stamps.append(time.perf_counter())
+        return self._model.eps(*args, **kwargs)
+
+    def robust_seconds(self, t_start: float, t_end: float) -> dict:
+        st = self.stamps
+        if len(st) < 2:
+            return {"seconds": None}
+        intervals = [b - a for a, b in zip(st, st[1:])] + [t_end - st[-1]]
+        med = statistics.median(intervals)
+        prefix = st[0] - t_start
+        return {"seconds": round(prefix + len(st) * med, 3), "prefix_s": round(prefix, 4),
+                "median_step_s": round(med, 5), "min_step_s": round(min(intervals), 5),
+                "max_step_s": round(max(intervals), 5)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=16, help="images per batch (default 16)")
+    ap.add_argument("--steps", type=int, default=250, help="truncated sampler steps (released ISIC: 250)")
+    ap.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, ...")
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--width", type=int, default=6144, help="denoiser width")
+    ap.add_argument("--classes", type=int, default=7)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: os.cpu_count())")
+    ap.add_argument("--tol", type=float, default=1e-3, help="max |y0_ours - y0_baseline| allowed")
+    ap.add_argument("--repeats", type=int, default=2, help="OURS runs (the fastest is reported)")
+    ap.add_argument("--wait-quiet", type=float, default=60.0,
+                    help="wait up to this many seconds for other programs to leave the CPU before timing")
+    ap.add_argument("--no-baseline", action="store_true", help="time OURS only (no comparison)")
+    args = ap.parse_args(argv)
+
+    threads = set_threads(args.threads)
+    device = pick_device(args.device)
+    if device.type == "cuda":  # exact fp32 for the equality check
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    torch.manual_seed(args.seed)
+    model = DiffMIC(args.classes, hidden_dim=args.width).to(device).eval()
+    schedule = NoiseSchedule.build().to(device)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    B, C, n = args.batch, args.classes, args.steps
+    x = torch.randn(B, 3, args.image_size, args.image_size, generator=gen).to(device)
+    noise = torch.randn(n, B, C, generator=gen).to(device)
+    log(f"[bench_inference] device={device} threads={threads} batch={B} steps={n} size={args.image_size}")
+
+    quiet = wait_for_quiet(args.wait_quiet) if device.type == "cpu" else None
+    # ---- warm-up (short chains: allocator, kernels, lazy init) -------------------------------------
+    wn = torch.randn(2, B, C, generator=gen).to(device)
+    reverse_sample(model, schedule, x, sampler="truncated", steps=2, noise=wn)
+    if not args.no_baseline:
+        released_reverse(model, schedule, x, 2, wn)
+
+    # ---- component timings (best of 3; explain the ratio) --------------------------------------------
+    with torch.no_grad():
+        t_dcg_vec = best_of(lambda: model.guide(x), device)
+        t_dcg_loop = best_of(lambda: released_dcg_forward(model.dcg, x), device)
+        t_enc = best_of(lambda: model.encode(x), device)
+        feat = model.encode(x)
+        mu = model.priors(model.guide(x), B, device, x.dtype).fused
+        tt = torch.full((B,), n - 1, dtype=torch.long, device=device)
+        reps = 10
+        t_head = best_of(lambda: [model.eps(feat, mu, tt, mu) for _ in range(reps)], device) / reps
+
+    # ---- OURS (best of --repeats) -------------------------------------------------------------------
+    ours_runs = []
+    for r in range(max(1, args.repeats)):
+        log(f"[bench_inference] OURS run {r + 1}: reverse_sample(sampler='truncated', steps={n}) ...")
+        clock = StepClock(model) if device.type == "cpu" else model
+        with Phase(device) as ph:
+            out = reverse_sample(clock, schedule, x, sampler="truncated", steps=n, noise=noise)
+        ph.robust = clock.robust_seconds(ph.t_start, ph.t_end) if device.type == "cpu" else {"seconds": None}
+        ours_runs.append(ph)
+        log(f"[bench_inference]   {ph.seconds:.2f}s ({B / ph.seconds:.2f} img/s), "
+            f"foreign CPU share {ph.foreign_cpu_share}")
+    best = min(ours_runs, key=lambda p: p.seconds)
+    if device.type == "cpu":  # robust estimate: the least-contended run's median step
+        best.robust = min((p.robust for p in ours_runs), key=lambda r: r.get("seconds") or float("inf"))
+    t_ours = best.seconds
+    y0_ours = out.y0[:, 0]
+    result: dict = {
+        "benchmark": "inference",
+        "command": "python benchmarks/bench_inference.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "setting": {
+            "image_size": args.image_size, "batch": B, "steps": n, "sampler": "truncated",
+            "encoder": "resnet18", "dcg": "resnet18+resnet18", "width": args.width, "classes": C,
+            "weights": "random init, eval mode", "seed": args.seed,
+        },
+        "ours": {
+            "seconds": round(t_ours, 3),
+            "images_per_s": round(B / t_ours, 3),
+            "latency_per_image_s": round(t_ours / B, 4),
+            "runs_s": [round(p.seconds, 3) for p in ours_runs],
+            "memory": best.mem.report(),
+            "foreign_cpu_share": best.foreign_cpu_share,
+            "robust_estimate": best.robust,
+        },
+        "components_best_of_3_s": {
+            "dcg_vectorised": round(t_dcg_vec, 4),
+            "dcg_released_loop": round(t_dcg_loop, 4),
+            "image_encoder": round(t_enc, 4),
+            "denoiser_head_step": round(t_head, 5),
+        },
+    }
+
+    ok = True
+    if not args.no_baseline:
+        log("[bench_inference] BASELINE: released algorithm (re-encode every step, DCG twice, looped crops) ...")
+        clock = StepClock(model) if device.type == "cpu" else model
+        with Phase(device) as pb:
+            y0_base, mu_base = released_reverse(clock, schedule, x, n, noise)
+        pb.robust = clock.robust_seconds(pb.t_start, pb.t_end) if device.type == "cpu" else {"seconds": None}
+        t_base = pb.seconds
+        log(f"[bench_inference]   {t_base:.2f}s ({B / t_base:.2f} img/s), foreign CPU share {pb.foreign_cpu_share}")
+        max_diff = float((y0_ours - y0_base).abs().max())
+        prior_diff = float((out.prior - mu_base).abs().max())
+        argmax_equal = bool(torch.equal(y0_ours.argmax(-1), y0_base.argmax(-1)))
+        ok = argmax_equal and max_diff < args.tol
+        ratio = t_base / t_ours
+        # cost model: baseline ≈ 2·DCG_loop + n·(encoder + head); ours ≈ DCG + encoder + n·head
+        predicted = (2 * t_dcg_loop + n * (t_enc + t_head)) / (t_dcg_vec + t_enc + n * t_head)
+        result["baseline"] = {
+            "seconds": round(t_base, 3),
+            "images_per_s": round(B / t_base, 3),
+            "latency_per_image_s": round(t_base / B, 4),
+            "memory": pb.mem.report(),
+            "foreign_cpu_share": pb.foreign_cpu_share,
+            "robust_estimate": pb.robust,
+        }
+        result["speedup"] = round(ratio, 2)
+        result["speedup_predicted_from_components"] = round(predicted, 2)
+        result["target_speedup"] = 10.0
+        result["equality"] = {
+            "argmax_equal_all": argmax_equal,
+            "max_abs_diff_y0": max_diff,
+            "max_abs_diff_prior": prior_diff,
+            "tol": args.tol,
+            "passed": ok,
+        }
+        shares = [p.foreign_cpu_share for p in (best, pb) if p.foreign_cpu_share is not None]
+        contended = bool(shares and max(shares) > 0.1)
+        result["contended"] = contended
+        r_o, r_b = best.robust.get("seconds"), pb.robust.get("seconds")
+        result["speedup_robust"] = round(r_b / r_o, 2) if r_o and r_b else None
+        # judge the target on the wall clock unless other programs shared the CPU during the runs
+        basis = "robust_estimate" if contended and result["speedup_robust"] else "wall_clock"
+        judged = result["speedup_robust"] if basis == "robust_estimate" else ratio
+        result["meets_target"] = bool(judged >= 10.0)
+        result["meets_target_basis"] = basis
+    result["pre_run_wait"] = quiet
+    result["machine"] = machine_info(device)
+    emit(result)
+    if not ok:
+        log("[bench_inference] FAILED: predictions differ between OURS and BASELINE")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

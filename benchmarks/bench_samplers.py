@@ -1,0 +1,100 @@
+"""DDIM-10 vs the full 1000-step chain vs the released truncated 250-step chain, from ONE checkpoint.
+
+Reports, for each sampler, test accuracy / macro-F1 on the run's test split and images/s of the
+reverse process (the encoder and DCG run once per image in all three; what differs is the number
+of denoiser calls). The last stdout line is a JSON object.
+
+    python benchmarks/bench_samplers.py --run runs/demo            # HAM10000 test split (3,004 images)
+    python benchmarks/bench_samplers.py --run runs/demo --limit 512 # first 512 test images only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+
+def evaluate(module, loader, sampler: str, steps, limit: int | None) -> dict:
+    from diffmic.inference.sampling import reverse_sample
+    from diffmic.metrics import classification_metrics, readout
+
+    metrics = classification_metrics(module.num_classes).to(module.device)
+    e = module.cfg.eval
+    n = 0
+    elapsed = 0.0
+    for batch in loader:
+        if limit is not None and n >= limit:
+            break
+        x = batch["image"].to(module.device)
+        y = batch["label"].to(module.device)
+        if module.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = reverse_sample(module.model, module.schedule, x, sampler=sampler, steps=steps,
+                             num_samples=1, ids=batch["id"], seed=e.sample_seed)
+        if module.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed += time.perf_counter() - t0
+        r = readout(out.y0, "mean", e.temperature)
+        metrics.update(r.probs, y)
+        n += x.shape[0]
+    v = metrics.compute()
+    return {"sampler": sampler, "steps": steps, "images": n, "seconds": elapsed, "images_per_s": n / elapsed,
+            "acc": float(v["acc"]), "f1": float(v["f1"]), "balanced_acc": float(v["balanced_acc"])}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--run", default="runs/demo")
+    ap.add_argument("--ckpt")
+    ap.add_argument("--limit", type=int)
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    from diffmic.config import load_config
+    from diffmic.training.checkpoint import load_module
+    from diffmic.training.run import build_datamodule, resolve_checkpoint
+
+    run = Path(args.run)
+    cfg = load_config(run / "config.yaml")
+    dm = build_datamodule(cfg)
+    dm.setup("test")
+    ckpt = resolve_checkpoint(run, args.ckpt)
+    module = load_module(ckpt, expected_class_names=list(dm.class_names))
+    device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else
+                          ("cpu" if args.device == "auto" else args.device))
+    module = module.to(device).eval()
+    loader = dm.test_dataloader()
+    results = [
+        evaluate(module, loader, "ddim", 10, args.limit),
+        evaluate(module, loader, "truncated", 250, args.limit),
+        evaluate(module, loader, "ddpm", None, args.limit),
+    ]
+    by = {f"{r['sampler']}{r['steps'] or ''}": r for r in results}
+    summary = {
+        "benchmark": "samplers",
+        "checkpoint": str(ckpt),
+        "device": str(device),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "results": results,
+        "speedup_ddim10_vs_ddpm1000": by["ddim10"]["images_per_s"] / by["ddpm"]["images_per_s"],
+        "speedup_ddim10_vs_truncated250": by["ddim10"]["images_per_s"] / by["truncated250"]["images_per_s"],
+        "acc_points_ddim10_minus_ddpm1000": 100 * (by["ddim10"]["acc"] - by["ddpm"]["acc"]),
+        "acc_points_ddim10_minus_truncated250": 100 * (by["ddim10"]["acc"] - by["truncated250"]["acc"]),
+    }
+    for r in results:
+        print(f"{r['sampler']:>9} {str(r['steps']):>5}: acc {r['acc']:.4f} f1 {r['f1']:.4f} "
+              f"{r['images_per_s']:.1f} img/s")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

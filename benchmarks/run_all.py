@@ -1,0 +1,119 @@
+"""Run every diffmic benchmark and collect the results.
+
+Runs ``bench_inference.py``, ``bench_train.py`` and ``bench_latency.py`` one after the other as subprocesses
+of the same Python interpreter (their progress goes to stderr), takes the JSON object on the last stdout line
+of each, writes them all to ``benchmarks/results/latest.json`` and prints a summary JSON object as the last
+stdout line. Exit status is non-zero if any benchmark failed (crash, or an equality check that did not hold).
+
+Usage:  python benchmarks/run_all.py [--device auto] [--only inference,train,latency] [--compile] [--quick]
+(``make bench`` runs it with the project's virtual environment.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _common import emit, log  # noqa: E402
+
+BENCHES = ("inference", "train", "latency")
+QUICK = {  # --quick: a smoke run (seconds, not minutes); the numbers mean little
+    "inference": ["--batch", "2", "--steps", "10", "--repeats", "1", "--wait-quiet", "0"],
+    "train": ["--batch", "4", "--steps", "1", "--wait-quiet", "0"],
+    "latency": ["--batches", "1,2", "--repeats", "1", "--wait-quiet", "0"],
+}
+
+
+def _last_json(stdout: str):
+    for line in reversed(stdout.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                return None
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--only", default=",".join(BENCHES), help="comma-separated subset of " + ",".join(BENCHES))
+    ap.add_argument("--compile", action="store_true", help="pass --compile to bench_latency (torch.compile)")
+    ap.add_argument("--quick", action="store_true", help="tiny smoke-test sizes (numbers are not meaningful)")
+    ap.add_argument("--out", default=str(HERE / "results" / "latest.json"))
+    args = ap.parse_args(argv)
+
+    chosen = [b.strip() for b in args.only.split(",") if b.strip()]
+    unknown = sorted(set(chosen) - set(BENCHES))
+    if unknown:
+        ap.error(f"unknown benchmark(s): {unknown}")
+    results: dict = {}
+    failed: list[str] = []
+    for name in chosen:
+        cmd = [sys.executable, str(HERE / f"bench_{name}.py"), "--device", args.device]
+        if name == "latency" and args.compile:
+            cmd.append("--compile")
+        if args.quick:
+            cmd += QUICK[name]
+        log(f"[run_all] {' '.join(cmd)}")
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # stderr streams through
+        wall = time.perf_counter() - t0
+        res = _last_json(proc.stdout)
+        if res is None:
+            res = {"error": "no JSON result line", "stdout_tail": proc.stdout[-2000:]}
+        res["returncode"] = proc.returncode
+        res["wall_s"] = round(wall, 1)
+        results[name] = res
+        if proc.returncode != 0 or "error" in res:
+            failed.append(name)
+        log(f"[run_all] {name}: rc={proc.returncode} in {wall:.0f}s")
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    out.write_text(json.dumps({"timestamp": stamp, "quick": args.quick, "results": results}, indent=2, default=str) + "\n")
+
+    summary: dict = {"timestamp": stamp, "quick": args.quick, "results_file": str(out), "failed": failed}
+    r = results.get("inference", {})
+    if "ours" in r:
+        summary["inference"] = {
+            "batch": r["setting"]["batch"], "steps": r["setting"]["steps"],
+            "ours_images_per_s": r["ours"]["images_per_s"],
+            "baseline_images_per_s": r.get("baseline", {}).get("images_per_s"),
+            "speedup": r.get("speedup"), "speedup_robust": r.get("speedup_robust"),
+            "meets_10x": r.get("meets_target"), "predictions_equal": r.get("equality", {}).get("passed"),
+            "contended": r.get("contended"),
+        }
+    r = results.get("train", {})
+    if "ours" in r:
+        summary["train"] = {
+            "batch": r["setting"]["batch"], "image_size": r["setting"]["image_size"],
+            "ours_images_per_s": r["ours"]["images_per_s"], "baseline_images_per_s": r["baseline"]["images_per_s"],
+            "speedup": r.get("speedup"), "meets_2x": r.get("meets_target"),
+            "ours_step_peak_delta_mib": r["ours"]["memory_timed_steps"]["delta_mib"],
+            "baseline_step_peak_delta_mib": r["baseline"]["memory_timed_steps"]["delta_mib"],
+            "first_step_losses_equal": r.get("equality", {}).get("first_step_equal"),
+            "contended": r.get("contended"),
+        }
+    r = results.get("latency", {})
+    if "variants" in r:
+        summary["latency_ddim10"] = {
+            name: {k: v.get("latency_per_image_s") for k, v in entry.items() if k.startswith("batch_")}
+            for name, entry in r["variants"].items()
+        }
+        summary["latency_ddim10"]["unit"] = "s per image (median)"
+        summary["latency_ddim10"]["contended"] = r.get("contended")
+    emit(summary)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
