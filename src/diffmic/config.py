@@ -98,6 +98,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
     use_ema: bool = True  # evaluate with the EMA of the denoiser (released code keeps it unused)
+    encoder_lr_scale: float = 1.0  # ours: lr multiplier for rho(x)'s backbone (released: 1)
     noise_samples_per_image: int = 1  # ours: R (t, eps) draws per image per step (released: 1)
     init_encoder_from_dcg: bool = False  # ours: start rho(x) from the warmed-up DCG backbone (CPU presets)
     exact_dcg_priors: bool = True  # priors from a separate eval-mode DCG pass (released); False reuses the train pass

@@ -122,7 +122,15 @@ class DiffMICModule(pl.LightningModule):
     # ------------------------------------------------------------------ optimisers
     def configure_optimizers(self):
         t = self.cfg.train
-        opts = [torch.optim.Adam(list(self.model.diffusion_parameters()), lr=t.lr, betas=(0.9, 0.999), eps=1e-8)]
+        params = list(self.model.diffusion_parameters())
+        groups: list[dict] = [{"params": params, "lr_scale": 1.0}]
+        if t.encoder_lr_scale != 1.0 and self.model.variant != "basic":
+            enc = {id(p) for p in self.model.image_embedding.encoder.parameters()}
+            groups = [
+                {"params": [p for p in params if id(p) not in enc], "lr_scale": 1.0},
+                {"params": [p for p in params if id(p) in enc], "lr_scale": t.encoder_lr_scale},
+            ]
+        opts = [torch.optim.Adam(groups, lr=t.lr, betas=(0.9, 0.999), eps=1e-8)]
         if self.model.uses_dcg:
             opts.append(torch.optim.Adam(list(self.model.dcg_parameters()), lr=t.dcg_lr, amsgrad=t.dcg_amsgrad))
         return opts
@@ -134,7 +142,7 @@ class DiffMICModule(pl.LightningModule):
         epoch = (self.current_epoch - warm) + batch_idx / n
         lr = t.lr * lr_factor(epoch, t.lr_warmup_epochs, t.epochs, t.min_lr / t.lr if t.lr else 0.0)
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         return lr
 
     def _check_finite(self, loss: Tensor, what: str) -> None:
@@ -272,7 +280,7 @@ class DiffMICModule(pl.LightningModule):
             g = self.model.guide(x)
             return torch.softmax(g.z_fused, -1), None, None
         if stage == "val":
-            sampler, steps, K = e.val_sampler, e.val_steps, 1
+            sampler, steps, K = e.val_sampler, e.val_steps, e.num_samples
         else:
             sampler, steps, K = e.sampler, e.steps, e.num_samples
         out = reverse_sample(
