@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
+	rm -rf runs/demo  # the demo starts afresh each time (diffmic fit never overwrites a run)
 	$(VENV)/bin/diffmic fit --config src/diffmic/configs/demo_cpu.yaml data.root=$(DATA)/ham10000 run.dir=runs/demo
 	$(VENV)/bin/diffmic test --run runs/demo
 

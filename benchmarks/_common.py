@@ -45,6 +45,8 @@ __all__ = [
     "sync",
     "timed",
     "best_of",
+    "cpu_busy_s",
+    "own_cpu_s",
     "wait_for_quiet",
 ]
 
@@ -156,7 +158,7 @@ class PeakMemory:
         }
 
 
-def _cpu_busy_s() -> float | None:
+def cpu_busy_s() -> float | None:
     """Busy CPU seconds of the whole machine so far (all processes, incl. steal), from /proc/stat."""
     try:
         with open("/proc/stat") as f:
@@ -168,7 +170,7 @@ def _cpu_busy_s() -> float | None:
     return (sum(v[:8]) - idle) / hz
 
 
-def _own_cpu_s() -> float:
+def own_cpu_s() -> float:
     t = os.times()
     return t.user + t.system
 
@@ -191,7 +193,7 @@ class Phase:
     def __enter__(self) -> "Phase":
         self.mem.__enter__()
         sync(self.device)
-        self._busy0, self._own0 = _cpu_busy_s(), _own_cpu_s()
+        self._busy0, self._own0 = cpu_busy_s(), own_cpu_s()
         self._t0 = self.t_start = time.perf_counter()
         return self
 
@@ -199,7 +201,7 @@ class Phase:
         sync(self.device)
         self.t_end = time.perf_counter()
         self.seconds = self.t_end - self._t0
-        busy1, own1 = _cpu_busy_s(), _own_cpu_s()
+        busy1, own1 = cpu_busy_s(), own_cpu_s()
         self.mem.__exit__(*exc)
         if self._busy0 is not None and busy1 is not None and self.seconds > 0:
             foreign = (busy1 - self._busy0) - (own1 - self._own0)
@@ -216,9 +218,9 @@ def wait_for_quiet(max_wait_s: float, threshold: float = 0.1, window_s: float = 
     t0 = time.perf_counter()
     share = None
     while True:
-        b0, o0, w0 = _cpu_busy_s(), _own_cpu_s(), time.perf_counter()
+        b0, o0, w0 = cpu_busy_s(), own_cpu_s(), time.perf_counter()
         time.sleep(window_s)
-        b1, o1, w1 = _cpu_busy_s(), _own_cpu_s(), time.perf_counter()
+        b1, o1, w1 = cpu_busy_s(), own_cpu_s(), time.perf_counter()
         if b0 is None or b1 is None:
             break
         share = max(0.0, (b1 - b0) - (o1 - o0)) / ((w1 - w0) * (os.cpu_count() or 1))

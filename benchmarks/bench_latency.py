@@ -3,7 +3,8 @@
 Setting: 224 px, ResNet-18 image encoder, ResNet-18 DCG streams, denoiser width 6144, C = 7, random-init
 weights in eval mode, ``reverse_sample(model, schedule, x, sampler="ddim", steps=10, noise=...)``
 (DCG once, encoder once, 10 denoiser-head calls). Batch 1 and batch 32 (``--batches``); each is timed as the
-median of ``--repeats`` calls after ``--warmup`` untimed calls. The paper reports 0.056 s per image on an
+median of ``--repeats`` calls after ``--warmup`` untimed calls (on CPU only calls during which other programs
+used ≤ 10 % of the machine count; up to ``--repeats`` extra calls are made to get at least 3 of them). The paper reports 0.056 s per image on an
 RTX 3090 (its sampler and batch size are not stated in the same way; the comparison is indicative only).
 
 Variants (each on its own copy of the same weights; predictions compared with the fp32 eager run):
@@ -52,8 +53,10 @@ def _variant_model(model: DiffMIC, name: str) -> DiffMIC:
     return m
 
 
-def _measure(model, schedule, x, noise, steps, autocast, repeats, warmup, device):
-    """Warm-up calls, then ``repeats`` timed calls; returns (y0, warm-up seconds, [seconds], [foreign shares])."""
+def _measure(model, schedule, x, noise, steps, autocast, repeats, warmup, device, wait_s):
+    """Warm-up calls, then ``repeats`` timed calls (plus up to ``repeats`` extra ones, each after waiting up to
+    ``wait_s`` for a quiet CPU, while fewer than min(3, repeats) calls ran uncontended).
+    Returns (y0, warm-up seconds, [seconds], [foreign CPU shares])."""
     ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
 
     def call():
@@ -67,7 +70,14 @@ def _measure(model, schedule, x, noise, steps, autocast, repeats, warmup, device
     sync(device)
     t_warm = time.perf_counter() - t0
     secs, shares = [], []
-    for _ in range(repeats):
+    extra = 0
+    while True:
+        n_clean = sum((f or 0) <= 0.1 for f in shares)
+        if len(secs) >= repeats and (n_clean >= min(3, repeats) or extra >= repeats):
+            break
+        if len(secs) >= repeats:  # other programs were using the CPU: wait, then an extra repeat
+            extra += 1
+            wait_for_quiet(wait_s)
         with Phase(device) as ph:
             y0 = call()
         secs.append(ph.seconds)
@@ -131,13 +141,15 @@ def main(argv: list[str] | None = None) -> int:
                 x = x.contiguous(memory_format=torch.channels_last)
             try:
                 y0, t_warm, secs, shares = _measure(
-                    m, schedule, x, noise, args.steps, name.startswith("bf16"), args.repeats, args.warmup, device
+                    m, schedule, x, noise, args.steps, name.startswith("bf16"), args.repeats, args.warmup, device,
+                    min(args.wait_quiet, 15.0) if device.type == "cpu" else 0.0,
                 )
             except Exception as exc:  # e.g. torch.compile without a working C++ toolchain
                 entry[f"batch_{b}"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
                 log(f"[bench_latency] {name} batch {b}: FAILED {type(exc).__name__}: {exc}")
                 continue
-            med = statistics.median(secs)
+            clean = [t for t, f in zip(secs, shares) if (f or 0) <= 0.1]
+            med = statistics.median(clean or secs)
             if name == "eager":
                 reference[b] = y0
             ref = reference.get(b)
@@ -148,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                 "repeats_s": [round(s, 4) for s in secs],
                 "warmup_s": round(t_warm, 3),
                 "foreign_cpu_share": shares,
+                "statistic": f"median of {len(clean)} uncontended calls" if clean else "median of all calls (all contended)",
+                "contended": not clean,
                 "vs_paper_3090": round((med / b) / PAPER_S_PER_IMAGE, 2),
             }
             if ref is not None:
@@ -167,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             v = results[name].get(f"batch_{b}", {}).get("latency_per_image_s")
             if eager and v:
                 summary[f"{name}_speedup_vs_eager_batch_{b}"] = round(eager / v, 3)
-    all_shares = [s for e in results.values() for k, r in e.items() if k.startswith("batch_")
-                  for s in r.get("foreign_cpu_share", []) if s is not None]
+    contended_rows = [r.get("contended", False) for e in results.values() for k, r in e.items()
+                      if k.startswith("batch_")]
     out = {
         "benchmark": "latency",
         "command": "python benchmarks/bench_latency.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -180,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         "paper_s_per_image_rtx3090": PAPER_S_PER_IMAGE,
         "variants": results,
         "speedups_vs_eager": summary,
-        "contended": bool(all_shares and max(all_shares) > 0.1),
+        "contended": any(contended_rows),
         "machine": machine_info(device),
     }
     emit(out)

@@ -450,7 +450,7 @@ def test_loading_overrides_that_change_the_network_are_refused(full_run):
         ("model.variant=huge", r"model.variant: 'huge' is not one of basic, C1, C2, full"),
         ("eval.eta=2", r"eval.eta must be in \[0, 1\], got 2.0"),
         ("data.batch_size=0", r"data.batch_size must be >= 1, got 0"),
-        ("eval.steps=5000", r"eval.steps must be in \[1, diffusion.num_timesteps=1000\], got 5000"),
+        ("eval.steps=5000", r"eval.steps must be in \[1, diffusion.num_timesteps=\d+\], got 5000"),
         ("data.val_fraction=1.5", r"data.val_fraction must be in \[0, 1\), got 1.5"),
         ("train.epochs", r"override 'train.epochs' must look like section.key=value"),
         ("train.epochs=[1", r"train.epochs: the value '\[1' is not valid YAML"),
