@@ -267,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             basis, judged = "none (machine busy during the runs)", None
         result["meets_target"] = None if judged is None else bool(judged >= 10.0)
         result["meets_target_basis"] = basis
+        result["reliable"] = judged is not None
     sweep = [int(b) for b in args.sweep.split(",") if b.strip() and int(b) != B]
     if sweep:
         rows = []

@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         "variants": results,
         "speedups_vs_eager": summary,
         "contended": any(contended_rows),
+        "reliable": not any(contended_rows),
         "machine": machine_info(device),
     }
     emit(out)

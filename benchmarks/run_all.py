@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=",".join(BENCHES), help="comma-separated subset of " + ",".join(BENCHES))
     ap.add_argument("--compile", action="store_true", help="pass --compile to bench_latency (torch.compile)")
     ap.add_argument("--retries", type=int, default=0,
-                    help="re-run a benchmark whose result says other programs were using the CPU (contended), "
-                         "after waiting up to --retry-wait seconds for a quiet machine")
+                    help="re-run a benchmark whose result is not reliable (other programs used the CPU while it "
+                         "ran), after waiting up to --retry-wait seconds for a quiet machine")
     ap.add_argument("--retry-wait", type=float, default=600.0)
     ap.add_argument("--quick", action="store_true", help="tiny smoke-test sizes (numbers are not meaningful)")
     ap.add_argument("--out", default=str(HERE / "results" / "latest.json"))
@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         attempts = []
         for attempt in range(1 + max(0, args.retries)):
             if attempt:
-                log(f"[run_all] {name}: contended, waiting for a quiet CPU before retry {attempt} ...")
+                log(f"[run_all] {name}: other programs distorted the timings; waiting for a quiet CPU before "
+                    f"retry {attempt} ...")
                 log(f"[run_all]   {wait_for_quiet(args.retry_wait, window_s=10.0)}")
             log(f"[run_all] {' '.join(cmd)}")
             t0 = time.perf_counter()
@@ -81,9 +82,12 @@ def main(argv: list[str] | None = None) -> int:
                 res = {"error": "no JSON result line", "stdout_tail": proc.stdout[-2000:]}
             res["returncode"] = proc.returncode
             res["wall_s"] = round(wall, 1)
-            log(f"[run_all] {name}: rc={proc.returncode} in {wall:.0f}s, contended={res.get('contended')}")
-            attempts.append({"wall_s": res["wall_s"], "contended": res.get("contended"), "returncode": proc.returncode})
-            if proc.returncode != 0 or "error" in res or not res.get("contended"):
+            reliable = res.get("reliable", not res.get("contended"))
+            log(f"[run_all] {name}: rc={proc.returncode} in {wall:.0f}s, contended={res.get('contended')}, "
+                f"reliable={reliable}")
+            attempts.append({"wall_s": res["wall_s"], "contended": res.get("contended"), "reliable": reliable,
+                             "returncode": proc.returncode})
+            if proc.returncode != 0 or "error" in res or reliable:
                 break
         res["attempts"] = attempts
         results[name] = res
