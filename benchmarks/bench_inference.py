@@ -278,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             with Phase(device) as ps:
                 row = component_times(model, xb, n, device)
             row["foreign_cpu_share"] = ps.foreign_cpu_share
+            row["contended"] = bool((ps.foreign_cpu_share or 0) > 0.1)  # if true, ignore this row's numbers
             rows.append(row)
             log(f"[bench_inference] sweep batch {b}: predicted speedup {row['predicted_speedup']}x "
                 f"(foreign CPU share {ps.foreign_cpu_share})")
