@@ -16,14 +16,8 @@ from diffmic.data import (DataError, DatasetIndex, DecodedCache, Record, carve_v
                           load_aptos2019, load_csv_manifest, load_ham10000, load_image_folder,
                           load_medmnist, load_pickle_split, stratified_split, stratified_subset)
 
-DATA = Path(__file__).parents[1].parent / "shared" / "data"
+from _helpers import DATA, need as _need  # noqa: E402
 
-
-def _need(sub: str) -> Path:
-    p = DATA / sub
-    if not p.exists():
-        pytest.skip(f"real data not available: {p}")
-    return p
 
 
 @pytest.fixture(scope="module")

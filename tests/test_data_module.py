@@ -13,14 +13,8 @@ from PIL import Image
 
 from diffmic.data import DataError, DiffMICDataModule, ImagePathsDataset
 
-DATA = Path(__file__).parents[1].parent / "shared" / "data"
+from _helpers import DATA, need as _need  # noqa: E402
 
-
-def _need(sub: str) -> Path:
-    p = DATA / sub
-    if not p.exists():
-        pytest.skip(f"real data not available: {p}")
-    return p
 
 
 def _folder(root: Path, per_class=(12, 9, 6)) -> Path:
@@ -172,3 +166,66 @@ def test_aptos_two_images_datamodule(tmp_path):
     b = next(iter(dm.train_dataloader()))
     _check_batch(b, 2, 3, 64)
     assert sorted(b["id"]) == ["000c1434d8d7", "1ae3c58759fb"]
+
+
+def test_class_balance_weights_closed_form():
+    from diffmic.data.datamodule import class_balance_weights
+
+    labels = np.array([0] * 64 + [1] * 16 + [2] * 4)
+    for power, expected in ((0.0, [64, 16, 4]), (0.5, [8, 4, 2]), (1.0, [1, 1, 1])):
+        w = class_balance_weights(labels, power)
+        share = np.array([w[labels == c].sum() for c in range(3)])
+        np.testing.assert_allclose(share / share.sum(), np.array(expected) / sum(expected))
+    with pytest.raises(ValueError, match="power"):
+        class_balance_weights(labels, 1.5)
+
+
+def test_weighted_sampler_frequencies_and_determinism():
+    from diffmic.data.datamodule import EpochSeededSampler, class_balance_weights
+
+    labels = np.array([0] * 900 + [1] * 90 + [2] * 10)
+    s = EpochSeededSampler(len(labels), seed=7, weights=class_balance_weights(labels, 1.0))
+    draws = []
+    for epoch in range(20):
+        s.set_epoch(epoch)
+        pairs = list(s)
+        assert len(pairs) == len(labels)
+        draws.append([i for i, _ in pairs])
+        # augmentation seeds are distinct even where an index repeats
+        assert len({seed for _, seed in pairs}) == len(pairs)
+    freq = np.bincount(labels[np.concatenate(draws)], minlength=3) / (20 * len(labels))
+    np.testing.assert_allclose(freq, [1 / 3] * 3, atol=0.02)  # 20,000 draws: sd about 0.003
+    s.set_epoch(3)
+    assert [i for i, _ in s] == draws[3]  # a function of (seed, epoch) only (resume-safe)
+    assert draws[3] != draws[4]
+    zero = EpochSeededSampler(3, seed=0, weights=[1.0, 0.0, 1.0])
+    assert 1 not in {i for i, _ in zero}
+    with pytest.raises(ValueError, match="weights"):
+        EpochSeededSampler(3, seed=0, weights=[1.0, -1.0, 1.0])
+    with pytest.raises(ValueError, match="weights"):
+        EpochSeededSampler(3, seed=0, weights=[1.0, 1.0])
+
+
+def test_balanced_train_loader_and_val_split(tmp_path):
+    root = _folder(tmp_path / "imgs", per_class=(40, 8, 4))
+    kw = dict(dataset="folder", root=root, image_size=8, batch_size=200, seed=5, val_fraction=0.0,
+              cache_dir=tmp_path / "cache", rotation=0.0, hflip=False)
+    plain = DiffMICDataModule(**kw)
+    labels = plain.get_dataset("train").labels
+    n = np.bincount(labels)
+    b = next(iter(plain.train_dataloader()))
+    np.testing.assert_array_equal(np.bincount(b["label"].numpy(), minlength=3), n)  # a permutation
+    bal = DiffMICDataModule(**kw, class_balance=1.0)
+    counts = np.zeros(3)
+    loader = bal.train_dataloader()
+    for epoch in range(10):
+        loader.sampler.set_epoch(epoch)
+        counts += np.bincount(next(iter(loader))["label"].numpy(), minlength=3)
+    assert counts.sum() == 10 * len(labels)
+    # balanced: each class about a third of the draws, against 40/52 for the majority before
+    np.testing.assert_allclose(counts / counts.sum(), [1 / 3] * 3, atol=0.06)
+    with pytest.raises(ValueError, match="class_balance"):
+        DiffMICDataModule(**kw, class_balance=2.0)
+    # val_split="test" validates on the test split (select_on=test, the released protocol)
+    dm = DiffMICDataModule(**kw, val_split="test")
+    assert next(iter(dm.val_dataloader()))["id"] == next(iter(dm.test_dataloader()))["id"]

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _helpers import NPZ, TINY_MODEL, one_thread  # noqa: F401
 from diffmic.cli import main
 from diffmic.diffusion.schedule import NoiseSchedule
 from diffmic.diffusion.samplers import num_noise_draws
@@ -19,28 +20,14 @@ from diffmic.inference.sampling import per_image_noise, reverse_sample
 from diffmic.nn.diffmic import DiffMIC
 from diffmic.training.checkpoint import read_checkpoint
 
-DATA = Path(__file__).parents[1].parent / "shared" / "data"
-NPZ = DATA / "breastmnist" / "breastmnist.npz"
-
 FAST = [
     "data.dataset=medmnist", f"data.root={NPZ}", "data.subset=32", "data.image_size=32", "data.batch_size=16",
-    "model.encoder=resnet10_tiny", "model.dcg_global=resnet10_tiny", "model.dcg_local=resnet10_tiny",
-    "model.hidden_dim=64", "train.lr=0.003", "train.dcg_lr=0.003", "train.lr_warmup_epochs=0",
-    "train.progress_bar=false", "eval.steps=5", "eval.val_steps=5",
-    "train.epochs=1", "train.dcg_warmup_epochs=1",
+    *TINY_MODEL, "train.epochs=1", "train.dcg_warmup_epochs=1",
 ]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------- same seed, same run
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Results are compared across processes: use one intra-op thread on both sides (float sums
-    may be split differently with another thread count), which also avoids oversubscribing a
-    busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

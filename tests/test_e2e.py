@@ -15,35 +15,16 @@ from PIL import Image
 
 from diffmic.cli import main
 
-DATA = Path(__file__).parents[1].parent / "shared" / "data"
+from _helpers import DATA, TINY_MODEL, need as _need  # noqa: E402
 
 # A shrunken CPU config: 32 px, tiny backbones, a narrow denoiser and a short schedule of epochs.
-TINY = [
-    "data.image_size=32",
-    "data.batch_size=32",
-    "model.encoder=resnet10_tiny",
-    "model.dcg_global=resnet10_tiny",
-    "model.dcg_local=resnet10_tiny",
-    "model.hidden_dim=64",
-    "train.lr=0.003",
-    "train.dcg_lr=0.003",
-    "train.lr_warmup_epochs=0",
-    "train.progress_bar=false",
-    "eval.steps=5",
-    "eval.val_steps=5",
-]
+TINY = ["data.image_size=32", "data.batch_size=32", *TINY_MODEL]
 
 METRIC_KEYS = {
     "acc", "balanced_acc", "f1", "kappa", "auroc", "precision_per_class", "recall_per_class",
     "f1_per_class", "confusion_matrix", "num_images", "class_names", "checkpoint",
 }
 
-
-def _need(sub: str) -> Path:
-    p = DATA / sub
-    if not p.exists():
-        pytest.skip(f"real data not available: {p}")
-    return p
 
 
 @pytest.fixture(scope="module")

@@ -24,12 +24,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from _helpers import NPZ, ONE_THREAD_ENV, TINY_MODEL, one_thread  # noqa: F401
 from diffmic.cli import main
 from diffmic.config import ConfigError, load_config
 from diffmic.training.checkpoint import CheckpointError, load_module, read_checkpoint
-
-DATA = Path(__file__).parents[1].parent / "shared" / "data"
-NPZ = DATA / "breastmnist" / "breastmnist.npz"
 
 FAST = [
     "data.dataset=medmnist",
@@ -37,32 +35,13 @@ FAST = [
     "data.subset=64",
     "data.image_size=32",
     "data.batch_size=4",
-    "model.encoder=resnet10_tiny",
-    "model.dcg_global=resnet10_tiny",
-    "model.dcg_local=resnet10_tiny",
-    "model.hidden_dim=64",
-    "train.lr=0.003",
-    "train.dcg_lr=0.003",
-    "train.lr_warmup_epochs=0",
-    "train.progress_bar=false",
+    *TINY_MODEL,
     "train.log_every_n_steps=1",
-    "eval.steps=5",
-    "eval.val_steps=5",
 ]
 EPOCHS = ["train.epochs=2", "train.dcg_warmup_epochs=1"]  # 3 epochs: 1 DCG warm-up + 2 joint
 
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread here and in the subprocesses: the same float results on both sides, and
-    no oversubscription when other jobs share the 2 cores (2 spinning OpenMP threads on a busy
-    machine made a 1 s fit take 30-100 s)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+ONE_THREAD = ONE_THREAD_ENV
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _need_data() -> None:
@@ -452,6 +431,9 @@ def test_loading_overrides_that_change_the_network_are_refused(full_run):
         ("data.batch_size=0", r"data.batch_size must be >= 1, got 0"),
         ("eval.steps=5000", r"eval.steps must be in \[1, diffusion.num_timesteps=\d+\], got 5000"),
         ("data.val_fraction=1.5", r"data.val_fraction must be in \[0, 1\), got 1.5"),
+        ("data.class_balance=2", r"data.class_balance must be in \[0, 1\]"),
+        ("train.dcg_warmup_schedule=step", r"train.dcg_warmup_schedule: 'step' is not one of constant, cosine"),
+        ("train.dcg_warmup_lr=-1", r"train.dcg_warmup_lr must be > 0, got -1"),
         ("train.epochs", r"override 'train.epochs' must look like section.key=value"),
         ("train.epochs=[1", r"train.epochs: the value '\[1' is not valid YAML"),
     ],

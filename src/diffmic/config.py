@@ -52,6 +52,7 @@ class DataConfig:
     skip_bad: bool = False  # skip and list unreadable images instead of stopping
     subset: Optional[int] = None  # stratified subset (tests/demos)
     check_images: bool = True
+    class_balance: float = 0.0  # ours: sample train images with weight n_c^-p (0 = uniform, released)
 
 
 @dataclass
@@ -92,7 +93,9 @@ class TrainConfig:
     lr: float = 1e-3
     lr_warmup_epochs: float = 40.0
     min_lr: float = 0.0
-    dcg_lr: float = 2e-4
+    dcg_lr: float = 2e-4  # DCG Adam lr in the joint phase (and the warm-up unless dcg_warmup_lr is set)
+    dcg_warmup_lr: Optional[float] = None  # ours: DCG lr at the start of the warm-up (None: dcg_lr)
+    dcg_warmup_schedule: str = "constant"  # constant (released) | cosine: dcg_warmup_lr -> dcg_lr over the warm-up
     dcg_amsgrad: bool = True
     joint_dcg: bool = True  # keep training the DCG with CE after the warm-up (released code)
     grad_clip: float = 1.0
@@ -160,6 +163,7 @@ CHOICES: dict[str, tuple] = {
     "diffusion.schedule": ("linear", "quadratic", "cosine", "sigmoid"),
     "loss.dcg_ce": ("fused", "all"),
     "train.select_on": ("val", "test"),
+    "train.dcg_warmup_schedule": ("constant", "cosine"),
     "train.monitor": ("acc", "f1", "balanced_acc", "kappa", "auroc"),
     "eval.sampler": ("ddpm", "truncated", "ddim"),
     "eval.val_sampler": ("ddpm", "truncated", "ddim"),
@@ -280,10 +284,16 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be >= 1, got {val}")
     if cfg.data.in_chans not in (1, 3):
         raise ConfigError(f"data.in_chans must be 1 or 3, got {cfg.data.in_chans}")
+    if not 0 <= cfg.data.class_balance <= 1:
+        raise ConfigError(f"data.class_balance must be in [0, 1] (0 uniform, 1 balanced classes), got {cfg.data.class_balance}")
     if not 0 <= cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
     if not 0 < cfg.data.test_fraction < 1:
         raise ConfigError(f"data.test_fraction must be in (0, 1), got {cfg.data.test_fraction}")
+    for key, lr in (("train.lr", cfg.train.lr), ("train.dcg_lr", cfg.train.dcg_lr),
+                    ("train.dcg_warmup_lr", cfg.train.dcg_warmup_lr)):
+        if lr is not None and not lr > 0:
+            raise ConfigError(f"{key} must be > 0, got {lr}")
     if cfg.train.epochs < 0 or cfg.train.dcg_warmup_epochs < 0:
         raise ConfigError("train.epochs and train.dcg_warmup_epochs must be >= 0")
     T = cfg.diffusion.num_timesteps

@@ -120,12 +120,22 @@ class EpochSeededSampler(torch.utils.data.Sampler[int]):
     Lightning calls ``set_epoch`` at the start of every epoch, so a run resumed from a checkpoint
     sees exactly the batch order of an uninterrupted run (a generator created once would restart
     its sequence after a resume). Under DDP Lightning wraps it in a distributed sampler.
+
+    ``weights`` (one per sample) switches to drawing ``num_samples`` indices *with replacement*
+    with these probabilities (class-balanced sampling, see :func:`class_balance_weights`), still
+    a function of (seed, epoch) only.
     """
 
-    def __init__(self, num_samples: int, seed: int) -> None:
+    def __init__(self, num_samples: int, seed: int, weights: Sequence[float] | None = None) -> None:
         self.num_samples = int(num_samples)
         self.seed = int(seed)
         self.epoch = 0
+        self.weights = None
+        if weights is not None:
+            w = torch.as_tensor(np.asarray(weights, dtype=np.float64))
+            if w.shape != (self.num_samples,) or not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
+                raise ValueError(f"weights must be {self.num_samples} finite non-negative numbers with a positive sum")
+            self.weights = w
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -136,9 +146,27 @@ class EpochSeededSampler(torch.utils.data.Sampler[int]):
     def __iter__(self):
         base = self.seed * 100_003 + self.epoch
         g = torch.Generator().manual_seed(base)
-        order = torch.randperm(self.num_samples, generator=g).tolist()
-        # (index, per-sample augmentation seed) pairs, see CachedImageDataset.__getitem__
-        return iter((i, (base * 1_000_033 + i) % (2**63 - 1)) for i in order)
+        if self.weights is None:
+            order = torch.randperm(self.num_samples, generator=g).tolist()
+            # (index, per-sample augmentation seed) pairs, see CachedImageDataset.__getitem__
+            return iter((i, (base * 1_000_033 + i) % (2**63 - 1)) for i in order)
+        order = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=g).tolist()
+        # an index may repeat: seed the augmentation by position so repeats differ
+        return iter((i, (base * 1_000_033 + k) % (2**63 - 1)) for k, i in enumerate(order))
+
+
+def class_balance_weights(labels: Sequence[int], power: float) -> np.ndarray:
+    """Per-sample sampling weights ``n_c ** -power`` for a sample of class ``c``.
+
+    ``power`` 0 gives uniform sampling (the data's own class frequencies), 1 gives every class the
+    same expected share per epoch, 0.5 (square-root balancing) makes class ``c``'s share
+    proportional to ``sqrt(n_c)``. Not in the paper or the released code.
+    """
+    if not 0.0 <= power <= 1.0:
+        raise ValueError(f"class-balance power must be in [0, 1], got {power}")
+    labels = np.asarray(labels, dtype=np.int64)
+    counts = np.bincount(labels)
+    return counts[labels].astype(np.float64) ** -float(power)
 
 
 class DiffMICDataModule(pl.LightningDataModule):
@@ -154,6 +182,10 @@ class DiffMICDataModule(pl.LightningDataModule):
         lesion-grouped stratified 7:3; ``"random"`` = seeded stratified 7:3 over all records.
     val_fraction: validation carved from train (stratified; grouped by lesion for HAM10000)
         unless the source has a val split. Test data are never used for training or selection.
+    class_balance: 0 samples training images uniformly (the released code); ``p`` in (0, 1]
+        draws them with replacement with weight ``n_c ** -p`` (1: balanced classes, 0.5:
+        square-root balancing), see :func:`class_balance_weights`.
+    val_split: ``"val"``, or ``"test"`` to select models on the test split (released protocol).
     subset: use a stratified subset of at most ``subset`` train and ``subset // 2`` val/test
         records (fast tests, demos).
     skip_bad: drop bad records (listed in ``report``) instead of raising :class:`DataError`.
@@ -199,6 +231,8 @@ class DiffMICDataModule(pl.LightningDataModule):
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         decode_workers: int | None = None,
         predict_split: str = "test",
+        class_balance: float = 0.0,
+        val_split: str = "val",
     ) -> None:
         super().__init__()
         ds = _ALIASES.get(dataset.lower(), dataset.lower())
@@ -218,6 +252,10 @@ class DiffMICDataModule(pl.LightningDataModule):
             raise ValueError(f"subset must be a positive int or None, got {subset}")
         if predict_split not in ("train", "val", "test"):
             raise ValueError(f"predict_split must be train/val/test, got {predict_split!r}")
+        if val_split not in ("val", "test"):
+            raise ValueError(f"val_split must be 'val' or 'test', got {val_split!r}")
+        if not 0.0 <= class_balance <= 1.0:
+            raise ValueError(f"class_balance must be in [0, 1], got {class_balance}")
         if root is None and csv_path is None:
             raise ValueError("root is required")
         self.dataset = ds
@@ -240,6 +278,8 @@ class DiffMICDataModule(pl.LightningDataModule):
         self.allow_empty_classes = bool(allow_empty_classes)
         self.max_pixels = max_pixels
         self.predict_split = predict_split
+        self.class_balance = float(class_balance)
+        self.val_split = val_split
 
         self.report: DataReport | None = None
         self.missing_dropped: list[Record] = []
@@ -412,7 +452,7 @@ class DiffMICDataModule(pl.LightningDataModule):
         return DataLoader(
             ds,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            sampler=EpochSeededSampler(len(ds), self.seed) if train else None,
+            sampler=self._train_sampler(ds) if train else None,
             shuffle=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
@@ -420,11 +460,19 @@ class DiffMICDataModule(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
+    def _train_sampler(self, ds: Dataset) -> EpochSeededSampler:
+        weights = None
+        if self.class_balance > 0:
+            weights = class_balance_weights(ds.labels, self.class_balance)
+        return EpochSeededSampler(len(ds), self.seed, weights)
+
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.get_dataset("train"), train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.get_dataset("val"), train=False)
+        """The validation split; ``val_split="test"`` validates on the test split instead (the
+        released code's model selection on the test set, optimistic: ``train.select_on=test``)."""
+        return self._loader(self.get_dataset(self.val_split), train=False)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.get_dataset("test"), train=False)

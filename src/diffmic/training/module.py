@@ -74,6 +74,17 @@ def lr_factor(epoch: float, warmup: float, total: float, min_ratio: float = 0.0)
     return min_ratio + (1 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def warmup_dcg_lr(progress: float, start: float, end: float, schedule: str) -> float:
+    """DCG lr at ``progress`` in [0, 1] of the warm-up: ``start`` (constant) or a half-cosine from
+    ``start`` at 0 to ``end`` at 1 (``train.dcg_warmup_schedule=cosine``)."""
+    if schedule == "constant":
+        return start
+    if schedule != "cosine":
+        raise ValueError(f"unknown DCG warm-up schedule {schedule!r}")
+    p = min(max(progress, 0.0), 1.0)
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
 class DiffMICModule(pl.LightningModule):
     """Training and evaluation of :class:`~diffmic.nn.diffmic.DiffMIC` (all Table 2 variants)."""
 
@@ -132,7 +143,8 @@ class DiffMICModule(pl.LightningModule):
             ]
         opts = [torch.optim.Adam(groups, lr=t.lr, betas=(0.9, 0.999), eps=1e-8)]
         if self.model.uses_dcg:
-            opts.append(torch.optim.Adam(list(self.model.dcg_parameters()), lr=t.dcg_lr, amsgrad=t.dcg_amsgrad))
+            lr0 = t.dcg_warmup_lr if t.dcg_warmup_lr is not None else t.dcg_lr
+            opts.append(torch.optim.Adam(list(self.model.dcg_parameters()), lr=lr0, amsgrad=t.dcg_amsgrad))
         return opts
 
     def _set_diffusion_lr(self, opt: torch.optim.Optimizer, batch_idx: int) -> float:
@@ -143,6 +155,19 @@ class DiffMICModule(pl.LightningModule):
         lr = t.lr * lr_factor(epoch, t.lr_warmup_epochs, t.epochs, t.min_lr / t.lr if t.lr else 0.0)
         for group in opt.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
+        return lr
+
+    def _set_dcg_lr(self, opt: torch.optim.Optimizer, batch_idx: int) -> float:
+        """DCG lr: during the warm-up ``dcg_warmup_lr`` (constant, or half-cosine down to
+        ``dcg_lr`` at its end); afterwards ``dcg_lr`` (constant, as released)."""
+        t = self.cfg.train
+        lr = t.dcg_lr
+        if self.in_dcg_warmup and t.dcg_warmup_lr is not None:
+            n = max(self.trainer.num_training_batches, 1)
+            progress = (self.current_epoch + batch_idx / n) / max(t.dcg_warmup_epochs, 1)
+            lr = warmup_dcg_lr(progress, t.dcg_warmup_lr, t.dcg_lr, t.dcg_warmup_schedule)
+        for group in opt.param_groups:
+            group["lr"] = lr
         return lr
 
     def _check_finite(self, loss: Tensor, what: str) -> None:
@@ -212,6 +237,7 @@ class DiffMICModule(pl.LightningModule):
             return
 
         if self.in_dcg_warmup:
+            self.log("train/dcg_lr", self._set_dcg_lr(opt_dcg, batch_idx), batch_size=B)
             self._dcg_step(opt_dcg, x, y)
             return
 
@@ -253,6 +279,7 @@ class DiffMICModule(pl.LightningModule):
 
         # ---- DCG step on the same batch (released: after every diffusion step)
         if opt_dcg is not None and self.cfg.train.joint_dcg:
+            self._set_dcg_lr(opt_dcg, batch_idx)
             self._dcg_step(opt_dcg, x, y)
 
     def _dcg_step(self, opt: torch.optim.Optimizer, x: Tensor, y: Tensor) -> None:

@@ -53,11 +53,11 @@ def build_datamodule(cfg: Config):
         skip_bad=d.skip_bad,
         subset=d.subset,
         check_images=d.check_images,
-    )
-    if cfg.train.select_on == "test":
+        class_balance=d.class_balance,
         # The released code's protocol: model selection on the test set (optimistic; labelled in
         # every output). Validation then runs on the test split.
-        dm.val_dataloader = dm.test_dataloader  # type: ignore[method-assign]
+        val_split="test" if cfg.train.select_on == "test" else "val",
+    )
     return dm
 
 

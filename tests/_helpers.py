@@ -1,0 +1,48 @@
+"""Shared test helpers: where the real data live, and the tiny CPU model used by CLI tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+DATA = Path(__file__).parents[1].parent / "shared" / "data"
+NPZ = DATA / "breastmnist" / "breastmnist.npz"
+
+# Tiny backbones, a narrow denoiser and short samplers: a CPU fit in seconds.
+TINY_MODEL = [
+    "model.encoder=resnet10_tiny",
+    "model.dcg_global=resnet10_tiny",
+    "model.dcg_local=resnet10_tiny",
+    "model.hidden_dim=64",
+    "train.lr=0.003",
+    "train.dcg_lr=0.003",
+    "train.dcg_warmup_lr=0.003",
+    "train.lr_warmup_epochs=0",
+    "train.progress_bar=false",
+    "eval.steps=5",
+    "eval.val_steps=5",
+]
+
+ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def need(sub: str) -> Path:
+    """The real data file or folder ``../shared/data/<sub>``; skip the test where it is absent."""
+    p = DATA / sub
+    if not p.exists():
+        pytest.skip(f"real data not available: {p}")
+    return p
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: results compared across processes use the same float reductions,
+    and jobs sharing the 2 cores do not oversubscribe them (2 spinning OpenMP threads on a busy
+    machine made a 1 s fit take 30-100 s)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
