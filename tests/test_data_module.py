@@ -229,3 +229,16 @@ def test_balanced_train_loader_and_val_split(tmp_path):
     # val_split="test" validates on the test split (select_on=test, the released protocol)
     dm = DiffMICDataModule(**kw, val_split="test")
     assert next(iter(dm.val_dataloader()))["id"] == next(iter(dm.test_dataloader()))["id"]
+
+
+def test_config_reaches_the_datamodule(tmp_path):
+    from diffmic.config import load_config
+    from diffmic.training.run import build_datamodule
+
+    root = _folder(tmp_path / "imgs")
+    base = [f"data.root={root}", "data.dataset=folder", f"data.cache_dir={tmp_path / 'cache'}"]
+    dm = build_datamodule(load_config("cpu", base))
+    assert dm.class_balance == 0.5 and dm.val_split == "val"  # the CPU preset balances by sqrt(n_c)
+    dm = build_datamodule(load_config("cpu", [*base, "data.class_balance=0", "train.select_on=test"]))
+    assert dm.class_balance == 0.0 and dm.val_split == "test"
+    assert dm.train_dataloader().sampler.weights is None
