@@ -68,6 +68,17 @@ def test_test_metrics_complete_and_beat_chance(breast_run):
         p = [float(r[k]) for k in r if k.startswith("p_")]
         assert len(p) == 2 and abs(sum(p) - 1) < 1e-4
         assert int(r["pred"]) == int(np.argmax(p))
+    # the referral summary agrees with the per-image rows
+    ref = m["referral"]
+    refer = np.array([int(r["refer"]) for r in rows])
+    correct = np.array([r["label"] == r["pred"] for r in rows])
+    assert abs(ref["referred_fraction"] - refer.mean()) < 1e-9
+    if refer.any() and (~refer.astype(bool)).any():
+        assert abs(ref["accuracy_kept"] - correct[refer == 0].mean()) < 1e-9
+        assert abs(ref["accuracy_referred"] - correct[refer == 1].mean()) < 1e-9
+    assert abs(ref["accuracy_at_coverage"]["1"] - m["acc"]) < 1e-6
+    assert 0.0 <= ref["aurc"] <= 1.0
+    assert (breast_run / "risk_coverage.png").stat().st_size > 1000
 
 
 def test_ddim_and_truncated_samplers_from_one_checkpoint(breast_run, tmp_path):

@@ -99,8 +99,13 @@ def _evaluate(args) -> int:
     result = evaluate(args.run, stage=args.verb, ckpt=args.ckpt, overrides=args.overrides, config_path=args.config)
     if args.verb == "test":
         shown = {k: result[k] for k in ("acc", "balanced_acc", "f1", "kappa", "auroc") if k in result}
-        print(json.dumps({"test": shown, "num_images": result.get("num_images"),
-                          "written": str(Path(args.run) / "test_metrics.json")}, indent=2))
+        summary = {"test": shown, "num_images": result.get("num_images")}
+        ref = result.get("referral")
+        if ref:
+            summary["referral"] = {k: ref[k] for k in ("rule", "referred_fraction", "accuracy_kept",
+                                                       "accuracy_referred", "aurc")}
+        summary["written"] = str(Path(args.run) / "test_metrics.json")
+        print(json.dumps(summary, indent=2))
     else:
         print(json.dumps(result, indent=2))
     return 0

@@ -103,3 +103,48 @@ def readout(y0: Tensor, aggregate: str = "mean", temperature: float = 0.2) -> Sa
     spread = y0.std(1, unbiased=False).mean(-1) if y0.shape[1] > 1 else torch.zeros_like(confidence)
     entropy = -(probs.clamp_min(1e-12).log() * probs).sum(-1)
     return SampleReadout(probs, pred, confidence, agreement, spread, entropy)
+
+
+def risk_coverage(confidence: Tensor, correct: Tensor) -> tuple[Tensor, Tensor]:
+    """Selective prediction: keep the ``k`` most confident images and refer the rest.
+
+    Returns ``coverage[k-1] = k / n`` and ``accuracy[k-1]`` = accuracy over the ``k`` most
+    confident images, for k = 1..n. Ties in confidence are broken by input order (stable sort),
+    so the curve is deterministic.
+    """
+    confidence = torch.as_tensor(confidence, dtype=torch.float64).flatten()
+    correct = torch.as_tensor(correct).flatten().to(torch.float64)
+    if confidence.numel() != correct.numel() or confidence.numel() == 0:
+        raise ValueError("confidence and correct must be non-empty and of the same length")
+    order = torch.sort(-confidence, stable=True).indices
+    k = torch.arange(1, confidence.numel() + 1, dtype=torch.float64)
+    return k / confidence.numel(), torch.cumsum(correct[order], 0) / k
+
+
+def selective_summary(confidence: Tensor, correct: Tensor, refer: Tensor | None = None,
+                      coverages: tuple[float, ...] = (1.0, 0.9, 0.8, 0.7, 0.5)) -> dict:
+    """What referring uncertain images to a clinician buys, as plain JSON values.
+
+    ``accuracy_at_coverage``: accuracy on the most confident fraction kept (rounded to whole
+    images); ``aurc``: area under the risk (error rate) - coverage curve, the mean over k of the
+    error among the k most confident images (0 for a perfect ranking of an error-free model; the
+    error rate itself for an uninformative confidence, in expectation). With ``refer`` (1 = referred
+    by the run's rule) also the referred fraction and the accuracy of the kept and referred images.
+    """
+    cov, acc = risk_coverage(confidence, correct)
+    n = cov.numel()
+    out: dict = {
+        "num_images": n,
+        "accuracy_at_coverage": {
+            f"{c:g}": float(acc[max(int(round(c * n)), 1) - 1]) for c in coverages
+        },
+        "aurc": float((1.0 - acc).mean()),
+    }
+    if refer is not None:
+        refer = torch.as_tensor(refer).flatten().bool()
+        correct_b = torch.as_tensor(correct).flatten().bool()
+        kept = ~refer
+        out["referred_fraction"] = float(refer.double().mean())
+        out["accuracy_kept"] = float(correct_b[kept].double().mean()) if kept.any() else None
+        out["accuracy_referred"] = float(correct_b[refer].double().mean()) if refer.any() else None
+    return out

@@ -36,7 +36,8 @@ from diffmic.diffusion.schedule import NoiseSchedule
 from diffmic.inference.sampling import reverse_sample
 from diffmic.training.checkpoint import stamp_checkpoint
 from diffmic.losses import diffusion_loss, guidance_ce
-from diffmic.metrics import SCALAR_METRICS, classification_metrics, metrics_to_json, readout
+from diffmic.metrics import (SCALAR_METRICS, classification_metrics, metrics_to_json, readout,
+                             risk_coverage, selective_summary)
 from diffmic.nn.diffmic import DiffMIC
 
 
@@ -371,9 +372,34 @@ class DiffMICModule(pl.LightningModule):
             )
             out = Path(self.output_dir)
             out.mkdir(parents=True, exist_ok=True)
+            if rows:
+                result["referral"] = self._referral(rows, out)
             (out / "test_metrics.json").write_text(json.dumps(result, indent=2))
             write_rows_csv(out / "predictions.csv", sorted({r["id"]: r for r in rows}.values(), key=lambda r: r["id"]))
             self.test_result = result
+
+
+    def _referral(self, rows: list[dict], out: Path) -> dict:
+        """Selective-prediction summary of the test rows, and ``risk_coverage.png``."""
+        from diffmic.plots import plot_risk_coverage
+
+        e = self.cfg.eval
+        conf = torch.tensor([r["confidence"] for r in rows], dtype=torch.float64)
+        correct = torch.tensor([r["label"] == r["pred"] for r in rows])
+        if "refer" in rows[0]:
+            refer = torch.tensor([bool(r["refer"]) for r in rows])
+            rule = f"confidence < {e.refer_threshold} or the {e.num_samples} samples disagree"
+        else:
+            refer = conf < e.refer_threshold
+            rule = f"confidence < {e.refer_threshold}"
+        summary = {"rule": rule, **selective_summary(conf, correct, refer)}
+        cov, acc = risk_coverage(conf, correct)
+        point = None
+        if summary["accuracy_kept"] is not None:
+            point = (1.0 - summary["referred_fraction"], summary["accuracy_kept"])
+        plot_risk_coverage(cov, acc, out / "risk_coverage.png", point,
+                           title=f"{len(rows)} test images, AURC {summary['aurc']:.3f}")
+        return summary
 
 
 def write_rows_csv(path: Path, rows: list[dict]) -> None:
