@@ -145,7 +145,7 @@ def fit(cfg: Config, resume: bool = False) -> Path:
     trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None, weights_only=True)
     # The final state, always: ModelCheckpoint may skip the last epoch's `last.ckpt` (for
     # example when it saved at that global step already), and resume/export rely on it.
-    trainer.save_checkpoint(str(last))
+    trainer.save_checkpoint(str(last), weights_only=False)  # full state (optimisers, EMA) for --resume
     summary = {
         "best_checkpoint": best.best_model_path or None,
         "best_score": float(best.best_model_score) if best.best_model_score is not None else None,
