@@ -47,3 +47,13 @@ def test_referral_split():
     assert s["accuracy_kept"] == 1.0 and s["accuracy_referred"] == 0.5
     none = selective_summary(conf, correct, refer=torch.zeros(4, dtype=torch.bool))
     assert none["referred_fraction"] == 0.0 and none["accuracy_referred"] is None
+
+
+def test_referral_rule():
+    from diffmic.metrics import referral_rule, should_refer
+
+    assert should_refer(0.4, 1.0, 0.5) and not should_refer(0.6, 1.0, 0.5)
+    assert should_refer(0.9, 0.875, 0.5)  # 7 of 8 samples agree: refer
+    assert not should_refer(0.9, None, 0.5)  # no samples (basic variant): confidence only
+    assert referral_rule(0.5, 8) == "confidence < 0.5 or the 8 samples disagree"
+    assert referral_rule(0.5, None) == "confidence < 0.5"

@@ -105,6 +105,19 @@ def readout(y0: Tensor, aggregate: str = "mean", temperature: float = 0.2) -> Sa
     return SampleReadout(probs, pred, confidence, agreement, spread, entropy)
 
 
+def should_refer(confidence: float, agreement: float | None, threshold: float) -> bool:
+    """The referral rule: refer to a clinician when the confidence is below ``threshold`` or,
+    with K reverse samples (``agreement`` given), when the samples do not all agree."""
+    return confidence < threshold or (agreement is not None and agreement < 1.0)
+
+
+def referral_rule(threshold: float, num_samples: int | None) -> str:
+    """:func:`should_refer` in words (``num_samples`` None: no sample agreement available)."""
+    if num_samples is None:
+        return f"confidence < {threshold}"
+    return f"confidence < {threshold} or the {num_samples} samples disagree"
+
+
 def risk_coverage(confidence: Tensor, correct: Tensor) -> tuple[Tensor, Tensor]:
     """Selective prediction: keep the ``k`` most confident images and refer the rest.
 
@@ -122,7 +135,8 @@ def risk_coverage(confidence: Tensor, correct: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def selective_summary(confidence: Tensor, correct: Tensor, refer: Tensor | None = None,
-                      coverages: tuple[float, ...] = (1.0, 0.9, 0.8, 0.7, 0.5)) -> dict:
+                      coverages: tuple[float, ...] = (1.0, 0.9, 0.8, 0.7, 0.5),
+                      curve: tuple[Tensor, Tensor] | None = None) -> dict:
     """What referring uncertain images to a clinician buys, as plain JSON values.
 
     ``accuracy_at_coverage``: accuracy on the most confident fraction kept (rounded to whole
@@ -130,8 +144,9 @@ def selective_summary(confidence: Tensor, correct: Tensor, refer: Tensor | None 
     error among the k most confident images (0 for a perfect ranking of an error-free model; the
     error rate itself for an uninformative confidence, in expectation). With ``refer`` (1 = referred
     by the run's rule) also the referred fraction and the accuracy of the kept and referred images.
+    ``curve``: the :func:`risk_coverage` of the same inputs, if already computed.
     """
-    cov, acc = risk_coverage(confidence, correct)
+    cov, acc = curve if curve is not None else risk_coverage(confidence, correct)
     n = cov.numel()
     out: dict = {
         "num_images": n,

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from diffmic.inference.sampling import reverse_sample
-from diffmic.metrics import readout
+from diffmic.metrics import readout, should_refer
 
 
 @dataclass
@@ -114,7 +114,7 @@ class Predictor:
                 agreement=float(r.agreement[i]),
                 spread=float(r.spread[i]),
                 entropy=float(r.entropy[i]),
-                refer=bool(float(r.confidence[i]) < e.refer_threshold or float(r.agreement[i]) < 1.0),
+                refer=should_refer(float(r.confidence[i]), float(r.agreement[i]), e.refer_threshold),
             )
             if prior is not None:
                 res.prior_probs = {n: float(prior[i, c]) for c, n in enumerate(self.class_names)}

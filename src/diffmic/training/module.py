@@ -37,7 +37,7 @@ from diffmic.inference.sampling import reverse_sample
 from diffmic.training.checkpoint import stamp_checkpoint
 from diffmic.losses import diffusion_loss, guidance_ce
 from diffmic.metrics import (SCALAR_METRICS, classification_metrics, metrics_to_json, readout,
-                             risk_coverage, selective_summary)
+                             referral_rule, risk_coverage, selective_summary, should_refer)
 from diffmic.nn.diffmic import DiffMIC
 
 
@@ -341,7 +341,7 @@ class DiffMICModule(pl.LightningModule):
                 row["agreement"] = float(r.agreement[i])
                 row["spread"] = float(r.spread[i])
                 row["entropy"] = float(r.entropy[i])
-                row["refer"] = int(float(conf[i]) < self.cfg.eval.refer_threshold or float(r.agreement[i]) < 1.0)
+                row["refer"] = int(should_refer(float(conf[i]), float(r.agreement[i]), self.cfg.eval.refer_threshold))
             for c, name in enumerate(self.class_names):
                 row[f"p_{name}"] = float(probs[i, c])
             if prior is not None:
@@ -378,7 +378,6 @@ class DiffMICModule(pl.LightningModule):
             write_rows_csv(out / "predictions.csv", sorted({r["id"]: r for r in rows}.values(), key=lambda r: r["id"]))
             self.test_result = result
 
-
     def _referral(self, rows: list[dict], out: Path) -> dict:
         """Selective-prediction summary of the test rows, and ``risk_coverage.png``."""
         from diffmic.plots import plot_risk_coverage
@@ -386,14 +385,11 @@ class DiffMICModule(pl.LightningModule):
         e = self.cfg.eval
         conf = torch.tensor([r["confidence"] for r in rows], dtype=torch.float64)
         correct = torch.tensor([r["label"] == r["pred"] for r in rows])
-        if "refer" in rows[0]:
-            refer = torch.tensor([bool(r["refer"]) for r in rows])
-            rule = f"confidence < {e.refer_threshold} or the {e.num_samples} samples disagree"
-        else:
-            refer = conf < e.refer_threshold
-            rule = f"confidence < {e.refer_threshold}"
-        summary = {"rule": rule, **selective_summary(conf, correct, refer)}
+        sampled = "agreement" in rows[0]  # no samples for the `basic` variant
+        refer = torch.tensor([should_refer(r["confidence"], r.get("agreement"), e.refer_threshold) for r in rows])
+        rule = referral_rule(e.refer_threshold, e.num_samples if sampled else None)
         cov, acc = risk_coverage(conf, correct)
+        summary = {"rule": rule, **selective_summary(conf, correct, refer, curve=(cov, acc))}
         point = None
         if summary["accuracy_kept"] is not None:
             point = (1.0 - summary["referred_fraction"], summary["accuracy_kept"])
