@@ -195,6 +195,7 @@ def test_write_probe_before_evaluation(trained, monkeypatch, capsys):
 def test_checkpoint_asking_for_a_huge_model_is_refused_before_allocating(trained, tmp_path):
     ck = torch.load(trained["run"] / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
     ck["hyper_parameters"]["config"]["model"]["hidden_dim"] = 10_000_000  # ~10^14 weights
+    ck["hyper_parameters"]["config"]["model"]["encoder_weights"] = None
     evil = tmp_path / "huge.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": ck["hyper_parameters"]}, evil)
     assert evil.stat().st_size < 100_000

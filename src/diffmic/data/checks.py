@@ -247,7 +247,8 @@ def check_dataset(
         for p in ix.problems:
             p = p if p.split is not None else replace(p, split=s)
             if p.record_id is not None and p.record_id in pos_of_id:
-                loader_probs[p.record_id].append(p)
+                # the loader's split ("all") may since have been divided: the record's split now
+                loader_probs[p.record_id].append(replace(p, split=s))
             else:
                 add(p)
         for pos, r in enumerate(ix.records):
