@@ -41,9 +41,12 @@ def _check_file_kind(p: Path) -> None:
         raise CheckpointError(f"checkpoint '{p}' cannot be read: {exc}") from exc
     if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
         return
+    if not head:
+        raise CheckpointError(f"checkpoint '{p}' could not be read (truncated or not a torch file): "
+                              f"the file is empty (0 bytes).")
     what = next((name for magic, name in _MAGIC.items() if head.startswith(magic)), None)
     if what is None:
-        what = "empty" if not head else ("a text file" if all(32 <= c < 127 or c in (9, 10, 13) for c in head)
+        what = ("a text file" if all(32 <= c < 127 or c in (9, 10, 13) for c in head)
                                          else "not a PyTorch file")
     raise CheckpointError(f"'{p}' is not a checkpoint: it is {what}. Pass the .ckpt file written by "
                           f"`diffmic fit` (e.g. <run>/checkpoints/best.ckpt).")

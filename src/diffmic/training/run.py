@@ -265,12 +265,12 @@ def evaluate(
 
     read_checkpoint(ckpt_path)  # a bad --ckpt is reported before the data are read
     if stage == "test":
-        probe_writable(run_dir)  # a read-only folder or a full disk: say so before evaluating
+        probe_writable(run_dir, RunFolderError)  # a read-only folder or a full disk: say so before evaluating
     dm = build_datamodule(cfg)
     dm.setup("test" if stage == "test" else "validate")
-    check_split(run_dir, dm, stage, overrides=list(overrides or []) + ([f"--config {config_path}"] if config_path else []))
     eval_over = {"eval": {k: v for k, v in cfg.to_dict()["eval"].items()}}
     module = load_module(ckpt_path, expected_class_names=list(dm.class_names), overrides=eval_over)
+    check_split(run_dir, dm, stage, overrides=list(overrides or []) + ([f"--config {config_path}"] if config_path else []))
     module.output_dir = run_dir if stage == "test" else None
     trainer = _trainer(cfg, run_dir, [], for_fit=False)
     pl.seed_everything(cfg.run.seed, verbose=False)

@@ -86,16 +86,15 @@ def report_skipped(run_dir: Path, dm) -> Optional[Path]:
     return out
 
 
-def probe_writable(run_dir: Path, nbytes: int = 1 << 20) -> None:
+def probe_writable(run_dir: Path, error: type[OSError] = OSError, nbytes: int = 1 << 20) -> None:
     """Write (and flush to disk) ``nbytes`` in ``run_dir`` and remove them again, so a read-only
-    folder or a full disk is reported before a long evaluation, not after it."""
-    from diffmic.training.run import RunFolderError
-
+    folder or a full disk is reported before a long evaluation, not after it; raises ``error``
+    (the caller's run-folder error class) naming the folder."""
     run_dir = Path(run_dir)
     try:
         fd, name = tempfile.mkstemp(prefix=".diffmic-write-probe-", dir=run_dir)
     except OSError as exc:
-        raise RunFolderError(f"cannot write to run folder '{run_dir}': {exc}. Results (test_metrics.json, "
+        raise error(f"cannot write to run folder '{run_dir}': {exc}. Results (test_metrics.json, "
                              f"predictions.csv) go there; make it writable. Nothing was evaluated.") from exc
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -103,7 +102,7 @@ def probe_writable(run_dir: Path, nbytes: int = 1 << 20) -> None:
             fh.flush()
             os.fsync(fh.fileno())
     except OSError as exc:
-        raise RunFolderError(f"cannot write to run folder '{run_dir}': {exc}. Results (test_metrics.json, "
+        raise error(f"cannot write to run folder '{run_dir}': {exc}. Results (test_metrics.json, "
                              f"predictions.csv) go there: free disk space or make it writable. "
                              f"Nothing was evaluated.") from exc
     finally:
