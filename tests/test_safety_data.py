@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _safety_data import fit_args, make_folder
 from PIL import Image
 
-from _safety_data import fit_args, make_folder
 from diffmic.cli import main
 from diffmic.data.checks import check_dataset
 from diffmic.data.records import DataError

@@ -7,16 +7,15 @@ One tiny model is trained once (synthetic 2-class folder, 32 px, a few seconds o
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from _helpers import one_thread  # noqa: F401
 from _safety_data import fit_args, make_folder
+from PIL import Image
+
 from diffmic.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -144,8 +143,8 @@ def test_exif_orientation_is_applied(tmp_path):
 
 
 def test_exif_orientation_in_the_cache_key(tmp_path):
-    from diffmic.data.cache import DecodedCache
     from diffmic.data import transforms
+    from diffmic.data.cache import DecodedCache
     from diffmic.data.records import DatasetIndex, Record
 
     ix = DatasetIndex([Record(id="a", label=0, path=tmp_path / "a.png")], ["x"])

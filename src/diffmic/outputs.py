@@ -9,8 +9,8 @@ no output ever lands on an input image or inside an input folder.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 #: PNG text chunk that marks an explanation image written by diffmic
 EXPLAIN_TAG = ("diffmic", "explanation")
@@ -40,7 +40,7 @@ def is_our_png(path: Path) -> bool:
     try:
         with Image.open(path) as im:
             return getattr(im, "text", {}).get(EXPLAIN_TAG[0]) == EXPLAIN_TAG[1]
-    except Exception:  # any unreadable file is simply not ours
+    except Exception:  # noqa: BLE001 - any unreadable file is simply not ours
         return False
 
 

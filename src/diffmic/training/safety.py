@@ -8,7 +8,6 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 from diffmic.config import ConfigError
 
@@ -34,7 +33,7 @@ def write_split(run_dir: Path, record: dict) -> Path:
     return path
 
 
-def check_split(run_dir: Path, dm, verb: str, overrides: Optional[list[str]] = None) -> None:
+def check_split(run_dir: Path, dm, verb: str, overrides: list[str] | None = None) -> None:
     """Refuse when the split built now differs from the one recorded at fit (``split.json``),
     naming the overrides that can change it. Runs trained before ``split.json`` existed are not
     checked."""
@@ -64,7 +63,7 @@ def check_split(run_dir: Path, dm, verb: str, overrides: Optional[list[str]] = N
         f"{'; '.join(diffs)}. Evaluating on it could score training images: {cause}. Nothing was written.")
 
 
-def report_skipped(run_dir: Path, dm) -> Optional[Path]:
+def report_skipped(run_dir: Path, dm) -> Path | None:
     """With ``data.skip_bad``: print every skipped image and why, and write ``skipped.csv``."""
     from diffmic.reporting import write_rows_csv
 
