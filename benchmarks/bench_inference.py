@@ -1,6 +1,6 @@
 """Inference speed: the library's reverse sampler vs the released algorithm (same weights, same noise).
 
-OURS      = ``diffmic.inference.sampling.reverse_sample(model, schedule, x, sampler="truncated",
+OURS      = ``diffmic.diffusion.reverse.reverse_sample(model, schedule, x, sampler="truncated",
             steps=250, noise=noise)``: DCG once per batch (vectorised ROI crops), image encoder once per
             image, only the denoiser head at each of the 250 reverse steps.
 BASELINE  = the released ``test()`` algorithm (``benchmarks/_released.py``): the DCG twice per batch with a
@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 from _released import released_dcg_forward, released_reverse  # noqa: E402
 from diffmic.diffusion.schedule import NoiseSchedule  # noqa: E402
-from diffmic.inference.sampling import reverse_sample  # noqa: E402
+from diffmic.diffusion.reverse import reverse_sample  # noqa: E402
 from diffmic.nn.diffmic import DiffMIC  # noqa: E402
 
 

@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 from diffmic.diffusion.samplers import num_noise_draws  # noqa: E402
 from diffmic.diffusion.schedule import NoiseSchedule  # noqa: E402
-from diffmic.inference.sampling import reverse_sample  # noqa: E402
+from diffmic.diffusion.reverse import reverse_sample  # noqa: E402
 from diffmic.nn.diffmic import DiffMIC  # noqa: E402
 
 PAPER_S_PER_IMAGE = 0.056  # RTX 3090, DiffMIC paper

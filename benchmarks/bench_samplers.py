@@ -22,7 +22,7 @@ import torch
 
 
 def evaluate(module, loader, sampler: str, steps, limit: int | None, num_samples: int = 1) -> dict:
-    from diffmic.inference.sampling import reverse_sample
+    from diffmic.diffusion.reverse import reverse_sample
     from diffmic.metrics import classification_metrics, readout
 
     metrics = classification_metrics(module.num_classes).to(module.device)

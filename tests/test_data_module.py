@@ -169,7 +169,7 @@ def test_aptos_two_images_datamodule(tmp_path):
 
 
 def test_class_balance_weights_closed_form():
-    from diffmic.data.datamodule import class_balance_weights
+    from diffmic.data.sampling import class_balance_weights
 
     labels = np.array([0] * 64 + [1] * 16 + [2] * 4)
     for power, expected in ((0.0, [64, 16, 4]), (0.5, [8, 4, 2]), (1.0, [1, 1, 1])):
@@ -181,7 +181,7 @@ def test_class_balance_weights_closed_form():
 
 
 def test_weighted_sampler_frequencies_and_determinism():
-    from diffmic.data.datamodule import EpochSeededSampler, class_balance_weights
+    from diffmic.data.sampling import EpochSeededSampler, class_balance_weights
 
     labels = np.array([0] * 900 + [1] * 90 + [2] * 10)
     s = EpochSeededSampler(len(labels), seed=7, weights=class_balance_weights(labels, 1.0))

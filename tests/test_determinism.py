@@ -16,7 +16,7 @@ from _helpers import NPZ, TINY_MODEL, one_thread  # noqa: F401
 from diffmic.cli import main
 from diffmic.diffusion.schedule import NoiseSchedule
 from diffmic.diffusion.samplers import num_noise_draws
-from diffmic.inference.sampling import per_image_noise, reverse_sample
+from diffmic.diffusion.reverse import per_image_noise, reverse_sample
 from diffmic.nn.diffmic import DiffMIC
 from diffmic.training.checkpoint import read_checkpoint
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from diffmic.training.module import lr_factor, warmup_dcg_lr
+from diffmic.training.schedules import lr_factor, warmup_dcg_lr
 
 
 def test_lr_factor_warmup_then_cosine():

@@ -114,7 +114,7 @@ def _evaluate(args) -> int:
 
 def _predict(args) -> int:
     from diffmic.inference.predictor import Predictor
-    from diffmic.training.module import write_rows_csv
+    from diffmic.reporting import write_rows_csv
     from diffmic.training.run import resolve_checkpoint
 
     images, over = _expand_inputs(args.inputs)

@@ -9,9 +9,9 @@ from __future__ import annotations
 from .cache import DecodedCache, decode_records, default_cache_dir
 from .checks import DataReport, check_dataset, check_image_file
 from .records import DataError, DatasetIndex, Problem, Record, filter_existing
-from .sources import (APTOS_CLASSES, HAM10000_CLASSES, convert_pickle_split_to_csv,
-                      load_aptos2019, load_csv_manifest, load_ham10000, load_image_folder,
-                      load_medmnist, load_pickle_split, split_all)
+from .pickle_splits import convert_pickle_split_to_csv, load_pickle_split
+from .sources import (APTOS_CLASSES, HAM10000_CLASSES, load_aptos2019, load_csv_manifest,
+                      load_ham10000, load_image_folder, load_medmnist, split_all)
 from .splits import carve_validation, stratified_split, stratified_subset
 from .transforms import (DEFAULT_MAX_PIXELS, IMAGENET_MEAN, IMAGENET_STD, PREPROCESS_VERSION,
                          Normalize, SampleTransform, TrainAugment, build_transform, decode_image,
@@ -30,12 +30,13 @@ __all__ = [
     "DiffMICDataModule", "ImagePathsDataset", "CachedImageDataset",
 ]
 
-_LAZY = {"DiffMICDataModule", "ImagePathsDataset", "CachedImageDataset", "DATASETS"}
+_LAZY = {"DiffMICDataModule": "datamodule", "DATASETS": "datamodule",
+         "ImagePathsDataset": "datasets", "CachedImageDataset": "datasets"}
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        from . import datamodule
+        import importlib
 
-        return getattr(datamodule, name)
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import lightning.pytorch as pl
 import numpy as np
@@ -19,154 +19,20 @@ from torch.utils.data import DataLoader, Dataset
 
 from .cache import DecodedCache
 from .checks import DataReport, check_dataset
+from .datasets import CachedImageDataset, ImagePathsDataset
 from .records import DataError, DatasetIndex, Record, filter_existing
+from .sampling import EpochSeededSampler, class_balance_weights
 from .sources import (load_aptos2019, load_csv_manifest, load_ham10000, load_image_folder,
                       load_medmnist, split_all)
 from .splits import stratified_split, stratified_subset
-from .transforms import DEFAULT_MAX_PIXELS, build_transform, decode_image
+from .transforms import DEFAULT_MAX_PIXELS, build_transform
 
-__all__ = ["CachedImageDataset", "ImagePathsDataset", "DiffMICDataModule", "DATASETS"]
+__all__ = ["CachedImageDataset", "ImagePathsDataset", "EpochSeededSampler", "class_balance_weights",
+           "DiffMICDataModule", "DATASETS"]
 
 DATASETS = ("ham10000", "aptos2019", "csv", "folder", "medmnist")
 _ALIASES = {"ham": "ham10000", "isic2018": "ham10000", "isic": "ham10000", "aptos": "aptos2019",
             "image_folder": "folder", "imagefolder": "folder", "npz": "medmnist"}
-
-
-class CachedImageDataset(Dataset):
-    """Rows ``rows`` of a decoded ``uint8 [N,S,S,C]`` array (usually a memory-mapped cache file)
-    with their labels and ids; ``transform`` maps one ``uint8 [S,S,C]`` array to the model input
-    (default: the raw ``uint8 [C,S,S]`` tensor).
-
-    A memory-mapped array is reopened by file name in each DataLoader worker instead of being
-    pickled (which would copy it)."""
-
-    def __init__(self, images: np.ndarray, rows: Sequence[int], labels: Sequence[int],
-                 ids: Sequence[str], transform: Callable[[np.ndarray], torch.Tensor] | None = None) -> None:
-        rows = np.asarray(rows, dtype=np.int64)
-        if not (len(rows) == len(labels) == len(ids)):
-            raise ValueError("rows, labels and ids must have the same length")
-        if len(rows) and (rows.min() < 0 or rows.max() >= len(images)):
-            raise ValueError("row index out of range of the image array")
-        self.images = images
-        self.rows = rows
-        self.labels = np.asarray(labels, dtype=np.int64)
-        self.ids = list(ids)
-        self.transform = transform
-        self._mmap_path = getattr(images, "filename", None) if isinstance(images, np.memmap) else None
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        if self._mmap_path:
-            state["images"] = None
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-
-    def _array(self) -> np.ndarray:
-        if self.images is None:
-            self.images = np.load(self._mmap_path, mmap_mode="r")
-        return self.images
-
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        """``key`` is an index, or ``(index, seed)`` from :class:`EpochSeededSampler`: then the
-        random augmentation of this sample is drawn from its own seed, independent of the global
-        RNG (so a resumed run augments exactly like an uninterrupted one)."""
-        seed = None
-        if isinstance(key, tuple):
-            i, seed = int(key[0]), int(key[1])
-        else:
-            i = int(key)
-        arr = np.asarray(self._array()[self.rows[i]])  # HWC uint8 (read-only view)
-        if self.transform is not None and seed is not None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                x = self.transform(arr)
-        elif self.transform is not None:
-            x = self.transform(arr)
-        else:
-            x = torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1).contiguous()
-        return {"image": x, "label": int(self.labels[i]), "index": int(i), "id": self.ids[i]}
-
-
-class ImagePathsDataset(Dataset):
-    """Arbitrary image files for prediction (no labels: ``label`` is -1), preprocessed exactly
-    like the training data (square crop, resize, ImageNet normalisation). A bad file raises
-    :class:`DataError` naming it."""
-
-    def __init__(self, paths: Sequence[str | os.PathLike], image_size: int = 224,
-                 in_chans: int = 3, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
-        self.paths = [Path(p) for p in paths]
-        self.image_size = int(image_size)
-        self.in_chans = int(in_chans)
-        self.max_pixels = max_pixels
-        self.transform = build_transform(train=False, in_chans=in_chans)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        arr = decode_image(self.paths[i], self.image_size, self.in_chans, self.max_pixels)
-        x = self.transform(arr)
-        return {"image": x, "label": -1, "index": int(i), "id": str(self.paths[i])}
-
-
-class EpochSeededSampler(torch.utils.data.Sampler[int]):
-    """Shuffles with a permutation that depends only on (seed, epoch).
-
-    Lightning calls ``set_epoch`` at the start of every epoch, so a run resumed from a checkpoint
-    sees exactly the batch order of an uninterrupted run (a generator created once would restart
-    its sequence after a resume). Under DDP Lightning wraps it in a distributed sampler.
-
-    ``weights`` (one per sample) switches to drawing ``num_samples`` indices *with replacement*
-    with these probabilities (class-balanced sampling, see :func:`class_balance_weights`), still
-    a function of (seed, epoch) only.
-    """
-
-    def __init__(self, num_samples: int, seed: int, weights: Sequence[float] | None = None) -> None:
-        self.num_samples = int(num_samples)
-        self.seed = int(seed)
-        self.epoch = 0
-        self.weights = None
-        if weights is not None:
-            w = torch.as_tensor(np.asarray(weights, dtype=np.float64))
-            if w.shape != (self.num_samples,) or not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
-                raise ValueError(f"weights must be {self.num_samples} finite non-negative numbers with a positive sum")
-            self.weights = w
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self):
-        base = self.seed * 100_003 + self.epoch
-        g = torch.Generator().manual_seed(base)
-        if self.weights is None:
-            order = torch.randperm(self.num_samples, generator=g).tolist()
-            # (index, per-sample augmentation seed) pairs, see CachedImageDataset.__getitem__
-            return iter((i, (base * 1_000_033 + i) % (2**63 - 1)) for i in order)
-        order = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=g).tolist()
-        # an index may repeat: seed the augmentation by position so repeats differ
-        return iter((i, (base * 1_000_033 + k) % (2**63 - 1)) for k, i in enumerate(order))
-
-
-def class_balance_weights(labels: Sequence[int], power: float) -> np.ndarray:
-    """Per-sample sampling weights ``n_c ** -power`` for a sample of class ``c``.
-
-    ``power`` 0 gives uniform sampling (the data's own class frequencies), 1 gives every class the
-    same expected share per epoch, 0.5 (square-root balancing) makes class ``c``'s share
-    proportional to ``sqrt(n_c)``. Not in the paper or the released code.
-    """
-    if not 0.0 <= power <= 1.0:
-        raise ValueError(f"class-balance power must be in [0, 1], got {power}")
-    labels = np.asarray(labels, dtype=np.int64)
-    counts = np.bincount(labels)
-    return counts[labels].astype(np.float64) ** -float(power)
 
 
 class DiffMICDataModule(pl.LightningDataModule):

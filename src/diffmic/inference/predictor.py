@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffmic.inference.sampling import reverse_sample
+from diffmic.diffusion.reverse import reverse_sample
 from diffmic.metrics import readout, should_refer
 
 

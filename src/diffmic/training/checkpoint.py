@@ -16,7 +16,8 @@ from typing import Any, Optional
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from diffmic import __version__
+from diffmic.config import config_from_dict
+from diffmic.training.module import DiffMICModule
 
 
 class CheckpointError(ValueError):
@@ -57,8 +58,6 @@ def load_module(
     ``overrides`` may change evaluation-only settings (``{"eval": {...}}``); anything that changes
     the network is refused. ``expected_class_names`` guards against evaluating on other classes.
     """
-    from diffmic.config import config_from_dict
-    from diffmic.training.module import DiffMICModule
 
     ckpt = read_checkpoint(path)
     hp = ckpt["hyper_parameters"]
@@ -101,10 +100,6 @@ def load_module(
     module.loaded_from = str(path)
     module.diffmic_version = ckpt.get("diffmic_version", "unknown")
     return module
-
-
-def stamp_checkpoint(checkpoint: dict) -> None:
-    checkpoint["diffmic_version"] = __version__
 
 
 TMP_MARK = ".tmp-"  # "<name>.ckpt.tmp-<pid>": a checkpoint being written (removed by fit on start)

@@ -17,9 +17,6 @@ Speed-ups relative to the released step (see ``docs/performance.md``):
 
 from __future__ import annotations
 
-import csv
-import json
-import math
 import random
 from pathlib import Path
 from typing import Any, Optional
@@ -30,15 +27,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from diffmic import __version__
 from diffmic.config import Config, config_from_dict
 from diffmic.diffusion.process import antithetic_timesteps, q_sample
 from diffmic.diffusion.schedule import NoiseSchedule
-from diffmic.inference.sampling import reverse_sample
-from diffmic.training.checkpoint import stamp_checkpoint
+from diffmic.diffusion.reverse import reverse_sample
 from diffmic.losses import diffusion_loss, guidance_ce
 from diffmic.metrics import (SCALAR_METRICS, classification_metrics, metrics_to_json, readout,
                              referral_rule, risk_coverage, selective_summary, should_refer)
 from diffmic.nn.diffmic import DiffMIC
+from diffmic.reporting import plot_risk_coverage, write_json, write_rows_csv
+from diffmic.training.schedules import lr_factor, warmup_dcg_lr
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -64,26 +63,6 @@ def build_model(cfg: Config, num_classes: int) -> DiffMIC:
         encoder_weights=m.encoder_weights,
         dcg_weights=m.dcg_weights,
     )
-
-
-def lr_factor(epoch: float, warmup: float, total: float, min_ratio: float = 0.0) -> float:
-    """Released schedule: linear warm-up from 0 over ``warmup`` epochs, then half-cosine to min."""
-    if warmup > 0 and epoch < warmup:
-        return epoch / warmup
-    span = max(total - warmup, 1e-8)
-    progress = min(max((epoch - warmup) / span, 0.0), 1.0)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def warmup_dcg_lr(progress: float, start: float, end: float, schedule: str) -> float:
-    """DCG lr at ``progress`` in [0, 1] of the warm-up: ``start`` (constant) or a half-cosine from
-    ``start`` at 0 to ``end`` at 1 (``train.dcg_warmup_schedule=cosine``)."""
-    if schedule == "constant":
-        return start
-    if schedule != "cosine":
-        raise ValueError(f"unknown DCG warm-up schedule {schedule!r}")
-    p = min(max(progress, 0.0), 1.0)
-    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * p))
 
 
 class DiffMICModule(pl.LightningModule):
@@ -123,7 +102,7 @@ class DiffMICModule(pl.LightningModule):
         return self.model.uses_dcg and self.current_epoch < self.cfg.train.dcg_warmup_epochs
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        stamp_checkpoint(checkpoint)
+        checkpoint["diffmic_version"] = __version__  # read back by training.checkpoint
 
     def diffusion_modules(self) -> torch.nn.ModuleList:
         """The modules covered by the EMA: everything but the DCG (ρ(x), the denoiser / head)."""
@@ -374,14 +353,12 @@ class DiffMICModule(pl.LightningModule):
             out.mkdir(parents=True, exist_ok=True)
             if rows:
                 result["referral"] = self._referral(rows, out)
-            (out / "test_metrics.json").write_text(json.dumps(result, indent=2))
+            write_json(out / "test_metrics.json", result)
             write_rows_csv(out / "predictions.csv", sorted({r["id"]: r for r in rows}.values(), key=lambda r: r["id"]))
             self.test_result = result
 
     def _referral(self, rows: list[dict], out: Path) -> dict:
         """Selective-prediction summary of the test rows, and ``risk_coverage.png``."""
-        from diffmic.plots import plot_risk_coverage
-
         e = self.cfg.eval
         conf = torch.tensor([r["confidence"] for r in rows], dtype=torch.float64)
         correct = torch.tensor([r["label"] == r["pred"] for r in rows])
@@ -397,13 +374,3 @@ class DiffMICModule(pl.LightningModule):
                            title=f"{len(rows)} test images, AURC {summary['aurc']:.3f}")
         return summary
 
-
-def write_rows_csv(path: Path, rows: list[dict]) -> None:
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        if rows:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0].keys()))
-            writer.writeheader()
-            writer.writerows(rows)
-    tmp.replace(path)

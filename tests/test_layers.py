@@ -1,0 +1,126 @@
+"""The package's import rule (docs/design.md): a module imports only from its own layer or the
+layers below it, and no two modules import each other (directly or through others).
+
+Imports inside functions count too: a lazy import is still a dependency."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).parents[1] / "src"
+
+# lowest first; a module's layer is that of the longest matching prefix
+LAYERS: dict[str, int] = {
+    "diffmic": 0,  # the package root: __version__ only
+    "diffmic.diffusion": 1,
+    "diffmic.losses": 1,
+    "diffmic.nn": 2,
+    "diffmic.metrics": 2,
+    "diffmic.data": 3,
+    "diffmic.reporting": 3,
+    "diffmic.config": 4,
+    "diffmic.training": 5,
+    "diffmic.inference": 6,
+    "diffmic.cli": 7,
+}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in sorted((SRC / "diffmic").rglob("*.py")):
+        parts = list(path.relative_to(SRC).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+def _layer(name: str) -> int | None:
+    best = None
+    for prefix, layer in LAYERS.items():
+        if (name == prefix or name.startswith(prefix + ".")) and (best is None or len(prefix) > len(best[0])):
+            best = (prefix, layer)
+    return None if best is None else best[1]
+
+
+def _imports(name: str, path: Path, known: set[str]) -> set[str]:
+    is_pkg = path.name == "__init__.py"
+    package = name if is_pkg else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        targets = []
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            targets = [mod] + [f"{mod}.{a.name}" for a in node.names]
+        for t in targets:
+            if not t.startswith("diffmic"):
+                continue
+            # the longest known module that t names (``from diffmic.nn import DCG`` -> diffmic.nn)
+            while t and t not in known:
+                t = t.rpartition(".")[0]
+            if t and t != name:
+                found.add(t)
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    mods = _modules()
+    return {m: _imports(m, p, set(mods)) for m, p in mods.items()}
+
+
+def test_every_module_has_a_layer():
+    missing = [m for m in _modules() if _layer(m) is None]
+    assert not missing, f"add these modules to LAYERS (and docs/design.md): {missing}"
+
+
+def test_no_module_imports_upward():
+    bad = []
+    for mod, deps in _graph().items():
+        for dep in deps:
+            # a package's __init__ may re-export its own submodules
+            if dep.startswith(mod + "."):
+                continue
+            if _layer(dep) > _layer(mod):
+                bad.append(f"{mod} (layer {_layer(mod)}) imports {dep} (layer {_layer(dep)})")
+    assert not bad, "\n".join(bad)
+
+
+def test_no_import_cycles():
+    graph = _graph()
+    # package __init__ re-exports are edges parent -> child; ignore those and child -> parent
+    # edges that only reach the package for a re-exported name of a sibling
+    edges = {m: {d for d in deps if not d.startswith(m + ".") and not m.startswith(d + ".")}
+             for m, deps in graph.items()}
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(m: str, stack: list[str]) -> None:
+        state[m] = 1
+        for d in edges.get(m, ()):
+            if state.get(d) == 1:
+                cycles.append(" -> ".join(stack[stack.index(d):] + [d]) if d in stack else f"{m} -> {d}")
+            elif d not in state:
+                visit(d, stack + [d])
+        state[m] = 2
+
+    for m in sorted(edges):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_the_rule_catches_an_upward_import(tmp_path):
+    """The checker itself: a layer-1 module importing the training layer is flagged."""
+    fake = tmp_path / "m.py"
+    fake.write_text("def f():\n    from diffmic.training.module import DiffMICModule\n")
+    deps = _imports("diffmic.diffusion.fake", fake, set(_modules()))
+    assert deps == {"diffmic.training.module"}
+    assert _layer("diffmic.training.module") > _layer("diffmic.diffusion.fake")
