@@ -130,8 +130,11 @@ def _predict(args) -> int:
         eval_over[key.split(".", 1)[1]] = parse_value(key, value)
     if not args.run and not args.ckpt:
         raise ConfigError("predict needs --run DIR or --ckpt FILE")
-    ckpt = resolve_checkpoint(Path(args.run), args.ckpt) if args.run else Path(args.ckpt)
-    predictor = Predictor.from_checkpoint(ckpt, **eval_over)
+    if args.run and not args.ckpt:  # a run folder or an exported model folder (diffmic export)
+        predictor = Predictor.load(args.run, **eval_over)
+    else:
+        ckpt = resolve_checkpoint(Path(args.run), args.ckpt) if args.run else Path(args.ckpt)
+        predictor = Predictor.from_checkpoint(ckpt, **eval_over)
     results = predictor.predict([str(p) for p in images], batch_size=args.batch_size)
     rows = [r.as_row() for r in results]
     if args.output:
@@ -195,7 +198,7 @@ def _data_download(args) -> int:
 
 
 def _export(args) -> int:
-    from diffmic.export import export_model
+    from diffmic.inference.export import export_model
 
     out = export_model(run=args.run, ckpt=args.ckpt, out=args.out, onnx=args.onnx)
     print(f"wrote a portable model folder to {out}")
@@ -228,8 +231,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         from diffmic.training.run import RunFolderError
 
         errors = errors + (RunFolderError, NonFiniteLossError)
-    if args.verb == "export":
-        from diffmic.export import ExportError
+        from diffmic.nn.encoders import WeightsError
+
+        errors = errors + (WeightsError,)
+    if args.verb in ("export", "predict"):
+        from diffmic.inference.export import ExportError
 
         errors = errors + (ExportError,)
     try:
