@@ -206,6 +206,9 @@ def _export(args) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    early = sys.argv[1:] if argv is None else list(argv)
+    if early[:1] in (["--version"], ["--help"], ["-h"]):  # answered before Lightning is imported
+        _parser().parse_args(early)
     from diffmic.config import ConfigError
     from diffmic.training.checkpoint import CheckpointError
 
