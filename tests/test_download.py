@@ -144,6 +144,7 @@ def test_ham10000_download_layout_marker_and_loader(tmp_path):
         assert by_file["HAM10000_images_part_1.zip"]["md5"] == _md5(bodies["HAM10000_images_part_1.zip"])
         assert by_file["HAM10000_images_part_1.zip"]["md5_published"] is True
         assert by_file["isic2018_train.pkl"]["md5_published"] is False
+        assert by_file["HAM10000_metadata.csv"]["md5_published"] is False  # ingested table: checked by content
         # no temporary folder or archive left behind
         assert sorted(p.name for p in tmp_path.iterdir()) == ["ham10000"]
         # the tab-separated table became the comma-separated CSV the loader reads
@@ -274,6 +275,25 @@ def test_aptos_prints_where_to_get_it(tmp_path, capsys):
     assert rc == 2
     assert "kaggle.com/competitions/aptos2019-blindness-detection" in err
     assert f"{tmp_path}/aptos2019/train_images/<id_code>.png" in err and "train.csv" in err
+    assert "diffmic data download aptos2019_splits" in err
+
+
+def test_aptos_split_lists_are_downloaded_for_the_loader(tmp_path):
+    repo = "/raw.githubusercontent.com/scott-yjyang/DiffMIC/ae42dc7506bed03790eeb97fe242223235a75d5e"
+    with FakeServer() as srv:
+        for part, n in (("train", 2564), ("test", 1098)):
+            entries = [{"img_root": f"./dataset/aptos/train/{k:012x}.png", "label": k % 5} for k in range(n)]
+            srv.routes[f"{repo}/dataset/aptos/aptos_{part}.pkl"] = pickle.dumps(entries, protocol=4)
+        out = dl.download_dataset("aptos2019_splits", tmp_path, mirror=srv.url, progress=False, log=lambda s: None)
+    aptos = tmp_path / "aptos2019"
+    (aptos / "splits").mkdir(parents=True)
+    for f in out.glob("diffmic_*.csv"):
+        (aptos / "splits" / f.name).write_bytes(f.read_bytes())
+    from diffmic.data.sources import load_aptos2019
+
+    idx = load_aptos2019(aptos, split="authors")
+    assert (len(idx["train"]), len(idx["test"])) == (2564, 1098)
+    assert idx["train"].records[7].id == f"{7:012x}" and idx["train"].records[7].label == 2
 
 
 def test_existing_folder_without_marker_is_left_alone(tmp_path, capsys):

@@ -88,6 +88,7 @@ class RemoteFile:
     action: str = "copy"  # copy | unzip_jpg | unzip_png | pkl_split
     dest: str = ""  # path inside the data-set folder (file for copy/pkl_split, folder for unzip_*)
     expect_rows: Optional[int] = None  # pkl_split: number of rows the split must have
+    id_col: str = "image_id"  # pkl_split: id column of the CSV written (HAM10000 image_id, APTOS id_code)
 
 
 @dataclass(frozen=True)
@@ -177,14 +178,29 @@ SOURCES: dict[str, DownloadSource | ManualSource] = {
             "and lay it out as\n"
             "  {root}/aptos2019/train.csv               (id_code,diagnosis; 3,662 rows)\n"
             "  {root}/aptos2019/train_images/<id_code>.png\n"
-            "  {root}/aptos2019/splits/diffmic_{{train,test}}.csv   (optional: the DiffMIC authors' split, "
-            "id_code,label[,class]; converted from dataset/aptos/aptos_{{train,test}}.pkl of "
-            "github.com/scott-yjyang/DiffMIC with diffmic.data.convert_pickle_split_to_csv; without it "
-            "use data.split=random)\n"
+            "  {root}/aptos2019/splits/diffmic_{{train,test}}.csv   (the DiffMIC authors' 2,564/1,098 split: "
+            "`diffmic data download aptos2019_splits --root {root}` writes them to {root}/aptos2019_splits/; "
+            "copy them there. Without them use data.split=random)\n"
             "then train with: diffmic fit --config aptos2019 data.root={root}/aptos2019"
         ),
     ),
 }
+
+SOURCES["aptos2019_splits"] = DownloadSource(
+    name="aptos2019_splits",
+    description="the DiffMIC authors' APTOS 2019 split (2,564 train / 1,098 test id_codes; images not included)",
+    licence="split lists from github.com/scott-yjyang/DiffMIC; the APTOS images are under Kaggle's terms",
+    citation="Yang et al., DiffMIC, MICCAI 2023",
+    approx_size="about 100 KB",
+    files=(
+        RemoteFile(f"{_DIFFMIC_REPO}/dataset/aptos/aptos_train.pkl", "aptos_train.pkl", None, "pkl_split",
+                   "diffmic_train.csv", expect_rows=2564, id_col="id_code"),
+        RemoteFile(f"{_DIFFMIC_REPO}/dataset/aptos/aptos_test.pkl", "aptos_test.pkl", None, "pkl_split",
+                   "diffmic_test.csv", expect_rows=1098, id_col="id_code"),
+    ),
+    layout="aptos2019_splits/diffmic_{train,test}.csv (copy into aptos2019/splits/)",
+    config_hint="copy {path}/diffmic_*.csv to <aptos2019 folder>/splits/, then data.root=<aptos2019 folder>",
+)
 
 for _name, _md5s in _MEDMNIST_MD5.items():
     for _suffix, _md5 in zip(("", "_64", "_128", "_224"), _md5s):
@@ -355,6 +371,10 @@ def _resolve_dataverse(src: DownloadSource, listing: list[dict], want: Dataverse
             md5 = (df.get("checksum") or {}).get("value") if (df.get("checksum") or {}).get("type") == "MD5" \
                 else df.get("md5")
             fname = df.get("originalFileName") or df.get("filename") or want.match
+            if original:
+                # Dataverse's checksum of an ingested table does not reliably match the original file it
+                # serves (IQSS/dataverse#9501): checked by content instead (header, see _metadata_csv)
+                md5 = None
             return _mirror(url, mirror), str(fname), md5
     names = sorted(str((e.get("dataFile") or {}).get("filename")) for e in listing)
     raise DownloadError(
@@ -403,10 +423,14 @@ def _metadata_csv(src_file: Path, dest: Path) -> int:
     return len(rows) - 1
 
 
-def _pkl_split(src_file: Path, dest: Path, expect_rows: Optional[int]) -> int:
+def _pkl_split(src_file: Path, dest: Path, expect_rows: Optional[int], id_col: str = "image_id") -> int:
     """Released ``.pkl`` split (list of {'img_root', 'label'}, read with the restricted unpickler) ->
-    ``image_id,label,class`` CSV as :func:`~diffmic.data.sources.load_ham10000` reads it."""
-    from .sources import HAM10000_CLASSES, load_pickle_split
+    ``<id_col>,label,class`` CSV as :func:`~diffmic.data.sources.load_ham10000` (``image_id``) and
+    :func:`~diffmic.data.sources.load_aptos2019` (``id_code``) read it."""
+    from .pickle_splits import load_pickle_split
+    from .sources import APTOS_CLASSES, HAM10000_CLASSES
+
+    classes = APTOS_CLASSES if id_col == "id_code" else HAM10000_CLASSES
 
     entries = load_pickle_split(src_file)
     if expect_rows is not None and len(entries) != expect_rows:
@@ -414,15 +438,16 @@ def _pkl_split(src_file: Path, dest: Path, expect_rows: Optional[int]) -> int:
     dest.parent.mkdir(parents=True, exist_ok=True)
     with open(dest, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
-        w.writerow(["image_id", "label", "class"])
+        w.writerow([id_col, "label", "class"])
         for e in entries:
             lab = int(e["label"])
             w.writerow([Path(str(e["img_root"]).replace("\\", "/")).stem, lab,
-                        HAM10000_CLASSES[lab] if 0 <= lab < len(HAM10000_CLASSES) else ""])
+                        classes[lab] if 0 <= lab < len(classes) else ""])
     return len(entries)
 
 
-def _apply(action: str, file: Path, target: Path, expect_rows: Optional[int] = None) -> int:
+def _apply(action: str, file: Path, target: Path, expect_rows: Optional[int] = None,
+           id_col: str = "image_id") -> int:
     if action == "copy":
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(file, target)
@@ -434,7 +459,7 @@ def _apply(action: str, file: Path, target: Path, expect_rows: Optional[int] = N
     if action == "metadata_csv":
         return _metadata_csv(file, target)
     if action == "pkl_split":
-        return _pkl_split(file, target, expect_rows)
+        return _pkl_split(file, target, expect_rows, id_col)
     raise ValueError(f"unknown action {action!r}")
 
 
@@ -490,14 +515,14 @@ def download_dataset(name: str, root: str | os.PathLike, *, mirror: Optional[str
     log(f"downloading {src.name}: {src.description}; {src.approx_size}. Licence: {src.licence}.")
 
     # 1. fetch everything (resumable, verified)
-    jobs: list[tuple[str, str, Optional[str], str, str, Optional[int]]] = []
+    jobs: list[tuple[str, str, Optional[str], str, str, Optional[int], str]] = []
     if src.dataverse_doi:
         listing = _dataverse_listing(src, mirror, manual)
         for want in src.dataverse_files:
             url, fname, md5 = _resolve_dataverse(src, listing, want, mirror)
-            jobs.append((url, fname, md5, want.action, want.dest, None))
+            jobs.append((url, fname, md5, want.action, want.dest, None, ""))
     for f in src.files:
-        jobs.append((_mirror(f.url, mirror), f.filename, f.md5, f.action, f.dest, f.expect_rows))
+        jobs.append((_mirror(f.url, mirror), f.filename, f.md5, f.action, f.dest, f.expect_rows, f.id_col))
     fetched: list[Path] = []
     for url, fname, md5, *_ in jobs:
         fetched.append(fetch_file(url, staging / fname, md5, progress=progress, manual=manual))
@@ -508,8 +533,8 @@ def download_dataset(name: str, root: str | os.PathLike, *, mirror: Optional[str
         shutil.rmtree(tmp)
     try:
         record = []
-        for path, (url, fname, md5, action, dest, rows) in zip(fetched, jobs):
-            n = _apply(action, path, tmp / dest, rows)
+        for path, (url, fname, md5, action, dest, rows, id_col) in zip(fetched, jobs):
+            n = _apply(action, path, tmp / dest, rows, id_col)
             record.append({"file": fname, "url": url, "md5": md5 or _md5(path), "md5_published": md5 is not None,
                            "action": action, "dest": dest, "count": n})
         (tmp / MARKER).write_text(json.dumps({"dataset": src.name, "licence": src.licence,
