@@ -11,7 +11,6 @@ import pickle
 import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,7 +37,7 @@ class FakeServer:
             def log_message(self, *a):  # quiet
                 pass
 
-            def do_GET(self):  # noqa: N802
+            def do_GET(self):
                 rng = self.headers.get("Range")
                 outer.requests.append((self.path, rng))
                 body = outer.routes.get(self.path)

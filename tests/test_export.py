@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _helpers import ONE_THREAD_ENV, TINY_MODEL, one_thread  # noqa: F401
 from PIL import Image
 
-from _helpers import ONE_THREAD_ENV, TINY_MODEL, one_thread  # noqa: F401
 from diffmic.cli import main
 from diffmic.inference import Predictor
 from diffmic.inference.export import ExportError, export_model, load_model_folder

@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _helpers import TINY_MODEL
 from PIL import Image
 from safetensors.torch import save_file
-from torchvision.models.resnet import BasicBlock
 
-from _helpers import TINY_MODEL
 from diffmic.cli import main
 from diffmic.config import load_config
 from diffmic.nn.diffmic import DiffMIC

@@ -18,8 +18,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from _helpers import TINY_MODEL
+
 from diffmic import __version__
 
 ROOT = Path(__file__).parents[1]

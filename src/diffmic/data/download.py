@@ -32,28 +32,27 @@ import json
 import os
 import re
 import shutil
-import socket
 import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 from .records import DataError
 
 __all__ = [
-    "DownloadError",
-    "ManualDownloadRequired",
-    "RemoteFile",
-    "DataverseFile",
-    "DownloadSource",
-    "ManualSource",
-    "SOURCES",
     "MARKER",
+    "SOURCES",
+    "DataverseFile",
+    "DownloadError",
+    "DownloadSource",
+    "ManualDownloadRequired",
+    "ManualSource",
+    "RemoteFile",
     "available_datasets",
     "download_dataset",
     "fetch_file",
@@ -84,10 +83,10 @@ class RemoteFile:
 
     url: str
     filename: str
-    md5: Optional[str] = None
+    md5: str | None = None
     action: str = "copy"  # copy | unzip_jpg | unzip_png | pkl_split
     dest: str = ""  # path inside the data-set folder (file for copy/pkl_split, folder for unzip_*)
-    expect_rows: Optional[int] = None  # pkl_split: number of rows the split must have
+    expect_rows: int | None = None  # pkl_split: number of rows the split must have
     id_col: str = "image_id"  # pkl_split: id column of the CSV written (HAM10000 image_id, APTOS id_code)
 
 
@@ -109,8 +108,8 @@ class DownloadSource:
     citation: str
     approx_size: str
     files: Sequence[RemoteFile] = ()
-    dataverse_server: Optional[str] = None
-    dataverse_doi: Optional[str] = None
+    dataverse_server: str | None = None
+    dataverse_doi: str | None = None
     dataverse_files: Sequence[DataverseFile] = ()
     layout: str = ""
     config_hint: str = ""  # how to point a config at the result ('{path}' is the data-set folder)
@@ -226,7 +225,7 @@ def available_datasets() -> list[str]:
 # HTTP
 
 
-def _mirror(url: str, mirror: Optional[str]) -> str:
+def _mirror(url: str, mirror: str | None) -> str:
     if not mirror:
         return url
     parts = urllib.parse.urlsplit(url)
@@ -245,18 +244,18 @@ def _open(url: str, start: int = 0, timeout: float = 60.0):
     if start > 0:
         headers["Range"] = f"bytes={start}-"
     req = urllib.request.Request(url, headers=headers)
-    return urllib.request.urlopen(req, timeout=timeout)  # noqa: S310 - http(s) URLs from SOURCES only
+    return urllib.request.urlopen(req, timeout=timeout)
 
 
 def _md5(path: Path) -> str:
-    h = hashlib.md5()  # noqa: S324 - integrity check against published MD5s, not security
+    h = hashlib.md5()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
 
 
-def fetch_file(url: str, dest: str | os.PathLike, md5: Optional[str] = None, *, progress: bool = True,
+def fetch_file(url: str, dest: str | os.PathLike, md5: str | None = None, *, progress: bool = True,
                manual: str = "", timeout: float = 60.0) -> Path:
     """Download ``url`` to ``dest`` (resumable through ``dest + '.part'``), verify ``md5`` if given.
 
@@ -279,7 +278,7 @@ def fetch_file(url: str, dest: str | os.PathLike, md5: Optional[str] = None, *, 
             resp = None
         else:
             raise DownloadError(f"cannot download {url}: HTTP {exc.code} {exc.reason}.\n{manual}") from exc
-    except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as exc:
+    except (TimeoutError, urllib.error.URLError, ConnectionError, OSError) as exc:
         raise _offline_error(url, getattr(exc, "reason", exc), manual) from exc
     if resp is not None:
         with resp:
@@ -300,7 +299,7 @@ def fetch_file(url: str, dest: str | os.PathLike, md5: Optional[str] = None, *, 
                     while True:
                         try:
                             block = resp.read(CHUNK)
-                        except (socket.timeout, ConnectionError, OSError, http.client.HTTPException) as exc:
+                        except (TimeoutError, ConnectionError, OSError, http.client.HTTPException) as exc:
                             raise DownloadError(
                                 f"download of {url} was interrupted after {received} bytes ({exc}); "
                                 f"run the same command again to resume from {part}"
@@ -337,7 +336,7 @@ def _read_json(url: str, manual: str, timeout: float = 60.0) -> object:
             return json.loads(resp.read().decode("utf-8"))
     except urllib.error.HTTPError as exc:
         raise DownloadError(f"cannot read {url}: HTTP {exc.code} {exc.reason}.\n{manual}") from exc
-    except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as exc:
+    except (TimeoutError, urllib.error.URLError, ConnectionError, OSError) as exc:
         raise _offline_error(url, getattr(exc, "reason", exc), manual) from exc
     except ValueError as exc:
         raise DownloadError(f"{url} did not return JSON ({exc})") from exc
@@ -348,7 +347,7 @@ def _norm(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", stem)
 
 
-def _dataverse_listing(src: DownloadSource, mirror: Optional[str], manual: str) -> list[dict]:
+def _dataverse_listing(src: DownloadSource, mirror: str | None, manual: str) -> list[dict]:
     url = _mirror(f"{src.dataverse_server}/api/datasets/:persistentId/versions/:latest-published/files"
                   f"?persistentId=doi:{src.dataverse_doi}", mirror)
     obj = _read_json(url, manual)
@@ -359,7 +358,7 @@ def _dataverse_listing(src: DownloadSource, mirror: Optional[str], manual: str) 
 
 
 def _resolve_dataverse(src: DownloadSource, listing: list[dict], want: DataverseFile,
-                       mirror: Optional[str]) -> tuple[str, str, Optional[str]]:
+                       mirror: str | None) -> tuple[str, str, str | None]:
     """``(url, filename, md5)`` of the listed file matching ``want``."""
     for entry in listing:
         df = entry.get("dataFile") or {}
@@ -423,7 +422,7 @@ def _metadata_csv(src_file: Path, dest: Path) -> int:
     return len(rows) - 1
 
 
-def _pkl_split(src_file: Path, dest: Path, expect_rows: Optional[int], id_col: str = "image_id") -> int:
+def _pkl_split(src_file: Path, dest: Path, expect_rows: int | None, id_col: str = "image_id") -> int:
     """Released ``.pkl`` split (list of {'img_root', 'label'}, read with the restricted unpickler) ->
     ``<id_col>,label,class`` CSV as :func:`~diffmic.data.sources.load_ham10000` (``image_id``) and
     :func:`~diffmic.data.sources.load_aptos2019` (``id_code``) read it."""
@@ -446,7 +445,7 @@ def _pkl_split(src_file: Path, dest: Path, expect_rows: Optional[int], id_col: s
     return len(entries)
 
 
-def _apply(action: str, file: Path, target: Path, expect_rows: Optional[int] = None,
+def _apply(action: str, file: Path, target: Path, expect_rows: int | None = None,
            id_col: str = "image_id") -> int:
     if action == "copy":
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -483,7 +482,7 @@ def _manual_text(src: DownloadSource, root: Path) -> str:
     return "\n".join(lines)
 
 
-def download_dataset(name: str, root: str | os.PathLike, *, mirror: Optional[str] = None,
+def download_dataset(name: str, root: str | os.PathLike, *, mirror: str | None = None,
                      progress: bool = True, keep_archives: bool = False,
                      log: Callable[[str], None] = print) -> Path:
     """Download data set ``name`` into ``root/<name>`` and return that folder.
@@ -515,7 +514,7 @@ def download_dataset(name: str, root: str | os.PathLike, *, mirror: Optional[str
     log(f"downloading {src.name}: {src.description}; {src.approx_size}. Licence: {src.licence}.")
 
     # 1. fetch everything (resumable, verified)
-    jobs: list[tuple[str, str, Optional[str], str, str, Optional[int], str]] = []
+    jobs: list[tuple[str, str, str | None, str, str, int | None, str]] = []
     if src.dataverse_doi:
         listing = _dataverse_listing(src, mirror, manual)
         for want in src.dataverse_files:

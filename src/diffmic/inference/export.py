@@ -26,7 +26,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,14 +34,14 @@ from torch import nn
 from diffmic import __version__
 
 __all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
     "ExportError",
     "PortableModel",
     "export_model",
     "export_onnx",
     "is_model_folder",
     "load_model_folder",
-    "FORMAT",
-    "FORMAT_VERSION",
 ]
 
 FORMAT = "diffmic-model"
@@ -68,7 +68,7 @@ class PortableModel(nn.Module):
     ``class_names``, ``schedule`` (built on the model's device), ``calibration`` (or ``None``)."""
 
     def __init__(self, model: nn.Module, cfg, class_names: list[str], calibration: Any = None,
-                 meta: Optional[dict] = None) -> None:
+                 meta: dict | None = None) -> None:
         super().__init__()
         self.model = model
         self.cfg = cfg
@@ -108,7 +108,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_model_folder(path: str | os.PathLike, eval_overrides: Optional[dict] = None) -> PortableModel:
+def load_model_folder(path: str | os.PathLike, eval_overrides: dict | None = None) -> PortableModel:
     """Rebuild the model of an exported folder (strict weights; eval.* settings may be overridden)."""
     from safetensors.torch import load_file
 
@@ -188,7 +188,7 @@ def _metric_line(name: str, val: Any, ci: Any) -> str:
     return f"| {name} | {_fmt(val)} | not computed |"
 
 
-def _model_card(meta: dict, metrics: Optional[dict], fit_summary: Optional[dict]) -> str:
+def _model_card(meta: dict, metrics: dict | None, fit_summary: dict | None) -> str:
     cfg = meta["config"]
     data, model, ev = cfg["data"], cfg["model"], cfg["eval"]
     names = meta["class_names"]
@@ -270,7 +270,7 @@ def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
 
 
-def export_model(run: Optional[str | os.PathLike] = None, ckpt: Optional[str | os.PathLike] = None,
+def export_model(run: str | os.PathLike | None = None, ckpt: str | os.PathLike | None = None,
                  out: str | os.PathLike = "", onnx: bool = False, onnx_batch: int = 2) -> Path:
     """Write the portable folder ``out`` from a run (best checkpoint) or a checkpoint file.
 
@@ -338,7 +338,7 @@ def export_model(run: Optional[str | os.PathLike] = None, ckpt: Optional[str | o
     return out
 
 
-def _read_json(path: Path) -> Optional[dict]:
+def _read_json(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
