@@ -46,8 +46,8 @@ def _check_file_kind(p: Path) -> None:
                               f"the file is empty (0 bytes).")
     what = next((name for magic, name in _MAGIC.items() if head.startswith(magic)), None)
     if what is None:
-        what = ("a text file" if all(32 <= c < 127 or c in (9, 10, 13) for c in head)
-                                         else "not a PyTorch file")
+        text = all(32 <= c < 127 or c in (9, 10, 13) for c in head)
+        what = "a text file" if text else "not a PyTorch file"
     raise CheckpointError(f"'{p}' is not a checkpoint: it is {what}. Pass the .ckpt file written by "
                           f"`diffmic fit` (e.g. <run>/checkpoints/best.ckpt).")
 
@@ -120,6 +120,8 @@ def load_module(
     ckpt = read_checkpoint(path)
     hp = ckpt["hyper_parameters"]
     config = dict(hp["config"])
+    # every weight comes from the checkpoint: never re-read initial weights (files may be gone; offline)
+    config["model"] = {**config.get("model", {}), "encoder_weights": None, "dcg_weights": None, "pretrained": False}
     if overrides:
         bad = set(overrides) - {"eval", "data", "run"}
         if bad:
