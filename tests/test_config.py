@@ -169,6 +169,8 @@ def test_coercion_follows_the_field_types():
     assert cfg.train.epochs == 3 and isinstance(cfg.train.lr, float) and cfg.train.lr == 0.01
     assert cfg.data.subset is None and cfg.train.use_ema is False
     assert cfg.train.devices == 2 and cfg.train.limit_train_batches == 0.25 and cfg.run.dir == "123"
+    n = load_config(None, ["train.limit_train_batches=2"]).train.limit_train_batches
+    assert n == 2 and type(n) is int  # Union[int, float]: an int stays a batch count
     with pytest.raises(ConfigError, match=r"train.epochs: expected an integer, got 2.5"):
         load_config(None, ["train.epochs=2.5"])
     with pytest.raises(ConfigError, match=r"data.image_size: expected an integer, got True"):

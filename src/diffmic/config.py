@@ -198,7 +198,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check/convert ``value`` to the annotated type ``tp``; raise ConfigError naming ``key``."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
+        # the arm of the value's own type first (typing may reorder Union[int, float])
+        args = tuple(sorted(typing.get_args(tp), key=lambda a: a is not type(value)))
         if value is None and type(None) in args:
             return None
         errors = []
