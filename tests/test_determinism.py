@@ -7,18 +7,18 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from _helpers import TINY_MODEL, one_thread  # noqa: F401
 from diffmic.cli import main
-from diffmic.diffusion.schedule import NoiseSchedule
-from diffmic.diffusion.samplers import num_noise_draws
 from diffmic.diffusion.reverse import per_image_noise, reverse_sample
+from diffmic.diffusion.samplers import num_noise_draws
+from diffmic.diffusion.schedule import NoiseSchedule
 from diffmic.nn.diffmic import DiffMIC
 from diffmic.training.checkpoint import read_checkpoint
+
+from _helpers import TINY_MODEL, one_thread  # noqa: F401
 
 FAST = [
     "data.dataset=medmnist", "data.subset=32", "data.image_size=32", "data.batch_size=16",

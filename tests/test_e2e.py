@@ -19,11 +19,20 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from sklearn.metrics import (accuracy_score, balanced_accuracy_score, cohen_kappa_score, confusion_matrix,
-                             f1_score, precision_score, recall_score, roc_auc_score)
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    cohen_kappa_score,
+    confusion_matrix,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
+
+from diffmic.cli import main
 
 from _helpers import TINY_MODEL, need
-from diffmic.cli import main
 
 # A shrunken CPU config: 32 px, tiny backbones, a narrow denoiser and a short schedule of epochs.
 TINY = ["data.image_size=32", "data.batch_size=8", *TINY_MODEL]

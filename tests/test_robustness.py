@@ -25,10 +25,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from _helpers import ONE_THREAD_ENV, TINY_MODEL, one_thread  # noqa: F401
 from diffmic.cli import main
 from diffmic.config import ConfigError, load_config
 from diffmic.training.checkpoint import CheckpointError, load_module, read_checkpoint
+
+from _helpers import ONE_THREAD_ENV, TINY_MODEL, one_thread  # noqa: F401
 
 FAST = [
     "data.dataset=medmnist",
