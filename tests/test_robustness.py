@@ -426,12 +426,12 @@ def test_loading_overrides_that_change_the_network_are_refused(full_run):
         ("train.use_ema=maybe", r"train.use_ema: expected true/false"),
         ("model.variant=huge", r"model.variant: 'huge' is not one of basic, C1, C2, full"),
         ("eval.eta=2", r"eval.eta must be in \[0, 1\], got 2.0"),
-        ("data.batch_size=0", r"data.batch_size must be >= 1, got 0"),
+        ("data.batch_size=0", r"data.batch_size must be in \[1, 1000000\], got 0"),
         ("eval.steps=5000", r"eval.steps must be in \[1, diffusion.num_timesteps=\d+\], got 5000"),
         ("data.val_fraction=1.5", r"data.val_fraction must be in \[0, 1\), got 1.5"),
         ("data.class_balance=2", r"data.class_balance must be in \[0, 1\]"),
         ("train.dcg_warmup_schedule=step", r"train.dcg_warmup_schedule: 'step' is not one of constant, cosine"),
-        ("train.dcg_warmup_lr=-1", r"train.dcg_warmup_lr must be > 0, got -1"),
+        ("train.dcg_warmup_lr=-1", r"train.dcg_warmup_lr must be in \(0, 10\], got -1"),
         ("train.epochs", r"override 'train.epochs' must look like section.key=value"),
         ("train.epochs=[1", r"train.epochs: the value '\[1' is not valid YAML"),
     ],
@@ -489,3 +489,36 @@ def test_data_check_reports_a_corrupt_image_by_name(tmp_path, capsys):
     cap = capsys.readouterr()
     assert rc != 0
     assert "broken_scan.png" in cap.out + cap.err
+
+
+# ------------------------------------------------------------------ EMA and checkpoint selection
+def test_evaluation_uses_the_ema_weights(full_run):
+    """The checkpoint's EMA (averaged over the joint steps only) is what test/predict load; the
+    live weights differ from it."""
+    ckpt = read_checkpoint(full_run / "checkpoints" / "last.ckpt")
+    ema = ckpt["diffmic_ema"]
+    # 2 joint epochs of 16 batches: the 16 DCG warm-up steps are not averaged
+    assert ckpt["diffmic_ema_n"] == 32
+    module = load_module(full_run / "checkpoints" / "last.ckpt")
+    loaded = module.diffusion_modules().state_dict()
+    assert loaded.keys() == ema.keys()
+    assert all(torch.equal(loaded[k], ema[k]) for k in ema)
+    live = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    live_diff = {f"{i}.{k.split('.', 1)[1]}": v for k, v in live.items()
+                 for i, name in enumerate(("image_embedding", "denoiser")) if k.startswith(name + ".")}
+    assert live_diff.keys() == ema.keys()
+    assert any(not torch.equal(live_diff[k], ema[k]) for k in ema if ema[k].is_floating_point())
+
+
+def test_no_checkpoint_is_selected_during_the_dcg_warmup(full_run):
+    """Epoch 0 is the DCG warm-up (its validation logs val/dcg_*): best.ckpt is a joint epoch,
+    and the selected score is that epoch's logged val/acc."""
+    best = read_checkpoint(full_run / "checkpoints" / "best.ckpt")
+    assert best["epoch"] >= 1
+    rows = [r for r in _csv_rows(full_run / "logs" / "metrics.csv") if r.get("val/acc")]
+    assert {r["epoch"] for r in rows} == {"1", "2"}  # no val/acc in the warm-up epoch
+    warm = [r for r in _csv_rows(full_run / "logs" / "metrics.csv") if r.get("val/dcg_acc")]
+    assert {r["epoch"] for r in warm} == {"0"}
+    summary = json.loads((full_run / "fit_summary.json").read_text())
+    best_val = max(float(r["val/acc"]) for r in rows)
+    assert summary["best_score"] == pytest.approx(best_val)

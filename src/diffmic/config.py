@@ -302,6 +302,10 @@ def _set(cfg: Config, dotted: str, value: Any) -> None:
 Check = Callable[[Any, "Config"], Optional[str]]
 
 
+def _num(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+
 def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False,
            optional: bool = False) -> Check:
     """``lo <= v <= hi`` (``<`` where open); ``None`` allowed when ``optional``."""
@@ -313,10 +317,10 @@ def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = Fal
         if ok:
             return None
         if hi is None:
-            return f"must be {'>' if lo_open else '>='} {lo:g}"
+            return f"must be {'>' if lo_open else '>='} {_num(lo)}"
         if lo is None:
-            return f"must be {'<' if hi_open else '<='} {hi:g}"
-        return f"must be in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+            return f"must be {'<' if hi_open else '<='} {_num(hi)}"
+        return f"must be in {'(' if lo_open else '['}{_num(lo)}, {_num(hi)}{')' if hi_open else ']'}"
 
     return check
 
