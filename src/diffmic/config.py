@@ -302,8 +302,8 @@ def _set(cfg: Config, dotted: str, value: Any) -> None:
 Check = Callable[[Any, "Config"], Optional[str]]
 
 
-def _num(v: float) -> str:
-    return str(int(v)) if float(v).is_integer() else f"{v:g}"
+def _num(v: float | None) -> str:
+    return "" if v is None else str(int(v)) if float(v).is_integer() else f"{v:g}"
 
 
 def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False,
