@@ -68,3 +68,14 @@ def synth_npz(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synth_folder(tmp_path_factory) -> Path:
     return write_synthetic_folder(tmp_path_factory.mktemp("synthfolder") / "images")
+
+
+# Tests that train a model through the CLI (directly or through a shared run fixture) are `slow`:
+# `pytest -m "not slow"` is the quick loop; CI runs everything.
+_TRAINING_FIXTURES = {"synth_run", "breast_run", "full_run", "killed_run", "two_runs"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
