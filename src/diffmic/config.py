@@ -82,6 +82,9 @@ class ModelConfig:
     encoder_weights: Optional[str] = None  # local state-dict file, never downloaded
     dcg_weights: Optional[str] = None
     denoiser_input: str = "released"  # released: [y_t, y_hat] (2C) | paper: Eq. 3 [y_t, y_hat_g, y_hat_l] (3C)
+    # ImageNet weights for rho(x)'s encoder and both DCG streams: false | true (torchvision/timm download,
+    # cached) | a .pth/.safetensors state dict or a folder of them; encoder_weights/dcg_weights win
+    pretrained: Union[bool, str] = False
 
 
 @dataclass

@@ -71,6 +71,8 @@ class DiffMIC(nn.Module):
         encoder_weights: optional local state-dict file for ρ's encoder.
         dcg_weights: optional local backbone state-dict file(s) for the DCG (see :class:`DCG`).
         denoiser_input: one of :data:`DENOISER_INPUTS` (``released`` [y_t, ŷ], ``paper`` [y_t, ŷ_g, ŷ_l]).
+        pretrained: ImageNet weights for ρ's encoder and both DCG streams: ``True`` (torchvision/timm
+            download), a state-dict file or a folder of them; ``encoder_weights``/``dcg_weights`` win.
 
     Attributes:
         hparams: the constructor arguments; ``DiffMIC(**model.hparams)`` rebuilds the architecture.
@@ -94,6 +96,7 @@ class DiffMIC(nn.Module):
         encoder_weights: str | os.PathLike[str] | None = None,
         dcg_weights: WeightsArg = None,
         denoiser_input: str = "released",
+        pretrained: bool | str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__()
         if denoiser_input not in DENOISER_INPUTS:
@@ -122,6 +125,7 @@ class DiffMIC(nn.Module):
             in_chans=int(in_chans),
             encoder_weights=_path_or_none(encoder_weights),
             dcg_weights=_path_or_none(dcg_weights),
+            pretrained=pretrained if isinstance(pretrained, (bool, type(None))) else os.fspath(pretrained),
         )
         if denoiser_input != "released":  # old checkpoints' hparams stay loadable and unchanged
             self.hparams["denoiser_input"] = denoiser_input
@@ -137,10 +141,12 @@ class DiffMIC(nn.Module):
         self.denoiser: ConditionalDenoiser | None = None
         self.dcg: DCG | None = None
         if variant == "basic":
-            self.encoder = create_encoder(encoder, in_chans=in_chans, weights_path=encoder_weights)
+            self.encoder = create_encoder(encoder, in_chans=in_chans, weights_path=encoder_weights,
+                                          pretrained=pretrained)
             self.classifier = nn.Linear(self.encoder.out_dim, self.num_classes)
             return
-        self.image_embedding = ImageEmbedding(encoder, hidden_dim, in_chans=in_chans, weights_path=encoder_weights)
+        self.image_embedding = ImageEmbedding(encoder, hidden_dim, in_chans=in_chans, weights_path=encoder_weights,
+                                              pretrained=pretrained)
         self.denoiser = ConditionalDenoiser(
             self.num_classes, hidden_dim, num_layers, num_timesteps, use_guidance=self.uses_dcg,
             guidance_dim=(2 if denoiser_input == "paper" else 1) * self.num_classes,
@@ -155,6 +161,7 @@ class DiffMIC(nn.Module):
                 roi_channels=roi_channels,
                 in_chans=in_chans,
                 weights_path=dcg_weights,
+                pretrained=pretrained,
             )
 
     # ------------------------------------------------------------------ flags
