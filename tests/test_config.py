@@ -117,11 +117,15 @@ def test_bad_value_on_the_command_line_exits_2_without_traceback(capsys):
         assert key in err and "Traceback" not in err, err
 
 
-def test_config_path_that_is_a_folder_is_a_clear_error(tmp_path, capsys):
+def test_config_path_that_is_a_folder_is_a_clear_error(tmp_path, capsys, monkeypatch):
     with pytest.raises(ConfigError, match="is a folder"):
         load_config(tmp_path)
     assert main(["fit", "--config", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
+    # a folder that happens to share a preset's name does not hide the preset
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cpu").mkdir()
+    assert load_config("cpu").data.image_size == 64
 
 
 # ----------------------------------------------------------------------------- one source of truth

@@ -587,15 +587,16 @@ def preset_dir() -> Path:
 
 
 def resolve_preset(path: str | Path, relative_to: Path | None = None) -> Path:
+    """A YAML file: ``path`` itself (next to ``relative_to`` first, for a ``base:`` reference),
+    else the shipped preset of that name."""
     p = Path(path)
-    if p.is_dir():
-        raise ConfigError(f"config file '{path}' is a folder; give a YAML file or a preset name")
-    if p.exists():
-        return p
-    near = [relative_to / str(path)] if relative_to is not None and not p.is_absolute() else []
-    for cand in (*near, preset_dir() / str(path), preset_dir() / f"{path}.yaml"):
-        if cand.exists():
+    near = [relative_to / p] if relative_to is not None and not p.is_absolute() else []
+    cands = (*near, p, preset_dir() / str(path), preset_dir() / f"{path}.yaml")
+    for cand in cands:
+        if cand.is_file():
             return cand
+    if any(c.is_dir() for c in cands):
+        raise ConfigError(f"config file '{path}' is a folder; give a YAML file or a preset name")
     names = ", ".join(sorted(q.stem for q in preset_dir().glob("*.yaml")))
     raise ConfigError(f"config file '{path}' not found (shipped presets: {names})")
 
