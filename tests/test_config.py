@@ -130,7 +130,7 @@ def test_config_path_that_is_a_folder_is_a_clear_error(tmp_path, capsys, monkeyp
 
 # ----------------------------------------------------------------------------- one source of truth
 def test_choice_sets_are_the_librarys_own_constants():
-    from diffmic.data.datamodule import DATASETS, SPLITS
+    from diffmic.data.sources import DATASETS, SPLITS
     from diffmic.diffusion.process import PRIOR_KINDS
     from diffmic.diffusion.samplers import DDIM_STARTS, SAMPLERS
     from diffmic.diffusion.schedule import BETA_SCHEDULES

@@ -22,7 +22,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from diffmic.data.datamodule import DATASETS, SPLITS
+from diffmic.data.sources import DATASETS, SPLITS  # no Lightning: exported models load without it
 from diffmic.diffusion.process import PRIOR_KINDS
 from diffmic.diffusion.samplers import DDIM_STARTS, SAMPLERS
 from diffmic.diffusion.schedule import BETA_SCHEDULES
@@ -360,7 +360,19 @@ def _backbone(v: Any, cfg: Config) -> Optional[str]:
     return f"is not a known backbone{hint}: use one of {', '.join(known)}, tv:<torchvision name> or timm:<timm name>"
 
 
+def _lightning_missing() -> bool:
+    """Lightning is needed to train, not to load an exported model: without it the Lightning
+    strings cannot be checked here (fit checks them when it builds the Trainer)."""
+    try:
+        import lightning.pytorch  # noqa: F401
+    except ImportError:
+        return True
+    return False
+
+
 def _precision(v: Any, cfg: Config) -> Optional[str]:
+    if v == "32-true" or _lightning_missing():
+        return None
     from lightning.fabric.connector import _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
 
     valid = (*typing.get_args(_PRECISION_INPUT_STR), *typing.get_args(_PRECISION_INPUT_STR_ALIAS))
@@ -368,6 +380,8 @@ def _precision(v: Any, cfg: Config) -> Optional[str]:
 
 
 def _accelerator(v: Any, cfg: Config) -> Optional[str]:
+    if v == "auto" or _lightning_missing():
+        return None
     from lightning.pytorch.accelerators import AcceleratorRegistry
 
     valid = ["auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators())]
@@ -375,6 +389,8 @@ def _accelerator(v: Any, cfg: Config) -> Optional[str]:
 
 
 def _strategy(v: Any, cfg: Config) -> Optional[str]:
+    if v == "auto" or _lightning_missing():
+        return None
     from lightning.pytorch.strategies import StrategyRegistry
 
     valid = ["auto", *StrategyRegistry.available_strategies()]

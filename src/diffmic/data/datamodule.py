@@ -30,8 +30,8 @@ from .transforms import DEFAULT_MAX_PIXELS, build_transform
 __all__ = ["CachedImageDataset", "ImagePathsDataset", "EpochSeededSampler", "class_balance_weights",
            "DiffMICDataModule", "DATASETS"]
 
-DATASETS = ("ham10000", "aptos2019", "csv", "folder", "medmnist")
-SPLITS = ("authors", "lesion", "random")
+from .sources import DATASETS, SPLITS  # noqa: E402  (defined without Lightning, for the config)
+
 _ALIASES = {"ham": "ham10000", "isic2018": "ham10000", "isic": "ham10000", "aptos": "aptos2019",
             "image_folder": "folder", "imagefolder": "folder", "npz": "medmnist"}
 
