@@ -6,7 +6,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.diffmic-installed
 DATA    ?= ../shared/data
 
-.PHONY: venv demo demo-data test bench clean
+.PHONY: venv demo demo-data test lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -29,6 +29,12 @@ demo-data: $(STAMP)
 
 test: $(STAMP)
 	$(VPY) -m pytest -q
+
+lint: $(STAMP)
+	$(VPY) -m pip install -q -e ".[lint]"
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/mypy
 
 bench: $(STAMP)
 	$(VPY) benchmarks/run_all.py

@@ -30,9 +30,15 @@ ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def need(sub: str) -> Path:
-    """The real data file or folder ``../shared/data/<sub>``; skip the test where it is absent."""
+    """The real data file or folder ``../shared/data/<sub>``.
+
+    Where it is absent the test is skipped on a developer's machine, but FAILS when the environment
+    variable ``CI`` is ``true`` (CI sets it): there a missing data set must not turn the suite green.
+    """
     p = DATA / sub
     if not p.exists():
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"real data not available in CI: {p} (CI=true: a missing data set is a failure)")
         pytest.skip(f"real data not available: {p}")
     return p
 

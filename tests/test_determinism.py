@@ -7,21 +7,21 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from _helpers import NPZ, TINY_MODEL, one_thread  # noqa: F401
 from diffmic.cli import main
-from diffmic.diffusion.schedule import NoiseSchedule
-from diffmic.diffusion.samplers import num_noise_draws
 from diffmic.diffusion.reverse import per_image_noise, reverse_sample
+from diffmic.diffusion.samplers import num_noise_draws
+from diffmic.diffusion.schedule import NoiseSchedule
 from diffmic.nn.diffmic import DiffMIC
 from diffmic.training.checkpoint import read_checkpoint
 
+from _helpers import TINY_MODEL, one_thread  # noqa: F401
+
 FAST = [
-    "data.dataset=medmnist", f"data.root={NPZ}", "data.subset=32", "data.image_size=32", "data.batch_size=16",
+    "data.dataset=medmnist", "data.subset=32", "data.image_size=32", "data.batch_size=16",
     *TINY_MODEL, "train.epochs=1", "train.dcg_warmup_epochs=1",
 ]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,14 +31,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
-    """The same config and seed, trained twice: once in this process, once in a fresh one."""
-    if not NPZ.exists():
-        pytest.skip(f"real data not available: {NPZ}")
+def two_runs(tmp_path_factory, synth_npz):
+    """The same config and seed, trained twice: once in this process, once in a fresh one (on the
+    generated .npz of conftest.py)."""
     tmp = tmp_path_factory.mktemp("det")
     cache = tmp / "cache"
     runs = [tmp / "a", tmp / "b"]
-    args = [["fit", "--config", "cpu", *FAST, f"data.cache_dir={cache}", f"run.dir={r}"] for r in runs]
+    args = [["fit", "--config", "cpu", *FAST, f"data.root={synth_npz}", f"data.cache_dir={cache}", f"run.dir={r}"]
+            for r in runs]
     assert main(args[0]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "diffmic.cli", *args[1]], capture_output=True, text=True,

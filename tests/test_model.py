@@ -86,26 +86,45 @@ def test_priors() -> None:
     torch.testing.assert_close(p.local, torch.softmax(g.z_local, -1))
     m = DiffMIC(3, variant="full", prior="sum_probs", **TINY)
     torch.testing.assert_close(m.priors(g, 2).fused, p.global_ + p.local)
+    # prior=zero is the released --noise_prior: only the fused prior MEAN is 0; the fused guidance
+    # vector stays softmax(½(z_g + z_l)) and the global / local branches are unchanged
     m = DiffMIC(3, variant="full", prior="zero", **TINY)
-    assert all(torch.count_nonzero(v) == 0 for v in m.priors(g, 2))
+    z = m.priors(g, 2)
+    assert torch.count_nonzero(z.fused) == 0
+    torch.testing.assert_close(z.guidance, torch.softmax(0.5 * (g.z_global + g.z_local), -1))
+    torch.testing.assert_close(z.global_, torch.softmax(g.z_global, -1))
+    torch.testing.assert_close(z.local, torch.softmax(g.z_local, -1))
+    gf, gg, gl = m.branch_guidance(z)
+    assert gf is z.guidance and gg is z.global_ and gl is z.local
     c1 = DiffMIC(3, variant="C1", **TINY)
     assert c1.guide(torch.randn(2, 3, 32, 32)) is None
     z = c1.priors(None, 2, torch.device("cpu"), torch.float64)
     assert z.fused.shape == (2, 3) and z.fused.dtype == torch.float64 and torch.count_nonzero(z.fused) == 0
 
 
-def test_cached_features_equal_forward() -> None:
+def test_paper_denoiser_input_is_yt_and_both_dcg_vectors() -> None:
+    """model.denoiser_input=paper: the first layer reads [y_t, ŷ_g, ŷ_l] (3C) in every branch;
+    its weights act on exactly those columns (checked by a hand-built first-layer product)."""
     torch.manual_seed(0)
-    m = DiffMIC(3, variant="full", **TINY).eval()
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        g = m.guide(x)
-        pri = m.priors(g, 2)
-        feat = m.encode(x)
-        for t in (49, 10, 0):
-            tt = torch.full((2,), t, dtype=torch.long)
-            y = torch.randn(2, 3)
-            torch.testing.assert_close(m.eps(feat, y, tt, pri.fused), m(x, y, tt, pri.fused))
+    g = GuidanceOutput(torch.randn(2, 3), torch.randn(2, 3), torch.zeros(2, 3), torch.zeros(2, 3, 1, 1),
+                       torch.zeros(2, 1, 4, dtype=torch.long), torch.ones(2, 1))
+    m = DiffMIC(3, variant="full", denoiser_input="paper", **TINY).eval()
+    assert m.denoiser.layers[0].lin.in_features == 9 and m.hparams["denoiser_input"] == "paper"
+    pri = m.priors(g, 2)
+    want = torch.cat((torch.softmax(g.z_global, -1), torch.softmax(g.z_local, -1)), -1)
+    torch.testing.assert_close(pri.guidance, want)
+    assert all(v is pri.guidance for v in m.branch_guidance(pri))
+    y_t, t = torch.randn(2, 3), torch.tensor([3, 7])
+    layer = m.denoiser.layers[0]
+    by_hand = (torch.cat((y_t, want), -1) @ layer.lin.weight.T + layer.lin.bias) * layer.embed.weight[t]
+    torch.testing.assert_close(layer(torch.cat((y_t, pri.guidance), -1), t), by_hand)
+    out = m.eps(torch.randn(2, 32), y_t, t, pri.guidance)
+    assert out.shape == (2, 3)
+    # the released form stays 2C and ignores ŷ_l in the fused branch
+    r = DiffMIC(3, variant="full", **TINY)
+    assert r.denoiser.layers[0].lin.in_features == 6 and "denoiser_input" not in r.hparams
+    with pytest.raises(ValueError, match="denoiser_input"):
+        DiffMIC(3, denoiser_input="eq3", **TINY)
 
 
 def test_hparams_rebuild() -> None:

@@ -20,8 +20,6 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
-
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diffmic", description="DiffMIC: diffusion for medical image classification")
@@ -62,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _expand_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
+    from diffmic.data.sources import IMAGE_EXTENSIONS as IMAGE_SUFFIXES  # one list, shared with the data layer
+
     images: list[Path] = []
     overrides: list[str] = []
     for item in items:

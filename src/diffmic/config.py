@@ -11,13 +11,25 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
+import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import yaml
+
+from diffmic.data.sources import DATASETS, SPLITS  # no Lightning: exported models load without it
+from diffmic.diffusion.process import PRIOR_KINDS
+from diffmic.diffusion.samplers import DDIM_STARTS, SAMPLERS
+from diffmic.diffusion.schedule import BETA_SCHEDULES
+from diffmic.losses import GUIDANCE_CE_MODES
+from diffmic.metrics import AGGREGATES, SCALAR_METRICS
+from diffmic.nn.diffmic import DENOISER_INPUTS, VARIANTS
+from diffmic.nn.guidance import ROI_CHANNELS
 
 
 class ConfigError(ValueError):
@@ -69,6 +81,7 @@ class ModelConfig:
     prior: str = "softmax_mean_logits"  # softmax_mean_logits (code) | mean_probs (Eq.1) | sum_probs (Eq.2) | zero
     encoder_weights: Optional[str] = None  # local state-dict file, never downloaded
     dcg_weights: Optional[str] = None
+    denoiser_input: str = "released"  # released: [y_t, y_hat] (2C) | paper: Eq. 3 [y_t, y_hat_g, y_hat_l] (3C)
     # ImageNet weights for rho(x)'s encoder and both DCG streams: false | true (torchvision/timm download,
     # cached) | a .pth/.safetensors state dict or a folder of them; encoder_weights/dcg_weights win
     pretrained: Union[bool, str] = False
@@ -157,21 +170,26 @@ class Config:
         return max(1, round(32 * self.data.image_size / 224))
 
 
+DCG_WARMUP_SCHEDULES: tuple[str, ...] = ("constant", "cosine")  # training.schedules.warmup_dcg_lr
+SELECT_ON: tuple[str, ...] = ("val", "test")
+
+# Every choice set is the library's own constant (defined once, where it is used).
 CHOICES: dict[str, tuple] = {
-    "data.dataset": ("ham10000", "aptos2019", "csv", "folder", "medmnist"),
-    "data.split": ("authors", "lesion", "random"),
-    "model.variant": ("basic", "C1", "C2", "full"),
-    "model.roi_channels": ("rgb", "first"),
-    "model.prior": ("softmax_mean_logits", "mean_probs", "sum_probs", "zero"),
-    "diffusion.schedule": ("linear", "quadratic", "cosine", "sigmoid"),
-    "loss.dcg_ce": ("fused", "all"),
-    "train.select_on": ("val", "test"),
-    "train.dcg_warmup_schedule": ("constant", "cosine"),
-    "train.monitor": ("acc", "f1", "balanced_acc", "kappa", "auroc"),
-    "eval.sampler": ("ddpm", "truncated", "ddim"),
-    "eval.val_sampler": ("ddpm", "truncated", "ddim"),
-    "eval.start": ("noise", "mean"),
-    "eval.aggregate": ("mean", "vote"),
+    "data.dataset": DATASETS,
+    "data.split": SPLITS,
+    "model.variant": VARIANTS,
+    "model.roi_channels": ROI_CHANNELS,
+    "model.prior": PRIOR_KINDS,
+    "model.denoiser_input": DENOISER_INPUTS,
+    "diffusion.schedule": BETA_SCHEDULES,
+    "loss.dcg_ce": GUIDANCE_CE_MODES,
+    "train.select_on": SELECT_ON,
+    "train.dcg_warmup_schedule": DCG_WARMUP_SCHEDULES,
+    "train.monitor": SCALAR_METRICS,
+    "eval.sampler": SAMPLERS,
+    "eval.val_sampler": SAMPLERS,
+    "eval.start": DDIM_STARTS,
+    "eval.aggregate": AGGREGATES,
 }
 
 
@@ -183,7 +201,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check/convert ``value`` to the annotated type ``tp``; raise ConfigError naming ``key``."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
+        # the arm of the value's own type first (typing may reorder Union[int, float])
+        args = tuple(sorted(typing.get_args(tp), key=lambda a: a is not type(value)))
         if value is None and type(None) in args:
             return None
         errors = []
@@ -194,6 +213,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as exc:
                 errors.append(str(exc))
+        specific = [e for e in errors if "finite" in e]  # the value had the right type, a bad number
+        if specific:
+            raise ConfigError(specific[0])
         raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
     if tp is bool:
         if isinstance(value, bool):
@@ -217,14 +239,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        number = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -233,7 +260,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str):
             value = yaml.safe_load(value)
         if isinstance(value, (list, tuple)):
-            return [float(v) for v in value]
+            return [_coerce(v, float, f"{key}[{i}]") for i, v in enumerate(value)]
         raise ConfigError(f"{key}: expected a list, got {value!r}")
     raise ConfigError(f"{key}: unsupported type {tp}")
 
@@ -271,42 +298,223 @@ def _set(cfg: Config, dotted: str, value: Any) -> None:
     setattr(section_obj, name, val)
 
 
-def _validate(cfg: Config) -> None:
-    positive = {
-        "data.image_size": cfg.data.image_size,
-        "data.batch_size": cfg.data.batch_size,
-        "model.hidden_dim": cfg.model.hidden_dim,
-        "model.num_layers": cfg.model.num_layers,
-        "model.num_rois": cfg.model.num_rois,
-        "diffusion.num_timesteps": cfg.diffusion.num_timesteps,
-        "eval.num_samples": cfg.eval.num_samples,
-        "train.noise_samples_per_image": cfg.train.noise_samples_per_image,
-    }
-    for key, val in positive.items():
-        if val < 1:
-            raise ConfigError(f"{key} must be >= 1, got {val}")
-    if cfg.data.in_chans not in (1, 3):
-        raise ConfigError(f"data.in_chans must be 1 or 3, got {cfg.data.in_chans}")
-    if not 0 <= cfg.data.class_balance <= 1:
-        raise ConfigError(f"data.class_balance must be in [0, 1] (0 uniform, 1 balanced classes), got {cfg.data.class_balance}")
-    if not 0 <= cfg.data.val_fraction < 1:
-        raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
-    if not 0 < cfg.data.test_fraction < 1:
-        raise ConfigError(f"data.test_fraction must be in (0, 1), got {cfg.data.test_fraction}")
-    for key, lr in (("train.lr", cfg.train.lr), ("train.dcg_lr", cfg.train.dcg_lr),
-                    ("train.dcg_warmup_lr", cfg.train.dcg_warmup_lr)):
-        if lr is not None and not lr > 0:
-            raise ConfigError(f"{key} must be > 0, got {lr}")
-    if cfg.train.epochs < 0 or cfg.train.dcg_warmup_epochs < 0:
-        raise ConfigError("train.epochs and train.dcg_warmup_epochs must be >= 0")
+# ------------------------------------------------------------------------------ validation rules
+# One table: (key, check(value, cfg) -> error text or None). Every key a user can get wrong has a
+# rule; a rule's text says what is allowed, and the error names the key and the value given.
+
+Check = Callable[[Any, "Config"], Optional[str]]
+
+
+def _num(v: float | None) -> str:
+    return "" if v is None else str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+
+def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False,
+           optional: bool = False) -> Check:
+    """``lo <= v <= hi`` (``<`` where open); ``None`` allowed when ``optional``."""
+
+    def check(v: Any, cfg: Config) -> Optional[str]:
+        if v is None and optional:
+            return None
+        ok = (lo is None or (v > lo if lo_open else v >= lo)) and (hi is None or (v < hi if hi_open else v <= hi))
+        if ok:
+            return None
+        if hi is None:
+            return f"must be {'>' if lo_open else '>='} {_num(lo)}"
+        if lo is None:
+            return f"must be {'<' if hi_open else '<='} {_num(hi)}"
+        return f"must be in {'(' if lo_open else '['}{_num(lo)}, {_num(hi)}{')' if hi_open else ']'}"
+
+    return check
+
+
+def _steps(v: Any, cfg: Config) -> Optional[str]:
     T = cfg.diffusion.num_timesteps
-    for key, steps in (("eval.steps", cfg.eval.steps), ("eval.val_steps", cfg.eval.val_steps)):
-        if steps is not None and not 1 <= steps <= T:
-            raise ConfigError(f"{key} must be in [1, diffusion.num_timesteps={T}], got {steps}")
-    if not 0.0 <= cfg.eval.eta <= 1.0:
-        raise ConfigError(f"eval.eta must be in [0, 1], got {cfg.eval.eta}")
-    if cfg.data.split == "lesion" and cfg.data.dataset != "ham10000":
-        raise ConfigError("data.split=lesion needs lesion ids: only data.dataset=ham10000 has them")
+    return None if v is None or 1 <= v <= T else f"must be in [1, diffusion.num_timesteps={T}]"
+
+
+def _one_of(*values: Any) -> Check:
+    return lambda v, cfg: None if v in values else f"must be one of {', '.join(map(str, values))}"
+
+
+def _backbone(v: Any, cfg: Config) -> Optional[str]:
+    from diffmic.nn.encoders import available_encoders
+
+    known = available_encoders()
+    if v in known:
+        return None
+    if isinstance(v, str) and v.startswith("tv:"):
+        import torchvision
+
+        if v[3:] in torchvision.models.list_models():
+            return None
+        return f"is not a torchvision model ({v[3:]!r} is not in torchvision.models.list_models())"
+    if isinstance(v, str) and v.startswith("timm:"):
+        import timm
+
+        if timm.is_model(v[5:]):
+            return None
+        return f"is not a timm model ({v[5:]!r} is not in timm.list_models())"
+    close = difflib.get_close_matches(str(v), known, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"is not a known backbone{hint}: use one of {', '.join(known)}, tv:<torchvision name> or timm:<timm name>"
+
+
+def _lightning_missing() -> bool:
+    """Lightning is needed to train, not to load an exported model: without it the Lightning
+    strings cannot be checked here (fit checks them when it builds the Trainer)."""
+    try:
+        import lightning.pytorch  # noqa: F401
+    except ImportError:
+        return True
+    return False
+
+
+def _precision(v: Any, cfg: Config) -> Optional[str]:
+    if v == "32-true" or _lightning_missing():
+        return None
+    from lightning.fabric.connector import _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
+
+    valid = (*typing.get_args(_PRECISION_INPUT_STR), *typing.get_args(_PRECISION_INPUT_STR_ALIAS))
+    return None if v in valid else f"is not a Lightning precision: use one of {', '.join(valid)}"
+
+
+def _accelerator(v: Any, cfg: Config) -> Optional[str]:
+    if v == "auto" or _lightning_missing():
+        return None
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+
+    valid = ["auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators())]
+    return None if v in valid else f"is not a Lightning accelerator: use one of {', '.join(valid)}"
+
+
+def _strategy(v: Any, cfg: Config) -> Optional[str]:
+    if v == "auto" or _lightning_missing():
+        return None
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    valid = ["auto", *StrategyRegistry.available_strategies()]
+    return None if v in valid else f"is not a Lightning strategy: use one of {', '.join(valid)}"
+
+
+def _devices(v: Any, cfg: Config) -> Optional[str]:
+    if isinstance(v, int):
+        return None if v >= 1 or v == -1 else "must be a count >= 1, -1 (all), 'auto' or a list of ids like '0,1'"
+    text = str(v).strip()
+    if text in ("auto", "-1"):
+        return None
+    ids = [p.strip() for p in text.strip("[]").split(",") if p.strip()]
+    if ids and all(p.isdigit() for p in ids):
+        return None
+    return "must be a count >= 1, -1 (all), 'auto' or a list of ids like '0,1'"
+
+
+def _limit_batches(v: Any, cfg: Config) -> Optional[str]:
+    if v is None or (isinstance(v, int) and v >= 1) or (isinstance(v, float) and 0 < v <= 1):
+        return None
+    return "must be a number of batches >= 1 or a fraction in (0, 1]"
+
+
+def _bandwidth(v: Any, cfg: Config) -> Optional[str]:
+    values = v if isinstance(v, list) else [v]
+    if v is None or (values and all(b > 0 for b in values)):
+        return None
+    return "must be null (C^2), a number > 0 or a non-empty list of numbers > 0"
+
+
+def _crop_fits(v: Any, cfg: Config) -> Optional[str]:
+    crop = cfg.crop_size()
+    if crop < 1 or crop > cfg.data.image_size:
+        return f"must be in [1, data.image_size={cfg.data.image_size}] (one ROI cell fits in the image)"
+    return None
+
+
+def _lesion_split(v: Any, cfg: Config) -> Optional[str]:
+    if v == "lesion" and cfg.data.dataset != "ham10000":
+        return "needs lesion ids: only data.dataset=ham10000 has them (use authors or random)"
+    return None
+
+
+def _min_lr(v: Any, cfg: Config) -> Optional[str]:
+    return None if 0 <= v <= cfg.train.lr else f"must be in [0, train.lr={cfg.train.lr:g}]"
+
+
+SEED_MAX = 2**32 - 1  # numpy's seed range
+RULES: list[tuple[str, Check]] = [
+    ("run.seed", _range(0, SEED_MAX)),
+    ("data.split", _lesion_split),
+    ("data.test_fraction", _range(0, 1, lo_open=True, hi_open=True)),
+    ("data.image_size", _range(8, 8192)),
+    ("data.in_chans", _one_of(1, 3)),
+    ("data.batch_size", _range(1, 1_000_000)),
+    ("data.eval_batch_size", _range(1, 1_000_000, optional=True)),
+    ("data.num_workers", _range(0, 1024)),
+    ("data.val_fraction", _range(0, 1, hi_open=True)),
+    ("data.rotation", _range(0, 180)),
+    ("data.subset", _range(1, optional=True)),
+    ("data.class_balance", _range(0, 1)),
+    ("model.encoder", _backbone),
+    ("model.dcg_global", _backbone),
+    ("model.dcg_local", _backbone),
+    ("model.hidden_dim", _range(1, 1_000_000)),
+    ("model.num_layers", _range(1, 1000)),
+    ("model.num_rois", _range(1, 100_000)),
+    ("model.crop_size", _crop_fits),
+    ("diffusion.num_timesteps", _range(1, 1_000_000)),
+    ("diffusion.beta_start", _range(0, 1, lo_open=True, hi_open=True)),
+    ("diffusion.beta_end", _range(0, 1, lo_open=True, hi_open=True)),
+    ("loss.mmd_weight", _range(0, 1e6)),
+    ("loss.mmd_bandwidth", _bandwidth),
+    ("train.epochs", _range(0, 10_000_000)),
+    ("train.dcg_warmup_epochs", _range(0, 10_000_000)),
+    ("train.lr", _range(0, 10, lo_open=True)),
+    ("train.lr_warmup_epochs", _range(0)),
+    ("train.min_lr", _min_lr),
+    ("train.dcg_lr", _range(0, 10, lo_open=True)),
+    ("train.dcg_warmup_lr", _range(0, 10, lo_open=True, optional=True)),
+    ("train.grad_clip", _range(0)),
+    ("train.ema_decay", _range(0, 1)),
+    ("train.encoder_lr_scale", _range(0, 1000)),
+    ("train.noise_samples_per_image", _range(1, 100_000)),
+    ("train.precision", _precision),
+    ("train.accelerator", _accelerator),
+    ("train.devices", _devices),
+    ("train.strategy", _strategy),
+    ("train.num_nodes", _range(1)),
+    ("train.check_val_every_n_epoch", _range(1)),
+    ("train.checkpoint_every_n_steps", _range(1, optional=True)),
+    ("train.limit_train_batches", _limit_batches),
+    ("train.limit_val_batches", _limit_batches),
+    ("train.log_every_n_steps", _range(1)),
+    ("eval.steps", _steps),
+    ("eval.val_steps", _steps),
+    ("eval.eta", _range(0, 1)),
+    ("eval.num_samples", _range(1, 1_000_000)),
+    ("eval.temperature", _range(0, 1e6, lo_open=True)),
+    ("eval.sample_seed", _range(0, SEED_MAX)),
+    ("eval.refer_threshold", _range(0, 1)),
+]
+
+
+def _validate(cfg: Config) -> None:
+    """Apply :data:`RULES`; the first broken rule raises a ConfigError naming the key."""
+    for key, check in RULES:
+        sec, name = key.split(".")
+        value = getattr(getattr(cfg, sec), name)
+        problem = check(value, cfg)
+        if problem:
+            raise ConfigError(f"{key} {problem}, got {value}")
+
+
+def section_kwargs(fn: Callable, *sections: Any, **extra: Any) -> dict[str, Any]:
+    """Keyword arguments for ``fn`` from the fields of config ``sections`` whose names are
+    parameters of ``fn`` (later sections and ``extra`` win): no field copied by hand."""
+    params = inspect.signature(fn).parameters
+    out: dict[str, Any] = {}
+    for sec in sections:
+        out.update({f.name: getattr(sec, f.name) for f in dataclasses.fields(sec) if f.name in params})
+    out.update(extra)
+    return out
 
 
 def parse_value(key: str, text: str) -> Any:
@@ -345,17 +553,48 @@ def config_from_dict(raw: dict | None, overrides: list[str] | None = None, sourc
     return cfg
 
 
+def _merge(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``, section by section."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for sec, body in over.items():
+        if isinstance(body, dict) and isinstance(out.get(sec), dict):
+            out[sec].update(body)
+        else:
+            out[sec] = body
+    return out
+
+
+def read_preset(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict | None:
+    """The raw mapping of a preset, with its ``base:`` chain applied: a preset may say
+    ``base: cpu`` (a shipped preset name, or a path relative to the file) and hold only what
+    differs from it."""
+    p = resolve_preset(path, relative_to=_seen[-1].parent if _seen else None)
+    if p.resolve() in _seen:
+        chain = " -> ".join(str(q) for q in (*_seen, p.resolve()))
+        raise ConfigError(f"{p}: 'base' presets form a cycle ({chain})")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: cannot read the config file ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(raw, dict) or "base" not in raw:
+        return raw
+    base_name = raw.pop("base")
+    if not isinstance(base_name, str) or not base_name:
+        raise ConfigError(f"{p}: 'base' must name a preset or a YAML file, got {base_name!r}")
+    base = read_preset(base_name, (*_seen, p.resolve())) or {}
+    return _merge(base, raw)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML preset (a path, or the name of a shipped preset) and apply overrides."""
+    """Read a YAML preset (a path, or the name of a shipped preset; ``base:`` chains applied) and
+    apply overrides."""
     raw: dict | None = None
     source = "defaults"
     if path is not None:
-        p = resolve_preset(path)
-        source = str(p)
-        try:
-            raw = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+        source = str(resolve_preset(path))
+        raw = read_preset(path)
     return config_from_dict(raw, overrides, source=source)
 
 
@@ -363,13 +602,17 @@ def preset_dir() -> Path:
     return Path(__file__).parent / "configs"
 
 
-def resolve_preset(path: str | Path) -> Path:
+def resolve_preset(path: str | Path, relative_to: Path | None = None) -> Path:
+    """A YAML file: ``path`` itself (next to ``relative_to`` first, for a ``base:`` reference),
+    else the shipped preset of that name."""
     p = Path(path)
-    if p.exists():
-        return p
-    for cand in (preset_dir() / str(path), preset_dir() / f"{path}.yaml"):
-        if cand.exists():
+    near = [relative_to / p] if relative_to is not None and not p.is_absolute() else []
+    cands = (*near, p, preset_dir() / str(path), preset_dir() / f"{path}.yaml")
+    for cand in cands:
+        if cand.is_file():
             return cand
+    if any(c.is_dir() for c in cands):
+        raise ConfigError(f"config file '{path}' is a folder; give a YAML file or a preset name")
     names = ", ".join(sorted(q.stem for q in preset_dir().glob("*.yaml")))
     raise ConfigError(f"config file '{path}' not found (shipped presets: {names})")
 

@@ -42,6 +42,7 @@ def classification_metrics(num_classes: int) -> MetricCollection:
 
 
 SCALAR_METRICS = ("acc", "balanced_acc", "f1", "kappa", "auroc")
+AGGREGATES: tuple[str, ...] = ("mean", "vote")  # read-outs of the K samples (readout)
 
 
 def metrics_to_json(values: dict[str, Tensor], class_names: list[str]) -> dict:

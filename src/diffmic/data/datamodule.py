@@ -30,7 +30,8 @@ from .transforms import DEFAULT_MAX_PIXELS, build_transform
 __all__ = ["CachedImageDataset", "ImagePathsDataset", "EpochSeededSampler", "class_balance_weights",
            "DiffMICDataModule", "DATASETS"]
 
-DATASETS = ("ham10000", "aptos2019", "csv", "folder", "medmnist")
+from .sources import DATASETS, SPLITS  # noqa: E402  (defined without Lightning, for the config)
+
 _ALIASES = {"ham": "ham10000", "isic2018": "ham10000", "isic": "ham10000", "aptos": "aptos2019",
             "image_folder": "folder", "imagefolder": "folder", "npz": "medmnist"}
 
@@ -104,7 +105,7 @@ class DiffMICDataModule(pl.LightningDataModule):
         ds = _ALIASES.get(dataset.lower(), dataset.lower())
         if ds not in DATASETS:
             raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
-        if split not in ("authors", "lesion", "random"):
+        if split not in SPLITS:
             raise ValueError(f"split must be 'authors', 'lesion' or 'random', got {split!r}")
         if split == "lesion" and ds != "ham10000":
             raise ValueError("split='lesion' needs lesion ids, which only HAM10000 has")

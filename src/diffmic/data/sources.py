@@ -48,6 +48,8 @@ MEDMNIST_CLASSES = {
     "breastmnist": ["malignant", "normal, benign"],
     "pneumoniamnist": ["normal", "pneumonia"],
 }
+DATASETS = ("ham10000", "aptos2019", "csv", "folder", "medmnist")  # data.dataset (DiffMICDataModule)
+SPLITS = ("authors", "lesion", "random")  # data.split
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".ppm",
                     ".pgm")
 _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",

@@ -79,7 +79,7 @@ def reverse_sample(
     mu = priors.fused  # [B,C]
     C = mu.shape[-1]
     mu_k = mu.repeat_interleave(K, 0)
-    guide_k = mu_k if model.uses_guidance else None
+    guide_k = priors.guidance.repeat_interleave(K, 0) if model.uses_guidance else None
     if sampler == "ddpm":
         steps = None  # the full chain always runs all T steps
     if noise is None and ids is not None:

@@ -166,6 +166,17 @@ class Predictor:
             results.extend(self.predict_tensor(x, ids, seed_keys=keys))
         return results
 
+    def display_image(self, image: str | Path):
+        """The model's input for ``image`` (cropped, resized) un-normalised to [0, 1], ``[S, S, C]``,
+        with the statistics the data layer normalised it with (grey ones for ``in_chans=1``)."""
+        from diffmic.data.datasets import ImagePathsDataset
+        from diffmic.data.transforms import norm_stats
+
+        ds = ImagePathsDataset([Path(image)], image_size=self.cfg.data.image_size, in_chans=self.cfg.data.in_chans)
+        x = ds[0]["image"]
+        mean, std = (torch.tensor(v, dtype=x.dtype).view(-1, 1, 1) for v in norm_stats(x.shape[0]))
+        return (x * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+
     def save_explanation(self, image: str | Path, result: Prediction, out_path: str | Path) -> Path:
         """Write a PNG: the input, the saliency map of the predicted class, and the ROI boxes."""
         import matplotlib
@@ -174,13 +185,7 @@ class Predictor:
         import matplotlib.pyplot as plt
         from matplotlib.patches import Rectangle
 
-        from diffmic.data.datasets import ImagePathsDataset
-
-        ds = ImagePathsDataset([Path(image)], image_size=self.cfg.data.image_size, in_chans=self.cfg.data.in_chans)
-        x = ds[0]["image"]
-        mean = torch.tensor([0.485, 0.456, 0.406])[: x.shape[0], None, None]
-        std = torch.tensor([0.229, 0.224, 0.225])[: x.shape[0], None, None]
-        img = (x * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+        img = self.display_image(image)
         fig, axes = plt.subplots(1, 2, figsize=(7, 3.6))
         axes[0].imshow(img.squeeze(), cmap="gray" if img.shape[-1] == 1 else None)
         axes[0].set_title(f"{result.label} p={result.confidence:.2f}" + (" REFER" if result.refer else ""))

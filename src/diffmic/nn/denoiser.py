@@ -76,6 +76,8 @@ class ConditionalDenoiser(nn.Module):
         num_layers: number of ConditionalLinear→BN→Softplus blocks (3 released).
         num_timesteps: ``T``; time tables have ``T + 1`` rows.
         use_guidance: input is ``[y_t, guidance]`` (``2C``) when True, ``y_t`` only (``C``) when False.
+        guidance_dim: width of the guidance vector (default ``C``; ``2C`` for the paper's Eq. 3 input
+            ``[y_t, ŷ_g, ŷ_l]``).
 
     Forward: ``feat [B, H], y_t [B, C], t [B] long, guidance [B, C] | None -> eps [B, C]``.
     """
@@ -87,6 +89,7 @@ class ConditionalDenoiser(nn.Module):
         num_layers: int = 3,
         num_timesteps: int = 1000,
         use_guidance: bool = True,
+        guidance_dim: int | None = None,
     ) -> None:
         super().__init__()
         if int(num_classes) < 1 or int(hidden_dim) < 1 or int(num_layers) < 1 or int(num_timesteps) < 1:
@@ -95,7 +98,8 @@ class ConditionalDenoiser(nn.Module):
         self.num_classes = c
         self.hidden_dim = h
         self.use_guidance = bool(use_guidance)
-        in_dim = 2 * c if self.use_guidance else c
+        self.guidance_dim = c if guidance_dim is None else int(guidance_dim)
+        in_dim = c + self.guidance_dim if self.use_guidance else c
         self.layers = nn.ModuleList(
             [ConditionalLinear(in_dim if i == 0 else h, h, num_timesteps) for i in range(int(num_layers))]
         )
@@ -106,7 +110,8 @@ class ConditionalDenoiser(nn.Module):
         """``feat [B, H], y_t [B, C], t [B], guidance [B, C] | None -> eps [B, C]``."""
         if self.use_guidance:
             if guidance is None:
-                raise ValueError("this denoiser was built with use_guidance=True; pass guidance [B, C]")
+                raise ValueError("this denoiser was built with use_guidance=True; pass guidance "
+                                 f"[B, {self.guidance_dim}]")
             h = torch.cat((y_t, guidance.to(y_t.dtype)), dim=-1)
         else:
             h = y_t

@@ -26,9 +26,12 @@ from .denoiser import ConditionalDenoiser, ImageEmbedding
 from .encoders import create_encoder
 from .guidance import DCG, ROI_CHANNELS, GuidanceOutput, WeightsArg
 
-__all__ = ["VARIANTS", "PRIOR_KINDS", "Priors", "DiffMIC"]
+__all__ = ["VARIANTS", "PRIOR_KINDS", "DENOISER_INPUTS", "Priors", "DiffMIC"]
 
 VARIANTS: tuple[str, ...] = ("basic", "C1", "C2", "full")
+#: denoiser input: ``released`` = [y_t, ŷ] (2C, the released code: ŷ is the branch's guidance vector);
+#: ``paper`` = [y_t, ŷ_g, ŷ_l] (3C, the paper's Eq. 3, the same for every branch).
+DENOISER_INPUTS: tuple[str, ...] = ("released", "paper")
 
 
 class Priors(NamedTuple):
@@ -37,6 +40,10 @@ class Priors(NamedTuple):
     fused: Tensor  #: prior_mean(kind, z_g, z_l) — main branch, the only one used at inference
     global_: Tensor  #: softmax(z_g) — global MMD branch
     local: Tensor  #: softmax(z_l) — local MMD branch
+    #: the fused branch's guidance vector: ``fused`` except for ``prior="zero"`` (released
+    #: ``--noise_prior``: μ = 0, the guidance stays softmax(½(z_g + z_l))); ``[B, 2C]`` =
+    #: ``[ŷ_g, ŷ_l]`` for ``denoiser_input="paper"``
+    guidance: Tensor
 
 
 def _path_or_none(p: WeightsArg) -> Any:
@@ -63,6 +70,7 @@ class DiffMIC(nn.Module):
         in_chans: image channels.
         encoder_weights: optional local state-dict file for ρ's encoder.
         dcg_weights: optional local backbone state-dict file(s) for the DCG (see :class:`DCG`).
+        denoiser_input: one of :data:`DENOISER_INPUTS` (``released`` [y_t, ŷ], ``paper`` [y_t, ŷ_g, ŷ_l]).
         pretrained: ImageNet weights for ρ's encoder and both DCG streams: ``True`` (torchvision/timm
             download), a state-dict file or a folder of them; ``encoder_weights``/``dcg_weights`` win.
 
@@ -87,9 +95,12 @@ class DiffMIC(nn.Module):
         in_chans: int = 3,
         encoder_weights: str | os.PathLike[str] | None = None,
         dcg_weights: WeightsArg = None,
+        denoiser_input: str = "released",
         pretrained: bool | str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__()
+        if denoiser_input not in DENOISER_INPUTS:
+            raise ValueError(f"unknown denoiser_input {denoiser_input!r}; expected one of {DENOISER_INPUTS}")
         if variant not in VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
         if prior not in PRIOR_KINDS:
@@ -116,6 +127,9 @@ class DiffMIC(nn.Module):
             dcg_weights=_path_or_none(dcg_weights),
             pretrained=pretrained if isinstance(pretrained, (bool, type(None))) else os.fspath(pretrained),
         )
+        if denoiser_input != "released":  # old checkpoints' hparams stay loadable and unchanged
+            self.hparams["denoiser_input"] = denoiser_input
+        self.denoiser_input = denoiser_input
         self.num_classes = int(num_classes)
         self.variant = variant
         self.prior = prior
@@ -134,7 +148,8 @@ class DiffMIC(nn.Module):
         self.image_embedding = ImageEmbedding(encoder, hidden_dim, in_chans=in_chans, weights_path=encoder_weights,
                                               pretrained=pretrained)
         self.denoiser = ConditionalDenoiser(
-            self.num_classes, hidden_dim, num_layers, num_timesteps, use_guidance=self.uses_dcg
+            self.num_classes, hidden_dim, num_layers, num_timesteps, use_guidance=self.uses_dcg,
+            guidance_dim=(2 if denoiser_input == "paper" else 1) * self.num_classes,
         )
         if self.uses_dcg:
             self.dcg = DCG(
@@ -210,20 +225,35 @@ class DiffMIC(nn.Module):
         """Prior means / guidance vectors ``[B, C]`` for the fused, global and local branches.
 
         With DCG: ``fused = prior_mean(self.prior, z_g, z_l)``, ``global_ = softmax(z_g)``,
-        ``local = softmax(z_l)`` (all zeros when ``prior == "zero"``).  Without DCG (``g is None``, variants
-        ``basic``/``C1``): zeros of shape ``[batch_size, C]`` on ``device``/``dtype``.
+        ``local = softmax(z_l)``. ``prior == "zero"`` is the released ``--noise_prior``: only the fused
+        prior mean is 0; its guidance vector stays softmax(½(z_g + z_l)) and the global/local
+        branches are unchanged. Without DCG (``g is None``, variants ``basic``/``C1``): zeros of
+        shape ``[batch_size, C]`` on ``device``/``dtype``.
         """
         if g is None:
             z = torch.zeros(batch_size, self.num_classes, device=device, dtype=dtype)
-            return Priors(z, z, z)
+            return Priors(z, z, z, z)
         fused = prior_mean(self.prior, g.z_global, g.z_local)
+        pg, pl = torch.softmax(g.z_global, dim=-1), torch.softmax(g.z_local, dim=-1)
         if self.prior == "zero":
-            pg, pl = torch.zeros_like(fused), torch.zeros_like(fused)
+            guide = prior_mean("softmax_mean_logits", g.z_global, g.z_local)
         else:
-            pg, pl = torch.softmax(g.z_global, dim=-1), torch.softmax(g.z_local, dim=-1)
+            guide = fused
+        if self.denoiser_input == "paper":
+            guide = torch.cat((pg, pl), dim=-1)
         if dtype is not None:
-            fused, pg, pl = fused.to(dtype), pg.to(dtype), pl.to(dtype)
-        return Priors(fused, pg, pl)
+            fused, pg, pl, guide = fused.to(dtype), pg.to(dtype), pl.to(dtype), guide.to(dtype)
+        return Priors(fused, pg, pl, guide)
+
+    def branch_guidance(self, pri: Priors) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """Guidance vectors fed to the denoiser by the fused, global and local branches (``None``
+        when the variant takes none): released ``(guidance, ŷ_g, ŷ_l)``; paper Eq. 3: ``[ŷ_g, ŷ_l]``
+        for every branch."""
+        if not self.uses_guidance:
+            return None, None, None
+        if self.denoiser_input == "paper":
+            return pri.guidance, pri.guidance, pri.guidance
+        return pri.guidance, pri.global_, pri.local
 
     def eps(self, feat: Tensor, y_t: Tensor, t: Tensor, guidance: Tensor | None = None) -> Tensor:
         """Predicted noise ``[B, C]`` from ``feat [B, H]``, ``y_t [B, C]``, ``t [B]`` and ``guidance [B, C]``.

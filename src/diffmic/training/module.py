@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from diffmic import __version__
-from diffmic.config import Config, config_from_dict
+from diffmic.config import Config, config_from_dict, section_kwargs
 from diffmic.diffusion.process import antithetic_timesteps, q_sample
 from diffmic.diffusion.schedule import NoiseSchedule
 from diffmic.diffusion.reverse import reverse_sample
@@ -45,24 +45,12 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def build_model(cfg: Config, num_classes: int) -> DiffMIC:
-    m = cfg.model
+    """The network of ``cfg``: every ``model.*`` field that names a DiffMIC argument, plus T, the
+    ROI crop size and the input channels."""
     return DiffMIC(
         num_classes,
-        variant=m.variant,
-        encoder=m.encoder,
-        hidden_dim=m.hidden_dim,
-        num_layers=m.num_layers,
-        num_timesteps=cfg.diffusion.num_timesteps,
-        dcg_global=m.dcg_global,
-        dcg_local=m.dcg_local,
-        num_rois=m.num_rois,
-        crop_size=cfg.crop_size(),
-        roi_channels=m.roi_channels,
-        prior=m.prior,
-        in_chans=cfg.data.in_chans,
-        encoder_weights=m.encoder_weights,
-        dcg_weights=m.dcg_weights,
-        pretrained=m.pretrained,
+        **section_kwargs(DiffMIC, cfg.model, num_timesteps=cfg.diffusion.num_timesteps,
+                         crop_size=cfg.crop_size(), in_chans=cfg.data.in_chans),
     )
 
 
@@ -224,7 +212,14 @@ class DiffMICModule(pl.LightningModule):
 
         # ---- diffusion step (one encoder pass feeds all branches)
         lr = self._set_diffusion_lr(opt_diff, batch_idx)
-        if self.model.uses_dcg:
+        g_train = None  # train-mode DCG pass reused by the DCG step (exact_dcg_priors=false)
+        joint = opt_dcg is not None and self.cfg.train.joint_dcg
+        if self.model.uses_dcg and not self.cfg.train.exact_dcg_priors and joint:
+            # one train-mode DCG pass with autograd: its detached outputs are the priors, and the
+            # DCG step below back-propagates its CE (the diffusion step does not change the DCG)
+            g_train = self.model.guide(x)
+            g = type(g_train)(*(v.detach() for v in g_train))
+        elif self.model.uses_dcg:
             with torch.no_grad():
                 was_training = self.model.dcg.training
                 if self.cfg.train.exact_dcg_priors:
@@ -243,14 +238,14 @@ class DiffMICModule(pl.LightningModule):
             pri = type(pri)(*(p.repeat_interleave(R, 0) for p in pri))
         t = antithetic_timesteps(B * R, s.num_timesteps, device=x.device)
         eps = torch.randn(B * R, self.num_classes, device=x.device, dtype=x.dtype)
-        guid = (lambda v: v) if self.model.uses_guidance else (lambda v: None)
+        gf, gg, gl = self.model.branch_guidance(pri)
         y_f = q_sample(s, y0, t, pri.fused, eps)
-        eps_f = self.model.eps(feat, y_f, t, guid(pri.fused))
+        eps_f = self.model.eps(feat, y_f, t, gf)
         eps_g = eps_l = None
         mmd_w = self.cfg.loss.mmd_weight if self.model.uses_mmd else 0.0
         if mmd_w > 0:
-            eps_g = self.model.eps(feat, q_sample(s, y0, t, pri.global_, eps), t, guid(pri.global_))
-            eps_l = self.model.eps(feat, q_sample(s, y0, t, pri.local, eps), t, guid(pri.local))
+            eps_g = self.model.eps(feat, q_sample(s, y0, t, pri.global_, eps), t, gg)
+            eps_l = self.model.eps(feat, q_sample(s, y0, t, pri.local, eps), t, gl)
         losses = diffusion_loss(eps, eps_f, eps_g, eps_l, mmd_weight=mmd_w, bandwidth=self.cfg.loss.mmd_bandwidth)
         self._check_finite(losses["loss"], "diffusion")
         self._step(opt_diff, losses["loss"], self.cfg.train.grad_clip)
@@ -259,12 +254,12 @@ class DiffMICModule(pl.LightningModule):
         self.log("train/lr", lr, batch_size=B)
 
         # ---- DCG step on the same batch (released: after every diffusion step)
-        if opt_dcg is not None and self.cfg.train.joint_dcg:
+        if joint:
             self._set_dcg_lr(opt_dcg, batch_idx)
-            self._dcg_step(opt_dcg, x, y)
+            self._dcg_step(opt_dcg, x, y, g_train)
 
-    def _dcg_step(self, opt: torch.optim.Optimizer, x: Tensor, y: Tensor) -> None:
-        g = self.model.guide(x)
+    def _dcg_step(self, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, g: Any = None) -> None:
+        g = self.model.guide(x) if g is None else g
         loss = guidance_ce(g.z_fused, g.z_global, g.z_local, y, mode=self.cfg.loss.dcg_ce)
         self._check_finite(loss, "DCG cross-entropy")
         self._step(opt, loss, None)

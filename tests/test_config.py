@@ -1,0 +1,236 @@
+"""Configuration: one table of validation rules (each rule tested here), choice sets taken from the
+library, generic coercion from the dataclass field types, and presets that compose (``base:``)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from diffmic.cli import main
+from diffmic.config import CHOICES, RULES, Config, ConfigError, load_config, read_preset, section_kwargs
+
+# One bad value per rule of config.RULES, and what the message must say. The first test checks
+# that this table covers every rule, so a new rule without a test fails the suite.
+BAD: dict[str, tuple[str, str]] = {
+    "run.seed": ("-1", r"run.seed must be in \[0, 4294967295\], got -1"),
+    "data.split": ("lesion ; data.dataset=folder", r"data.split needs lesion ids"),
+    "data.test_fraction": ("1", r"data.test_fraction must be in \(0, 1\), got 1.0"),
+    "data.image_size": ("4", r"data.image_size must be in \[8, 8192\], got 4"),
+    "data.in_chans": ("2", r"data.in_chans must be one of 1, 3, got 2"),
+    "data.batch_size": ("0", r"data.batch_size must be in \[1, 1000000\], got 0"),
+    "data.eval_batch_size": ("0", r"data.eval_batch_size must be in \[1, 1000000\], got 0"),
+    "data.num_workers": ("-2", r"data.num_workers must be in \[0, 1024\], got -2"),
+    "data.val_fraction": ("1.5", r"data.val_fraction must be in \[0, 1\), got 1.5"),
+    "data.rotation": ("400", r"data.rotation must be in \[0, 180\], got 400"),
+    "data.subset": ("0", r"data.subset must be >= 1, got 0"),
+    "data.class_balance": ("2", r"data.class_balance must be in \[0, 1\]"),
+    "model.encoder": ("resnet81", r"model.encoder is not a known backbone \(did you mean 'resnet18'\?\)"),
+    "model.dcg_global": ("tv:resnet999", r"model.dcg_global is not a torchvision model"),
+    "model.dcg_local": ("timm:not_a_net", r"model.dcg_local is not a timm model"),
+    "model.hidden_dim": ("0", r"model.hidden_dim must be in \[1, 1000000\], got 0"),
+    "model.num_layers": ("0", r"model.num_layers must be in \[1, 1000\]"),
+    "model.num_rois": ("0", r"model.num_rois must be in \[1, 100000\]"),
+    "model.crop_size": ("500", r"model.crop_size must be in \[1, data.image_size=64\]"),
+    "diffusion.num_timesteps": ("0", r"diffusion.num_timesteps must be in \[1, 1000000\]"),
+    "diffusion.beta_start": ("0", r"diffusion.beta_start must be in \(0, 1\)"),
+    "diffusion.beta_end": ("1.5", r"diffusion.beta_end must be in \(0, 1\)"),
+    "loss.mmd_weight": ("-0.5", r"loss.mmd_weight must be in \[0, 1000000\]"),
+    "loss.mmd_bandwidth": ("[1.0, -2]", r"loss.mmd_bandwidth must be null \(C\^2\), a number > 0"),
+    "train.epochs": ("-1", r"train.epochs must be in \[0, 10000000\], got -1"),
+    "train.dcg_warmup_epochs": ("-3", r"train.dcg_warmup_epochs must be in \[0, 10000000\]"),
+    "train.lr": ("0", r"train.lr must be in \(0, 10\], got 0.0"),
+    "train.lr_warmup_epochs": ("-1", r"train.lr_warmup_epochs must be >= 0"),
+    "train.min_lr": ("1", r"train.min_lr must be in \[0, train.lr=0.001\], got 1.0"),
+    "train.dcg_lr": ("100", r"train.dcg_lr must be in \(0, 10\]"),
+    "train.dcg_warmup_lr": ("-1", r"train.dcg_warmup_lr must be in \(0, 10\], got -1"),
+    "train.grad_clip": ("-1", r"train.grad_clip must be >= 0"),
+    "train.ema_decay": ("1.5", r"train.ema_decay must be in \[0, 1\]"),
+    "train.encoder_lr_scale": ("-1", r"train.encoder_lr_scale must be in \[0, 1000\]"),
+    "train.noise_samples_per_image": ("0", r"train.noise_samples_per_image must be in \[1, 100000\]"),
+    "train.precision": ("31-true", r"train.precision is not a Lightning precision: use one of .*32-true"),
+    "train.accelerator": ("gpuu", r"train.accelerator is not a Lightning accelerator: use one of auto, gpu"),
+    "train.devices": ("0", r"train.devices must be a count >= 1, -1 \(all\), 'auto'"),
+    "train.strategy": ("dpp", r"train.strategy is not a Lightning strategy: use one of auto, ddp"),
+    "train.num_nodes": ("0", r"train.num_nodes must be >= 1"),
+    "train.check_val_every_n_epoch": ("0", r"train.check_val_every_n_epoch must be >= 1"),
+    "train.checkpoint_every_n_steps": ("0", r"train.checkpoint_every_n_steps must be >= 1"),
+    "train.limit_train_batches": ("1.5", r"train.limit_train_batches must be a number of batches >= 1 or a fraction"),
+    "train.limit_val_batches": ("0", r"train.limit_val_batches must be a number of batches >= 1"),
+    "train.log_every_n_steps": ("0", r"train.log_every_n_steps must be >= 1"),
+    "eval.steps": ("5000", r"eval.steps must be in \[1, diffusion.num_timesteps=100\], got 5000"),
+    "eval.val_steps": ("101", r"eval.val_steps must be in \[1, diffusion.num_timesteps=100\], got 101"),
+    "eval.eta": ("2", r"eval.eta must be in \[0, 1\], got 2.0"),
+    "eval.num_samples": ("0", r"eval.num_samples must be in \[1, 1000000\]"),
+    "eval.temperature": ("0", r"eval.temperature must be in \(0, 1000000\], got 0.0"),
+    "eval.sample_seed": ("-5", r"eval.sample_seed must be in \[0, 4294967295\]"),
+    "eval.refer_threshold": ("1.2", r"eval.refer_threshold must be in \[0, 1\]"),
+}
+
+
+def test_every_rule_has_a_test_and_names_a_real_key():
+    keys = [k for k, _ in RULES]
+    assert set(keys) == set(BAD)
+    assert set(keys) <= {f"{sec}.{k}" for sec, body in Config().to_dict().items() for k in body}
+
+
+@pytest.mark.parametrize("key", sorted(BAD))
+def test_rule_rejects_a_bad_value_and_names_the_key(key):
+    value, expected = BAD[key]
+    value, *context = value.split(" ; ")  # other keys the rule needs to be broken
+    with pytest.raises(ConfigError, match=expected):
+        load_config("cpu", [f"{key}={value}", *context])
+
+
+@pytest.mark.parametrize("key, value", [
+    ("train.precision", "bf16-mixed"), ("train.precision", "16"), ("train.accelerator", "cpu"),
+    ("train.devices", "2"), ("train.devices", "0,1"), ("train.devices", "-1"), ("train.strategy", "ddp"),
+    ("model.encoder", "tv:resnet18"), ("model.encoder", "timm:resnet10t"), ("train.limit_train_batches", "0.5"),
+    ("train.limit_train_batches", "3"), ("loss.mmd_bandwidth", "[0.5, 2]"), ("eval.steps", "100"),
+    ("train.min_lr", "0.001"), ("model.crop_size", "64"),
+])
+def test_rule_accepts_valid_values(key, value):
+    load_config("cpu", [f"{key}={value}"])
+
+
+@pytest.mark.parametrize("value", ["nan", ".nan", "inf", "-.inf"])
+def test_non_finite_numbers_are_refused_for_every_float(value):
+    for key in ("train.lr", "eval.temperature", "data.rotation", "loss.mmd_weight"):
+        with pytest.raises(ConfigError, match=rf"{key}: expected a finite number"):
+            load_config("cpu", [f"{key}={value}"])
+    with pytest.raises(ConfigError, match=r"loss.mmd_bandwidth\[1\]: expected a finite number"):
+        load_config("cpu", [f"loss.mmd_bandwidth=[1, {value}]"])
+
+
+def test_every_shipped_preset_and_the_defaults_pass_the_rules():
+    from diffmic.config import preset_dir
+
+    load_config(None)
+    for p in preset_dir().glob("*.yaml"):
+        load_config(p.stem)
+
+
+def test_bad_value_on_the_command_line_exits_2_without_traceback(capsys):
+    for over, key in (("eval.temperature=0", "eval.temperature"), ("model.encoder=resnet81", "model.encoder"),
+                      ("train.precision=31", "train.precision"), ("train.lr=nan", "train.lr")):
+        assert main(["fit", "--config", "cpu", over]) == 2
+        err = capsys.readouterr().err
+        assert key in err and "Traceback" not in err, err
+
+
+def test_config_path_that_is_a_folder_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_config(tmp_path)
+    assert main(["fit", "--config", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    # a folder that happens to share a preset's name does not hide the preset
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cpu").mkdir()
+    assert load_config("cpu").data.image_size == 64
+
+
+# ----------------------------------------------------------------------------- one source of truth
+def test_choice_sets_are_the_librarys_own_constants():
+    from diffmic.data.sources import DATASETS, SPLITS
+    from diffmic.diffusion.process import PRIOR_KINDS
+    from diffmic.diffusion.samplers import DDIM_STARTS, SAMPLERS
+    from diffmic.diffusion.schedule import BETA_SCHEDULES
+    from diffmic.losses import GUIDANCE_CE_MODES
+    from diffmic.metrics import AGGREGATES, SCALAR_METRICS
+    from diffmic.nn.diffmic import DENOISER_INPUTS, VARIANTS
+    from diffmic.nn.guidance import ROI_CHANNELS
+
+    same = {"data.dataset": DATASETS, "data.split": SPLITS, "model.variant": VARIANTS,
+            "model.prior": PRIOR_KINDS, "model.roi_channels": ROI_CHANNELS, "model.denoiser_input": DENOISER_INPUTS,
+            "diffusion.schedule": BETA_SCHEDULES, "loss.dcg_ce": GUIDANCE_CE_MODES, "train.monitor": SCALAR_METRICS,
+            "eval.sampler": SAMPLERS, "eval.val_sampler": SAMPLERS, "eval.start": DDIM_STARTS,
+            "eval.aggregate": AGGREGATES}
+    for key, const in same.items():
+        assert CHOICES[key] is const, key
+    with pytest.raises(ConfigError, match=r"model.variant: 'huge' is not one of basic, C1, C2, full"):
+        load_config("cpu", ["model.variant=huge"])
+
+
+def test_cli_and_data_layer_share_the_image_suffixes(tmp_path, capsys):
+    """A .gif (accepted by the data layer) is also found by `predict` in a folder; the error for
+    an empty folder lists the same suffixes."""
+    from diffmic.cli import _expand_inputs
+    from diffmic.data.sources import IMAGE_EXTENSIONS
+
+    (tmp_path / "a.gif").write_bytes(b"GIF89a")
+    (tmp_path / "notes.txt").write_text("x")
+    images, _ = _expand_inputs([str(tmp_path)])
+    assert [p.name for p in images] == ["a.gif"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError) as exc:
+        _expand_inputs([str(empty)])
+    assert all(s in str(exc.value) for s in IMAGE_EXTENSIONS)
+
+
+def test_coercion_follows_the_field_types():
+    cfg = load_config(None, ["train.epochs=3", "train.lr=1e-2", "data.subset=", "train.use_ema=no",
+                             "train.devices=2", "train.limit_train_batches=0.25", "run.dir=123"])
+    assert cfg.train.epochs == 3 and isinstance(cfg.train.lr, float) and cfg.train.lr == 0.01
+    assert cfg.data.subset is None and cfg.train.use_ema is False
+    assert cfg.train.devices == 2 and cfg.train.limit_train_batches == 0.25 and cfg.run.dir == "123"
+    n = load_config(None, ["train.limit_train_batches=2"]).train.limit_train_batches
+    assert n == 2 and type(n) is int  # Union[int, float]: an int stays a batch count
+    with pytest.raises(ConfigError, match=r"train.epochs: expected an integer, got 2.5"):
+        load_config(None, ["train.epochs=2.5"])
+    with pytest.raises(ConfigError, match=r"data.image_size: expected an integer, got True"):
+        load_config(None, ["data.image_size=true"])
+
+
+def test_section_kwargs_maps_fields_by_name():
+    def build(variant, hidden_dim, num_timesteps=1, other=0):
+        return variant, hidden_dim, num_timesteps, other
+
+    cfg = load_config("cpu")
+    kw = section_kwargs(build, cfg.model, num_timesteps=7)
+    assert kw == {"variant": "full", "hidden_dim": 512, "num_timesteps": 7}
+
+
+# ------------------------------------------------------------------------------------ presets
+def test_presets_compose_with_base(tmp_path):
+    """demo_cpu and breastmnist hold only what differs from cpu, and load to cpu + those keys."""
+    cpu = load_config("cpu").to_dict()
+    demo = load_config("demo_cpu").to_dict()
+    assert {k: v for k, v in demo.items() if k != "run"} == {k: v for k, v in cpu.items() if k != "run"}
+    assert demo["run"]["dir"] == "runs/demo"
+    breast = load_config("breastmnist").to_dict()
+    differ = {(s, k) for s in cpu for k in cpu[s] if cpu[s][k] != breast[s][k]}
+    assert differ == {("run", "dir"), ("data", "dataset"), ("data", "root"), ("train", "epochs"),
+                      ("train", "dcg_warmup_epochs")}
+    raw = read_preset("breastmnist")
+    assert "base" not in raw and raw["model"]["dcg_local"] == "resnet10_tiny"  # inherited
+
+    # a user's file with a chain of bases, relative to the file; later files win
+    (tmp_path / "mine.yaml").write_text("base: cpu\ntrain:\n  epochs: 7\n")
+    (tmp_path / "child.yaml").write_text("base: mine.yaml\neval:\n  num_samples: 2\n")
+    cfg = load_config(tmp_path / "child.yaml", ["train.lr=0.002"])
+    assert (cfg.train.epochs, cfg.eval.num_samples, cfg.train.lr, cfg.data.image_size) == (7, 2, 0.002, 64)
+
+
+def test_preset_base_errors(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="form a cycle"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: nope\n")
+    with pytest.raises(ConfigError, match="config file 'nope' not found"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("base: [cpu]\n")
+    with pytest.raises(ConfigError, match="'base' must name a preset"):
+        load_config(tmp_path / "d.yaml")
+    (tmp_path / "e.yaml").write_text("base: cpu\ntrian:\n  epochs: 1\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'trian'. Did you mean 'train'\?"):
+        load_config(tmp_path / "e.yaml")
+
+
+def test_saved_config_is_flat_and_reloads_identically(tmp_path):
+    from diffmic.config import save_config
+
+    cfg = load_config("breastmnist", ["model.denoiser_input=paper"])
+    save_config(cfg, tmp_path / "c.yaml")
+    assert "base" not in yaml.safe_load((tmp_path / "c.yaml").read_text())
+    assert load_config(tmp_path / "c.yaml") == cfg
