@@ -39,6 +39,18 @@ def _parser() -> argparse.ArgumentParser:
         v.add_argument("--config", help="config (default: <run>/config.yaml)")
         v.add_argument("overrides", nargs="*", help="eval.* / data.* overrides, e.g. eval.sampler=ddim eval.steps=10")
 
+    ca = sub.add_parser("calibrate", help="fit temperature, referral threshold and conformal sets on the validation split")
+    ca.add_argument("--run", required=True, help="trained run folder (the fit is stored in its checkpoint)")
+    ca.add_argument("--ckpt", help="checkpoint (default: <run>/checkpoints/best.ckpt)")
+    ca.add_argument("--config", help="config (default: <run>/config.yaml)")
+    ca.add_argument("overrides", nargs="*", help="eval.* overrides, e.g. eval.refer_max_fraction=0.1 eval.conformal_level=0.95")
+
+    rp = sub.add_parser("report", help="write a self-contained HTML report of a tested run")
+    rp.add_argument("run", help="run folder (after `diffmic test`)")
+    rp.add_argument("--output", help="HTML file (default: <run>/report.html)")
+    rp.add_argument("--max-images", type=int, default=600, help="test images for the t-SNE and lesion checks")
+    rp.add_argument("--gallery", type=int, default=4, help="images per gallery row (correct/wrong/uncertain)")
+
     pr = sub.add_parser("predict", help="classify image files or folders")
     pr.add_argument("--run", help="trained run folder")
     pr.add_argument("--ckpt", help="checkpoint (default: <run>/checkpoints/best.ckpt)")
@@ -104,10 +116,35 @@ def _evaluate(args) -> int:
         if ref:
             summary["referral"] = {k: ref[k] for k in ("rule", "referred_fraction", "accuracy_kept",
                                                        "accuracy_referred", "aurc")}
+        ci = result.get("ci", {})
+        if ci:
+            summary["ci95"] = {k: [round(v, 4) for v in ci[k]] for k in ci}
+        for block, keys in (("calibration", ("temperature", "ece", "ece_unscaled", "classwise_ece", "nll", "nll_unscaled", "brier")),
+                            ("uncertainty", ("pavpu", "uncertain_fraction", "accuracy_confident", "accuracy_uncertain")),
+                            ("conformal", ("level", "coverage", "mean_set_size"))):
+            if block in result:
+                summary[block] = {k: result[block].get(k) for k in keys}
         summary["written"] = str(Path(args.run) / "test_metrics.json")
         print(json.dumps(summary, indent=2))
     else:
         print(json.dumps(result, indent=2))
+    return 0
+
+
+def _calibrate(args) -> int:
+    from diffmic.training.run import calibrate
+
+    calib = calibrate(args.run, ckpt=args.ckpt, overrides=args.overrides, config_path=args.config)
+    print(json.dumps(calib, indent=2))
+    return 0
+
+
+def _report(args) -> int:
+    from diffmic.inference.explain import build_report
+
+    out = build_report(Path(args.run), Path(args.output) if args.output else None,
+                       max_images=args.max_images, gallery_size=args.gallery)
+    print(f"wrote {out}")
     return 0
 
 
@@ -193,6 +230,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             return _evaluate(args)
         if args.verb == "predict":
             return _predict(args)
+        if args.verb == "calibrate":
+            return _calibrate(args)
+        if args.verb == "report":
+            return _report(args)
         if args.verb == "data":
             return _data_check(args)
     except errors as exc:
