@@ -178,7 +178,12 @@ def _predict(args) -> int:
     else:
         for r in results:
             flag = "  REFER to a clinician" if r.refer else ""
-            print(f"{r.id}\t{r.label}\tp={r.confidence:.3f}\tagreement={r.agreement:.2f}{flag}")
+            extra = ""
+            if r.prediction_set is not None:
+                extra += f"\tset={{{', '.join(r.prediction_set)}}}"
+            if r.uncertain is not None:
+                extra += f"\t{'uncertain' if r.uncertain else 'confident'} (t-test p={r.ttest_p:.3g})"
+            print(f"{r.id}\t{r.label}\tp={r.confidence:.3f}\tagreement={r.agreement:.2f}{extra}{flag}")
     if args.explain:
         for img, r in zip(images, results):
             predictor.save_explanation(img, r, Path(args.explain) / f"{Path(img).stem}.png")

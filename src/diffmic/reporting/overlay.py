@@ -23,8 +23,10 @@ def draw_explanation(original: np.ndarray, saliency: Optional[np.ndarray], roi_b
 
     img = np.asarray(original)
     H, W = img.shape[:2]
+    # one figure pixel per image pixel (at least 240 px per panel, so a thumbnail stays readable)
+    k = max(1.0, 240 / W)
     dpi = 100
-    fig, axes = plt.subplots(1, 2, figsize=(2 * W / dpi, H / dpi + 0.35), dpi=dpi)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * W * k / dpi, H * k / dpi + 0.35), dpi=dpi)
     cmap = "gray" if img.ndim == 2 or img.shape[-1] == 1 else None
     try:
         for ax in axes:
@@ -47,8 +49,8 @@ def draw_explanation(original: np.ndarray, saliency: Optional[np.ndarray], roi_b
                            interpolation="bilinear")
             axes[1].add_patch(Rectangle((left - 0.5, top - 0.5), s, s, fill=False, color="white", lw=0.8, ls="--"))
         axes[0].set_title(title, fontsize=7)
-        axes[1].set_title("DCG saliency", fontsize=7)
-        fig.subplots_adjust(left=0, right=1, bottom=0, top=1 - 0.3 / (H / dpi + 0.35), wspace=0.02)
+        axes[1].set_title("DCG saliency" if saliency is not None else "no saliency (no DCG)", fontsize=7)
+        fig.subplots_adjust(left=0, right=1, bottom=0, top=1 - 0.3 / (H * k / dpi + 0.35), wspace=0.02)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.stem + ".tmp" + path.suffix)
