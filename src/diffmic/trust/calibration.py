@@ -147,7 +147,7 @@ def plot_reliability(panels: list[tuple[str, Tensor]], labels: Tensor, path: str
             ax.bar(edges[:-1][keep].numpy(), ma[keep].numpy(), width=1 / n_bins, align="edge",
                    edgecolor="k", lw=0.5, label="accuracy")
             ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfect calibration")
-            ax.plot(mc[keep].numpy(), ma[keep].numpy(), "o", color="C3", ms=3, label="bin mean confidence")
+            ax.plot(mc[keep].numpy(), ma[keep].numpy(), "o", color="C3", ms=3, label="(mean confidence, accuracy) per bin")
             ax.set_xlim(0, 1)
             ax.set_ylim(0, 1)
             ax.set_xlabel("confidence")
