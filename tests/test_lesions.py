@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from diffmic.trust.lesions import boxes_to_original, crop_box, lesion_hits, saliency_to_original
+from diffmic.trust.lesions import (
+    boxes_to_original,
+    crop_box,
+    lesion_hits,
+    saliency_to_original,
+)
 
 
 def test_geometry_maps_input_pixels_to_the_centred_square():

@@ -13,17 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _helpers import TINY_MODEL, one_thread  # noqa: F401
 from PIL import Image
 
 from diffmic.cli import main
-
-from _helpers import TINY_MODEL, one_thread  # noqa: E402,F401
 
 PANELS = ["metrics", "confusion", "per_class", "reliability", "coverage_curve", "conformal", "tsne", "lesions", "gallery"]
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, one_thread) -> Path:
+def tiny_run(tmp_path_factory, one_thread) -> Path:  # noqa: F811
     """Three classes of synthetic 48x40 images (a coloured disc on noise), a one-epoch tiny model."""
     tmp = tmp_path_factory.mktemp("trust")
     root = tmp / "imgs"
@@ -87,9 +86,9 @@ def test_test_writes_trust_blocks_and_stores_calibration(tiny_run):
 
 
 def test_predict_gives_sets_flags_and_full_resolution_explanations(tiny_run, tmp_path):
-    cfg_root = Path([l.split(":", 1)[1].strip() for l in (tiny_run / "config.yaml").read_text().splitlines()
-                     if l.strip().startswith("root:")][0])
-    img = sorted((cfg_root / "red").glob("*.png"))[0]
+    cfg_root = Path(next(line.split(":", 1)[1].strip() for line in (tiny_run / "config.yaml").read_text().splitlines()
+                         if line.strip().startswith("root:")))
+    img = min((cfg_root / "red").glob("*.png"))
     out = tmp_path / "p.csv"
     assert main(["predict", "--run", str(tiny_run), str(img), "--output", str(out), "--explain", str(tmp_path / "ex")]) == 0
     with open(out, newline="") as fh:

@@ -9,9 +9,24 @@ import pytest
 import torch
 
 from diffmic.trust.bootstrap import bootstrap_ci
-from diffmic.trust.calibration import (apply_temperature, brier, classwise_ece, ece, fit_referral,
-                                       fit_temperature, nll, plot_reliability, reliability_bins)
-from diffmic.trust.conformal import aps_scores, aps_sets, fit_aps, image_uniforms, set_summary
+from diffmic.trust.calibration import (
+    apply_temperature,
+    brier,
+    classwise_ece,
+    ece,
+    fit_referral,
+    fit_temperature,
+    nll,
+    plot_reliability,
+    reliability_bins,
+)
+from diffmic.trust.conformal import (
+    aps_scores,
+    aps_sets,
+    fit_aps,
+    image_uniforms,
+    set_summary,
+)
 from diffmic.trust.uncertainty import card_uncertainty, pavpu
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -53,7 +52,7 @@ def tsne_figure(module, dataset, idx: list[int], class_names: list[str], seed: i
         labels += [int(it["label"]) for it in items]
     traj = torch.cat(trajs, 1)
     S = traj.shape[0]
-    pick = sorted({int(round(v)) for v in np.linspace(0, S - 1, num_panels)})
+    pick = sorted({round(float(v)) for v in np.linspace(0, S - 1, num_panels)})
     plt = _plt()
     fig, axes = plt.subplots(1, len(pick), figsize=(3.2 * len(pick), 3.4), dpi=110, squeeze=False)
     y = np.array(labels)
@@ -73,14 +72,14 @@ def tsne_figure(module, dataset, idx: list[int], class_names: list[str], seed: i
     return fig, pick
 
 
-def _mask_path(cfg, image_id: str) -> Optional[Path]:
+def _mask_path(cfg, image_id: str) -> Path | None:
     if cfg.data.dataset != "ham10000":
         return None
     p = Path(cfg.data.root) / "masks" / f"{image_id}_segmentation.png"
     return p if p.is_file() else None
 
 
-def _original_path(cfg, image_id: str) -> Optional[Path]:
+def _original_path(cfg, image_id: str) -> Path | None:
     if cfg.data.dataset == "ham10000":
         p = Path(cfg.data.root) / "images" / f"{image_id}.jpg"
         return p if p.is_file() else None
@@ -96,7 +95,7 @@ def _load(path: Path, in_chans: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def lesion_check(module, dataset, idx: list[int], cfg, batch_size: int = 64) -> Optional[dict]:
+def lesion_check(module, dataset, idx: list[int], cfg, batch_size: int = 64) -> dict | None:
     """Mean hit rates of the DCG regions and saliency (true class) over images with a lesion mask."""
     from PIL import Image
 
@@ -214,7 +213,7 @@ def _conformal_figure(conf: dict):
     return fig
 
 
-def build_report(run_dir: Path, output: Optional[Path] = None, max_images: int = 600, gallery_size: int = 4) -> Path:
+def build_report(run_dir: Path, output: Path | None = None, max_images: int = 600, gallery_size: int = 4) -> Path:
     from diffmic.training.checkpoint import load_module
     from diffmic.training.run import build_datamodule, resolve_checkpoint
 
@@ -277,7 +276,7 @@ def build_report(run_dir: Path, output: Optional[Path] = None, max_images: int =
                        f"<img alt='conformal' src='{png_data_uri(_conformal_figure(conf))}'>"))
     if module.model.variant != "basic":
         try:
-            fig, steps = tsne_figure(module, ds, idx, names, seed)
+            fig, _steps = tsne_figure(module, ds, idx, names, seed)
             panels.append(("tsne", f"t-SNE of the denoised label vectors ({len(idx)} test images, paper Fig. 2)",
                            f"<img alt='tsne' src='{png_data_uri(fig)}'>"))
         except ImportError:

@@ -6,7 +6,6 @@ import base64
 import html
 import io
 from pathlib import Path
-from typing import Optional
 
 CSS = """
 body{font-family:sans-serif;margin:16px;max-width:1180px;color:#222}
@@ -45,10 +44,10 @@ def table(header: list[str], rows: list[list], fmt: str = "{:.3f}") -> str:
 
 
 def write_report(path: str | Path, title: str, panels: list[tuple[str, str, str]],
-                 intro: Optional[str] = None) -> Path:
+                 intro: str | None = None) -> Path:
     """``panels`` = (id, heading, inner HTML); each becomes ``<div class="panel" id=...>``."""
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+    parts = [(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+              f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>")]
     if intro:
         parts.append(f"<p>{intro}</p>")
     for pid, heading, inner in panels:

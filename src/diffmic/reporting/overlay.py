@@ -4,15 +4,14 @@ saliency map of a class, mapped back through the centre-square crop and resize o
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
 from diffmic.trust.lesions import boxes_to_original, saliency_to_original
 
 
-def draw_explanation(original: np.ndarray, saliency: Optional[np.ndarray], roi_boxes, roi_attention,
-                     image_size: int, title: str, path: str | Path, mask: Optional[np.ndarray] = None) -> Path:
+def draw_explanation(original: np.ndarray, saliency: np.ndarray | None, roi_boxes, roi_attention,
+                     image_size: int, title: str, path: str | Path, mask: np.ndarray | None = None) -> Path:
     """Two panels at the original's pixel size: image + ROI boxes, image + saliency (inside the
     square the network sees, outlined); ``mask`` (optional) outlines the lesion on both."""
     import matplotlib

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable
+import math
+from collections.abc import Callable
 
 import torch
 
@@ -17,7 +18,7 @@ def bootstrap_ci(stat: Callable[[torch.Tensor], float], n: int, num_resamples: i
     for _ in range(num_resamples):
         idx = torch.randint(0, n, (n,), generator=g)
         v = float(stat(idx))
-        if v == v:
+        if not math.isnan(v):
             vals.append(v)
     if not vals:
         return [float("nan"), float("nan")]

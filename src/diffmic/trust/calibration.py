@@ -9,12 +9,14 @@ logits, so this is ordinary temperature scaling (Guo et al. 2017).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics.functional.classification import binary_calibration_error, multiclass_calibration_error
+from torchmetrics.functional.classification import (
+    binary_calibration_error,
+    multiclass_calibration_error,
+)
 
 EPS = 1e-12
 
@@ -82,8 +84,8 @@ def fit_temperature(probs: Tensor, labels: Tensor, max_iter: int = 200) -> float
     return t
 
 
-def fit_referral(confidence: Tensor, correct: Tensor, max_referred: Optional[float] = 0.2,
-                 target_accuracy: Optional[float] = None) -> dict:
+def fit_referral(confidence: Tensor, correct: Tensor, max_referred: float | None = 0.2,
+                 target_accuracy: float | None = None) -> dict:
     """A confidence threshold: refer an image when its (calibrated) confidence is below it.
 
     ``target_accuracy`` given: the lowest threshold whose kept images reach that accuracy on this

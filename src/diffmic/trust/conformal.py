@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -20,10 +20,10 @@ from torch import Tensor
 
 def image_uniforms(ids: Sequence[str], seed: int = 0) -> Tensor:
     """A uniform (0, 1) number per image id, the same on every run and machine."""
-    return torch.tensor([(zlib.crc32(f"{seed}:{i}".encode("utf-8")) + 0.5) / 2**32 for i in ids], dtype=torch.float64)
+    return torch.tensor([(zlib.crc32(f"{seed}:{i}".encode()) + 0.5) / 2**32 for i in ids], dtype=torch.float64)
 
 
-def aps_scores(probs: Tensor, u: Optional[Tensor] = None) -> Tensor:
+def aps_scores(probs: Tensor, u: Tensor | None = None) -> Tensor:
     """``[N,C]``: score of every class = probability ranked above it + ``u`` x its own (u = 1: at or above)."""
     p = torch.as_tensor(probs, dtype=torch.float64)
     sorted_p, order = torch.sort(p, dim=-1, descending=True, stable=True)
@@ -34,7 +34,7 @@ def aps_scores(probs: Tensor, u: Optional[Tensor] = None) -> Tensor:
     return scores
 
 
-def fit_aps(probs: Tensor, labels: Tensor, level: float = 0.9, u: Optional[Tensor] = None) -> float:
+def fit_aps(probs: Tensor, labels: Tensor, level: float = 0.9, u: Tensor | None = None) -> float:
     """The conformal quantile q of the true-class scores on the calibration split."""
     if not 0 < level < 1:
         raise ValueError(f"conformal level must be in (0, 1), got {level}")
@@ -46,7 +46,7 @@ def fit_aps(probs: Tensor, labels: Tensor, level: float = 0.9, u: Optional[Tenso
     return float(torch.sort(s).values[k - 1])
 
 
-def aps_sets(probs: Tensor, qhat: float, u: Optional[Tensor] = None) -> Tensor:
+def aps_sets(probs: Tensor, qhat: float, u: Tensor | None = None) -> Tensor:
     """Boolean ``[N,C]`` membership of the prediction sets (the top class always included)."""
     p = torch.as_tensor(probs, dtype=torch.float64)
     member = aps_scores(p, u) <= qhat + 1e-12

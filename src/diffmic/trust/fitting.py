@@ -7,14 +7,19 @@ settings they were fitted for) are stored in the checkpoint under ``diffmic_cali
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import Tensor
 
 from diffmic.trust.bootstrap import bootstrap_ci
-from diffmic.trust.calibration import (apply_temperature, calibration_summary, ece, fit_referral,
-                                       fit_temperature, plot_reliability)
+from diffmic.trust.calibration import (
+    apply_temperature,
+    calibration_summary,
+    ece,
+    fit_referral,
+    fit_temperature,
+    plot_reliability,
+)
 from diffmic.trust.conformal import aps_sets, fit_aps, image_uniforms, set_summary
 from diffmic.trust.uncertainty import card_uncertainty, pavpu
 
@@ -27,7 +32,7 @@ def eval_settings(eval_cfg) -> dict:
     return {k: getattr(eval_cfg, k) for k in SETTINGS}
 
 
-def fit_trust(probs: Tensor, labels: Tensor, eval_cfg, split: str = "val", ids: Optional[list] = None) -> dict:
+def fit_trust(probs: Tensor, labels: Tensor, eval_cfg, split: str = "val", ids: list | None = None) -> dict:
     """All trust parameters from one split's (unscaled) probabilities and labels."""
     probs = torch.as_tensor(probs, dtype=torch.float64)
     labels = torch.as_tensor(labels).long()
@@ -79,9 +84,13 @@ def sample_columns(samples: Tensor, class_names: list[str]) -> list[dict]:
 
 
 def _headline(probs: Tensor, labels: Tensor, num_classes: int) -> dict:
-    from torchmetrics.functional.classification import (multiclass_accuracy, multiclass_auroc,
-                                                        multiclass_cohen_kappa, multiclass_f1_score,
-                                                        multiclass_recall)
+    from torchmetrics.functional.classification import (
+        multiclass_accuracy,
+        multiclass_auroc,
+        multiclass_cohen_kappa,
+        multiclass_f1_score,
+        multiclass_recall,
+    )
 
     p = probs.float()
     return {
@@ -93,7 +102,7 @@ def _headline(probs: Tensor, labels: Tensor, num_classes: int) -> dict:
     }
 
 
-def test_trust(rows: list[dict], calib: dict, class_names: list[str], out: Optional[Path],
+def test_trust(rows: list[dict], calib: dict, class_names: list[str], out: Path | None,
                seed: int = 0, resamples: int = 500) -> dict:
     """Apply ``calib`` to the test rows (in place: calibrated ``confidence``/``p_*`` with the unscaled
     values kept as ``*_unscaled``, the fitted ``refer``, the prediction set) and return the
@@ -176,7 +185,7 @@ def test_trust(rows: list[dict], calib: dict, class_names: list[str], out: Optio
     return blocks
 
 
-def predict_trust(probs: Tensor, samples: Optional[Tensor], calib: Optional[dict], ids: Optional[list] = None) -> dict:
+def predict_trust(probs: Tensor, samples: Tensor | None, calib: dict | None, ids: list | None = None) -> dict:
     """Per-image trust outputs for new images: calibrated probabilities, fitted referral and the
     conformal set (when ``calib`` is given), CARD flag (when K >= 2 samples are given)."""
     out: dict = {}

@@ -55,7 +55,7 @@ def lesion_hits(mask: np.ndarray, boxes_orig: list[list[float]], saliency_crop: 
     out = {"lesion_share": share}
     ov, ovr, ch, chr_ = [], [], [], []
     for y0, x0, y1, x1 in boxes_orig:
-        a, b, c, d = (int(round(v)) for v in (y0 - top, x0 - left, y1 - top, x1 - left))
+        a, b, c, d = (round(float(v)) for v in (y0 - top, x0 - left, y1 - top, x1 - left))
         a, b = max(a, 0), max(b, 0)
         c, d = min(max(c, a + 1), s), min(max(d, b + 1), s)
         bh, bw = c - a, d - b
