@@ -19,6 +19,7 @@ LAYERS: dict[str, int] = {
     "diffmic.metrics": 2,
     "diffmic.data": 3,
     "diffmic.reporting": 3,
+    "diffmic.trust": 3,
     "diffmic.config": 4,
     "diffmic.training": 5,
     "diffmic.inference": 6,

@@ -40,6 +40,18 @@ def _parser() -> argparse.ArgumentParser:
         v.add_argument("--config", help="config (default: <run>/config.yaml)")
         v.add_argument("overrides", nargs="*", help="eval.* / data.* overrides, e.g. eval.sampler=ddim eval.steps=10")
 
+    ca = sub.add_parser("calibrate", help="fit temperature, referral threshold and conformal sets on the validation split")
+    ca.add_argument("--run", required=True, help="trained run folder (the fit is stored in its checkpoint)")
+    ca.add_argument("--ckpt", help="checkpoint (default: <run>/checkpoints/best.ckpt)")
+    ca.add_argument("--config", help="config (default: <run>/config.yaml)")
+    ca.add_argument("overrides", nargs="*", help="eval.* overrides, e.g. eval.refer_max_fraction=0.1 eval.conformal_level=0.95")
+
+    rp = sub.add_parser("report", help="write a self-contained HTML report of a tested run")
+    rp.add_argument("run", help="run folder (after `diffmic test`)")
+    rp.add_argument("--output", help="HTML file (default: <run>/report.html)")
+    rp.add_argument("--max-images", type=int, default=600, help="test images for the t-SNE and lesion checks")
+    rp.add_argument("--gallery", type=int, default=4, help="images per gallery row (correct/wrong/uncertain)")
+
     pr = sub.add_parser("predict", help="classify image files or folders")
     pr.add_argument("--run", help="trained run folder")
     pr.add_argument("--ckpt", help="checkpoint (default: <run>/checkpoints/best.ckpt)")
@@ -147,10 +159,35 @@ def _evaluate(args) -> int:
         if ref:
             summary["referral"] = {k: ref[k] for k in ("rule", "referred_fraction", "accuracy_kept",
                                                        "accuracy_referred", "aurc")}
+        ci = result.get("ci", {})
+        if ci:
+            summary["ci95"] = {k: [round(v, 4) for v in ci[k]] for k in ci}
+        for block, keys in (("calibration", ("temperature", "ece", "ece_unscaled", "classwise_ece", "nll", "nll_unscaled", "brier")),
+                            ("uncertainty", ("pavpu", "uncertain_fraction", "accuracy_confident", "accuracy_uncertain")),
+                            ("conformal", ("level", "coverage", "mean_set_size"))):
+            if block in result:
+                summary[block] = {k: result[block].get(k) for k in keys}
         summary["written"] = str(Path(args.run) / "test_metrics.json")
         print(json.dumps(summary, indent=2))
     else:
         print(json.dumps(result, indent=2))
+    return 0
+
+
+def _calibrate(args) -> int:
+    from diffmic.training.run import calibrate
+
+    calib = calibrate(args.run, ckpt=args.ckpt, overrides=args.overrides, config_path=args.config)
+    print(json.dumps(calib, indent=2))
+    return 0
+
+
+def _report(args) -> int:
+    from diffmic.inference.explain import build_report
+
+    out = build_report(Path(args.run), Path(args.output) if args.output else None,
+                       max_images=args.max_images, gallery_size=args.gallery)
+    print(f"wrote {out}")
     return 0
 
 
@@ -194,7 +231,12 @@ def _predict(args) -> int:
     else:
         for r in results:
             flag = "  REFER to a clinician" if r.refer else ""
-            print(f"{r.id}\t{r.label}\tp={r.confidence:.3f}\tagreement={r.agreement:.2f}{flag}")
+            extra = ""
+            if r.prediction_set is not None:
+                extra += f"\tset={{{', '.join(r.prediction_set)}}}"
+            if r.uncertain is not None:
+                extra += f"\t{'uncertain' if r.uncertain else 'confident'} (t-test p={r.ttest_p:.3g})"
+            print(f"{r.id}\t{r.label}\tp={r.confidence:.3f}\tagreement={r.agreement:.2f}{extra}{flag}")
     if args.explain:
         for img, r, dest in zip(images, results, explain_paths):
             predictor.save_explanation(img, r, dest)
@@ -327,6 +369,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             return _evaluate(args)
         if args.verb == "predict":
             return _predict(args)
+        if args.verb == "calibrate":
+            return _calibrate(args)
+        if args.verb == "report":
+            return _report(args)
         if args.verb == "data" and args.data_verb == "download":
             return _data_download(args)
         if args.verb == "export":

@@ -149,6 +149,11 @@ class EvalConfig:
     val_steps: Optional[int] = 10
     sample_seed: int = 0  # per-image sampling seeds derive from this and the image id
     refer_threshold: float = 0.5  # refer to a clinician when confidence is below this
+    # fitted on the validation split by `diffmic calibrate` (or the first `diffmic test`), see docs/uncertainty.md
+    refer_max_fraction: float = 0.2  # referral goal: refer at most this fraction of the images
+    refer_target_accuracy: Optional[float] = None  # or: the fewest referrals reaching this accuracy on kept images
+    conformal_level: float = 0.9  # coverage of the conformal prediction sets
+    bootstrap_resamples: int = 500  # bootstrap resamples for the 95 % intervals of test metrics
 
 
 @dataclass

@@ -76,6 +76,7 @@ class SampleReadout:
     agreement: Tensor
     spread: Tensor
     entropy: Tensor
+    samples: Tensor | None = None  # the K samples y0 [B,K,C] themselves
 
 
 def readout(y0: Tensor, aggregate: str = "mean", temperature: float = 0.2) -> SampleReadout:
@@ -103,7 +104,7 @@ def readout(y0: Tensor, aggregate: str = "mean", temperature: float = 0.2) -> Sa
     agreement = (votes == pred[:, None]).to(y0.dtype).mean(1)
     spread = y0.std(1, unbiased=False).mean(-1) if y0.shape[1] > 1 else torch.zeros_like(confidence)
     entropy = -(probs.clamp_min(1e-12).log() * probs).sum(-1)
-    return SampleReadout(probs, pred, confidence, agreement, spread, entropy)
+    return SampleReadout(probs, pred, confidence, agreement, spread, entropy, y0)
 
 
 def should_refer(confidence: float, agreement: float | None, threshold: float) -> bool:

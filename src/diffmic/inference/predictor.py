@@ -18,6 +18,7 @@ from torch import Tensor
 
 from diffmic.diffusion.reverse import reverse_sample
 from diffmic.metrics import readout, should_refer
+from diffmic.trust.fitting import predict_trust
 
 
 @dataclass
@@ -45,6 +46,12 @@ class Prediction:
     roi_boxes: Optional[list[list[int]]] = None
     roi_attention: Optional[list[float]] = None
     extra: dict = field(default_factory=dict)
+    # with a calibrated checkpoint (diffmic calibrate): confidence/probs are temperature-scaled,
+    # refer follows the fitted threshold, and these hold the rest (docs/uncertainty.md)
+    confidence_unscaled: Optional[float] = None
+    prediction_set: Optional[list[str]] = None
+    uncertain: Optional[bool] = None  # CARD paired t-test of the two top classes (K >= 2)
+    ttest_p: Optional[float] = None
 
     def as_row(self) -> dict:
         row = {
@@ -52,6 +59,12 @@ class Prediction:
             "agreement": self.agreement, "spread": self.spread, "entropy": self.entropy, "refer": int(self.refer),
         }
         row.update({f"p_{k}": v for k, v in self.probs.items()})
+        if self.prediction_set is not None:
+            row["confidence_unscaled"] = self.confidence_unscaled
+            row["set"] = "|".join(self.prediction_set)
+        if self.uncertain is not None:
+            row["uncertain"] = int(self.uncertain)
+            row["ttest_p"] = self.ttest_p
         if self.roi_boxes is not None:
             row["roi_boxes"] = ";".join(",".join(str(int(v)) for v in box) for box in self.roi_boxes)
         return row
@@ -134,6 +147,8 @@ class Predictor:
             )
             r = readout(out.y0, e.aggregate, e.temperature)
             guidance, prior = out.guidance, out.prior
+        trust = predict_trust(r.probs, r.samples if m.model.variant != "basic" else None,
+                              getattr(m, "calibration", None), ids=[str(i) for i in ids])
         results = []
         for i, image_id in enumerate(ids):
             k = int(r.pred[i])
@@ -148,6 +163,15 @@ class Predictor:
                 entropy=float(r.entropy[i]),
                 refer=should_refer(float(r.confidence[i]), float(r.agreement[i]), e.refer_threshold),
             )
+            if trust.get("probs") is not None:
+                res.confidence_unscaled = res.confidence
+                res.probs = {n: float(trust["probs"][i, c]) for c, n in enumerate(self.class_names)}
+                res.confidence = float(trust["probs"][i, k])
+                res.refer = bool(trust["refer"][i])
+                res.prediction_set = [n for c, n in enumerate(self.class_names) if trust["sets"][i, c]]
+            if trust.get("uncertain") is not None:
+                res.uncertain = bool(trust["uncertain"][i])
+                res.ttest_p = float(trust["p_value"][i])
             if prior is not None:
                 res.prior_probs = {n: float(prior[i, c]) for c, n in enumerate(self.class_names)}
             if guidance is not None:
@@ -178,6 +202,20 @@ class Predictor:
         return (x * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
 
     def save_explanation(self, image: str | Path, result: Prediction, out_path: str | Path) -> Path:
+        """Write a PNG on the original image at its full resolution: the ROI boxes, and the
+        saliency map of the predicted class over the square the network sees."""
+        from diffmic.data.transforms import open_image, to_mode
+        from diffmic.reporting.overlay import draw_explanation
+
+        with open_image(image) as img:
+            arr = np.array(to_mode(img, self.cfg.data.in_chans))
+        title = f"{result.label} p={result.confidence:.2f}" + (" REFER" if result.refer else "")
+        if result.prediction_set is not None:
+            title += "  set {" + ", ".join(result.prediction_set) + "}"
+        return draw_explanation(arr, result.saliency, result.roi_boxes, result.roi_attention,
+                                self.cfg.data.image_size, title, out_path)
+
+    def save_explanation_input(self, image: str | Path, result: Prediction, out_path: str | Path) -> Path:
         """Write a PNG: the input, the saliency map of the predicted class, and the ROI boxes."""
         import matplotlib
 

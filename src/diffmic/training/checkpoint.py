@@ -162,7 +162,19 @@ def load_module(
     module.eval()
     module.loaded_from = str(path)
     module.diffmic_version = ckpt.get("diffmic_version", "unknown")
+    module.calibration = ckpt.get(CALIBRATION_KEY)  # trust parameters fitted on validation, or None
     return module
+
+
+CALIBRATION_KEY = "diffmic_calibration"
+
+
+def store_calibration(path: str | Path, calibration: dict) -> None:
+    """Write the fitted trust parameters (plain JSON-like values) into the checkpoint ``path``,
+    atomically (the weights are unchanged; an earlier calibration is replaced)."""
+    ckpt = read_checkpoint(path)
+    ckpt[CALIBRATION_KEY] = calibration
+    AtomicCheckpointIO().save_checkpoint(ckpt, path)
 
 
 TMP_MARK = ".tmp-"  # "<name>.ckpt.tmp-<pid>": a checkpoint being written (removed by fit on start)

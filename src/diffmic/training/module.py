@@ -38,6 +38,7 @@ from diffmic.metrics import (SCALAR_METRICS, classification_metrics, metrics_to_
 from diffmic.nn.diffmic import DiffMIC
 from diffmic.reporting import plot_risk_coverage, write_json, write_rows_csv
 from diffmic.training.schedules import lr_factor, warmup_dcg_lr
+from diffmic.trust.fitting import sample_columns, test_trust
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -310,6 +311,7 @@ class DiffMICModule(pl.LightningModule):
         self.test_metrics.update(probs, labels)
         pred = probs.argmax(-1)
         conf = probs.max(-1).values
+        card = sample_columns(r.samples, self.class_names) if r is not None and r.samples is not None else None
         for i, image_id in enumerate(batch["id"]):
             row = {"id": image_id, "label": int(labels[i]), "pred": int(pred[i]), "confidence": float(conf[i])}
             if r is not None:
@@ -321,6 +323,8 @@ class DiffMICModule(pl.LightningModule):
                 row[f"p_{name}"] = float(probs[i, c])
             if prior is not None:
                 row["prior_pred"] = int(prior[i].argmax())
+            if card is not None:
+                row.update(card[i])
             self._test_rows.append(row)
 
     def on_test_epoch_end(self) -> None:
@@ -347,7 +351,11 @@ class DiffMICModule(pl.LightningModule):
             )
             out = Path(self.output_dir)
             out.mkdir(parents=True, exist_ok=True)
-            if rows:
+            calib = getattr(self, "calibration", None)
+            if rows and calib is not None:  # fitted on validation (diffmic calibrate / first test)
+                result.update(test_trust(rows, calib, self.class_names, out, seed=self.cfg.run.seed,
+                                         resamples=e.bootstrap_resamples))
+            elif rows:
                 result["referral"] = self._referral(rows, out)
             write_json(out / "test_metrics.json", result)
             write_rows_csv(out / "predictions.csv", sorted({r["id"]: r for r in rows}.values(), key=lambda r: r["id"]))

@@ -272,6 +272,8 @@ def evaluate(
     module = load_module(ckpt_path, expected_class_names=list(dm.class_names), overrides=eval_over)
     check_split(run_dir, dm, stage, overrides=list(overrides or []) + ([f"--config {config_path}"] if config_path else []))
     module.output_dir = run_dir if stage == "test" else None
+    if stage == "test":
+        ensure_calibration(module, cfg, ckpt_path, run_dir)
     trainer = _trainer(cfg, run_dir, [], for_fit=False)
     pl.seed_everything(cfg.run.seed, verbose=False)
     if stage == "test":
@@ -284,3 +286,69 @@ def evaluate(
         return result
     out = trainer.validate(module, datamodule=dm, verbose=False)
     return {k: float(v) for k, v in (out[0] if out else {}).items()}
+
+
+def calibrate(run_dir: str | Path, ckpt: Optional[str] = None, overrides: Optional[list[str]] = None,
+              config_path: Optional[str] = None, store: bool = True) -> dict:
+    """Fit the temperature, referral threshold and conformal quantile on the validation split
+    (``diffmic calibrate``) and store them in the checkpoint. Returns the fitted parameters."""
+    run_dir = Path(run_dir)
+    cfg_file = Path(config_path) if config_path else run_dir / "config.yaml"
+    if not cfg_file.exists():
+        raise ConfigError(f"'{cfg_file}' not found: pass --run with a trained run folder or --config.")
+    cfg = load_config(cfg_file, overrides)
+    ckpt_path = resolve_checkpoint(run_dir, ckpt)
+    eval_over = {"eval": {k: v for k, v in cfg.to_dict()["eval"].items()}}
+    module = load_module(ckpt_path, overrides=eval_over)
+    return _fit_calibration(module, cfg, ckpt_path, store=store)
+
+
+def _fit_calibration(module, cfg: Config, ckpt_path: Path, store: bool) -> dict:
+    from diffmic.trust.fitting import collect_probs, fit_trust
+
+    if cfg.train.select_on == "test":
+        raise ConfigError("calibration is fitted on the validation split, but this run validates on the "
+                          "test split (train.select_on=test); it cannot be calibrated honestly.")
+    dm = build_datamodule(cfg)
+    dm.setup("validate")
+    try:
+        loader = dm.val_dataloader()
+    except KeyError as exc:
+        raise ConfigError(f"no validation split to calibrate on ({exc}); set data.val_fraction > 0") from exc
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    module.to(device)
+    pl.seed_everything(cfg.run.seed, verbose=False)
+    probs, labels, ids = collect_probs(module, loader)
+    if labels.numel() == 0:
+        raise ConfigError("the validation split is empty: nothing to calibrate on; set data.val_fraction > 0")
+    calib = fit_trust(probs, labels, module.cfg.eval, split="val", ids=ids)
+    calib["checkpoint"] = str(ckpt_path)
+    calib["stored"] = bool(store)
+    if store:
+        from diffmic.training.checkpoint import store_calibration
+
+        store_calibration(ckpt_path, calib)
+    module.calibration = calib
+    module.cpu()
+    return calib
+
+
+def ensure_calibration(module, cfg: Config, ckpt_path: Path, run_dir: Path) -> None:
+    """Before a test: use the checkpoint's calibration when it was fitted for these evaluation
+    settings; otherwise fit one on the validation split, stored in the checkpoint only when it has
+    none yet and lies in this run folder (a calibration for other settings is used for this test
+    only; `diffmic calibrate` replaces a stored one)."""
+    from diffmic.trust.fitting import eval_settings
+
+    calib = getattr(module, "calibration", None)
+    if calib is not None and calib.get("settings") == eval_settings(module.cfg.eval):
+        return
+    inside = run_dir.resolve() in Path(ckpt_path).resolve().parents
+    store = calib is None and inside
+    try:
+        _fit_calibration(module, cfg, ckpt_path, store=store)
+    except ConfigError as exc:  # no honest validation split: test reports uncalibrated scores
+        import sys
+
+        module.calibration = None
+        print(f"diffmic test: not calibrated ({exc}); the referral uses eval.refer_threshold", file=sys.stderr)

@@ -1,0 +1,201 @@
+"""Fit the trust parameters on the validation split and apply them to test rows / predictions.
+
+The fitted parameters (temperature, referral threshold, conformal quantile, with the evaluation
+settings they were fitted for) are stored in the checkpoint under ``diffmic_calibration``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from diffmic.trust.bootstrap import bootstrap_ci
+from diffmic.trust.calibration import (
+    apply_temperature,
+    calibration_summary,
+    ece,
+    fit_referral,
+    fit_temperature,
+    plot_reliability,
+)
+from diffmic.trust.conformal import aps_sets, fit_aps, image_uniforms, set_summary
+from diffmic.trust.uncertainty import card_uncertainty, pavpu
+
+CKPT_KEY = "diffmic_calibration"
+SETTINGS = ("sampler", "steps", "eta", "start", "num_samples", "aggregate", "temperature", "sample_seed",
+            "refer_max_fraction", "refer_target_accuracy", "conformal_level")
+
+
+def eval_settings(eval_cfg) -> dict:
+    return {k: getattr(eval_cfg, k) for k in SETTINGS}
+
+
+def fit_trust(probs: Tensor, labels: Tensor, eval_cfg, split: str = "val", ids: list | None = None) -> dict:
+    """All trust parameters from one split's (unscaled) probabilities and labels."""
+    probs = torch.as_tensor(probs, dtype=torch.float64)
+    labels = torch.as_tensor(labels).long()
+    T = fit_temperature(probs, labels)
+    cal = apply_temperature(probs, T)
+    conf, pred = cal.max(-1)
+    referral = fit_referral(conf, pred == labels, eval_cfg.refer_max_fraction, eval_cfg.refer_target_accuracy)
+    return {
+        "fitted_on": split,
+        "num_images": int(labels.numel()),
+        "settings": eval_settings(eval_cfg),
+        "temperature": T,
+        "fit_nll_unscaled": calibration_summary(probs, labels)["nll"],
+        "fit_nll": calibration_summary(cal, labels)["nll"],
+        "referral": referral,
+        "conformal": {"method": "APS (randomised by image id, split conformal)", "level": eval_cfg.conformal_level,
+                      "qhat": fit_aps(cal, labels, eval_cfg.conformal_level,
+                                      image_uniforms(ids) if ids is not None else None),
+                      "randomised": ids is not None},
+    }
+
+
+@torch.no_grad()
+def collect_probs(module, loader) -> tuple[Tensor, Tensor, list]:
+    """Unscaled class probabilities, labels and ids of every image of ``loader`` (test-time sampler)."""
+    module.eval()
+    ps, ys, ids = [], [], []
+    for batch in loader:
+        batch = {k: (v.to(module.device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
+        probs, _, _ = module._scores(batch, "test")
+        ps.append(probs.double().cpu())
+        ys.append(batch["label"].cpu())
+        ids += [str(i) for i in batch["id"]]
+    return torch.cat(ps), torch.cat(ys), ids
+
+
+def sample_columns(samples: Tensor, class_names: list[str]) -> list[dict]:
+    """Per-image CARD columns for predictions.csv: t-test p-value, flag, per-class mean and 95 % interval."""
+    u = card_uncertainty(samples)
+    rows = []
+    for i in range(samples.shape[0]):
+        row = {"ttest_p": float(u.p_value[i]), "uncertain": int(u.uncertain[i])}
+        for c, n in enumerate(class_names):
+            row[f"y_mean_{n}"] = float(u.mean[i, c])
+            row[f"y_lo_{n}"] = float(u.low[i, c])
+            row[f"y_hi_{n}"] = float(u.high[i, c])
+        rows.append(row)
+    return rows
+
+
+def _headline(probs: Tensor, labels: Tensor, num_classes: int) -> dict:
+    from torchmetrics.functional.classification import (
+        multiclass_accuracy,
+        multiclass_auroc,
+        multiclass_cohen_kappa,
+        multiclass_f1_score,
+        multiclass_recall,
+    )
+
+    p = probs.float()
+    return {
+        "acc": lambda i: multiclass_accuracy(p[i], labels[i], num_classes, average="micro"),
+        "balanced_acc": lambda i: multiclass_recall(p[i], labels[i], num_classes, average="macro"),
+        "f1": lambda i: multiclass_f1_score(p[i], labels[i], num_classes, average="macro"),
+        "kappa": lambda i: multiclass_cohen_kappa(p[i], labels[i], num_classes, weights="quadratic"),
+        "auroc": lambda i: multiclass_auroc(p[i], labels[i], num_classes, average="macro"),
+    }
+
+
+def test_trust(rows: list[dict], calib: dict, class_names: list[str], out: Path | None,
+               seed: int = 0, resamples: int = 500) -> dict:
+    """Apply ``calib`` to the test rows (in place: calibrated ``confidence``/``p_*`` with the unscaled
+    values kept as ``*_unscaled``, the fitted ``refer``, the prediction set) and return the
+    ``calibration``, ``uncertainty``, ``conformal``, ``referral`` and ``ci`` blocks."""
+    from diffmic.metrics import risk_coverage, selective_summary
+    from diffmic.reporting import plot_risk_coverage
+
+    C = len(class_names)
+    raw = torch.tensor([[r[f"p_{n}"] for n in class_names] for r in rows], dtype=torch.float64)
+    labels = torch.tensor([r["label"] for r in rows]).long()
+    T = float(calib["temperature"])
+    cal = apply_temperature(raw, T)
+    conf, pred = cal.max(-1)
+    correct = pred == labels
+    thr = float(calib["referral"]["threshold"])
+    refer = conf < thr
+    qhat = float(calib["conformal"]["qhat"])
+    rand = calib["conformal"].get("randomised", False)
+    sets = aps_sets(cal, qhat, image_uniforms([r["id"] for r in rows]) if rand else None)
+    for i, r in enumerate(rows):
+        r["confidence_unscaled"] = r["confidence"]
+        r["confidence"] = float(conf[i])
+        r["refer"] = int(refer[i])
+        r["set"] = "|".join(n for c, n in enumerate(class_names) if sets[i, c])
+        r["set_size"] = int(sets[i].sum())
+        for c, n in enumerate(class_names):
+            r[f"unscaled_p_{n}"] = r[f"p_{n}"]
+            r[f"p_{n}"] = float(cal[i, c])
+
+    blocks: dict = {}
+    blocks["calibration"] = {
+        "temperature": T, "fitted_on": calib.get("fitted_on"), "n_bins": 15,
+        **calibration_summary(cal, labels),
+        **{f"{k}_unscaled": v for k, v in calibration_summary(raw, labels).items()},
+    }
+    level = float(calib["conformal"]["level"])
+    blocks["conformal"] = {**set_summary(sets, labels, class_names, level), "qhat": qhat,
+                           "method": calib["conformal"].get("method")}
+    cov, acc = risk_coverage(conf, correct)
+    g = calib["referral"]
+    goal = (f"refer at most {g['max_referred']:.0%}" if "max_referred" in g
+            else f"accuracy >= {g['target_accuracy']} on kept images")
+    referral = {"rule": f"calibrated confidence < {thr:.4f} (fitted on {calib.get('fitted_on')}: {goal})",
+                "threshold": thr, "goal": goal,
+                "fit_referred_fraction": g.get("fit_referred_fraction"), "fit_accuracy_kept": g.get("fit_accuracy_kept"),
+                **selective_summary(conf, correct, refer, curve=(cov, acc))}
+    if out is not None:
+        point = None
+        if referral["accuracy_kept"] is not None:
+            point = (1.0 - referral["referred_fraction"], referral["accuracy_kept"])
+        plot_risk_coverage(cov, acc, out / "risk_coverage.png", point,
+                           title=f"{len(rows)} test images, AURC {referral['aurc']:.3f}")
+        plot_reliability([("unscaled", raw), (f"temperature {T:.2f} (fitted on validation)", cal)], labels,
+                         out / "reliability.png")
+    blocks["referral"] = referral
+    unc = None
+    if "uncertain" in rows[0]:
+        unc = torch.tensor([r["uncertain"] for r in rows]).bool()
+        blocks["uncertainty"] = {"method": "CARD: paired t-test between the two largest sampled classes, alpha 0.05",
+                                 **pavpu(correct, unc)}
+    else:
+        blocks["uncertainty"] = {"method": "none: one deterministic output (no reverse samples)", "pavpu": None}
+
+    n = len(rows)
+    stats = _headline(raw, labels, C)
+    stats["ece"] = lambda i: ece(cal[i], labels[i])
+    stats["ece_unscaled"] = lambda i: ece(raw[i], labels[i])
+    stats["nll"] = lambda i: float(torch.nn.functional.nll_loss(cal[i].clamp_min(1e-12).log(), labels[i]))
+    stats["brier"] = lambda i: float(((cal[i] - torch.nn.functional.one_hot(labels[i], C)) ** 2).sum(-1).mean())
+    stats["aurc"] = lambda i: selective_summary(conf[i], correct[i])["aurc"]
+    stats["referred_fraction"] = lambda i: float(refer[i].double().mean())
+    stats["accuracy_kept"] = lambda i: float(correct[i][~refer[i]].double().mean()) if (~refer[i]).any() else float("nan")
+    covered = sets[torch.arange(n), labels]
+    stats["conformal_coverage"] = lambda i: float(covered[i].double().mean())
+    stats["mean_set_size"] = lambda i: float(sets[i].sum(-1).double().mean())
+    if unc is not None:
+        stats["pavpu"] = lambda i: pavpu(correct[i], unc[i])["pavpu"]
+    blocks["ci"] = {k: bootstrap_ci(f, n, resamples, seed) for k, f in stats.items()}
+    blocks["ci_method"] = f"percentile bootstrap over test images, {resamples} resamples, seed {seed}, 95 %"
+    return blocks
+
+
+def predict_trust(probs: Tensor, samples: Tensor | None, calib: dict | None, ids: list | None = None) -> dict:
+    """Per-image trust outputs for new images: calibrated probabilities, fitted referral and the
+    conformal set (when ``calib`` is given), CARD flag (when K >= 2 samples are given)."""
+    out: dict = {}
+    if calib is not None:
+        cal = apply_temperature(probs.detach().double().cpu(), float(calib["temperature"]))
+        out["probs"] = cal
+        out["refer"] = cal.max(-1).values < float(calib["referral"]["threshold"])
+        rand = calib["conformal"].get("randomised", False) and ids is not None
+        out["sets"] = aps_sets(cal, float(calib["conformal"]["qhat"]), image_uniforms(ids) if rand else None)
+    if samples is not None and samples.shape[1] >= 2:
+        u = card_uncertainty(samples.detach().cpu())
+        out["uncertain"], out["p_value"] = u.uncertain, u.p_value
+    return out

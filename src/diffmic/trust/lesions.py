@@ -1,0 +1,79 @@
+"""Do the DCG's regions and saliency peak fall on the lesion? Geometry from the network input back
+to the original image, and hit rates against random regions of the same size.
+
+The network sees the centred square crop of side ``s = min(W, H)`` resized to ``S x S``
+(``data.transforms.preprocess_pil``): input pixel (u, v) covers original pixels
+``left + u s/S .. left + (u+1) s/S``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def crop_box(w: int, h: int) -> tuple[int, int, int]:
+    """(left, top, side) of the centred square the network sees (same rounding as the loader)."""
+    s = min(w, h)
+    return round((w - s) / 2), round((h - s) / 2), s
+
+
+def boxes_to_original(boxes, w: int, h: int, image_size: int) -> list[list[float]]:
+    """ROI boxes (y0, x0, y1, x1) in input pixels -> the same region in original pixels."""
+    left, top, s = crop_box(w, h)
+    k = s / image_size
+    return [[top + y0 * k, left + x0 * k, top + y1 * k, left + x1 * k] for y0, x0, y1, x1 in boxes]
+
+
+def saliency_to_original(saliency: np.ndarray, w: int, h: int) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Saliency ``[h', w']`` bilinearly upsampled to the crop's side ``s`` (original pixels);
+    returns the ``[s, s]`` map and the crop (left, top, s) it sits at."""
+    left, top, s = crop_box(w, h)
+    sal = F.interpolate(torch.as_tensor(np.asarray(saliency, dtype=np.float32))[None, None], size=(s, s),
+                        mode="bilinear", align_corners=False)[0, 0].numpy()
+    return sal, (left, top, s)
+
+
+def lesion_hits(mask: np.ndarray, boxes_orig: list[list[float]], saliency_crop: np.ndarray,
+                crop: tuple[int, int, int], tolerance: int = 5) -> dict:
+    """Hit rates of one image against its binary lesion ``mask [H, W]`` (original pixels).
+
+    ``roi_overlap``: mean fraction of each region's pixels on the lesion; ``roi_overlap_random``:
+    the same for a region of the same size at a uniformly random position inside the crop (exact
+    mean over all positions). ``roi_center_hit`` / ``_random``: the region's centre on the lesion.
+    ``peak_hit``: the saliency maximum on the lesion; ``peak_hit_random``: the lesion's share of
+    the crop (a random point). ``pointing_hit``: the maximum within ``tolerance`` pixels of the
+    lesion (pointing game, Zhang et al. 2018). ``energy_on_lesion``: share of the (non-negative)
+    saliency mass on the lesion, against the lesion's share of the crop.
+    """
+    left, top, s = crop
+    m = torch.as_tensor(np.asarray(mask, dtype=np.float32)[top:top + s, left:left + s])
+    if m.shape != (s, s):
+        raise ValueError(f"mask of shape {mask.shape} does not contain the crop {crop}")
+    share = float(m.mean())
+    out = {"lesion_share": share}
+    ov, ovr, ch, chr_ = [], [], [], []
+    for y0, x0, y1, x1 in boxes_orig:
+        a, b, c, d = (round(float(v)) for v in (y0 - top, x0 - left, y1 - top, x1 - left))
+        a, b = max(a, 0), max(b, 0)
+        c, d = min(max(c, a + 1), s), min(max(d, b + 1), s)
+        bh, bw = c - a, d - b
+        ov.append(float(m[a:c, b:d].mean()))
+        ovr.append(float(F.avg_pool2d(m[None, None], (bh, bw), stride=1).mean()))
+        ch.append(float(m[(a + c - 1) // 2, (b + d - 1) // 2]))
+        centres = m[(bh - 1) // 2: s - bh + 1 + (bh - 1) // 2, (bw - 1) // 2: s - bw + 1 + (bw - 1) // 2]
+        chr_.append(float(centres.mean()))
+    if ov:
+        out.update(roi_overlap=float(np.mean(ov)), roi_overlap_random=float(np.mean(ovr)),
+                   roi_center_hit=float(np.mean(ch)), roi_center_hit_random=float(np.mean(chr_)))
+    sal = torch.as_tensor(np.asarray(saliency_crop, dtype=np.float32))
+    iy, ix = divmod(int(sal.argmax()), s)
+    out["peak_hit"] = float(m[iy, ix])
+    out["peak_hit_random"] = share
+    dil = F.max_pool2d(m[None, None], 2 * tolerance + 1, stride=1, padding=tolerance)[0, 0]
+    out["pointing_hit"] = float(dil[iy, ix])
+    out["pointing_hit_random"] = float(dil.mean())
+    pos = sal.clamp_min(0)
+    out["energy_on_lesion"] = float((pos * m).sum() / pos.sum()) if float(pos.sum()) > 0 else float("nan")
+    return out
