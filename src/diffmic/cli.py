@@ -7,6 +7,7 @@ Examples::
     diffmic test --run runs/ham eval.sampler=ddim eval.steps=10
     diffmic predict --run runs/ham lesion1.jpg folder/ --output preds.csv --explain explain/
     diffmic data check --config my_folder.yaml data.root=/data/my_images
+    diffmic serve --run runs/ham --port 8000
 
 Overrides are ``section.key=value`` (YAML values); unknown keys are errors.
 """
@@ -52,6 +53,21 @@ def _parser() -> argparse.ArgumentParser:
     dc = dsub.add_parser("check", help="validate a data set and print a summary")
     dc.add_argument("--config", help="YAML file or preset")
     dc.add_argument("overrides", nargs="*")
+
+    sv = sub.add_parser("serve", help="web page: upload an image, see its class, uncertainty, saliency and regions")
+    sv.add_argument("--run", help="trained run folder (uses <run>/checkpoints/best.ckpt)")
+    sv.add_argument("--ckpt", help="checkpoint file (instead of, or with, --run)")
+    sv.add_argument("--model", help="exported model folder (`diffmic export`), where supported")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    sv.add_argument("--max-mb", type=float, default=20.0, help="largest upload accepted, in MB (default 20)")
+    sv.add_argument("overrides", nargs="*", help="eval.* overrides, e.g. eval.num_samples=8")
+
+    # -v/--verbose anywhere: `diffmic -v fit ...` or `diffmic fit ... --verbose`
+    p.add_argument("-v", "--verbose", action="store_true", help="show Lightning's full output (tips, model summary)")
+    for sp in [*sub.choices.values(), *dsub.choices.values()]:
+        sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="show Lightning's full output (INFO lines, tips, model summary)")
     return p
 
 
@@ -160,6 +176,12 @@ def _data_check(args) -> int:
     return 1 if report.errors else 0
 
 
+def _serve(args) -> int:
+    from diffmic.inference.serve import serve_main
+
+    return serve_main(args)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     from diffmic.config import ConfigError
     from diffmic.training.checkpoint import CheckpointError
@@ -186,7 +208,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         from diffmic.training.run import RunFolderError
 
         errors = errors + (RunFolderError, NonFiniteLossError)
+    if args.verb in ("fit", "validate", "test", "predict", "serve"):
+        from diffmic.training.output import quiet
+
+        quiet(not args.verbose)
     try:
+        if args.verb == "serve":
+            return _serve(args)
         if args.verb == "fit":
             return _fit(args)
         if args.verb in ("validate", "test"):

@@ -22,6 +22,7 @@ from diffmic.config import Config, ConfigError, load_config, save_config
 from diffmic.training.callbacks import DenoiserEMA, StageAwareCheckpoint
 from diffmic.training.checkpoint import TMP_MARK, AtomicCheckpointIO, CheckpointError, load_module
 from diffmic.training.module import DiffMICModule
+from diffmic.training.output import model_summary
 
 
 class RunFolderError(OSError):
@@ -90,7 +91,7 @@ def _trainer(cfg: Config, run_dir: Path, callbacks: list, for_fit: bool) -> pl.T
         log_every_n_steps=t.log_every_n_steps,
         deterministic=cfg.run.deterministic,
         enable_progress_bar=t.progress_bar,
-        enable_model_summary=for_fit,
+        enable_model_summary=model_summary(for_fit),
         num_sanity_val_steps=0,
     )
 
