@@ -55,9 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     dc.add_argument("overrides", nargs="*")
 
     sv = sub.add_parser("serve", help="web page: upload an image, see its class, uncertainty, saliency and regions")
-    sv.add_argument("--run", help="trained run folder (uses <run>/checkpoints/best.ckpt)")
-    sv.add_argument("--ckpt", help="checkpoint file (instead of, or with, --run)")
-    sv.add_argument("--model", help="exported model folder (`diffmic export`), where supported")
+    sv.add_argument("--run", help="trained run folder (uses checkpoints/best.ckpt), a checkpoint file, "
+                    "or an exported model folder")
+    sv.add_argument("--ckpt", help="checkpoint file (default: <run>/checkpoints/best.ckpt)")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     sv.add_argument("--max-mb", type=float, default=20.0, help="largest upload accepted, in MB (default 20)")
