@@ -102,6 +102,10 @@ def _fit(args) -> int:
         overrides.append(f"run.dir={args.run}")
     cfg = load_config(config, overrides)
     run_dir = fit(cfg, resume=args.resume)
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank != 0:  # DDP: one summary, from rank 0
+        return 0
     summary = json.loads((run_dir / "fit_summary.json").read_text()) if (run_dir / "fit_summary.json").exists() else {}
     print(f"run folder: {run_dir}")
     if summary:
@@ -113,6 +117,10 @@ def _evaluate(args) -> int:
     from diffmic.training.run import evaluate
 
     result = evaluate(args.run, stage=args.verb, ckpt=args.ckpt, overrides=args.overrides, config_path=args.config)
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank != 0:  # DDP: one summary, from rank 0
+        return 0
     if args.verb == "test":
         shown = {k: result[k] for k in ("acc", "balanced_acc", "f1", "kappa", "auroc") if k in result}
         summary = {"test": shown, "num_images": result.get("num_images")}

@@ -14,9 +14,9 @@ hardened public service: put it behind a real web server before exposing it. Bad
 image, corrupt, larger than ``max_bytes``, too many pixels) get a message on the page with HTTP
 400/413 and the server keeps serving.
 
-Each upload's sampling noise is seeded by its file name, as ``diffmic predict NAME`` seeds it by
-the path it is given: uploading ``lesion.jpg`` gives the same numbers as
-``diffmic predict lesion.jpg`` run in the folder holding it.
+Each upload's sampling noise is seeded as :meth:`Predictor.predict` seeds the same file (by its
+decoded pixels where the Predictor does that, else by the name, as ``diffmic predict NAME`` run in
+the file's folder), so the page and ``diffmic predict`` give the same numbers.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import base64
 import email.parser
 import email.policy
 import html
+import inspect
 import re
 import tempfile
 import threading
@@ -90,7 +91,12 @@ def classify_upload(predictor: Predictor, name: str, data: bytes, workdir: Path)
     except DataError as exc:
         raise UploadError(f"'{name}' is not an image this server can read: "
                           f"{str(exc).replace(str(path), name)}. Upload a PNG, JPEG, BMP, TIFF or WebP file.") from exc
-    result = predictor.predict_tensor(x, [name])[0]
+    if "seed_keys" in inspect.signature(predictor.predict_tensor).parameters:
+        # this Predictor seeds the sampling noise by the decoded pixels: predict() does it
+        result = predictor.predict([path])[0]
+        result.id = name
+    else:  # it seeds by the path as given: use the upload's name, as `diffmic predict NAME` would
+        result = predictor.predict_tensor(x, [name])[0]
     png = predictor.save_explanation(path, result, workdir / "explanation.png").read_bytes()
     return result, png
 

@@ -31,6 +31,9 @@ KNOWN_NOISE: tuple[tuple[str, type[Warning], str], ...] = (
      "fit() creates checkpoints/ itself and refuses to reuse a run folder without --resume"),
     (r"The number of training batches \(\d+\) is smaller than the logging interval", UserWarning,
      "small data sets: epoch-level metrics are logged anyway"),
+    (r"It is recommended to use `self.log\('(val|test)/\w+', \.\.\., sync_dist=True\)`", UserWarning,
+     "DDP: the val/test metrics are torchmetrics states synchronised over all ranks before they are "
+     "logged, so every rank logs the same global value"),
 )
 
 _state = {"verbose": True}

@@ -74,7 +74,7 @@ def _trainer(cfg: Config, run_dir: Path, callbacks: list, for_fit: bool) -> pl.T
     if t.progress_bar:
         cbs.append(TQDMProgressBar(refresh_rate=max(1, t.log_every_n_steps)))
     total_epochs = t.epochs + (t.dcg_warmup_epochs if cfg.model.variant in ("C2", "full") else 0)
-    return pl.Trainer(
+    trainer = pl.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
         strategy=t.strategy,
@@ -94,6 +94,19 @@ def _trainer(cfg: Config, run_dir: Path, callbacks: list, for_fit: bool) -> pl.T
         enable_model_summary=model_summary(for_fit),
         num_sanity_val_steps=0,
     )
+    _ddp_allow_unused(trainer)
+    return trainer
+
+
+def _ddp_allow_unused(trainer: pl.Trainer) -> None:
+    """Under DDP (``train.strategy=ddp``, ``ddp_spawn``, or ``auto`` on several devices) let
+    parameters go unused in a backward pass: the DCG warm-up trains the DCG alone, and each joint
+    step has two backward passes (diffusion, then DCG) that each leave the other part unused.
+    Same as ``strategy="ddp_find_unused_parameters_true"``, for every DDP flavour."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    if isinstance(trainer.strategy, DDPStrategy):
+        trainer.strategy._ddp_kwargs["find_unused_parameters"] = True
 
 
 def fit(cfg: Config, resume: bool = False) -> Path:
