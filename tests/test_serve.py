@@ -242,3 +242,28 @@ def test_browser_upload_shows_the_predictors_class_and_survives_bad_files(traine
         assert upload(img) == "" and driver.find_element(By.ID, "pred-label").text == ref.label  # still serving
     finally:
         driver.quit()
+
+
+def test_serves_an_exported_model_folder(trained, tmp_path, monkeypatch):
+    """`diffmic serve --run MODEL_FOLDER` (written by `diffmic export`) answers as the Predictor
+    loaded from that folder does."""
+    from diffmic.inference.serve import load_predictor
+
+    run, data = trained
+    folder = tmp_path / "model"
+    assert main(["export", "--run", str(run), "--out", str(folder)]) == 0
+    predictor, what = load_predictor(str(folder), None, {})
+    assert what == f"model folder {folder}"
+    srv = make_server(predictor, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        img = data / "bright" / "bright2.png"
+        status, page = _post(f"http://127.0.0.1:{srv.server_address[1]}/", img.name, img.read_bytes())
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert status == 200
+    monkeypatch.chdir(img.parent)
+    ref = Predictor.load(folder).predict([img.name])[0]
+    assert _span(page, "pred-label") == ref.label
+    assert all(abs(v - ref.probs[k]) <= 5e-4 for k, v in _probs(page).items())

@@ -53,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     dc = dsub.add_parser("check", help="validate a data set and print a summary")
     dc.add_argument("--config", help="YAML file or preset")
     dc.add_argument("overrides", nargs="*")
+    _add_portable_parsers(p, sub, dsub)
 
     sv = sub.add_parser("serve", help="web page: upload an image, see its class, uncertainty, saliency and regions")
     sv.add_argument("--run", help="trained run folder (uses checkpoints/best.ckpt), a checkpoint file, "
@@ -153,8 +154,11 @@ def _predict(args) -> int:
         eval_over[key.split(".", 1)[1]] = parse_value(key, value)
     if not args.run and not args.ckpt:
         raise ConfigError("predict needs --run DIR or --ckpt FILE")
-    ckpt = resolve_checkpoint(Path(args.run), args.ckpt) if args.run else Path(args.ckpt)
-    predictor = Predictor.from_checkpoint(ckpt, **eval_over)
+    if args.run and not args.ckpt:  # a run folder or an exported model folder (diffmic export)
+        predictor = Predictor.load(args.run, **eval_over)
+    else:
+        ckpt = resolve_checkpoint(Path(args.run), args.ckpt) if args.run else Path(args.ckpt)
+        predictor = Predictor.from_checkpoint(ckpt, **eval_over)
     results = predictor.predict([str(p) for p in images], batch_size=args.batch_size)
     rows = [r.as_row() for r in results]
     if args.output:
@@ -184,6 +188,45 @@ def _data_check(args) -> int:
     return 1 if report.errors else 0
 
 
+def _add_portable_parsers(p, sub, dsub) -> None:
+    """``--version``, ``data download`` and ``export`` (see diffmic.data.download, diffmic.export)."""
+    from diffmic import __version__
+
+    p.add_argument("--version", action="version", version=f"diffmic {__version__}")
+    dd = dsub.add_parser("download", help="download a public data set into the layout the loaders read")
+    dd.add_argument("name", help="ham10000, aptos2019 (instructions only), breastmnist, pneumoniamnist, ... "
+                                 "(diffmic data download --list)", nargs="?")
+    dd.add_argument("--root", default="data", help="parent folder: the data set goes to ROOT/NAME (default: data)")
+    dd.add_argument("--mirror", help="fetch https://HOST/PATH from MIRROR/HOST/PATH instead")
+    dd.add_argument("--keep-archives", action="store_true", help="keep the downloaded archives")
+    dd.add_argument("--no-progress", action="store_true", help="no progress bar")
+    dd.add_argument("--list", action="store_true", help="list the data sets that can be downloaded")
+    ex = sub.add_parser("export", help="write a portable model folder (safetensors, JSON config, model card)")
+    ex.add_argument("--run", help="trained run folder")
+    ex.add_argument("--ckpt", help="checkpoint (default: <run>/checkpoints/best.ckpt)")
+    ex.add_argument("--out", required=True, help="new (or empty) output folder")
+    ex.add_argument("--onnx", action="store_true", help="also write ONNX graphs (needs the [onnx] extra)")
+
+
+def _data_download(args) -> int:
+    from diffmic.data.download import SOURCES, available_datasets, download_dataset
+
+    if args.list or not args.name:
+        for name in available_datasets():
+            src = SOURCES[name]
+            print(f"{name}\t{getattr(src, 'description', 'manual download (see: diffmic data download ' + name + ')')}")
+        return 0 if args.list else 2
+    download_dataset(args.name, args.root, mirror=args.mirror, progress=not args.no_progress,
+                     keep_archives=args.keep_archives)
+    return 0
+
+
+def _export(args) -> int:
+    from diffmic.inference.export import export_model
+
+    out = export_model(run=args.run, ckpt=args.ckpt, out=args.out, onnx=args.onnx)
+    print(f"wrote a portable model folder to {out}")
+    return 0
 def _serve(args) -> int:
     from diffmic.inference.serve import serve_main
 
@@ -191,6 +234,9 @@ def _serve(args) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    early = sys.argv[1:] if argv is None else list(argv)
+    if early[:1] in (["--version"], ["--help"], ["-h"]):  # answered before Lightning is imported
+        _parser().parse_args(early)
     from diffmic.config import ConfigError
     from diffmic.training.checkpoint import CheckpointError
 
@@ -216,7 +262,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         from diffmic.training.run import RunFolderError
 
         errors = errors + (RunFolderError, NonFiniteLossError)
-    if args.verb in ("fit", "validate", "test", "predict", "serve"):
+        from diffmic.nn.encoders import WeightsError
+
+        errors = errors + (WeightsError,)
+    if args.verb in ("export", "predict", "serve"):
+        from diffmic.inference.export import ExportError
+
+        errors = errors + (ExportError,)
+    if args.verb in ("fit", "validate", "test", "predict", "serve", "export"):
         from diffmic.training.output import quiet
 
         quiet(not args.verbose)
@@ -229,6 +282,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             return _evaluate(args)
         if args.verb == "predict":
             return _predict(args)
+        if args.verb == "data" and args.data_verb == "download":
+            return _data_download(args)
+        if args.verb == "export":
+            return _export(args)
         if args.verb == "data":
             return _data_check(args)
     except errors as exc:

@@ -75,8 +75,23 @@ class Predictor:
         over = {"eval": eval_overrides} if eval_overrides else None
         return cls(load_module(path, overrides=over), device=device)
 
+    @classmethod
+    def load(cls, path: str | Path, device=None, **eval_overrides) -> "Predictor":
+        """From a model folder written by ``diffmic export`` (no Lightning needed), a run folder
+        (its best checkpoint) or a checkpoint file."""
+        from diffmic.inference.export import is_model_folder, load_model_folder
+
+        p = Path(path)
+        if is_model_folder(p):
+            return cls(load_model_folder(p, eval_overrides or None), device=device)
+        if p.is_dir():
+            from diffmic.training.run import resolve_checkpoint
+
+            p = resolve_checkpoint(p, None)
+        return cls.from_checkpoint(p, device=device, **eval_overrides)
+
     def _load_images(self, images: Sequence) -> tuple[Tensor, list[str]]:
-        from diffmic.data.datamodule import ImagePathsDataset
+        from diffmic.data.datasets import ImagePathsDataset
 
         paths = [Path(p) for p in images]
         ds = ImagePathsDataset(paths, image_size=self.cfg.data.image_size, in_chans=self.cfg.data.in_chans)
@@ -142,7 +157,7 @@ class Predictor:
         import matplotlib.pyplot as plt
         from matplotlib.patches import Rectangle
 
-        from diffmic.data.datamodule import ImagePathsDataset
+        from diffmic.data.datasets import ImagePathsDataset
 
         ds = ImagePathsDataset([Path(image)], image_size=self.cfg.data.image_size, in_chans=self.cfg.data.in_chans)
         x = ds[0]["image"]

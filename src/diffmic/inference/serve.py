@@ -172,7 +172,8 @@ def make_server(predictor: Predictor, host: str = "127.0.0.1", port: int = 8000,
     lock = threading.Lock()  # one prediction at a time: the model and matplotlib are shared
     info = html.escape(model_info or f"classes: {', '.join(predictor.class_names)}")
     refer_threshold = float(predictor.cfg.eval.refer_threshold)
-    k = None if predictor.module.model.variant == "basic" else int(predictor.cfg.eval.num_samples)
+    variant = getattr(getattr(predictor.module, "model", None), "variant", None)
+    k = None if variant == "basic" else int(predictor.cfg.eval.num_samples)
     rule = referral_rule(refer_threshold, k)
 
     class Handler(BaseHTTPRequestHandler):
@@ -241,23 +242,19 @@ def make_server(predictor: Predictor, host: str = "127.0.0.1", port: int = 8000,
 
 
 def load_predictor(run: Optional[str], ckpt: Optional[str], eval_overrides: dict) -> tuple[Predictor, str]:
-    """The predictor for ``--run`` (a run folder, a checkpoint file, or an exported model folder
-    where :meth:`Predictor.load` exists) or ``--ckpt``; and a one-line description."""
+    """The predictor for ``--run`` (a run folder, a checkpoint file, or a model folder written by
+    ``diffmic export``: :meth:`Predictor.load`) or ``--ckpt``; and a one-line description."""
     from diffmic.config import ConfigError
-    from diffmic.training.run import resolve_checkpoint
 
     if not run and not ckpt:
         raise ConfigError("serve needs --run RUN (a run folder or a checkpoint file) or --ckpt FILE")
     target = Path(ckpt) if ckpt else Path(run)
     if not target.exists():
         raise FileNotFoundError(f"'{target}' does not exist: pass a trained run folder or a checkpoint file")
-    if target.is_dir() and not (target / "checkpoints").is_dir() and not ckpt:
-        load = getattr(Predictor, "load", None)
-        if load is None:
-            raise FileNotFoundError(f"'{target}' holds no checkpoints/ folder: pass a trained run folder or a .ckpt file")
-        return load(target, **eval_overrides), f"model folder {target}"
-    path = target if target.is_file() else resolve_checkpoint(target, None)
-    return Predictor.from_checkpoint(path, **eval_overrides), f"checkpoint {path}"
+    if ckpt:
+        return Predictor.from_checkpoint(target, **eval_overrides), f"checkpoint {target}"
+    kind = "checkpoint" if target.is_file() else "model folder" if (target / "config.json").is_file() else "run"
+    return Predictor.load(target, **eval_overrides), f"{kind} {target}"
 
 
 def serve_main(args) -> int:

@@ -62,6 +62,8 @@ def load_module(
     ckpt = read_checkpoint(path)
     hp = ckpt["hyper_parameters"]
     config = dict(hp["config"])
+    # every weight comes from the checkpoint: never re-read initial weights (files may be gone; offline)
+    config["model"] = {**config.get("model", {}), "encoder_weights": None, "dcg_weights": None, "pretrained": False}
     if overrides:
         bad = set(overrides) - {"eval", "data", "run"}
         if bad:
