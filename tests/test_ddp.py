@@ -65,20 +65,37 @@ def test_ddp_fit_runs_both_ranks_and_prints_one_summary(runs):
     assert s["epochs"] == 3 and s["global_step"] == 1 + 2 + 2, s
 
 
-def test_resume_under_ddp_equals_an_uninterrupted_ddp_run(runs):
+def _weight_diff(a: dict, b: dict) -> dict[str, float]:
+    return {k: (a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point()}
+
+
+def test_resume_under_ddp_continues_the_run(runs):
     resumed = read_checkpoint(runs["resumed"] / "checkpoints" / "last.ckpt")
     straight = read_checkpoint(runs["straight"] / "checkpoints" / "last.ckpt")
     before = runs["before"]
     # the final last.ckpt is written after the last epoch: epoch = epochs run, steps as above
     assert (before["epoch"], before["global_step"]) == (2, 3)
     assert (resumed["epoch"], resumed["global_step"]) == (straight["epoch"], straight["global_step"]) == (3, 5)
+    for i in (0, 1):  # both optimisers restored and stepped on: same Adam step counts as the straight run
+        steps_r = {int(v["step"]) for v in resumed["optimizer_states"][i]["state"].values()}
+        steps_s = {int(v["step"]) for v in straight["optimizer_states"][i]["state"].values()}
+        assert steps_r == steps_s, (i, steps_r, steps_s)
     sr, ss, sb = resumed["state_dict"], straight["state_dict"], before["state_dict"]
     assert sr.keys() == ss.keys()
-    changed = [k for k in sr if sr[k].is_floating_point() and not torch.equal(sr[k], sb[k])]
-    assert changed, "the resumed epoch changed no weight"
-    diff = {k: (sr[k].double() - ss[k].double()).abs().max().item() for k in sr if sr[k].is_floating_point()}
-    assert max(diff.values()) < 1e-5, sorted(diff.items(), key=lambda kv: -kv[1])[:5]
+    assert any(not torch.equal(sr[k], sb[k]) for k in sr if sr[k].is_floating_point()), "resume changed nothing"
+    # the DCG (trained on the same batches, from the same restored state) ends identical
+    dcg = {k: v for k, v in _weight_diff(sr, ss).items() if k.startswith("model.dcg.")}
+    assert dcg and max(dcg.values()) == 0.0, sorted(dcg.items(), key=lambda kv: -kv[1])[:5]
     assert (runs["resumed"] / "logs" / "metrics.part1.csv").exists()  # the first part's log kept
+
+
+def test_resume_under_ddp_equals_an_uninterrupted_ddp_run(runs):
+    sr = read_checkpoint(runs["resumed"] / "checkpoints" / "last.ckpt")["state_dict"]
+    ss = read_checkpoint(runs["straight"] / "checkpoints" / "last.ckpt")["state_dict"]
+    # exact: every epoch starts from rank 0's BN statistics on all ranks (training.ddp.BroadcastBuffers),
+    # as a resumed run does; without it the denoiser weights differed by up to 4e-3 here
+    diff = _weight_diff(sr, ss)
+    assert max(diff.values()) == 0.0, sorted(diff.items(), key=lambda kv: -kv[1])[:5]
 
 
 def _rows(path: Path) -> list[dict]:

@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from diffmic.config import Config, ConfigError, load_config, save_config
 from diffmic.training.callbacks import DenoiserEMA, StageAwareCheckpoint
 from diffmic.training.checkpoint import TMP_MARK, AtomicCheckpointIO, CheckpointError, load_module
+from diffmic.training.ddp import BroadcastBuffers
 from diffmic.training.module import DiffMICModule
 from diffmic.training.output import model_summary
 
@@ -71,6 +72,8 @@ def _trainer(cfg: Config, run_dir: Path, callbacks: list, for_fit: bool) -> pl.T
             CSVLogger(str(run_dir), name="logs", version=""),
         ]
     cbs = list(callbacks)
+    if for_fit:
+        cbs.append(BroadcastBuffers())  # DDP: every rank starts each epoch with rank 0's BN statistics
     if t.progress_bar:
         cbs.append(TQDMProgressBar(refresh_rate=max(1, t.log_every_n_steps)))
     total_epochs = t.epochs + (t.dcg_warmup_epochs if cfg.model.variant in ("C2", "full") else 0)
