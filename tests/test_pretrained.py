@@ -138,7 +138,9 @@ def test_fit_with_a_bad_file_exits_2_naming_the_keys(tmp_path, capsys):
     for c in ("a", "b"):
         (root / c).mkdir(parents=True)
         for i in range(4):
-            Image.fromarray(np.full((16, 16, 3), 40 * i, dtype=np.uint8)).save(root / c / f"{i}.png")
+            # distinct pixels per class: identical images in two splits are an error (leakage)
+            Image.fromarray(np.full((16, 16, 3), 40 * i + (7 if c == "b" else 0), dtype=np.uint8)).save(
+                root / c / f"{i}.png")
     bad = tmp_path / "bad.pth"
     torch.save({"fc.weight": torch.zeros(2, 2), "conv9.weight": torch.zeros(1)}, bad)
     rc = main(["fit", "--config", "cpu", *TINY_MODEL, "data.dataset=folder", f"data.root={root}",

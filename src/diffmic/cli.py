@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -31,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--config", help="YAML file or shipped preset name (ham10000, aptos2019, ultrasound, cpu, demo_cpu, ...)")
     f.add_argument("--run", help="run folder (same as run.dir=...); with --resume, its config.yaml is used")
     f.add_argument("--resume", action="store_true", help="resume from <run>/checkpoints/last.ckpt")
+    f.add_argument("--overwrite", action="store_true",
+                   help="replace the run in a non-empty run folder (its checkpoints, logs and results)")
     f.add_argument("overrides", nargs="*", help="section.key=value")
 
     for verb, text in (("validate", "evaluate on the validation split"), ("test", "evaluate on the test split")):
@@ -46,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--output", help="CSV file for the predictions (default: print)")
     pr.add_argument("--explain", help="folder for per-image saliency/ROI PNGs")
     pr.add_argument("--batch-size", type=int, default=32)
+    pr.add_argument("--skip-bad", action="store_true",
+                    help="skip unreadable images (listed on stderr) instead of stopping")
     pr.add_argument("inputs", nargs="+", help="image files, folders, and eval.* overrides (key=value)")
 
     d = sub.add_parser("data", help="data utilities")
@@ -91,18 +96,54 @@ def _expand_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
     return images, overrides
 
 
+def _expand_inputs_with_roots(items: list[str]) -> tuple[list[Path], list, list[Path], list[str]]:
+    """Like :func:`_expand_inputs`, also returning for each image the folder it was found in
+    (``None`` for a file given directly) and the input folders; the same file is kept once."""
+    images: list[Path] = []
+    roots: list = []
+    dirs: list[Path] = []
+    overrides: list[str] = []
+    seen: set[str] = set()
+    for item in items:
+        found, over = _expand_inputs([item])
+        overrides.extend(over)
+        p = Path(item)
+        if found and p.is_dir():
+            dirs.append(p)
+        for q in found:
+            key = os.path.realpath(q)
+            if key not in seen:
+                seen.add(key)
+                images.append(q)
+                roots.append(p if p.is_dir() else None)
+    return images, roots, dirs, overrides
+
+
+def _check_config_path(config: Optional[str]) -> None:
+    if config and Path(config).is_dir():
+        from diffmic.config import ConfigError
+
+        raise ConfigError(f"--config '{config}' is a folder; give a YAML file (or a preset name), "
+                          f"e.g. {Path(config) / 'config.yaml'}")
+
+
 def _fit(args) -> int:
     from diffmic.config import load_config
     from diffmic.training.run import fit
 
     overrides = list(args.overrides)
     config = args.config
+    _check_config_path(config)
     if args.run:
         if args.resume and not config:
             config = str(Path(args.run) / "config.yaml")
         overrides.append(f"run.dir={args.run}")
     cfg = load_config(config, overrides)
-    run_dir = fit(cfg, resume=args.resume)
+    if args.resume and args.overwrite:
+        from diffmic.config import ConfigError
+
+        raise ConfigError("--resume and --overwrite exclude each other: resume keeps the run, overwrite replaces it")
+    run_dir = fit(cfg, resume=args.resume, overwrite=args.overwrite)
     from lightning.pytorch.utilities import rank_zero_only
 
     if rank_zero_only.rank != 0:  # DDP: one summary, from rank 0
@@ -117,6 +158,7 @@ def _fit(args) -> int:
 def _evaluate(args) -> int:
     from diffmic.training.run import evaluate
 
+    _check_config_path(args.config)
     result = evaluate(args.run, stage=args.verb, ckpt=args.ckpt, overrides=args.overrides, config_path=args.config)
     from lightning.pytorch.utilities import rank_zero_only
 
@@ -138,10 +180,11 @@ def _evaluate(args) -> int:
 
 def _predict(args) -> int:
     from diffmic.inference.predictor import Predictor
+    from diffmic.outputs import plan_outputs
     from diffmic.reporting import write_rows_csv
     from diffmic.training.run import resolve_checkpoint
 
-    images, over = _expand_inputs(args.inputs)
+    images, roots, input_dirs, over = _expand_inputs_with_roots(args.inputs)
     if not images:
         raise FileNotFoundError("no images given: pass image files or folders")
     from diffmic.config import ConfigError, parse_value
@@ -154,11 +197,17 @@ def _predict(args) -> int:
         eval_over[key.split(".", 1)[1]] = parse_value(key, value)
     if not args.run and not args.ckpt:
         raise ConfigError("predict needs --run DIR or --ckpt FILE")
+    # every output checked before the model is loaded or anything is written
+    explain_paths = plan_outputs(images, roots, input_dirs, args.output, args.explain)
     if args.run and not args.ckpt:  # a run folder or an exported model folder (diffmic export)
         predictor = Predictor.load(args.run, **eval_over)
     else:
         ckpt = resolve_checkpoint(Path(args.run), args.ckpt) if args.run else Path(args.ckpt)
         predictor = Predictor.from_checkpoint(ckpt, **eval_over)
+    good = _readable_images(images, predictor.cfg.data.image_size, predictor.cfg.data.in_chans, args.skip_bad)
+    images = [images[i] for i in good]
+    if explain_paths is not None:
+        explain_paths = [explain_paths[i] for i in good]
     results = predictor.predict([str(p) for p in images], batch_size=args.batch_size)
     rows = [r.as_row() for r in results]
     if args.output:
@@ -171,16 +220,40 @@ def _predict(args) -> int:
             flag = "  REFER to a clinician" if r.refer else ""
             print(f"{r.id}\t{r.label}\tp={r.confidence:.3f}\tagreement={r.agreement:.2f}{flag}")
     if args.explain:
-        for img, r in zip(images, results):
-            predictor.save_explanation(img, r, Path(args.explain) / f"{Path(img).stem}.png")
+        for img, r, dest in zip(images, results, explain_paths):
+            predictor.save_explanation(img, r, dest)
         print(f"wrote {len(results)} explanation images to {args.explain}")
     return 0
+
+
+def _readable_images(images: list[Path], image_size: int, in_chans: int, skip_bad: bool) -> list[int]:
+    """Positions of the images that decode; every bad one is named (an error listing all of them,
+    or with ``skip_bad`` a line each on stderr)."""
+    from diffmic.data.records import DataError
+    from diffmic.data.transforms import decode_image
+
+    good, bad = [], []
+    for i, p in enumerate(images):
+        try:
+            decode_image(p, image_size, in_chans)
+            good.append(i)
+        except DataError as exc:
+            bad.append(str(exc))
+    if bad and not skip_bad:
+        raise DataError(f"{len(bad)} of {len(images)} images cannot be read; nothing was predicted "
+                        "(fix or remove them, or pass --skip-bad):\n  " + "\n  ".join(bad))
+    for b in bad:
+        print(f"skipped: {b}", file=sys.stderr)
+    if not good:
+        raise DataError("no readable images left to predict")
+    return good
 
 
 def _data_check(args) -> int:
     from diffmic.config import load_config
     from diffmic.training.run import build_datamodule
 
+    _check_config_path(args.config)
     cfg = load_config(args.config, args.overrides)
     dm = build_datamodule(cfg)
     report = dm.check()
@@ -240,7 +313,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     from diffmic.config import ConfigError
     from diffmic.training.checkpoint import CheckpointError
 
-    errors: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, FileNotFoundError)
+    from diffmic.outputs import OutputError
+
+    errors: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, FileNotFoundError, OutputError)
     try:
         from diffmic.data.checks import DataError
 
@@ -265,6 +340,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         from diffmic.nn.encoders import WeightsError
 
         errors = errors + (WeightsError,)
+    if args.verb in ("validate", "test"):
+        from diffmic.training.run import RunFolderError
+
+        errors = errors + (RunFolderError,)
     if args.verb in ("export", "predict", "serve"):
         from diffmic.inference.export import ExportError
 
