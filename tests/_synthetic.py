@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 from _helpers import TINY_MODEL
+from PIL import Image
 
 CLASSES = ("dark", "bright")
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _helpers import ONE_THREAD_ENV, one_thread  # noqa: F401
 from _synthetic import image_folder, tiny_fit_args
+
 from diffmic.cli import main
 from diffmic.training.checkpoint import read_checkpoint
 

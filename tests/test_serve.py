@@ -17,9 +17,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from _helpers import ONE_THREAD_ENV, one_thread  # noqa: F401
 from _synthetic import image_folder, tiny_fit_args
+
 from diffmic.cli import main
 from diffmic.inference import Predictor
 from diffmic.inference.serve import make_server, parse_upload, safe_name

@@ -32,7 +32,6 @@ import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Optional
 
 from diffmic.inference.predictor import Prediction, Predictor
 from diffmic.metrics import referral_rule
@@ -126,7 +125,7 @@ def _page(body: str, model_info: str) -> bytes:
         f"{body}"
         "<p class='note'>A research demo, not a medical device. Uploaded images are processed in "
         "memory and a temporary folder, and deleted after the answer.</p></body></html>"
-    ).encode("utf-8")
+    ).encode()
 
 
 def render_result(result: Prediction, png: bytes, refer_threshold: float, rule: str = "") -> str:
@@ -191,7 +190,7 @@ def make_server(predictor: Predictor, host: str = "127.0.0.1", port: int = 8000,
             self.end_headers()
             self.wfile.write(body)
 
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             if self.path in ("/", "/index.html"):
                 self._send(HTTPStatus.OK, _page("", info))
             elif self.path == "/health":
@@ -202,7 +201,7 @@ def make_server(predictor: Predictor, host: str = "127.0.0.1", port: int = 8000,
         def _error(self, exc: UploadError) -> None:
             self._send(exc.status, _page(f"<p id='error' class='error'>{html.escape(str(exc))}</p>", info))
 
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             try:
                 length = int(self.headers.get("Content-Length") or -1)
             except ValueError:
@@ -241,7 +240,7 @@ def make_server(predictor: Predictor, host: str = "127.0.0.1", port: int = 8000,
     return server
 
 
-def load_predictor(run: Optional[str], ckpt: Optional[str], eval_overrides: dict) -> tuple[Predictor, str]:
+def load_predictor(run: str | None, ckpt: str | None, eval_overrides: dict) -> tuple[Predictor, str]:
     """The predictor for ``--run`` (a run folder, a checkpoint file, or a model folder written by
     ``diffmic export``: :meth:`Predictor.load`) or ``--ckpt``; and a one-line description."""
     from diffmic.config import ConfigError

@@ -25,15 +25,15 @@ KNOWN_NOISE: tuple[tuple[str, type[Warning], str], ...] = (
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning,
      "raised by torch inside Lightning's own _pytree helper; nothing a user can change"),
     (r"Experiment logs directory .* exists and is not empty", UserWarning,
-     "the TensorBoard logger writes into logs/ before the CSV logger looks at it; on --resume "
-     "fit() keeps the old metrics.csv as metrics.partN.csv first"),
+     ("the TensorBoard logger writes into logs/ before the CSV logger looks at it; on --resume "
+      "fit() keeps the old metrics.csv as metrics.partN.csv first")),
     (r"Checkpoint directory .* exists and is not empty", UserWarning,
      "fit() creates checkpoints/ itself and refuses to reuse a run folder without --resume"),
     (r"The number of training batches \(\d+\) is smaller than the logging interval", UserWarning,
      "small data sets: epoch-level metrics are logged anyway"),
     (r"It is recommended to use `self.log\('(val|test)/\w+', \.\.\., sync_dist=True\)`", UserWarning,
-     "DDP: the val/test metrics are torchmetrics states synchronised over all ranks before they are "
-     "logged, so every rank logs the same global value"),
+     ("DDP: the val/test metrics are torchmetrics states synchronised over all ranks before they are "
+      "logged, so every rank logs the same global value")),
 )
 
 _state = {"verbose": True}
@@ -42,7 +42,7 @@ _state = {"verbose": True}
 def quiet(enabled: bool = True) -> None:
     """Hide (``enabled=True``) or show again Lightning's INFO lines, the model summary and the known
     warnings of :data:`KNOWN_NOISE`. Call it once, before building a Trainer."""
-    import lightning.fabric  # noqa: F401  (their __init__ sets the level to INFO: import first)
+    import lightning.fabric
     import lightning.pytorch  # noqa: F401
 
     _state["verbose"] = not enabled
