@@ -7,6 +7,7 @@ Examples::
     diffmic test --run runs/ham eval.sampler=ddim eval.steps=10
     diffmic predict --run runs/ham lesion1.jpg folder/ --output preds.csv --explain explain/
     diffmic data check --config my_folder.yaml data.root=/data/my_images
+    diffmic serve --run runs/ham --port 8000
 
 Overrides are ``section.key=value`` (YAML values); unknown keys are errors.
 """
@@ -68,6 +69,21 @@ def _parser() -> argparse.ArgumentParser:
     dc.add_argument("--config", help="YAML file or preset")
     dc.add_argument("overrides", nargs="*")
     _add_portable_parsers(p, sub, dsub)
+
+    sv = sub.add_parser("serve", help="web page: upload an image, see its class, uncertainty, saliency and regions")
+    sv.add_argument("--run", help="trained run folder (uses checkpoints/best.ckpt), a checkpoint file, "
+                    "or an exported model folder")
+    sv.add_argument("--ckpt", help="checkpoint file (default: <run>/checkpoints/best.ckpt)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    sv.add_argument("--max-mb", type=float, default=20.0, help="largest upload accepted, in MB (default 20)")
+    sv.add_argument("overrides", nargs="*", help="eval.* overrides, e.g. eval.num_samples=8")
+
+    # -v/--verbose anywhere: `diffmic -v fit ...` or `diffmic fit ... --verbose`
+    p.add_argument("-v", "--verbose", action="store_true", help="show Lightning's full output (tips, model summary)")
+    for sp in [*sub.choices.values(), *dsub.choices.values()]:
+        sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="show Lightning's full output (INFO lines, tips, model summary)")
     return p
 
 
@@ -140,6 +156,10 @@ def _fit(args) -> int:
 
         raise ConfigError("--resume and --overwrite exclude each other: resume keeps the run, overwrite replaces it")
     run_dir = fit(cfg, resume=args.resume, overwrite=args.overwrite)
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank != 0:  # DDP: one summary, from rank 0
+        return 0
     summary = json.loads((run_dir / "fit_summary.json").read_text()) if (run_dir / "fit_summary.json").exists() else {}
     print(f"run folder: {run_dir}")
     if summary:
@@ -152,6 +172,10 @@ def _evaluate(args) -> int:
 
     _check_config_path(args.config)
     result = evaluate(args.run, stage=args.verb, ckpt=args.ckpt, overrides=args.overrides, config_path=args.config)
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank != 0:  # DDP: one summary, from rank 0
+        return 0
     if args.verb == "test":
         shown = {k: result[k] for k in ("acc", "balanced_acc", "f1", "kappa", "auroc") if k in result}
         summary = {"test": shown, "num_images": result.get("num_images")}
@@ -318,6 +342,10 @@ def _export(args) -> int:
     out = export_model(run=args.run, ckpt=args.ckpt, out=args.out, onnx=args.onnx)
     print(f"wrote a portable model folder to {out}")
     return 0
+def _serve(args) -> int:
+    from diffmic.inference.serve import serve_main
+
+    return serve_main(args)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -358,11 +386,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         from diffmic.training.run import RunFolderError
 
         errors = errors + (RunFolderError,)
-    if args.verb in ("export", "predict"):
+    if args.verb in ("export", "predict", "serve"):
         from diffmic.inference.export import ExportError
 
         errors = errors + (ExportError,)
+    if args.verb in ("fit", "validate", "test", "predict", "serve", "export"):
+        from diffmic.training.output import quiet
+
+        quiet(not args.verbose)
     try:
+        if args.verb == "serve":
+            return _serve(args)
         if args.verb == "fit":
             return _fit(args)
         if args.verb in ("validate", "test"):

@@ -328,7 +328,7 @@ class DiffMICDataModule(pl.LightningDataModule):
         return DataLoader(
             ds,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            sampler=self._train_sampler(ds) if train else None,
+            sampler=self._train_sampler(ds) if train else _eval_sampler(ds),
             shuffle=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
@@ -363,3 +363,17 @@ class DiffMICDataModule(pl.LightningDataModule):
         ds = ImagePathsDataset(paths, self.image_size, self.in_chans, self.max_pixels)
         return DataLoader(ds, batch_size=batch_size or self.eval_batch_size, shuffle=False,
                           num_workers=self.num_workers, pin_memory=self.pin_memory)
+
+
+def _eval_sampler(ds: Dataset):
+    """Under DDP, every validation/test image on exactly one rank (Lightning's default sampler
+    pads the shards with repeated images, which would be counted twice in the metrics); ``None``
+    (a plain sequential loader) otherwise. Uneven shards are safe: evaluation steps use no
+    collective calls, and torchmetrics syncs states of any size."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+    return UnrepeatedDistributedSampler(ds, shuffle=False)

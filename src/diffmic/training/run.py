@@ -21,7 +21,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from diffmic.config import Config, ConfigError, load_config, save_config
 from diffmic.training.callbacks import DenoiserEMA, StageAwareCheckpoint
 from diffmic.training.checkpoint import TMP_MARK, AtomicCheckpointIO, CheckpointError, load_module, read_checkpoint
+from diffmic.training.ddp import BroadcastBuffers
 from diffmic.training.module import DiffMICModule
+from diffmic.training.output import model_summary
 
 
 class RunFolderError(OSError):
@@ -70,10 +72,12 @@ def _trainer(cfg: Config, run_dir: Path, callbacks: list, for_fit: bool) -> pl.T
             CSVLogger(str(run_dir), name="logs", version=""),
         ]
     cbs = list(callbacks)
+    if for_fit:
+        cbs.append(BroadcastBuffers())  # DDP: every rank starts each epoch with rank 0's BN statistics
     if t.progress_bar:
         cbs.append(TQDMProgressBar(refresh_rate=max(1, t.log_every_n_steps)))
     total_epochs = t.epochs + (t.dcg_warmup_epochs if cfg.model.variant in ("C2", "full") else 0)
-    return pl.Trainer(
+    trainer = pl.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
         strategy=t.strategy,
@@ -90,9 +94,22 @@ def _trainer(cfg: Config, run_dir: Path, callbacks: list, for_fit: bool) -> pl.T
         log_every_n_steps=t.log_every_n_steps,
         deterministic=cfg.run.deterministic,
         enable_progress_bar=t.progress_bar,
-        enable_model_summary=for_fit,
+        enable_model_summary=model_summary(for_fit),
         num_sanity_val_steps=0,
     )
+    _ddp_allow_unused(trainer)
+    return trainer
+
+
+def _ddp_allow_unused(trainer: pl.Trainer) -> None:
+    """Under DDP (``train.strategy=ddp``, ``ddp_spawn``, or ``auto`` on several devices) let
+    parameters go unused in a backward pass: the DCG warm-up trains the DCG alone, and each joint
+    step has two backward passes (diffusion, then DCG) that each leave the other part unused.
+    Same as ``strategy="ddp_find_unused_parameters_true"``, for every DDP flavour."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    if isinstance(trainer.strategy, DDPStrategy):
+        trainer.strategy._ddp_kwargs["find_unused_parameters"] = True
 
 
 #: files and folders a run writes; ``fit --overwrite`` removes these (and nothing else)
@@ -178,7 +195,10 @@ def fit(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
     last = ckpt_dir / "last.ckpt"
     if resume and overwrite:
         raise ConfigError("resume and overwrite exclude each other")
-    if not resume:
+    # DDP: global rank 0 checks and prepares the folder; under `ddp` the other ranks re-run this
+    # command after rank 0 has written it, and under torchrun/srun they start at the same time
+    lead = rank_zero_only.rank == 0
+    if not resume and lead:
         _refuse_non_empty(run_dir, overwrite)
     if resume and not last.exists():
         raise CheckpointError(f"--resume: no {last} to resume from.")
@@ -189,7 +209,7 @@ def fit(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
                 f"cannot resume '{run_dir}': these keys differ from the checkpoint ({last.name}) and change "
                 f"the network: {'; '.join(diffs)}. Remove the overrides, or start a new run in another "
                 f"run.dir; nothing in the run folder was changed.")
-    else:
+    elif lead:
         _prepare_run_folder(cfg, run_dir, ckpt_dir, resume)
     pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
     dm = build_datamodule(cfg)
@@ -198,7 +218,8 @@ def fit(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
 
     if resume:
         check_split(run_dir, dm, "fit --resume")
-        _prepare_run_folder(cfg, run_dir, ckpt_dir, resume)
+        if lead:
+            _prepare_run_folder(cfg, run_dir, ckpt_dir, resume)
     if rank_zero_only.rank == 0:
         if not (run_dir / "split.json").exists():
             write_split(run_dir, split_record(dm))

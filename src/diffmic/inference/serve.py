@@ -1,0 +1,289 @@
+"""``diffmic serve``: a small web page for a trained model, on the standard library alone.
+
+Upload an image; the page shows the predicted class, the class probabilities, the uncertainty
+(probability of the predicted class, agreement of the K reverse samples) with the referral flag,
+and the DCG saliency map of the predicted class with the regions of interest (the PNG written by
+:meth:`Predictor.save_explanation`).
+
+Why no Gradio: the page needs one form and one result view; :mod:`http.server` does that with no
+download, works offline, and is tested end to end in headless Chromium. Gradio pulls in a web
+framework, a front-end bundle and network calls at start-up for the same page.
+
+The server binds 127.0.0.1 by default (this machine only). It is a demo for one user, not a
+hardened public service: put it behind a real web server before exposing it. Bad uploads (not an
+image, corrupt, larger than ``max_bytes``, too many pixels) get a message on the page with HTTP
+400/413 and the server keeps serving.
+
+Each upload's sampling noise is seeded as :meth:`Predictor.predict` seeds the same file (by its
+decoded pixels where the Predictor does that, else by the name, as ``diffmic predict NAME`` run in
+the file's folder), so the page and ``diffmic predict`` give the same numbers.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.parser
+import email.policy
+import html
+import inspect
+import re
+import tempfile
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from diffmic.inference.predictor import Prediction, Predictor
+from diffmic.metrics import referral_rule
+
+DEFAULT_MAX_BYTES = 20 * 1024 * 1024
+_DRAIN_LIMIT = 1024**3  # a body larger than this is not even read: the connection is closed
+
+
+class UploadError(ValueError):
+    """An upload that cannot be classified; the message is shown on the page."""
+
+    def __init__(self, message: str, status: HTTPStatus = HTTPStatus.BAD_REQUEST) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def safe_name(filename: str) -> str:
+    """The upload's base name with only ``[A-Za-z0-9._-]`` kept (never a path)."""
+    base = re.split(r"[\\/]", filename or "")[-1]
+    base = re.sub(r"[^A-Za-z0-9._-]", "_", base).lstrip(".")
+    return base[:120] or "upload"
+
+
+def parse_upload(content_type: str, body: bytes) -> tuple[str, bytes]:
+    """The ``(filename, bytes)`` of the ``image`` field of a ``multipart/form-data`` body."""
+    if not content_type.lower().startswith("multipart/form-data"):
+        raise UploadError("send the image as a multipart/form-data upload (the form on this page)")
+    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1") + b"\r\nMIME-Version: 1.0\r\n\r\n" + body
+    )
+    if not msg.is_multipart():
+        raise UploadError("the upload is not a valid multipart/form-data body")
+    for part in msg.iter_parts():
+        if part.get_param("name", header="content-disposition") == "image":
+            data = part.get_payload(decode=True) or b""
+            name = part.get_filename() or "upload"
+            if not data:
+                raise UploadError("no file was chosen, or the file is empty: choose an image file")
+            return name, data
+    raise UploadError("no image in the upload: choose a file in the form")
+
+
+def classify_upload(predictor: Predictor, name: str, data: bytes, workdir: Path) -> tuple[Prediction, bytes]:
+    """Decode, check and classify one uploaded image; returns the prediction and the explanation PNG.
+
+    A file that is not a readable image raises :class:`UploadError` naming the upload."""
+    from diffmic.data.checks import DataError
+    from diffmic.data.datamodule import ImagePathsDataset
+
+    name = safe_name(name)
+    path = workdir / name
+    path.write_bytes(data)
+    ds = ImagePathsDataset([path], image_size=predictor.cfg.data.image_size, in_chans=predictor.cfg.data.in_chans)
+    try:
+        x = ds[0]["image"][None]
+    except DataError as exc:
+        raise UploadError(f"'{name}' is not an image this server can read: "
+                          f"{str(exc).replace(str(path), name)}. Upload a PNG, JPEG, BMP, TIFF or WebP file.") from exc
+    if "seed_keys" in inspect.signature(predictor.predict_tensor).parameters:
+        # this Predictor seeds the sampling noise by the decoded pixels: predict() does it
+        result = predictor.predict([path])[0]
+        result.id = name
+    else:  # it seeds by the path as given: use the upload's name, as `diffmic predict NAME` would
+        result = predictor.predict_tensor(x, [name])[0]
+    png = predictor.save_explanation(path, result, workdir / "explanation.png").read_bytes()
+    return result, png
+
+
+# ------------------------------------------------------------------------------------------ page
+
+_STYLE = """
+body{font-family:system-ui,sans-serif;max-width:60rem;margin:1.5rem auto;padding:0 1rem;color:#222}
+h1{font-size:1.4rem} .note{color:#666;font-size:.85rem}
+.error{background:#fde8e8;border:1px solid #e0a0a0;padding:.6rem 1rem;border-radius:4px}
+.refer{background:#fff3cd;border:1px solid #e0c060;padding:.4rem .8rem;border-radius:4px;display:inline-block}
+.ok{background:#e6f4ea;border:1px solid #8cc09c;padding:.4rem .8rem;border-radius:4px;display:inline-block}
+table{border-collapse:collapse} td,th{padding:.2rem .6rem;text-align:left}
+.bar{background:#4a7fd0;height:.8rem} #pred-label{font-size:1.6rem;font-weight:bold}
+img{max-width:100%;border:1px solid #ccc}
+"""
+
+
+def _page(body: str, model_info: str) -> bytes:
+    return (
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'><title>diffmic</title>"
+        f"<style>{_STYLE}</style></head><body><h1>DiffMIC: classify an image</h1>"
+        f"<p class='note'>{model_info}</p>"
+        "<form method='post' action='/' enctype='multipart/form-data'>"
+        "<input type='file' id='image' name='image' accept='image/*'> "
+        "<button type='submit' id='submit'>Classify</button></form>"
+        f"{body}"
+        "<p class='note'>A research demo, not a medical device. Uploaded images are processed in "
+        "memory and a temporary folder, and deleted after the answer.</p></body></html>"
+    ).encode()
+
+
+def render_result(result: Prediction, png: bytes, refer_threshold: float, rule: str = "") -> str:
+    e = html.escape
+    rows = "".join(
+        f"<tr><td>{e(k)}</td><td>{p:.3f}</td><td><div class='bar' style='width:{max(1, round(200 * p))}px'>"
+        f"</div></td></tr>"
+        for k, p in sorted(result.probs.items(), key=lambda kv: -kv[1])
+    )
+    if result.refer:
+        why = (f"probability {result.confidence:.3f} is below {refer_threshold:g}" if result.confidence < refer_threshold
+               else f"only {result.agreement:.0%} of the reverse samples agree on the class")
+        flag = f"<p id='refer' class='refer'>REFER to a clinician: {why}</p>"
+    else:
+        flag = "<p id='refer' class='ok'>Confident: probability and sample agreement pass the referral rule</p>"
+    flag += f"<p class='note'>referral rule: {e(rule)}</p>"
+    rois = ""
+    if result.roi_boxes:
+        items = "".join(
+            f"<li>y {b[0]}–{b[2]}, x {b[1]}–{b[3]} (attention {a:.2f})</li>"
+            for b, a in zip(result.roi_boxes, result.roi_attention or [0.0] * len(result.roi_boxes))
+        )
+        rois = f"<h3>Regions of interest (pixels of the network input)</h3><ul id='rois'>{items}</ul>"
+    img = base64.b64encode(png).decode("ascii")
+    return (
+        f"<div id='result'><h2>Result for <span id='filename'>{e(result.id)}</span></h2>"
+        f"<p>Predicted class: <span id='pred-label'>{e(result.label)}</span></p>"
+        f"<p>probability <span id='confidence'>{result.confidence:.3f}</span>, "
+        f"sample agreement <span id='agreement'>{result.agreement:.2f}</span>, "
+        f"spread {result.spread:.3f}, entropy {result.entropy:.3f}</p>{flag}"
+        f"<h3>Class probabilities</h3><table id='probs'><tr><th>class</th><th>p</th><th></th></tr>{rows}</table>"
+        f"<h3>Saliency map and regions</h3><img id='overlay' alt='input with regions of interest, and the "
+        f"DCG saliency map of the predicted class' src='data:image/png;base64,{img}'>{rois}</div>"
+    )
+
+
+# ---------------------------------------------------------------------------------------- server
+
+
+def make_server(predictor: Predictor, host: str = "127.0.0.1", port: int = 8000,
+                max_bytes: int = DEFAULT_MAX_BYTES, model_info: str = "") -> ThreadingHTTPServer:
+    """An HTTP server (not yet serving) for ``predictor``; ``port=0`` picks a free port."""
+    lock = threading.Lock()  # one prediction at a time: the model and matplotlib are shared
+    info = html.escape(model_info or f"classes: {', '.join(predictor.class_names)}")
+    refer_threshold = float(predictor.cfg.eval.refer_threshold)
+    variant = getattr(getattr(predictor.module, "model", None), "variant", None)
+    k = None if variant == "basic" else int(predictor.cfg.eval.num_samples)
+    rule = referral_rule(refer_threshold, k)
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "diffmic"
+
+        def log_message(self, fmt, *args):  # one short line per request on stderr
+            super().log_message(fmt, *args)
+
+        def _send(self, status: HTTPStatus, body: bytes, ctype: str = "text/html; charset=utf-8") -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            if self.path in ("/", "/index.html"):
+                self._send(HTTPStatus.OK, _page("", info))
+            elif self.path == "/health":
+                self._send(HTTPStatus.OK, b"ok\n", "text/plain; charset=utf-8")
+            else:
+                self._send(HTTPStatus.NOT_FOUND, _page("<p id='error' class='error'>No such page.</p>", info))
+
+        def _error(self, exc: UploadError) -> None:
+            self._send(exc.status, _page(f"<p id='error' class='error'>{html.escape(str(exc))}</p>", info))
+
+        def do_POST(self) -> None:
+            try:
+                length = int(self.headers.get("Content-Length") or -1)
+            except ValueError:
+                length = -1
+            if length < 0:
+                self.close_connection = True
+                return self._error(UploadError("the upload has no Content-Length", HTTPStatus.LENGTH_REQUIRED))
+            if length > max_bytes:
+                self._drain(length)
+                return self._error(UploadError(
+                    f"the file is too large ({length / 1e6:.1f} MB); this server accepts up to "
+                    f"{max_bytes / 1e6:.1f} MB (diffmic serve --max-mb)", HTTPStatus.REQUEST_ENTITY_TOO_LARGE))
+            body = self.rfile.read(length)
+            try:
+                name, data = parse_upload(self.headers.get("Content-Type", ""), body)
+                with lock, tempfile.TemporaryDirectory(prefix="diffmic-serve-") as tmp:
+                    result, png = classify_upload(predictor, name, data, Path(tmp))
+            except UploadError as exc:
+                return self._error(exc)
+            self._send(HTTPStatus.OK, _page(render_result(result, png, refer_threshold, rule), info))
+
+        def _drain(self, length: int) -> None:
+            """Read and drop an over-large body so that the browser sees the answer, not a reset."""
+            if length > _DRAIN_LIMIT:
+                self.close_connection = True
+                return
+            left = length
+            while left > 0:
+                chunk = self.rfile.read(min(left, 1 << 20))
+                if not chunk:
+                    break
+                left -= len(chunk)
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    return server
+
+
+def load_predictor(run: str | None, ckpt: str | None, eval_overrides: dict) -> tuple[Predictor, str]:
+    """The predictor for ``--run`` (a run folder, a checkpoint file, or a model folder written by
+    ``diffmic export``: :meth:`Predictor.load`) or ``--ckpt``; and a one-line description."""
+    from diffmic.config import ConfigError
+
+    if not run and not ckpt:
+        raise ConfigError("serve needs --run RUN (a run folder or a checkpoint file) or --ckpt FILE")
+    target = Path(ckpt) if ckpt else Path(run)
+    if not target.exists():
+        raise FileNotFoundError(f"'{target}' does not exist: pass a trained run folder or a checkpoint file")
+    if ckpt:
+        return Predictor.from_checkpoint(target, **eval_overrides), f"checkpoint {target}"
+    kind = "checkpoint" if target.is_file() else "model folder" if (target / "config.json").is_file() else "run"
+    return Predictor.load(target, **eval_overrides), f"{kind} {target}"
+
+
+def serve_main(args) -> int:
+    """``diffmic serve``: load the model, print the address, serve until Ctrl-C."""
+    import sys
+
+    from diffmic.config import ConfigError, parse_value
+
+    eval_over = {}
+    for item in args.overrides:
+        key, _, value = item.partition("=")
+        if not key.startswith("eval.") or not value:
+            raise ConfigError(f"serve accepts eval.* overrides only (eval.key=value), got '{item}'")
+        eval_over[key.split(".", 1)[1]] = parse_value(key, value)
+    if args.max_mb <= 0:
+        raise ConfigError(f"--max-mb must be positive, got {args.max_mb}")
+    predictor, what = load_predictor(args.run, args.ckpt, eval_over)
+    try:
+        server = make_server(predictor, args.host, args.port, int(args.max_mb * 1e6),
+                             model_info=f"{what}; classes: {', '.join(predictor.class_names)}")
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {args.host}:{args.port}: {exc}. Choose another --port.") from exc
+    host, port = server.server_address[:2]
+    print(f"serving {what} on http://{host}:{port}/ (Ctrl-C to stop)", flush=True)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print("warning: listening beyond this machine; this demo has no authentication", file=sys.stderr)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
