@@ -67,7 +67,11 @@ def check_metrics_against_sklearn(run: Path, num_classes: int) -> dict:
     assert m["kappa"] == pytest.approx(cohen_kappa_score(y, pred, labels=labels, weights="quadratic"), abs=1e-5)
     # macro one-vs-rest, per class on that class's column (for 2 classes this is not always the
     # binary AUROC of p_1: saturated float32 probabilities tie differently in p_0 and p_1)
-    auroc = np.mean([roc_auc_score(y == c, probs[:, c]) for c in labels])
+    # (the headline metrics are of the unscaled scores; a calibrated run keeps them as unscaled_p_*)
+    raw = probs
+    if f"unscaled_p_{names[0]}" in rows[0]:
+        raw = np.array([[float(r[f"unscaled_p_{c}"]) for c in names] for r in rows])
+    auroc = np.mean([roc_auc_score(y == c, raw[:, c]) for c in labels])
     assert m["auroc"] == pytest.approx(auroc, abs=1e-5)
     assert m["confusion_matrix"] == confusion_matrix(y, pred, labels=labels).tolist()
     for key, fn in (("precision_per_class", precision_score), ("recall_per_class", recall_score),
@@ -79,8 +83,11 @@ def check_metrics_against_sklearn(run: Path, num_classes: int) -> dict:
     ref = m["referral"]
     conf = np.array([float(r["confidence"]) for r in rows])
     agree = np.array([float(r["agreement"]) for r in rows])
-    threshold = 0.5
-    refer = (conf < threshold) | (agree < 1.0)
+    if "threshold" in ref:  # calibrated run: the referral threshold fitted on validation
+        assert ref["goal"] == "refer at most 20%"
+        refer = conf < ref["threshold"]
+    else:  # uncalibrated: confidence < eval.refer_threshold or the samples disagree
+        refer = (conf < 0.5) | (agree < 1.0)
     assert [int(r["refer"]) for r in rows] == refer.astype(int).tolist()
     correct = y == pred
     assert ref["referred_fraction"] == pytest.approx(refer.mean())
