@@ -126,6 +126,7 @@ class EvalConfig:
     steps: Optional[int] = 250  # released: 250 HAM10000, 60 APTOS
     eta: float = 0.0
     start: str = "noise"  # ddim start: noise | mean
+    t_start: Optional[int] = None  # ddim/dpmpp2m first timestep (None: T-1); n-1 = the truncated chain's window
     num_samples: int = 1  # K reverse samples per image (released: 1)
     aggregate: str = "mean"  # mean | vote
     temperature: float = 0.2  # probabilities = softmax(mean y0 / temperature)
@@ -165,8 +166,8 @@ CHOICES: dict[str, tuple] = {
     "train.select_on": ("val", "test"),
     "train.dcg_warmup_schedule": ("constant", "cosine"),
     "train.monitor": ("acc", "f1", "balanced_acc", "kappa", "auroc"),
-    "eval.sampler": ("ddpm", "truncated", "ddim"),
-    "eval.val_sampler": ("ddpm", "truncated", "ddim"),
+    "eval.sampler": ("ddpm", "truncated", "ddim", "dpmpp2m"),
+    "eval.val_sampler": ("ddpm", "truncated", "ddim", "dpmpp2m"),
     "eval.start": ("noise", "mean"),
     "eval.aggregate": ("mean", "vote"),
 }

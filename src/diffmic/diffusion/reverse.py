@@ -59,6 +59,7 @@ def reverse_sample(
     steps: Optional[int] = 10,
     eta: float = 0.0,
     start: str = "noise",
+    t_start: Optional[int] = None,
     num_samples: int = 1,
     ids: Optional[Sequence[str]] = None,
     seed: int = 0,
@@ -71,6 +72,7 @@ def reverse_sample(
 
     With ``ids`` given, each image draws its noise from its own seeded generator, so its prediction
     does not depend on batch size or order. Otherwise ``noise`` or ``generator`` is used.
+    ``t_start`` (``"ddim"`` / ``"dpmpp2m"`` only) is the first timestep (default T-1).
     """
     B = x.shape[0]
     K = num_samples
@@ -97,7 +99,7 @@ def reverse_sample(
             return model.eps(feat_k, y_t, t, guide_k)
 
     out = samplers.sample(
-        sampler, eps_fn, schedule, mu_k, steps=steps, eta=eta, start=start,
+        sampler, eps_fn, schedule, mu_k, steps=steps, eta=eta, start=start, t_start=t_start,
         generator=generator, noise=noise, return_trajectory=return_trajectory,
     )
     traj = [s.view(B, K, C) for s in out.trajectory] if out.trajectory is not None else None

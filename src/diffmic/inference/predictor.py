@@ -98,7 +98,7 @@ class Predictor:
         else:
             out = reverse_sample(
                 m.model, m.schedule, x, sampler=e.sampler, steps=e.steps, eta=e.eta, start=e.start,
-                num_samples=e.num_samples, ids=list(ids), seed=e.sample_seed,
+                num_samples=e.num_samples, ids=list(ids), seed=e.sample_seed, t_start=getattr(e, "t_start", None),
             )
             r = readout(out.y0, e.aggregate, e.temperature)
             guidance, prior = out.guidance, out.prior
