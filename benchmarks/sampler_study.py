@@ -28,6 +28,9 @@ from diffmic.diffusion import samplers  # noqa: E402
 from diffmic.diffusion.reverse import per_image_noise  # noqa: E402
 from diffmic.metrics import readout  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_inference import FEWSTEP  # noqa: E402
+
 
 def log(msg: str) -> None:
     print(f"[sampler_study {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -146,6 +149,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ckpt", default=None, help="checkpoint (default: best.ckpt, else last.ckpt)")
     ap.add_argument("--splits", default="val,test")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--bench", action="store_true",
+                    help="only the reference and the goal-1 sampler (what `make bench` reports)")
     ap.add_argument("--ref-steps", type=int, default=None,
                     help="truncated-chain length of the reference (default: the run's eval.steps)")
     ap.add_argument("--ref-k", type=int, default=None, help="samples per image of the reference (default: eval.num_samples)")
@@ -160,7 +165,13 @@ def main(argv=None) -> int:
     ref_steps = args.ref_steps or (e.steps if e.sampler == "truncated" and e.steps else T)
     ref_k = args.ref_k or e.num_samples
     results = []
-    for spec in candidates(T, ref_steps, ref_k, args.quick):
+    few_spec = {"name": f"{FEWSTEP['sampler']}{FEWSTEP['steps']} t_start={ref_steps - 1} mean K=1", "K": 1,
+                "start": "mean", "t_start": ref_steps - 1, **FEWSTEP}
+    specs = candidates(T, ref_steps, ref_k, args.quick)
+    if args.bench:
+        specs = [{"name": f"truncated{ref_steps} K={ref_k}", "sampler": "truncated", "steps": ref_steps, "K": ref_k},
+                 few_spec]
+    for spec in specs:
         row = {"name": spec["name"], "spec": spec, "nfe": spec.get("steps", T) * spec.get("K", 1)}
         for s in splits:
             t0 = time.perf_counter()
@@ -180,7 +191,12 @@ def main(argv=None) -> int:
         for s in splits:
             del r[s + "_pred"]
     summary = {"run": str(run), "T": T, "reference": ref_name, "results": results}
-    (run / "sampler_study.json").write_text(json.dumps(summary, indent=1))
+    few = next((r for r in results if r["name"] == few_spec["name"]), None)
+    if few is not None:
+        summary["fewstep_vs_reference"] = {"name": few["name"], **{
+            f"{s}_{k}": few[s][k] for s in splits for k in ("acc_delta_pts", "f1_delta_pts", "agree_with_ref")}}
+    out_name = "sampler_study_bench.json" if args.bench else "sampler_study.json"
+    (run / out_name).write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary))
     return 0
 

@@ -122,3 +122,22 @@ def test_num_noise_draws_for_dpmpp2m_and_call_count():
                           return_trajectory=True)
     assert calls == [24, 18, 12, 6, 0]
     assert len(out.trajectory) == 6
+
+
+def test_reverse_sample_ancestral_chains_ignore_the_ode_start_options():
+    from diffmic.diffusion.reverse import reverse_sample
+    from diffmic.nn.diffmic import DiffMIC
+
+    torch.manual_seed(0)
+    m = DiffMIC(3, variant="full", encoder="resnet10_tiny", hidden_dim=16, num_layers=2, num_timesteps=20,
+                dcg_global="resnet10_tiny", dcg_local="resnet10_tiny", num_rois=2).eval()
+    s = NoiseSchedule.build(num_timesteps=20, beta_start=1e-3, beta_end=0.2)
+    x = torch.randn(2, 3, 32, 32)
+    noise = torch.randn(5, 2, 3)
+    a = reverse_sample(m, s, x, sampler="truncated", steps=5, noise=noise).y0
+    b = reverse_sample(m, s, x, sampler="truncated", steps=5, start="mean", t_start=4, noise=noise).y0
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # the few-step default: deterministic, no noise needed, same answer for any seed
+    c = reverse_sample(m, s, x, sampler="ddim", steps=3, start="mean", t_start=4, seed=1, ids=["a", "b"]).y0
+    d = reverse_sample(m, s, x, sampler="ddim", steps=3, start="mean", t_start=4, seed=2, ids=["a", "b"]).y0
+    torch.testing.assert_close(c, d, rtol=0, atol=0)

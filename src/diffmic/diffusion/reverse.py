@@ -72,7 +72,8 @@ def reverse_sample(
 
     With ``ids`` given, each image draws its noise from its own seeded generator, so its prediction
     does not depend on batch size or order. Otherwise ``noise`` or ``generator`` is used.
-    ``t_start`` (``"ddim"`` / ``"dpmpp2m"`` only) is the first timestep (default T-1).
+    ``start`` and ``t_start`` (first timestep, default T-1) apply to ``"ddim"`` / ``"dpmpp2m"``;
+    the ancestral ``"ddpm"`` / ``"truncated"`` chains ignore them.
     """
     B = x.shape[0]
     K = num_samples
@@ -84,6 +85,10 @@ def reverse_sample(
     guide_k = mu_k if model.uses_guidance else None
     if sampler == "ddpm":
         steps = None  # the full chain always runs all T steps
+    if sampler in ("ddpm", "truncated"):
+        # start / t_start configure the ODE samplers (eval.start, eval.t_start); the released
+        # ancestral chains always start from mu + z, so `eval.sampler=truncated` alone switches back
+        start, t_start = "noise", None
     if noise is None and ids is not None:
         draws = samplers.num_noise_draws(sampler, schedule.num_timesteps, steps, eta)
         noise = per_image_noise(list(ids), seed, draws, K, C, mu.device, mu.dtype)

@@ -491,9 +491,10 @@ def sample(
         n = DEFAULT_DDIM_STEPS if steps is None else steps
         return sample_dpmpp2m(eps_fn, schedule, prior_mean, n, start=start, t_start=t_start, **common)
     if t_start is not None:
-        raise ValueError(f"t_start applies to 'ddim' and 'dpmpp2m' only, not {name!r}")
+        raise ValueError(f"t_start applies to 'ddim' and 'dpmpp2m' only, not {name!r}; set eval.t_start=null")
     if eta != 0 or start != "noise":
-        raise ValueError(f"sampler {name!r} supports only eta=0 and start='noise' (got eta={eta}, start={start!r})")
+        raise ValueError(f"sampler {name!r} supports only eta=0 and start='noise' (got eta={eta}, start={start!r}); "
+                         "set eval.eta=0 eval.start=noise")
     T = schedule.num_timesteps
     if name == "ddpm":
         if steps is not None and steps != T:
