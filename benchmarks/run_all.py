@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"[run_all] accuracy: no trained run at {DEMO_RUN} (run `make demo` first); speed only")
                 results[name] = {"skipped": f"no {DEMO_RUN}: accuracy not measured, speed only"}
                 continue
-            cmd = [sys.executable, str(HERE / "sampler_study.py"), "--run", str(DEMO_RUN), "--bench"]
+            cmd = [sys.executable, str(HERE / "sampler_study.py"), "--run", str(DEMO_RUN), "--bench", "--int8"]
         elif name == "single":
             cmd = [sys.executable, str(HERE / "bench_single.py")]
         else:
@@ -158,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     summary["fewstep_val_f1_delta"] = fs.get("val_f1_delta_pts")
     summary["accuracy_note"] = acc.get("skipped") or (f"{fs.get('name')} vs {acc.get('reference')} on "
                                                       f"{acc.get('run')}, whole test split" if fs else None)
+    summary["int8_head_on_demo_test"] = acc.get("int8_head", {}).get("test")
     summary["single_image_s"] = results.get("single", {}).get("single_image_s")
+    summary["single_image_s_fp32"] = results.get("single", {}).get("single_image_s_fp32")
     summary["train_speedup"] = tr.get("speedup")
     summary["train_speedup_uncontended"] = tr.get("speedup_uncontended_steps")
     emit(summary)

@@ -151,6 +151,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--bench", action="store_true",
                     help="only the reference and the goal-1 sampler (what `make bench` reports)")
+    ap.add_argument("--int8", action="store_true",
+                    help="also: the goal-1 sampler with a dynamically int8-quantised denoiser head; "
+                         "how many test predictions change and how far the probabilities move")
     ap.add_argument("--ref-steps", type=int, default=None,
                     help="truncated-chain length of the reference (default: the run's eval.steps)")
     ap.add_argument("--ref-k", type=int, default=None, help="samples per image of the reference (default: eval.num_samples)")
@@ -195,6 +198,24 @@ def main(argv=None) -> int:
     if few is not None:
         summary["fewstep_vs_reference"] = {"name": few["name"], **{
             f"{s}_{k}": few[s][k] for s in splits for k in ("acc_delta_pts", "f1_delta_pts", "agree_with_ref")}}
+    if args.int8:
+        import copy
+
+        q = copy.deepcopy(module)
+        q.model.denoiser = torch.ao.quantization.quantize_dynamic(q.model.denoiser, {torch.nn.Linear},
+                                                                  dtype=torch.qint8)
+        summary["int8_head"] = {}
+        for s in splits:
+            a = score(run_sampler(module, data[s], few_spec, e.sample_seed), data[s]["label"], e.temperature)
+            b = score(run_sampler(q, data[s], few_spec, e.sample_seed), data[s]["label"], e.temperature)
+            summary["int8_head"][s] = {
+                "sampler": few_spec["name"], "fp32_acc": a["acc"], "int8_acc": b["acc"],
+                "fp32_f1": a["f1"], "int8_f1": b["f1"],
+                "predictions_changed": int((a["pred"] != b["pred"]).sum()), "images": len(data[s]["id"]),
+                "max_abs_prob_change": float((a["probs"] - b["probs"]).abs().max()),
+                "mean_abs_prob_change": float((a["probs"] - b["probs"]).abs().mean()),
+            }
+            log(f"int8 head on {s}: {summary['int8_head'][s]}")
     out_name = "sampler_study_bench.json" if args.bench else "sampler_study.json"
     (run / out_name).write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary))
