@@ -116,10 +116,13 @@ def main(argv: list[str] | None = None) -> int:
         result["stages_batch1"] = {k: round(v, 4) for k, v in stages.items()}
     result["foreign_cpu_share"] = ph.foreign_cpu_share
     result["contended"] = bool((ph.foreign_cpu_share or 0) > 0.1)
-    best = min(v["median_s"] for k, v in result["variants"].items() if k.startswith("fewstep"))
-    result["single_image_s"] = best
-    result["single_image_s_fp32"] = result["variants"]["fewstep_fp32"]["median_s"]
-    result["meets_target"] = bool(best <= PAPER_S_PER_IMAGE)
+    # fp32 is the headline: the int8 head changed 4 of 3,004 predicted classes on the `make demo` test
+    # split (sampler_study.py --int8, 2026-12-02), which goal 4 does not allow
+    fp32 = result["variants"]["fewstep_fp32"]["median_s"]
+    result["single_image_s"] = fp32
+    result["single_image_s_fp32"] = fp32
+    result["single_image_s_int8"] = result["variants"]["fewstep_int8"]["median_s"]
+    result["meets_target"] = bool(fp32 <= PAPER_S_PER_IMAGE)
     result["pre_run_wait"] = quiet
     result["machine"] = machine_info(torch.device("cpu"))
     emit(result)
