@@ -6,7 +6,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.diffmic-installed
 DATA    ?= ../shared/data
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo demo-data test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: $(STAMP)
 	rm -rf runs/demo  # the demo starts afresh each time (diffmic fit never overwrites a run)
 	$(VENV)/bin/diffmic fit --config src/diffmic/configs/demo_cpu.yaml data.root=$(DATA)/ham10000 run.dir=runs/demo
 	$(VENV)/bin/diffmic test --run runs/demo
+
+# HAM10000 for the demo: used as is when $(DATA)/ham10000 exists, downloaded there otherwise (~3 GB)
+demo-data: $(STAMP)
+	test -d $(DATA)/ham10000 || $(VENV)/bin/diffmic data download ham10000 --root $(DATA)
 
 test: $(STAMP)
 	$(VPY) -m pytest -q

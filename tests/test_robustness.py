@@ -405,7 +405,8 @@ def test_checkpoint_for_other_classes_is_refused(full_run, tmp_path, capsys):
     for c in seven:
         (root / c).mkdir(parents=True)
         for i in range(4):
-            Image.new("RGB", (16, 16), (30 * i, 20, 99)).save(root / c / f"{c}_{i}.png")
+            # distinct pixels per class (identical images in two splits are reported as leakage)
+            Image.new("RGB", (16, 16), (30 * i, 20 + 25 * seven.index(c), 99)).save(root / c / f"{c}_{i}.png")
     rc = main(["test", "--run", str(full_run), "data.dataset=folder", f"data.root={root}", "data.split=random",
                "data.val_fraction=0", "data.test_fraction=0.5", f"data.cache_dir={tmp_path / 'cache'}"])
     err = capsys.readouterr().err

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -30,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--config", help="YAML file or shipped preset name (ham10000, aptos2019, ultrasound, cpu, demo_cpu, ...)")
     f.add_argument("--run", help="run folder (same as run.dir=...); with --resume, its config.yaml is used")
     f.add_argument("--resume", action="store_true", help="resume from <run>/checkpoints/last.ckpt")
+    f.add_argument("--overwrite", action="store_true",
+                   help="replace the run in a non-empty run folder (its checkpoints, logs and results)")
     f.add_argument("overrides", nargs="*", help="section.key=value")
 
     for verb, text in (("validate", "evaluate on the validation split"), ("test", "evaluate on the test split")):
@@ -45,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--output", help="CSV file for the predictions (default: print)")
     pr.add_argument("--explain", help="folder for per-image saliency/ROI PNGs")
     pr.add_argument("--batch-size", type=int, default=32)
+    pr.add_argument("--skip-bad", action="store_true",
+                    help="skip unreadable images (listed on stderr) instead of stopping")
     pr.add_argument("inputs", nargs="+", help="image files, folders, and eval.* overrides (key=value)")
 
     d = sub.add_parser("data", help="data utilities")
@@ -52,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     dc = dsub.add_parser("check", help="validate a data set and print a summary")
     dc.add_argument("--config", help="YAML file or preset")
     dc.add_argument("overrides", nargs="*")
+    _add_portable_parsers(p, sub, dsub)
     return p
 
 
@@ -74,18 +80,54 @@ def _expand_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
     return images, overrides
 
 
+def _expand_inputs_with_roots(items: list[str]) -> tuple[list[Path], list, list[Path], list[str]]:
+    """Like :func:`_expand_inputs`, also returning for each image the folder it was found in
+    (``None`` for a file given directly) and the input folders; the same file is kept once."""
+    images: list[Path] = []
+    roots: list = []
+    dirs: list[Path] = []
+    overrides: list[str] = []
+    seen: set[str] = set()
+    for item in items:
+        found, over = _expand_inputs([item])
+        overrides.extend(over)
+        p = Path(item)
+        if found and p.is_dir():
+            dirs.append(p)
+        for q in found:
+            key = os.path.realpath(q)
+            if key not in seen:
+                seen.add(key)
+                images.append(q)
+                roots.append(p if p.is_dir() else None)
+    return images, roots, dirs, overrides
+
+
+def _check_config_path(config: Optional[str]) -> None:
+    if config and Path(config).is_dir():
+        from diffmic.config import ConfigError
+
+        raise ConfigError(f"--config '{config}' is a folder; give a YAML file (or a preset name), "
+                          f"e.g. {Path(config) / 'config.yaml'}")
+
+
 def _fit(args) -> int:
     from diffmic.config import load_config
     from diffmic.training.run import fit
 
     overrides = list(args.overrides)
     config = args.config
+    _check_config_path(config)
     if args.run:
         if args.resume and not config:
             config = str(Path(args.run) / "config.yaml")
         overrides.append(f"run.dir={args.run}")
     cfg = load_config(config, overrides)
-    run_dir = fit(cfg, resume=args.resume)
+    if args.resume and args.overwrite:
+        from diffmic.config import ConfigError
+
+        raise ConfigError("--resume and --overwrite exclude each other: resume keeps the run, overwrite replaces it")
+    run_dir = fit(cfg, resume=args.resume, overwrite=args.overwrite)
     summary = json.loads((run_dir / "fit_summary.json").read_text()) if (run_dir / "fit_summary.json").exists() else {}
     print(f"run folder: {run_dir}")
     if summary:
@@ -96,6 +138,7 @@ def _fit(args) -> int:
 def _evaluate(args) -> int:
     from diffmic.training.run import evaluate
 
+    _check_config_path(args.config)
     result = evaluate(args.run, stage=args.verb, ckpt=args.ckpt, overrides=args.overrides, config_path=args.config)
     if args.verb == "test":
         shown = {k: result[k] for k in ("acc", "balanced_acc", "f1", "kappa", "auroc") if k in result}
@@ -113,10 +156,11 @@ def _evaluate(args) -> int:
 
 def _predict(args) -> int:
     from diffmic.inference.predictor import Predictor
+    from diffmic.outputs import plan_outputs
     from diffmic.reporting import write_rows_csv
     from diffmic.training.run import resolve_checkpoint
 
-    images, over = _expand_inputs(args.inputs)
+    images, roots, input_dirs, over = _expand_inputs_with_roots(args.inputs)
     if not images:
         raise FileNotFoundError("no images given: pass image files or folders")
     from diffmic.config import ConfigError, parse_value
@@ -129,8 +173,17 @@ def _predict(args) -> int:
         eval_over[key.split(".", 1)[1]] = parse_value(key, value)
     if not args.run and not args.ckpt:
         raise ConfigError("predict needs --run DIR or --ckpt FILE")
-    ckpt = resolve_checkpoint(Path(args.run), args.ckpt) if args.run else Path(args.ckpt)
-    predictor = Predictor.from_checkpoint(ckpt, **eval_over)
+    # every output checked before the model is loaded or anything is written
+    explain_paths = plan_outputs(images, roots, input_dirs, args.output, args.explain)
+    if args.run and not args.ckpt:  # a run folder or an exported model folder (diffmic export)
+        predictor = Predictor.load(args.run, **eval_over)
+    else:
+        ckpt = resolve_checkpoint(Path(args.run), args.ckpt) if args.run else Path(args.ckpt)
+        predictor = Predictor.from_checkpoint(ckpt, **eval_over)
+    good = _readable_images(images, predictor.cfg.data.image_size, predictor.cfg.data.in_chans, args.skip_bad)
+    images = [images[i] for i in good]
+    if explain_paths is not None:
+        explain_paths = [explain_paths[i] for i in good]
     results = predictor.predict([str(p) for p in images], batch_size=args.batch_size)
     rows = [r.as_row() for r in results]
     if args.output:
@@ -143,16 +196,40 @@ def _predict(args) -> int:
             flag = "  REFER to a clinician" if r.refer else ""
             print(f"{r.id}\t{r.label}\tp={r.confidence:.3f}\tagreement={r.agreement:.2f}{flag}")
     if args.explain:
-        for img, r in zip(images, results):
-            predictor.save_explanation(img, r, Path(args.explain) / f"{Path(img).stem}.png")
+        for img, r, dest in zip(images, results, explain_paths):
+            predictor.save_explanation(img, r, dest)
         print(f"wrote {len(results)} explanation images to {args.explain}")
     return 0
+
+
+def _readable_images(images: list[Path], image_size: int, in_chans: int, skip_bad: bool) -> list[int]:
+    """Positions of the images that decode; every bad one is named (an error listing all of them,
+    or with ``skip_bad`` a line each on stderr)."""
+    from diffmic.data.records import DataError
+    from diffmic.data.transforms import decode_image
+
+    good, bad = [], []
+    for i, p in enumerate(images):
+        try:
+            decode_image(p, image_size, in_chans)
+            good.append(i)
+        except DataError as exc:
+            bad.append(str(exc))
+    if bad and not skip_bad:
+        raise DataError(f"{len(bad)} of {len(images)} images cannot be read; nothing was predicted "
+                        "(fix or remove them, or pass --skip-bad):\n  " + "\n  ".join(bad))
+    for b in bad:
+        print(f"skipped: {b}", file=sys.stderr)
+    if not good:
+        raise DataError("no readable images left to predict")
+    return good
 
 
 def _data_check(args) -> int:
     from diffmic.config import load_config
     from diffmic.training.run import build_datamodule
 
+    _check_config_path(args.config)
     cfg = load_config(args.config, args.overrides)
     dm = build_datamodule(cfg)
     report = dm.check()
@@ -160,11 +237,57 @@ def _data_check(args) -> int:
     return 1 if report.errors else 0
 
 
+def _add_portable_parsers(p, sub, dsub) -> None:
+    """``--version``, ``data download`` and ``export`` (see diffmic.data.download, diffmic.export)."""
+    from diffmic import __version__
+
+    p.add_argument("--version", action="version", version=f"diffmic {__version__}")
+    dd = dsub.add_parser("download", help="download a public data set into the layout the loaders read")
+    dd.add_argument("name", help="ham10000, aptos2019 (instructions only), breastmnist, pneumoniamnist, ... "
+                                 "(diffmic data download --list)", nargs="?")
+    dd.add_argument("--root", default="data", help="parent folder: the data set goes to ROOT/NAME (default: data)")
+    dd.add_argument("--mirror", help="fetch https://HOST/PATH from MIRROR/HOST/PATH instead")
+    dd.add_argument("--keep-archives", action="store_true", help="keep the downloaded archives")
+    dd.add_argument("--no-progress", action="store_true", help="no progress bar")
+    dd.add_argument("--list", action="store_true", help="list the data sets that can be downloaded")
+    ex = sub.add_parser("export", help="write a portable model folder (safetensors, JSON config, model card)")
+    ex.add_argument("--run", help="trained run folder")
+    ex.add_argument("--ckpt", help="checkpoint (default: <run>/checkpoints/best.ckpt)")
+    ex.add_argument("--out", required=True, help="new (or empty) output folder")
+    ex.add_argument("--onnx", action="store_true", help="also write ONNX graphs (needs the [onnx] extra)")
+
+
+def _data_download(args) -> int:
+    from diffmic.data.download import SOURCES, available_datasets, download_dataset
+
+    if args.list or not args.name:
+        for name in available_datasets():
+            src = SOURCES[name]
+            print(f"{name}\t{getattr(src, 'description', 'manual download (see: diffmic data download ' + name + ')')}")
+        return 0 if args.list else 2
+    download_dataset(args.name, args.root, mirror=args.mirror, progress=not args.no_progress,
+                     keep_archives=args.keep_archives)
+    return 0
+
+
+def _export(args) -> int:
+    from diffmic.inference.export import export_model
+
+    out = export_model(run=args.run, ckpt=args.ckpt, out=args.out, onnx=args.onnx)
+    print(f"wrote a portable model folder to {out}")
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    early = sys.argv[1:] if argv is None else list(argv)
+    if early[:1] in (["--version"], ["--help"], ["-h"]):  # answered before Lightning is imported
+        _parser().parse_args(early)
     from diffmic.config import ConfigError
     from diffmic.training.checkpoint import CheckpointError
 
-    errors: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, FileNotFoundError)
+    from diffmic.outputs import OutputError
+
+    errors: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, FileNotFoundError, OutputError)
     try:
         from diffmic.data.checks import DataError
 
@@ -186,6 +309,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         from diffmic.training.run import RunFolderError
 
         errors = errors + (RunFolderError, NonFiniteLossError)
+        from diffmic.nn.encoders import WeightsError
+
+        errors = errors + (WeightsError,)
+    if args.verb in ("validate", "test"):
+        from diffmic.training.run import RunFolderError
+
+        errors = errors + (RunFolderError,)
+    if args.verb in ("export", "predict"):
+        from diffmic.inference.export import ExportError
+
+        errors = errors + (ExportError,)
     try:
         if args.verb == "fit":
             return _fit(args)
@@ -193,6 +327,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             return _evaluate(args)
         if args.verb == "predict":
             return _predict(args)
+        if args.verb == "data" and args.data_verb == "download":
+            return _data_download(args)
+        if args.verb == "export":
+            return _export(args)
         if args.verb == "data":
             return _data_check(args)
     except errors as exc:

@@ -69,6 +69,9 @@ class ModelConfig:
     prior: str = "softmax_mean_logits"  # softmax_mean_logits (code) | mean_probs (Eq.1) | sum_probs (Eq.2) | zero
     encoder_weights: Optional[str] = None  # local state-dict file, never downloaded
     dcg_weights: Optional[str] = None
+    # ImageNet weights for rho(x)'s encoder and both DCG streams: false | true (torchvision/timm download,
+    # cached) | a .pth/.safetensors state dict or a folder of them; encoder_weights/dcg_weights win
+    pretrained: Union[bool, str] = False
 
 
 @dataclass

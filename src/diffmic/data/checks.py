@@ -9,6 +9,7 @@ the bad records and lists them in the returned :class:`DataReport`.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -120,30 +121,51 @@ def check_image_file(path: str | os.PathLike, max_pixels: int | None = DEFAULT_M
     Returns ``((width, height, mode), None, None)`` when it is fine, else
     ``(None, kind, reason)`` with kind in ``empty_file``, ``missing_file``, ``too_large``,
     ``truncated_image``, ``corrupt_image``."""
+    info, kind, reason, _ = _inspect_image(path, max_pixels)
+    return info, kind, reason
+
+
+def pixel_digest(img_or_array) -> str:
+    """SHA-1 of decoded pixels (mode, size and bytes): equal for byte-identical images whatever
+    their file names or formats."""
+    h = hashlib.sha1()
+    if isinstance(img_or_array, np.ndarray):
+        a = np.ascontiguousarray(img_or_array)
+        h.update(f"{a.dtype}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    else:
+        h.update(f"{img_or_array.mode}|{img_or_array.size}|".encode())
+        h.update(img_or_array.tobytes())
+    return h.hexdigest()
+
+
+def _inspect_image(path, max_pixels):
+    """:func:`check_image_file` plus the digest of the decoded pixels (``None`` when bad)."""
     p = Path(path)
     try:
         st = p.stat()
     except OSError:
-        return None, "missing_file", "file not found"
+        return None, "missing_file", "file not found", None
     if st.st_size == 0:
-        return None, "empty_file", "file is empty (0 bytes)"
+        return None, "empty_file", "file is empty (0 bytes)", None
     try:
         img = open_image(p, max_pixels)
     except DataError as e:
         msg = str(e)
         kind = "too_large" if ("limit" in msg or "bomb" in msg) else "corrupt_image"
-        return None, kind, msg.split(": ", 1)[-1]
+        return None, kind, msg.split(": ", 1)[-1], None
     try:
         with img:
             size, mode = img.size, img.mode
             img.verify()
         with Image.open(p) as img2:
             img2.load()
+            digest = pixel_digest(img2)
     except Exception as e:  # untrusted bytes: many exception types are possible
         text = f"{type(e).__name__}: {e}"
         kind = "truncated_image" if "truncat" in text.lower() else "corrupt_image"
-        return None, kind, text
-    return (int(size[0]), int(size[1]), str(mode)), None, None
+        return None, kind, text, None
+    return (int(size[0]), int(size[1]), str(mode)), None, None, digest
 
 
 _HINTS = {
@@ -164,6 +186,7 @@ def check_dataset(
     skip_bad: bool = False,
     allow_empty_classes: bool = False,
     workers: int | None = None,
+    duplicate_content: str = "error",
 ) -> DataReport:
     """Check one index or a dict of splits; returns a :class:`DataReport`.
 
@@ -177,6 +200,10 @@ def check_dataset(
     Without ``skip_bad`` any error raises :class:`DataError` (its ``report`` attribute holds the
     report). With ``skip_bad`` the bad records are removed from ``report.splits`` and listed in
     ``report.removed``. ``check_images=False`` only checks that files exist and are non-empty.
+
+    Also: byte-identical decoded pixels in two splits (leakage under another file name) with
+    severity ``duplicate_content`` (``"error"``, ``"warning"`` or ``"off"``; needs
+    ``check_images`` for files), and fewer than two classes with images in train (an error).
     """
     if isinstance(index, DatasetIndex):
         splits = {"all": index}
@@ -197,6 +224,7 @@ def check_dataset(
     sizes: dict[str, list[tuple[int, int]]] = defaultdict(list)
     modes: Counter = Counter()
     mode_example: dict[str, str] = {}
+    digests: dict[str, list[tuple[str, int]]] = defaultdict(list)  # pixel digest -> (split, pos)
 
     def add(p: Problem, split: str | None = None, pos: int | None = None) -> None:
         problems.append(p)
@@ -219,7 +247,8 @@ def check_dataset(
         for p in ix.problems:
             p = p if p.split is not None else replace(p, split=s)
             if p.record_id is not None and p.record_id in pos_of_id:
-                loader_probs[p.record_id].append(p)
+                # the loader's split ("all") may since have been divided: the record's split now
+                loader_probs[p.record_id].append(replace(p, split=s))
             else:
                 add(p)
         for pos, r in enumerate(ix.records):
@@ -239,6 +268,8 @@ def check_dataset(
                                 hint="rebuild the index from the .npz file"), s, pos)
                 else:
                     im = ix.images[r.array_index]
+                    if duplicate_content != "off":
+                        digests[pixel_digest(im)].append((s, pos))
                     sizes[s].append((int(im.shape[1]), int(im.shape[0])))
                     m = "L" if im.ndim == 2 or im.shape[-1] == 1 else "RGB"
                     modes[m] += 1
@@ -313,7 +344,7 @@ def check_dataset(
     # ---- open every image --------------------------------------------------------------------
     if to_open:
         def work(item):
-            return check_image_file(item[2].path, max_pixels)
+            return _inspect_image(item[2].path, max_pixels)
 
         nw = workers if workers is not None else max(1, min(4, os.cpu_count() or 1))
         if nw <= 1 or len(to_open) < 16:
@@ -321,16 +352,36 @@ def check_dataset(
         else:
             with ThreadPoolExecutor(max_workers=nw) as ex:
                 results = list(ex.map(work, to_open, chunksize=16))
-        for (s, pos, r), (info, kind, reason) in zip(to_open, results):
+        for (s, pos, r), (info, kind, reason, digest) in zip(to_open, results):
             if info is None:
                 add(Problem(kind or "corrupt_image", f"{r.where()}: {reason}", split=s,
                             record_id=r.id, path=str(r.path),
                             hint=_HINTS.get(kind or "", _HINTS["corrupt_image"])), s, pos)
                 continue
             w, h, m = info
+            if duplicate_content != "off":
+                digests[digest].append((s, pos))
             sizes[s].append((w, h))
             modes[m] += 1
             mode_example.setdefault(m, str(r.path))
+    # ---- the same pixels in two splits (leakage under another name) ---------------------------
+    if duplicate_content != "off" and len(splits) > 1:
+        sev = "error" if duplicate_content == "error" else "warning"
+        for occ in digests.values():
+            split_set = {s for s, _ in occ}
+            if len(split_set) < 2:
+                continue
+            keep = min(split_set, key=lambda s: _KEEP_PRIORITY.get(s, 9))
+            first = splits[keep].records[next(pos for s, pos in occ if s == keep)]
+            for s, pos in occ:
+                r = splits[s].records[pos]
+                if s == keep or (r.path is not None and first.path is not None
+                                 and os.path.samefile(r.path, first.path)):
+                    continue  # the same file: reported as split_overlap
+                add(Problem("duplicate_content", f"{r.where()} has the same pixels as {first.where()} "
+                            f"in split {keep!r} (test-set leakage)", severity=sev, split=s,
+                            record_id=r.id, path=str(r.path) if r.path else None,
+                            hint=f"remove one copy (skip_bad drops the {s!r} one)"), s, pos)
     for m, k in modes.items():
         if m not in _COMMON_MODES:
             add(Problem("unusual_mode", f"{k} image(s) in mode {m!r} (e.g. {mode_example.get(m, '?')});"
@@ -369,6 +420,15 @@ def check_dataset(
                     severity=sev, split=s,
                     hint="check the labels / split file, or pass allow_empty_classes=True if "
                          "this is intended"))
+    train_split = "train" if "train" in out_splits else None
+    if train_split is not None:
+        counts = out_splits[train_split].class_counts()
+        present = [class_names[c] for c in range(min(C, len(class_names))) if counts[c] > 0]
+        if len(present) < 2:
+            problems.append(Problem(
+                "single_class", f"split {train_split!r} has images of {len(present)} class(es) "
+                f"{present} (classes: {class_names}); a classifier needs images of at least 2 classes",
+                split=train_split, hint="add images of the other classes, or fix the labels / class folders"))
     if "train" in out_splits and out_splits["train"].has_groups:
         train_groups = {r.group for r in out_splits["train"].records if r.group is not None}
         for s in ("val", "test"):

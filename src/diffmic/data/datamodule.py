@@ -206,6 +206,13 @@ class DiffMICDataModule(pl.LightningDataModule):
         return {k: src[k] for k in ("train", "val", "test") if k in src}
 
     @property
+    def duplicate_content_policy(self) -> str:
+        """The same pixels in two splits: an error for your own data (folder, CSV); a warning for
+        a public benchmark (BreastMNIST's official split holds one such pair), whose published
+        protocols keep them."""
+        return "warning" if self.dataset in ("medmnist", "ham10000", "aptos2019") else "error"
+
+    @property
     def class_names(self) -> list[str]:
         return list(self._load_sources()["train"].class_names)
 
@@ -241,7 +248,8 @@ class DiffMICDataModule(pl.LightningDataModule):
         try:
             return check_dataset(src, max_pixels=self.max_pixels, check_images=ci,
                                  skip_bad=self.skip_bad,
-                                 allow_empty_classes=self.allow_empty_classes)
+                                 allow_empty_classes=self.allow_empty_classes,
+                                 duplicate_content=self.duplicate_content_policy)
         except DataError as e:
             if raise_on_error or e.report is None:
                 raise
@@ -257,7 +265,8 @@ class DiffMICDataModule(pl.LightningDataModule):
             self.cache.exists(ix, self.image_size, self.in_chans) for ix in src.values())
         self.report = check_dataset(src, max_pixels=self.max_pixels, check_images=ci,
                                     skip_bad=self.skip_bad,
-                                    allow_empty_classes=self.allow_empty_classes)
+                                    allow_empty_classes=self.allow_empty_classes,
+                                    duplicate_content=self.duplicate_content_policy)
         src = self.report.splits
 
         positions: dict[str, tuple[str, np.ndarray]] = {

@@ -272,6 +272,120 @@ def load_aptos2019(root: str | os.PathLike, split: str = "authors", seed: int = 
 # generic CSV manifest
 
 
+def _label_kind(v: str | None) -> str:
+    """``empty``, ``int``, ``fraction`` (1.5), ``not_finite`` (NaN, inf) or ``name``."""
+    if v is None or str(v).strip() == "":
+        return "empty"
+    try:
+        f = float(v)
+    except ValueError:
+        return "name"
+    if not np.isfinite(f):
+        return "not_finite"
+    return "int" if f == int(f) else "fraction"
+
+
+def _did_you_mean(v: str, names: Sequence[str]) -> str:
+    import difflib
+
+    folded = [n for n in names if n.casefold() == str(v).strip().casefold()]
+    close = folded or difflib.get_close_matches(str(v), list(names), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _near_miss_names(counts: dict[str, int]) -> dict[str, str]:
+    """Rare names that look like a typo or another spelling (case, spaces) of a frequent one:
+    ``{rare: frequent}``."""
+    import difflib
+
+    out: dict[str, str] = {}
+    for n, c in counts.items():
+        best = None
+        for m, cm in counts.items():
+            if m == n:
+                continue
+            same = m.strip().casefold() == n.strip().casefold()
+            if same and (cm, m) > (c, n):
+                best = m
+            elif not same and cm >= 3 * c and difflib.SequenceMatcher(None, n.casefold(), m.casefold()).ratio() >= 0.8:
+                best = best or m
+        if best is not None:
+            out[n] = best
+    return out
+
+
+def _csv_labels(csv_path: Path, rows, label_col: str, class_names: Sequence[str] | None):
+    """The class names of a CSV manifest and a function ``(line, value) -> (index, problem)``.
+
+    With ``class_names``, a label is one of the names exactly (or an integer index into them);
+    without, the labels are either integer indices, which must be ``0..C-1`` with no gap, or class
+    names (a rare name that differs from a frequent one only in case, spaces or a typo is an
+    error with a "did you mean", not a new class). NaN, ``1.5``, an index out of range or an
+    unknown name is a problem of that row (index -1), never a class."""
+    values = [row[label_col] for _, row in rows]
+    kinds = [_label_kind(v) for v in values]
+    n_int, n_name = kinds.count("int"), kinds.count("name")
+    suspicious: dict[str, str] = {}
+    numeric = False
+    if class_names is not None:
+        names = [str(c) for c in class_names]
+        if len(set(names)) != len(names):
+            raise ValueError(f"class_names has duplicates: {names}")
+    elif n_int and n_int >= n_name:
+        numeric = True
+        present = sorted({int(float(v)) for v, k in zip(values, kinds) if k == "int"})
+        C = 0
+        while C in present:
+            C += 1
+        names = [str(i) for i in range(C)]
+        found = ", ".join(map(str, present[:12])) + (", ..." if len(present) > 12 else "")
+    else:
+        counts: dict[str, int] = {}
+        for v, k in zip(values, kinds):
+            if k == "name":
+                counts[v] = counts.get(v, 0) + 1
+        suspicious = _near_miss_names(counts)
+        names = sorted(n for n in counts if n not in suspicious)
+    name_to_idx = {n: i for i, n in enumerate(names)}
+    C = len(names)
+    fix = "fix the label or remove the row"
+
+    def label_of(line: int, v):
+        k = _label_kind(v)
+        if k == "empty":
+            return -1, ("bad_label", "empty label", "fill in the label or remove the row")
+        if k == "not_finite":
+            return -1, ("bad_label", f"label {v!r} is not a class (missing or not a number)", fix)
+        if class_names is not None and v in name_to_idx:
+            return name_to_idx[v], None
+        if k == "fraction":
+            return -1, ("bad_label", f"label {v!r} is not an integer class index", fix)
+        if k == "int":
+            i = int(float(v))
+            if 0 <= i < C and (numeric or class_names is not None):
+                return i, None
+            if numeric:
+                return -1, ("label_out_of_range",
+                            f"label {i} is outside 0..{C - 1}: integer labels must be 0..C-1 with no gap "
+                            f"(found {found})",
+                            "fix the label (labels start at 0), or use class names in the CSV")
+            if class_names is not None:
+                return -1, ("label_out_of_range", f"label {i} is outside 0..{C - 1} ({C} classes {names})", fix)
+            return -1, ("bad_label", f"label {v!r} is a number but the other labels are class names {names}", fix)
+        if v in name_to_idx:
+            return name_to_idx[v], None
+        if v in suspicious:
+            return -1, ("unknown_class", f"class name {v!r} is not one of the classes {names}; did you mean "
+                        f"{suspicious[v]!r}?", "class names are matched exactly (case too): fix the label")
+        if numeric:
+            return -1, ("bad_label", f"label {v!r} is not an integer class index (the other labels are 0..{C - 1})",
+                        fix)
+        return -1, ("unknown_class", f"unknown class name {v!r}; known classes: {names}{_did_you_mean(v, names)}",
+                    "fix the label, or add the name to class_names")
+
+    return names, label_of
+
+
 def load_csv_manifest(
     csv_path: str | os.PathLike,
     root: str | os.PathLike | None = None,
@@ -296,20 +410,7 @@ def load_csv_manifest(
     root = Path(root) if root is not None else csv_path.parent
     required = [path_col, label_col] + ([split_col] if split_col else []) + ([id_col] if id_col else [])
     rows = _read_csv(csv_path, required)
-    raw_labels = [row[label_col] for _, row in rows]
-    nonempty = [v for v in raw_labels if v not in ("", None)]
-    numeric = bool(nonempty) and all(_parse_int(v) is not None for v in nonempty)
-    if class_names is not None:
-        names = [str(c) for c in class_names]
-        if len(set(names)) != len(names):
-            raise ValueError(f"class_names has duplicates: {names}")
-    elif numeric:
-        k = max([_parse_int(v) for v in nonempty] + [-1]) + 1
-        names = [str(i) for i in range(k)]
-    else:
-        names = sorted(set(nonempty))
-    name_to_idx = {n: i for i, n in enumerate(names)}
-
+    names, label_of = _csv_labels(csv_path, rows, label_col, class_names)
     bad_splits = []
     per_split: dict[str, tuple[list[Record], list[Problem]]] = {}
     for line, row in rows:
@@ -324,21 +425,10 @@ def load_csv_manifest(
         path = (p if p.is_absolute() else root / p) if p is not None else None
         rid = row[id_col] if id_col else row[path_col]
         recs, probs = per_split.setdefault(part, ([], []))
-        v = row[label_col]
-        lab: int
-        if v in ("", None):
-            probs.append(Problem("bad_label", f"{src}: empty label for {rid!r}", split=part,
-                                 record_id=rid, hint="fill in the label or remove the row"))
-            lab = -1
-        elif numeric:
-            lab = int(_parse_int(v))  # type: ignore[arg-type]
-        elif v in name_to_idx:
-            lab = name_to_idx[v]
-        else:
-            probs.append(Problem("unknown_class", f"{src}: unknown class name {v!r} for {rid!r}; "
-                                 f"known classes: {names}", split=part, record_id=rid,
-                                 hint="fix the label, or add the name to class_names"))
-            lab = -1
+        lab, problem = label_of(line, row[label_col])
+        if problem is not None:
+            kind, text, hint = problem
+            probs.append(Problem(kind, f"{src}: {text} (row {rid!r})", split=part, record_id=rid, hint=hint))
         if path is None:
             probs.append(Problem("missing_file", f"{src}: empty path for {rid!r}", split=part,
                                  record_id=rid, hint="fill in the image path or remove the row"))

@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 #: bump whenever the pixels produced by :func:`decode_image` change (invalidates caches)
-PREPROCESS_VERSION = 1
+PREPROCESS_VERSION = 2  # 2: EXIF orientation applied (caches of v1 are not reused)
 #: decompression-bomb guard: images with more pixels than this are refused (100 MP)
 DEFAULT_MAX_PIXELS = 100_000_000
 
@@ -159,8 +159,24 @@ def center_square_crop_box(w: int, h: int) -> tuple[int, int, int, int]:
     return left, top, left + s, top + s
 
 
+def exif_upright(img: Image.Image) -> Image.Image:
+    """The image as it is meant to be seen: the EXIF orientation tag (camera rotation) applied,
+    as every viewer does (``PIL.ImageOps.exif_transpose``)."""
+    from PIL import ImageOps
+
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # a damaged EXIF block: keep the pixels as stored
+        return img
+    if orientation in (None, 1):
+        return img
+    return ImageOps.exif_transpose(img)
+
+
 def preprocess_pil(img: Image.Image, image_size: int, in_chans: int = 3) -> np.ndarray:
-    """Mode conversion -> centre square crop -> bilinear (antialiased) resize -> ``uint8 [S, S, C]``."""
+    """EXIF orientation -> mode conversion -> centre square crop -> bilinear (antialiased) resize
+    -> ``uint8 [S, S, C]``."""
+    img = exif_upright(img)
     img = to_mode(img, in_chans)
     box = center_square_crop_box(*img.size)
     if box != (0, 0, *img.size):

@@ -57,6 +57,13 @@ class Prediction:
         return row
 
 
+def pixel_key(x: Tensor) -> str:
+    """A hex digest of an image's decoded, preprocessed pixels (the prediction's noise seed)."""
+    import hashlib
+
+    return hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
 class Predictor:
     """Load a trained model once and classify many images (CPU or GPU, any batch size)."""
 
@@ -75,18 +82,42 @@ class Predictor:
         over = {"eval": eval_overrides} if eval_overrides else None
         return cls(load_module(path, overrides=over), device=device)
 
+    @classmethod
+    def load(cls, path: str | Path, device=None, **eval_overrides) -> "Predictor":
+        """From a model folder written by ``diffmic export`` (no Lightning needed), a run folder
+        (its best checkpoint) or a checkpoint file."""
+        from diffmic.inference.export import is_model_folder, load_model_folder
+
+        p = Path(path)
+        if is_model_folder(p):
+            return cls(load_model_folder(p, eval_overrides or None), device=device)
+        if p.is_dir():
+            from diffmic.training.run import resolve_checkpoint
+
+            p = resolve_checkpoint(p, None)
+        return cls.from_checkpoint(p, device=device, **eval_overrides)
+
     def _load_images(self, images: Sequence) -> tuple[Tensor, list[str]]:
-        from diffmic.data.datamodule import ImagePathsDataset
+        x, ids, _ = self._load_images_seeded(images)
+        return x, ids
+
+    def _load_images_seeded(self, images: Sequence) -> tuple[Tensor, list[str], list[str]]:
+        """The batch, the ids (paths as given) and the noise keys: a hash of each image's decoded
+        pixels, so that the same pixels get the same answer however the path is spelled."""
+        from diffmic.data.datasets import ImagePathsDataset
 
         paths = [Path(p) for p in images]
         ds = ImagePathsDataset(paths, image_size=self.cfg.data.image_size, in_chans=self.cfg.data.in_chans)
         items = [ds[i] for i in range(len(ds))]
         x = torch.stack([it["image"] for it in items])
-        return x, [str(p) for p in paths]
+        keys = [pixel_key(it["image"]) for it in items]
+        return x, [str(p) for p in paths], keys
 
     @torch.no_grad()
-    def predict_tensor(self, x: Tensor, ids: Sequence[str]) -> list[Prediction]:
-        """Classify a normalised batch ``x [B,3,H,W]``; ``ids`` seed each image's sampling noise."""
+    def predict_tensor(self, x: Tensor, ids: Sequence[str], seed_keys: Optional[Sequence[str]] = None
+                       ) -> list[Prediction]:
+        """Classify a normalised batch ``x [B,3,H,W]``; ``seed_keys`` (default: ``ids``) seed each
+        image's sampling noise."""
         m = self.module
         e = self.cfg.eval
         x = x.to(self.device)
@@ -98,7 +129,8 @@ class Predictor:
         else:
             out = reverse_sample(
                 m.model, m.schedule, x, sampler=e.sampler, steps=e.steps, eta=e.eta, start=e.start,
-                num_samples=e.num_samples, ids=list(ids), seed=e.sample_seed, t_start=getattr(e, "t_start", None),
+                num_samples=e.num_samples, ids=list(seed_keys if seed_keys is not None else ids),
+                seed=e.sample_seed, t_start=getattr(e, "t_start", None),
             )
             r = readout(out.y0, e.aggregate, e.temperature)
             guidance, prior = out.guidance, out.prior
@@ -130,8 +162,8 @@ class Predictor:
         results: list[Prediction] = []
         images = list(images)
         for start in range(0, len(images), batch_size):
-            x, ids = self._load_images(images[start : start + batch_size])
-            results.extend(self.predict_tensor(x, ids))
+            x, ids, keys = self._load_images_seeded(images[start : start + batch_size])
+            results.extend(self.predict_tensor(x, ids, seed_keys=keys))
         return results
 
     def save_explanation(self, image: str | Path, result: Prediction, out_path: str | Path) -> Path:
@@ -142,7 +174,7 @@ class Predictor:
         import matplotlib.pyplot as plt
         from matplotlib.patches import Rectangle
 
-        from diffmic.data.datamodule import ImagePathsDataset
+        from diffmic.data.datasets import ImagePathsDataset
 
         ds = ImagePathsDataset([Path(image)], image_size=self.cfg.data.image_size, in_chans=self.cfg.data.in_chans)
         x = ds[0]["image"]
@@ -170,6 +202,8 @@ class Predictor:
         fig.tight_layout()
         out_path = Path(out_path)
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out_path, dpi=100)
+        from diffmic.outputs import EXPLAIN_TAG
+
+        fig.savefig(out_path, dpi=100, metadata={EXPLAIN_TAG[0]: EXPLAIN_TAG[1]})
         plt.close(fig)
         return out_path

@@ -53,9 +53,11 @@ class ImageEmbedding(nn.Module):
         hidden_dim: int,
         in_chans: int = 3,
         weights_path: str | os.PathLike[str] | None = None,
+        pretrained: bool | str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__()
-        self.encoder = create_encoder(encoder_name, in_chans=in_chans, weights_path=weights_path)
+        self.encoder = create_encoder(encoder_name, in_chans=in_chans, weights_path=weights_path,
+                                      pretrained=pretrained)
         self.proj = nn.Linear(self.encoder.out_dim, int(hidden_dim))
         self.norm = nn.BatchNorm1d(int(hidden_dim))
         self.out_dim = int(hidden_dim)

@@ -63,6 +63,8 @@ class DiffMIC(nn.Module):
         in_chans: image channels.
         encoder_weights: optional local state-dict file for ρ's encoder.
         dcg_weights: optional local backbone state-dict file(s) for the DCG (see :class:`DCG`).
+        pretrained: ImageNet weights for ρ's encoder and both DCG streams: ``True`` (torchvision/timm
+            download), a state-dict file or a folder of them; ``encoder_weights``/``dcg_weights`` win.
 
     Attributes:
         hparams: the constructor arguments; ``DiffMIC(**model.hparams)`` rebuilds the architecture.
@@ -85,6 +87,7 @@ class DiffMIC(nn.Module):
         in_chans: int = 3,
         encoder_weights: str | os.PathLike[str] | None = None,
         dcg_weights: WeightsArg = None,
+        pretrained: bool | str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -111,6 +114,7 @@ class DiffMIC(nn.Module):
             in_chans=int(in_chans),
             encoder_weights=_path_or_none(encoder_weights),
             dcg_weights=_path_or_none(dcg_weights),
+            pretrained=pretrained if isinstance(pretrained, (bool, type(None))) else os.fspath(pretrained),
         )
         self.num_classes = int(num_classes)
         self.variant = variant
@@ -123,10 +127,12 @@ class DiffMIC(nn.Module):
         self.denoiser: ConditionalDenoiser | None = None
         self.dcg: DCG | None = None
         if variant == "basic":
-            self.encoder = create_encoder(encoder, in_chans=in_chans, weights_path=encoder_weights)
+            self.encoder = create_encoder(encoder, in_chans=in_chans, weights_path=encoder_weights,
+                                          pretrained=pretrained)
             self.classifier = nn.Linear(self.encoder.out_dim, self.num_classes)
             return
-        self.image_embedding = ImageEmbedding(encoder, hidden_dim, in_chans=in_chans, weights_path=encoder_weights)
+        self.image_embedding = ImageEmbedding(encoder, hidden_dim, in_chans=in_chans, weights_path=encoder_weights,
+                                              pretrained=pretrained)
         self.denoiser = ConditionalDenoiser(
             self.num_classes, hidden_dim, num_layers, num_timesteps, use_guidance=self.uses_dcg
         )
@@ -140,6 +146,7 @@ class DiffMIC(nn.Module):
                 roi_channels=roi_channels,
                 in_chans=in_chans,
                 weights_path=dcg_weights,
+                pretrained=pretrained,
             )
 
     # ------------------------------------------------------------------ flags

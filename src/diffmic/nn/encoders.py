@@ -18,8 +18,9 @@ Names resolve in this order:
    EfficientNet, MobileNet, VGG, SqueezeNet);
 3. ``"timm:<name>"`` — any ``timm`` model (``num_classes=0``; spatial uses ``forward_features``).
 
-Encoders are always randomly initialised (nothing is ever downloaded).  ``weights_path`` loads a local
-state-dict file (``torch.load(weights_only=True)``) with strict key matching after (a) unwrapping a
+Encoders start from random weights unless ``pretrained`` is given (``True``: torchvision/timm ImageNet
+weights, downloaded into their usual cache; a path: a local file or folder).  ``weights_path`` loads a
+local state-dict file (``.safetensors`` or ``torch.load(weights_only=True)``) with strict key matching after (a) unwrapping a
 ``{"state_dict": ...}`` / ``{"model": ...}`` container, (b) stripping a prefix shared by every key such as
 ``module.`` or ``model.``, and (c) dropping classifier-head keys (``fc.*``, ``classifier.*``, ``head.*``, …)
 that the headless encoder does not have.  A 3-channel stem is adapted to ``in_chans != 3`` (timm-style).
@@ -44,6 +45,11 @@ __all__ = [
     "create_encoder",
     "available_encoders",
     "load_weights",
+    "load_state_dict_into",
+    "read_state_dict",
+    "pretrained_state_dict",
+    "find_weights_file",
+    "WeightsError",
 ]
 
 #: ``factory(in_chans, spatial) -> nn.Module`` with ``.out_dim``.
@@ -254,18 +260,33 @@ def _torchvision_encoder(name: str, in_chans: int, spatial: bool) -> TrunkEncode
     return _trunk_from_torchvision(model, name, in_chans, spatial)
 
 
-def _timm_encoder(name: str, in_chans: int, spatial: bool) -> TimmEncoder:
+def _timm_encoder(name: str, in_chans: int, spatial: bool, pretrained: bool = False) -> TimmEncoder:
     try:
         import timm
     except ImportError as e:  # pragma: no cover - timm is a declared dependency
         raise ImportError("timm is required for 'timm:<name>' encoders (pip install timm)") from e
     try:
-        model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans)
+        model = timm.create_model(name, pretrained=pretrained, num_classes=0, in_chans=in_chans)
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise ValueError(f"unknown timm model {name!r}; see timm.list_models()") from None
-        raise
+        if not pretrained:
+            raise
+        raise _timm_download_error(name, e) from e
+    except (OSError, ValueError) as e:  # huggingface_hub / urllib errors when offline
+        if not pretrained:
+            raise
+        raise _timm_download_error(name, e) from e
     return TimmEncoder(model, spatial)
+
+
+def _timm_download_error(name: str, e: BaseException) -> "WeightsError":
+    return WeightsError(
+        f"model.pretrained=true needs timm's pretrained weights of {name!r}, which could not be obtained ({e}). "
+        "On a machine with internet access run `python -c \"import timm; "
+        f"timm.create_model('{name}', pretrained=True)\"` (fills the Hugging Face cache), or save the state dict "
+        "and set model.pretrained=/path/to/file.safetensors; model.pretrained=false trains from random weights."
+    )
 
 
 class _SmallResNet(nn.Module):
@@ -363,36 +384,165 @@ def _adapt_input_conv(w: Tensor, in_chans: int) -> Tensor:
     return w.repeat(1, reps, 1, 1)[:, :in_chans] * (w.shape[1] / in_chans)
 
 
-def load_weights(module: nn.Module, weights_path: str | os.PathLike[str]) -> nn.Module:
-    """Load a local state-dict file into ``module`` strictly (see module docstring for key handling).
+class WeightsError(RuntimeError):
+    """Backbone weights do not fit the encoder, or cannot be obtained (the message says what to do)."""
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """A local state dict: ``.safetensors`` (``safetensors.torch.load_file``) or a torch file read with
+    ``torch.load(weights_only=True)`` (``{"state_dict": ...}`` / ``{"model": ...}`` containers unwrapped).
 
     Raises:
-        FileNotFoundError: the path does not exist or is not a file.
-        ValueError: the file is not a state dict of tensors.
-        RuntimeError: keys or shapes do not match (message names the file).
+        FileNotFoundError: no such file.  ValueError: not a state dict of tensors.
     """
-    path = Path(weights_path).expanduser()
+    path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"encoder weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError as e:  # pragma: no cover - declared dependency
+            raise ImportError("reading .safetensors needs the 'safetensors' package (pip install safetensors)") from e
+        try:
+            return dict(load_file(str(path), device="cpu"))
+        except Exception as e:  # safetensors raises its own error types
+            raise ValueError(f"{path}: cannot be read as a safetensors file ({e})") from e
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors come in many types
         raise ValueError(f"{path}: cannot be read as a weights-only torch state dict ({e})") from e
-    sd = _unwrap(obj, path)
+    return _unwrap(obj, path)
+
+
+def _list(keys: list[str], n: int = 8) -> str:
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def load_state_dict_into(module: nn.Module, sd: Mapping[str, Tensor], source: str) -> nn.Module:
+    """Load ``sd`` into ``module`` strictly after the key handling described in the module docstring.
+
+    Raises:
+        WeightsError: missing, unexpected or mis-shaped keys; the message names them and ``source``.
+    """
     own = module.state_dict()
     target = set(own)
-    sd = _strip_prefixes(sd, target)
+    sd = _strip_prefixes(dict(sd), target)
     sd = {k: v for k, v in sd.items() if k in target or k.split(".", 1)[0] not in _HEAD_NAMES}
     for k, v in list(sd.items()):
         ref = own.get(k)
         if (ref is not None and v.dim() == 4 and ref.dim() == 4 and v.shape[1] == 3 and ref.shape[1] != 3
                 and v.shape[0] == ref.shape[0] and v.shape[2:] == ref.shape[2:]):
             sd[k] = _adapt_input_conv(v, ref.shape[1])
-    try:
-        module.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        raise RuntimeError(f"weights in {path} do not match the encoder: {e}") from None
+    missing = sorted(target - set(sd))
+    unexpected = sorted(set(sd) - target)
+    shapes = sorted(f"{k} (file {tuple(sd[k].shape)}, model {tuple(own[k].shape)})"
+                    for k in target & set(sd) if tuple(sd[k].shape) != tuple(own[k].shape))
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_list(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_list(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatches: {_list(shapes, 4)}")
+        raise WeightsError(
+            f"weights in {source} do not match the encoder {type(module).__name__} "
+            f"({'; '.join(parts)}). The file must be a torchvision or timm state dict of the same "
+            "architecture as the configured backbone (model.encoder / model.dcg_global / model.dcg_local)."
+        )
+    module.load_state_dict(sd, strict=True)
     return module
+
+
+def load_weights(module: nn.Module, weights_path: str | os.PathLike[str]) -> nn.Module:
+    """Load a local state-dict file (``.pth``/``.pt`` or ``.safetensors``) into ``module`` strictly.
+
+    Raises:
+        FileNotFoundError: the path does not exist or is not a file.
+        ValueError: the file is not a state dict of tensors.
+        WeightsError (a RuntimeError): keys or shapes do not match (message names the file and keys).
+    """
+    path = Path(weights_path).expanduser()
+    return load_state_dict_into(module, read_state_dict(path), str(path))
+
+
+# --------------------------------------------------------------------------------------------------
+# Pretrained (ImageNet) weights
+# --------------------------------------------------------------------------------------------------
+
+#: registered names that are torchvision architectures with published ImageNet weights
+_TV_NAMES: frozenset[str] = frozenset({"resnet18", "resnet34", "resnet50", "densenet121", "efficientnet_b0",
+                                       "mobilenet_v3_small", "convnext_tiny"})
+_WEIGHT_SUFFIXES: tuple[str, ...] = (".safetensors", ".pth", ".pt", ".bin")
+
+
+def _base_name(name: str) -> str:
+    return name.split(":", 1)[1] if name.startswith(("tv:", "timm:")) else name
+
+
+def find_weights_file(folder: str | os.PathLike[str], name: str) -> Path:
+    """The file for backbone ``name`` in ``folder``: ``<name>.safetensors|.pth|.pt|.bin`` or a torch-hub
+    style ``<name>-<hash>.pth`` (so ``~/.cache/torch/hub/checkpoints`` works as is)."""
+    folder = Path(folder).expanduser()
+    base = _base_name(name)
+    for suf in _WEIGHT_SUFFIXES:
+        if (folder / f"{base}{suf}").is_file():
+            return folder / f"{base}{suf}"
+    hub = sorted(folder.glob(f"{base}-*.pth"))
+    if hub:
+        return hub[0]
+    raise WeightsError(
+        f"model.pretrained={folder} is a folder, but it holds no weights for backbone '{name}' "
+        f"(looked for {base}.safetensors, {base}.pth, {base}.pt, {base}.bin and {base}-<hash>.pth). "
+        "Put the backbone's torchvision/timm state dict there under one of these names."
+    )
+
+
+def _download_torchvision(name: str) -> dict[str, Tensor]:
+    """ImageNet weights of a torchvision architecture the usual way (torch hub cache, then download)."""
+    import urllib.error
+
+    try:
+        weights = tvm.get_model_weights(name).DEFAULT
+    except (ValueError, KeyError) as e:
+        raise WeightsError(f"torchvision publishes no pretrained weights for {name!r} ({e})") from e
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    try:
+        return dict(weights.get_state_dict(progress=True, check_hash=True))
+    except (urllib.error.URLError, OSError, RuntimeError) as e:
+        raise WeightsError(
+            f"model.pretrained=true needs the ImageNet weights of {name} ({weights}) from {weights.url}, "
+            f"which could not be downloaded ({e}). On a machine with internet access download that file, "
+            f"then either put it at {cached} (torchvision's cache) or set model.pretrained=/path/to/{cached.name} "
+            "(or a folder holding it); model.pretrained=false trains from random weights."
+        ) from e
+
+
+def pretrained_state_dict(name: str, pretrained: bool | str | os.PathLike[str]) -> tuple[dict[str, Tensor], str]:
+    """``(state_dict, source)`` of ImageNet weights for backbone ``name``.
+
+    ``pretrained=True``: torchvision's download (registered names and ``tv:<name>``);
+    a file: that state dict; a folder: :func:`find_weights_file`. ``timm:<name>`` with ``True`` is
+    handled by :func:`create_encoder` (timm's own ``pretrained=True``).
+    """
+    if pretrained is True:
+        base = _base_name(name)
+        if name in _TV_NAMES or name.startswith("tv:"):
+            return _download_torchvision(base), f"torchvision ImageNet weights of {base}"
+        raise WeightsError(
+            f"backbone '{name}' has no published ImageNet weights, so model.pretrained=true cannot apply to "
+            f"it. Use a backbone that has them ({', '.join(sorted(_TV_NAMES))}, tv:<name>, timm:<name>), "
+            "give a weights file (model.pretrained=/path/to/file.safetensors), or model.pretrained=false."
+        )
+    path = Path(pretrained).expanduser()
+    if path.is_dir():
+        path = find_weights_file(path, name)
+    elif not path.is_file():
+        raise FileNotFoundError(
+            f"model.pretrained: weights file or folder not found: {path}. Give a torchvision/timm state dict "
+            "(.pth or .safetensors), a folder of them, true (download) or false."
+        )
+    return read_state_dict(path), str(path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -405,14 +555,20 @@ def create_encoder(
     in_chans: int = 3,
     weights_path: str | os.PathLike[str] | None = None,
     spatial: bool = False,
+    pretrained: bool | str | os.PathLike[str] | None = None,
 ) -> nn.Module:
-    """Build a randomly initialised encoder and optionally load local weights.
+    """Build an encoder: random init, then ``weights_path`` or else ``pretrained`` weights if given.
 
     Args:
         name: registered name, ``"tv:<torchvision name>"`` or ``"timm:<timm name>"``.
         in_chans: input channels of ``x [B, in_chans, H, W]``.
         weights_path: optional local state-dict file (never downloads).
         spatial: return ``[B, D, h, w]`` feature maps instead of pooled ``[B, D]``.
+        pretrained: ``None``/``False`` random init; ``True`` ImageNet weights the usual torchvision/timm
+            way (downloaded once into their cache; offline without the cache: :class:`WeightsError` saying
+            what to download); a path: a local torchvision/timm state dict (``.pth``/``.safetensors``), or a
+            folder holding ``<name>.safetensors``/``<name>.pth``/``<name>-<hash>.pth``.
+            ``weights_path``, when given, is loaded instead.
 
     Returns:
         ``nn.Module`` with ``.out_dim == D``.
@@ -431,7 +587,8 @@ def create_encoder(
     elif name.startswith("tv:"):
         enc = _torchvision_encoder(name[3:], in_chans, spatial)
     elif name.startswith("timm:"):
-        enc = _timm_encoder(name[5:], in_chans, spatial)
+        enc = _timm_encoder(name[5:], in_chans, spatial,
+                            pretrained=pretrained is True and weights_path is None)
     else:
         raise ValueError(
             f"unknown encoder {name!r}; available: {', '.join(available_encoders())}, "
@@ -439,6 +596,10 @@ def create_encoder(
         )
     if not hasattr(enc, "out_dim"):
         raise TypeError(f"encoder factory for {name!r} returned a module without .out_dim")
+    target = getattr(enc, "weights_target", enc)
     if weights_path is not None:
-        load_weights(getattr(enc, "weights_target", enc), weights_path)
+        load_weights(target, weights_path)
+    elif pretrained not in (None, False) and not (pretrained is True and name.startswith("timm:")):
+        sd, source = pretrained_state_dict(name, pretrained)
+        load_state_dict_into(target, sd, source)
     return enc

@@ -181,6 +181,8 @@ class DCG(nn.Module):
         in_chans: input channels.
         weights_path: optional local backbone state-dict file applied to both streams, or a pair
             ``(global_file, local_file)`` (either may be ``None``).
+        pretrained: ImageNet weights for both streams where ``weights_path`` gives none (see
+            :func:`~diffmic.nn.encoders.create_encoder`).
 
     Forward: ``x [B, in_chans, H, W] -> GuidanceOutput``.
     """
@@ -196,6 +198,7 @@ class DCG(nn.Module):
         attn_dim: int = 128,
         in_chans: int = 3,
         weights_path: WeightsArg = None,
+        pretrained: bool | str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__()
         if int(num_classes) < 1:
@@ -209,10 +212,12 @@ class DCG(nn.Module):
         self.num_rois = int(num_rois)
         self.crop_size = int(crop_size)
         self.roi_channels = roi_channels
-        self.global_encoder = create_encoder(global_backbone, in_chans=in_chans, weights_path=g_w, spatial=True)
+        self.global_encoder = create_encoder(global_backbone, in_chans=in_chans, weights_path=g_w, spatial=True,
+                                             pretrained=pretrained)
         self.saliency_head = nn.Conv2d(self.global_encoder.out_dim, self.num_classes, kernel_size=1, bias=False)
         local_in = 3 if roi_channels == "first" else int(in_chans)
-        self.local_encoder = create_encoder(local_backbone, in_chans=local_in, weights_path=l_w, spatial=False)
+        self.local_encoder = create_encoder(local_backbone, in_chans=local_in, weights_path=l_w, spatial=False,
+                                            pretrained=pretrained)
         d_l = self.local_encoder.out_dim
         self.attention = GatedAttention(d_l, int(attn_dim))
         self.local_head = nn.Linear(d_l, self.num_classes, bias=False)

@@ -100,3 +100,14 @@ class StageAwareCheckpoint(ModelCheckpoint):
                 self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
             return
         super().on_validation_end(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """``last.ckpt`` after EVERY epoch. Lightning's ModelCheckpoint rewrites ``last.ckpt`` only
+        when it saved a top-k checkpoint at that step, so after an epoch that did not improve the
+        monitored metric (or had no validation) a kill would lose it. Written atomically by
+        :class:`~diffmic.training.checkpoint.AtomicCheckpointIO`."""
+        super().on_train_epoch_end(trainer, pl_module)
+        if (self.save_last and self.monitor is not None and not trainer.fast_dev_run
+                and not trainer.sanity_checking and self._last_global_step_saved != trainer.global_step):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            self._last_global_step_saved = trainer.global_step

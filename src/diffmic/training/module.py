@@ -62,6 +62,7 @@ def build_model(cfg: Config, num_classes: int) -> DiffMIC:
         in_chans=cfg.data.in_chans,
         encoder_weights=m.encoder_weights,
         dcg_weights=m.dcg_weights,
+        pretrained=m.pretrained,
     )
 
 

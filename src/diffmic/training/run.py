@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from diffmic.config import Config, ConfigError, load_config, save_config
 from diffmic.training.callbacks import DenoiserEMA, StageAwareCheckpoint
-from diffmic.training.checkpoint import TMP_MARK, AtomicCheckpointIO, CheckpointError, load_module
+from diffmic.training.checkpoint import TMP_MARK, AtomicCheckpointIO, CheckpointError, load_module, read_checkpoint
 from diffmic.training.module import DiffMICModule
 
 
@@ -95,18 +95,61 @@ def _trainer(cfg: Config, run_dir: Path, callbacks: list, for_fit: bool) -> pl.T
     )
 
 
-def fit(cfg: Config, resume: bool = False) -> Path:
-    """Train (and select the best checkpoint on validation). Returns the run folder."""
-    run_dir = Path(cfg.run.dir)
-    ckpt_dir = run_dir / "checkpoints"
-    last = ckpt_dir / "last.ckpt"
-    if not resume and last.exists():
+#: files and folders a run writes; ``fit --overwrite`` removes these (and nothing else)
+RUN_ARTIFACTS = ("checkpoints", "logs", "config.yaml", "fit_summary.json", "test_metrics.json",
+                 "predictions.csv", "risk_coverage.png", "split.json", "skipped.csv")
+#: config keys that define the network (a resumed run must keep them)
+ARCHITECTURE_SECTIONS = ("model", "diffusion")
+ARCHITECTURE_KEYS = ("data.image_size", "data.in_chans")
+_INIT_ONLY = {"model.encoder_weights", "model.dcg_weights"}  # read at initialisation only
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_incompatibilities(cfg: Config, last: Path) -> list[str]:
+    """``key: checkpoint value -> new value`` for every network-defining key that differs between
+    the checkpoint to resume and ``cfg``."""
+    old = _flat(read_checkpoint(last)["hyper_parameters"]["config"])
+    new = _flat(cfg.to_dict())
+    keys = sorted(k for k in set(old) | set(new)
+                  if (k.split(".", 1)[0] in ARCHITECTURE_SECTIONS or k in ARCHITECTURE_KEYS) and k not in _INIT_ONLY)
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def _refuse_non_empty(run_dir: Path, overwrite: bool) -> None:
+    """A fresh fit never writes into a non-empty run folder, unless ``overwrite`` (then the
+    previous run's own files are removed first, nothing else)."""
+    if not run_dir.is_dir():
+        return
+    entries = sorted(p.name for p in run_dir.iterdir())
+    if not entries:
+        return
+    if not overwrite:
+        last = run_dir / "checkpoints" / "last.ckpt"
+        what = f"a training run ({last})" if last.exists() else "files of an earlier run or other files"
+        shown = ", ".join(entries[:6]) + (f", ... ({len(entries)} entries)" if len(entries) > 6 else "")
         raise ConfigError(
-            f"run folder '{run_dir}' already holds a training run ({last}). Resume it with --resume, "
-            f"or choose another run.dir; nothing was overwritten."
-        )
-    if resume and not last.exists():
-        raise CheckpointError(f"--resume: no {last} to resume from.")
+            f"run folder '{run_dir}' already holds {what}: {shown}. Resume it with --resume, replace the "
+            f"run with --overwrite, or choose another run.dir; nothing was overwritten.")
+    import shutil
+
+    for name in RUN_ARTIFACTS:
+        p = run_dir / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+
+
+def _prepare_run_folder(cfg: Config, run_dir: Path, ckpt_dir: Path, resume: bool) -> None:
     try:
         ckpt_dir.mkdir(parents=True, exist_ok=True)  # fail now, not after the first epoch
         save_config(cfg, run_dir / "config.yaml")
@@ -122,10 +165,48 @@ def fit(cfg: Config, resume: bool = False) -> Path:
             os.replace(log, log.parent / f"metrics.part{n}.csv")
     except OSError as exc:
         raise RunFolderError(f"cannot write to run folder '{run_dir}': {exc}. Choose a writable run.dir.") from exc
+
+
+def fit(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
+    """Train (and select the best checkpoint on validation). Returns the run folder.
+
+    A fresh fit refuses a non-empty run folder unless ``overwrite``; ``resume`` first checks that
+    the network keys match the checkpoint and that the data split is the recorded one, and
+    changes nothing in the folder when they do not."""
+    run_dir = Path(cfg.run.dir)
+    ckpt_dir = run_dir / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    if resume and overwrite:
+        raise ConfigError("resume and overwrite exclude each other")
+    if not resume:
+        _refuse_non_empty(run_dir, overwrite)
+    if resume and not last.exists():
+        raise CheckpointError(f"--resume: no {last} to resume from.")
+    if resume:
+        diffs = resume_incompatibilities(cfg, last)
+        if diffs:
+            raise ConfigError(
+                f"cannot resume '{run_dir}': these keys differ from the checkpoint ({last.name}) and change "
+                f"the network: {'; '.join(diffs)}. Remove the overrides, or start a new run in another "
+                f"run.dir; nothing in the run folder was changed.")
+    else:
+        _prepare_run_folder(cfg, run_dir, ckpt_dir, resume)
     pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
     dm = build_datamodule(cfg)
     dm.setup("fit")
-    module = DiffMICModule(cfg.to_dict(), dm.num_classes, list(dm.class_names))
+    from diffmic.training.safety import check_split, report_skipped, split_record, write_split
+
+    if resume:
+        check_split(run_dir, dm, "fit --resume")
+        _prepare_run_folder(cfg, run_dir, ckpt_dir, resume)
+    if rank_zero_only.rank == 0:
+        if not (run_dir / "split.json").exists():
+            write_split(run_dir, split_record(dm))
+        report_skipped(run_dir, dm)
+    module_cfg = cfg.to_dict()
+    if resume:  # every weight comes from last.ckpt: do not read initial-weights files
+        module_cfg["model"] = {**module_cfg["model"], "encoder_weights": None, "dcg_weights": None}
+    module = DiffMICModule(module_cfg, dm.num_classes, list(dm.class_names))
     monitor = f"val/{cfg.train.monitor}"
     best = StageAwareCheckpoint(
         dirpath=str(ckpt_dir), filename="best", monitor=monitor, mode="max", save_top_k=1,
@@ -180,10 +261,16 @@ def evaluate(
         raise ConfigError(f"'{cfg_file}' not found: pass --run with a trained run folder or --config.")
     cfg = load_config(cfg_file, overrides)
     ckpt_path = resolve_checkpoint(run_dir, ckpt)
+    from diffmic.training.safety import check_split, probe_writable
+
+    read_checkpoint(ckpt_path)  # a bad --ckpt is reported before the data are read
+    if stage == "test":
+        probe_writable(run_dir, RunFolderError)  # a read-only folder or a full disk: say so before evaluating
     dm = build_datamodule(cfg)
     dm.setup("test" if stage == "test" else "validate")
     eval_over = {"eval": {k: v for k, v in cfg.to_dict()["eval"].items()}}
     module = load_module(ckpt_path, expected_class_names=list(dm.class_names), overrides=eval_over)
+    check_split(run_dir, dm, stage, overrides=list(overrides or []) + ([f"--config {config_path}"] if config_path else []))
     module.output_dir = run_dir if stage == "test" else None
     trainer = _trainer(cfg, run_dir, [], for_fit=False)
     pl.seed_everything(cfg.run.seed, verbose=False)

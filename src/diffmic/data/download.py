@@ -1,0 +1,556 @@
+"""``diffmic data download NAME --root DIR``: fetch a public data set into the layout the loaders read.
+
+Like torchvision's and MedMNIST's downloaders:
+
+* a progress bar (tqdm, on stderr);
+* resumable: a file is written to ``<name>.part`` in ``DIR/.diffmic-downloads/``; an interrupted
+  download continues from where it stopped with an HTTP ``Range`` request (a server that ignores
+  ``Range`` makes it start again);
+* checksums verified where the source publishes them (MedMNIST: the MD5s in the ``medmnist``
+  package's ``INFO``; Harvard Dataverse: the MD5 that the Dataverse file listing reports for every
+  file); a mismatch deletes the file and stops;
+* atomic: the data set is assembled in a temporary folder next to the target, a marker file
+  ``.diffmic-complete`` (JSON: source, files, checksums) is written last, and the folder is renamed
+  into place, so a killed or failed download never leaves ``DIR/NAME`` looking complete;
+* offline: a clear error that lists what to download by hand and where to put it (CLI exit 2).
+
+Every URL lives in :data:`SOURCES` (one table). ``mirror`` (``--mirror`` / ``DIFFMIC_DATA_MIRROR``)
+rewrites ``https://<host>/<path>`` to ``<mirror>/<host>/<path>``: for institutional mirrors and for
+the tests, which serve fake archives from a local HTTP server on 127.0.0.1.
+
+APTOS 2019 is distributed only under Kaggle's competition terms (an account and accepting the
+rules), so it is not downloaded: :class:`ManualSource` prints where to get it and the layout.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import http.client
+import io
+import json
+import os
+import re
+import shutil
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .records import DataError
+
+__all__ = [
+    "MARKER",
+    "SOURCES",
+    "DataverseFile",
+    "DownloadError",
+    "DownloadSource",
+    "ManualDownloadRequired",
+    "ManualSource",
+    "RemoteFile",
+    "available_datasets",
+    "download_dataset",
+    "fetch_file",
+    "is_complete",
+]
+
+MARKER = ".diffmic-complete"  # written last, inside the data-set folder
+STAGING = ".diffmic-downloads"  # ROOT/.diffmic-downloads/<name>/<file>.part
+USER_AGENT = "diffmic-downloader (+https://github.com/diffmic)"
+CHUNK = 1 << 16
+
+
+class DownloadError(DataError):
+    """A download failed (offline, HTTP error, checksum mismatch, bad archive)."""
+
+
+class ManualDownloadRequired(DownloadError):
+    """The data set cannot be downloaded automatically; the message says how to get it."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The table of sources
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file at a fixed URL. ``md5=None``: the source publishes no checksum (see docs)."""
+
+    url: str
+    filename: str
+    md5: str | None = None
+    action: str = "copy"  # copy | unzip_jpg | unzip_png | pkl_split
+    dest: str = ""  # path inside the data-set folder (file for copy/pkl_split, folder for unzip_*)
+    expect_rows: int | None = None  # pkl_split: number of rows the split must have
+    id_col: str = "image_id"  # pkl_split: id column of the CSV written (HAM10000 image_id, APTOS id_code)
+
+
+@dataclass(frozen=True)
+class DataverseFile:
+    """A file of a Harvard Dataverse data set, found by name in the data set's file listing
+    (``/api/datasets/:persistentId/versions/:latest-published/files``), which also gives its MD5."""
+
+    match: str  # file name (compared case-insensitively, ignoring '_', '-', '.' and the extension)
+    action: str = "copy"  # copy | metadata_csv | unzip_jpg | unzip_png
+    dest: str = ""
+
+
+@dataclass(frozen=True)
+class DownloadSource:
+    name: str
+    description: str
+    licence: str
+    citation: str
+    approx_size: str
+    files: Sequence[RemoteFile] = ()
+    dataverse_server: str | None = None
+    dataverse_doi: str | None = None
+    dataverse_files: Sequence[DataverseFile] = ()
+    layout: str = ""
+    config_hint: str = ""  # how to point a config at the result ('{path}' is the data-set folder)
+
+
+@dataclass(frozen=True)
+class ManualSource:
+    name: str
+    message: str
+
+
+_DIFFMIC_REPO = "https://raw.githubusercontent.com/scott-yjyang/DiffMIC/ae42dc7506bed03790eeb97fe242223235a75d5e"
+_ZENODO = "https://zenodo.org/records/10519652/files"
+
+# MedMNIST v2 2-D single-label sets: URLs and MD5s exactly as the `medmnist` package (3.0.2,
+# medmnist/info.py INFO[...]["url"/"MD5"...]) publishes them. Multi-label ChestMNIST and the 3-D
+# sets are left out: the loader reads single-label 2-D images.
+_MEDMNIST_MD5 = {
+    "breastmnist": ("750601b1f35ba3300ea97c75c52ff8f6", "742edef2a1fd1524b2efff4bd7ba9364",
+                    "363e4b3f8d712e9b5de15470a2aaadf1", "b56378a6eefa9fed602bb16d192d4c8b"),
+    "pneumoniamnist": ("28209eda62fecd6e6a2d98b1501bb15f", "8f4eceb4ccffa70c672198ea285246c6",
+                       "05b46931834c231683c68f40c47b2971", "d6a3c71de1b945ea11211b03746c1fe1"),
+    "dermamnist": ("0744692d530f8e62ec473284d019b0c7", "b70a2f5635c6199aeaa28c31d7202e1f",
+                   "2defd784463fa5243564e855ed717de1", "8974907d8e169bef5f5b96bc506ae45d"),
+    "retinamnist": ("bd4c0672f1bba3e3a89f0e4e876791e4", "afda852cc34dcda56f86ad2b2457dbcc",
+                    "e48e916a24454daf90583d4e6efb1a18", "eae7e3b6f3fcbda4ae613ebdcbe35348"),
+    "bloodmnist": ("7053d0359d879ad8a5505303e11de1dc", "2b94928a2ae4916078ca51e05b6b800b",
+                   "adace1e0ed228fccda1f39692059dd4c", "b718ff6835fcbdb22ba9eacccd7b2601"),
+}
+_MEDMNIST_LICENCE = {"dermamnist": "CC BY-NC 4.0"}
+
+SOURCES: dict[str, DownloadSource | ManualSource] = {
+    "ham10000": DownloadSource(
+        name="ham10000",
+        description="HAM10000 (ISIC 2018 Task 3 training set): 10,015 dermatoscopic images (600x450 JPEG), "
+                    "metadata, lesion segmentation masks, and the DiffMIC authors' 7,011/3,004 split",
+        licence="CC BY-NC 4.0 (images, metadata, masks); split files from github.com/scott-yjyang/DiffMIC",
+        citation="Tschandl, Rosendahl & Kittler, 'The HAM10000 dataset', Sci. Data 5, 180161 (2018)",
+        approx_size="about 3 GB downloaded (two image zips ~2.6 GB, masks ~30 MB), about 3 GB on disk",
+        dataverse_server="https://dataverse.harvard.edu",
+        dataverse_doi="10.7910/DVN/DBW86T",
+        dataverse_files=(
+            DataverseFile("HAM10000_metadata", "metadata_csv", "HAM10000_metadata.csv"),
+            DataverseFile("HAM10000_images_part_1.zip", "unzip_jpg", "images"),
+            DataverseFile("HAM10000_images_part_2.zip", "unzip_jpg", "images"),
+            DataverseFile("HAM10000_segmentations_lesion_tschandl.zip", "unzip_png", "masks"),
+        ),
+        files=(
+            RemoteFile(f"{_DIFFMIC_REPO}/dataset/isic2018/isic2018_train.pkl", "isic2018_train.pkl",
+                       None, "pkl_split", "splits/diffmic_train.csv", expect_rows=7011),
+            RemoteFile(f"{_DIFFMIC_REPO}/dataset/isic2018/isic2018_test.pkl", "isic2018_test.pkl",
+                       None, "pkl_split", "splits/diffmic_test.csv", expect_rows=3004),
+        ),
+        layout="ham10000/images/ISIC_*.jpg, ham10000/masks/ISIC_*_segmentation.png, "
+               "ham10000/HAM10000_metadata.csv, ham10000/splits/diffmic_{train,test}.csv",
+        config_hint="data.dataset=ham10000 data.root={path}",
+    ),
+    "aptos2019": ManualSource(
+        name="aptos2019",
+        message=(
+            "APTOS 2019 Blindness Detection is distributed only under Kaggle's competition rules "
+            "(a Kaggle account that has accepted them), so diffmic does not download it.\n"
+            "Get it from https://www.kaggle.com/competitions/aptos2019-blindness-detection/data "
+            "(or `kaggle competitions download -c aptos2019-blindness-detection`, ~9.5 GB), unzip it "
+            "and lay it out as\n"
+            "  {root}/aptos2019/train.csv               (id_code,diagnosis; 3,662 rows)\n"
+            "  {root}/aptos2019/train_images/<id_code>.png\n"
+            "  {root}/aptos2019/splits/diffmic_{{train,test}}.csv   (the DiffMIC authors' 2,564/1,098 split: "
+            "`diffmic data download aptos2019_splits --root {root}` writes them to {root}/aptos2019_splits/; "
+            "copy them there. Without them use data.split=random)\n"
+            "then train with: diffmic fit --config aptos2019 data.root={root}/aptos2019"
+        ),
+    ),
+}
+
+SOURCES["aptos2019_splits"] = DownloadSource(
+    name="aptos2019_splits",
+    description="the DiffMIC authors' APTOS 2019 split (2,564 train / 1,098 test id_codes; images not included)",
+    licence="split lists from github.com/scott-yjyang/DiffMIC; the APTOS images are under Kaggle's terms",
+    citation="Yang et al., DiffMIC, MICCAI 2023",
+    approx_size="about 100 KB",
+    files=(
+        RemoteFile(f"{_DIFFMIC_REPO}/dataset/aptos/aptos_train.pkl", "aptos_train.pkl", None, "pkl_split",
+                   "diffmic_train.csv", expect_rows=2564, id_col="id_code"),
+        RemoteFile(f"{_DIFFMIC_REPO}/dataset/aptos/aptos_test.pkl", "aptos_test.pkl", None, "pkl_split",
+                   "diffmic_test.csv", expect_rows=1098, id_col="id_code"),
+    ),
+    layout="aptos2019_splits/diffmic_{train,test}.csv (copy into aptos2019/splits/)",
+    config_hint="copy {path}/diffmic_*.csv to <aptos2019 folder>/splits/, then data.root=<aptos2019 folder>",
+)
+
+for _name, _md5s in _MEDMNIST_MD5.items():
+    for _suffix, _md5 in zip(("", "_64", "_128", "_224"), _md5s):
+        _n = f"{_name}{_suffix}"
+        _size = _suffix[1:] or "28"
+        SOURCES[_n] = DownloadSource(
+            name=_n,
+            description=f"MedMNIST v2 {_name} at {_size}x{_size} (official .npz)",
+            licence=_MEDMNIST_LICENCE.get(_name, "CC BY 4.0"),
+            citation="Yang et al., 'MedMNIST v2', Sci. Data 10, 41 (2023)",
+            approx_size="see https://zenodo.org/records/10519652",
+            files=(RemoteFile(f"{_ZENODO}/{_n}.npz?download=1", f"{_n}.npz", _md5, "copy", f"{_n}.npz"),),
+            layout=f"{_n}/{_n}.npz",
+            config_hint="data.dataset=medmnist data.root={path}/" + f"{_n}.npz",
+        )
+
+
+def available_datasets() -> list[str]:
+    return sorted(SOURCES)
+
+
+# ----------------------------------------------------------------------------------------------
+# HTTP
+
+
+def _mirror(url: str, mirror: str | None) -> str:
+    if not mirror:
+        return url
+    parts = urllib.parse.urlsplit(url)
+    rest = parts.path + (f"?{parts.query}" if parts.query else "")
+    return f"{mirror.rstrip('/')}/{parts.netloc}{rest}"
+
+
+def _offline_error(url: str, exc: BaseException, manual: str) -> DownloadError:
+    return DownloadError(
+        f"cannot download {url}: {exc}. Is this machine offline or behind a proxy?\n{manual}"
+    )
+
+
+def _open(url: str, start: int = 0, timeout: float = 60.0):
+    headers = {"User-Agent": USER_AGENT}
+    if start > 0:
+        headers["Range"] = f"bytes={start}-"
+    req = urllib.request.Request(url, headers=headers)
+    return urllib.request.urlopen(req, timeout=timeout)
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch_file(url: str, dest: str | os.PathLike, md5: str | None = None, *, progress: bool = True,
+               manual: str = "", timeout: float = 60.0) -> Path:
+    """Download ``url`` to ``dest`` (resumable through ``dest + '.part'``), verify ``md5`` if given.
+
+    A finished ``dest`` is only ever the complete, verified file (renamed from ``.part``). An
+    interrupted transfer leaves ``.part`` behind and the next call resumes it with ``Range``; a
+    checksum mismatch deletes ``.part`` and raises :class:`DownloadError`.
+    """
+    dest = Path(dest)
+    if dest.is_file():
+        if md5 is None or _md5(dest) == md5.lower():
+            return dest
+        dest.unlink()  # a stale or corrupt finished file: fetch again
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    start = part.stat().st_size if part.is_file() else 0
+    try:
+        resp = _open(url, start, timeout)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and start > 0:  # the .part is already complete (or longer than the file)
+            resp = None
+        else:
+            raise DownloadError(f"cannot download {url}: HTTP {exc.code} {exc.reason}.\n{manual}") from exc
+    except (TimeoutError, urllib.error.URLError, ConnectionError, OSError) as exc:
+        raise _offline_error(url, getattr(exc, "reason", exc), manual) from exc
+    if resp is not None:
+        with resp:
+            status = getattr(resp, "status", 200)
+            if start > 0 and status != 206:  # server ignored Range: start again
+                start = 0
+            length = resp.headers.get("Content-Length")
+            total = start + int(length) if length is not None else None
+            bar = None
+            if progress:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
+                           desc=dest.name, file=sys.stderr, leave=False)
+            received = start
+            try:
+                with open(part, "ab" if start > 0 else "wb") as fh:
+                    while True:
+                        try:
+                            block = resp.read(CHUNK)
+                        except (TimeoutError, ConnectionError, OSError, http.client.HTTPException) as exc:
+                            raise DownloadError(
+                                f"download of {url} was interrupted after {received} bytes ({exc}); "
+                                f"run the same command again to resume from {part}"
+                            ) from exc
+                        if not block:
+                            break
+                        fh.write(block)
+                        received += len(block)
+                        if bar is not None:
+                            bar.update(len(block))
+            finally:
+                if bar is not None:
+                    bar.close()
+            if total is not None and received < total:
+                raise DownloadError(
+                    f"download of {url} was interrupted after {received} of {total} bytes; "
+                    f"run the same command again to resume from {part}"
+                )
+    if md5 is not None:
+        got = _md5(part)
+        if got != md5.lower():
+            part.unlink(missing_ok=True)
+            raise DownloadError(
+                f"checksum mismatch for {url}: MD5 {got}, published {md5}. The corrupt file was deleted; "
+                "run the command again (if it keeps failing, the source changed the file: report it)."
+            )
+    os.replace(part, dest)
+    return dest
+
+
+def _read_json(url: str, manual: str, timeout: float = 60.0) -> object:
+    try:
+        with _open(url, 0, timeout) as resp:
+            return json.loads(resp.read().decode("utf-8"))
+    except urllib.error.HTTPError as exc:
+        raise DownloadError(f"cannot read {url}: HTTP {exc.code} {exc.reason}.\n{manual}") from exc
+    except (TimeoutError, urllib.error.URLError, ConnectionError, OSError) as exc:
+        raise _offline_error(url, getattr(exc, "reason", exc), manual) from exc
+    except ValueError as exc:
+        raise DownloadError(f"{url} did not return JSON ({exc})") from exc
+
+
+def _norm(name: str) -> str:
+    stem = re.sub(r"\.(zip|csv|tab|tsv|txt)$", "", name.lower())
+    return re.sub(r"[^a-z0-9]", "", stem)
+
+
+def _dataverse_listing(src: DownloadSource, mirror: str | None, manual: str) -> list[dict]:
+    url = _mirror(f"{src.dataverse_server}/api/datasets/:persistentId/versions/:latest-published/files"
+                  f"?persistentId=doi:{src.dataverse_doi}", mirror)
+    obj = _read_json(url, manual)
+    data = obj.get("data") if isinstance(obj, dict) else None
+    if not isinstance(data, list):
+        raise DownloadError(f"{url}: unexpected Dataverse answer (no 'data' list)")
+    return data
+
+
+def _resolve_dataverse(src: DownloadSource, listing: list[dict], want: DataverseFile,
+                       mirror: str | None) -> tuple[str, str, str | None]:
+    """``(url, filename, md5)`` of the listed file matching ``want``."""
+    for entry in listing:
+        df = entry.get("dataFile") or {}
+        names = [df.get("filename"), df.get("originalFileName"), entry.get("label")]
+        if any(isinstance(n, str) and _norm(n) == _norm(want.match) for n in names):
+            fid = df.get("id")
+            original = bool(df.get("originalFileFormat"))  # ingested table: fetch the uploaded file
+            url = f"{src.dataverse_server}/api/access/datafile/{fid}" + ("?format=original" if original else "")
+            md5 = (df.get("checksum") or {}).get("value") if (df.get("checksum") or {}).get("type") == "MD5" \
+                else df.get("md5")
+            fname = df.get("originalFileName") or df.get("filename") or want.match
+            if original:
+                # Dataverse's checksum of an ingested table does not reliably match the original file it
+                # serves (IQSS/dataverse#9501): checked by content instead (header, see _metadata_csv)
+                md5 = None
+            return _mirror(url, mirror), str(fname), md5
+    names = sorted(str((e.get("dataFile") or {}).get("filename")) for e in listing)
+    raise DownloadError(
+        f"doi:{src.dataverse_doi} lists no file named like '{want.match}' (it lists: {', '.join(names)})"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Unpacking
+
+
+def _unzip_flat(archive: Path, folder: Path, suffix: str) -> int:
+    """Extract the ``*suffix`` members of ``archive`` into ``folder`` without their directories
+    (no path from the archive is ever used: no zip-slip). Returns the number of files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    n = 0
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            for info in zf.infolist():
+                base = Path(info.filename.replace("\\", "/")).name
+                if info.is_dir() or not base.lower().endswith(suffix) or base.startswith("."):
+                    continue
+                with zf.open(info) as src, open(folder / base, "wb") as dst:
+                    shutil.copyfileobj(src, dst, CHUNK)
+                n += 1
+    except zipfile.BadZipFile as exc:
+        archive.unlink(missing_ok=True)
+        raise DownloadError(f"{archive.name} is not a valid zip archive ({exc}); deleted it, run again") from exc
+    if n == 0:
+        raise DownloadError(f"{archive.name} holds no {suffix} files")
+    return n
+
+
+def _metadata_csv(src_file: Path, dest: Path) -> int:
+    """Copy the metadata table as a comma-separated CSV (Dataverse may serve it tab-separated)."""
+    text = src_file.read_text(encoding="utf-8-sig")
+    first = text.splitlines()[0] if text else ""
+    delim = "\t" if first.count("\t") > first.count(",") else ","
+    rows = list(csv.reader(io.StringIO(text, newline=""), delimiter=delim))
+    rows = [[c.strip().strip('"') for c in r] for r in rows if r]
+    if not rows or not {"lesion_id", "image_id", "dx"} <= set(rows[0]):
+        raise DownloadError(f"{src_file.name}: not the HAM10000 metadata table (header {rows[0] if rows else []})")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest, "w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerows(rows)
+    return len(rows) - 1
+
+
+def _pkl_split(src_file: Path, dest: Path, expect_rows: int | None, id_col: str = "image_id") -> int:
+    """Released ``.pkl`` split (list of {'img_root', 'label'}, read with the restricted unpickler) ->
+    ``<id_col>,label,class`` CSV as :func:`~diffmic.data.sources.load_ham10000` (``image_id``) and
+    :func:`~diffmic.data.sources.load_aptos2019` (``id_code``) read it."""
+    from .pickle_splits import load_pickle_split
+    from .sources import APTOS_CLASSES, HAM10000_CLASSES
+
+    classes = APTOS_CLASSES if id_col == "id_code" else HAM10000_CLASSES
+
+    entries = load_pickle_split(src_file)
+    if expect_rows is not None and len(entries) != expect_rows:
+        raise DownloadError(f"{src_file.name}: {len(entries)} entries, expected {expect_rows}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow([id_col, "label", "class"])
+        for e in entries:
+            lab = int(e["label"])
+            w.writerow([Path(str(e["img_root"]).replace("\\", "/")).stem, lab,
+                        classes[lab] if 0 <= lab < len(classes) else ""])
+    return len(entries)
+
+
+def _apply(action: str, file: Path, target: Path, expect_rows: int | None = None,
+           id_col: str = "image_id") -> int:
+    if action == "copy":
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(file, target)
+        return 1
+    if action == "unzip_jpg":
+        return _unzip_flat(file, target, ".jpg")
+    if action == "unzip_png":
+        return _unzip_flat(file, target, ".png")
+    if action == "metadata_csv":
+        return _metadata_csv(file, target)
+    if action == "pkl_split":
+        return _pkl_split(file, target, expect_rows, id_col)
+    raise ValueError(f"unknown action {action!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+
+
+def is_complete(folder: str | os.PathLike) -> bool:
+    """True when ``folder`` was fully written by :func:`download_dataset` (its marker exists)."""
+    return (Path(folder) / MARKER).is_file()
+
+
+def _manual_text(src: DownloadSource, root: Path) -> str:
+    lines = [f"To get {src.name} by hand: download"]
+    if src.dataverse_doi:
+        lines.append(f"  from https://doi.org/{src.dataverse_doi} (Harvard Dataverse): "
+                     + ", ".join(f.match for f in src.dataverse_files))
+    for f in src.files:
+        lines.append(f"  {f.url}" + (f"  (MD5 {f.md5})" if f.md5 else ""))
+    lines.append(f"and lay them out under {root} as: {src.layout}")
+    return "\n".join(lines)
+
+
+def download_dataset(name: str, root: str | os.PathLike, *, mirror: str | None = None,
+                     progress: bool = True, keep_archives: bool = False,
+                     log: Callable[[str], None] = print) -> Path:
+    """Download data set ``name`` into ``root/<name>`` and return that folder.
+
+    Already complete (marker present): returns at once. An existing folder without the marker
+    (written by hand, or by something else) is never touched: :class:`DownloadError`.
+    """
+    key = name.lower()
+    if key not in SOURCES:
+        raise DownloadError(f"unknown data set '{name}'; available: {', '.join(available_datasets())}")
+    src = SOURCES[key]
+    root = Path(root).expanduser()
+    if isinstance(src, ManualSource):
+        raise ManualDownloadRequired(src.message.format(root=root))
+    mirror = mirror or os.environ.get("DIFFMIC_DATA_MIRROR") or None
+    final = root / src.name
+    if is_complete(final):
+        log(f"{src.name} is already complete in {final} (delete the folder to download it again)")
+        return final
+    if final.exists():
+        raise DownloadError(
+            f"{final} exists but was not written by 'diffmic data download' (no {MARKER} file); it is "
+            f"left untouched. Use it as is ({src.config_hint.format(path=final)}), or move it away and "
+            "run the command again."
+        )
+    manual = _manual_text(src, root)
+    staging = root / STAGING / src.name
+    staging.mkdir(parents=True, exist_ok=True)
+    log(f"downloading {src.name}: {src.description}; {src.approx_size}. Licence: {src.licence}.")
+
+    # 1. fetch everything (resumable, verified)
+    jobs: list[tuple[str, str, str | None, str, str, int | None, str]] = []
+    if src.dataverse_doi:
+        listing = _dataverse_listing(src, mirror, manual)
+        for want in src.dataverse_files:
+            url, fname, md5 = _resolve_dataverse(src, listing, want, mirror)
+            jobs.append((url, fname, md5, want.action, want.dest, None, ""))
+    for f in src.files:
+        jobs.append((_mirror(f.url, mirror), f.filename, f.md5, f.action, f.dest, f.expect_rows, f.id_col))
+    fetched: list[Path] = []
+    for url, fname, md5, *_ in jobs:
+        fetched.append(fetch_file(url, staging / fname, md5, progress=progress, manual=manual))
+
+    # 2. assemble in a temporary folder, write the marker last, rename into place
+    tmp = root / f".{src.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        record = []
+        for path, (url, fname, md5, action, dest, rows, id_col) in zip(fetched, jobs):
+            n = _apply(action, path, tmp / dest, rows, id_col)
+            record.append({"file": fname, "url": url, "md5": md5 or _md5(path), "md5_published": md5 is not None,
+                           "action": action, "dest": dest, "count": n})
+        (tmp / MARKER).write_text(json.dumps({"dataset": src.name, "licence": src.licence,
+                                              "citation": src.citation, "files": record,
+                                              "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+                                             indent=1))
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not keep_archives:
+        for path in fetched:
+            path.unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            (root / STAGING).rmdir()
+        except OSError:
+            pass
+    log(f"{src.name} is complete in {final}. Use: {src.config_hint.format(path=final)}")
+    return final

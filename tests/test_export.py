@@ -1,0 +1,204 @@
+"""`diffmic export`: a model folder that loads without Lightning and predicts exactly like the
+checkpoint; model card; refusal to overwrite; calibration pass-through; ONNX agreement."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _helpers import ONE_THREAD_ENV, TINY_MODEL, one_thread  # noqa: F401
+from PIL import Image
+
+from diffmic.cli import main
+from diffmic.inference import Predictor
+from diffmic.inference.export import ExportError, export_model, load_model_folder
+from diffmic.nn.encoders import create_encoder
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SRC = Path(__file__).parents[1] / "src"
+
+
+def synthetic_npz(path: Path, n_train: int = 48, n_val: int = 8, n_test: int = 16, seed: int = 0) -> Path:
+    """Two easy classes of 28x28 grey images: dark (0) or bright (1), with noise."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for s, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        lab = np.arange(n) % 2
+        base = np.where(lab[:, None, None] == 1, 190, 60)
+        arrays[f"{s}_images"] = np.clip(base + rng.normal(0, 25, (n, 28, 28)), 0, 255).astype(np.uint8)
+        arrays[f"{s}_labels"] = lab.reshape(n, 1).astype(np.uint8)
+    np.savez(path, **arrays)
+    return path
+
+
+def synthetic_images(folder: Path, n: int = 4) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        val = 60 if i % 2 == 0 else 190
+        p = folder / f"img{i}.png"
+        Image.fromarray(np.full((40, 36), val, dtype=np.uint8)).save(p)
+        out.append(p)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("export")
+    npz = synthetic_npz(tmp / "synth.npz")
+    # start the backbones from a local "pretrained" file, then delete it: loading must not need it
+    weights = tmp / "resnet10_tiny.pth"
+    torch.save(create_encoder("resnet10_tiny").state_dict(), weights)
+    run = tmp / "run"
+    rc = main(["fit", "--config", "cpu", *TINY_MODEL, "data.dataset=medmnist", f"data.root={npz}",
+               "data.image_size=32", "data.batch_size=8", f"data.cache_dir={tmp / 'cache'}",
+               f"model.pretrained={weights}", f"run.dir={run}", "train.epochs=2", "train.dcg_warmup_epochs=1"])
+    assert rc == 0
+    assert main(["test", "--run", str(run)]) == 0
+    weights.unlink()
+    return run
+
+
+def test_export_folder_predicts_like_the_checkpoint(tiny_run, tmp_path):
+    out = tmp_path / "model"
+    assert main(["export", "--run", str(tiny_run), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["MODEL_CARD.md", "config.json", "model.safetensors"]
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["class_names"] == ["malignant", "normal, benign"] or len(meta["class_names"]) == 2
+    assert meta["preprocessing"]["image_size"] == 32 and meta["preprocessing"]["in_chans"] == 3
+    assert meta["sampler"]["sampler"] == meta["config"]["eval"]["sampler"]
+    assert meta["config"]["model"]["pretrained"].endswith("resnet10_tiny.pth")  # as trained
+    assert meta["architecture"]["pretrained"] is None
+    images = synthetic_images(tmp_path / "imgs")
+    ref = Predictor.from_checkpoint(tiny_run / "checkpoints" / "best.ckpt", device="cpu").predict(images)
+    got = Predictor.load(out, device="cpu").predict(images)
+    for a, b in zip(ref, got):
+        assert a.label == b.label and a.refer == b.refer
+        assert np.allclose(list(a.probs.values()), list(b.probs.values()), atol=1e-6)
+    # the same from a fresh interpreter in which Lightning cannot be imported at all
+    code = (
+        "import sys, json; sys.modules['lightning'] = None; sys.modules['pytorch_lightning'] = None\n"
+        "from diffmic.inference import Predictor\n"
+        f"r = Predictor.load({str(out)!r}, device='cpu').predict({[str(p) for p in images]!r})\n"
+        "print(json.dumps([[x.label, list(x.probs.values())] for x in r]))\n"
+        "assert not any(m.split('.')[0] in ('lightning', 'pytorch_lightning') for m in sys.modules\n"
+        "               if sys.modules[m] is not None)\n"
+    )
+    env = {**ONE_THREAD_ENV, "PYTHONPATH": str(SRC)}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = json.loads(res.stdout.strip().splitlines()[-1])
+    for a, (label, probs) in zip(ref, rows):
+        assert a.label == label and np.allclose(list(a.probs.values()), probs, atol=1e-6)
+    # `diffmic predict --run <model folder>` uses it too
+    assert main(["predict", "--run", str(out), str(images[0])]) == 0
+
+
+def test_model_card_reports_data_metrics_and_limits(tiny_run, tmp_path):
+    out = export_model(run=tiny_run, out=tmp_path / "m")
+    card = (out / "MODEL_CARD.md").read_text()
+    metrics = json.loads((tiny_run / "test_metrics.json").read_text())
+    assert "medmnist" in card and "split `authors`" in card
+    assert f"| acc | {metrics['acc']:.4f} |" in card
+    assert f"{metrics['num_images']} images" in card
+    assert "Not a medical device" in card and "MICCAI 2023" in card
+    assert "local file `resnet10_tiny.pth`" in card
+
+
+def test_export_refuses_a_non_empty_folder(tiny_run, tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["export", "--run", str(tiny_run), "--out", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["export", "--run", str(tiny_run), "--out", str(empty)]) == 0
+    assert (empty / "model.safetensors").is_file()
+    assert not list(tmp_path.glob(".*.tmp-*"))
+
+
+def test_calibration_is_passed_through_and_tampering_is_caught(tiny_run, tmp_path):
+    ckpt = torch.load(tiny_run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    ckpt["calibration"] = {"method": "temperature", "temperature": 1.7}
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    cal = tmp_path / "run" / "checkpoints" / "best.ckpt"
+    torch.save(ckpt, cal)
+    out = export_model(ckpt=cal, out=tmp_path / "m")
+    assert json.loads((out / "config.json").read_text())["calibration"] == {"method": "temperature",
+                                                                            "temperature": 1.7}
+    assert load_model_folder(out).calibration["temperature"] == 1.7
+    w = out / "model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 0xFF
+    w.write_bytes(bytes(data))
+    with pytest.raises(ExportError, match="SHA-256"):
+        load_model_folder(out)
+
+
+def _have_onnxruntime() -> bool:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _have_onnxruntime() and os.environ.get("CI", "").lower() != "true",
+                    reason="onnx/onnxruntime not installed (pip install 'diffmic[onnx]'); required when CI=true")
+def test_onnx_agrees_with_pytorch(tiny_run, tmp_path):
+    import onnxruntime as ort
+
+    from diffmic.diffusion import samplers
+    from diffmic.metrics import readout
+
+    B = 4
+    out = export_model(run=tiny_run, out=tmp_path / "m", onnx=True, onnx_batch=B)
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["onnx"]["encoder_dcg"]["file"] == "encoder_dcg.onnx"
+    pm = load_model_folder(out)
+    model, cfg = pm.model, pm.cfg
+    from diffmic.data.datasets import ImagePathsDataset
+
+    paths = synthetic_images(tmp_path / "imgs", B)
+    ds = ImagePathsDataset(paths, image_size=cfg.data.image_size, in_chans=cfg.data.in_chans)
+    x = torch.stack([ds[i]["image"] for i in range(B)])
+    enc = ort.InferenceSession(str(out / "encoder_dcg.onnx"), providers=["CPUExecutionProvider"])
+    step = ort.InferenceSession(str(out / "denoiser_step.onnx"), providers=["CPUExecutionProvider"])
+    feat_o, prior_o = enc.run(None, {"image": x.numpy()})
+    with torch.no_grad():
+        feat_t = model.encode(x)
+        prior_t = model.priors(model.guide(x), B).fused
+    # stated tolerance: 1e-4 absolute on features and priors (float32, different kernels)
+    assert np.abs(feat_o - feat_t.numpy()).max() < 1e-4
+    assert np.abs(prior_o - prior_t.numpy()).max() < 1e-4
+
+    def eps_torch(y_t, t):
+        with torch.no_grad():
+            return model.eps(feat_t, y_t, t, prior_t)
+
+    def eps_onnx(y_t, t):
+        (e,) = step.run(None, {"features": feat_o, "y_t": y_t.numpy().astype(np.float32),
+                               "t": t.numpy().astype(np.int64), "prior": prior_o})
+        return torch.from_numpy(e)
+
+    y = torch.randn(B, model.num_classes)
+    t = torch.tensor([0, 5, 50, cfg.diffusion.num_timesteps - 1])
+    assert (eps_onnx(y, t) - eps_torch(y, t)).abs().max() < 1e-4
+    # a whole reverse chain with the same noise: same classes, probabilities within 1e-3
+    e = cfg.eval
+    runs = []
+    for fn, mu in ((eps_torch, prior_t), (eps_onnx, torch.from_numpy(prior_o))):
+        g = torch.Generator().manual_seed(0)
+        res = samplers.sample(e.sampler, fn, pm.schedule, mu, steps=e.steps, eta=e.eta, start=e.start, generator=g)
+        runs.append(readout(res.y0.view(B, 1, -1), e.aggregate, e.temperature))
+    assert torch.equal(runs[0].pred, runs[1].pred)
+    assert (runs[0].probs - runs[1].probs).abs().max() < 1e-3

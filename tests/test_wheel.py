@@ -1,0 +1,86 @@
+"""The built wheel installs into a clean virtual environment and works from there: `diffmic --help`,
+`diffmic --version`, and a tiny fit with a preset the wheel ships.
+
+The clean venv has no pip and no packages of its own; it sees the third-party packages (torch,
+Lightning, ...) of the interpreter running the tests through one `.pth` line, so nothing is downloaded
+and torch is not installed twice. That line adds a plain folder to sys.path: the `.pth` files in it (an
+editable install of diffmic) are NOT processed, so `import diffmic` can only find the installed wheel,
+which the test checks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import pytest
+from _helpers import TINY_MODEL
+
+from diffmic import __version__
+
+ROOT = Path(__file__).parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _run(cmd: list[str], env: dict, timeout: int = 120) -> subprocess.CompletedProcess:
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, f"{cmd}\n{res.stdout[-1500:]}\n{res.stderr[-3000:]}"
+    return res
+
+
+def test_wheel_installs_and_runs_in_a_clean_venv(tmp_path):
+    pytest.importorskip("setuptools")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    # build from a copy of the sources so the checkout gets no build/ or egg-info folders
+    srcdir = tmp_path / "src_copy"
+    srcdir.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy2(ROOT / name, srcdir / name)
+    shutil.copytree(ROOT / "src", srcdir / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    dist = tmp_path / "dist"
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
+          "-w", str(dist), str(srcdir)], env)
+    (wheel,) = dist.glob("diffmic-*.whl")
+    assert wheel.name.startswith(f"diffmic-{__version__}-")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for preset in ("ham10000", "aptos2019", "ultrasound", "cpu", "demo_cpu", "breastmnist"):
+        assert f"diffmic/configs/{preset}.yaml" in names
+    assert any(n.endswith(".dist-info/licenses/LICENSE") or n.endswith(".dist-info/LICENSE") for n in names)
+    assert "diffmic/data/download.py" in names and "diffmic/inference/export.py" in names
+
+    venv = tmp_path / "venv"
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], env)
+    vpy = venv / "bin" / "python"
+    purelib = Path(_run([str(vpy), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                        env).stdout.strip())
+    (purelib / "_host_packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    _run([sys.executable, "-m", "pip", "--python", str(vpy), "install", "--no-deps", "--no-index", "-q",
+          str(wheel)], env)
+
+    where = _run([str(vpy), "-c", "import diffmic; print(diffmic.__file__)"], env).stdout.strip()
+    assert where.startswith(str(venv)), f"diffmic imported from {where}, not from the installed wheel"
+    exe = str(venv / "bin" / "diffmic")
+    assert "fit" in _run([exe, "--help"], env).stdout
+    assert _run([exe, "--version"], env).stdout.strip() == f"diffmic {__version__}"
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for s, n in (("train", 16), ("val", 4), ("test", 8)):
+        lab = np.arange(n) % 2
+        arrays[f"{s}_images"] = np.clip(np.where(lab[:, None, None] == 1, 190, 60)
+                                        + rng.normal(0, 20, (n, 28, 28)), 0, 255).astype(np.uint8)
+        arrays[f"{s}_labels"] = lab.reshape(n, 1).astype(np.uint8)
+    np.savez(tmp_path / "tiny.npz", **arrays)
+    run = tmp_path / "run"
+    # `--config cpu` resolves the preset shipped inside the installed wheel
+    _run([exe, "fit", "--config", "cpu", *TINY_MODEL, "data.dataset=medmnist", f"data.root={tmp_path / 'tiny.npz'}",
+          "data.image_size=32", "data.batch_size=8", f"data.cache_dir={tmp_path / 'cache'}", f"run.dir={run}",
+          "train.epochs=1", "train.dcg_warmup_epochs=1", "eval.num_samples=1"], env, timeout=180)
+    assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "fit_summary.json").is_file()
