@@ -23,11 +23,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _common import emit, log, wait_for_quiet  # noqa: E402
 
-BENCHES = ("inference", "train", "latency")
+BENCHES = ("inference", "train", "latency", "single", "accuracy")
+DEMO_RUN = HERE.parent / "runs" / "demo"
 QUICK = {  # --quick: a smoke run (seconds, not minutes); the numbers mean little
     "inference": ["--batch", "2", "--steps", "10", "--repeats", "1", "--wait-quiet", "0", "--sweep", ""],
     "train": ["--batch", "4", "--steps", "1", "--wait-quiet", "0", "--max-extra", "0"],
     "latency": ["--batches", "1,2", "--repeats", "1", "--wait-quiet", "0"],
+    "single": ["--repeats", "1", "--wait-quiet", "0"],
+    "accuracy": [],
 }
 
 
@@ -62,7 +65,16 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {}
     failed: list[str] = []
     for name in chosen:
-        cmd = [sys.executable, str(HERE / f"bench_{name}.py"), "--device", args.device]
+        if name == "accuracy":  # goal-1 sampler vs the truncated chain on the `make demo` checkpoint
+            if not (DEMO_RUN / "checkpoints").is_dir():
+                log(f"[run_all] accuracy: no trained run at {DEMO_RUN} (run `make demo` first); speed only")
+                results[name] = {"skipped": f"no {DEMO_RUN}: accuracy not measured, speed only"}
+                continue
+            cmd = [sys.executable, str(HERE / "sampler_study.py"), "--run", str(DEMO_RUN), "--bench", "--int8"]
+        elif name == "single":
+            cmd = [sys.executable, str(HERE / "bench_single.py")]
+        else:
+            cmd = [sys.executable, str(HERE / f"bench_{name}.py"), "--device", args.device]
         if name == "latency" and args.compile:
             cmd.append("--compile")
         if args.quick:
@@ -132,6 +144,25 @@ def main(argv: list[str] | None = None) -> int:
         }
         summary["latency_ddim10"]["unit"] = "s per image (median)"
         summary["latency_ddim10"]["contended"] = r.get("contended")
+    # the headline figures of issue 14
+    inf, tr, acc = results.get("inference", {}), results.get("train", {}), results.get("accuracy", {})
+    few = inf.get("fewstep", {})
+    summary["inference_speedup"] = inf.get("speedup")
+    summary["inference_speedup_robust"] = inf.get("speedup_robust")
+    summary["fewstep_speedup"] = few.get("speedup_vs_released")
+    summary["fewstep_sampler"] = few.get("sampler")
+    fs = acc.get("fewstep_vs_reference", {})
+    summary["fewstep_acc_delta"] = fs.get("test_acc_delta_pts")
+    summary["fewstep_f1_delta"] = fs.get("test_f1_delta_pts")
+    summary["fewstep_val_acc_delta"] = fs.get("val_acc_delta_pts")
+    summary["fewstep_val_f1_delta"] = fs.get("val_f1_delta_pts")
+    summary["accuracy_note"] = acc.get("skipped") or (f"{fs.get('name')} vs {acc.get('reference')} on "
+                                                      f"{acc.get('run')}, whole test split" if fs else None)
+    summary["int8_head_on_demo_test"] = acc.get("int8_head", {}).get("test")
+    summary["single_image_s"] = results.get("single", {}).get("single_image_s")
+    summary["single_image_s_fp32"] = results.get("single", {}).get("single_image_s_fp32")
+    summary["train_speedup"] = tr.get("speedup")
+    summary["train_speedup_uncontended"] = tr.get("speedup_uncontended_steps")
     emit(summary)
     return 1 if failed else 0
 

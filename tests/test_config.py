@@ -64,6 +64,11 @@ BAD: dict[str, tuple[str, str]] = {
     "eval.temperature": ("0", r"eval.temperature must be in \(0, 1000000\], got 0.0"),
     "eval.sample_seed": ("-5", r"eval.sample_seed must be in \[0, 4294967295\]"),
     "eval.refer_threshold": ("1.2", r"eval.refer_threshold must be in \[0, 1\]"),
+    "eval.t_start": ("3 ; eval.steps=10", r"eval.t_start must be >= eval.steps-1=9"),
+    "eval.refer_max_fraction": ("1.5", r"eval.refer_max_fraction must be in \[0, 1\], got 1.5"),
+    "eval.refer_target_accuracy": ("0", r"eval.refer_target_accuracy must be in \(0, 1\]"),
+    "eval.conformal_level": ("1", r"eval.conformal_level must be in \(0, 1\), got 1.0"),
+    "eval.bootstrap_resamples": ("-1", r"eval.bootstrap_resamples must be in \[0, 1000000\]"),
 }
 
 

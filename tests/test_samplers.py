@@ -270,7 +270,7 @@ def test_zero_eps_truncated_leaves_unit_noise(sched: NoiseSchedule) -> None:
 
 def test_sample_dispatch(sched: NoiseSchedule) -> None:
     y0, mu = _problem(13)
-    assert SAMPLERS == ("ddpm", "truncated", "ddim")
+    assert SAMPLERS == ("ddpm", "truncated", "ddim", "dpmpp2m")
     g = lambda: torch.Generator().manual_seed(4)  # noqa: E731
     a = sample("truncated", oracle(sched, y0, mu), sched, mu, steps=60, generator=g())
     b = sample_truncated(oracle(sched, y0, mu), sched, mu, 60, generator=g())

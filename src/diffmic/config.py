@@ -142,6 +142,7 @@ class EvalConfig:
     steps: Optional[int] = 250  # released: 250 HAM10000, 60 APTOS
     eta: float = 0.0
     start: str = "noise"  # ddim start: noise | mean
+    t_start: Optional[int] = None  # ddim/dpmpp2m first timestep (None: T-1); n-1 = the truncated chain's window
     num_samples: int = 1  # K reverse samples per image (released: 1)
     aggregate: str = "mean"  # mean | vote
     temperature: float = 0.2  # probabilities = softmax(mean y0 / temperature)
@@ -338,6 +339,18 @@ def _steps(v: Any, cfg: Config) -> Optional[str]:
     return None if v is None or 1 <= v <= T else f"must be in [1, diffusion.num_timesteps={T}]"
 
 
+def _t_start(v: Any, cfg: Config) -> Optional[str]:
+    if v is None:
+        return None
+    T = cfg.diffusion.num_timesteps
+    if not 0 <= v <= T - 1:
+        return f"must be in [0, diffusion.num_timesteps-1={T - 1}]"
+    for key, steps in (("eval.steps", cfg.eval.steps), ("eval.val_steps", cfg.eval.val_steps)):
+        if steps is not None and steps > v + 1:
+            return f"must be >= {key}-1={steps - 1} (a chain of {steps} steps needs {steps} timesteps)"
+    return None
+
+
 def _one_of(*values: Any) -> Check:
     return lambda v, cfg: None if v in values else f"must be one of {', '.join(map(str, values))}"
 
@@ -498,6 +511,11 @@ RULES: list[tuple[str, Check]] = [
     ("eval.temperature", _range(0, 1e6, lo_open=True)),
     ("eval.sample_seed", _range(0, SEED_MAX)),
     ("eval.refer_threshold", _range(0, 1)),
+    ("eval.t_start", _t_start),
+    ("eval.refer_max_fraction", _range(0, 1)),
+    ("eval.refer_target_accuracy", _range(0, 1, lo_open=True, optional=True)),
+    ("eval.conformal_level", _range(0, 1, lo_open=True, hi_open=True)),
+    ("eval.bootstrap_resamples", _range(0, 1_000_000)),
 ]
 
 

@@ -59,6 +59,7 @@ def reverse_sample(
     steps: Optional[int] = 10,
     eta: float = 0.0,
     start: str = "noise",
+    t_start: Optional[int] = None,
     num_samples: int = 1,
     ids: Optional[Sequence[str]] = None,
     seed: int = 0,
@@ -71,6 +72,8 @@ def reverse_sample(
 
     With ``ids`` given, each image draws its noise from its own seeded generator, so its prediction
     does not depend on batch size or order. Otherwise ``noise`` or ``generator`` is used.
+    ``start`` and ``t_start`` (first timestep, default T-1) apply to ``"ddim"`` / ``"dpmpp2m"``;
+    the ancestral ``"ddpm"`` / ``"truncated"`` chains ignore them.
     """
     B = x.shape[0]
     K = num_samples
@@ -82,6 +85,10 @@ def reverse_sample(
     guide_k = priors.guidance.repeat_interleave(K, 0) if model.uses_guidance else None
     if sampler == "ddpm":
         steps = None  # the full chain always runs all T steps
+    if sampler in ("ddpm", "truncated"):
+        # start / t_start configure the ODE samplers (eval.start, eval.t_start); the released
+        # ancestral chains always start from mu + z, so `eval.sampler=truncated` alone switches back
+        start, t_start = "noise", None
     if noise is None and ids is not None:
         draws = samplers.num_noise_draws(sampler, schedule.num_timesteps, steps, eta)
         noise = per_image_noise(list(ids), seed, draws, K, C, mu.device, mu.dtype)
@@ -97,7 +104,7 @@ def reverse_sample(
             return model.eps(feat_k, y_t, t, guide_k)
 
     out = samplers.sample(
-        sampler, eps_fn, schedule, mu_k, steps=steps, eta=eta, start=start,
+        sampler, eps_fn, schedule, mu_k, steps=steps, eta=eta, start=start, t_start=t_start,
         generator=generator, noise=noise, return_trajectory=return_trajectory,
     )
     traj = [s.view(B, K, C) for s in out.trajectory] if out.trajectory is not None else None

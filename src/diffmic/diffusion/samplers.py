@@ -10,7 +10,10 @@ Samplers (``SAMPLERS``):
 * ``"truncated"`` — the released code's ``test_timesteps`` behaviour: the *last* n steps of the
   T-step chain started from μ + N(0, I). **Not an accelerated sampler** (reference note §1.6).
 * ``"ddim"`` — DDIM (η ∈ [0, 1]) on the residual r = y − μ with evenly spaced timesteps from T−1
-  to 0; a proper accelerated sampler for the same trained network (reference note §1.5, §9.1).
+  (or ``t_start``) to 0; a proper accelerated sampler for the same trained network (reference
+  note §1.5, §9.1).
+* ``"dpmpp2m"`` — DPM-Solver++(2M) (Lu et al., 2022), the multistep second-order solver of the
+  probability-flow ODE in data prediction, on the same residual process (deterministic).
 
 Noise: by default every random draw is ``torch.randn(prior_mean.shape, generator=generator,
 device=prior_mean.device, dtype=prior_mean.dtype)`` (the generator must live on that device).
@@ -23,6 +26,7 @@ The samplers do not disable autograd; call them under ``torch.inference_mode()``
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,11 +45,12 @@ __all__ = [
     "sample",
     "sample_ddim",
     "sample_ddpm",
+    "sample_dpmpp2m",
     "sample_truncated",
 ]
 
 EpsFn = Callable[[Tensor, Tensor], Tensor]
-SAMPLERS: tuple[str, ...] = ("ddpm", "truncated", "ddim")
+SAMPLERS: tuple[str, ...] = ("ddpm", "truncated", "ddim", "dpmpp2m")
 DDIM_STARTS: tuple[str, ...] = ("noise", "mean")
 DEFAULT_DDIM_STEPS = 10
 
@@ -125,17 +130,22 @@ def _full_t(step: int, like: Tensor) -> Tensor:
     return torch.full((like.shape[0],), step, dtype=torch.long, device=like.device)
 
 
-def ddim_timesteps(num_timesteps: int, n_steps: int) -> Tensor:
-    """Evenly spaced DDIM timesteps from T−1 down to 0.
+def ddim_timesteps(num_timesteps: int, n_steps: int, t_start: int | None = None) -> Tensor:
+    """Evenly spaced DDIM timesteps from ``t_start`` (default T−1) down to 0.
 
-    ``linspace(T−1, 0, n_steps).round()``; strictly decreasing and unique for 1 ≤ n_steps ≤ T
-    (n_steps = 1 gives ``[T−1]``).
+    ``linspace(t_start, 0, n_steps).round()``; strictly decreasing and unique for
+    1 ≤ n_steps ≤ t_start + 1 (n_steps = 1 gives ``[t_start]``).
 
     Returns:
         CPU LongTensor ``[n_steps]``.
     """
     n_steps = _check_steps(n_steps, num_timesteps, "n_steps")
-    ts = torch.linspace(num_timesteps - 1, 0, n_steps, dtype=torch.float64).round().long()
+    top = num_timesteps - 1 if t_start is None else int(t_start)
+    if not 0 <= top <= num_timesteps - 1:
+        raise ValueError(f"t_start must be in [0, {num_timesteps - 1}], got {t_start!r}")
+    if n_steps > top + 1:
+        raise ValueError(f"n_steps={n_steps} exceeds the {top + 1} timesteps from t_start={top} to 0")
+    ts = torch.linspace(top, 0, n_steps, dtype=torch.float64).round().long()
     ts = torch.unique_consecutive(ts)
     return ts
 
@@ -146,6 +156,7 @@ def num_noise_draws(name: str, num_timesteps: int, steps: int | None = None, eta
     * ``"ddpm"``: T (start + one per step t = T−1 … 1; the t = 0 read-out is noise-free).
     * ``"truncated"``: n = ``steps`` (default T).
     * ``"ddim"``: 1 (start) + (n_steps − 1 if eta > 0 else 0), n_steps = ``steps`` (default 10).
+    * ``"dpmpp2m"``: 1 (start; deterministic afterwards).
       The start row is counted even with ``start="mean"`` (where it is ignored), so the noise
       layout does not depend on ``start``.
 
@@ -158,6 +169,9 @@ def num_noise_draws(name: str, num_timesteps: int, steps: int | None = None, eta
     if name == "ddim":
         n = ddim_timesteps(num_timesteps, DEFAULT_DDIM_STEPS if steps is None else steps).numel()
         return 1 + (n - 1 if eta > 0 else 0)
+    if name == "dpmpp2m":
+        _check_steps(DEFAULT_DDIM_STEPS if steps is None else steps, num_timesteps, "steps")
+        return 1
     raise ValueError(f"unknown sampler {name!r}; valid samplers: {', '.join(SAMPLERS)}")
 
 
@@ -287,6 +301,7 @@ def sample_ddim(
     eta: float = 0.0,
     *,
     start: str = "noise",
+    t_start: int | None = None,
     generator: torch.Generator | None = None,
     noise: Tensor | None = None,
     return_trajectory: bool = False,
@@ -309,6 +324,8 @@ def sample_ddim(
         eta: η ≥ 0; 0 is deterministic given the start, 1 is DDPM-like.
         start: ``"noise"`` (r_T ~ N(0, I), i.e. y_T = μ + z) or ``"mean"`` (r_T = 0, i.e. y_T = μ;
             with η = 0 the result is then deterministic and seed-free).
+        t_start: first timestep (default T−1). ``t_start = n−1`` with ``start="mean"`` and η = 0
+            is the deterministic counterpart of the truncated chain started at μ.
         noise: optional ``[num_noise_draws("ddim", T, n_steps, eta), N, C]`` tensor; row 0 is the
             start draw (ignored when ``start="mean"``), then one row per stochastic step.
     """
@@ -318,7 +335,7 @@ def sample_ddim(
     if not eta >= 0:
         raise ValueError(f"eta must be >= 0, got {eta!r}")
     mu = prior_mean
-    ts = ddim_timesteps(schedule.num_timesteps, n_steps)
+    ts = ddim_timesteps(schedule.num_timesteps, n_steps, t_start)
     n = int(ts.numel())
     stochastic = eta > 0
     src = _NoiseSource(mu, 1 + (n - 1 if stochastic else 0), noise, generator)
@@ -359,6 +376,78 @@ def sample_ddim(
     return SampleOutput(y0=y0, trajectory=traj)
 
 
+def sample_dpmpp2m(
+    eps_fn: EpsFn,
+    schedule: NoiseSchedule,
+    prior_mean: Tensor,
+    n_steps: int = DEFAULT_DDIM_STEPS,
+    *,
+    start: str = "mean",
+    t_start: int | None = None,
+    generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
+    return_trajectory: bool = False,
+) -> SampleOutput:
+    """DPM-Solver++(2M) (Lu et al., 2022) on the residual r = y − μ, a standard VP process.
+
+    With α = √ᾱ_τ, σ = √(1−ᾱ_τ), λ = log(α/σ), timesteps τ_1 > … > τ_n = 0
+    (:func:`ddim_timesteps`) and the data prediction D_i = r̂0(r_i, τ_i):
+
+    * step i → i+1, h = λ_{i+1} − λ_i:  r ← (σ_{i+1}/σ_i) r − α_{i+1}(e^{−h} − 1) D,
+      with D = D_i for the first step (= DDIM, η = 0) and
+      D = (1 + 1/(2ρ)) D_i − 1/(2ρ) D_{i−1}, ρ = h_{i−1}/h, afterwards;
+    * the last evaluation (τ_n = 0) returns y0 = D_n + μ.
+
+    Exactly ``n_steps`` network calls; deterministic given the start.
+
+    Args:
+        eps_fn, schedule, prior_mean, generator, return_trajectory: as in :func:`sample_ddpm`.
+        n_steps: number of network calls, in [1, t_start + 1].
+        start: ``"mean"`` (r = 0, y = μ: seed-free) or ``"noise"`` (r ~ N(0, I)).
+        t_start: first timestep (default T−1).
+        noise: optional ``[1, N, C]`` tensor: the start draw (ignored when ``start="mean"``).
+    """
+    _check_prior(prior_mean)
+    if start not in DDIM_STARTS:
+        raise ValueError(f"unknown start {start!r}; valid: {', '.join(DDIM_STARTS)}")
+    mu = prior_mean
+    ts = ddim_timesteps(schedule.num_timesteps, n_steps, t_start)
+    n = int(ts.numel())
+    src = _NoiseSource(mu, 1, noise, generator)
+    ab = schedule.alphas_cumprod.to(torch.float64)[ts.to(schedule.device)].cpu()
+    alpha, sigma = ab.sqrt(), (1.0 - ab).sqrt()
+    lam = (alpha / sigma).log()
+    coef = [(float(alpha[i]), float(sigma[i])) for i in range(n)]
+    if start == "noise":
+        r = src.next()
+    else:
+        r = torch.zeros_like(mu)
+    traj: list[Tensor] | None = [r + mu] if return_trajectory else None
+    d_prev: Tensor | None = None
+    y0 = r + mu
+    for i, t in enumerate(ts.tolist()):
+        a_i, s_i = coef[i]
+        eps = _call_eps(eps_fn, r + mu, _full_t(t, mu))
+        d = (r - s_i * eps) / a_i
+        if i == n - 1:
+            y0 = d + mu
+            if traj is not None:
+                traj.append(y0)
+            break
+        a_n, s_n = coef[i + 1]
+        h = float(lam[i + 1] - lam[i])
+        if d_prev is None:
+            d_use = d
+        else:
+            rho = float(lam[i] - lam[i - 1]) / h
+            d_use = (1.0 + 0.5 / rho) * d - (0.5 / rho) * d_prev
+        r = (s_n / s_i) * r - a_n * math.expm1(-h) * d_use
+        d_prev = d
+        if traj is not None:
+            traj.append(r + mu)
+    return SampleOutput(y0=y0, trajectory=traj)
+
+
 # ---------------------------------------------------------------------------------------------
 # dispatch
 
@@ -372,6 +461,7 @@ def sample(
     steps: int | None = None,
     eta: float = 0.0,
     start: str = "noise",
+    t_start: int | None = None,
     generator: torch.Generator | None = None,
     noise: Tensor | None = None,
     return_trajectory: bool = False,
@@ -382,6 +472,8 @@ def sample(
         name: ``"ddpm"`` (``steps`` must be None or T), ``"truncated"`` (``steps`` = n, default T)
             or ``"ddim"`` (``steps`` = number of DDIM steps, default 10).
         eta, start: DDIM only; the ancestral samplers require ``eta == 0`` and ``start == "noise"``.
+            ``"dpmpp2m"`` takes ``start`` and requires ``eta == 0``.
+        t_start: first timestep of ``"ddim"`` / ``"dpmpp2m"`` (default T−1).
         Other arguments: as in :func:`sample_ddpm`.
 
     Raises:
@@ -392,9 +484,17 @@ def sample(
     common = dict(generator=generator, noise=noise, return_trajectory=return_trajectory)
     if name == "ddim":
         n = DEFAULT_DDIM_STEPS if steps is None else steps
-        return sample_ddim(eps_fn, schedule, prior_mean, n, eta, start=start, **common)
+        return sample_ddim(eps_fn, schedule, prior_mean, n, eta, start=start, t_start=t_start, **common)
+    if name == "dpmpp2m":
+        if eta != 0:
+            raise ValueError(f"sampler 'dpmpp2m' is deterministic: eta must be 0, got {eta}")
+        n = DEFAULT_DDIM_STEPS if steps is None else steps
+        return sample_dpmpp2m(eps_fn, schedule, prior_mean, n, start=start, t_start=t_start, **common)
+    if t_start is not None:
+        raise ValueError(f"t_start applies to 'ddim' and 'dpmpp2m' only, not {name!r}; set eval.t_start=null")
     if eta != 0 or start != "noise":
-        raise ValueError(f"sampler {name!r} supports only eta=0 and start='noise' (got eta={eta}, start={start!r})")
+        raise ValueError(f"sampler {name!r} supports only eta=0 and start='noise' (got eta={eta}, start={start!r}); "
+                         "set eval.eta=0 eval.start=noise")
     T = schedule.num_timesteps
     if name == "ddpm":
         if steps is not None and steps != T:

@@ -143,7 +143,7 @@ class Predictor:
             out = reverse_sample(
                 m.model, m.schedule, x, sampler=e.sampler, steps=e.steps, eta=e.eta, start=e.start,
                 num_samples=e.num_samples, ids=list(seed_keys if seed_keys is not None else ids),
-                seed=e.sample_seed,
+                seed=e.sample_seed, t_start=getattr(e, "t_start", None),
             )
             r = readout(out.y0, e.aggregate, e.temperature)
             guidance, prior = out.guidance, out.prior

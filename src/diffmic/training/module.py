@@ -289,7 +289,7 @@ class DiffMICModule(pl.LightningModule):
             sampler, steps, K = e.sampler, e.steps, e.num_samples
         out = reverse_sample(
             self.model, self.schedule, x, sampler=sampler, steps=steps, eta=e.eta, start=e.start,
-            num_samples=K, ids=batch["id"], seed=e.sample_seed,
+            num_samples=K, ids=batch["id"], seed=e.sample_seed, t_start=getattr(e, "t_start", None),
         )
         r = readout(out.y0, e.aggregate, e.temperature)
         return r.probs, r, out.prior
