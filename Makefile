@@ -4,7 +4,8 @@ PY      ?= python3
 VENV    ?= .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.diffmic-installed
-DATA    ?= ../shared/data
+# HAM10000 for the demo: ../shared/data when it is there, else data/ (downloaded by `make demo-data`)
+DATA    ?= $(if $(wildcard ../shared/data/ham10000),../shared/data,data)
 
 .PHONY: venv demo demo-data test lint bench clean
 
@@ -18,12 +19,12 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) demo-data
 	rm -rf runs/demo  # the demo starts afresh each time (diffmic fit never overwrites a run)
 	$(VENV)/bin/diffmic fit --config src/diffmic/configs/demo_cpu.yaml data.root=$(DATA)/ham10000 run.dir=runs/demo
 	$(VENV)/bin/diffmic test --run runs/demo
 
-# HAM10000 for the demo: used as is when $(DATA)/ham10000 exists, downloaded there otherwise (~3 GB)
+# HAM10000: used as is when $(DATA)/ham10000 exists, downloaded there otherwise (about 3 GB)
 demo-data: $(STAMP)
 	test -d $(DATA)/ham10000 || $(VENV)/bin/diffmic data download ham10000 --root $(DATA)
 
