@@ -127,7 +127,7 @@ def test_export_refuses_a_non_empty_folder(tiny_run, tmp_path, capsys):
 
 def test_calibration_is_passed_through_and_tampering_is_caught(tiny_run, tmp_path):
     ckpt = torch.load(tiny_run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
-    ckpt["calibration"] = {"method": "temperature", "temperature": 1.7}
+    ckpt["diffmic_calibration"] = {"method": "temperature", "temperature": 1.7}  # training.checkpoint.CALIBRATION_KEY
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     cal = tmp_path / "run" / "checkpoints" / "best.ckpt"
     torch.save(ckpt, cal)

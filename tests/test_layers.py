@@ -19,6 +19,7 @@ LAYERS: dict[str, int] = {
     "diffmic.metrics": 2,
     "diffmic.data": 3,
     "diffmic.reporting": 3,
+    "diffmic.outputs": 3,
     "diffmic.trust": 3,
     "diffmic.config": 4,
     "diffmic.training": 5,
@@ -40,7 +41,9 @@ def _modules() -> dict[str, Path]:
 def _layer(name: str) -> int | None:
     best = None
     for prefix, layer in LAYERS.items():
-        if (name == prefix or name.startswith(prefix + ".")) and (best is None or len(prefix) > len(best[0])):
+        # the root entry names the package's __init__ only, not every module below it
+        under = name.startswith(prefix + ".") and prefix != "diffmic"
+        if (name == prefix or under) and (best is None or len(prefix) > len(best[0])):
             best = (prefix, layer)
     return None if best is None else best[1]
 
@@ -116,6 +119,11 @@ def test_no_import_cycles():
         if m not in state:
             visit(m, [m])
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_a_module_outside_the_table_has_no_layer():
+    assert _layer("diffmic") == 0 and _layer("diffmic.nn.guidance") == 2
+    assert _layer("diffmic.somewhere_new") is None
 
 
 def test_the_rule_catches_an_upward_import(tmp_path):

@@ -193,7 +193,8 @@ def test_write_probe_before_evaluation(trained, monkeypatch, capsys):
 
 def test_checkpoint_asking_for_a_huge_model_is_refused_before_allocating(trained, tmp_path):
     ck = torch.load(trained["run"] / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
-    ck["hyper_parameters"]["config"]["model"]["hidden_dim"] = 10_000_000  # ~10^14 weights
+    # the largest width the config rules allow: ~2 x 10^12 weights in the head (8 TB)
+    ck["hyper_parameters"]["config"]["model"]["hidden_dim"] = 1_000_000
     ck["hyper_parameters"]["config"]["model"]["encoder_weights"] = None
     evil = tmp_path / "huge.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": ck["hyper_parameters"]}, evil)

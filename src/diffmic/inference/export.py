@@ -295,7 +295,7 @@ def export_model(run: str | os.PathLike | None = None, ckpt: str | os.PathLike |
     run_dir = Path(run) if run else ckpt_path.parent.parent
     metrics = _read_json(run_dir / "test_metrics.json")
     fit_summary = _read_json(run_dir / "fit_summary.json")
-    calibration = raw.get("calibration", hp.get("calibration"))
+    calibration = raw.get("diffmic_calibration", raw.get("calibration", hp.get("calibration")))  # training.checkpoint.CALIBRATION_KEY
     train_config = dict(hp["config"])
     arch = dict(model.hparams)
     arch.update(encoder_weights=None, dcg_weights=None, pretrained=None)

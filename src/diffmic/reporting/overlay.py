@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffmic.outputs import EXPLAIN_TAG
 from diffmic.trust.lesions import boxes_to_original, saliency_to_original
 
 
@@ -53,7 +54,8 @@ def draw_explanation(original: np.ndarray, saliency: np.ndarray | None, roi_boxe
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-        fig.savefig(tmp, dpi=dpi)
+        # tagged so that `diffmic predict --explain` recognises its own earlier outputs (diffmic.outputs)
+        fig.savefig(tmp, dpi=dpi, metadata={EXPLAIN_TAG[0]: EXPLAIN_TAG[1]})
         tmp.replace(path)
     finally:
         plt.close(fig)
