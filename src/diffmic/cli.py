@@ -47,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=int, default=32)
     pr.add_argument("inputs", nargs="+", help="image files, folders, and eval.* overrides (key=value)")
 
+    ex = sub.add_parser("experiment", help="run a grid of models x data sets x seeds from YAML, then tabulate")
+    ex.add_argument("grid", help="grid YAML file (see diffmic.experiment)")
+    ex.add_argument("--summary-only", action="store_true", help="only write the tables of the finished cells")
+    ex.add_argument("--only", nargs="*", help="run only these models (the table covers all)")
+    ex.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the paired CIs")
+
     d = sub.add_parser("data", help="data utilities")
     dsub = d.add_subparsers(dest="data_verb", required=True)
     dc = dsub.add_parser("check", help="validate a data set and print a summary")
@@ -160,6 +166,18 @@ def _data_check(args) -> int:
     return 1 if report.errors else 0
 
 
+def _experiment(args) -> int:
+    from diffmic.experiment import load_grid, run_grid, summarise
+
+    grid = load_grid(args.grid)
+    if not args.summary_only:
+        run_grid(grid, only=args.only, log=lambda s: print(s, flush=True))
+    paths = summarise(grid, n_boot=args.n_boot)
+    print(paths["md"].read_text())
+    print(json.dumps({k: str(v) for k, v in paths.items()}))
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     from diffmic.config import ConfigError
     from diffmic.training.checkpoint import CheckpointError
@@ -181,7 +199,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not hasattr(args, target):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         setattr(args, target, list(getattr(args, target)) + extra)
-    if args.verb == "fit":  # imported here so that `diffmic --help` does not load Lightning
+    if args.verb in ("fit", "experiment"):  # imported here so that `diffmic --help` does not load Lightning
         from diffmic.training.module import NonFiniteLossError
         from diffmic.training.run import RunFolderError
 
@@ -195,6 +213,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             return _predict(args)
         if args.verb == "data":
             return _data_check(args)
+        if args.verb == "experiment":
+            return _experiment(args)
     except errors as exc:
         print(f"diffmic {args.verb}: error: {exc}", file=sys.stderr)
         return 2

@@ -69,6 +69,7 @@ class ModelConfig:
     prior: str = "softmax_mean_logits"  # softmax_mean_logits (code) | mean_probs (Eq.1) | sum_probs (Eq.2) | zero
     encoder_weights: Optional[str] = None  # local state-dict file, never downloaded
     dcg_weights: Optional[str] = None
+    dcg_output_stride: int = 32  # ours: DCG global-stream output stride 32 (released) | 16 | 8 (CPU presets)
 
 
 @dataclass
@@ -90,6 +91,8 @@ class LossConfig:
 class TrainConfig:
     epochs: int = 1000  # diffusion epochs after the DCG warm-up
     dcg_warmup_epochs: int = 15  # released code 15, paper 10
+    joint_steps: Optional[int] = None  # ours: budget the joint stage in optimiser steps (sets epochs at fit)
+    dcg_warmup_steps: Optional[int] = None  # ours: budget the DCG warm-up in steps (sets dcg_warmup_epochs)
     lr: float = 1e-3
     lr_warmup_epochs: float = 40.0
     min_lr: float = 0.0
@@ -157,7 +160,8 @@ class Config:
 CHOICES: dict[str, tuple] = {
     "data.dataset": ("ham10000", "aptos2019", "csv", "folder", "medmnist"),
     "data.split": ("authors", "lesion", "random"),
-    "model.variant": ("basic", "C1", "C2", "full"),
+    "model.variant": ("basic", "C1", "C2", "full", "dcg"),
+    "model.dcg_output_stride": (8, 16, 32),
     "model.roi_channels": ("rgb", "first"),
     "model.prior": ("softmax_mean_logits", "mean_probs", "sum_probs", "zero"),
     "diffusion.schedule": ("linear", "quadratic", "cosine", "sigmoid"),

@@ -6,6 +6,8 @@ Variants (paper Table 2):
 * ``"C1"``    — diffusion without DCG: zero prior mean, denoiser input ``y_t`` only.
 * ``"C2"``    — diffusion with DCG (noise MSE only; the loss is chosen by the trainer).
 * ``"full"``  — diffusion with DCG and the condition-specific MMD terms (``uses_mmd``).
+* ``"dcg"``   — the DCG alone as a GMIC-like classifier (ours, a baseline): no ρ(x), no denoiser;
+  ``classify(x)`` returns the fused logits ``z_fused``, whose softmax is the fused prior of ``full``.
 
 No optimiser, no data, no sampling loop here: the trainer/predictor composes ``encode`` (once per image),
 ``guide``/``priors`` (once per image) and ``eps`` (once per diffusion step).
@@ -28,7 +30,7 @@ from .guidance import DCG, ROI_CHANNELS, GuidanceOutput, WeightsArg
 
 __all__ = ["VARIANTS", "PRIOR_KINDS", "Priors", "DiffMIC"]
 
-VARIANTS: tuple[str, ...] = ("basic", "C1", "C2", "full")
+VARIANTS: tuple[str, ...] = ("basic", "C1", "C2", "full", "dcg")
 
 
 class Priors(NamedTuple):
@@ -85,6 +87,7 @@ class DiffMIC(nn.Module):
         in_chans: int = 3,
         encoder_weights: str | os.PathLike[str] | None = None,
         dcg_weights: WeightsArg = None,
+        dcg_output_stride: int = 32,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -111,6 +114,7 @@ class DiffMIC(nn.Module):
             in_chans=int(in_chans),
             encoder_weights=_path_or_none(encoder_weights),
             dcg_weights=_path_or_none(dcg_weights),
+            dcg_output_stride=int(dcg_output_stride),
         )
         self.num_classes = int(num_classes)
         self.variant = variant
@@ -126,37 +130,34 @@ class DiffMIC(nn.Module):
             self.encoder = create_encoder(encoder, in_chans=in_chans, weights_path=encoder_weights)
             self.classifier = nn.Linear(self.encoder.out_dim, self.num_classes)
             return
+        dcg_kw = dict(global_backbone=dcg_global, local_backbone=dcg_local, num_rois=num_rois, crop_size=crop_size,
+                      roi_channels=roi_channels, in_chans=in_chans, weights_path=dcg_weights,
+                      output_stride=dcg_output_stride)
+        if variant == "dcg":
+            self.dcg = DCG(self.num_classes, **dcg_kw)
+            return
         self.image_embedding = ImageEmbedding(encoder, hidden_dim, in_chans=in_chans, weights_path=encoder_weights)
         self.denoiser = ConditionalDenoiser(
             self.num_classes, hidden_dim, num_layers, num_timesteps, use_guidance=self.uses_dcg
         )
         if self.uses_dcg:
-            self.dcg = DCG(
-                self.num_classes,
-                global_backbone=dcg_global,
-                local_backbone=dcg_local,
-                num_rois=num_rois,
-                crop_size=crop_size,
-                roi_channels=roi_channels,
-                in_chans=in_chans,
-                weights_path=dcg_weights,
-            )
+            self.dcg = DCG(self.num_classes, **dcg_kw)
 
     # ------------------------------------------------------------------ flags
     @property
     def uses_diffusion(self) -> bool:
-        """False only for ``"basic"``."""
-        return self.variant != "basic"
+        """False for ``"basic"`` and ``"dcg"``."""
+        return self.variant not in ("basic", "dcg")
 
     @property
     def uses_dcg(self) -> bool:
-        """True for ``"C2"`` and ``"full"``."""
-        return self.variant in ("C2", "full")
+        """True for ``"C2"``, ``"full"`` and ``"dcg"``."""
+        return self.variant in ("C2", "full", "dcg")
 
     @property
     def uses_guidance(self) -> bool:
-        """Whether the denoiser takes a guidance vector (every diffusion variant but ``"C1"``)."""
-        return self.uses_dcg
+        """Whether the denoiser takes a guidance vector (``"C2"`` and ``"full"``)."""
+        return self.uses_dcg and self.uses_diffusion
 
     @property
     def uses_mmd(self) -> bool:
@@ -184,7 +185,9 @@ class DiffMIC(nn.Module):
         return self.encoder(x)
 
     def classify(self, x: Tensor) -> Tensor:
-        """``basic`` only: ``x [B, C_in, H, W] -> logits [B, C]``."""
+        """``basic`` and ``dcg`` only: ``x [B, C_in, H, W] -> logits [B, C]`` (``dcg``: ``z_fused``)."""
+        if self.variant == "dcg":
+            return self.dcg(x).z_fused
         if self.classifier is None:
             raise RuntimeError(f"classify() is only available for variant 'basic', not {self.variant!r}")
         return self.classifier(self.encode(x))

@@ -72,7 +72,7 @@ def _trainer(cfg: Config, run_dir: Path, callbacks: list, for_fit: bool) -> pl.T
     cbs = list(callbacks)
     if t.progress_bar:
         cbs.append(TQDMProgressBar(refresh_rate=max(1, t.log_every_n_steps)))
-    total_epochs = t.epochs + (t.dcg_warmup_epochs if cfg.model.variant in ("C2", "full") else 0)
+    total_epochs = t.epochs + (t.dcg_warmup_epochs if cfg.model.variant in ("C2", "full", "dcg") else 0)
     return pl.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
@@ -125,6 +125,10 @@ def fit(cfg: Config, resume: bool = False) -> Path:
     pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
     dm = build_datamodule(cfg)
     dm.setup("fit")
+    from diffmic.training.budget import apply_step_budget
+
+    if apply_step_budget(cfg, len(dm.get_dataset("train"))):  # step budget -> epochs for this data set
+        save_config(cfg, run_dir / "config.yaml")
     module = DiffMICModule(cfg.to_dict(), dm.num_classes, list(dm.class_names))
     monitor = f"val/{cfg.train.monitor}"
     best = StageAwareCheckpoint(
@@ -139,7 +143,7 @@ def fit(cfg: Config, resume: bool = False) -> Path:
                 save_top_k=1, monitor=None, save_last=True, enable_version_counter=False,
             )
         )
-    if cfg.train.use_ema and cfg.model.variant != "basic":
+    if cfg.train.use_ema and cfg.model.variant not in ("basic", "dcg"):
         callbacks.append(DenoiserEMA(cfg.train.ema_decay))
     trainer = _trainer(cfg, run_dir, callbacks, for_fit=True)
     trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None, weights_only=True)
