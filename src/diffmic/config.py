@@ -161,7 +161,7 @@ CHOICES: dict[str, tuple] = {
     "data.dataset": ("ham10000", "aptos2019", "csv", "folder", "medmnist"),
     "data.split": ("authors", "lesion", "random"),
     "model.variant": ("basic", "C1", "C2", "full", "dcg"),
-    "model.dcg_output_stride": (8, 16, 32),
+    "model.dcg_output_stride": ("8", "16", "32"),
     "model.roi_channels": ("rgb", "first"),
     "model.prior": ("softmax_mean_logits", "mean_probs", "sum_probs", "zero"),
     "diffusion.schedule": ("linear", "quadratic", "cosine", "sigmoid"),
@@ -267,7 +267,7 @@ def _set(cfg: Config, dotted: str, value: Any) -> None:
     if name not in types_:
         raise _unknown(dotted, [f"{sec}.{k}" for k in types_])
     val = _coerce(value, types_[name], dotted)
-    if dotted in CHOICES and val not in CHOICES[dotted]:
+    if dotted in CHOICES and str(val) not in CHOICES[dotted]:
         raise ConfigError(f"{dotted}: {val!r} is not one of {', '.join(CHOICES[dotted])}")
     setattr(section_obj, name, val)
 
