@@ -207,8 +207,9 @@ def run_cell(cell: Cell) -> str:
         last = cell.run_dir / "checkpoints" / "last.ckpt"
         did = "tested"
         if not (cell.run_dir / "fit_summary.json").is_file():
-            fit(cfg, resume=last.is_file())
-            did = "resumed, tested" if last.is_file() else "fitted, tested"
+            resume = last.is_file()
+            fit(cfg, resume=resume)
+            did = "resumed, tested" if resume else "fitted, tested"
         evaluate(cell.run_dir, "test")
         return did
     finally:
