@@ -10,6 +10,8 @@ For a trained run with a DCG (variants C2 / full / dcg) and the HAM10000 masks, 
   saliency channel, bilinearly resized to the input size as the ROI selection resizes it) is a lesion
   pixel, against ``lesion_area``: the mean fraction of the image the lesion covers (what a peak
   at a random pixel would score);
+* ``roi_hit_pred_channel``: ``roi_hit`` when the K cells are chosen from the predicted class's
+  saliency channel only (a diagnostic, not what the model does);
 * ``saliency_hw``: the size of the saliency map.
 
 The masks go through the same centre square crop and resize as the images (``preprocess_pil``),
@@ -75,7 +77,7 @@ def roi_lesion_stats(boxes: torch.Tensor, saliency_up: torch.Tensor, masks: torc
 def evaluate_run(run: Path, split: str = "val", limit: int | None = None, mask_dir: Path | None = None,
                  batch_size: int = 64) -> dict:
     from diffmic.config import load_config
-    from diffmic.nn.guidance import grid_shape
+    from diffmic.nn.guidance import crop_rois, grid_shape, select_rois
     from diffmic.training.checkpoint import load_module
     from diffmic.training.run import build_datamodule, resolve_checkpoint
 
@@ -107,6 +109,12 @@ def evaluate_run(run: Path, split: str = "val", limit: int | None = None, mask_d
         grid = grid_shape(x.shape[-2], x.shape[-1], dcg.crop_size)
         for key, val in roi_lesion_stats(g.roi_boxes, up, masks, dcg.crop_size, grid).items():
             stats.setdefault(key, []).extend(val.tolist())
+        # the same K cells chosen from the predicted class's channel alone (instead of the sum of
+        # every class's min-max normalised channel, the released rule)
+        alt = select_rois(sal, grid, dcg.num_rois)
+        _, alt_boxes = crop_rois(x, alt.cell_idx, dcg.crop_size, grid)
+        alt_stats = roi_lesion_stats(alt_boxes, up, masks, dcg.crop_size, grid)
+        stats.setdefault("roi_hit_pred_channel", []).extend(alt_stats["roi_hit"].tolist())
     out = {k: round(float(np.mean(v)), 4) for k, v in stats.items()}
     out.update(run=str(run), split=split, images=n, saliency_hw=list(hw), image_size=cfg.data.image_size,
                crop_size=dcg.crop_size, num_rois=dcg.num_rois,

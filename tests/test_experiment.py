@@ -230,3 +230,22 @@ def test_summary_only_does_not_train(tmp_path, tiny_npz, capsys):
     assert not (tmp_path / "exp" / "tiny").exists()
     rows = list(csv.DictReader(open(tmp_path / "exp" / "summary.csv")))
     assert [(r["model"], r["n"], r["acc"]) for r in rows] == [("basic", "0", "—")]
+
+
+def test_top_class_roi_selection_ranks_by_the_predicted_class_channel():
+    # two classes on a 2x2 grid; class 1 has the larger mean saliency (the predicted class) and
+    # peaks at cell (0, 0), class 0 at cell (1, 1)
+    from diffmic.nn.guidance import DCG
+
+    dcg = DCG(2, "resnet10_tiny", "resnet10_tiny", num_rois=1, crop_size=8, roi_select="top_class").eval()
+    sal = torch.zeros(1, 2, 2, 2)
+    sal[0, 1] = torch.tensor([[9.0, 5.0], [5.0, 5.0]])
+    sal[0, 0] = torch.tensor([[0.0, 1.0], [1.0, 3.0]])
+    dcg.global_stream = lambda x: (sal.mean(dim=(2, 3)), sal)
+    out = dcg(torch.zeros(1, 3, 16, 16))
+    assert out.roi_boxes[0, 0].tolist() == [0, 0, 8, 8]
+    dcg.roi_select = "sum"  # released rule: rank by minmax(c0) + minmax(c1)
+    sal[0, 1] = torch.tensor([[5.0, 9.0], [5.0, 5.0]])  # now c1 peaks at (0, 1): sums [[0, 4/3], [1/3, 1]]
+    assert dcg(torch.zeros(1, 3, 16, 16)).roi_boxes[0, 0].tolist() == [0, 8, 8, 16]
+    with pytest.raises(ValueError, match="roi_select"):
+        DCG(2, "resnet10_tiny", "resnet10_tiny", roi_select="max")

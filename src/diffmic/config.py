@@ -69,6 +69,7 @@ class ModelConfig:
     prior: str = "softmax_mean_logits"  # softmax_mean_logits (code) | mean_probs (Eq.1) | sum_probs (Eq.2) | zero
     encoder_weights: Optional[str] = None  # local state-dict file, never downloaded
     dcg_weights: Optional[str] = None
+    roi_select: str = "sum"  # sum (released: all classes' min-max saliency) | top_class (ours: predicted class's channel)
     dcg_output_stride: int = 32  # ours: DCG global-stream output stride 32 (released) | 16 | 8 (CPU presets)
 
 
@@ -162,6 +163,7 @@ CHOICES: dict[str, tuple] = {
     "data.split": ("authors", "lesion", "random"),
     "model.variant": ("basic", "C1", "C2", "full", "dcg"),
     "model.dcg_output_stride": ("8", "16", "32"),
+    "model.roi_select": ("sum", "top_class"),
     "model.roi_channels": ("rgb", "first"),
     "model.prior": ("softmax_mean_logits", "mean_probs", "sum_probs", "zero"),
     "diffusion.schedule": ("linear", "quadratic", "cosine", "sigmoid"),

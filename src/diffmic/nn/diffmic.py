@@ -88,6 +88,7 @@ class DiffMIC(nn.Module):
         encoder_weights: str | os.PathLike[str] | None = None,
         dcg_weights: WeightsArg = None,
         dcg_output_stride: int = 32,
+        roi_select: str = "sum",
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -115,6 +116,7 @@ class DiffMIC(nn.Module):
             encoder_weights=_path_or_none(encoder_weights),
             dcg_weights=_path_or_none(dcg_weights),
             dcg_output_stride=int(dcg_output_stride),
+            roi_select=roi_select,
         )
         self.num_classes = int(num_classes)
         self.variant = variant
@@ -132,7 +134,7 @@ class DiffMIC(nn.Module):
             return
         dcg_kw = dict(global_backbone=dcg_global, local_backbone=dcg_local, num_rois=num_rois, crop_size=crop_size,
                       roi_channels=roi_channels, in_chans=in_chans, weights_path=dcg_weights,
-                      output_stride=dcg_output_stride)
+                      output_stride=dcg_output_stride, roi_select=roi_select)
         if variant == "dcg":
             self.dcg = DCG(self.num_classes, **dcg_kw)
             return

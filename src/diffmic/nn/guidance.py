@@ -27,6 +27,7 @@ from .encoders import create_encoder
 
 __all__ = [
     "ROI_CHANNELS",
+    "ROI_SELECT",
     "GuidanceOutput",
     "RoiSelection",
     "GatedAttention",
@@ -38,6 +39,9 @@ __all__ = [
 ]
 
 ROI_CHANNELS: tuple[str, ...] = ("rgb", "first")
+#: how the ROI cells are ranked: "sum" of every class's min-max normalised saliency channel (released
+#: code), or "top_class": the channel of the class the global stream predicts (ours)
+ROI_SELECT: tuple[str, ...] = ("sum", "top_class")
 
 WeightsArg = str | os.PathLike[str] | tuple[str | os.PathLike[str] | None, str | os.PathLike[str] | None] | None
 
@@ -218,6 +222,8 @@ class DCG(nn.Module):
         weights_path: optional local backbone state-dict file applied to both streams, or a pair
             ``(global_file, local_file)`` (either may be ``None``).
         output_stride: global-stream output stride, 32 (released) or 16/8 (see :func:`set_output_stride`).
+        roi_select: ``"sum"`` (released: rank cells by the sum over classes of the min-max normalised
+            saliency) or ``"top_class"`` (rank by the channel of the class with the largest ``z_global``).
 
     Forward: ``x [B, in_chans, H, W] -> GuidanceOutput``.
     """
@@ -234,8 +240,12 @@ class DCG(nn.Module):
         in_chans: int = 3,
         weights_path: WeightsArg = None,
         output_stride: int = 32,
+        roi_select: str = "sum",
     ) -> None:
         super().__init__()
+        if roi_select not in ROI_SELECT:
+            raise ValueError(f"roi_select must be one of {ROI_SELECT}, got {roi_select!r}")
+        self.roi_select = roi_select
         if int(num_classes) < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if roi_channels not in ROI_CHANNELS:
@@ -272,7 +282,11 @@ class DCG(nn.Module):
         """``x [B, in_chans, H, W] -> GuidanceOutput`` (see class docstring)."""
         z_g, sal = self.global_stream(x)
         grid = grid_shape(x.shape[-2], x.shape[-1], self.crop_size)
-        sel = select_rois(sal, grid, self.num_rois)
+        if self.roi_select == "top_class":
+            top = z_g.detach().argmax(1)
+            sel = select_rois(sal[torch.arange(sal.shape[0], device=sal.device), top].unsqueeze(1), grid, self.num_rois)
+        else:
+            sel = select_rois(sal, grid, self.num_rois)
         crops, boxes = crop_rois(x, sel.cell_idx, self.crop_size, grid, self.roi_channels)
         z_l, a = self.local_stream(crops)
         return GuidanceOutput(z_g, z_l, 0.5 * (z_g + z_l), sal, boxes, a)

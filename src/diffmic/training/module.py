@@ -63,6 +63,7 @@ def build_model(cfg: Config, num_classes: int) -> DiffMIC:
         encoder_weights=m.encoder_weights,
         dcg_weights=m.dcg_weights,
         dcg_output_stride=m.dcg_output_stride,
+        roi_select=m.roi_select,
     )
 
 
