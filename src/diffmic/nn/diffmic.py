@@ -28,9 +28,11 @@ from .denoiser import ConditionalDenoiser, ImageEmbedding
 from .encoders import create_encoder
 from .guidance import DCG, ROI_CHANNELS, GuidanceOutput, WeightsArg
 
-__all__ = ["VARIANTS", "PRIOR_KINDS", "Priors", "DiffMIC"]
+__all__ = ["VARIANTS", "BASELINE_VARIANTS", "PRIOR_KINDS", "Priors", "DiffMIC"]
 
-VARIANTS: tuple[str, ...] = ("basic", "C1", "C2", "full", "dcg")
+VARIANTS: tuple[str, ...] = ("basic", "C1", "C2", "full")
+#: baseline variants beside the paper's Table 2 ones (accepted by :class:`DiffMIC` and the config)
+BASELINE_VARIANTS: tuple[str, ...] = ("dcg",)
 
 
 class Priors(NamedTuple):
@@ -91,8 +93,8 @@ class DiffMIC(nn.Module):
         roi_select: str = "sum",
     ) -> None:
         super().__init__()
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+        if variant not in VARIANTS + BASELINE_VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS + BASELINE_VARIANTS}")
         if prior not in PRIOR_KINDS:
             raise ValueError(f"unknown prior {prior!r}; expected one of {PRIOR_KINDS}")
         if roi_channels not in ROI_CHANNELS:
