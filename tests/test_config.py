@@ -64,6 +64,9 @@ BAD: dict[str, tuple[str, str]] = {
     "eval.temperature": ("0", r"eval.temperature must be in \(0, 1000000\], got 0.0"),
     "eval.sample_seed": ("-5", r"eval.sample_seed must be in \[0, 4294967295\]"),
     "eval.refer_threshold": ("1.2", r"eval.refer_threshold must be in \[0, 1\]"),
+    "model.dcg_output_stride": ("4", r"model.dcg_output_stride must be one of 8, 16, 32, got 4"),
+    "train.joint_steps": ("-1", r"train.joint_steps must be in \[0, 1000000000\], got -1"),
+    "train.dcg_warmup_steps": ("-5", r"train.dcg_warmup_steps must be in \[0, 1000000000\], got -5"),
     "eval.t_start": ("3 ; eval.steps=10", r"eval.t_start must be >= eval.steps-1=9"),
     "eval.refer_max_fraction": ("1.5", r"eval.refer_max_fraction must be in \[0, 1\], got 1.5"),
     "eval.refer_target_accuracy": ("0", r"eval.refer_target_accuracy must be in \(0, 1\]"),
@@ -141,17 +144,17 @@ def test_choice_sets_are_the_librarys_own_constants():
     from diffmic.diffusion.schedule import BETA_SCHEDULES
     from diffmic.losses import GUIDANCE_CE_MODES
     from diffmic.metrics import AGGREGATES, SCALAR_METRICS
-    from diffmic.nn.diffmic import DENOISER_INPUTS, VARIANTS
-    from diffmic.nn.guidance import ROI_CHANNELS
+    from diffmic.nn.diffmic import ALL_VARIANTS, DENOISER_INPUTS
+    from diffmic.nn.guidance import ROI_CHANNELS, ROI_SELECT
 
-    same = {"data.dataset": DATASETS, "data.split": SPLITS, "model.variant": VARIANTS,
+    same = {"data.dataset": DATASETS, "data.split": SPLITS, "model.variant": ALL_VARIANTS, "model.roi_select": ROI_SELECT,
             "model.prior": PRIOR_KINDS, "model.roi_channels": ROI_CHANNELS, "model.denoiser_input": DENOISER_INPUTS,
             "diffusion.schedule": BETA_SCHEDULES, "loss.dcg_ce": GUIDANCE_CE_MODES, "train.monitor": SCALAR_METRICS,
             "eval.sampler": SAMPLERS, "eval.val_sampler": SAMPLERS, "eval.start": DDIM_STARTS,
             "eval.aggregate": AGGREGATES}
     for key, const in same.items():
         assert CHOICES[key] is const, key
-    with pytest.raises(ConfigError, match=r"model.variant: 'huge' is not one of basic, C1, C2, full"):
+    with pytest.raises(ConfigError, match=r"model.variant: 'huge' is not one of basic, C1, C2, full, dcg"):
         load_config("cpu", ["model.variant=huge"])
 
 

@@ -11,13 +11,26 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffmic.data import (DataError, DatasetIndex, DecodedCache, Record, carve_validation,
-                          check_dataset, convert_pickle_split_to_csv, filter_existing,
-                          load_aptos2019, load_csv_manifest, load_ham10000, load_image_folder,
-                          load_medmnist, load_pickle_split, stratified_split, stratified_subset)
+from diffmic.data import (
+    DataError,
+    DatasetIndex,
+    DecodedCache,
+    Record,
+    carve_validation,
+    check_dataset,
+    convert_pickle_split_to_csv,
+    filter_existing,
+    load_aptos2019,
+    load_csv_manifest,
+    load_ham10000,
+    load_image_folder,
+    load_medmnist,
+    load_pickle_split,
+    stratified_split,
+    stratified_subset,
+)
 
-from _helpers import DATA, need as _need  # noqa: E402
-
+from _helpers import need as _need
 
 
 @pytest.fixture(scope="module")

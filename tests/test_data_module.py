@@ -13,8 +13,7 @@ from PIL import Image
 
 from diffmic.data import DataError, DiffMICDataModule, ImagePathsDataset
 
-from _helpers import DATA, need as _need  # noqa: E402
-
+from _helpers import need as _need
 
 
 def _folder(root: Path, per_class=(12, 9, 6)) -> Path:

@@ -24,6 +24,7 @@ LAYERS: dict[str, int] = {
     "diffmic.config": 4,
     "diffmic.training": 5,
     "diffmic.inference": 6,
+    "diffmic.experiment": 6,  # runs training, reads run folders
     "diffmic.cli": 7,
 }
 

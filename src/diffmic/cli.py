@@ -63,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
                     help="skip unreadable images (listed on stderr) instead of stopping")
     pr.add_argument("inputs", nargs="+", help="image files, folders, and eval.* overrides (key=value)")
 
+    ex = sub.add_parser("experiment", help="run a grid of models x data sets x seeds from YAML, then tabulate")
+    ex.add_argument("grid", help="grid YAML file (see diffmic.experiment)")
+    ex.add_argument("--summary-only", action="store_true", help="only write the tables of the finished cells")
+    ex.add_argument("--only", nargs="*", help="run only these models (the table covers all)")
+    ex.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the paired CIs")
+
     d = sub.add_parser("data", help="data utilities")
     dsub = d.add_subparsers(dest="data_verb", required=True)
     dc = dsub.add_parser("check", help="validate a data set and print a summary")
@@ -342,10 +348,24 @@ def _export(args) -> int:
     out = export_model(run=args.run, ckpt=args.ckpt, out=args.out, onnx=args.onnx)
     print(f"wrote a portable model folder to {out}")
     return 0
+
+
 def _serve(args) -> int:
     from diffmic.inference.serve import serve_main
 
     return serve_main(args)
+
+
+def _experiment(args) -> int:
+    from diffmic.experiment import load_grid, run_grid, summarise
+
+    grid = load_grid(args.grid)
+    if not args.summary_only:
+        run_grid(grid, only=args.only, log=lambda s: print(s, flush=True))
+    paths = summarise(grid, n_boot=args.n_boot)
+    print(paths["md"].read_text())
+    print(json.dumps({k: str(v) for k, v in paths.items()}))
+    return 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -374,7 +394,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not hasattr(args, target):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         setattr(args, target, list(getattr(args, target)) + extra)
-    if args.verb == "fit":  # imported here so that `diffmic --help` does not load Lightning
+    if args.verb in ("fit", "experiment"):  # imported here so that `diffmic --help` does not load Lightning
         from diffmic.training.module import NonFiniteLossError
         from diffmic.training.run import RunFolderError
 
@@ -413,6 +433,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             return _export(args)
         if args.verb == "data":
             return _data_check(args)
+        if args.verb == "experiment":
+            return _experiment(args)
     except errors as exc:
         print(f"diffmic {args.verb}: error: {exc}", file=sys.stderr)
         return 2

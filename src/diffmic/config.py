@@ -28,8 +28,8 @@ from diffmic.diffusion.samplers import DDIM_STARTS, SAMPLERS
 from diffmic.diffusion.schedule import BETA_SCHEDULES
 from diffmic.losses import GUIDANCE_CE_MODES
 from diffmic.metrics import AGGREGATES, SCALAR_METRICS
-from diffmic.nn.diffmic import DENOISER_INPUTS, VARIANTS
-from diffmic.nn.guidance import ROI_CHANNELS
+from diffmic.nn.diffmic import ALL_VARIANTS, DENOISER_INPUTS
+from diffmic.nn.guidance import OUTPUT_STRIDES, ROI_CHANNELS, ROI_SELECT
 
 
 class ConfigError(ValueError):
@@ -85,6 +85,8 @@ class ModelConfig:
     # ImageNet weights for rho(x)'s encoder and both DCG streams: false | true (torchvision/timm download,
     # cached) | a .pth/.safetensors state dict or a folder of them; encoder_weights/dcg_weights win
     pretrained: Union[bool, str] = False
+    roi_select: str = "sum"  # sum (released: all classes' min-max saliency) | top_class (ours: predicted class's channel)
+    dcg_output_stride: int = 32  # ours: DCG global-stream output stride 32 (released) | 16 | 8 (CPU presets)
 
 
 @dataclass
@@ -106,6 +108,8 @@ class LossConfig:
 class TrainConfig:
     epochs: int = 1000  # diffusion epochs after the DCG warm-up
     dcg_warmup_epochs: int = 15  # released code 15, paper 10
+    joint_steps: Optional[int] = None  # ours: budget the joint stage in optimiser steps (sets epochs at fit)
+    dcg_warmup_steps: Optional[int] = None  # ours: budget the DCG warm-up in steps (sets dcg_warmup_epochs)
     lr: float = 1e-3
     lr_warmup_epochs: float = 40.0
     min_lr: float = 0.0
@@ -183,8 +187,9 @@ SELECT_ON: tuple[str, ...] = ("val", "test")
 CHOICES: dict[str, tuple] = {
     "data.dataset": DATASETS,
     "data.split": SPLITS,
-    "model.variant": VARIANTS,
+    "model.variant": ALL_VARIANTS,
     "model.roi_channels": ROI_CHANNELS,
+    "model.roi_select": ROI_SELECT,
     "model.prior": PRIOR_KINDS,
     "model.denoiser_input": DENOISER_INPUTS,
     "diffusion.schedule": BETA_SCHEDULES,
@@ -299,7 +304,7 @@ def _set(cfg: Config, dotted: str, value: Any) -> None:
     if name not in types_:
         raise _unknown(dotted, [f"{sec}.{k}" for k in types_])
     val = _coerce(value, types_[name], dotted)
-    if dotted in CHOICES and val not in CHOICES[dotted]:
+    if dotted in CHOICES and str(val) not in CHOICES[dotted]:
         raise ConfigError(f"{dotted}: {val!r} is not one of {', '.join(CHOICES[dotted])}")
     setattr(section_obj, name, val)
 
@@ -478,6 +483,7 @@ RULES: list[tuple[str, Check]] = [
     ("model.num_layers", _range(1, 1000)),
     ("model.num_rois", _range(1, 100_000)),
     ("model.crop_size", _crop_fits),
+    ("model.dcg_output_stride", _one_of(*OUTPUT_STRIDES)),
     ("diffusion.num_timesteps", _range(1, 1_000_000)),
     ("diffusion.beta_start", _range(0, 1, lo_open=True, hi_open=True)),
     ("diffusion.beta_end", _range(0, 1, lo_open=True, hi_open=True)),
@@ -485,6 +491,8 @@ RULES: list[tuple[str, Check]] = [
     ("loss.mmd_bandwidth", _bandwidth),
     ("train.epochs", _range(0, 10_000_000)),
     ("train.dcg_warmup_epochs", _range(0, 10_000_000)),
+    ("train.joint_steps", _range(0, 10**9, optional=True)),
+    ("train.dcg_warmup_steps", _range(0, 10**9, optional=True)),
     ("train.lr", _range(0, 10, lo_open=True)),
     ("train.lr_warmup_epochs", _range(0)),
     ("train.min_lr", _min_lr),

@@ -134,7 +134,7 @@ class Predictor:
         m = self.module
         e = self.cfg.eval
         x = x.to(self.device)
-        if m.model.variant == "basic":
+        if m.model.variant in ("basic", "dcg"):
             probs = torch.softmax(m.model.classify(x), -1)
             y0 = probs.log()[:, None, :]
             r = readout(y0, "mean", 1.0)

@@ -6,6 +6,8 @@ Variants (paper Table 2):
 * ``"C1"``    — diffusion without DCG: zero prior mean, denoiser input ``y_t`` only.
 * ``"C2"``    — diffusion with DCG (noise MSE only; the loss is chosen by the trainer).
 * ``"full"``  — diffusion with DCG and the condition-specific MMD terms (``uses_mmd``).
+* ``"dcg"``   — the DCG alone as a GMIC-like classifier (ours, a baseline): no ρ(x), no denoiser;
+  ``classify(x)`` returns the fused logits ``z_fused``, whose softmax is the fused prior of ``full``.
 
 No optimiser, no data, no sampling loop here: the trainer/predictor composes ``encode`` (once per image),
 ``guide``/``priors`` (once per image) and ``eps`` (once per diffusion step).
@@ -26,9 +28,12 @@ from .denoiser import ConditionalDenoiser, ImageEmbedding
 from .encoders import create_encoder
 from .guidance import DCG, ROI_CHANNELS, GuidanceOutput, WeightsArg
 
-__all__ = ["VARIANTS", "PRIOR_KINDS", "DENOISER_INPUTS", "Priors", "DiffMIC"]
+__all__ = ["VARIANTS", "BASELINE_VARIANTS", "ALL_VARIANTS", "PRIOR_KINDS", "DENOISER_INPUTS", "Priors", "DiffMIC"]
 
 VARIANTS: tuple[str, ...] = ("basic", "C1", "C2", "full")
+#: baseline variants beside the paper's Table 2 ones (accepted by :class:`DiffMIC` and the config)
+BASELINE_VARIANTS: tuple[str, ...] = ("dcg",)
+ALL_VARIANTS: tuple[str, ...] = VARIANTS + BASELINE_VARIANTS
 #: denoiser input: ``released`` = [y_t, ŷ] (2C, the released code: ŷ is the branch's guidance vector);
 #: ``paper`` = [y_t, ŷ_g, ŷ_l] (3C, the paper's Eq. 3, the same for every branch).
 DENOISER_INPUTS: tuple[str, ...] = ("released", "paper")
@@ -97,12 +102,14 @@ class DiffMIC(nn.Module):
         dcg_weights: WeightsArg = None,
         denoiser_input: str = "released",
         pretrained: bool | str | os.PathLike[str] | None = None,
+        dcg_output_stride: int = 32,
+        roi_select: str = "sum",
     ) -> None:
         super().__init__()
         if denoiser_input not in DENOISER_INPUTS:
             raise ValueError(f"unknown denoiser_input {denoiser_input!r}; expected one of {DENOISER_INPUTS}")
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+        if variant not in VARIANTS + BASELINE_VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS + BASELINE_VARIANTS}")
         if prior not in PRIOR_KINDS:
             raise ValueError(f"unknown prior {prior!r}; expected one of {PRIOR_KINDS}")
         if roi_channels not in ROI_CHANNELS:
@@ -126,6 +133,8 @@ class DiffMIC(nn.Module):
             encoder_weights=_path_or_none(encoder_weights),
             dcg_weights=_path_or_none(dcg_weights),
             pretrained=pretrained if isinstance(pretrained, (bool, type(None))) else os.fspath(pretrained),
+            dcg_output_stride=int(dcg_output_stride),
+            roi_select=roi_select,
         )
         if denoiser_input != "released":  # old checkpoints' hparams stay loadable and unchanged
             self.hparams["denoiser_input"] = denoiser_input
@@ -145,6 +154,12 @@ class DiffMIC(nn.Module):
                                           pretrained=pretrained)
             self.classifier = nn.Linear(self.encoder.out_dim, self.num_classes)
             return
+        dcg_kw = dict(global_backbone=dcg_global, local_backbone=dcg_local, num_rois=num_rois, crop_size=crop_size,
+                      roi_channels=roi_channels, in_chans=in_chans, weights_path=dcg_weights,
+                      pretrained=pretrained, output_stride=dcg_output_stride, roi_select=roi_select)
+        if variant == "dcg":
+            self.dcg = DCG(self.num_classes, **dcg_kw)
+            return
         self.image_embedding = ImageEmbedding(encoder, hidden_dim, in_chans=in_chans, weights_path=encoder_weights,
                                               pretrained=pretrained)
         self.denoiser = ConditionalDenoiser(
@@ -152,33 +167,23 @@ class DiffMIC(nn.Module):
             guidance_dim=(2 if denoiser_input == "paper" else 1) * self.num_classes,
         )
         if self.uses_dcg:
-            self.dcg = DCG(
-                self.num_classes,
-                global_backbone=dcg_global,
-                local_backbone=dcg_local,
-                num_rois=num_rois,
-                crop_size=crop_size,
-                roi_channels=roi_channels,
-                in_chans=in_chans,
-                weights_path=dcg_weights,
-                pretrained=pretrained,
-            )
+            self.dcg = DCG(self.num_classes, **dcg_kw)
 
     # ------------------------------------------------------------------ flags
     @property
     def uses_diffusion(self) -> bool:
-        """False only for ``"basic"``."""
-        return self.variant != "basic"
+        """False for ``"basic"`` and ``"dcg"``."""
+        return self.variant not in ("basic", "dcg")
 
     @property
     def uses_dcg(self) -> bool:
-        """True for ``"C2"`` and ``"full"``."""
-        return self.variant in ("C2", "full")
+        """True for ``"C2"``, ``"full"`` and ``"dcg"``."""
+        return self.variant in ("C2", "full", "dcg")
 
     @property
     def uses_guidance(self) -> bool:
-        """Whether the denoiser takes a guidance vector (every diffusion variant but ``"C1"``)."""
-        return self.uses_dcg
+        """Whether the denoiser takes a guidance vector (``"C2"`` and ``"full"``)."""
+        return self.uses_dcg and self.uses_diffusion
 
     @property
     def uses_mmd(self) -> bool:
@@ -206,7 +211,9 @@ class DiffMIC(nn.Module):
         return self.encoder(x)
 
     def classify(self, x: Tensor) -> Tensor:
-        """``basic`` only: ``x [B, C_in, H, W] -> logits [B, C]``."""
+        """``basic`` and ``dcg`` only: ``x [B, C_in, H, W] -> logits [B, C]`` (``dcg``: ``z_fused``)."""
+        if self.variant == "dcg":
+            return self.dcg(x).z_fused
         if self.classifier is None:
             raise RuntimeError(f"classify() is only available for variant 'basic', not {self.variant!r}")
         return self.classifier(self.encode(x))

@@ -27,6 +27,7 @@ from .encoders import create_encoder
 
 __all__ = [
     "ROI_CHANNELS",
+    "ROI_SELECT",
     "GuidanceOutput",
     "RoiSelection",
     "GatedAttention",
@@ -34,9 +35,14 @@ __all__ = [
     "select_rois",
     "crop_rois",
     "grid_shape",
+    "set_output_stride",
 ]
 
 ROI_CHANNELS: tuple[str, ...] = ("rgb", "first")
+#: how the ROI cells are ranked: "sum" of every class's min-max normalised saliency channel (released
+#: code), or "top_class": the channel of the class the global stream predicts (ours)
+ROI_SELECT: tuple[str, ...] = ("sum", "top_class")
+OUTPUT_STRIDES: tuple[int, ...] = (8, 16, 32)  # global-stream output strides (set_output_stride)
 
 WeightsArg = str | os.PathLike[str] | tuple[str | os.PathLike[str] | None, str | os.PathLike[str] | None] | None
 
@@ -159,6 +165,41 @@ class GatedAttention(nn.Module):
         return z, a
 
 
+def set_output_stride(encoder: nn.Module, output_stride: int) -> nn.Module:
+    """Reduce a ResNet-style trunk's output stride from 32 to 16 or 8 (in place; returns ``encoder``).
+
+    The stride-2 first block of ``layer4`` (16) and also ``layer3`` (8) gets stride 1 in its first
+    convolution and in its downsample shortcut (BasicBlock: ``conv1``; Bottleneck: ``conv2``, the
+    torchvision v1.5 placement). No dilation (BasicBlock does not support it), so the receptive field
+    of the later layers shrinks a little; the parameters, their shapes and state-dict keys are
+    unchanged, so weights files still load. At 64 px a stride-32 map is 2×2, a stride-8 map 8×8.
+
+    Raises:
+        ValueError: ``output_stride`` not in (8, 16, 32), or the encoder has no ``layer3``/``layer4``.
+    """
+    os_ = int(output_stride)
+    if os_ not in (8, 16, 32):
+        raise ValueError(f"model.dcg_output_stride must be 8, 16 or 32, got {output_stride}")
+    if os_ == 32:
+        return encoder
+    layers = ["layer4"] if os_ == 16 else ["layer3", "layer4"]
+    for name in layers:
+        layer = getattr(encoder, name, None)
+        if not isinstance(layer, nn.Sequential) or len(layer) == 0:
+            raise ValueError(
+                f"model.dcg_output_stride={os_} needs a ResNet-style global backbone with {name} "
+                f"(got {type(encoder).__name__}); use 32 for other backbones"
+            )
+        block = layer[0]
+        conv = block.conv2 if hasattr(block, "conv3") else block.conv1  # Bottleneck strides conv2
+        conv.stride = (1, 1)
+        if block.downsample is not None:
+            block.downsample[0].stride = (1, 1)
+        if hasattr(block, "stride"):
+            block.stride = 1
+    return encoder
+
+
 def _split_weights(weights_path: WeightsArg) -> tuple[object, object]:
     if isinstance(weights_path, (tuple, list)):
         if len(weights_path) != 2:
@@ -183,6 +224,9 @@ class DCG(nn.Module):
             ``(global_file, local_file)`` (either may be ``None``).
         pretrained: ImageNet weights for both streams where ``weights_path`` gives none (see
             :func:`~diffmic.nn.encoders.create_encoder`).
+        output_stride: global-stream output stride, 32 (released) or 16/8 (see :func:`set_output_stride`).
+        roi_select: ``"sum"`` (released: rank cells by the sum over classes of the min-max normalised
+            saliency) or ``"top_class"`` (rank by the channel of the class with the largest ``z_global``).
 
     Forward: ``x [B, in_chans, H, W] -> GuidanceOutput``.
     """
@@ -199,8 +243,13 @@ class DCG(nn.Module):
         in_chans: int = 3,
         weights_path: WeightsArg = None,
         pretrained: bool | str | os.PathLike[str] | None = None,
+        output_stride: int = 32,
+        roi_select: str = "sum",
     ) -> None:
         super().__init__()
+        if roi_select not in ROI_SELECT:
+            raise ValueError(f"roi_select must be one of {ROI_SELECT}, got {roi_select!r}")
+        self.roi_select = roi_select
         if int(num_classes) < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if roi_channels not in ROI_CHANNELS:
@@ -214,6 +263,7 @@ class DCG(nn.Module):
         self.roi_channels = roi_channels
         self.global_encoder = create_encoder(global_backbone, in_chans=in_chans, weights_path=g_w, spatial=True,
                                              pretrained=pretrained)
+        set_output_stride(self.global_encoder, output_stride)
         self.saliency_head = nn.Conv2d(self.global_encoder.out_dim, self.num_classes, kernel_size=1, bias=False)
         local_in = 3 if roi_channels == "first" else int(in_chans)
         self.local_encoder = create_encoder(local_backbone, in_chans=local_in, weights_path=l_w, spatial=False,
@@ -238,7 +288,11 @@ class DCG(nn.Module):
         """``x [B, in_chans, H, W] -> GuidanceOutput`` (see class docstring)."""
         z_g, sal = self.global_stream(x)
         grid = grid_shape(x.shape[-2], x.shape[-1], self.crop_size)
-        sel = select_rois(sal, grid, self.num_rois)
+        if self.roi_select == "top_class":
+            top = z_g.detach().argmax(1)
+            sel = select_rois(sal[torch.arange(sal.shape[0], device=sal.device), top].unsqueeze(1), grid, self.num_rois)
+        else:
+            sel = select_rois(sal, grid, self.num_rois)
         crops, boxes = crop_rois(x, sel.cell_idx, self.crop_size, grid, self.roi_channels)
         z_l, a = self.local_stream(crops)
         return GuidanceOutput(z_g, z_l, 0.5 * (z_g + z_l), sal, boxes, a)

@@ -105,13 +105,13 @@ class DiffMICModule(pl.LightningModule):
         t = self.cfg.train
         params = list(self.model.diffusion_parameters())
         groups: list[dict] = [{"params": params, "lr_scale": 1.0}]
-        if t.encoder_lr_scale != 1.0 and self.model.variant != "basic":
+        if t.encoder_lr_scale != 1.0 and self.model.image_embedding is not None:
             enc = {id(p) for p in self.model.image_embedding.encoder.parameters()}
             groups = [
                 {"params": [p for p in params if id(p) not in enc], "lr_scale": 1.0},
                 {"params": [p for p in params if id(p) in enc], "lr_scale": t.encoder_lr_scale},
             ]
-        opts = [torch.optim.Adam(groups, lr=t.lr, betas=(0.9, 0.999), eps=1e-8)]
+        opts = [torch.optim.Adam(groups, lr=t.lr, betas=(0.9, 0.999), eps=1e-8)] if params else []
         if self.model.uses_dcg:
             lr0 = t.dcg_warmup_lr if t.dcg_warmup_lr is not None else t.dcg_lr
             opts.append(torch.optim.Adam(list(self.model.dcg_parameters()), lr=lr0, amsgrad=t.dcg_amsgrad))
@@ -167,6 +167,7 @@ class DiffMICModule(pl.LightningModule):
         if (
             t.init_encoder_from_dcg
             and self.model.uses_dcg
+            and self.model.uses_diffusion
             and not bool(self.encoder_from_dcg_done)
             and self.current_epoch >= t.dcg_warmup_epochs
         ):
@@ -197,6 +198,11 @@ class DiffMICModule(pl.LightningModule):
         opt_diff = opts[0]
         opt_dcg = opts[1] if len(opts) > 1 else None
         B = x.shape[0]
+
+        if self.model.variant == "dcg":  # DCG alone: its cross-entropy step, same lr schedule as in `full`
+            self.log("train/dcg_lr", self._set_dcg_lr(opts[-1], batch_idx), batch_size=B)
+            self._dcg_step(opts[-1], x, y)
+            return
 
         if self.model.variant == "basic":
             self._set_diffusion_lr(opt_diff, batch_idx)
@@ -278,7 +284,7 @@ class DiffMICModule(pl.LightningModule):
         """Class probabilities ``[B,C]`` for the metrics, plus the sample read-out when sampling."""
         x = batch["image"]
         e = self.cfg.eval
-        if self.model.variant == "basic":
+        if self.model.variant in ("basic", "dcg"):
             return torch.softmax(self.model.classify(x), -1), None, None
         if stage == "val" and self.in_dcg_warmup:
             g = self.model.guide(x)

@@ -76,7 +76,7 @@ def _trainer(cfg: Config, run_dir: Path, callbacks: list, for_fit: bool) -> pl.T
         cbs.append(BroadcastBuffers())  # DDP: every rank starts each epoch with rank 0's BN statistics
     if t.progress_bar:
         cbs.append(TQDMProgressBar(refresh_rate=max(1, t.log_every_n_steps)))
-    total_epochs = t.epochs + (t.dcg_warmup_epochs if cfg.model.variant in ("C2", "full") else 0)
+    total_epochs = t.epochs + (t.dcg_warmup_epochs if cfg.model.variant in ("C2", "full", "dcg") else 0)
     trainer = pl.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
@@ -214,6 +214,7 @@ def fit(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
     pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
     dm = build_datamodule(cfg)
     dm.setup("fit")
+    from diffmic.training.budget import apply_step_budget
     from diffmic.training.safety import check_split, report_skipped, split_record, write_split
 
     if resume:
@@ -224,6 +225,9 @@ def fit(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
         if not (run_dir / "split.json").exists():
             write_split(run_dir, split_record(dm))
         report_skipped(run_dir, dm)
+    # a step budget (train.joint_steps / dcg_warmup_steps) becomes epochs for this data set
+    if apply_step_budget(cfg, len(dm.get_dataset("train"))) and rank_zero_only.rank == 0:
+        save_config(cfg, run_dir / "config.yaml")
     module_cfg = cfg.to_dict()
     if resume:  # every weight comes from last.ckpt: do not read initial-weights files
         module_cfg["model"] = {**module_cfg["model"], "encoder_weights": None, "dcg_weights": None}
@@ -241,7 +245,7 @@ def fit(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
                 save_top_k=1, monitor=None, save_last=True, enable_version_counter=False,
             )
         )
-    if cfg.train.use_ema and cfg.model.variant != "basic":
+    if cfg.train.use_ema and cfg.model.variant not in ("basic", "dcg"):
         callbacks.append(DenoiserEMA(cfg.train.ema_decay))
     trainer = _trainer(cfg, run_dir, callbacks, for_fit=True)
     trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None, weights_only=True)

@@ -1,0 +1,114 @@
+"""Why does the diffusion read-out track its DCG prior? Diagnostics on the validation split.
+
+For a trained diffusion run (C2 / full), on the validation split (never the test split):
+
+* ``readout``: accuracy / macro-F1 of the diffusion read-out and of the prior alone, the share of
+  images where the two argmaxes differ, and the mean L1 distance between the read-out
+  probabilities and the prior, for K = 1 and K = 8 samples (the run's sampler);
+* ``eps_mse``: the denoiser's noise-prediction MSE per timestep bucket on validation images, with
+  the true label y0, against two controls at the same (t, ε): (a) ρ(x) of another image of the
+  batch (features shuffled: does the image embedding matter?) and (b) the prior of another image
+  (guidance and μ shuffled). MSE of the trivial ε̂ = 0 is 1.
+
+    python benchmarks/prior_tracking.py --run RUN [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+@torch.no_grad()
+def diagnose(run: Path, buckets: int = 5, batch_size: int = 64) -> dict:
+    from torchmetrics.functional.classification import multiclass_f1_score
+
+    from diffmic.config import load_config
+    from diffmic.diffusion.process import q_sample
+    from diffmic.diffusion.reverse import reverse_sample
+    from diffmic.metrics import readout
+    from diffmic.training.checkpoint import load_module
+    from diffmic.training.run import build_datamodule, resolve_checkpoint
+
+    cfg = load_config(run / "config.yaml")
+    dm = build_datamodule(cfg)
+    dm.setup("fit")
+    ds = dm.get_dataset("val")
+    module = load_module(resolve_checkpoint(run, None)).eval()
+    model, sched, e = module.model, module.schedule, cfg.eval
+    if not model.uses_diffusion:
+        raise SystemExit(f"{run}: variant {model.variant} has no diffusion")
+    C, T = model.num_classes, sched.num_timesteps
+    items = [ds[i] for i in range(len(ds))]
+    labels = torch.tensor([int(it["label"]) for it in items])
+    res: dict = {"run": str(run), "val_images": len(items), "variant": model.variant}
+    probs_k: dict[int, list] = {1: [], 8: []}
+    priors = []
+    mse = {name: torch.zeros(buckets) for name in ("true", "shuffled_image", "shuffled_prior")}
+    counts = torch.zeros(buckets)
+    gen = torch.Generator().manual_seed(0)
+    for s in range(0, len(items), batch_size):
+        chunk = items[s:s + batch_size]
+        x = torch.stack([it["image"] for it in chunk])
+        ids = [it["id"] for it in chunk]
+        y = labels[s:s + batch_size]
+        for K in probs_k:
+            out = reverse_sample(model, sched, x, sampler=e.sampler, steps=e.steps, eta=e.eta, start=e.start,
+                                 num_samples=K, ids=ids, seed=e.sample_seed)
+            probs_k[K].append(readout(out.y0, e.aggregate, e.temperature).probs)
+        g = model.guide(x)
+        pri = model.priors(g, x.shape[0], x.device, x.dtype)
+        priors.append(pri.fused)
+        feat = model.encode(x)
+        y0 = torch.nn.functional.one_hot(y, C).float()
+        perm = torch.roll(torch.arange(x.shape[0]), 1)
+        for b in range(buckets):
+            lo, hi = b * T // buckets, (b + 1) * T // buckets
+            t = torch.randint(lo, hi, (x.shape[0],), generator=gen)
+            eps = torch.randn(x.shape[0], C, generator=gen)
+            guid = (lambda v: v) if model.uses_guidance else (lambda v: None)
+            y_t = q_sample(sched, y0, t, pri.fused, eps)
+            mse["true"][b] += ((model.eps(feat, y_t, t, guid(pri.fused)) - eps) ** 2).mean(1).sum()
+            mse["shuffled_image"][b] += ((model.eps(feat[perm], y_t, t, guid(pri.fused)) - eps) ** 2).mean(1).sum()
+            y_t2 = q_sample(sched, y0, t, pri.fused[perm], eps)
+            mse["shuffled_prior"][b] += ((model.eps(feat, y_t2, t, guid(pri.fused[perm])) - eps) ** 2).mean(1).sum()
+            counts[b] += x.shape[0]
+    prior = torch.cat(priors)
+
+    def score(p):
+        pred = p.argmax(1)
+        return {"acc": round(float((pred == labels).float().mean()), 4),
+                "f1": round(float(multiclass_f1_score(pred, labels, num_classes=C, average="macro")), 4)}
+
+    res["prior"] = score(prior)
+    for K, ps in probs_k.items():
+        p = torch.cat(ps)
+        res[f"readout_K{K}"] = {**score(p), "argmax_differs_from_prior": round(float((p.argmax(1) != prior.argmax(1)).float().mean()), 4),
+                                "mean_L1_to_prior": round(float((p - prior).abs().sum(1).mean()), 4)}
+    res["eps_mse_by_t_bucket"] = {
+        "t_ranges": [[b * T // buckets, (b + 1) * T // buckets - 1] for b in range(buckets)],
+        **{k: [round(float(v), 4) for v in (m / counts)] for k, m in mse.items()},
+    }
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", required=True, type=Path)
+    p.add_argument("--json", type=Path)
+    a = p.parse_args(argv)
+    res = diagnose(a.run)
+    line = json.dumps(res)
+    print(line)
+    if a.json:
+        a.json.write_text(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

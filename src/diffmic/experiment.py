@@ -1,0 +1,471 @@
+"""Experiment grids: models × data sets × seeds from one YAML file, one table at the end.
+
+Grid file (YAML, read with ``yaml.safe_load``)::
+
+    out: runs/exp/breastmnist          # cells go to <out>/<data set>/<model>/seed<seed>
+    reference: basic                   # paired bootstrap CIs of every model against this one
+    seeds: [1, 2, 3]
+    common: [train.progress_bar=false] # overrides for every cell (optional)
+    datasets:
+      breastmnist: {config: breastmnist, overrides: [data.image_size=32]}
+    models:
+      basic: [model.variant=basic, model.encoder=resnet18]
+      full:  {overrides: [model.variant=full], seeds: [1, 2, 3, 4, 5]}   # per-model seeds (optional)
+
+Each cell is an ordinary run folder (``config.yaml``, checkpoints, ``test_metrics.json``,
+``predictions.csv``) made by :func:`diffmic.training.run.fit` then :func:`~diffmic.training.run.evaluate`.
+A cell whose ``test_metrics.json`` exists is skipped, a cell with a ``last.ckpt`` but no
+``fit_summary.json`` is resumed, and a cell with a finished fit but no test is only tested: an
+interrupted grid continues where it stopped. A ``<cell>.lock`` file beside the cell's folder (holding the worker's pid) lets two
+workers share one grid without running a cell twice; the lock of a dead process is taken over.
+
+The summary (:func:`summarise`) reads the finished cells only and writes ``summary.csv``,
+``summary.md`` and ``summary.png`` into ``out``: per data set and model the mean ± SD over seeds of
+accuracy, macro-F1, balanced accuracy, quadratic κ, macro AUROC and ECE (15 bins, top-label, from the
+probabilities in ``predictions.csv``), the mean AURC of the confidence (and of the sample agreement
+for sampling models), and the paired bootstrap 95 % CI of each metric difference (model − reference)
+on the same test images, seed by seed paired (seed ``s`` of a model against seed ``s`` of the reference).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import yaml
+
+from diffmic.config import ConfigError, load_config
+
+__all__ = [
+    "Cell",
+    "Grid",
+    "load_grid",
+    "run_grid",
+    "read_predictions",
+    "expected_calibration_error",
+    "paired_bootstrap",
+    "summarise",
+    "METRICS",
+]
+
+#: summary metrics, in table order
+METRICS: tuple[str, ...] = ("acc", "f1", "balanced_acc", "kappa", "auroc", "ece")
+
+
+@dataclass
+class Cell:
+    dataset: str
+    model: str
+    seed: int
+    run_dir: Path
+    config: Optional[str]
+    overrides: list[str]
+
+    @property
+    def done(self) -> bool:
+        return (self.run_dir / "test_metrics.json").is_file() and (self.run_dir / "predictions.csv").is_file()
+
+
+@dataclass
+class Grid:
+    out: Path
+    reference: Optional[str]
+    cells: list[Cell] = field(default_factory=list)
+    models: list[str] = field(default_factory=list)
+    datasets: list[str] = field(default_factory=list)
+
+
+def _str_list(value: Any, where: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) for v in value):
+        raise ConfigError(f"{where}: expected a list of key=value strings, got {value!r}")
+    return [str(v) for v in value]
+
+
+def _seeds(value: Any, where: str) -> list[int]:
+    if not isinstance(value, list) or not value or not all(isinstance(s, int) and not isinstance(s, bool) for s in value):
+        raise ConfigError(f"{where}: expected a non-empty list of integer seeds, got {value!r}")
+    return [int(s) for s in value]
+
+
+def load_grid(path: str | Path) -> Grid:
+    """Read and check a grid file; every cell's config is resolved now so a typo fails before training."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"grid file '{path}' not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping with out, seeds, datasets, models")
+    known = {"out", "reference", "seeds", "common", "datasets", "models"}
+    extra = sorted(set(raw) - known)
+    if extra:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(map(str, extra))}; valid: {', '.join(sorted(known))}")
+    for key in ("out", "datasets", "models"):
+        if key not in raw:
+            raise ConfigError(f"{path}: missing key '{key}'")
+    out = Path(str(raw["out"]))  # relative to the working directory, like run.dir
+    seeds = _seeds(raw.get("seeds", [1234]), f"{path}: seeds")
+    common = _str_list(raw.get("common"), f"{path}: common")
+    datasets, models = raw["datasets"], raw["models"]
+    if not isinstance(datasets, dict) or not datasets:
+        raise ConfigError(f"{path}: datasets must be a non-empty mapping name -> {{config, overrides}}")
+    if not isinstance(models, dict) or not models:
+        raise ConfigError(f"{path}: models must be a non-empty mapping name -> [overrides]")
+    ref = raw.get("reference")
+    if ref is not None and ref not in models:
+        raise ConfigError(f"{path}: reference '{ref}' is not one of the models ({', '.join(models)})")
+    grid = Grid(out=out, reference=None if ref is None else str(ref), models=[str(m) for m in models],
+                datasets=[str(d) for d in datasets])
+    for dname, dspec in datasets.items():
+        dspec = dspec or {}
+        if not isinstance(dspec, dict):
+            raise ConfigError(f"{path}: datasets.{dname} must be a mapping with config / overrides")
+        bad = sorted(set(dspec) - {"config", "overrides"})
+        if bad:
+            raise ConfigError(f"{path}: datasets.{dname}: unknown key(s) {', '.join(bad)}; valid: config, overrides")
+        d_over = _str_list(dspec.get("overrides"), f"{path}: datasets.{dname}.overrides")
+        for mname, mspec in models.items():
+            m_seeds = seeds
+            if isinstance(mspec, dict):
+                bad = sorted(set(mspec) - {"overrides", "seeds"})
+                if bad:
+                    raise ConfigError(f"{path}: models.{mname}: unknown key(s) {', '.join(bad)}; valid: overrides, seeds")
+                if "seeds" in mspec:
+                    m_seeds = _seeds(mspec["seeds"], f"{path}: models.{mname}.seeds")
+                mspec = mspec.get("overrides")
+            m_over = _str_list(mspec, f"{path}: models.{mname}")
+            for seed in m_seeds:
+                run_dir = out / str(dname) / str(mname) / f"seed{seed}"
+                over = common + d_over + m_over + [f"run.seed={seed}", f"run.dir={run_dir}"]
+                try:
+                    load_config(dspec.get("config"), over)
+                except ConfigError as exc:
+                    raise ConfigError(f"{path}: cell {dname}/{mname}/seed{seed}: {exc}") from None
+                grid.cells.append(Cell(str(dname), str(mname), seed, run_dir, dspec.get("config"), over))
+    # seed-major order (all models of the first seed, then the next seed): a grid stopped early
+    # still has paired seeds of every model
+    rank = {(c.dataset, c.model, c.seed): (grid.datasets.index(c.dataset), i, grid.models.index(c.model))
+            for c in grid.cells for i in [sorted({x.seed for x in grid.cells if x.model == c.model}).index(c.seed)]}
+    grid.cells.sort(key=lambda c: rank[(c.dataset, c.model, c.seed)])
+    return grid
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _lock_path(run_dir: Path) -> Path:
+    """``<cell>.lock`` beside the cell's run folder (fit refuses a run folder holding other files)."""
+    return run_dir.with_name(run_dir.name + ".lock")
+
+
+def _acquire(run_dir: Path) -> bool:
+    """Create the cell's lock file with this pid; take over the lock of a dead process."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock = _lock_path(run_dir)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and _pid_alive(pid):
+                return False
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(str(os.getpid()))
+        return True
+    return False
+
+
+def run_cell(cell: Cell) -> str:
+    """Fit and test one cell (resume / test-only when partly done). Returns what was done."""
+    from diffmic.training.run import evaluate, fit
+
+    if cell.done:
+        return "skipped (finished)"
+    if not _acquire(cell.run_dir):
+        return "skipped (another worker holds it)"
+    try:
+        if cell.done:
+            return "skipped (finished)"
+        cfg = load_config(cell.config, cell.overrides)
+        last = cell.run_dir / "checkpoints" / "last.ckpt"
+        did = "tested"
+        if not (cell.run_dir / "fit_summary.json").is_file():
+            resume = last.is_file()
+            # a cell killed before its first checkpoint holds only its own partial files: start again
+            started = cell.run_dir.is_dir() and any(cell.run_dir.iterdir())
+            fit(cfg, resume=resume, overwrite=started and not resume)
+            did = "resumed, tested" if resume else "fitted, tested"
+        evaluate(cell.run_dir, "test")
+        return did
+    finally:
+        _lock_path(cell.run_dir).unlink(missing_ok=True)
+
+
+def run_grid(grid: Grid, only: Optional[list[str]] = None, log=print) -> list[tuple[Cell, str]]:
+    """Run every unfinished cell in order (``only``: model names to run). Returns ``(cell, status)``."""
+    done = []
+    for i, cell in enumerate(grid.cells):
+        if only and cell.model not in only:
+            continue
+        log(f"[{i + 1}/{len(grid.cells)}] {cell.dataset}/{cell.model}/seed{cell.seed}: running" if not cell.done
+            else f"[{i + 1}/{len(grid.cells)}] {cell.dataset}/{cell.model}/seed{cell.seed}: finished, skipped")
+        status = run_cell(cell)
+        log(f"[{i + 1}/{len(grid.cells)}] {cell.dataset}/{cell.model}/seed{cell.seed}: {status}")
+        done.append((cell, status))
+    return done
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading results
+# --------------------------------------------------------------------------------------------------
+
+
+def read_predictions(path: str | Path) -> dict[str, Any]:
+    """``predictions.csv`` -> ids, labels, probs ``[N, C]`` (columns ``p_*``), and the optional
+    ``agreement`` / ``prior_pred`` columns, sorted by id."""
+    path = Path(path)
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        raise ValueError(f"{path}: no prediction rows")
+    pcols = [c for c in rows[0] if c.startswith("p_")]
+    if not pcols or "label" not in rows[0] or "id" not in rows[0]:
+        raise ValueError(f"{path}: needs id, label and p_<class> columns (has {', '.join(rows[0])})")
+    rows.sort(key=lambda r: r["id"])
+    out: dict[str, Any] = {
+        "ids": [r["id"] for r in rows],
+        "labels": np.array([int(r["label"]) for r in rows]),
+        "probs": np.array([[float(r[c]) for c in pcols] for r in rows]),
+    }
+    for col in ("agreement", "prior_pred", "spread"):
+        if col in rows[0] and rows[0][col] != "":
+            out[col] = np.array([float(r[col]) for r in rows])
+    return out
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
+    """Top-label ECE with ``n_bins`` equal-width bins (torchmetrics ``MulticlassCalibrationError``, l1)."""
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    p = torch.as_tensor(probs, dtype=torch.float32)
+    return float(multiclass_calibration_error(p, torch.as_tensor(labels), num_classes=p.shape[1],
+                                              n_bins=n_bins, norm="l1"))
+
+
+def _metric_fns(num_classes: int):
+    from torchmetrics.functional.classification import (multiclass_accuracy, multiclass_auroc,
+                                                        multiclass_cohen_kappa, multiclass_f1_score)
+
+    C = num_classes
+
+    def acc(p, y):
+        return float((p.argmax(1) == y).double().mean())
+
+    def f1(p, y):
+        return float(multiclass_f1_score(p, y, num_classes=C, average="macro"))
+
+    def bacc(p, y):
+        return float(multiclass_accuracy(p, y, num_classes=C, average="macro"))
+
+    def kappa(p, y):
+        return float(multiclass_cohen_kappa(p, y, num_classes=C, weights="quadratic"))
+
+    def auroc(p, y):
+        return float(multiclass_auroc(p, y, num_classes=C, average="macro"))
+
+    return {"acc": acc, "f1": f1, "balanced_acc": bacc, "kappa": kappa, "auroc": auroc}
+
+
+def cell_metrics(pred: dict[str, Any]) -> dict[str, float]:
+    """All summary metrics of one cell from its predictions (so every model is scored the same way)."""
+    p = torch.as_tensor(pred["probs"], dtype=torch.float64)
+    y = torch.as_tensor(pred["labels"])
+    out = {k: fn(p, y) for k, fn in _metric_fns(p.shape[1]).items()}
+    out["ece"] = expected_calibration_error(pred["probs"], pred["labels"])
+    correct = (p.argmax(1) == y).double()
+    out["aurc_conf"] = _aurc(p.max(1).values, correct)
+    if "agreement" in pred:
+        # agreement first, confidence breaks ties (agreement of K samples takes K+1 values)
+        score = torch.as_tensor(pred["agreement"], dtype=torch.float64) + 1e-6 * p.max(1).values
+        out["aurc_agreement"] = _aurc(score, correct)
+    if "prior_pred" in pred:
+        out["prior_acc"] = float((torch.as_tensor(pred["prior_pred"]).long() == y).double().mean())
+    return out
+
+
+def _aurc(score: torch.Tensor, correct: torch.Tensor) -> float:
+    from diffmic.metrics import selective_summary
+
+    return float(selective_summary(score, correct)["aurc"])
+
+
+def paired_bootstrap(
+    labels: np.ndarray, probs_a: np.ndarray, probs_b: np.ndarray, metric: str = "acc",
+    n_boot: int = 2000, seed: int = 0, alpha: float = 0.05,
+) -> tuple[float, float, float]:
+    """Paired bootstrap of ``metric(a) − metric(b)`` on the same test images.
+
+    The images are resampled with replacement ``n_boot`` times (one index set for both models);
+    returns ``(observed difference, lower, upper)`` of the percentile ``1 − alpha`` interval.
+    """
+    labels = np.asarray(labels)
+    if probs_a.shape != probs_b.shape or probs_a.shape[0] != labels.shape[0]:
+        raise ValueError("paired bootstrap needs predictions of both models on the same images")
+    C = probs_a.shape[1]
+    fns = dict(_metric_fns(C))
+    fns["ece"] = lambda p, y: expected_calibration_error(p.numpy(), y.numpy())
+    if metric not in fns:
+        raise ValueError(f"unknown metric {metric!r}; expected one of {', '.join(fns)}")
+    fn = fns[metric]
+    pa, pb = torch.as_tensor(probs_a, dtype=torch.float64), torch.as_tensor(probs_b, dtype=torch.float64)
+    y = torch.as_tensor(labels)
+    observed = fn(pa, y) - fn(pb, y)
+    rng = np.random.default_rng(seed)
+    n = labels.shape[0]
+    diffs = np.empty(n_boot)
+    for b in range(n_boot):
+        idx = torch.as_tensor(rng.integers(0, n, n))
+        diffs[b] = fn(pa[idx], y[idx]) - fn(pb[idx], y[idx])
+    diffs = diffs[np.isfinite(diffs)]
+    lo, hi = np.quantile(diffs, [alpha / 2, 1 - alpha / 2])
+    return float(observed), float(lo), float(hi)
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "—"
+    m = float(np.mean(values))
+    if len(values) == 1:
+        return f"{m:.3f}"
+    return f"{m:.3f} ± {float(np.std(values, ddof=1)):.3f}"
+
+
+def summarise(grid: Grid, n_boot: int = 1000, ci_metrics: tuple[str, ...] = ("acc", "f1")) -> dict[str, Path]:
+    """Write ``summary.csv``, ``summary.md``, ``summary.png`` (and ``cells.csv``) into ``grid.out``.
+
+    Only finished cells count (``n`` column). Bootstrap CIs pool the paired differences over the
+    seeds both models finished: for each shared seed the test images are resampled and the
+    per-seed difference is averaged over seeds (the same index set for every seed and both models).
+    """
+    from diffmic.reporting import write_rows_csv
+
+    grid.out.mkdir(parents=True, exist_ok=True)
+    preds: dict[tuple[str, str, int], dict] = {}
+    cell_rows = []
+    for c in grid.cells:
+        if not c.done:
+            continue
+        pred = read_predictions(c.run_dir / "predictions.csv")
+        preds[(c.dataset, c.model, c.seed)] = pred
+        cell_rows.append({"dataset": c.dataset, "model": c.model, "seed": c.seed, "n_test": len(pred["ids"]),
+                          **{k: round(v, 5) for k, v in cell_metrics(pred).items()}, "run_dir": str(c.run_dir)})
+    extra = ("aurc_conf", "aurc_agreement", "prior_acc")
+    for r in cell_rows:  # one header for all cells: metrics a model does not have are empty
+        for k in extra:
+            r.setdefault(k, None)
+        r["run_dir"] = r.pop("run_dir")
+    rows = []
+    for d in grid.datasets:
+        for m in grid.models:
+            mine = [r for r in cell_rows if r["dataset"] == d and r["model"] == m]
+            row: dict[str, Any] = {"dataset": d, "model": m, "n": len(mine)}
+            for k in METRICS + extra:
+                vals = [r[k] for r in mine if r.get(k) is not None and not math.isnan(r[k])]
+                row[k] = _fmt(vals)
+            ref = grid.reference
+            for k in ci_metrics:
+                row[f"d_{k}_vs_{ref}"] = "—"
+            if ref and m != ref:
+                seeds = sorted({s for (dd, mm, s) in preds if dd == d and mm == m} &
+                               {s for (dd, mm, s) in preds if dd == d and mm == ref})
+                if seeds:
+                    for k in ci_metrics:
+                        row[f"d_{k}_vs_{ref}"] = _pooled_ci(
+                            [preds[(d, m, s)] for s in seeds], [preds[(d, ref, s)] for s in seeds], k, n_boot)
+            rows.append(row)
+    paths = {
+        "cells": write_rows_csv(grid.out / "cells.csv", cell_rows),
+        "csv": write_rows_csv(grid.out / "summary.csv", rows),
+    }
+    md = _markdown(rows)
+    (grid.out / "summary.md").write_text(md)
+    paths["md"] = grid.out / "summary.md"
+    paths["png"] = _figure(cell_rows, grid, grid.out / "summary.png")
+    return paths
+
+
+def _pooled_ci(a: list[dict], b: list[dict], metric: str, n_boot: int, seed: int = 0) -> str:
+    """Mean over seeds of the paired difference, with a bootstrap over images (same indices for all)."""
+    for pa, pb in zip(a, b):
+        if pa["ids"] != pb["ids"]:
+            raise ValueError("the model and its reference were tested on different images")
+    y = a[0]["labels"]
+    fn = _metric_fns(a[0]["probs"].shape[1])[metric]
+    A = [torch.as_tensor(p["probs"], dtype=torch.float64) for p in a]
+    B = [torch.as_tensor(p["probs"], dtype=torch.float64) for p in b]
+    yt = torch.as_tensor(y)
+    obs = float(np.mean([fn(pa, yt) - fn(pb, yt) for pa, pb in zip(A, B)]))
+    rng = np.random.default_rng(seed)
+    n = len(y)
+    diffs = np.empty(n_boot)
+    for i in range(n_boot):
+        idx = torch.as_tensor(rng.integers(0, n, n))
+        diffs[i] = np.mean([fn(pa[idx], yt[idx]) - fn(pb[idx], yt[idx]) for pa, pb in zip(A, B)])
+    lo, hi = np.quantile(diffs, [0.025, 0.975])
+    return f"{obs:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+
+def _markdown(rows: list[dict]) -> str:
+    if not rows:
+        return "(no finished cells)\n"
+    cols = list(rows[0].keys())
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _figure(cell_rows: list[dict], grid: Grid, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ds = grid.datasets
+    fig, axes = plt.subplots(1, 2 * len(ds), figsize=(4.5 * 2 * len(ds), 3.6), squeeze=False)
+    for j, d in enumerate(ds):
+        for i, k in enumerate(("acc", "f1")):
+            ax = axes[0, 2 * j + i]
+            for x, m in enumerate(grid.models):
+                vals = [r[k] for r in cell_rows if r["dataset"] == d and r["model"] == m]
+                if vals:
+                    ax.scatter([x] * len(vals), vals, s=14, alpha=0.6)
+                    ax.errorbar([x], [np.mean(vals)], yerr=[np.std(vals, ddof=1) if len(vals) > 1 else 0],
+                                fmt="_", color="k", capsize=4, markersize=14)
+            ax.set_xticks(range(len(grid.models)), grid.models, rotation=45, ha="right")
+            ax.set_title(f"{d}: test {'accuracy' if k == 'acc' else 'macro-F1'}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
