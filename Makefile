@@ -28,11 +28,11 @@ demo: $(STAMP) demo-data
 demo-data: $(STAMP)
 	test -d $(DATA)/ham10000 || $(VENV)/bin/diffmic data download ham10000 --root $(DATA)
 
-test: $(STAMP)
+# lint (ruff check + format check, mypy on the typed core), then the test suite
+test: lint
 	$(VPY) -m pytest -q
 
 lint: $(STAMP)
-	$(VPY) -m pip install -q -e ".[lint]"
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/mypy

@@ -124,7 +124,7 @@ class PeakMemory:
         self.start_b = 0
         self.peak_b = 0
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         _trim_heap()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -190,7 +190,7 @@ class Phase:
         self.seconds = 0.0
         self.foreign_cpu_share: float | None = None
 
-    def __enter__(self) -> "Phase":
+    def __enter__(self) -> Phase:
         self.mem.__enter__()
         sync(self.device)
         self._busy0, self._own0 = cpu_busy_s(), own_cpu_s()
@@ -208,8 +208,11 @@ class Phase:
             self.foreign_cpu_share = round(max(0.0, foreign) / (self.seconds * (os.cpu_count() or 1)), 3)
 
     def report(self) -> dict[str, Any]:
-        return {"seconds": round(self.seconds, 3), "memory": self.mem.report(),
-                "foreign_cpu_share": self.foreign_cpu_share}
+        return {
+            "seconds": round(self.seconds, 3),
+            "memory": self.mem.report(),
+            "foreign_cpu_share": self.foreign_cpu_share,
+        }
 
 
 def wait_for_quiet(max_wait_s: float, threshold: float = 0.1, window_s: float = 1.0) -> dict[str, Any]:
@@ -226,8 +229,10 @@ def wait_for_quiet(max_wait_s: float, threshold: float = 0.1, window_s: float = 
         share = max(0.0, (b1 - b0) - (o1 - o0)) / ((w1 - w0) * (os.cpu_count() or 1))
         if share < threshold or time.perf_counter() - t0 >= max_wait_s:
             break
-    return {"waited_s": round(time.perf_counter() - t0, 1),
-            "foreign_cpu_share": None if share is None else round(share, 3)}
+    return {
+        "waited_s": round(time.perf_counter() - t0, 1),
+        "foreign_cpu_share": None if share is None else round(share, 3),
+    }
 
 
 def best_of(fn, device: torch.device, repeats: int = 3) -> float:

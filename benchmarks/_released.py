@@ -123,8 +123,16 @@ def _clip_and_step(opt: torch.optim.Optimizer, params: list, loss: Tensor, clip:
 
 
 def released_train_step(
-    model: Any, opt: torch.optim.Optimizer, opt_dcg: torch.optim.Optimizer, schedule: Any,
-    x: Tensor, y: Tensor, t: Tensor, eps: Tensor, mmd_weight: float = 0.5, clip: float = 1.0,
+    model: Any,
+    opt: torch.optim.Optimizer,
+    opt_dcg: torch.optim.Optimizer,
+    schedule: Any,
+    x: Tensor,
+    y: Tensor,
+    t: Tensor,
+    eps: Tensor,
+    mmd_weight: float = 0.5,
+    clip: float = 1.0,
 ) -> dict[str, float]:
     """One released training step (see module docstring). Returns the loss values (floats)."""
     b, c = x.shape[0], model.num_classes
@@ -150,8 +158,16 @@ def released_train_step(
 
 
 def library_train_step(
-    model: Any, opt: torch.optim.Optimizer, opt_dcg: torch.optim.Optimizer, schedule: Any,
-    x: Tensor, y: Tensor, t: Tensor, eps: Tensor, mmd_weight: float = 0.5, clip: float = 1.0,
+    model: Any,
+    opt: torch.optim.Optimizer,
+    opt_dcg: torch.optim.Optimizer,
+    schedule: Any,
+    x: Tensor,
+    y: Tensor,
+    t: Tensor,
+    eps: Tensor,
+    mmd_weight: float = 0.5,
+    clip: float = 1.0,
 ) -> dict[str, float]:
     """One training step as ``diffmic.training.module`` does it (without Lightning's bookkeeping):
     eval-mode DCG priors under ``torch.no_grad``, ONE image-encoder pass feeding the fused / global / local

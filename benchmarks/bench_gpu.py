@@ -25,16 +25,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, log, machine_info, pick_device, set_threads, sync  # noqa: E402
-from _released import library_train_step  # noqa: E402
-from bench_inference import FEWSTEP  # noqa: E402
-
 import torch  # noqa: E402
 
+from bench_inference import FEWSTEP  # noqa: E402
 from diffmic.diffusion.process import antithetic_timesteps  # noqa: E402
 from diffmic.diffusion.reverse import reverse_sample  # noqa: E402
 from diffmic.diffusion.schedule import NoiseSchedule  # noqa: E402
 from diffmic.nn.diffmic import DiffMIC  # noqa: E402
+
+from _common import emit, log, machine_info, pick_device, set_threads, sync  # noqa: E402
+from _released import library_train_step  # noqa: E402
 
 
 def _median_time(fn, device, warmup: int, iters: int) -> float:
@@ -73,8 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     eps = torch.randn(B, C, generator=g).to(device)
     n = args.truncated_steps
     few = dict(sampler=FEWSTEP["sampler"], steps=FEWSTEP["steps"], start="mean", t_start=n - 1)
-    out: dict = {"benchmark": "gpu_throughput", "device": str(device), "batch": B, "image_size": S,
-                 "fewstep_sampler": few, "results": {}}
+    out: dict = {
+        "benchmark": "gpu_throughput",
+        "device": str(device),
+        "batch": B,
+        "image_size": S,
+        "fewstep_sampler": few,
+        "results": {},
+    }
     for prec in ("fp32", "bf16"):
         for fmt in ("default", "channels_last"):
             name = f"{prec}_{fmt}"
@@ -83,7 +89,11 @@ def main(argv: list[str] | None = None) -> int:
             if fmt == "channels_last":
                 model = model.to(memory_format=torch.channels_last)
                 xv = x.contiguous(memory_format=torch.channels_last)
-            ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if prec == "bf16" else contextlib.nullcontext
+            ctx = (
+                (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
+                if prec == "bf16"
+                else contextlib.nullcontext
+            )
             opt = torch.optim.Adam(list(model.diffusion_parameters()), lr=1e-3)
             opt_dcg = torch.optim.Adam(list(model.dcg_parameters()), lr=2e-4, amsgrad=True)
 
@@ -100,10 +110,15 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 row["train_images_per_s"] = round(B / _median_time(train, device, args.warmup, args.iters), 2)
                 row["infer_truncated_images_per_s"] = round(
-                    B / _median_time(lambda: infer(dict(sampler="truncated", steps=n)), device, 1,
-                                     max(1, args.iters // 3)), 2)
+                    B
+                    / _median_time(
+                        lambda: infer(dict(sampler="truncated", steps=n)), device, 1, max(1, args.iters // 3)
+                    ),
+                    2,
+                )
                 row["infer_fewstep_images_per_s"] = round(
-                    B / _median_time(lambda: infer(few), device, args.warmup, args.iters), 2)
+                    B / _median_time(lambda: infer(few), device, args.warmup, args.iters), 2
+                )
             except RuntimeError as exc:  # e.g. bf16 unsupported on this device: report, do not hide
                 row["error"] = str(exc)[:300]
             if device.type == "cuda":

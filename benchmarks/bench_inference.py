@@ -26,16 +26,25 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
-    Phase, best_of, cpu_busy_s, emit, log, machine_info, own_cpu_s, pick_device, set_threads, wait_for_quiet,
-)  # noqa: E402
-
 import torch  # noqa: E402
 
-from _released import released_dcg_forward, released_reverse  # noqa: E402
-from diffmic.diffusion.schedule import NoiseSchedule  # noqa: E402
 from diffmic.diffusion.reverse import reverse_sample  # noqa: E402
+from diffmic.diffusion.schedule import NoiseSchedule  # noqa: E402
 from diffmic.nn.diffmic import DiffMIC  # noqa: E402
+
+from _common import (  # noqa: E402
+    Phase,
+    best_of,
+    cpu_busy_s,
+    emit,
+    log,
+    machine_info,
+    own_cpu_s,
+    pick_device,
+    set_threads,
+    wait_for_quiet,
+)  # noqa: E402
+from _released import released_dcg_forward, released_reverse  # noqa: E402
 
 
 class StepClock:
@@ -94,9 +103,11 @@ class StepClock:
             i = j + 1
         all_iv = [st[k + 1][0] - st[k][0] for k in steps]
         out = {
-            "prefix_s": round(prefix, 4), "prefix_foreign_cpu_share": round(prefix_share, 3),
+            "prefix_s": round(prefix, 4),
+            "prefix_foreign_cpu_share": round(prefix_share, 3),
             "median_step_s_all": round(statistics.median(all_iv), 5),
-            "clean_steps": len(clean), "steps": n,
+            "clean_steps": len(clean),
+            "steps": n,
         }
         if len(clean) < max(5, n // 10):
             out["seconds"] = None
@@ -151,15 +162,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: os.cpu_count())")
     ap.add_argument("--tol", type=float, default=1e-3, help="max |y0_ours - y0_baseline| allowed")
     ap.add_argument("--repeats", type=int, default=2, help="OURS runs (the fastest is reported)")
-    ap.add_argument("--wait-quiet", type=float, default=60.0,
-                    help="wait up to this many seconds for other programs to leave the CPU before timing")
-    ap.add_argument("--sweep", default="8,32",
-                    help="other batch sizes for which only the component timings are measured and the speedup "
-                         "predicted (comma-separated; empty to skip)")
+    ap.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=60.0,
+        help="wait up to this many seconds for other programs to leave the CPU before timing",
+    )
+    ap.add_argument(
+        "--sweep",
+        default="8,32",
+        help="other batch sizes for which only the component timings are measured and the speedup "
+        "predicted (comma-separated; empty to skip)",
+    )
     ap.add_argument("--no-baseline", action="store_true", help="time OURS only (no comparison)")
     ap.add_argument("--fewstep-sampler", default=FEWSTEP["sampler"], help="goal-1 sampler (ddim | dpmpp2m)")
-    ap.add_argument("--fewstep-steps", type=int, default=FEWSTEP["steps"],
-                    help="goal-1 sampler: network calls, from the prior mean at t_start = steps - 1 of the truncated window")
+    ap.add_argument(
+        "--fewstep-steps",
+        type=int,
+        default=FEWSTEP["steps"],
+        help="goal-1 sampler: network calls, from the prior mean at t_start = steps - 1 of the truncated window",
+    )
     args = ap.parse_args(argv)
 
     threads = set_threads(args.threads)
@@ -195,12 +217,13 @@ def main(argv: list[str] | None = None) -> int:
         use_clock = device.type == "cpu"
         with Phase(device) as ph:
             clock.start()
-            out = reverse_sample(clock if use_clock else model, schedule, x, sampler="truncated", steps=n,
-                                 noise=noise)
+            out = reverse_sample(clock if use_clock else model, schedule, x, sampler="truncated", steps=n, noise=noise)
         ph.robust = clock.robust_seconds(t_dcg_vec + t_enc) if use_clock else {"seconds": None}
         ours_runs.append(ph)
-        log(f"[bench_inference]   {ph.seconds:.2f}s ({B / ph.seconds:.2f} img/s), "
-            f"foreign CPU share {ph.foreign_cpu_share}, robust {ph.robust}")
+        log(
+            f"[bench_inference]   {ph.seconds:.2f}s ({B / ph.seconds:.2f} img/s), "
+            f"foreign CPU share {ph.foreign_cpu_share}, robust {ph.robust}"
+        )
     best = min(ours_runs, key=lambda p: p.seconds)
     if device.type == "cpu":  # robust estimate: the smallest available one over the runs
         best.robust = min((p.robust for p in ours_runs), key=lambda r: r.get("seconds") or float("inf"))
@@ -210,9 +233,16 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "inference",
         "command": "python benchmarks/bench_inference.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "setting": {
-            "image_size": args.image_size, "batch": B, "steps": n, "sampler": "truncated",
-            "encoder": "resnet18", "dcg": "resnet18+resnet18", "width": args.width, "classes": C,
-            "weights": "random init, eval mode", "seed": args.seed,
+            "image_size": args.image_size,
+            "batch": B,
+            "steps": n,
+            "sampler": "truncated",
+            "encoder": "resnet18",
+            "dcg": "resnet18+resnet18",
+            "width": args.width,
+            "classes": C,
+            "weights": "random init, eval mode",
+            "seed": args.seed,
         },
         "ours": {
             "seconds": round(t_ours, 3),
@@ -237,8 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     bf = min(few_runs, key=lambda p: p.seconds)
     result["fewstep"] = {
         "sampler": {**few_kw, "num_samples": 1},
-        "seconds": round(bf.seconds, 4), "images_per_s": round(B / bf.seconds, 3),
-        "latency_per_image_s": round(bf.seconds / B, 5), "foreign_cpu_share": bf.foreign_cpu_share,
+        "seconds": round(bf.seconds, 4),
+        "images_per_s": round(B / bf.seconds, 3),
+        "latency_per_image_s": round(bf.seconds / B, 5),
+        "foreign_cpu_share": bf.foreign_cpu_share,
         "speedup_vs_ours_truncated": round(t_ours / bf.seconds, 2),
     }
     log(f"[bench_inference] FEWSTEP {few_kw}: {bf.seconds:.3f}s ({B / bf.seconds:.1f} img/s)")
@@ -252,8 +284,10 @@ def main(argv: list[str] | None = None) -> int:
             y0_base, mu_base = released_reverse(clock if use_clock else model, schedule, x, n, noise)
         pb.robust = clock.robust_seconds(2 * t_dcg_loop + t_enc) if use_clock else {"seconds": None}
         t_base = pb.seconds
-        log(f"[bench_inference]   {t_base:.2f}s ({B / t_base:.2f} img/s), foreign CPU share "
-            f"{pb.foreign_cpu_share}, robust {pb.robust}")
+        log(
+            f"[bench_inference]   {t_base:.2f}s ({B / t_base:.2f} img/s), foreign CPU share "
+            f"{pb.foreign_cpu_share}, robust {pb.robust}"
+        )
         max_diff = float((y0_ours - y0_base).abs().max())
         prior_diff = float((out.prior - mu_base).abs().max())
         argmax_equal = bool(torch.equal(y0_ours.argmax(-1), y0_base.argmax(-1)))
@@ -307,8 +341,10 @@ def main(argv: list[str] | None = None) -> int:
             row["foreign_cpu_share"] = ps.foreign_cpu_share
             row["contended"] = bool((ps.foreign_cpu_share or 0) > 0.1)  # if true, ignore this row's numbers
             rows.append(row)
-            log(f"[bench_inference] sweep batch {b}: predicted speedup {row['predicted_speedup']}x "
-                f"(foreign CPU share {ps.foreign_cpu_share})")
+            log(
+                f"[bench_inference] sweep batch {b}: predicted speedup {row['predicted_speedup']}x "
+                f"(foreign CPU share {ps.foreign_cpu_share})"
+            )
         result["predicted_speedup_by_batch"] = rows
     result["pre_run_wait"] = quiet
     result["machine"] = machine_info(device)

@@ -30,14 +30,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Phase, emit, log, machine_info, pick_device, set_threads, sync, wait_for_quiet  # noqa: E402
-
 import torch  # noqa: E402
 
+from diffmic.diffusion.reverse import reverse_sample  # noqa: E402
 from diffmic.diffusion.samplers import num_noise_draws  # noqa: E402
 from diffmic.diffusion.schedule import NoiseSchedule  # noqa: E402
-from diffmic.diffusion.reverse import reverse_sample  # noqa: E402
 from diffmic.nn.diffmic import DiffMIC  # noqa: E402
+
+from _common import Phase, emit, log, machine_info, pick_device, set_threads, sync, wait_for_quiet  # noqa: E402
 
 PAPER_S_PER_IMAGE = 0.056  # RTX 3090, DiffMIC paper
 
@@ -100,8 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--classes", type=int, default=7)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: os.cpu_count())")
-    ap.add_argument("--wait-quiet", type=float, default=30.0,
-                    help="before each variant, wait up to this many seconds for other programs to leave the CPU")
+    ap.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=30.0,
+        help="before each variant, wait up to this many seconds for other programs to leave the CPU",
+    )
     args = ap.parse_args(argv)
 
     threads = set_threads(args.threads)
@@ -141,7 +145,15 @@ def main(argv: list[str] | None = None) -> int:
                 x = x.contiguous(memory_format=torch.channels_last)
             try:
                 y0, t_warm, secs, shares = _measure(
-                    m, schedule, x, noise, args.steps, name.startswith("bf16"), args.repeats, args.warmup, device,
+                    m,
+                    schedule,
+                    x,
+                    noise,
+                    args.steps,
+                    name.startswith("bf16"),
+                    args.repeats,
+                    args.warmup,
+                    device,
                     min(args.wait_quiet, 15.0) if device.type == "cpu" else 0.0,
                 )
             except Exception as exc:  # e.g. torch.compile without a working C++ toolchain
@@ -160,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
                 "repeats_s": [round(s, 4) for s in secs],
                 "warmup_s": round(t_warm, 3),
                 "foreign_cpu_share": shares,
-                "statistic": f"median of {len(clean)} uncontended calls" if clean else "median of all calls (all contended)",
+                "statistic": f"median of {len(clean)} uncontended calls"
+                if clean
+                else "median of all calls (all contended)",
                 "contended": not clean,
                 "vs_paper_3090": round((med / b) / PAPER_S_PER_IMAGE, 2),
             }
@@ -168,8 +182,10 @@ def main(argv: list[str] | None = None) -> int:
                 row["argmax_agree_with_eager"] = round(float((y0.argmax(-1) == ref.argmax(-1)).float().mean()), 4)
                 row["max_abs_diff_vs_eager"] = float((y0 - ref).abs().max())
             entry[f"batch_{b}"] = row
-            log(f"[bench_latency] {name:18s} batch {b:3d}: {med / b * 1000:8.1f} ms/image "
-                f"({b / med:7.2f} img/s), repeats {[round(s, 3) for s in secs]}, foreign {shares}")
+            log(
+                f"[bench_latency] {name:18s} batch {b:3d}: {med / b * 1000:8.1f} ms/image "
+                f"({b / med:7.2f} img/s), repeats {[round(s, 3) for s in secs]}, foreign {shares}"
+            )
         results[name] = entry
         if m is not model:
             del m
@@ -181,15 +197,24 @@ def main(argv: list[str] | None = None) -> int:
             v = results[name].get(f"batch_{b}", {}).get("latency_per_image_s")
             if eager and v:
                 summary[f"{name}_speedup_vs_eager_batch_{b}"] = round(eager / v, 3)
-    contended_rows = [r.get("contended", False) for e in results.values() for k, r in e.items()
-                      if k.startswith("batch_")]
+    contended_rows = [
+        r.get("contended", False) for e in results.values() for k, r in e.items() if k.startswith("batch_")
+    ]
     out = {
         "benchmark": "latency",
         "command": "python benchmarks/bench_latency.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "setting": {
-            "image_size": args.image_size, "sampler": "ddim", "steps": args.steps, "batches": batches,
-            "encoder": "resnet18", "dcg": "resnet18+resnet18", "width": args.width, "classes": C,
-            "weights": "random init, eval mode", "repeats": args.repeats, "statistic": "median",
+            "image_size": args.image_size,
+            "sampler": "ddim",
+            "steps": args.steps,
+            "batches": batches,
+            "encoder": "resnet18",
+            "dcg": "resnet18+resnet18",
+            "width": args.width,
+            "classes": C,
+            "weights": "random init, eval mode",
+            "repeats": args.repeats,
+            "statistic": "median",
         },
         "paper_s_per_image_rtx3090": PAPER_S_PER_IMAGE,
         "variants": results,

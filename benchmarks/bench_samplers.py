@@ -37,8 +37,16 @@ def evaluate(module, loader, sampler: str, steps, limit: int | None, num_samples
         if module.device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        out = reverse_sample(module.model, module.schedule, x, sampler=sampler, steps=steps,
-                             num_samples=num_samples, ids=batch["id"], seed=e.sample_seed)
+        out = reverse_sample(
+            module.model,
+            module.schedule,
+            x,
+            sampler=sampler,
+            steps=steps,
+            num_samples=num_samples,
+            ids=batch["id"],
+            seed=e.sample_seed,
+        )
         if module.device.type == "cuda":
             torch.cuda.synchronize()
         elapsed += time.perf_counter() - t0
@@ -46,8 +54,17 @@ def evaluate(module, loader, sampler: str, steps, limit: int | None, num_samples
         metrics.update(r.probs, y)
         n += x.shape[0]
     v = metrics.compute()
-    return {"sampler": sampler, "steps": steps, "num_samples": num_samples, "images": n, "seconds": elapsed, "images_per_s": n / elapsed,
-            "acc": float(v["acc"]), "f1": float(v["f1"]), "balanced_acc": float(v["balanced_acc"])}
+    return {
+        "sampler": sampler,
+        "steps": steps,
+        "num_samples": num_samples,
+        "images": n,
+        "seconds": elapsed,
+        "images_per_s": n / elapsed,
+        "acc": float(v["acc"]),
+        "f1": float(v["f1"]),
+        "balanced_acc": float(v["balanced_acc"]),
+    }
 
 
 def main() -> None:
@@ -56,7 +73,9 @@ def main() -> None:
     ap.add_argument("--ckpt")
     ap.add_argument("--limit", type=int)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--num-samples", type=int, default=1, help="K reverse samples per image, mean read-out (released: 1)")
+    ap.add_argument(
+        "--num-samples", type=int, default=1, help="K reverse samples per image, mean read-out (released: 1)"
+    )
     ap.add_argument("--truncated-steps", type=int, default=250, help="released: 250 HAM10000, 60 APTOS")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -70,8 +89,11 @@ def main() -> None:
     dm.setup("test")
     ckpt = resolve_checkpoint(run, args.ckpt)
     module = load_module(ckpt, expected_class_names=list(dm.class_names))
-    device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if (args.device == "auto" and torch.cuda.is_available())
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     module = module.to(device).eval()
     loader = dm.test_dataloader()
     results = [
@@ -90,13 +112,16 @@ def main() -> None:
         "num_samples": args.num_samples,
         "results": results,
         "speedup_ddim10_vs_ddpm1000": by["ddim10"]["images_per_s"] / by["ddpm"]["images_per_s"],
-        "speedup_ddim10_vs_truncated": by["ddim10"]["images_per_s"] / by[f"truncated{args.truncated_steps}"]["images_per_s"],
+        "speedup_ddim10_vs_truncated": by["ddim10"]["images_per_s"]
+        / by[f"truncated{args.truncated_steps}"]["images_per_s"],
         "acc_points_ddim10_minus_ddpm1000": 100 * (by["ddim10"]["acc"] - by["ddpm"]["acc"]),
-        "acc_points_ddim10_minus_truncated": 100 * (by["ddim10"]["acc"] - by[f"truncated{args.truncated_steps}"]["acc"]),
+        "acc_points_ddim10_minus_truncated": 100
+        * (by["ddim10"]["acc"] - by[f"truncated{args.truncated_steps}"]["acc"]),
     }
     for r in results:
-        print(f"{r['sampler']:>9} {str(r['steps']):>5}: acc {r['acc']:.4f} f1 {r['f1']:.4f} "
-              f"{r['images_per_s']:.1f} img/s")
+        print(
+            f"{r['sampler']:>9} {str(r['steps']):>5}: acc {r['acc']:.4f} f1 {r['f1']:.4f} {r['images_per_s']:.1f} img/s"
+        )
     print(json.dumps(summary))
 
 

@@ -28,10 +28,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Phase, emit, log, machine_info, set_threads, wait_for_quiet  # noqa: E402
-
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from _common import Phase, emit, log, machine_info, set_threads, wait_for_quiet  # noqa: E402
 
 PAPER_S_PER_IMAGE = 0.056
 
@@ -80,21 +80,31 @@ def main(argv: list[str] | None = None) -> int:
     img = tmp / "lesion.jpg"
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (450, 600, 3), dtype=np.uint8)).save(img, quality=90)
-    few = {"sampler": args.sampler, "steps": args.steps, "start": "mean", "t_start": args.window - 1,
-           "num_samples": 1}
+    few = {"sampler": args.sampler, "steps": args.steps, "start": "mean", "t_start": args.window - 1, "num_samples": 1}
     ddim10 = {"sampler": "ddim", "steps": 10, "start": "noise", "t_start": None, "num_samples": 1}
     quiet = wait_for_quiet(args.wait_quiet)
-    result: dict = {"benchmark": "single_image", "threads": threads, "image": "600x450 JPEG -> 224 px",
-                    "fewstep_sampler": few, "variants": {}}
+    result: dict = {
+        "benchmark": "single_image",
+        "threads": threads,
+        "image": "600x450 JPEG -> 224 px",
+        "fewstep_sampler": few,
+        "variants": {},
+    }
     with Phase(torch.device("cpu")) as ph:
-        for name, smp, q in (("fewstep_fp32", few, False), ("fewstep_int8", few, True),
-                             ("ddim10_noise_fp32", ddim10, False)):
+        for name, smp, q in (
+            ("fewstep_fp32", few, False),
+            ("fewstep_int8", few, True),
+            ("ddim10_noise_fp32", ddim10, False),
+        ):
             p = build_predictor(args.classes, smp)
             if q:
                 quantise_head(p)
             med, secs = timed(lambda: p.predict([img]), args.repeats)
-            result["variants"][name] = {"median_s": round(med, 4), "runs_s": [round(s, 4) for s in secs],
-                                        "vs_paper_3090": round(med / PAPER_S_PER_IMAGE, 2)}
+            result["variants"][name] = {
+                "median_s": round(med, 4),
+                "runs_s": [round(s, 4) for s in secs],
+                "vs_paper_3090": round(med / PAPER_S_PER_IMAGE, 2),
+            }
             log(f"[bench_single] {name}: {med:.4f} s per image (file to answer)")
         # stage breakdown at batch 1 (fp32)
         p = build_predictor(args.classes, few)

@@ -36,15 +36,15 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Phase, best_of, emit, log, machine_info, pick_device, set_threads, wait_for_quiet  # noqa: E402
-
 import torch  # noqa: E402
 
-from _released import library_train_step, released_dcg_forward, released_train_step  # noqa: E402
-from diffmic.losses import guidance_ce  # noqa: E402
 from diffmic.diffusion.process import antithetic_timesteps  # noqa: E402
 from diffmic.diffusion.schedule import NoiseSchedule  # noqa: E402
+from diffmic.losses import guidance_ce  # noqa: E402
 from diffmic.nn.diffmic import DiffMIC  # noqa: E402
+
+from _common import Phase, best_of, emit, log, machine_info, pick_device, set_threads, wait_for_quiet  # noqa: E402
+from _released import library_train_step, released_dcg_forward, released_train_step  # noqa: E402
 
 LOSS_KEYS = ("loss", "mse", "mmd_global", "mmd_local", "dcg_ce")
 
@@ -63,8 +63,10 @@ def _step(name, step_fn, model, opts, schedule, batch, device, i, warmup):
     with Phase(device) as ph:
         losses = step_fn(model, opts[0], opts[1], schedule, x, y, t, eps)
     tag = "warm-up" if i < warmup else "timed"
-    log(f"[bench_train] {name:8s} step {i} ({tag}): {ph.seconds:.2f}s loss={losses['loss']:.6f} "
-        f"foreign_cpu={ph.foreign_cpu_share}")
+    log(
+        f"[bench_train] {name:8s} step {i} ({tag}): {ph.seconds:.2f}s loss={losses['loss']:.6f} "
+        f"foreign_cpu={ph.foreign_cpu_share}"
+    )
     return ph, losses
 
 
@@ -114,17 +116,27 @@ def _breakdown(model, opts, schedule, batch, device) -> dict:
         model.eps(feat, g, t, g).sum().backward()
 
     parts = {}
-    for name, fn in [("encoder_fwd_bwd", enc), ("three_heads_fwd_bwd", heads), ("adam_step_rho_denoiser", adam),
-                     ("dcg_fwd_no_grad", dcg_nograd), ("dcg_fwd_bwd_autograd_looped", dcg_autograd_looped),
-                     ("dcg_ce_step", dcg_ce_step)]:
+    for name, fn in [
+        ("encoder_fwd_bwd", enc),
+        ("three_heads_fwd_bwd", heads),
+        ("adam_step_rho_denoiser", adam),
+        ("dcg_fwd_no_grad", dcg_nograd),
+        ("dcg_fwd_bwd_autograd_looped", dcg_autograd_looped),
+        ("dcg_ce_step", dcg_ce_step),
+    ]:
         if fn is adam:
             full_backward()
         parts[name] = round(best_of(fn, device, repeats=2), 3)
     shared = parts["three_heads_fwd_bwd"] + parts["adam_step_rho_denoiser"] + parts["dcg_ce_step"]
     ours = parts["dcg_fwd_no_grad"] + parts["encoder_fwd_bwd"] + shared
     base = parts["dcg_fwd_bwd_autograd_looped"] + 3 * parts["encoder_fwd_bwd"] + shared
-    return {"parts_s": parts, "shared_by_both_s": round(shared, 3), "predicted_ours_step_s": round(ours, 3),
-            "predicted_baseline_step_s": round(base, 3), "predicted_speedup": round(base / ours, 2)}
+    return {
+        "parts_s": parts,
+        "shared_by_both_s": round(shared, 3),
+        "predicted_ours_step_s": round(ours, 3),
+        "predicted_baseline_step_s": round(base, 3),
+        "predicted_speedup": round(base / ours, 2),
+    }
 
 
 def _rel(a: float, b: float) -> float:
@@ -136,10 +148,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per variant (after --warmup steps)")
-    ap.add_argument("--max-extra", type=int, default=4,
-                    help="extra step pairs allowed when some timed pairs ran while other programs used the CPU")
-    ap.add_argument("--breakdown", action="store_true",
-                    help="also time the pieces of a step (encoder, DCG, heads, Adam) to explain the ratio")
+    ap.add_argument(
+        "--max-extra",
+        type=int,
+        default=4,
+        help="extra step pairs allowed when some timed pairs ran while other programs used the CPU",
+    )
+    ap.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also time the pieces of a step (encoder, DCG, heads, Adam) to explain the ratio",
+    )
     ap.add_argument("--warmup", type=int, default=1, help="untimed first steps per variant (>= 1)")
     ap.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, ...")
     ap.add_argument("--width", type=int, default=6144, help="denoiser width")
@@ -147,8 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: os.cpu_count())")
     ap.add_argument("--tol", type=float, default=1e-4, help="relative tolerance for the first-step losses")
-    ap.add_argument("--wait-quiet", type=float, default=60.0,
-                    help="wait up to this many seconds for other programs to leave the CPU before timing")
+    ap.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=60.0,
+        help="wait up to this many seconds for other programs to leave the CPU before timing",
+    )
     args = ap.parse_args(argv)
     if args.warmup < 1 or args.steps < 1:
         ap.error("--warmup and --steps must be >= 1")
@@ -195,9 +218,11 @@ def main(argv: list[str] | None = None) -> int:
         if n_timed >= args.steps and device.type == "cpu":  # an extra pair: wait for a quiet CPU first
             wait_for_quiet(min(args.wait_quiet, 30.0))
         batch = next_batch()
-        order = [("OURS", library_train_step, model_ours, opts_o, ph_o, l_o),
-                 ("BASELINE", released_train_step, model_base, opts_b, ph_b, l_b)]
-        for name, fn, model, opts, phs, ls in (order if i % 2 == 0 else order[::-1]):
+        order = [
+            ("OURS", library_train_step, model_ours, opts_o, ph_o, l_o),
+            ("BASELINE", released_train_step, model_base, opts_b, ph_b, l_b),
+        ]
+        for name, fn, model, opts, phs, ls in order if i % 2 == 0 else order[::-1]:
             ph, losses = _step(name, fn, model, opts, schedule, batch, device, i, W)
             phs.append(ph)
             ls.append(losses)
@@ -250,9 +275,17 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "train",
         "command": "python benchmarks/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "setting": {
-            "image_size": S, "batch": B, "warmup_steps": W, "timed_steps": len(ph_o) - W,
-            "encoder": "resnet18", "dcg": "resnet18+resnet18", "width": args.width, "classes": C,
-            "mmd_weight": 0.5, "optim": "Adam 1e-3 clip 1.0; DCG Adam 2e-4 amsgrad", "seed": args.seed,
+            "image_size": S,
+            "batch": B,
+            "warmup_steps": W,
+            "timed_steps": len(ph_o) - W,
+            "encoder": "resnet18",
+            "dcg": "resnet18+resnet18",
+            "width": args.width,
+            "classes": C,
+            "mmd_weight": 0.5,
+            "optim": "Adam 1e-3 clip 1.0; DCG Adam 2e-4 amsgrad",
+            "seed": args.seed,
         },
         "ours": block(ph_o, 0),
         "baseline": block(ph_b, 1),
@@ -269,13 +302,13 @@ def main(argv: list[str] | None = None) -> int:
             "tol_rel": args.tol,
             "max_rel_diff_per_step": per_step_max_rel,
             "note": "steps > 0 may drift slightly: gradient summation order differs and the released step "
-                    "updates encoder BN running stats 3x per step",
+            "updates encoder BN running stats 3x per step",
         },
         "breakdown": breakdown,
         "contended": contended,
         "reliable": (not contended) or len(clean) >= args.steps,
         "memory_note": "delta_mib = peak RSS during the step minus RSS when it started (activations, "
-                       "gradients, and on the first step the lazily created Adam state)",
+        "gradients, and on the first step the lazily created Adam state)",
         "pre_run_wait": quiet,
         "machine": machine_info(device),
     }

@@ -20,7 +20,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 
@@ -53,13 +52,23 @@ def diagnose(run: Path, buckets: int = 5, batch_size: int = 64) -> dict:
     counts = torch.zeros(buckets)
     gen = torch.Generator().manual_seed(0)
     for s in range(0, len(items), batch_size):
-        chunk = items[s:s + batch_size]
+        chunk = items[s : s + batch_size]
         x = torch.stack([it["image"] for it in chunk])
         ids = [it["id"] for it in chunk]
-        y = labels[s:s + batch_size]
+        y = labels[s : s + batch_size]
         for K in probs_k:
-            out = reverse_sample(model, sched, x, sampler=e.sampler, steps=e.steps, eta=e.eta, start=e.start,
-                                 num_samples=K, ids=ids, seed=e.sample_seed)
+            out = reverse_sample(
+                model,
+                sched,
+                x,
+                sampler=e.sampler,
+                steps=e.steps,
+                eta=e.eta,
+                start=e.start,
+                num_samples=K,
+                ids=ids,
+                seed=e.sample_seed,
+            )
             probs_k[K].append(readout(out.y0, e.aggregate, e.temperature).probs)
         g = model.guide(x)
         pri = model.priors(g, x.shape[0], x.device, x.dtype)
@@ -82,14 +91,19 @@ def diagnose(run: Path, buckets: int = 5, batch_size: int = 64) -> dict:
 
     def score(p):
         pred = p.argmax(1)
-        return {"acc": round(float((pred == labels).float().mean()), 4),
-                "f1": round(float(multiclass_f1_score(pred, labels, num_classes=C, average="macro")), 4)}
+        return {
+            "acc": round(float((pred == labels).float().mean()), 4),
+            "f1": round(float(multiclass_f1_score(pred, labels, num_classes=C, average="macro")), 4),
+        }
 
     res["prior"] = score(prior)
     for K, ps in probs_k.items():
         p = torch.cat(ps)
-        res[f"readout_K{K}"] = {**score(p), "argmax_differs_from_prior": round(float((p.argmax(1) != prior.argmax(1)).float().mean()), 4),
-                                "mean_L1_to_prior": round(float((p - prior).abs().sum(1).mean()), 4)}
+        res[f"readout_K{K}"] = {
+            **score(p),
+            "argmax_differs_from_prior": round(float((p.argmax(1) != prior.argmax(1)).float().mean()), 4),
+            "mean_L1_to_prior": round(float((p - prior).abs().sum(1).mean()), 4),
+        }
     res["eps_mse_by_t_bucket"] = {
         "t_ranges": [[b * T // buckets, (b + 1) * T // buckets - 1] for b in range(buckets)],
         **{k: [round(float(v), 4) for v in (m / counts)] for k, m in mse.items()},

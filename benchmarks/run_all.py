@@ -50,9 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--only", default=",".join(BENCHES), help="comma-separated subset of " + ",".join(BENCHES))
     ap.add_argument("--compile", action="store_true", help="pass --compile to bench_latency (torch.compile)")
-    ap.add_argument("--retries", type=int, default=0,
-                    help="re-run a benchmark whose result is not reliable (other programs used the CPU while it "
-                         "ran), after waiting up to --retry-wait seconds for a quiet machine")
+    ap.add_argument(
+        "--retries",
+        type=int,
+        default=0,
+        help="re-run a benchmark whose result is not reliable (other programs used the CPU while it "
+        "ran), after waiting up to --retry-wait seconds for a quiet machine",
+    )
     ap.add_argument("--retry-wait", type=float, default=600.0)
     ap.add_argument("--quick", action="store_true", help="tiny smoke-test sizes (numbers are not meaningful)")
     ap.add_argument("--out", default=str(HERE / "results" / "latest.json"))
@@ -82,8 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         attempts = []
         for attempt in range(1 + max(0, args.retries)):
             if attempt:
-                log(f"[run_all] {name}: other programs distorted the timings; waiting for a quiet CPU before "
-                    f"retry {attempt} ...")
+                log(
+                    f"[run_all] {name}: other programs distorted the timings; waiting for a quiet CPU before "
+                    f"retry {attempt} ..."
+                )
                 log(f"[run_all]   {wait_for_quiet(args.retry_wait, window_s=10.0)}")
             log(f"[run_all] {' '.join(cmd)}")
             t0 = time.perf_counter()
@@ -95,10 +101,18 @@ def main(argv: list[str] | None = None) -> int:
             res["returncode"] = proc.returncode
             res["wall_s"] = round(wall, 1)
             reliable = res.get("reliable", not res.get("contended"))
-            log(f"[run_all] {name}: rc={proc.returncode} in {wall:.0f}s, contended={res.get('contended')}, "
-                f"reliable={reliable}")
-            attempts.append({"wall_s": res["wall_s"], "contended": res.get("contended"), "reliable": reliable,
-                             "returncode": proc.returncode})
+            log(
+                f"[run_all] {name}: rc={proc.returncode} in {wall:.0f}s, contended={res.get('contended')}, "
+                f"reliable={reliable}"
+            )
+            attempts.append(
+                {
+                    "wall_s": res["wall_s"],
+                    "contended": res.get("contended"),
+                    "reliable": reliable,
+                    "returncode": proc.returncode,
+                }
+            )
             if proc.returncode != 0 or "error" in res or reliable:
                 break
         res["attempts"] = attempts
@@ -109,27 +123,35 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    out.write_text(json.dumps({"timestamp": stamp, "quick": args.quick, "results": results}, indent=2, default=str) + "\n")
+    out.write_text(
+        json.dumps({"timestamp": stamp, "quick": args.quick, "results": results}, indent=2, default=str) + "\n"
+    )
 
     summary: dict = {"timestamp": stamp, "quick": args.quick, "results_file": str(out), "failed": failed}
     r = results.get("inference", {})
     if "ours" in r:
         summary["inference"] = {
-            "batch": r["setting"]["batch"], "steps": r["setting"]["steps"],
+            "batch": r["setting"]["batch"],
+            "steps": r["setting"]["steps"],
             "ours_images_per_s": r["ours"]["images_per_s"],
             "baseline_images_per_s": r.get("baseline", {}).get("images_per_s"),
-            "speedup": r.get("speedup"), "speedup_robust": r.get("speedup_robust"),
-            "meets_10x": r.get("meets_target"), "predictions_equal": r.get("equality", {}).get("passed"),
+            "speedup": r.get("speedup"),
+            "speedup_robust": r.get("speedup_robust"),
+            "meets_10x": r.get("meets_target"),
+            "predictions_equal": r.get("equality", {}).get("passed"),
             "contended": r.get("contended"),
         }
     r = results.get("train", {})
     if "ours" in r:
         summary["train"] = {
-            "batch": r["setting"]["batch"], "image_size": r["setting"]["image_size"],
-            "ours_images_per_s": r["ours"]["images_per_s"], "baseline_images_per_s": r["baseline"]["images_per_s"],
+            "batch": r["setting"]["batch"],
+            "image_size": r["setting"]["image_size"],
+            "ours_images_per_s": r["ours"]["images_per_s"],
+            "baseline_images_per_s": r["baseline"]["images_per_s"],
             "ours_images_per_s_uncontended": r["ours"].get("images_per_s_uncontended"),
             "baseline_images_per_s_uncontended": r["baseline"].get("images_per_s_uncontended"),
-            "speedup": r.get("speedup"), "speedup_uncontended": r.get("speedup_uncontended_steps"),
+            "speedup": r.get("speedup"),
+            "speedup_uncontended": r.get("speedup_uncontended_steps"),
             "meets_2x": r.get("meets_target"),
             "ours_step_peak_delta_mib": r["ours"]["memory_timed_steps"]["delta_mib"],
             "baseline_step_peak_delta_mib": r["baseline"]["memory_timed_steps"]["delta_mib"],
@@ -156,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     summary["fewstep_f1_delta"] = fs.get("test_f1_delta_pts")
     summary["fewstep_val_acc_delta"] = fs.get("val_acc_delta_pts")
     summary["fewstep_val_f1_delta"] = fs.get("val_f1_delta_pts")
-    summary["accuracy_note"] = acc.get("skipped") or (f"{fs.get('name')} vs {acc.get('reference')} on "
-                                                      f"{acc.get('run')}, whole test split" if fs else None)
+    summary["accuracy_note"] = acc.get("skipped") or (
+        f"{fs.get('name')} vs {acc.get('reference')} on {acc.get('run')}, whole test split" if fs else None
+    )
     summary["int8_head_on_demo_test"] = acc.get("int8_head", {}).get("test")
     summary["single_image_s"] = results.get("single", {}).get("single_image_s")
     summary["single_image_s_fp32"] = results.get("single", {}).get("single_image_s_fp32")

@@ -43,8 +43,9 @@ def lesion_mask(mask_dir: Path, image_id: str, image_size: int) -> np.ndarray:
     return arr > 127
 
 
-def roi_lesion_stats(boxes: torch.Tensor, saliency_up: torch.Tensor, masks: torch.Tensor, crop: int,
-                     grid_hw: tuple[int, int]) -> dict[str, np.ndarray]:
+def roi_lesion_stats(
+    boxes: torch.Tensor, saliency_up: torch.Tensor, masks: torch.Tensor, crop: int, grid_hw: tuple[int, int]
+) -> dict[str, np.ndarray]:
     """Per-image statistics.
 
     Args:
@@ -74,8 +75,9 @@ def roi_lesion_stats(boxes: torch.Tensor, saliency_up: torch.Tensor, masks: torc
 
 
 @torch.no_grad()
-def evaluate_run(run: Path, split: str = "val", limit: int | None = None, mask_dir: Path | None = None,
-                 batch_size: int = 64) -> dict:
+def evaluate_run(
+    run: Path, split: str = "val", limit: int | None = None, mask_dir: Path | None = None, batch_size: int = 64
+) -> dict:
     from diffmic.config import load_config
     from diffmic.nn.guidance import crop_rois, grid_shape, select_rois
     from diffmic.training.checkpoint import load_module
@@ -116,9 +118,17 @@ def evaluate_run(run: Path, split: str = "val", limit: int | None = None, mask_d
         alt_stats = roi_lesion_stats(alt_boxes, up, masks, dcg.crop_size, grid)
         stats.setdefault("roi_hit_pred_channel", []).extend(alt_stats["roi_hit"].tolist())
     out = {k: round(float(np.mean(v)), 4) for k, v in stats.items()}
-    out.update(run=str(run), split=split, images=n, saliency_hw=list(hw), image_size=cfg.data.image_size,
-               crop_size=dcg.crop_size, num_rois=dcg.num_rois,
-               dcg_output_stride=getattr(cfg.model, "dcg_output_stride", 32), dcg_global=cfg.model.dcg_global)
+    out.update(
+        run=str(run),
+        split=split,
+        images=n,
+        saliency_hw=list(hw),
+        image_size=cfg.data.image_size,
+        crop_size=dcg.crop_size,
+        num_rois=dcg.num_rois,
+        dcg_output_stride=getattr(cfg.model, "dcg_output_stride", 32),
+        dcg_global=cfg.model.dcg_global,
+    )
     return out
 
 

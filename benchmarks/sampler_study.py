@@ -120,25 +120,57 @@ def score(y0: torch.Tensor, labels: torch.Tensor, temperature: float) -> dict:
 
 def candidates(T: int, ref_steps: int, ref_k: int, quick: bool) -> list[dict]:
     c: list[dict] = []
-    for K in ((1, 8) if quick else (1, 2, 4, 8, 16, 32)):
+    for K in (1, 8) if quick else (1, 2, 4, 8, 16, 32):
         if quick and K not in (1, ref_k):
             continue
         c.append({"name": f"truncated{ref_steps} K={K}", "sampler": "truncated", "steps": ref_steps, "K": K})
     t0 = ref_steps - 1  # the truncated chain's start time
-    for n in ((1, 5, 10) if quick else (1, 2, 3, 5, 8, 10)):
+    for n in (1, 5, 10) if quick else (1, 2, 3, 5, 8, 10):
         c.append({"name": f"ddim{n} mean K=1", "sampler": "ddim", "steps": n, "start": "mean", "K": 1})
         c.append({"name": f"dpmpp2m{n} mean K=1", "sampler": "dpmpp2m", "steps": n, "start": "mean", "K": 1})
-        c.append({"name": f"ddim{n} t_start={t0} mean K=1", "sampler": "ddim", "steps": n,
-                  "start": "mean", "t_start": t0, "K": 1})
-        c.append({"name": f"dpmpp2m{n} t_start={t0} mean K=1", "sampler": "dpmpp2m", "steps": n,
-                  "start": "mean", "t_start": t0, "K": 1})
+        c.append(
+            {
+                "name": f"ddim{n} t_start={t0} mean K=1",
+                "sampler": "ddim",
+                "steps": n,
+                "start": "mean",
+                "t_start": t0,
+                "K": 1,
+            }
+        )
+        c.append(
+            {
+                "name": f"dpmpp2m{n} t_start={t0} mean K=1",
+                "sampler": "dpmpp2m",
+                "steps": n,
+                "start": "mean",
+                "t_start": t0,
+                "K": 1,
+            }
+        )
     if not quick:
         for ts in sorted({max(1, t0 // 4), max(1, t0 // 2), min(T - 1, 2 * t0), min(T - 1, 4 * t0)} - {t0}):
             for n in (5, 10):
-                c.append({"name": f"ddim{n} t_start={ts} mean K=1", "sampler": "ddim", "steps": min(n, ts + 1),
-                          "start": "mean", "t_start": ts, "K": 1})
-        c.append({"name": f"ddim10 t_start={t0} noise K=8", "sampler": "ddim", "steps": 10, "start": "noise",
-                  "t_start": t0, "K": 8})
+                c.append(
+                    {
+                        "name": f"ddim{n} t_start={ts} mean K=1",
+                        "sampler": "ddim",
+                        "steps": min(n, ts + 1),
+                        "start": "mean",
+                        "t_start": ts,
+                        "K": 1,
+                    }
+                )
+        c.append(
+            {
+                "name": f"ddim10 t_start={t0} noise K=8",
+                "sampler": "ddim",
+                "steps": 10,
+                "start": "noise",
+                "t_start": t0,
+                "K": 8,
+            }
+        )
     c.append({"name": "ddim10 noise K=8", "sampler": "ddim", "steps": 10, "start": "noise", "K": 8})
     return c
 
@@ -149,14 +181,24 @@ def main(argv=None) -> int:
     ap.add_argument("--ckpt", default=None, help="checkpoint (default: best.ckpt, else last.ckpt)")
     ap.add_argument("--splits", default="val,test")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--bench", action="store_true",
-                    help="only the reference and the goal-1 sampler (what `make bench` reports)")
-    ap.add_argument("--int8", action="store_true",
-                    help="also: the goal-1 sampler with a dynamically int8-quantised denoiser head; "
-                         "how many test predictions change and how far the probabilities move")
-    ap.add_argument("--ref-steps", type=int, default=None,
-                    help="truncated-chain length of the reference (default: the run's eval.steps)")
-    ap.add_argument("--ref-k", type=int, default=None, help="samples per image of the reference (default: eval.num_samples)")
+    ap.add_argument(
+        "--bench", action="store_true", help="only the reference and the goal-1 sampler (what `make bench` reports)"
+    )
+    ap.add_argument(
+        "--int8",
+        action="store_true",
+        help="also: the goal-1 sampler with a dynamically int8-quantised denoiser head; "
+        "how many test predictions change and how far the probabilities move",
+    )
+    ap.add_argument(
+        "--ref-steps",
+        type=int,
+        default=None,
+        help="truncated-chain length of the reference (default: the run's eval.steps)",
+    )
+    ap.add_argument(
+        "--ref-k", type=int, default=None, help="samples per image of the reference (default: eval.num_samples)"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     run = Path(args.run)
@@ -168,12 +210,19 @@ def main(argv=None) -> int:
     ref_steps = args.ref_steps or (e.steps if e.sampler == "truncated" and e.steps else T)
     ref_k = args.ref_k or e.num_samples
     results = []
-    few_spec = {"name": f"{FEWSTEP['sampler']}{FEWSTEP['steps']} t_start={ref_steps - 1} mean K=1", "K": 1,
-                "start": "mean", "t_start": ref_steps - 1, **FEWSTEP}
+    few_spec = {
+        "name": f"{FEWSTEP['sampler']}{FEWSTEP['steps']} t_start={ref_steps - 1} mean K=1",
+        "K": 1,
+        "start": "mean",
+        "t_start": ref_steps - 1,
+        **FEWSTEP,
+    }
     specs = candidates(T, ref_steps, ref_k, args.quick)
     if args.bench:
-        specs = [{"name": f"truncated{ref_steps} K={ref_k}", "sampler": "truncated", "steps": ref_steps, "K": ref_k},
-                 few_spec]
+        specs = [
+            {"name": f"truncated{ref_steps} K={ref_k}", "sampler": "truncated", "steps": ref_steps, "K": ref_k},
+            few_spec,
+        ]
     for spec in specs:
         row = {"name": spec["name"], "spec": spec, "nfe": spec.get("steps", T) * spec.get("K", 1)}
         for s in splits:
@@ -196,22 +245,29 @@ def main(argv=None) -> int:
     summary = {"run": str(run), "T": T, "reference": ref_name, "results": results}
     few = next((r for r in results if r["name"] == few_spec["name"]), None)
     if few is not None:
-        summary["fewstep_vs_reference"] = {"name": few["name"], **{
-            f"{s}_{k}": few[s][k] for s in splits for k in ("acc_delta_pts", "f1_delta_pts", "agree_with_ref")}}
+        summary["fewstep_vs_reference"] = {
+            "name": few["name"],
+            **{f"{s}_{k}": few[s][k] for s in splits for k in ("acc_delta_pts", "f1_delta_pts", "agree_with_ref")},
+        }
     if args.int8:
         import copy
 
         q = copy.deepcopy(module)
-        q.model.denoiser = torch.ao.quantization.quantize_dynamic(q.model.denoiser, {torch.nn.Linear},
-                                                                  dtype=torch.qint8)
+        q.model.denoiser = torch.ao.quantization.quantize_dynamic(
+            q.model.denoiser, {torch.nn.Linear}, dtype=torch.qint8
+        )
         summary["int8_head"] = {}
         for s in splits:
             a = score(run_sampler(module, data[s], few_spec, e.sample_seed), data[s]["label"], e.temperature)
             b = score(run_sampler(q, data[s], few_spec, e.sample_seed), data[s]["label"], e.temperature)
             summary["int8_head"][s] = {
-                "sampler": few_spec["name"], "fp32_acc": a["acc"], "int8_acc": b["acc"],
-                "fp32_f1": a["f1"], "int8_f1": b["f1"],
-                "predictions_changed": int((a["pred"] != b["pred"]).sum()), "images": len(data[s]["id"]),
+                "sampler": few_spec["name"],
+                "fp32_acc": a["acc"],
+                "int8_acc": b["acc"],
+                "fp32_f1": a["f1"],
+                "int8_f1": b["f1"],
+                "predictions_changed": int((a["pred"] != b["pred"]).sum()),
+                "images": len(data[s]["id"]),
                 "max_abs_prob_change": float((a["probs"] - b["probs"]).abs().max()),
                 "mean_abs_prob_change": float((a["probs"] - b["probs"]).abs().mean()),
             }

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -44,9 +43,15 @@ def schedule(preset: str, overrides: list[str]) -> dict:
     apply_step_budget(cfg, n)
     spe = steps_per_epoch(n, cfg.data.batch_size)
     t = cfg.train
-    return {"preset": preset, "train_images": n, "steps_per_epoch": spe,
-            "warmup_epochs": t.dcg_warmup_epochs, "joint_epochs": t.epochs,
-            "warmup_steps": t.dcg_warmup_epochs * spe, "joint_steps": t.epochs * spe}
+    return {
+        "preset": preset,
+        "train_images": n,
+        "steps_per_epoch": spe,
+        "warmup_epochs": t.dcg_warmup_epochs,
+        "joint_epochs": t.epochs,
+        "warmup_steps": t.dcg_warmup_epochs * spe,
+        "joint_steps": t.epochs * spe,
+    }
 
 
 def main() -> None:
@@ -59,8 +64,11 @@ def main() -> None:
         folder = make_folder(a.ham.resolve(), Path(tmp) / "ham_small", a.folder_size)
         sets = {
             "breastmnist": ["data.dataset=medmnist", f"data.root={a.npz}", "data.check_images=false"],
-            f"ham10000 class folder ({a.folder_size} images)": ["data.dataset=folder", f"data.root={folder}",
-                                                                 "data.split=random"],
+            f"ham10000 class folder ({a.folder_size} images)": [
+                "data.dataset=folder",
+                f"data.root={folder}",
+                "data.split=random",
+            ],
             "ham10000 authors split": [f"data.root={a.ham}"],
         }
         for name, over in sets.items():

@@ -49,20 +49,32 @@ def main(runs: list[str]) -> None:
         probs = torch.tensor([[float(r[f"p_{n}"]) for n in names] for r in rows], dtype=torch.float64)
         labels = torch.tensor([int(r["label"]) for r in rows])
         correct = probs.argmax(-1) == labels
-        out = {"run": str(run), "variant": m.get("variant"), "acc": m["acc"],
-               "ece": m["calibration"]["ece"], "ece_unscaled": m["calibration"]["ece_unscaled"],
-               "nll": m["calibration"]["nll"], "temperature": m["calibration"]["temperature"],
-               "aurc_confidence": selective_summary(probs.max(-1).values, correct)["aurc"]}
+        out = {
+            "run": str(run),
+            "variant": m.get("variant"),
+            "acc": m["acc"],
+            "ece": m["calibration"]["ece"],
+            "ece_unscaled": m["calibration"]["ece_unscaled"],
+            "nll": m["calibration"]["nll"],
+            "temperature": m["calibration"]["temperature"],
+            "aurc_confidence": selective_summary(probs.max(-1).values, correct)["aurc"],
+        }
         if "agreement" in rows[0] and rows[0]["agreement"] != "":
             agree = torch.tensor([float(r["agreement"]) for r in rows], dtype=torch.float64)
-            out["aurc_agreement_then_confidence"] = selective_summary(agree + 1e-3 * probs.max(-1).values, correct)["aurc"]
+            out["aurc_agreement_then_confidence"] = selective_summary(agree + 1e-3 * probs.max(-1).values, correct)[
+                "aurc"
+            ]
         if "ttest_p" in rows[0]:
             p = torch.tensor([float(r["ttest_p"]) for r in rows], dtype=torch.float64)
             out["aurc_ttest_p"] = selective_summary(-p, correct)["aurc"]
             out["pavpu"] = m["uncertainty"]["pavpu"]
         c = m["conformal"]
-        out.update(conformal_level=c["level"], conformal_coverage=c["coverage"], conformal_set_size=c["mean_set_size"],
-                   set_size_at_test_coverage_0_90=set_size_at_coverage(probs, labels, image_uniforms(ids)))
+        out.update(
+            conformal_level=c["level"],
+            conformal_coverage=c["coverage"],
+            conformal_set_size=c["mean_set_size"],
+            set_size_at_test_coverage_0_90=set_size_at_coverage(probs, labels, image_uniforms(ids)),
+        )
         r = m["referral"]
         out.update(referred_fraction=r["referred_fraction"], accuracy_kept=r["accuracy_kept"])
         print(json.dumps(out, indent=1))

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from _helpers import TINY_MODEL
 from PIL import Image
+
+from _helpers import TINY_MODEL
 
 CLASSES = ("dark", "bright")
 
@@ -27,7 +28,17 @@ def image_folder(root: Path, per_class: int = 24, size: int = 40, seed: int = 0)
 def tiny_fit_args(data: Path, run: Path, cache: Path, epochs: int = 1, warmup: int = 1) -> list[str]:
     """``diffmic fit`` arguments for a seconds-long CPU fit on :func:`image_folder` data."""
     return [
-        "fit", "--config", "cpu", "data.dataset=folder", f"data.root={data}", "data.split=random",
-        "data.image_size=32", "data.batch_size=16", f"data.cache_dir={cache}", *TINY_MODEL,
-        f"train.epochs={epochs}", f"train.dcg_warmup_epochs={warmup}", f"run.dir={run}",
+        "fit",
+        "--config",
+        "cpu",
+        "data.dataset=folder",
+        f"data.root={data}",
+        "data.split=random",
+        "data.image_size=32",
+        "data.batch_size=16",
+        f"data.cache_dir={cache}",
+        *TINY_MODEL,
+        f"train.epochs={epochs}",
+        f"train.dcg_warmup_epochs={warmup}",
+        f"run.dir={run}",
     ]

@@ -49,8 +49,9 @@ def write_synthetic_npz(path: Path, splits: dict[str, int] = SPLITS, size: int =
     return path
 
 
-def write_synthetic_folder(root: Path, n: int = 80, size: int = 32,
-                           names: tuple[str, str] = ("benign", "malignant")) -> Path:
+def write_synthetic_folder(
+    root: Path, n: int = 80, size: int = 32, names: tuple[str, str] = ("benign", "malignant")
+) -> Path:
     imgs, labels = synthetic_images(n, size, seed=7, rgb=True)
     for i, (a, y) in enumerate(zip(imgs, labels)):
         p = root / names[int(y)] / f"{i:04d}.png"

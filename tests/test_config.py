@@ -89,13 +89,26 @@ def test_rule_rejects_a_bad_value_and_names_the_key(key):
         load_config("cpu", [f"{key}={value}", *context])
 
 
-@pytest.mark.parametrize("key, value", [
-    ("train.precision", "bf16-mixed"), ("train.precision", "16"), ("train.accelerator", "cpu"),
-    ("train.devices", "2"), ("train.devices", "0,1"), ("train.devices", "-1"), ("train.strategy", "ddp"),
-    ("model.encoder", "tv:resnet18"), ("model.encoder", "timm:resnet10t"), ("train.limit_train_batches", "0.5"),
-    ("train.limit_train_batches", "3"), ("loss.mmd_bandwidth", "[0.5, 2]"), ("eval.steps", "100"),
-    ("train.min_lr", "0.001"), ("model.crop_size", "64"),
-])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("train.precision", "bf16-mixed"),
+        ("train.precision", "16"),
+        ("train.accelerator", "cpu"),
+        ("train.devices", "2"),
+        ("train.devices", "0,1"),
+        ("train.devices", "-1"),
+        ("train.strategy", "ddp"),
+        ("model.encoder", "tv:resnet18"),
+        ("model.encoder", "timm:resnet10t"),
+        ("train.limit_train_batches", "0.5"),
+        ("train.limit_train_batches", "3"),
+        ("loss.mmd_bandwidth", "[0.5, 2]"),
+        ("eval.steps", "100"),
+        ("train.min_lr", "0.001"),
+        ("model.crop_size", "64"),
+    ],
+)
 def test_rule_accepts_valid_values(key, value):
     load_config("cpu", [f"{key}={value}"])
 
@@ -118,8 +131,12 @@ def test_every_shipped_preset_and_the_defaults_pass_the_rules():
 
 
 def test_bad_value_on_the_command_line_exits_2_without_traceback(capsys):
-    for over, key in (("eval.temperature=0", "eval.temperature"), ("model.encoder=resnet81", "model.encoder"),
-                      ("train.precision=31", "train.precision"), ("train.lr=nan", "train.lr")):
+    for over, key in (
+        ("eval.temperature=0", "eval.temperature"),
+        ("model.encoder=resnet81", "model.encoder"),
+        ("train.precision=31", "train.precision"),
+        ("train.lr=nan", "train.lr"),
+    ):
         assert main(["fit", "--config", "cpu", over]) == 2
         err = capsys.readouterr().err
         assert key in err and "Traceback" not in err, err
@@ -147,11 +164,22 @@ def test_choice_sets_are_the_librarys_own_constants():
     from diffmic.nn.diffmic import ALL_VARIANTS, DENOISER_INPUTS
     from diffmic.nn.guidance import ROI_CHANNELS, ROI_SELECT
 
-    same = {"data.dataset": DATASETS, "data.split": SPLITS, "model.variant": ALL_VARIANTS, "model.roi_select": ROI_SELECT,
-            "model.prior": PRIOR_KINDS, "model.roi_channels": ROI_CHANNELS, "model.denoiser_input": DENOISER_INPUTS,
-            "diffusion.schedule": BETA_SCHEDULES, "loss.dcg_ce": GUIDANCE_CE_MODES, "train.monitor": SCALAR_METRICS,
-            "eval.sampler": SAMPLERS, "eval.val_sampler": SAMPLERS, "eval.start": DDIM_STARTS,
-            "eval.aggregate": AGGREGATES}
+    same = {
+        "data.dataset": DATASETS,
+        "data.split": SPLITS,
+        "model.variant": ALL_VARIANTS,
+        "model.roi_select": ROI_SELECT,
+        "model.prior": PRIOR_KINDS,
+        "model.roi_channels": ROI_CHANNELS,
+        "model.denoiser_input": DENOISER_INPUTS,
+        "diffusion.schedule": BETA_SCHEDULES,
+        "loss.dcg_ce": GUIDANCE_CE_MODES,
+        "train.monitor": SCALAR_METRICS,
+        "eval.sampler": SAMPLERS,
+        "eval.val_sampler": SAMPLERS,
+        "eval.start": DDIM_STARTS,
+        "eval.aggregate": AGGREGATES,
+    }
     for key, const in same.items():
         assert CHOICES[key] is const, key
     with pytest.raises(ConfigError, match=r"model.variant: 'huge' is not one of basic, C1, C2, full, dcg"):
@@ -176,8 +204,18 @@ def test_cli_and_data_layer_share_the_image_suffixes(tmp_path, capsys):
 
 
 def test_coercion_follows_the_field_types():
-    cfg = load_config(None, ["train.epochs=3", "train.lr=1e-2", "data.subset=", "train.use_ema=no",
-                             "train.devices=2", "train.limit_train_batches=0.25", "run.dir=123"])
+    cfg = load_config(
+        None,
+        [
+            "train.epochs=3",
+            "train.lr=1e-2",
+            "data.subset=",
+            "train.use_ema=no",
+            "train.devices=2",
+            "train.limit_train_batches=0.25",
+            "run.dir=123",
+        ],
+    )
     assert cfg.train.epochs == 3 and isinstance(cfg.train.lr, float) and cfg.train.lr == 0.01
     assert cfg.data.subset is None and cfg.train.use_ema is False
     assert cfg.train.devices == 2 and cfg.train.limit_train_batches == 0.25 and cfg.run.dir == "123"
@@ -207,8 +245,13 @@ def test_presets_compose_with_base(tmp_path):
     assert demo["run"]["dir"] == "runs/demo"
     breast = load_config("breastmnist").to_dict()
     differ = {(s, k) for s in cpu for k in cpu[s] if cpu[s][k] != breast[s][k]}
-    assert differ == {("run", "dir"), ("data", "dataset"), ("data", "root"), ("train", "epochs"),
-                      ("train", "dcg_warmup_epochs")}
+    assert differ == {
+        ("run", "dir"),
+        ("data", "dataset"),
+        ("data", "root"),
+        ("train", "epochs"),
+        ("train", "dcg_warmup_epochs"),
+    }
     raw = read_preset("breastmnist")
     assert "base" not in raw and raw["model"]["dcg_local"] == "resnet10_tiny"  # inherited
 

@@ -52,8 +52,7 @@ def test_ham10000_authors_split(ham_authors):
     assert (len(tr), len(te)) == (7011, 3004)
     assert tr.class_names == ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
     counts = dict(zip(te.class_names, te.class_counts().tolist()))
-    assert counts == {"NV": 2038, "MEL": 332, "BKL": 329, "BCC": 146, "AKIEC": 88,
-                      "VASC": 39, "DF": 32}
+    assert counts == {"NV": 2038, "MEL": 332, "BKL": 329, "BCC": 146, "AKIEC": 88, "VASC": 39, "DF": 32}
     assert tr.class_counts().tolist() == [781, 4667, 368, 239, 770, 83, 103]
     r = te.records[0]
     assert r.path.name == f"{r.id}.jpg" and r.group.startswith("HAM_")
@@ -155,8 +154,13 @@ def test_breastmnist(tmp_path):
 def test_medmnist_rgb_and_bad_labels(tmp_path):
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, (6, 28, 28, 3), dtype=np.uint8)
-    np.savez(tmp_path / "x.npz", train_images=imgs, train_labels=np.array([0, 1, 2, 0, 1, 2]),
-             test_images=imgs[:3], test_labels=np.array([[0], [1], [2]]))
+    np.savez(
+        tmp_path / "x.npz",
+        train_images=imgs,
+        train_labels=np.array([0, 1, 2, 0, 1, 2]),
+        test_images=imgs[:3],
+        test_labels=np.array([[0], [1], [2]]),
+    )
     sp = load_medmnist(tmp_path / "x.npz")
     assert sp["train"].class_names == ["0", "1", "2"] and set(sp) == {"train", "test"}
     np.savez(tmp_path / "y.npz", train_images=imgs, train_labels=np.zeros((6, 3)))
@@ -208,9 +212,16 @@ def _write_csv(path: Path, header, rows) -> Path:
 def test_csv_manifest_names_and_ints(tmp_path):
     for i in range(4):
         _png(tmp_path / "img" / f"{i}.png")
-    f = _write_csv(tmp_path / "m.csv", ["path", "label", "split"],
-                   [["img/0.png", "nevus", "train"], ["img/1.png", "melanoma", "train"],
-                    ["img/2.png", "nevus", "Test"], ["img/3.png", "melanoma", "validation"]])
+    f = _write_csv(
+        tmp_path / "m.csv",
+        ["path", "label", "split"],
+        [
+            ["img/0.png", "nevus", "train"],
+            ["img/1.png", "melanoma", "train"],
+            ["img/2.png", "nevus", "Test"],
+            ["img/3.png", "melanoma", "validation"],
+        ],
+    )
     sp = load_csv_manifest(f, split_col="split")
     assert set(sp) == {"train", "val", "test"}
     assert sp["train"].class_names == ["melanoma", "nevus"]  # sorted
@@ -221,8 +232,7 @@ def test_csv_manifest_names_and_ints(tmp_path):
     all_ = load_csv_manifest(f)["all"]
     assert len(all_) == 4
 
-    g = _write_csv(tmp_path / "ints.csv", ["file", "y"],
-                   [[str(tmp_path / "img" / "0.png"), "2"], ["img/1.png", "0"]])
+    g = _write_csv(tmp_path / "ints.csv", ["file", "y"], [[str(tmp_path / "img" / "0.png"), "2"], ["img/1.png", "0"]])
     # integer labels must be 0..C-1 with no gap (issue 9): label 2 without a 1 is an error of its row
     ix = load_csv_manifest(g, path_col="file", label_col="y")["all"]
     assert ix.class_names == ["0"] and ix.labels.tolist() == [-1, 0]
@@ -235,15 +245,15 @@ def test_csv_manifest_names_and_ints(tmp_path):
 
 def test_csv_manifest_unknown_class_and_bad_split(tmp_path):
     _png(tmp_path / "a.png")
-    f = _write_csv(tmp_path / "m.csv", ["path", "label"],
-                   [["a.png", "nevus"], ["a2.png", "wart"]])
+    f = _write_csv(tmp_path / "m.csv", ["path", "label"], [["a.png", "nevus"], ["a2.png", "wart"]])
     ix = load_csv_manifest(f, class_names=["nevus", "melanoma"])["all"]
     with pytest.raises(DataError) as ei:
         check_dataset(ix, check_images=False)
     msg = str(ei.value)
     assert "unknown class name 'wart'" in msg and "m.csv:line 3" in msg
-    f2 = _write_csv(tmp_path / "s.csv", ["path", "label", "split"],
-                    [["a.png", "0", "train"], ["a.png", "0", "holdout"]])
+    f2 = _write_csv(
+        tmp_path / "s.csv", ["path", "label", "split"], [["a.png", "0", "train"], ["a.png", "0", "holdout"]]
+    )
     with pytest.raises(DataError, match=r"s.csv:line 3: split 'holdout'"):
         load_csv_manifest(f2, split_col="split")
     with pytest.raises(DataError, match="missing column"):
@@ -300,8 +310,7 @@ def test_carve_validation_and_subset():
     assert len(sub) == 10 and (sub.class_counts() > 0).all()
     assert stratified_subset(ix, 1000, seed=0) is ix
     y = np.array([0] * 100 + [1] * 2)
-    small = stratified_subset(DatasetIndex([Record(str(i), int(l)) for i, l in enumerate(y)],
-                                           ["x", "y"]), 5, seed=0)
+    small = stratified_subset(DatasetIndex([Record(str(i), int(l)) for i, l in enumerate(y)], ["x", "y"]), 5, seed=0)
     assert len(small) == 5 and small.class_counts().tolist() == [4, 1]
 
 
@@ -320,8 +329,7 @@ class _Evil:
 def test_restricted_unpickler_refuses_code(tmp_path, capfd):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pkl"
-    evil.write_bytes(pickle.dumps([{"img_root": "x.png", "label": 0},
-                                   _Evil(f"echo pwned; touch {marker}")]))
+    evil.write_bytes(pickle.dumps([{"img_root": "x.png", "label": 0}, _Evil(f"echo pwned; touch {marker}")]))
     with pytest.raises(DataError, match="refused to load global"):
         load_pickle_split(evil)
     assert not marker.exists()
@@ -333,20 +341,26 @@ def test_restricted_unpickler_refuses_code(tmp_path, capfd):
 
 
 def test_pickle_split_accepts_list_of_dicts_and_converts(tmp_path):
-    entries = [{"img_root": "./dataset/isic2018/images/ISIC_0000001.jpg", "label": 1},
-               {"img_root": "./dataset/isic2018/images/ISIC_0000002.jpg", "label": 0}]
+    entries = [
+        {"img_root": "./dataset/isic2018/images/ISIC_0000001.jpg", "label": 1},
+        {"img_root": "./dataset/isic2018/images/ISIC_0000002.jpg", "label": 0},
+    ]
     f = tmp_path / "train.pkl"
     f.write_bytes(pickle.dumps(entries, protocol=4))
     assert load_pickle_split(f) == entries
     n = convert_pickle_split_to_csv(f, tmp_path / "out" / "train.csv", class_names=["MEL", "NV"])
     assert n == 2
     rows = list(csv.DictReader(open(tmp_path / "out" / "train.csv")))
-    assert rows[0] == {"id": "ISIC_0000001", "path": entries[0]["img_root"], "label": "1",
-                       "class": "NV"}
+    assert rows[0] == {"id": "ISIC_0000001", "path": entries[0]["img_root"], "label": "1", "class": "NV"}
     ix = load_csv_manifest(tmp_path / "out" / "train.csv", id_col="id")["all"]
     assert ix.ids == ["ISIC_0000001", "ISIC_0000002"] and ix.labels.tolist() == [1, 0]
-    for bad in ({"a": 1}, [{"img_root": 3, "label": 0}], [{"img_root": "x", "label": 1.5}],
-                [{"img_root": "x", "label": True}], [["x", 0]]):
+    for bad in (
+        {"a": 1},
+        [{"img_root": 3, "label": 0}],
+        [{"img_root": "x", "label": 1.5}],
+        [{"img_root": "x", "label": True}],
+        [["x", 0]],
+    ):
         (tmp_path / "bad.pkl").write_bytes(pickle.dumps(bad))
         with pytest.raises(DataError):
             load_pickle_split(tmp_path / "bad.pkl")

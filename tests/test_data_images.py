@@ -11,9 +11,19 @@ import pytest
 import torch
 from PIL import Image
 
-from diffmic.data import (DataError, DatasetIndex, DecodedCache, Normalize, Record,
-                          TrainAugment, build_transform, check_dataset, decode_image,
-                          default_cache_dir, load_image_folder)
+from diffmic.data import (
+    DataError,
+    DatasetIndex,
+    DecodedCache,
+    Normalize,
+    Record,
+    TrainAugment,
+    build_transform,
+    check_dataset,
+    decode_image,
+    default_cache_dir,
+    load_image_folder,
+)
 from diffmic.data.checks import check_image_file
 from diffmic.data.transforms import center_square_crop_box
 
@@ -77,8 +87,7 @@ def test_modes_decode_to_expected_values(tmp_path):
     half = np.dstack([np.full((4, 4, 3), 200, np.uint8), np.full((4, 4), 128, np.uint8)])
     assert np.all(decode_image(Image.fromarray(half, "RGBA"), 4) == 100)
     # LA, CMYK, bilevel, RGB -> grey
-    la = Image.fromarray(np.dstack([np.full((4, 4), 90, np.uint8),
-                                    np.full((4, 4), 255, np.uint8)]), "LA")
+    la = Image.fromarray(np.dstack([np.full((4, 4), 90, np.uint8), np.full((4, 4), 255, np.uint8)]), "LA")
     assert np.all(decode_image(la, 4, in_chans=1) == 90)
     cmyk = _save(Image.new("CMYK", (6, 6), (0, 255, 255, 0)), tmp_path / "c.jpg", quality=100)
     out = decode_image(cmyk, 4)
@@ -103,7 +112,7 @@ def test_normalize_and_augment():
     x = torch.full((3, 16, 16), 255, dtype=torch.uint8)
     y = Normalize(3)(x)
     assert y.dtype == torch.float32
-    assert torch.allclose(y[:, 0, 0], (1 - torch.tensor([.485, .456, .406])) / torch.tensor([.229, .224, .225]))
+    assert torch.allclose(y[:, 0, 0], (1 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225]))
     g = Normalize(1)(torch.zeros(1, 4, 4, dtype=torch.uint8))
     assert torch.allclose(g, torch.tensor(-(0.485 + 0.456 + 0.406) / (0.229 + 0.224 + 0.225)))
     torch.manual_seed(0)
@@ -215,8 +224,7 @@ def bad_dataset(tmp_path):
     rng = np.random.default_rng(0)
     good = []
     for i in range(4):
-        good.append(_save(Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)),
-                          root / f"good{i}.png"))
+        good.append(_save(Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)), root / f"good{i}.png"))
     jpg = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(jpg, "JPEG")
     (root / "truncated.jpg").write_bytes(jpg.getvalue()[: len(jpg.getvalue()) // 2])
@@ -228,11 +236,18 @@ def bad_dataset(tmp_path):
     return root, recs
 
 
-@pytest.mark.parametrize("case,needle", [
-    ("corrupt", "corrupt.png"), ("empty", "empty.png"), ("truncated", "truncated.jpg"),
-    ("missing", "nowhere.png"), ("duplicate", "duplicate_id"), ("label", "label 7 is outside"),
-    ("empty_class", "no images of class 2"),
-])
+@pytest.mark.parametrize(
+    "case,needle",
+    [
+        ("corrupt", "corrupt.png"),
+        ("empty", "empty.png"),
+        ("truncated", "truncated.jpg"),
+        ("missing", "nowhere.png"),
+        ("duplicate", "duplicate_id"),
+        ("label", "label 7 is outside"),
+        ("empty_class", "no images of class 2"),
+    ],
+)
 def test_each_problem_raises_naming_the_item(bad_dataset, case, needle):
     root, recs = bad_dataset
     names = ["a", "b"]
@@ -256,23 +271,34 @@ def test_each_problem_raises_naming_the_item(bad_dataset, case, needle):
     assert ("list.csv:line 9" in msg) or case == "empty_class"
     assert "->" in msg  # each problem says what to do
     kinds = {p.kind for p in ei.value.problems if p.severity == "error"}
-    assert kinds == {"corrupt": {"corrupt_image"}, "empty": {"empty_file"},
-                     "truncated": {"truncated_image"}, "missing": {"missing_file"},
-                     "duplicate": {"duplicate_id", "duplicate_file"},
-                     "label": {"label_out_of_range", "duplicate_file"},
-                     "empty_class": {"empty_class"}}[case]
+    assert (
+        kinds
+        == {
+            "corrupt": {"corrupt_image"},
+            "empty": {"empty_file"},
+            "truncated": {"truncated_image"},
+            "missing": {"missing_file"},
+            "duplicate": {"duplicate_id", "duplicate_file"},
+            "label": {"label_out_of_range", "duplicate_file"},
+            "empty_class": {"empty_class"},
+        }[case]
+    )
     assert ei.value.report is not None and not ei.value.report.ok
 
 
 def test_skip_bad_removes_and_lists(bad_dataset):
     root, recs = bad_dataset
-    bad = [Record("c", 0, root / "corrupt.png"), Record("e", 1, root / "empty.png"),
-           Record("t", 0, root / "truncated.jpg"), Record("m", 1, root / "nowhere.png"),
-           Record("good0", 0, root / "good0.png"), Record("l", -3, root / "other.png"),
-           Record("r", 1, root / "rgba.png")]
+    bad = [
+        Record("c", 0, root / "corrupt.png"),
+        Record("e", 1, root / "empty.png"),
+        Record("t", 0, root / "truncated.jpg"),
+        Record("m", 1, root / "nowhere.png"),
+        Record("good0", 0, root / "good0.png"),
+        Record("l", -3, root / "other.png"),
+        Record("r", 1, root / "rgba.png"),
+    ]
     ix = DatasetIndex(recs + bad, ["a", "b"])
-    test = DatasetIndex([Record("good3", 1, recs[3].path), Record("x", 0, root / "good2.png")],
-                        ["a", "b"])
+    test = DatasetIndex([Record("good3", 1, recs[3].path), Record("x", 0, root / "good2.png")], ["a", "b"])
     rep = check_dataset({"train": ix, "test": test}, skip_bad=True)
     assert rep.ok
     removed = {p.record_id for p in rep.removed}

@@ -38,8 +38,9 @@ def _check_batch(b, B, C, S):
 
 def test_folder_datamodule_end_to_end(tmp_path):
     root = _folder(tmp_path / "imgs")
-    kw = dict(dataset="folder", root=root, image_size=16, batch_size=4, val_fraction=0.2,
-              seed=3, cache_dir=tmp_path / "cache")
+    kw = dict(
+        dataset="folder", root=root, image_size=16, batch_size=4, val_fraction=0.2, seed=3, cache_dir=tmp_path / "cache"
+    )
     dm = DiffMICDataModule(**kw)
     assert dm.num_classes == 3 and dm.class_names == ["class0", "class1", "class2"]
     dm.setup("fit")
@@ -83,8 +84,16 @@ def test_folder_datamodule_end_to_end(tmp_path):
 
 def test_train_loader_is_seeded(tmp_path):
     root = _folder(tmp_path / "imgs")
-    kw = dict(dataset="folder", root=root, image_size=8, batch_size=32, seed=5,
-              cache_dir=tmp_path / "cache", rotation=0.0, hflip=False)
+    kw = dict(
+        dataset="folder",
+        root=root,
+        image_size=8,
+        batch_size=32,
+        seed=5,
+        cache_dir=tmp_path / "cache",
+        rotation=0.0,
+        hflip=False,
+    )
     a = next(iter(DiffMICDataModule(**kw).train_dataloader()))["id"]
     b = next(iter(DiffMICDataModule(**kw).train_dataloader()))["id"]
     assert a == b and len(a) == len(set(a))
@@ -114,13 +123,20 @@ def test_csv_datamodule_with_split_column(tmp_path):
     root = _folder(tmp_path / "imgs", per_class=(6, 6))
     rows = []
     for i, p in enumerate(sorted(root.rglob("*.png"))):
-        rows.append([p.relative_to(root).as_posix(), p.parent.name,
-                     ["train", "train", "val", "test"][i % 4]])
+        rows.append([p.relative_to(root).as_posix(), p.parent.name, ["train", "train", "val", "test"][i % 4]])
     f = tmp_path / "m.csv"
     with open(f, "w", newline="") as fh:
         csv.writer(fh).writerows([["path", "label", "split"], *rows])
-    dm = DiffMICDataModule(dataset="csv", root=root, csv_path=f, split_col="split", image_size=8,
-                           batch_size=2, cache_dir=tmp_path / "cache", allow_empty_classes=True)
+    dm = DiffMICDataModule(
+        dataset="csv",
+        root=root,
+        csv_path=f,
+        split_col="split",
+        image_size=8,
+        batch_size=2,
+        cache_dir=tmp_path / "cache",
+        allow_empty_classes=True,
+    )
     dm.setup()
     assert dm.split_sizes == {"train": 6, "val": 3, "test": 3}
     _check_batch(next(iter(dm.val_dataloader())), 2, 3, 8)
@@ -128,8 +144,16 @@ def test_csv_datamodule_with_split_column(tmp_path):
 
 def test_ham10000_subset_datamodule(tmp_path):
     root = _need("ham10000")
-    dm = DiffMICDataModule(dataset="ham10000", root=root, split="lesion", image_size=32,
-                           batch_size=8, subset=60, cache_dir=tmp_path / "cache", seed=1)
+    dm = DiffMICDataModule(
+        dataset="ham10000",
+        root=root,
+        split="lesion",
+        image_size=32,
+        batch_size=8,
+        subset=60,
+        cache_dir=tmp_path / "cache",
+        seed=1,
+    )
     dm.setup()
     sizes = dm.split_sizes
     assert sizes["train"] + sizes["val"] == 60 and sizes["test"] == 30
@@ -142,8 +166,9 @@ def test_ham10000_subset_datamodule(tmp_path):
 
 def test_breastmnist_datamodule_grey(tmp_path):
     f = _need("breastmnist") / "breastmnist.npz"
-    dm = DiffMICDataModule(dataset="medmnist", root=f, image_size=28, in_chans=1, batch_size=16,
-                           cache_dir=tmp_path / "cache")
+    dm = DiffMICDataModule(
+        dataset="medmnist", root=f, image_size=28, in_chans=1, batch_size=16, cache_dir=tmp_path / "cache"
+    )
     dm.setup()
     assert dm.split_sizes == {"train": 546, "val": 78, "test": 156}
     assert dm.num_classes == 2
@@ -156,9 +181,17 @@ def test_aptos_two_images_datamodule(tmp_path):
     root = _need("aptos2019")
     with pytest.raises(DataError, match="missing_file: 3660"):
         DiffMICDataModule(dataset="aptos2019", root=root, cache_dir=tmp_path / "c").setup()
-    dm = DiffMICDataModule(dataset="aptos2019", root=root, image_size=64, batch_size=2,
-                           vflip=True, require_images=False, allow_empty_classes=True,
-                           val_fraction=0.0, cache_dir=tmp_path / "c")
+    dm = DiffMICDataModule(
+        dataset="aptos2019",
+        root=root,
+        image_size=64,
+        batch_size=2,
+        vflip=True,
+        require_images=False,
+        allow_empty_classes=True,
+        val_fraction=0.0,
+        cache_dir=tmp_path / "c",
+    )
     dm.setup()
     assert len(dm.missing_dropped) == 3660
     assert dm.split_sizes == {"train": 2, "val": 0, "test": 0}
@@ -207,8 +240,17 @@ def test_weighted_sampler_frequencies_and_determinism():
 
 def test_balanced_train_loader_and_val_split(tmp_path):
     root = _folder(tmp_path / "imgs", per_class=(40, 8, 4))
-    kw = dict(dataset="folder", root=root, image_size=8, batch_size=200, seed=5, val_fraction=0.0,
-              cache_dir=tmp_path / "cache", rotation=0.0, hflip=False)
+    kw = dict(
+        dataset="folder",
+        root=root,
+        image_size=8,
+        batch_size=200,
+        seed=5,
+        val_fraction=0.0,
+        cache_dir=tmp_path / "cache",
+        rotation=0.0,
+        hflip=False,
+    )
     plain = DiffMICDataModule(**kw)
     labels = plain.get_dataset("train").labels
     n = np.bincount(labels)

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import ONE_THREAD_ENV, one_thread  # noqa: F401
-from _synthetic import image_folder, tiny_fit_args
 
+from _synthetic import image_folder, tiny_fit_args
 from diffmic.cli import main
 from diffmic.training.checkpoint import read_checkpoint
+
+from _helpers import ONE_THREAD_ENV, one_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,8 +32,13 @@ PER_CLASS = 15  # 30 images: a 9-image test split, shards of 5 and 4 on two rank
 
 
 def _cli(*args: str, timeout: int = 600) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "diffmic.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=ONE_THREAD_ENV)
+    return subprocess.Popen(
+        [sys.executable, "-m", "diffmic.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=ONE_THREAD_ENV,
+    )
 
 
 def _wait(proc: subprocess.Popen, timeout: int = 600) -> str:

@@ -21,8 +21,13 @@ from diffmic.training.checkpoint import read_checkpoint
 from _helpers import TINY_MODEL, one_thread  # noqa: F401
 
 FAST = [
-    "data.dataset=medmnist", "data.subset=32", "data.image_size=32", "data.batch_size=16",
-    *TINY_MODEL, "train.epochs=1", "train.dcg_warmup_epochs=1",
+    "data.dataset=medmnist",
+    "data.subset=32",
+    "data.image_size=32",
+    "data.batch_size=16",
+    *TINY_MODEL,
+    "train.epochs=1",
+    "train.dcg_warmup_epochs=1",
 ]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,12 +42,15 @@ def two_runs(tmp_path_factory, synth_npz):
     tmp = tmp_path_factory.mktemp("det")
     cache = tmp / "cache"
     runs = [tmp / "a", tmp / "b"]
-    args = [["fit", "--config", "cpu", *FAST, f"data.root={synth_npz}", f"data.cache_dir={cache}", f"run.dir={r}"]
-            for r in runs]
+    args = [
+        ["fit", "--config", "cpu", *FAST, f"data.root={synth_npz}", f"data.cache_dir={cache}", f"run.dir={r}"]
+        for r in runs
+    ]
     assert main(args[0]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "diffmic.cli", *args[1]], capture_output=True, text=True,
-                         timeout=600, env=env)
+    out = subprocess.run(
+        [sys.executable, "-m", "diffmic.cli", *args[1]], capture_output=True, text=True, timeout=600, env=env
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     for r in runs:
         assert main(["test", "--run", str(r)]) == 0
@@ -75,8 +83,18 @@ SIZE, CROP = 128, 32
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    m = DiffMIC(3, variant="full", encoder="resnet10_tiny", hidden_dim=32, num_layers=2, num_timesteps=T,
-                dcg_global="resnet10_tiny", dcg_local="resnet10_tiny", num_rois=3, crop_size=CROP)
+    m = DiffMIC(
+        3,
+        variant="full",
+        encoder="resnet10_tiny",
+        hidden_dim=32,
+        num_layers=2,
+        num_timesteps=T,
+        dcg_global="resnet10_tiny",
+        dcg_local="resnet10_tiny",
+        num_rois=3,
+        crop_size=CROP,
+    )
     with torch.no_grad():  # non-trivial BN statistics, then freeze them
         m.train()
         for _ in range(2):
@@ -109,7 +127,7 @@ def test_prediction_independent_of_batch_size_and_order(model, images, sampler, 
     full = _run(model, x, ids, **kw)  # [7, 2, 3]
     assert torch.isfinite(full).all()
     for bs in (1, 3):
-        parts = torch.cat([_run(model, x[i:i + bs], ids[i:i + bs], **kw) for i in range(0, len(ids), bs)])
+        parts = torch.cat([_run(model, x[i : i + bs], ids[i : i + bs], **kw) for i in range(0, len(ids), bs)])
         torch.testing.assert_close(parts, full, **TOL)
     perm = torch.randperm(len(ids), generator=torch.Generator().manual_seed(3))
     shuffled = _run(model, x[perm], [ids[i] for i in perm], **kw)
@@ -168,10 +186,23 @@ def test_predictor_output_does_not_depend_on_batch_size(tmp_path):
     from diffmic.inference.predictor import Predictor
     from diffmic.training.module import DiffMICModule
 
-    cfg = load_config("cpu", [f"data.image_size={SIZE}", f"model.crop_size={CROP}", "model.num_rois=3",
-                              "model.encoder=resnet10_tiny", "model.dcg_global=resnet10_tiny",
-                              "model.dcg_local=resnet10_tiny", "model.hidden_dim=32", "diffusion.num_timesteps=100",
-                              "eval.sampler=ddim", "eval.steps=4", "eval.eta=1.0", "eval.num_samples=3"])
+    cfg = load_config(
+        "cpu",
+        [
+            f"data.image_size={SIZE}",
+            f"model.crop_size={CROP}",
+            "model.num_rois=3",
+            "model.encoder=resnet10_tiny",
+            "model.dcg_global=resnet10_tiny",
+            "model.dcg_local=resnet10_tiny",
+            "model.hidden_dim=32",
+            "diffusion.num_timesteps=100",
+            "eval.sampler=ddim",
+            "eval.steps=4",
+            "eval.eta=1.0",
+            "eval.num_samples=3",
+        ],
+    )
     torch.manual_seed(0)
     pred = Predictor(DiffMICModule(cfg.to_dict(), 2, ["benign", "malignant"]).eval(), device="cpu")
     g = torch.Generator().manual_seed(2)

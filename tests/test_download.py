@@ -102,10 +102,12 @@ def _ham_routes(server: FakeServer, bad_md5_for: str | None = None) -> dict[str,
     meta = "lesion_id\timage_id\tdx\tdx_type\tage\tsex\tlocalization\n" + "".join(
         f"HAM_{k // 2:07d}\t{i}\t{d}\thisto\t50.0\tmale\tback\n" for k, (i, d) in enumerate(zip(IMAGE_IDS, DX))
     )
-    files = {101: ("HAM10000_metadata.tab", meta.encode(), "HAM10000_metadata.csv"),
-             102: ("HAM10000_images_part_1.zip", part1, None),
-             103: ("HAM10000_images_part_2.zip", part2, None),
-             104: ("HAM10000_segmentations_lesion_tschandl.zip", masks, None)}
+    files = {
+        101: ("HAM10000_metadata.tab", meta.encode(), "HAM10000_metadata.csv"),
+        102: ("HAM10000_images_part_1.zip", part1, None),
+        103: ("HAM10000_images_part_2.zip", part2, None),
+        104: ("HAM10000_segmentations_lesion_tschandl.zip", masks, None),
+    }
     listing = []
     for fid, (name, body, original) in files.items():
         df = {"id": fid, "filename": name, "checksum": {"type": "MD5", "value": _md5(body)}}
@@ -223,13 +225,24 @@ def test_offline_error_says_what_to_download_and_cli_exits_2(tmp_path, capsys):
     port = s.getsockname()[1]
     s.close()  # nothing listens there: like being offline
     with pytest.raises(dl.DownloadError) as ei:
-        dl.download_dataset("breastmnist", tmp_path, mirror=f"http://127.0.0.1:{port}", progress=False,
-                            log=lambda s: None)
+        dl.download_dataset(
+            "breastmnist", tmp_path, mirror=f"http://127.0.0.1:{port}", progress=False, log=lambda s: None
+        )
     msg = str(ei.value)
     assert "offline" in msg and "zenodo.org/records/10519652/files/breastmnist.npz" in msg
     assert "750601b1f35ba3300ea97c75c52ff8f6" in msg and "breastmnist/breastmnist.npz" in msg
-    rc = main(["data", "download", "ham10000", "--root", str(tmp_path), "--mirror", f"http://127.0.0.1:{port}",
-               "--no-progress"])
+    rc = main(
+        [
+            "data",
+            "download",
+            "ham10000",
+            "--root",
+            str(tmp_path),
+            "--mirror",
+            f"http://127.0.0.1:{port}",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err
     assert "doi.org/10.7910/DVN/DBW86T" in err and "HAM10000_images_part_1.zip" in err
@@ -314,10 +327,12 @@ def test_unknown_name_lists_the_available_ones(tmp_path, capsys):
 
 def test_every_medmnist_entry_uses_the_published_md5():
     # independent of the table: the MD5s the medmnist package publishes for these files (info.py)
-    published = {"breastmnist": "750601b1f35ba3300ea97c75c52ff8f6",
-                 "breastmnist_224": "b56378a6eefa9fed602bb16d192d4c8b",
-                 "pneumoniamnist": "28209eda62fecd6e6a2d98b1501bb15f",
-                 "dermamnist_64": "b70a2f5635c6199aeaa28c31d7202e1f"}
+    published = {
+        "breastmnist": "750601b1f35ba3300ea97c75c52ff8f6",
+        "breastmnist_224": "b56378a6eefa9fed602bb16d192d4c8b",
+        "pneumoniamnist": "28209eda62fecd6e6a2d98b1501bb15f",
+        "dermamnist_64": "b70a2f5635c6199aeaa28c31d7202e1f",
+    }
     for name, md5 in published.items():
         (f,) = dl.SOURCES[name].files
         assert f.md5 == md5 and f.url == f"https://zenodo.org/records/10519652/files/{name}.npz?download=1"

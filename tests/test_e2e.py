@@ -38,8 +38,18 @@ from _helpers import TINY_MODEL, need
 TINY = ["data.image_size=32", "data.batch_size=8", *TINY_MODEL]
 
 METRIC_KEYS = {
-    "acc", "balanced_acc", "f1", "kappa", "auroc", "precision_per_class", "recall_per_class",
-    "f1_per_class", "confusion_matrix", "num_images", "class_names", "checkpoint",
+    "acc",
+    "balanced_acc",
+    "f1",
+    "kappa",
+    "auroc",
+    "precision_per_class",
+    "recall_per_class",
+    "f1_per_class",
+    "confusion_matrix",
+    "num_images",
+    "class_names",
+    "checkpoint",
 }
 
 
@@ -74,8 +84,11 @@ def check_metrics_against_sklearn(run: Path, num_classes: int) -> dict:
     auroc = np.mean([roc_auc_score(y == c, raw[:, c]) for c in labels])
     assert m["auroc"] == pytest.approx(auroc, abs=1e-5)
     assert m["confusion_matrix"] == confusion_matrix(y, pred, labels=labels).tolist()
-    for key, fn in (("precision_per_class", precision_score), ("recall_per_class", recall_score),
-                    ("f1_per_class", f1_score)):
+    for key, fn in (
+        ("precision_per_class", precision_score),
+        ("recall_per_class", recall_score),
+        ("f1_per_class", f1_score),
+    ):
         want = fn(y, pred, average=None, labels=labels, zero_division=0)
         assert list(m[key]) == names, key
         np.testing.assert_allclose([m[key][c] for c in names], want, atol=1e-6, err_msg=key)
@@ -106,11 +119,20 @@ def synth_run(tmp_path_factory, synth_npz) -> Path:
     """Train once on the generated .npz (3 DCG warm-up + 3 joint epochs) and share the run."""
     tmp = tmp_path_factory.mktemp("synth")
     run = tmp / "run"
-    rc = main([
-        "fit", "--config", "cpu", *TINY,
-        "data.dataset=medmnist", f"data.root={synth_npz}", f"data.cache_dir={tmp / 'cache'}",
-        f"run.dir={run}", "train.epochs=3", "train.dcg_warmup_epochs=3",
-    ])
+    rc = main(
+        [
+            "fit",
+            "--config",
+            "cpu",
+            *TINY,
+            "data.dataset=medmnist",
+            f"data.root={synth_npz}",
+            f"data.cache_dir={tmp / 'cache'}",
+            f"run.dir={run}",
+            "train.epochs=3",
+            "train.dcg_warmup_epochs=3",
+        ]
+    )
     assert rc == 0
     assert main(["test", "--run", str(run)]) == 0
     return run
@@ -150,7 +172,7 @@ def test_validate_verb_reports_validation_metrics(synth_run, capsys):
     before = (synth_run / "test_metrics.json").read_text()
     assert main(["validate", "--run", str(synth_run)]) == 0
     out = capsys.readouterr().out
-    result = json.loads(out[out.index("{"):])
+    result = json.loads(out[out.index("{") :])
     assert any("acc" in k for k in (result[0] if isinstance(result, list) else result))
     assert (synth_run / "test_metrics.json").read_text() == before  # validate writes no test files
 
@@ -169,8 +191,19 @@ def _save_test_pngs(npz: Path, folder: Path, n: int) -> tuple[list[str], np.ndar
 def test_predict_cli_on_images(synth_run, synth_npz, tmp_path):
     paths, labels = _save_test_pngs(synth_npz, tmp_path / "in", 8)
     out = tmp_path / "preds.csv"
-    rc = main(["predict", "--run", str(synth_run), *paths, "--output", str(out),
-               "--explain", str(tmp_path / "explain"), "eval.num_samples=3"])
+    rc = main(
+        [
+            "predict",
+            "--run",
+            str(synth_run),
+            *paths,
+            "--output",
+            str(out),
+            "--explain",
+            str(tmp_path / "explain"),
+            "eval.num_samples=3",
+        ]
+    )
     assert rc == 0
     rows = _rows(out)
     assert [Path(r["id"]).name for r in rows] == [f"img{i}.png" for i in range(8)]
@@ -187,8 +220,10 @@ def test_predict_errors_are_clear(synth_run, tmp_path, capsys):
         (["predict", "--run", str(synth_run), str(tmp_path / "missing.png")], "missing.png' does not exist"),
         (["predict", "--run", str(synth_run), str(tmp_path / "empty")], "holds no images"),
         (["predict", str(img)], "predict needs --run DIR or --ckpt FILE"),
-        (["predict", "--run", str(synth_run), str(img), "data.image_size=64"],
-         "predict accepts eval.* overrides only, got 'data.image_size'"),
+        (
+            ["predict", "--run", str(synth_run), str(img), "data.image_size=64"],
+            "predict accepts eval.* overrides only, got 'data.image_size'",
+        ),
         (["predict", "--run", str(synth_run), str(img), "eval.stpes=3"], "eval.stpes"),
         (["test", "--run", str(tmp_path / "nope")], "not found"),
         (["fit", "--config", "cpu", "data.rooot=/x"], "Did you mean 'data.root'"),
@@ -226,9 +261,22 @@ def test_explain_image_of_grey_input_is_the_grey_input(tmp_path):
 def test_unseen_class_folder_trains_with_cpu_preset(tmp_path, synth_folder):
     """A folder of class sub-folders never seen before: classes inferred, no code change."""
     run = tmp_path / "run"
-    rc = main(["fit", "--config", "cpu", *TINY, "data.dataset=folder", f"data.root={synth_folder}",
-               "data.split=random", f"data.cache_dir={tmp_path / 'cache'}", f"run.dir={run}", "train.epochs=1",
-               "train.dcg_warmup_epochs=1", "train.limit_train_batches=2"])
+    rc = main(
+        [
+            "fit",
+            "--config",
+            "cpu",
+            *TINY,
+            "data.dataset=folder",
+            f"data.root={synth_folder}",
+            "data.split=random",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            f"run.dir={run}",
+            "train.epochs=1",
+            "train.dcg_warmup_epochs=1",
+            "train.limit_train_batches=2",
+        ]
+    )
     assert rc == 0
     assert main(["test", "--run", str(run)]) == 0
     m = check_metrics_against_sklearn(run, 2)
@@ -253,11 +301,21 @@ def breast_run(tmp_path_factory) -> Path:
     npz = need("breastmnist/breastmnist.npz")
     tmp = tmp_path_factory.mktemp("breast")
     run = tmp / "run"
-    rc = main([
-        "fit", "--config", "cpu", *TINY, "data.batch_size=32",
-        "data.dataset=medmnist", f"data.root={npz}", f"data.cache_dir={tmp / 'cache'}",
-        f"run.dir={run}", "train.epochs=4", "train.dcg_warmup_epochs=2",
-    ])
+    rc = main(
+        [
+            "fit",
+            "--config",
+            "cpu",
+            *TINY,
+            "data.batch_size=32",
+            "data.dataset=medmnist",
+            f"data.root={npz}",
+            f"data.cache_dir={tmp / 'cache'}",
+            f"run.dir={run}",
+            "train.epochs=4",
+            "train.dcg_warmup_epochs=2",
+        ]
+    )
     assert rc == 0
     assert main(["test", "--run", str(run)]) == 0
     return run
@@ -276,10 +334,20 @@ def test_breastmnist_metrics_equal_sklearn_and_beat_chance(breast_run):
 def test_ham10000_subset_fit_test_predict(tmp_path):
     root = need("ham10000")
     run = tmp_path / "ham"
-    rc = main([
-        "fit", "--config", "demo_cpu", *TINY, f"data.root={root}", "data.subset=160",
-        f"data.cache_dir={tmp_path / 'cache'}", f"run.dir={run}", "train.epochs=1", "train.dcg_warmup_epochs=1",
-    ])
+    rc = main(
+        [
+            "fit",
+            "--config",
+            "demo_cpu",
+            *TINY,
+            f"data.root={root}",
+            "data.subset=160",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            f"run.dir={run}",
+            "train.epochs=1",
+            "train.dcg_warmup_epochs=1",
+        ]
+    )
     assert rc == 0
     assert main(["test", "--run", str(run)]) == 0
     m = check_metrics_against_sklearn(run, 7)

@@ -91,8 +91,10 @@ def test_apply_step_budget_sets_epochs_from_the_data_size():
 # ---------------------------------------------------------------------------------------------- models
 
 
-@pytest.mark.parametrize("name,os_,hw", [("resnet18", 32, 2), ("resnet18", 16, 4), ("resnet18", 8, 8),
-                                         ("resnet50", 8, 8), ("resnet10_tiny", 8, 8)])
+@pytest.mark.parametrize(
+    "name,os_,hw",
+    [("resnet18", 32, 2), ("resnet18", 16, 4), ("resnet18", 8, 8), ("resnet50", 8, 8), ("resnet10_tiny", 8, 8)],
+)
 def test_output_stride_gives_finer_maps_with_the_same_weights(name, os_, hw):
     ref = create_encoder(name, spatial=True)
     enc = set_output_stride(create_encoder(name, spatial=True), os_)
@@ -111,8 +113,9 @@ def test_output_stride_rejects_bad_values():
 
 def test_dcg_variant_predicts_with_the_fused_logits():
     torch.manual_seed(0)
-    m = DiffMIC(3, variant="dcg", dcg_global="resnet10_tiny", dcg_local="resnet10_tiny", crop_size=8,
-                dcg_output_stride=8).eval()
+    m = DiffMIC(
+        3, variant="dcg", dcg_global="resnet10_tiny", dcg_local="resnet10_tiny", crop_size=8, dcg_output_stride=8
+    ).eval()
     assert m.image_embedding is None and m.denoiser is None and not m.uses_diffusion and m.uses_dcg
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -145,10 +148,20 @@ def tiny_npz(tmp_path_factory):
 
 
 def _grid(tmp, npz, models: dict) -> str:
-    common = ["data.image_size=32", "data.batch_size=16", "model.crop_size=8", *TINY_MODEL,
-              f"data.cache_dir={tmp / 'cache'}", "eval.num_samples=2", "model.dcg_output_stride=8"]
+    common = [
+        "data.image_size=32",
+        "data.batch_size=16",
+        "model.crop_size=8",
+        *TINY_MODEL,
+        f"data.cache_dir={tmp / 'cache'}",
+        "eval.num_samples=2",
+        "model.dcg_output_stride=8",
+    ]
     doc = {
-        "out": str(tmp / "exp"), "reference": "basic", "seeds": [1, 2], "common": common,
+        "out": str(tmp / "exp"),
+        "reference": "basic",
+        "seeds": [1, 2],
+        "common": common,
         "datasets": {"tiny": {"config": "cpu", "overrides": ["data.dataset=medmnist", f"data.root={npz}"]}},
         "models": models,
     }

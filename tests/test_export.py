@@ -12,13 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _helpers import ONE_THREAD_ENV, TINY_MODEL, one_thread  # noqa: F401
 from PIL import Image
 
 from diffmic.cli import main
 from diffmic.inference import Predictor
 from diffmic.inference.export import ExportError, export_model, load_model_folder
 from diffmic.nn.encoders import create_encoder
+
+from _helpers import ONE_THREAD_ENV, TINY_MODEL, one_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SRC = Path(__file__).parents[1] / "src"
@@ -56,9 +57,23 @@ def tiny_run(tmp_path_factory) -> Path:
     weights = tmp / "resnet10_tiny.pth"
     torch.save(create_encoder("resnet10_tiny").state_dict(), weights)
     run = tmp / "run"
-    rc = main(["fit", "--config", "cpu", *TINY_MODEL, "data.dataset=medmnist", f"data.root={npz}",
-               "data.image_size=32", "data.batch_size=8", f"data.cache_dir={tmp / 'cache'}",
-               f"model.pretrained={weights}", f"run.dir={run}", "train.epochs=2", "train.dcg_warmup_epochs=1"])
+    rc = main(
+        [
+            "fit",
+            "--config",
+            "cpu",
+            *TINY_MODEL,
+            "data.dataset=medmnist",
+            f"data.root={npz}",
+            "data.image_size=32",
+            "data.batch_size=8",
+            f"data.cache_dir={tmp / 'cache'}",
+            f"model.pretrained={weights}",
+            f"run.dir={run}",
+            "train.epochs=2",
+            "train.dcg_warmup_epochs=1",
+        ]
+    )
     assert rc == 0
     assert main(["test", "--run", str(run)]) == 0
     weights.unlink()
@@ -132,8 +147,7 @@ def test_calibration_is_passed_through_and_tampering_is_caught(tiny_run, tmp_pat
     cal = tmp_path / "run" / "checkpoints" / "best.ckpt"
     torch.save(ckpt, cal)
     out = export_model(ckpt=cal, out=tmp_path / "m")
-    assert json.loads((out / "config.json").read_text())["calibration"] == {"method": "temperature",
-                                                                            "temperature": 1.7}
+    assert json.loads((out / "config.json").read_text())["calibration"] == {"method": "temperature", "temperature": 1.7}
     assert load_model_folder(out).calibration["temperature"] == 1.7
     w = out / "model.safetensors"
     data = bytearray(w.read_bytes())
@@ -152,8 +166,10 @@ def _have_onnxruntime() -> bool:
     return True
 
 
-@pytest.mark.skipif(not _have_onnxruntime() and os.environ.get("CI", "").lower() != "true",
-                    reason="onnx/onnxruntime not installed (pip install 'diffmic[onnx]'); required when CI=true")
+@pytest.mark.skipif(
+    not _have_onnxruntime() and os.environ.get("CI", "").lower() != "true",
+    reason="onnx/onnxruntime not installed (pip install 'diffmic[onnx]'); required when CI=true",
+)
 def test_onnx_agrees_with_pytorch(tiny_run, tmp_path):
     import onnxruntime as ort
 
@@ -186,8 +202,15 @@ def test_onnx_agrees_with_pytorch(tiny_run, tmp_path):
             return model.eps(feat_t, y_t, t, prior_t)
 
     def eps_onnx(y_t, t):
-        (e,) = step.run(None, {"features": feat_o, "y_t": y_t.numpy().astype(np.float32),
-                               "t": t.numpy().astype(np.int64), "prior": prior_o})
+        (e,) = step.run(
+            None,
+            {
+                "features": feat_o,
+                "y_t": y_t.numpy().astype(np.float32),
+                "t": t.numpy().astype(np.int64),
+                "prior": prior_o,
+            },
+        )
         return torch.from_numpy(e)
 
     y = torch.randn(B, model.num_classes)

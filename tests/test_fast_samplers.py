@@ -71,8 +71,9 @@ def test_exact_eps_gives_exact_data_when_data_is_a_point():
 
     for name in ("ddim", "dpmpp2m"):
         for start in ("mean", "noise"):
-            out = samplers.sample(name, eps_fn, s, mu, steps=4, start=start, t_start=24,
-                                  noise=torch.randn(1, 1, 3, dtype=torch.float64))
+            out = samplers.sample(
+                name, eps_fn, s, mu, steps=4, start=start, t_start=24, noise=torch.randn(1, 1, 3, dtype=torch.float64)
+            )
             torch.testing.assert_close(out.y0, mu + c, rtol=0, atol=1e-10)
 
 
@@ -101,10 +102,12 @@ def test_mean_start_is_seed_free_and_matches_closed_form_from_the_window_start()
     m, sd = 0.1, 0.3
     eps_fn = _gaussian_eps_fn(s, mu, m, sd)
     exact = _exact_readout(s, torch.zeros_like(mu), 24, m, sd) + mu  # r = 0 (y = μ) at t = 24
-    a = samplers.sample("dpmpp2m", eps_fn, s, mu, steps=25, start="mean", t_start=24,
-                        noise=torch.randn(1, 5, 7, dtype=torch.float64)).y0
-    b = samplers.sample("dpmpp2m", eps_fn, s, mu, steps=25, start="mean", t_start=24,
-                        noise=torch.randn(1, 5, 7, dtype=torch.float64)).y0
+    a = samplers.sample(
+        "dpmpp2m", eps_fn, s, mu, steps=25, start="mean", t_start=24, noise=torch.randn(1, 5, 7, dtype=torch.float64)
+    ).y0
+    b = samplers.sample(
+        "dpmpp2m", eps_fn, s, mu, steps=25, start="mean", t_start=24, noise=torch.randn(1, 5, 7, dtype=torch.float64)
+    ).y0
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     torch.testing.assert_close(a, exact, rtol=0, atol=2e-3)
 
@@ -118,8 +121,9 @@ def test_num_noise_draws_for_dpmpp2m_and_call_count():
         calls.append(int(t[0]))
         return torch.zeros_like(y)
 
-    out = samplers.sample("dpmpp2m", eps_fn, s, torch.zeros(2, 3), steps=5, start="mean", t_start=24,
-                          return_trajectory=True)
+    out = samplers.sample(
+        "dpmpp2m", eps_fn, s, torch.zeros(2, 3), steps=5, start="mean", t_start=24, return_trajectory=True
+    )
     assert calls == [24, 18, 12, 6, 0]
     assert len(out.trajectory) == 6
 
@@ -129,8 +133,17 @@ def test_reverse_sample_ancestral_chains_ignore_the_ode_start_options():
     from diffmic.nn.diffmic import DiffMIC
 
     torch.manual_seed(0)
-    m = DiffMIC(3, variant="full", encoder="resnet10_tiny", hidden_dim=16, num_layers=2, num_timesteps=20,
-                dcg_global="resnet10_tiny", dcg_local="resnet10_tiny", num_rois=2).eval()
+    m = DiffMIC(
+        3,
+        variant="full",
+        encoder="resnet10_tiny",
+        hidden_dim=16,
+        num_layers=2,
+        num_timesteps=20,
+        dcg_global="resnet10_tiny",
+        dcg_local="resnet10_tiny",
+        num_rois=2,
+    ).eval()
     s = NoiseSchedule.build(num_timesteps=20, beta_start=1e-3, beta_end=0.2)
     x = torch.randn(2, 3, 32, 32)
     noise = torch.randn(5, 2, 3)

@@ -102,8 +102,9 @@ def test_no_import_cycles():
     graph = _graph()
     # package __init__ re-exports are edges parent -> child; ignore those and child -> parent
     # edges that only reach the package for a re-exported name of a sibling
-    edges = {m: {d for d in deps if not d.startswith(m + ".") and not m.startswith(d + ".")}
-             for m, deps in graph.items()}
+    edges = {
+        m: {d for d in deps if not d.startswith(m + ".") and not m.startswith(d + ".")} for m, deps in graph.items()
+    }
     state: dict[str, int] = {}
     cycles = []
 
@@ -111,7 +112,7 @@ def test_no_import_cycles():
         state[m] = 1
         for d in edges.get(m, ()):
             if state.get(d) == 1:
-                cycles.append(" -> ".join(stack[stack.index(d):] + [d]) if d in stack else f"{m} -> {d}")
+                cycles.append(" -> ".join(stack[stack.index(d) :] + [d]) if d in stack else f"{m} -> {d}")
             elif d not in state:
                 visit(d, stack + [d])
         state[m] = 2

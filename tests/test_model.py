@@ -8,8 +8,14 @@ import torch.nn.functional as F
 
 from diffmic.nn import VARIANTS, DiffMIC, GuidanceOutput
 
-TINY = dict(encoder="resnet10_tiny", hidden_dim=32, num_timesteps=50, dcg_global="resnet10_tiny",
-            dcg_local="resnet10_tiny", crop_size=16)
+TINY = dict(
+    encoder="resnet10_tiny",
+    hidden_dim=32,
+    num_timesteps=50,
+    dcg_global="resnet10_tiny",
+    dcg_local="resnet10_tiny",
+    crop_size=16,
+)
 
 
 def _step(model: DiffMIC, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -20,15 +26,20 @@ def _step(model: DiffMIC, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     feat = model.encode(x)
     g = model.guide(x)
     with torch.no_grad():
-        pri = model.priors(g, b, x.device, x.dtype) if g is None else model.priors(
-            GuidanceOutput(*(v.detach() for v in g)), b, x.device, x.dtype)
+        pri = (
+            model.priors(g, b, x.device, x.dtype)
+            if g is None
+            else model.priors(GuidanceOutput(*(v.detach() for v in g)), b, x.device, x.dtype)
+        )
     t = torch.randint(0, model.num_timesteps, (b,))
     y0 = F.one_hot(y, c).float()
     noise = torch.randn(b, c)
     y_t = y0 + noise + pri.fused  # shape-level stand-in for q_sample
     loss = F.mse_loss(model.eps(feat, y_t, t, pri.fused), noise)
     if model.uses_mmd:
-        loss = loss + model.eps(feat, y_t, t, pri.global_).pow(2).mean() + model.eps(feat, y_t, t, pri.local).pow(2).mean()
+        loss = (
+            loss + model.eps(feat, y_t, t, pri.global_).pow(2).mean() + model.eps(feat, y_t, t, pri.local).pow(2).mean()
+        )
     if g is not None:
         loss = loss + F.cross_entropy(g.z_fused, y)
     return loss
@@ -66,8 +77,11 @@ def test_variants_forward_backward(variant: str) -> None:
 @pytest.mark.parametrize("encoder", ["resnet18", "resnet10_tiny", "timm:resnet10t", "tv:mobilenet_v3_small"])
 def test_backbones(encoder: str) -> None:
     torch.manual_seed(0)
-    model = DiffMIC(3, variant="full", **{**TINY, "encoder": encoder, "dcg_global": encoder,
-                                          "dcg_local": "resnet10_tiny", "num_rois": 3})
+    model = DiffMIC(
+        3,
+        variant="full",
+        **{**TINY, "encoder": encoder, "dcg_global": encoder, "dcg_local": "resnet10_tiny", "num_rois": 3},
+    )
     x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 2])
     loss = _step(model, x, y)
     loss.backward()
@@ -77,8 +91,14 @@ def test_backbones(encoder: str) -> None:
 
 def test_priors() -> None:
     torch.manual_seed(0)
-    g = GuidanceOutput(torch.randn(2, 3), torch.randn(2, 3), torch.zeros(2, 3), torch.zeros(2, 3, 1, 1),
-                       torch.zeros(2, 1, 4, dtype=torch.long), torch.ones(2, 1))
+    g = GuidanceOutput(
+        torch.randn(2, 3),
+        torch.randn(2, 3),
+        torch.zeros(2, 3),
+        torch.zeros(2, 3, 1, 1),
+        torch.zeros(2, 1, 4, dtype=torch.long),
+        torch.ones(2, 1),
+    )
     m = DiffMIC(3, variant="C2", **TINY)
     p = m.priors(g, 2, None, torch.float32)
     torch.testing.assert_close(p.fused, torch.softmax(0.5 * (g.z_global + g.z_local), -1))
@@ -106,8 +126,14 @@ def test_paper_denoiser_input_is_yt_and_both_dcg_vectors() -> None:
     """model.denoiser_input=paper: the first layer reads [y_t, ŷ_g, ŷ_l] (3C) in every branch;
     its weights act on exactly those columns (checked by a hand-built first-layer product)."""
     torch.manual_seed(0)
-    g = GuidanceOutput(torch.randn(2, 3), torch.randn(2, 3), torch.zeros(2, 3), torch.zeros(2, 3, 1, 1),
-                       torch.zeros(2, 1, 4, dtype=torch.long), torch.ones(2, 1))
+    g = GuidanceOutput(
+        torch.randn(2, 3),
+        torch.randn(2, 3),
+        torch.zeros(2, 3),
+        torch.zeros(2, 3, 1, 1),
+        torch.zeros(2, 1, 4, dtype=torch.long),
+        torch.ones(2, 1),
+    )
     m = DiffMIC(3, variant="full", denoiser_input="paper", **TINY).eval()
     assert m.denoiser.layers[0].lin.in_features == 9 and m.hparams["denoiser_input"] == "paper"
     pri = m.priors(g, 2)

@@ -7,8 +7,10 @@ import subprocess
 import sys
 
 import pytest
-from _helpers import ONE_THREAD_ENV
+
 from _synthetic import image_folder, tiny_fit_args
+
+from _helpers import ONE_THREAD_ENV
 
 NOISE = {
     "tip": "💡 Tip",
@@ -28,8 +30,14 @@ def data(tmp_path_factory):
 def _fit(tmp_path, data, *extra: str) -> str:
     run = tmp_path / "run"
     args = tiny_fit_args(data, run, tmp_path / "cache")
-    out = subprocess.run([sys.executable, "-m", "diffmic.cli", *args, *extra], capture_output=True, text=True,
-                         timeout=600, env=ONE_THREAD_ENV, check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "diffmic.cli", *args, *extra],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=ONE_THREAD_ENV,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout + out.stderr
 
@@ -71,8 +79,9 @@ def test_quiet_can_be_undone_in_process():
     assert output.model_summary(for_fit=True) and not output.model_summary(for_fit=False)
 
 
-@pytest.mark.parametrize("argv", [["-v", "fit"], ["fit", "-v"], ["fit", "--verbose"], ["test", "--run", "r", "-v"],
-                                  ["data", "check", "-v"]])
+@pytest.mark.parametrize(
+    "argv", [["-v", "fit"], ["fit", "-v"], ["fit", "--verbose"], ["test", "--run", "r", "-v"], ["data", "check", "-v"]]
+)
 def test_verbose_switch_anywhere(argv):
     from diffmic.cli import _parser
 

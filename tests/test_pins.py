@@ -16,8 +16,15 @@ from diffmic.diffusion.schedule import NoiseSchedule
 from diffmic.metrics import readout
 from diffmic.nn.diffmic import DiffMIC
 
-TINY = dict(encoder="resnet10_tiny", hidden_dim=16, num_layers=2, dcg_global="resnet10_tiny",
-            dcg_local="resnet10_tiny", num_rois=3, crop_size=32)
+TINY = dict(
+    encoder="resnet10_tiny",
+    hidden_dim=16,
+    num_layers=2,
+    dcg_global="resnet10_tiny",
+    dcg_local="resnet10_tiny",
+    num_rois=3,
+    crop_size=32,
+)
 
 
 # ----------------------------------------------------------------------------------- DDIM, η = 0.5
@@ -126,15 +133,21 @@ def test_reverse_sample_is_the_pure_sampler_with_the_fused_prior(model, prior, s
         draws = samplers.num_noise_draws(sampler, 50, steps, eta)
         noise = torch.randn(draws, 2 * K, C, generator=torch.Generator().manual_seed(2))
         with torch.no_grad():
-            got = reverse_sample(model, sched, x, sampler=sampler, steps=steps, eta=eta, num_samples=K,
-                                 noise=noise)
+            got = reverse_sample(model, sched, x, sampler=sampler, steps=steps, eta=eta, num_samples=K, noise=noise)
             g = model.dcg(x)
             fused = torch.softmax(0.5 * (g.z_global + g.z_local), -1)
             mu = torch.zeros_like(fused) if prior == "zero" else fused
             feat = model.image_embedding(x).repeat_interleave(K, 0)
             guide = fused.repeat_interleave(K, 0)
-            want = samplers.sample(sampler, lambda y, t: model.denoiser(feat, y, t, guide), sched,
-                                   mu.repeat_interleave(K, 0), steps=steps, eta=eta, noise=noise)
+            want = samplers.sample(
+                sampler,
+                lambda y, t: model.denoiser(feat, y, t, guide),
+                sched,
+                mu.repeat_interleave(K, 0),
+                steps=steps,
+                eta=eta,
+                noise=noise,
+            )
         torch.testing.assert_close(got.prior, mu)
         torch.testing.assert_close(got.y0, want.y0.view(2, K, C), rtol=1e-5, atol=1e-6)
     finally:
@@ -197,10 +210,23 @@ def _fit_counting_dcg_passes(tmp_path, synth_npz, monkeypatch, *over):
 
     monkeypatch.setattr(DCG, "forward", forward)
     monkeypatch.setattr(DiffMICModule, "training_step", step)
-    cfg = load_config("cpu", ["data.dataset=medmnist", f"data.root={synth_npz}", "data.image_size=32",
-                              "data.batch_size=8", *TINY_MODEL, "train.epochs=1", "train.dcg_warmup_epochs=1",
-                              "train.limit_train_batches=2", "train.limit_val_batches=1",
-                              f"data.cache_dir={tmp_path / 'cache'}", f"run.dir={tmp_path / 'run'}", *over])
+    cfg = load_config(
+        "cpu",
+        [
+            "data.dataset=medmnist",
+            f"data.root={synth_npz}",
+            "data.image_size=32",
+            "data.batch_size=8",
+            *TINY_MODEL,
+            "train.epochs=1",
+            "train.dcg_warmup_epochs=1",
+            "train.limit_train_batches=2",
+            "train.limit_val_batches=1",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            f"run.dir={tmp_path / 'run'}",
+            *over,
+        ],
+    )
     fit(cfg)
     sd = read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["state_dict"]
     bn = sorted(k for k in sd if k.startswith("model.dcg.") and k.endswith("num_batches_tracked"))[0]
@@ -210,8 +236,9 @@ def _fit_counting_dcg_passes(tmp_path, synth_npz, monkeypatch, *over):
 @pytest.mark.slow
 @pytest.mark.parametrize("exact, joint_passes", [(True, 2), (False, 1)])
 def test_exact_dcg_priors_false_saves_a_dcg_pass(tmp_path, synth_npz, monkeypatch, exact, joint_passes):
-    steps, bn_batches = _fit_counting_dcg_passes(tmp_path, synth_npz, monkeypatch,
-                                                 f"train.exact_dcg_priors={str(exact).lower()}")
+    steps, bn_batches = _fit_counting_dcg_passes(
+        tmp_path, synth_npz, monkeypatch, f"train.exact_dcg_priors={str(exact).lower()}"
+    )
     assert steps == [("warmup", 1)] * 2 + [("joint", joint_passes)] * 2
     # one train-mode (BN-updating) DCG pass per step either way: 2 warm-up + 2 joint steps
     assert bn_batches == 4
@@ -221,8 +248,9 @@ def test_exact_dcg_priors_false_saves_a_dcg_pass(tmp_path, synth_npz, monkeypatc
 def test_paper_denoiser_input_trains_and_is_saved(tmp_path, synth_npz, monkeypatch):
     from diffmic.training.checkpoint import load_module
 
-    steps, _ = _fit_counting_dcg_passes(tmp_path, synth_npz, monkeypatch, "model.denoiser_input=paper",
-                                        "model.prior=zero")
+    steps, _ = _fit_counting_dcg_passes(
+        tmp_path, synth_npz, monkeypatch, "model.denoiser_input=paper", "model.prior=zero"
+    )
     assert [s for s, _ in steps] == ["warmup"] * 2 + ["joint"] * 2
     m = load_module(tmp_path / "run" / "checkpoints" / "last.ckpt").model
     assert m.denoiser_input == "paper" and m.prior == "zero"

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _helpers import TINY_MODEL
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -18,6 +17,8 @@ from diffmic.config import load_config
 from diffmic.nn.diffmic import DiffMIC
 from diffmic.nn.encoders import WeightsError, create_encoder, small_resnet
 from diffmic.training.module import build_model
+
+from _helpers import TINY_MODEL
 
 
 def _reference_state(seed: int = 3, width: int = 16) -> dict[str, torch.Tensor]:
@@ -33,8 +34,9 @@ def _reference_state(seed: int = 3, width: int = 16) -> dict[str, torch.Tensor]:
 
 def _same(module: torch.nn.Module, sd: dict[str, torch.Tensor]) -> bool:
     own = module.state_dict()
-    return all(torch.equal(own[k], v) for k, v in sd.items() if k in own) and \
-        {k for k in sd if not k.startswith("fc.")} == set(own)
+    return all(torch.equal(own[k], v) for k, v in sd.items() if k in own) and {
+        k for k in sd if not k.startswith("fc.")
+    } == set(own)
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
@@ -45,8 +47,14 @@ def test_local_file_is_loaded_into_every_backbone(tmp_path, suffix):
         torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}}, f)  # DDP-style container
     else:
         save_file(sd, str(f))
-    m = DiffMIC(2, encoder="resnet10_tiny", dcg_global="resnet10_tiny", dcg_local="resnet10_tiny",
-                hidden_dim=16, pretrained=str(f))
+    m = DiffMIC(
+        2,
+        encoder="resnet10_tiny",
+        dcg_global="resnet10_tiny",
+        dcg_local="resnet10_tiny",
+        hidden_dim=16,
+        pretrained=str(f),
+    )
     assert _same(m.image_embedding.encoder, sd)
     assert _same(m.dcg.global_encoder, sd)
     assert _same(m.dcg.local_encoder, sd)
@@ -79,8 +87,11 @@ def test_folder_lookup_by_backbone_name(tmp_path):
 def test_file_that_does_not_fit_names_the_keys(tmp_path):
     wrong_width = tmp_path / "w8.pth"
     torch.save(_reference_state(width=8), wrong_width)
-    with pytest.raises(WeightsError, match=r"w8\.pth.*shape mismatches: bn1\.bias \(file \(8,\), "
-                                           r"model \(16,\)\).*\(60 in all\)"):
+    with pytest.raises(
+        WeightsError,
+        match=r"w8\.pth.*shape mismatches: bn1\.bias \(file \(8,\), "
+        r"model \(16,\)\).*\(60 in all\)",
+    ):
         create_encoder("resnet10_tiny", pretrained=wrong_width)
     sd = _reference_state()
     del sd["layer4.0.conv2.weight"]
@@ -140,12 +151,27 @@ def test_fit_with_a_bad_file_exits_2_naming_the_keys(tmp_path, capsys):
         for i in range(4):
             # distinct pixels per class: identical images in two splits are an error (leakage)
             Image.fromarray(np.full((16, 16, 3), 40 * i + (7 if c == "b" else 0), dtype=np.uint8)).save(
-                root / c / f"{i}.png")
+                root / c / f"{i}.png"
+            )
     bad = tmp_path / "bad.pth"
     torch.save({"fc.weight": torch.zeros(2, 2), "conv9.weight": torch.zeros(1)}, bad)
-    rc = main(["fit", "--config", "cpu", *TINY_MODEL, "data.dataset=folder", f"data.root={root}",
-               "data.split=random", "data.test_fraction=0.5", "data.val_fraction=0", "data.image_size=32",
-               f"data.cache_dir={tmp_path / 'cache'}", f"model.pretrained={bad}", f"run.dir={tmp_path / 'run'}"])
+    rc = main(
+        [
+            "fit",
+            "--config",
+            "cpu",
+            *TINY_MODEL,
+            "data.dataset=folder",
+            f"data.root={root}",
+            "data.split=random",
+            "data.test_fraction=0.5",
+            "data.val_fraction=0",
+            "data.image_size=32",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            f"model.pretrained={bad}",
+            f"run.dir={tmp_path / 'run'}",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err
     assert "bad.pth" in err and "unexpected keys: conv9.weight" in err and "missing keys: bn1.bias" in err

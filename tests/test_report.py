@@ -13,12 +13,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _helpers import TINY_MODEL, one_thread  # noqa: F401
 from PIL import Image
 
 from diffmic.cli import main
 
-PANELS = ["metrics", "confusion", "per_class", "reliability", "coverage_curve", "conformal", "tsne", "lesions", "gallery"]
+from _helpers import TINY_MODEL, one_thread  # noqa: F401
+
+PANELS = [
+    "metrics",
+    "confusion",
+    "per_class",
+    "reliability",
+    "coverage_curve",
+    "conformal",
+    "tsne",
+    "lesions",
+    "gallery",
+]
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +49,27 @@ def tiny_run(tmp_path_factory, one_thread) -> Path:  # noqa: F811
             p.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(img).save(p)
     run = tmp / "run"
-    rc = main(["fit", "--config", "cpu", "data.image_size=32", "data.batch_size=16", *TINY_MODEL,
-               "data.dataset=folder", f"data.root={root}", "data.split=random", "data.test_fraction=0.3",
-               "data.val_fraction=0.3", f"data.cache_dir={tmp / 'cache'}", f"run.dir={run}", "train.epochs=1",
-               "train.dcg_warmup_epochs=1", "eval.num_samples=4", "eval.bootstrap_resamples=50"])
+    rc = main(
+        [
+            "fit",
+            "--config",
+            "cpu",
+            "data.image_size=32",
+            "data.batch_size=16",
+            *TINY_MODEL,
+            "data.dataset=folder",
+            f"data.root={root}",
+            "data.split=random",
+            "data.test_fraction=0.3",
+            "data.val_fraction=0.3",
+            f"data.cache_dir={tmp / 'cache'}",
+            f"run.dir={run}",
+            "train.epochs=1",
+            "train.dcg_warmup_epochs=1",
+            "eval.num_samples=4",
+            "eval.bootstrap_resamples=50",
+        ]
+    )
     assert rc == 0
     return run
 
@@ -49,9 +77,12 @@ def tiny_run(tmp_path_factory, one_thread) -> Path:  # noqa: F811
 def test_test_writes_trust_blocks_and_stores_calibration(tiny_run):
     assert main(["test", "--run", str(tiny_run)]) == 0
     m = json.loads((tiny_run / "test_metrics.json").read_text())
-    for block, keys in {"calibration": {"temperature", "ece", "ece_unscaled", "nll", "brier"},
-                        "uncertainty": {"pavpu"}, "conformal": {"level", "coverage", "mean_set_size"},
-                        "referral": {"referred_fraction", "accuracy_kept"}}.items():
+    for block, keys in {
+        "calibration": {"temperature", "ece", "ece_unscaled", "nll", "brier"},
+        "uncertainty": {"pavpu"},
+        "conformal": {"level", "coverage", "mean_set_size"},
+        "referral": {"referred_fraction", "accuracy_kept"},
+    }.items():
         assert keys <= set(m[block]), block
     with open(tiny_run / "predictions.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -86,11 +117,19 @@ def test_test_writes_trust_blocks_and_stores_calibration(tiny_run):
 
 
 def test_predict_gives_sets_flags_and_full_resolution_explanations(tiny_run, tmp_path):
-    cfg_root = Path(next(line.split(":", 1)[1].strip() for line in (tiny_run / "config.yaml").read_text().splitlines()
-                         if line.strip().startswith("root:")))
+    cfg_root = Path(
+        next(
+            line.split(":", 1)[1].strip()
+            for line in (tiny_run / "config.yaml").read_text().splitlines()
+            if line.strip().startswith("root:")
+        )
+    )
     img = min((cfg_root / "red").glob("*.png"))
     out = tmp_path / "p.csv"
-    assert main(["predict", "--run", str(tiny_run), str(img), "--output", str(out), "--explain", str(tmp_path / "ex")]) == 0
+    assert (
+        main(["predict", "--run", str(tiny_run), str(img), "--output", str(out), "--explain", str(tmp_path / "ex")])
+        == 0
+    )
     with open(out, newline="") as fh:
         row = next(csv.DictReader(fh))
     assert row["set"] and row["uncertain"] in ("0", "1") and row["confidence_unscaled"]
@@ -107,14 +146,19 @@ def _chromium():
         exe = None
     if exe is None or drv is None:
         if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("CI=true but chromium, chromedriver or selenium is missing (apt-get install chromium chromium-driver; pip install selenium)")
+            pytest.fail(
+                "CI=true but chromium, chromedriver or selenium is missing (apt-get install chromium chromium-driver; pip install selenium)"
+            )
         pytest.skip("headless Chromium (chromium, chromedriver, selenium) not installed")
     return exe, drv
 
 
 def test_report_has_every_panel_and_renders_in_chromium(tiny_run, tmp_path):
     pytest.importorskip("sklearn")
-    if not (tiny_run / "test_metrics.json").exists() or "calibration" not in (tiny_run / "test_metrics.json").read_text():
+    if (
+        not (tiny_run / "test_metrics.json").exists()
+        or "calibration" not in (tiny_run / "test_metrics.json").read_text()
+    ):
         assert main(["test", "--run", str(tiny_run)]) == 0
     out = tmp_path / "report.html"
     assert main(["report", str(tiny_run), "--output", str(out), "--max-images", "60", "--gallery", "2"]) == 0
@@ -130,8 +174,15 @@ def test_report_has_every_panel_and_renders_in_chromium(tiny_run, tmp_path):
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = exe
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--window-size=1280,900"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        "--window-size=1280,900",
+    ):
         opts.add_argument(flag)
     driver = webdriver.Chrome(service=Service(drv), options=opts)
     try:

@@ -93,14 +93,20 @@ def killed_run(tmp_path_factory, cache, fast) -> dict:
     run = tmp / "run"
     log = run / "logs" / "metrics.csv"
     with open(tmp / "fit.log", "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "diffmic.cli", *_fit_args(fast, run, cache)],
-                                stdout=out, stderr=subprocess.STDOUT, env=ONE_THREAD)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "diffmic.cli", *_fit_args(fast, run, cache)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=ONE_THREAD,
+        )
         deadline = time.monotonic() + 240
         try:
             while not any(r.get("epoch") == "2" and r.get("train/loss") for r in _csv_rows(log)):
                 if proc.poll() is not None:
-                    pytest.fail(f"fit ended (rc {proc.returncode}) before it could be killed:\n"
-                                + (tmp / "fit.log").read_text()[-3000:])
+                    pytest.fail(
+                        f"fit ended (rc {proc.returncode}) before it could be killed:\n"
+                        + (tmp / "fit.log").read_text()[-3000:]
+                    )
                 assert time.monotonic() < deadline, "fit did not reach epoch 2 in time"
                 time.sleep(0.01)
             os.kill(proc.pid, signal.SIGKILL)
@@ -155,7 +161,9 @@ def test_resumed_run_equals_uninterrupted_run(killed_run, full_run):
     a = read_checkpoint(full_run / "checkpoints" / "last.ckpt")["state_dict"]
     b = read_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]
     assert a.keys() == b.keys()
-    diff = {k: (a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].numel() and a[k].is_floating_point()}
+    diff = {
+        k: (a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].numel() and a[k].is_floating_point()
+    }
     worst = max(diff, key=diff.get)
     assert all(torch.equal(a[k], b[k]) for k in a), f"final weights differ: {worst} by {diff[worst]}"
     ref = json.loads((full_run / "fit_summary.json").read_text())
@@ -179,8 +187,18 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(monkey
 
     monkeypatch.setattr(module_mod, "diffusion_loss", nan_loss)
     run = tmp_path / "run"
-    rc = main(["fit", "--config", "cpu", *fast, "train.epochs=1", "train.dcg_warmup_epochs=1",
-               f"data.cache_dir={cache}", f"run.dir={run}"])
+    rc = main(
+        [
+            "fit",
+            "--config",
+            "cpu",
+            *fast,
+            "train.epochs=1",
+            "train.dcg_warmup_epochs=1",
+            f"data.cache_dir={cache}",
+            f"run.dir={run}",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err
     assert "diffusion loss is nan at epoch 1, global step" in err, err
@@ -197,9 +215,18 @@ def test_non_finite_loss_raises_in_the_library(monkeypatch, tmp_path, cache, fas
     from diffmic.training.run import fit
 
     monkeypatch.setattr(module_mod, "guidance_ce", lambda *a, **k: torch.tensor(float("inf"), requires_grad=True))
-    cfg = load_config("cpu", [*fast, "train.epochs=1", "train.dcg_warmup_epochs=1",
-                              "train.limit_train_batches=1", "train.limit_val_batches=1",
-                              f"data.cache_dir={cache}", f"run.dir={tmp_path / 'run'}"])
+    cfg = load_config(
+        "cpu",
+        [
+            *fast,
+            "train.epochs=1",
+            "train.dcg_warmup_epochs=1",
+            "train.limit_train_batches=1",
+            "train.limit_val_batches=1",
+            f"data.cache_dir={cache}",
+            f"run.dir={tmp_path / 'run'}",
+        ],
+    )
     with pytest.raises(NonFiniteLossError, match=r"DCG cross-entropy loss is inf at epoch 0, global step 0"):
         fit(cfg)
 
@@ -405,8 +432,19 @@ def test_checkpoint_for_other_classes_is_refused(full_run, tmp_path, capsys):
         for i in range(4):
             # distinct pixels per class (identical images in two splits are reported as leakage)
             Image.new("RGB", (16, 16), (30 * i, 20 + 25 * seven.index(c), 99)).save(root / c / f"{c}_{i}.png")
-    rc = main(["test", "--run", str(full_run), "data.dataset=folder", f"data.root={root}", "data.split=random",
-               "data.val_fraction=0", "data.test_fraction=0.5", f"data.cache_dir={tmp_path / 'cache'}"])
+    rc = main(
+        [
+            "test",
+            "--run",
+            str(full_run),
+            "data.dataset=folder",
+            f"data.root={root}",
+            "data.split=random",
+            "data.val_fraction=0",
+            "data.test_fraction=0.5",
+            f"data.cache_dir={tmp_path / 'cache'}",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2, err
     assert "was trained on 2 classes" in err and "7 classes" in err and "VASC" in err
@@ -485,8 +523,18 @@ def test_data_check_reports_a_corrupt_image_by_name(tmp_path, capsys):
         for i in range(6):
             Image.new("RGB", (16, 16), (40 * i, 80, 120)).save(root / c / f"{c}_{i}.png")
     (root / "malignant" / "broken_scan.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
-    rc = main(["data", "check", "--config", "cpu", "data.dataset=folder", f"data.root={root}",
-               "data.split=random", f"data.cache_dir={tmp_path / 'cache'}"])
+    rc = main(
+        [
+            "data",
+            "check",
+            "--config",
+            "cpu",
+            "data.dataset=folder",
+            f"data.root={root}",
+            "data.split=random",
+            f"data.cache_dir={tmp_path / 'cache'}",
+        ]
+    )
     cap = capsys.readouterr()
     assert rc != 0
     assert "broken_scan.png" in cap.out + cap.err
@@ -504,9 +552,13 @@ def test_evaluation_uses_the_ema_weights(full_run):
     loaded = module.diffusion_modules().state_dict()
     assert loaded.keys() == ema.keys()
     assert all(torch.equal(loaded[k], ema[k]) for k in ema)
-    live = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    live_diff = {f"{i}.{k.split('.', 1)[1]}": v for k, v in live.items()
-                 for i, name in enumerate(("image_embedding", "denoiser")) if k.startswith(name + ".")}
+    live = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    live_diff = {
+        f"{i}.{k.split('.', 1)[1]}": v
+        for k, v in live.items()
+        for i, name in enumerate(("image_embedding", "denoiser"))
+        if k.startswith(name + ".")
+    }
     assert live_diff.keys() == ema.keys()
     assert any(not torch.equal(live_diff[k], ema[k]) for k in ema if ema[k].is_floating_point())
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _safety_data import fit_args, make_folder
 from PIL import Image
 
+from _safety_data import fit_args, make_folder
 from diffmic.cli import main
 from diffmic.data.checks import check_dataset
 from diffmic.data.records import DataError
@@ -48,8 +48,18 @@ def test_bad_label_rows_are_errors_naming_file_and_line_never_classes(tmp_path, 
     assert "did you mean 'malignant'" in msgs[19]
     assert ix.labels.tolist()[12:] == [-1] * 6
 
-    rc = main(["data", "check", "--config", "cpu", "data.dataset=csv", f"data.root={f}", "data.split=random",
-               "data.image_size=16"])
+    rc = main(
+        [
+            "data",
+            "check",
+            "--config",
+            "cpu",
+            "data.dataset=csv",
+            f"data.root={f}",
+            "data.split=random",
+            "data.image_size=16",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 1
     for line in range(14, 20):
@@ -58,8 +68,16 @@ def test_bad_label_rows_are_errors_naming_file_and_line_never_classes(tmp_path, 
 
     from diffmic.data.datamodule import DiffMICDataModule
 
-    dm = DiffMICDataModule(dataset="csv", root=f, image_size=16, skip_bad=True, split="random",
-                           test_fraction=0.25, val_fraction=0.0, cache_dir=tmp_path / "cache")
+    dm = DiffMICDataModule(
+        dataset="csv",
+        root=f,
+        image_size=16,
+        skip_bad=True,
+        split="random",
+        test_fraction=0.25,
+        val_fraction=0.0,
+        cache_dir=tmp_path / "cache",
+    )
     dm.setup("fit")
     assert dm.class_names == ["benign", "malignant"]  # before: a class 'NaN' was trained
     assert len(dm.report.removed) == 6
@@ -93,8 +111,7 @@ def test_same_pixels_in_two_splits_are_reported(tmp_path, capsys):
     # a copy of a training image under another name, and one re-encoded as BMP (same pixels)
     (root / "test" / "benign" / "copy.png").write_bytes((root / "train" / "benign" / "img0.png").read_bytes())
     Image.open(root / "train" / "malignant" / "img1.png").save(root / "test" / "malignant" / "other.bmp")
-    rc = main(["data", "check", "--config", "cpu", "data.dataset=folder", f"data.root={root}",
-               "data.image_size=16"])
+    rc = main(["data", "check", "--config", "cpu", "data.dataset=folder", f"data.root={root}", "data.image_size=16"])
     out = capsys.readouterr().out
     assert rc == 1
     found = [ln for ln in out.splitlines() if "duplicate_content" in ln]
@@ -110,8 +127,18 @@ def test_same_pixels_in_two_splits_are_reported(tmp_path, capsys):
 
 def test_single_class_data_is_refused_before_training(tmp_path, capsys):
     root = make_folder(tmp_path / "data", classes=("benign",), n=8)
-    rc = main(["data", "check", "--config", "cpu", "data.dataset=folder", f"data.root={root}",
-               "data.image_size=16", "data.split=random"])
+    rc = main(
+        [
+            "data",
+            "check",
+            "--config",
+            "cpu",
+            "data.dataset=folder",
+            f"data.root={root}",
+            "data.image_size=16",
+            "data.split=random",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 1 and "single_class" in out and "at least 2 classes" in out
     run = tmp_path / "run"
@@ -130,9 +157,17 @@ def test_check_dataset_duplicate_policy(tmp_path):
     _png(tmp_path / "c.png", 2)
     (tmp_path / "a2.png").write_bytes((tmp_path / "a.png").read_bytes())
     names = ["x", "y"]
-    splits = {"train": DatasetIndex([Record("a", 0, tmp_path / "a.png"), Record("b", 1, tmp_path / "b.png"),
-                                     Record("c", 1, tmp_path / "c.png")], names),
-              "test": DatasetIndex([Record("a2", 0, tmp_path / "a2.png"), Record("b2", 1, tmp_path / "b.png")], names)}
+    splits = {
+        "train": DatasetIndex(
+            [
+                Record("a", 0, tmp_path / "a.png"),
+                Record("b", 1, tmp_path / "b.png"),
+                Record("c", 1, tmp_path / "c.png"),
+            ],
+            names,
+        ),
+        "test": DatasetIndex([Record("a2", 0, tmp_path / "a2.png"), Record("b2", 1, tmp_path / "b.png")], names),
+    }
     with pytest.raises(DataError, match="duplicate_content"):
         check_dataset(splits)
     rep = check_dataset(splits, duplicate_content="warning", skip_bad=True)

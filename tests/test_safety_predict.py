@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _helpers import one_thread  # noqa: F401
-from _safety_data import fit_args, make_folder
 from PIL import Image
 
+from _safety_data import fit_args, make_folder
 from diffmic.cli import main
+
+from _helpers import one_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -55,8 +56,10 @@ def test_explanations_keep_relative_paths_and_never_collide(trained, tmp_path, c
     with open(tmp_path / "p.csv", newline="") as fh:
         assert len(list(csv.DictReader(fh))) == 3
     # running again replaces our own earlier outputs (recognised by their tag / header)
-    assert main(["predict", "--run", str(trained), str(src), "--explain", str(out),
-                 "--output", str(tmp_path / "p.csv")]) == 0
+    assert (
+        main(["predict", "--run", str(trained), str(src), "--explain", str(out), "--output", str(tmp_path / "p.csv")])
+        == 0
+    )
 
 
 def test_predict_never_overwrites_inputs_or_foreign_files(trained, tmp_path, capsys):

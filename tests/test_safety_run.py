@@ -19,11 +19,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import ONE_THREAD_ENV, one_thread  # noqa: F401
-from _safety_data import fit_args, make_folder
 
+from _safety_data import fit_args, make_folder
 from diffmic.cli import main
 from diffmic.training.checkpoint import CheckpointError, load_module, read_checkpoint
+
+from _helpers import ONE_THREAD_ENV, one_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -84,8 +85,14 @@ KILLER = textwrap.dedent("""
 def test_kill_after_a_non_improving_epoch_resumes_after_it(tmp_path, data):
     run = tmp_path / "run"
     args = fit_args(data, run, warmup=1, epochs=3)  # epochs 0 (DCG warm-up), 1, 2, 3
-    proc = subprocess.run([sys.executable, "-c", KILLER, *args], env=ONE_THREAD_ENV, check=False,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLER, *args],
+        env=ONE_THREAD_ENV,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     best = read_checkpoint(run / "checkpoints" / "best.ckpt")
     last = read_checkpoint(run / "checkpoints" / "last.ckpt")
@@ -100,8 +107,9 @@ def test_kill_after_a_non_improving_epoch_resumes_after_it(tmp_path, data):
 
 
 # --------------------------------------------------------------- 3. non-empty run folder refused
-@pytest.mark.parametrize("present", [["checkpoints/best.ckpt", "test_metrics.json"], ["config.yaml"],
-                                     ["logs/metrics.csv"], ["notes.txt"]])
+@pytest.mark.parametrize(
+    "present", [["checkpoints/best.ckpt", "test_metrics.json"], ["config.yaml"], ["logs/metrics.csv"], ["notes.txt"]]
+)
 def test_fit_refuses_any_non_empty_run_folder(tmp_path, data, capsys, present):
     run = tmp_path / "run"
     for name in present:

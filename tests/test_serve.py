@@ -17,12 +17,13 @@ import uuid
 from pathlib import Path
 
 import pytest
-from _helpers import ONE_THREAD_ENV, one_thread  # noqa: F401
-from _synthetic import image_folder, tiny_fit_args
 
+from _synthetic import image_folder, tiny_fit_args
 from diffmic.cli import main
 from diffmic.inference import Predictor
 from diffmic.inference.serve import make_server, parse_upload, safe_name
+
+from _helpers import ONE_THREAD_ENV, one_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,9 +54,13 @@ def server(trained):
 def _multipart(name: str, data: bytes, field: str = "image") -> tuple[bytes, str]:
     boundary = uuid.uuid4().hex
     body = (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{name}\"\r\n"
-        f"Content-Type: application/octet-stream\r\n\r\n"
-    ).encode() + data + f"\r\n--{boundary}--\r\n".encode()
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{name}"\r\n'
+            f"Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     return body, f"multipart/form-data; boundary={boundary}"
 
 
@@ -104,8 +109,9 @@ def test_bad_uploads_get_a_message_and_the_server_keeps_serving(trained, server,
     _, data = trained
     good = (data / "dark" / "dark1.png").read_bytes()
     if case == "not_multipart":
-        req = urllib.request.Request(server, data=b"x=1", method="POST",
-                                     headers={"Content-Type": "application/x-www-form-urlencoded"})
+        req = urllib.request.Request(
+            server, data=b"x=1", method="POST", headers={"Content-Type": "application/x-www-form-urlencoded"}
+        )
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(req, timeout=60)
         status, page = err.value.code, err.value.read().decode()
@@ -151,13 +157,23 @@ def test_serve_cli_errors_are_clear(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------- headless Chromium
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--no-first-run", "--disable-sync", "--window-size=1000,1500"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+    "--window-size=1000,1500",
+]
 
 
 def _browser():
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver") or ("/usr/bin/chromedriver" if Path("/usr/bin/chromedriver").exists() else None)
+    driver = shutil.which("chromedriver") or (
+        "/usr/bin/chromedriver" if Path("/usr/bin/chromedriver").exists() else None
+    )
     try:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
@@ -181,8 +197,12 @@ def cli_server(trained, tmp_path):
     run, _ = trained
     log = tmp_path / "serve.log"
     with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "diffmic.cli", "serve", "--run", str(run), "--port", "0",
-                                 "--max-mb", "0.2"], stdout=fh, stderr=subprocess.STDOUT, env=ONE_THREAD_ENV)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "diffmic.cli", "serve", "--run", str(run), "--port", "0", "--max-mb", "0.2"],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=ONE_THREAD_ENV,
+        )
     try:
         url = None
         for _ in range(1200):  # the model loads in seconds; a busy machine can take a minute
@@ -206,12 +226,14 @@ def test_browser_upload_shows_the_predictors_class_and_survives_bad_files(traine
     run, data = trained
     driver = _browser()
     try:
+
         def upload(path: Path) -> str:
             driver.get(cli_server)
             driver.find_element(By.ID, "image").send_keys(str(path))
             driver.find_element(By.ID, "submit").click()
             WebDriverWait(driver, 180).until(
-                lambda d: d.find_elements(By.ID, "pred-label") or d.find_elements(By.ID, "error"))
+                lambda d: d.find_elements(By.ID, "pred-label") or d.find_elements(By.ID, "error")
+            )
             errors = driver.find_elements(By.ID, "error")
             return errors[0].text if errors else ""
 

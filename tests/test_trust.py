@@ -169,7 +169,9 @@ def test_bootstrap_ci_of_an_accuracy_matches_the_normal_approximation():
     lo, hi = bootstrap_ci(lambda i: correct[i].mean(), n, num_resamples=1000, seed=3)
     half = 1.96 * math.sqrt(0.7 * 0.3 / n)  # 0.0201
     assert lo == pytest.approx(0.7 - half, abs=0.004) and hi == pytest.approx(0.7 + half, abs=0.004)
-    assert bootstrap_ci(lambda i: correct[i].mean(), n, 200, seed=3) == bootstrap_ci(lambda i: correct[i].mean(), n, 200, seed=3)
+    assert bootstrap_ci(lambda i: correct[i].mean(), n, 200, seed=3) == bootstrap_ci(
+        lambda i: correct[i].mean(), n, 200, seed=3
+    )
 
 
 def test_reliability_diagram_bins_and_png(tmp_path):

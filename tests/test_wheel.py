@@ -18,9 +18,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from _helpers import TINY_MODEL
 
 from diffmic import __version__
+
+from _helpers import TINY_MODEL
 
 ROOT = Path(__file__).parents[1]
 pytestmark = pytest.mark.slow
@@ -43,8 +44,22 @@ def test_wheel_installs_and_runs_in_a_clean_venv(tmp_path):
         shutil.copy2(ROOT / name, srcdir / name)
     shutil.copytree(ROOT / "src", srcdir / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     dist = tmp_path / "dist"
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
-          "-w", str(dist), str(srcdir)], env)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            "-w",
+            str(dist),
+            str(srcdir),
+        ],
+        env,
+    )
     (wheel,) = dist.glob("diffmic-*.whl")
     assert wheel.name.startswith(f"diffmic-{__version__}-")
     names = set(zipfile.ZipFile(wheel).namelist())
@@ -56,11 +71,13 @@ def test_wheel_installs_and_runs_in_a_clean_venv(tmp_path):
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], env)
     vpy = venv / "bin" / "python"
-    purelib = Path(_run([str(vpy), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                        env).stdout.strip())
+    purelib = Path(
+        _run([str(vpy), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], env).stdout.strip()
+    )
     (purelib / "_host_packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    _run([sys.executable, "-m", "pip", "--python", str(vpy), "install", "--no-deps", "--no-index", "-q",
-          str(wheel)], env)
+    _run(
+        [sys.executable, "-m", "pip", "--python", str(vpy), "install", "--no-deps", "--no-index", "-q", str(wheel)], env
+    )
 
     where = _run([str(vpy), "-c", "import diffmic; print(diffmic.__file__)"], env).stdout.strip()
     assert where.startswith(str(venv)), f"diffmic imported from {where}, not from the installed wheel"
@@ -74,13 +91,31 @@ def test_wheel_installs_and_runs_in_a_clean_venv(tmp_path):
     arrays = {}
     for s, n in (("train", 16), ("val", 4), ("test", 8)):
         lab = np.arange(n) % 2
-        arrays[f"{s}_images"] = np.clip(np.where(lab[:, None, None] == 1, 190, 60)
-                                        + rng.normal(0, 20, (n, 28, 28)), 0, 255).astype(np.uint8)
+        arrays[f"{s}_images"] = np.clip(
+            np.where(lab[:, None, None] == 1, 190, 60) + rng.normal(0, 20, (n, 28, 28)), 0, 255
+        ).astype(np.uint8)
         arrays[f"{s}_labels"] = lab.reshape(n, 1).astype(np.uint8)
     np.savez(tmp_path / "tiny.npz", **arrays)
     run = tmp_path / "run"
     # `--config cpu` resolves the preset shipped inside the installed wheel
-    _run([exe, "fit", "--config", "cpu", *TINY_MODEL, "data.dataset=medmnist", f"data.root={tmp_path / 'tiny.npz'}",
-          "data.image_size=32", "data.batch_size=8", f"data.cache_dir={tmp_path / 'cache'}", f"run.dir={run}",
-          "train.epochs=1", "train.dcg_warmup_epochs=1", "eval.num_samples=1"], env, timeout=180)
+    _run(
+        [
+            exe,
+            "fit",
+            "--config",
+            "cpu",
+            *TINY_MODEL,
+            "data.dataset=medmnist",
+            f"data.root={tmp_path / 'tiny.npz'}",
+            "data.image_size=32",
+            "data.batch_size=8",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            f"run.dir={run}",
+            "train.epochs=1",
+            "train.dcg_warmup_epochs=1",
+            "eval.num_samples=1",
+        ],
+        env,
+        timeout=180,
+    )
     assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "fit_summary.json").is_file()

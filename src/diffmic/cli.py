@@ -27,11 +27,16 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", required=True)
 
     f = sub.add_parser("fit", help="train a model (DCG warm-up, then joint diffusion training)")
-    f.add_argument("--config", help="YAML file or shipped preset name (ham10000, aptos2019, ultrasound, cpu, demo_cpu, ...)")
+    f.add_argument(
+        "--config", help="YAML file or shipped preset name (ham10000, aptos2019, ultrasound, cpu, demo_cpu, ...)"
+    )
     f.add_argument("--run", help="run folder (same as run.dir=...); with --resume, its config.yaml is used")
     f.add_argument("--resume", action="store_true", help="resume from <run>/checkpoints/last.ckpt")
-    f.add_argument("--overwrite", action="store_true",
-                   help="replace the run in a non-empty run folder (its checkpoints, logs and results)")
+    f.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in a non-empty run folder (its checkpoints, logs and results)",
+    )
     f.add_argument("overrides", nargs="*", help="section.key=value")
 
     for verb, text in (("validate", "evaluate on the validation split"), ("test", "evaluate on the test split")):
@@ -41,11 +46,15 @@ def _parser() -> argparse.ArgumentParser:
         v.add_argument("--config", help="config (default: <run>/config.yaml)")
         v.add_argument("overrides", nargs="*", help="eval.* / data.* overrides, e.g. eval.sampler=ddim eval.steps=10")
 
-    ca = sub.add_parser("calibrate", help="fit temperature, referral threshold and conformal sets on the validation split")
+    ca = sub.add_parser(
+        "calibrate", help="fit temperature, referral threshold and conformal sets on the validation split"
+    )
     ca.add_argument("--run", required=True, help="trained run folder (the fit is stored in its checkpoint)")
     ca.add_argument("--ckpt", help="checkpoint (default: <run>/checkpoints/best.ckpt)")
     ca.add_argument("--config", help="config (default: <run>/config.yaml)")
-    ca.add_argument("overrides", nargs="*", help="eval.* overrides, e.g. eval.refer_max_fraction=0.1 eval.conformal_level=0.95")
+    ca.add_argument(
+        "overrides", nargs="*", help="eval.* overrides, e.g. eval.refer_max_fraction=0.1 eval.conformal_level=0.95"
+    )
 
     rp = sub.add_parser("report", help="write a self-contained HTML report of a tested run")
     rp.add_argument("run", help="run folder (after `diffmic test`)")
@@ -59,8 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--output", help="CSV file for the predictions (default: print)")
     pr.add_argument("--explain", help="folder for per-image saliency/ROI PNGs")
     pr.add_argument("--batch-size", type=int, default=32)
-    pr.add_argument("--skip-bad", action="store_true",
-                    help="skip unreadable images (listed on stderr) instead of stopping")
+    pr.add_argument(
+        "--skip-bad", action="store_true", help="skip unreadable images (listed on stderr) instead of stopping"
+    )
     pr.add_argument("inputs", nargs="+", help="image files, folders, and eval.* overrides (key=value)")
 
     ex = sub.add_parser("experiment", help="run a grid of models x data sets x seeds from YAML, then tabulate")
@@ -77,8 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_portable_parsers(p, sub, dsub)
 
     sv = sub.add_parser("serve", help="web page: upload an image, see its class, uncertainty, saliency and regions")
-    sv.add_argument("--run", help="trained run folder (uses checkpoints/best.ckpt), a checkpoint file, "
-                    "or an exported model folder")
+    sv.add_argument(
+        "--run", help="trained run folder (uses checkpoints/best.ckpt), a checkpoint file, or an exported model folder"
+    )
     sv.add_argument("--ckpt", help="checkpoint file (default: <run>/checkpoints/best.ckpt)")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
@@ -88,8 +99,13 @@ def _parser() -> argparse.ArgumentParser:
     # -v/--verbose anywhere: `diffmic -v fit ...` or `diffmic fit ... --verbose`
     p.add_argument("-v", "--verbose", action="store_true", help="show Lightning's full output (tips, model summary)")
     for sp in [*sub.choices.values(), *dsub.choices.values()]:
-        sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                        help="show Lightning's full output (INFO lines, tips, model summary)")
+        sp.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="show Lightning's full output (INFO lines, tips, model summary)",
+        )
     return p
 
 
@@ -141,8 +157,9 @@ def _check_config_path(config: Optional[str]) -> None:
     if config and Path(config).is_dir():
         from diffmic.config import ConfigError
 
-        raise ConfigError(f"--config '{config}' is a folder; give a YAML file (or a preset name), "
-                          f"e.g. {Path(config) / 'config.yaml'}")
+        raise ConfigError(
+            f"--config '{config}' is a folder; give a YAML file (or a preset name), e.g. {Path(config) / 'config.yaml'}"
+        )
 
 
 def _fit(args) -> int:
@@ -187,14 +204,17 @@ def _evaluate(args) -> int:
         summary = {"test": shown, "num_images": result.get("num_images")}
         ref = result.get("referral")
         if ref:
-            summary["referral"] = {k: ref[k] for k in ("rule", "referred_fraction", "accuracy_kept",
-                                                       "accuracy_referred", "aurc")}
+            summary["referral"] = {
+                k: ref[k] for k in ("rule", "referred_fraction", "accuracy_kept", "accuracy_referred", "aurc")
+            }
         ci = result.get("ci", {})
         if ci:
             summary["ci95"] = {k: [round(v, 4) for v in ci[k]] for k in ci}
-        for block, keys in (("calibration", ("temperature", "ece", "ece_unscaled", "classwise_ece", "nll", "nll_unscaled", "brier")),
-                            ("uncertainty", ("pavpu", "uncertain_fraction", "accuracy_confident", "accuracy_uncertain")),
-                            ("conformal", ("level", "coverage", "mean_set_size"))):
+        for block, keys in (
+            ("calibration", ("temperature", "ece", "ece_unscaled", "classwise_ece", "nll", "nll_unscaled", "brier")),
+            ("uncertainty", ("pavpu", "uncertain_fraction", "accuracy_confident", "accuracy_uncertain")),
+            ("conformal", ("level", "coverage", "mean_set_size")),
+        ):
             if block in result:
                 summary[block] = {k: result[block].get(k) for k in keys}
         summary["written"] = str(Path(args.run) / "test_metrics.json")
@@ -215,8 +235,12 @@ def _calibrate(args) -> int:
 def _report(args) -> int:
     from diffmic.inference.explain import build_report
 
-    out = build_report(Path(args.run), Path(args.output) if args.output else None,
-                       max_images=args.max_images, gallery_size=args.gallery)
+    out = build_report(
+        Path(args.run),
+        Path(args.output) if args.output else None,
+        max_images=args.max_images,
+        gallery_size=args.gallery,
+    )
     print(f"wrote {out}")
     return 0
 
@@ -288,8 +312,10 @@ def _readable_images(images: list[Path], image_size: int, in_chans: int, skip_ba
         except DataError as exc:
             bad.append(str(exc))
     if bad and not skip_bad:
-        raise DataError(f"{len(bad)} of {len(images)} images cannot be read; nothing was predicted "
-                        "(fix or remove them, or pass --skip-bad):\n  " + "\n  ".join(bad))
+        raise DataError(
+            f"{len(bad)} of {len(images)} images cannot be read; nothing was predicted "
+            "(fix or remove them, or pass --skip-bad):\n  " + "\n  ".join(bad)
+        )
     for b in bad:
         print(f"skipped: {b}", file=sys.stderr)
     if not good:
@@ -315,8 +341,11 @@ def _add_portable_parsers(p, sub, dsub) -> None:
 
     p.add_argument("--version", action="version", version=f"diffmic {__version__}")
     dd = dsub.add_parser("download", help="download a public data set into the layout the loaders read")
-    dd.add_argument("name", help="ham10000, aptos2019 (instructions only), breastmnist, pneumoniamnist, ... "
-                                 "(diffmic data download --list)", nargs="?")
+    dd.add_argument(
+        "name",
+        help="ham10000, aptos2019 (instructions only), breastmnist, pneumoniamnist, ... (diffmic data download --list)",
+        nargs="?",
+    )
     dd.add_argument("--root", default="data", help="parent folder: the data set goes to ROOT/NAME (default: data)")
     dd.add_argument("--mirror", help="fetch https://HOST/PATH from MIRROR/HOST/PATH instead")
     dd.add_argument("--keep-archives", action="store_true", help="keep the downloaded archives")
@@ -337,8 +366,9 @@ def _data_download(args) -> int:
             src = SOURCES[name]
             print(f"{name}\t{getattr(src, 'description', 'manual download (see: diffmic data download ' + name + ')')}")
         return 0 if args.list else 2
-    download_dataset(args.name, args.root, mirror=args.mirror, progress=not args.no_progress,
-                     keep_archives=args.keep_archives)
+    download_dataset(
+        args.name, args.root, mirror=args.mirror, progress=not args.no_progress, keep_archives=args.keep_archives
+    )
     return 0
 
 
@@ -373,9 +403,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if early[:1] in (["--version"], ["--help"], ["-h"]):  # answered before Lightning is imported
         _parser().parse_args(early)
     from diffmic.config import ConfigError
-    from diffmic.training.checkpoint import CheckpointError
-
     from diffmic.outputs import OutputError
+    from diffmic.training.checkpoint import CheckpointError
 
     errors: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, FileNotFoundError, OutputError)
     try:

@@ -85,7 +85,9 @@ class ModelConfig:
     # ImageNet weights for rho(x)'s encoder and both DCG streams: false | true (torchvision/timm download,
     # cached) | a .pth/.safetensors state dict or a folder of them; encoder_weights/dcg_weights win
     pretrained: Union[bool, str] = False
-    roi_select: str = "sum"  # sum (released: all classes' min-max saliency) | top_class (ours: predicted class's channel)
+    roi_select: str = (
+        "sum"  # sum (released: all classes' min-max saliency) | top_class (ours: predicted class's channel)
+    )
     dcg_output_stride: int = 32  # ours: DCG global-stream output stride 32 (released) | 16 | 8 (CPU presets)
 
 
@@ -320,8 +322,13 @@ def _num(v: float | None) -> str:
     return "" if v is None else str(int(v)) if float(v).is_integer() else f"{v:g}"
 
 
-def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False,
-           optional: bool = False) -> Check:
+def _range(
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    optional: bool = False,
+) -> Check:
     """``lo <= v <= hi`` (``<`` where open); ``None`` allowed when ``optional``."""
 
     def check(v: Any, cfg: Config) -> Optional[str]:

@@ -90,7 +90,11 @@ def _str_list(value: Any, where: str) -> list[str]:
 
 
 def _seeds(value: Any, where: str) -> list[int]:
-    if not isinstance(value, list) or not value or not all(isinstance(s, int) and not isinstance(s, bool) for s in value):
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in value)
+    ):
         raise ConfigError(f"{where}: expected a non-empty list of integer seeds, got {value!r}")
     return [int(s) for s in value]
 
@@ -124,8 +128,12 @@ def load_grid(path: str | Path) -> Grid:
     ref = raw.get("reference")
     if ref is not None and ref not in models:
         raise ConfigError(f"{path}: reference '{ref}' is not one of the models ({', '.join(models)})")
-    grid = Grid(out=out, reference=None if ref is None else str(ref), models=[str(m) for m in models],
-                datasets=[str(d) for d in datasets])
+    grid = Grid(
+        out=out,
+        reference=None if ref is None else str(ref),
+        models=[str(m) for m in models],
+        datasets=[str(d) for d in datasets],
+    )
     for dname, dspec in datasets.items():
         dspec = dspec or {}
         if not isinstance(dspec, dict):
@@ -139,7 +147,9 @@ def load_grid(path: str | Path) -> Grid:
             if isinstance(mspec, dict):
                 bad = sorted(set(mspec) - {"overrides", "seeds"})
                 if bad:
-                    raise ConfigError(f"{path}: models.{mname}: unknown key(s) {', '.join(bad)}; valid: overrides, seeds")
+                    raise ConfigError(
+                        f"{path}: models.{mname}: unknown key(s) {', '.join(bad)}; valid: overrides, seeds"
+                    )
                 if "seeds" in mspec:
                     m_seeds = _seeds(mspec["seeds"], f"{path}: models.{mname}.seeds")
                 mspec = mspec.get("overrides")
@@ -154,8 +164,11 @@ def load_grid(path: str | Path) -> Grid:
                 grid.cells.append(Cell(str(dname), str(mname), seed, run_dir, dspec.get("config"), over))
     # seed-major order (all models of the first seed, then the next seed): a grid stopped early
     # still has paired seeds of every model
-    rank = {(c.dataset, c.model, c.seed): (grid.datasets.index(c.dataset), i, grid.models.index(c.model))
-            for c in grid.cells for i in [sorted({x.seed for x in grid.cells if x.model == c.model}).index(c.seed)]}
+    rank = {
+        (c.dataset, c.model, c.seed): (grid.datasets.index(c.dataset), i, grid.models.index(c.model))
+        for c in grid.cells
+        for i in [sorted({x.seed for x in grid.cells if x.model == c.model}).index(c.seed)]
+    }
     grid.cells.sort(key=lambda c: rank[(c.dataset, c.model, c.seed)])
     return grid
 
@@ -229,8 +242,11 @@ def run_grid(grid: Grid, only: Optional[list[str]] = None, log=print) -> list[tu
     for i, cell in enumerate(grid.cells):
         if only and cell.model not in only:
             continue
-        log(f"[{i + 1}/{len(grid.cells)}] {cell.dataset}/{cell.model}/seed{cell.seed}: running" if not cell.done
-            else f"[{i + 1}/{len(grid.cells)}] {cell.dataset}/{cell.model}/seed{cell.seed}: finished, skipped")
+        log(
+            f"[{i + 1}/{len(grid.cells)}] {cell.dataset}/{cell.model}/seed{cell.seed}: running"
+            if not cell.done
+            else f"[{i + 1}/{len(grid.cells)}] {cell.dataset}/{cell.model}/seed{cell.seed}: finished, skipped"
+        )
         status = run_cell(cell)
         log(f"[{i + 1}/{len(grid.cells)}] {cell.dataset}/{cell.model}/seed{cell.seed}: {status}")
         done.append((cell, status))
@@ -270,13 +286,18 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: in
     from torchmetrics.functional.classification import multiclass_calibration_error
 
     p = torch.as_tensor(probs, dtype=torch.float32)
-    return float(multiclass_calibration_error(p, torch.as_tensor(labels), num_classes=p.shape[1],
-                                              n_bins=n_bins, norm="l1"))
+    return float(
+        multiclass_calibration_error(p, torch.as_tensor(labels), num_classes=p.shape[1], n_bins=n_bins, norm="l1")
+    )
 
 
 def _metric_fns(num_classes: int):
-    from torchmetrics.functional.classification import (multiclass_accuracy, multiclass_auroc,
-                                                        multiclass_cohen_kappa, multiclass_f1_score)
+    from torchmetrics.functional.classification import (
+        multiclass_accuracy,
+        multiclass_auroc,
+        multiclass_cohen_kappa,
+        multiclass_f1_score,
+    )
 
     C = num_classes
 
@@ -322,8 +343,13 @@ def _aurc(score: torch.Tensor, correct: torch.Tensor) -> float:
 
 
 def paired_bootstrap(
-    labels: np.ndarray, probs_a: np.ndarray, probs_b: np.ndarray, metric: str = "acc",
-    n_boot: int = 2000, seed: int = 0, alpha: float = 0.05,
+    labels: np.ndarray,
+    probs_a: np.ndarray,
+    probs_b: np.ndarray,
+    metric: str = "acc",
+    n_boot: int = 2000,
+    seed: int = 0,
+    alpha: float = 0.05,
 ) -> tuple[float, float, float]:
     """Paired bootstrap of ``metric(a) − metric(b)`` on the same test images.
 
@@ -379,8 +405,16 @@ def summarise(grid: Grid, n_boot: int = 1000, ci_metrics: tuple[str, ...] = ("ac
             continue
         pred = read_predictions(c.run_dir / "predictions.csv")
         preds[(c.dataset, c.model, c.seed)] = pred
-        cell_rows.append({"dataset": c.dataset, "model": c.model, "seed": c.seed, "n_test": len(pred["ids"]),
-                          **{k: round(v, 5) for k, v in cell_metrics(pred).items()}, "run_dir": str(c.run_dir)})
+        cell_rows.append(
+            {
+                "dataset": c.dataset,
+                "model": c.model,
+                "seed": c.seed,
+                "n_test": len(pred["ids"]),
+                **{k: round(v, 5) for k, v in cell_metrics(pred).items()},
+                "run_dir": str(c.run_dir),
+            }
+        )
     extra = ("aurc_conf", "aurc_agreement", "prior_acc")
     for r in cell_rows:  # one header for all cells: metrics a model does not have are empty
         for k in extra:
@@ -398,12 +432,15 @@ def summarise(grid: Grid, n_boot: int = 1000, ci_metrics: tuple[str, ...] = ("ac
             for k in ci_metrics:
                 row[f"d_{k}_vs_{ref}"] = "—"
             if ref and m != ref:
-                seeds = sorted({s for (dd, mm, s) in preds if dd == d and mm == m} &
-                               {s for (dd, mm, s) in preds if dd == d and mm == ref})
+                seeds = sorted(
+                    {s for (dd, mm, s) in preds if dd == d and mm == m}
+                    & {s for (dd, mm, s) in preds if dd == d and mm == ref}
+                )
                 if seeds:
                     for k in ci_metrics:
                         row[f"d_{k}_vs_{ref}"] = _pooled_ci(
-                            [preds[(d, m, s)] for s in seeds], [preds[(d, ref, s)] for s in seeds], k, n_boot)
+                            [preds[(d, m, s)] for s in seeds], [preds[(d, ref, s)] for s in seeds], k, n_boot
+                        )
             rows.append(row)
     paths = {
         "cells": write_rows_csv(grid.out / "cells.csv", cell_rows),
@@ -461,8 +498,15 @@ def _figure(cell_rows: list[dict], grid: Grid, path: Path) -> Path:
                 vals = [r[k] for r in cell_rows if r["dataset"] == d and r["model"] == m]
                 if vals:
                     ax.scatter([x] * len(vals), vals, s=14, alpha=0.6)
-                    ax.errorbar([x], [np.mean(vals)], yerr=[np.std(vals, ddof=1) if len(vals) > 1 else 0],
-                                fmt="_", color="k", capsize=4, markersize=14)
+                    ax.errorbar(
+                        [x],
+                        [np.mean(vals)],
+                        yerr=[np.std(vals, ddof=1) if len(vals) > 1 else 0],
+                        fmt="_",
+                        color="k",
+                        capsize=4,
+                        markersize=14,
+                    )
             ax.set_xticks(range(len(grid.models)), grid.models, rotation=45, ha="right")
             ax.set_title(f"{d}: test {'accuracy' if k == 'acc' else 'macro-F1'}")
     fig.tight_layout()

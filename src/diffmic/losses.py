@@ -29,9 +29,7 @@ def noise_mse(eps: Tensor, eps_hat: Tensor) -> Tensor:
     return (eps - eps_hat).square().mean()
 
 
-def gaussian_mmd(
-    x: Tensor, y: Tensor, bandwidth: float | Sequence[float] | None = None
-) -> Tensor:
+def gaussian_mmd(x: Tensor, y: Tensor, bandwidth: float | Sequence[float] | None = None) -> Tensor:
     """Squared MMD with a Gaussian kernel, biased V-statistic (paper Eq. 5).
 
     MMD² = mean_ij k(x_i, x_j) + mean_ij k(y_i, y_j) − 2 mean_ij k(x_i, y_j), diagonal included,

@@ -136,9 +136,13 @@ def risk_coverage(confidence: Tensor, correct: Tensor) -> tuple[Tensor, Tensor]:
     return k / confidence.numel(), torch.cumsum(correct[order], 0) / k
 
 
-def selective_summary(confidence: Tensor, correct: Tensor, refer: Tensor | None = None,
-                      coverages: tuple[float, ...] = (1.0, 0.9, 0.8, 0.7, 0.5),
-                      curve: tuple[Tensor, Tensor] | None = None) -> dict:
+def selective_summary(
+    confidence: Tensor,
+    correct: Tensor,
+    refer: Tensor | None = None,
+    coverages: tuple[float, ...] = (1.0, 0.9, 0.8, 0.7, 0.5),
+    curve: tuple[Tensor, Tensor] | None = None,
+) -> dict:
     """What referring uncertain images to a clinician buys, as plain JSON values.
 
     ``accuracy_at_coverage``: accuracy on the most confident fraction kept (rounded to whole
@@ -152,9 +156,7 @@ def selective_summary(confidence: Tensor, correct: Tensor, refer: Tensor | None 
     n = cov.numel()
     out: dict = {
         "num_images": n,
-        "accuracy_at_coverage": {
-            f"{c:g}": float(acc[max(int(round(c * n)), 1) - 1]) for c in coverages
-        },
+        "accuracy_at_coverage": {f"{c:g}": float(acc[max(int(round(c * n)), 1) - 1]) for c in coverages},
         "aurc": float((1.0 - acc).mean()),
     }
     if refer is not None:

@@ -67,14 +67,17 @@ def explanation_names(images: Sequence[Path], roots: Sequence[Path]) -> list[Pat
     for r in out:
         k = r.with_suffix(".png").as_posix().lower()
         stems[k] = stems.get(k, 0) + 1
-    names = [r.with_suffix(".png") if stems[r.with_suffix(".png").as_posix().lower()] == 1
-             else r.with_name(r.name + ".png") for r in out]
+    names = [
+        r.with_suffix(".png") if stems[r.with_suffix(".png").as_posix().lower()] == 1 else r.with_name(r.name + ".png")
+        for r in out
+    ]
     assert len({n.as_posix().lower() for n in names}) == len(names), "explanation names collide"
     return names
 
 
-def plan_outputs(images: Sequence[Path], roots: Sequence[Path], input_dirs: Sequence[Path],
-                 output: str | None, explain: str | None) -> list[Path] | None:
+def plan_outputs(
+    images: Sequence[Path], roots: Sequence[Path], input_dirs: Sequence[Path], output: str | None, explain: str | None
+) -> list[Path] | None:
     """Check every output path before anything is computed; return the explanation paths.
 
     Raises :class:`OutputError` naming the file when an output would land on an input, inside an
@@ -83,13 +86,17 @@ def plan_outputs(images: Sequence[Path], roots: Sequence[Path], input_dirs: Sequ
     if output is not None:
         out = Path(output)
         if _key(out) in inputs:
-            raise OutputError(f"--output '{out}' is one of the input images; it would be overwritten. "
-                              "Choose another file for the predictions CSV.")
+            raise OutputError(
+                f"--output '{out}' is one of the input images; it would be overwritten. "
+                "Choose another file for the predictions CSV."
+            )
         if out.is_dir():
             raise OutputError(f"--output '{out}' is a folder; give a CSV file name, e.g. {out / 'predictions.csv'}")
         if out.exists() and not is_our_csv(out):
-            raise OutputError(f"--output '{out}' exists and is not a predictions CSV written by diffmic; "
-                              "nothing was written. Choose another file or move it away.")
+            raise OutputError(
+                f"--output '{out}' exists and is not a predictions CSV written by diffmic; "
+                "nothing was written. Choose another file or move it away."
+            )
     if explain is None:
         return None
     ex = Path(explain)
@@ -99,16 +106,21 @@ def plan_outputs(images: Sequence[Path], roots: Sequence[Path], input_dirs: Sequ
     for d in input_dirs:
         dk = _key(d)
         if exk == dk or exk.startswith(dk.rstrip(os.sep) + os.sep):
-            raise OutputError(f"--explain '{ex}' is inside the input folder '{d}': explanation images "
-                              "would mix with (or replace) the inputs. Choose a folder outside the inputs.")
+            raise OutputError(
+                f"--explain '{ex}' is inside the input folder '{d}': explanation images "
+                "would mix with (or replace) the inputs. Choose a folder outside the inputs."
+            )
     paths = [ex / n for n in explanation_names(images, roots)]
     clash = [p for p in paths if _key(p) in inputs]
     if clash:
-        raise OutputError(f"--explain would overwrite the input image '{clash[0]}'; nothing was written. "
-                          "Choose another folder.")
+        raise OutputError(
+            f"--explain would overwrite the input image '{clash[0]}'; nothing was written. Choose another folder."
+        )
     foreign = [p for p in paths if p.exists() and not is_our_png(p)]
     if foreign:
         more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
-        raise OutputError(f"--explain: '{foreign[0]}'{more} exists and is not an explanation written by "
-                          "diffmic; nothing was written. Choose an empty folder or move the files away.")
+        raise OutputError(
+            f"--explain: '{foreign[0]}'{more} exists and is not an explanation written by "
+            "diffmic; nothing was written. Choose an empty folder or move the files away."
+        )
     return paths

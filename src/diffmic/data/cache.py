@@ -53,9 +53,15 @@ def _source(index: DatasetIndex, r: Record):
     return r.path
 
 
-def decode_records(index: DatasetIndex, image_size: int, in_chans: int = 3, *,
-                   out: np.ndarray | None = None, workers: int | None = None,
-                   max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def decode_records(
+    index: DatasetIndex,
+    image_size: int,
+    in_chans: int = 3,
+    *,
+    out: np.ndarray | None = None,
+    workers: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
     """Decode every record into ``out`` (``uint8 [N,S,S,C]``; allocated when ``None``).
 
     Collects every failure and raises one :class:`DataError` listing them all."""
@@ -70,9 +76,13 @@ def decode_records(index: DatasetIndex, image_size: int, in_chans: int = 3, *,
             out[i] = decode_image(_source(index, r), image_size, in_chans, max_pixels)
             return None
         except DataError as e:
-            return Problem("decode_failed", f"{r.where()}: {e}", record_id=r.id,
-                           path=str(r.path) if r.path else None,
-                           hint="run the data check (check_images=True) and fix or drop it")
+            return Problem(
+                "decode_failed",
+                f"{r.where()}: {e}",
+                record_id=r.id,
+                path=str(r.path) if r.path else None,
+                hint="run the data check (check_images=True) and fix or drop it",
+            )
 
     workers = _default_workers() if workers is None else max(1, int(workers))
     if workers == 1 or n < 16:
@@ -94,8 +104,12 @@ class DecodedCache:
     the file used by the last call.
     """
 
-    def __init__(self, cache_dir: str | os.PathLike | None = None, workers: int | None = None,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(
+        self,
+        cache_dir: str | os.PathLike | None = None,
+        workers: int | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ) -> None:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.workers = workers
         self.max_pixels = max_pixels
@@ -133,8 +147,7 @@ class DecodedCache:
         return self.cache_dir / f"decoded-{image_size}px-{in_chans}ch-{self.key(index, image_size, in_chans)}.npy"
 
     def exists(self, index: DatasetIndex, image_size: int, in_chans: int = 3) -> bool:
-        return self._open(self.path_for(index, image_size, in_chans), len(index), image_size,
-                          in_chans) is not None
+        return self._open(self.path_for(index, image_size, in_chans), len(index), image_size, in_chans) is not None
 
     # -- load / build --------------------------------------------------------------------------
     @staticmethod
@@ -168,8 +181,7 @@ class DecodedCache:
         tmp = Path(tmp_name)
         try:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-            decode_records(index, image_size, in_chans, out=out, workers=self.workers,
-                           max_pixels=self.max_pixels)
+            decode_records(index, image_size, in_chans, out=out, workers=self.workers, max_pixels=self.max_pixels)
             out.flush()
             del out
             os.chmod(tmp, 0o644)  # mkstemp creates 0600 files

@@ -12,10 +12,10 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import Counter, defaultdict
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 from PIL import Image
@@ -72,7 +72,7 @@ class DataReport:
             raise ValueError(f"report has {len(self.splits)} splits; use .splits[name]")
         return next(iter(self.splits.values()))
 
-    def raise_if_errors(self) -> "DataReport":
+    def raise_if_errors(self) -> DataReport:
         if self.errors:
             raise DataError.from_problems(self.problems, report=self)
         return self
@@ -80,9 +80,11 @@ class DataReport:
     def summary(self, max_problems: int = 30) -> str:
         names = self.class_names
         splits = list(self.splits)
-        lines = [f"Data check: {len(names)} classes, splits: "
-                 + ", ".join(f"{s} {len(self.splits[s])}" for s in splits)
-                 + f" (total {sum(len(v) for v in self.splits.values())})"]
+        lines = [
+            f"Data check: {len(names)} classes, splits: "
+            + ", ".join(f"{s} {len(self.splits[s])}" for s in splits)
+            + f" (total {sum(len(v) for v in self.splits.values())})"
+        ]
         w = max([len("class")] + [len(n) for n in names]) + 2
         lines.append("class".ljust(w) + "".join(s.rjust(9) for s in splits))
         counts = {s: self.splits[s].class_counts() for s in splits}
@@ -90,13 +92,15 @@ class DataReport:
             lines.append(f"{c} {n}".ljust(w) + "".join(str(int(counts[s][c])).rjust(9) for s in splits))
         lines.append("all".ljust(w) + "".join(str(len(self.splits[s])).rjust(9) for s in splits))
         if self.checked_images and self.image_sizes:
-            allsz = np.concatenate([a for a in self.image_sizes.values() if len(a)] or
-                                   [np.zeros((0, 2), dtype=np.int64)])
+            allsz = np.concatenate(
+                [a for a in self.image_sizes.values() if len(a)] or [np.zeros((0, 2), dtype=np.int64)]
+            )
             if len(allsz):
                 wd, ht = allsz[:, 0], allsz[:, 1]
                 lines.append(
                     f"Image sizes ({len(allsz)} read): width {wd.min()}-{wd.max()} (median "
-                    f"{int(np.median(wd))}), height {ht.min()}-{ht.max()} (median {int(np.median(ht))})")
+                    f"{int(np.median(wd))}), height {ht.min()}-{ht.max()} (median {int(np.median(ht))})"
+                )
             if self.modes:
                 lines.append("Modes: " + ", ".join(f"{m} {k}" for m, k in self.modes.most_common()))
         elif not self.checked_images:
@@ -114,8 +118,9 @@ class DataReport:
         return "\n".join(lines)
 
 
-def check_image_file(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS
-                     ) -> tuple[tuple[int, int, str] | None, str | None, str | None]:
+def check_image_file(
+    path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> tuple[tuple[int, int, str] | None, str | None, str | None]:
     """Open, verify and fully decode one image file.
 
     Returns ``((width, height, mode), None, None)`` when it is fine, else
@@ -233,9 +238,13 @@ def check_dataset(
             bad[split].setdefault(p.record_id or str(pos), p)
 
     if num_classes is not None and num_classes != len(class_names):
-        add(Problem("class_count", f"num_classes={num_classes} but the data has "
-                    f"{len(class_names)} class names {class_names}",
-                    hint="pass the matching num_classes or fix the class list"))
+        add(
+            Problem(
+                "class_count",
+                f"num_classes={num_classes} but the data has {len(class_names)} class names {class_names}",
+                hint="pass the matching num_classes or fix the class list",
+            )
+        )
 
     # ---- per-record structural checks --------------------------------------------------------
     to_open: list[tuple[str, int, Record]] = []
@@ -256,16 +265,32 @@ def check_dataset(
             for p in lp:
                 add(p, s, pos)
             if not (0 <= r.label < C) and not any(p.severity == "error" for p in lp):
-                add(Problem("label_out_of_range",
-                            f"{r.where()}: label {r.label} is outside 0..{C - 1} "
-                            f"({C} classes: {', '.join(class_names[:C])})",
-                            split=s, record_id=r.id, path=str(r.path) if r.path else None,
-                            hint="fix the label, or the class list / num_classes"), s, pos)
+                add(
+                    Problem(
+                        "label_out_of_range",
+                        f"{r.where()}: label {r.label} is outside 0..{C - 1} "
+                        f"({C} classes: {', '.join(class_names[:C])})",
+                        split=s,
+                        record_id=r.id,
+                        path=str(r.path) if r.path else None,
+                        hint="fix the label, or the class list / num_classes",
+                    ),
+                    s,
+                    pos,
+                )
             if r.array_index is not None:
                 if ix.images is None or not (0 <= r.array_index < len(ix.images)):
-                    add(Problem("missing_image", f"{r.where()}: in-memory image row "
-                                f"{r.array_index} does not exist", split=s, record_id=r.id,
-                                hint="rebuild the index from the .npz file"), s, pos)
+                    add(
+                        Problem(
+                            "missing_image",
+                            f"{r.where()}: in-memory image row {r.array_index} does not exist",
+                            split=s,
+                            record_id=r.id,
+                            hint="rebuild the index from the .npz file",
+                        ),
+                        s,
+                        pos,
+                    )
                 else:
                     im = ix.images[r.array_index]
                     if duplicate_content != "off":
@@ -276,18 +301,47 @@ def check_dataset(
                 continue
             if r.path is None:
                 if not any(p.kind == "missing_file" for p in lp):
-                    add(Problem("missing_file", f"{r.where()}: record has no image path",
-                                split=s, record_id=r.id, hint=_HINTS["missing_file"]), s, pos)
+                    add(
+                        Problem(
+                            "missing_file",
+                            f"{r.where()}: record has no image path",
+                            split=s,
+                            record_id=r.id,
+                            hint=_HINTS["missing_file"],
+                        ),
+                        s,
+                        pos,
+                    )
                 continue
             try:
                 st = os.stat(r.path)
             except OSError:
-                add(Problem("missing_file", f"{r.where()}: image file not found", split=s,
-                            record_id=r.id, path=str(r.path), hint=_HINTS["missing_file"]), s, pos)
+                add(
+                    Problem(
+                        "missing_file",
+                        f"{r.where()}: image file not found",
+                        split=s,
+                        record_id=r.id,
+                        path=str(r.path),
+                        hint=_HINTS["missing_file"],
+                    ),
+                    s,
+                    pos,
+                )
                 continue
             if st.st_size == 0:
-                add(Problem("empty_file", f"{r.where()}: image file is empty (0 bytes)", split=s,
-                            record_id=r.id, path=str(r.path), hint=_HINTS["empty_file"]), s, pos)
+                add(
+                    Problem(
+                        "empty_file",
+                        f"{r.where()}: image file is empty (0 bytes)",
+                        split=s,
+                        record_id=r.id,
+                        path=str(r.path),
+                        hint=_HINTS["empty_file"],
+                    ),
+                    s,
+                    pos,
+                )
                 continue
             if check_images:
                 to_open.append((s, pos, r))
@@ -296,9 +350,17 @@ def check_dataset(
             if len(ps) > 1:
                 where = "; ".join(ix.records[p].source or f"position {p}" for p in ps[:5])
                 for p in ps[1:]:
-                    add(Problem("duplicate_id", f"id {rid!r} appears {len(ps)} times in split "
-                                f"{s!r} ({where}); keeping the first", split=s, record_id=rid,
-                                hint="remove the duplicate rows"), s, p)
+                    add(
+                        Problem(
+                            "duplicate_id",
+                            f"id {rid!r} appears {len(ps)} times in split {s!r} ({where}); keeping the first",
+                            split=s,
+                            record_id=rid,
+                            hint="remove the duplicate rows",
+                        ),
+                        s,
+                        p,
+                    )
         seen_path: dict[str, int] = {}
         for pos, r in enumerate(ix.records):
             if r.path is None:
@@ -306,9 +368,18 @@ def check_dataset(
             key = os.path.normpath(os.path.abspath(r.path))
             if key in seen_path and ix.records[seen_path[key]].id != r.id:
                 other = ix.records[seen_path[key]]
-                add(Problem("duplicate_file", f"{r.where()}: same file as {other.where()}",
-                            split=s, record_id=r.id, path=str(r.path),
-                            hint="remove one of the two rows"), s, pos)
+                add(
+                    Problem(
+                        "duplicate_file",
+                        f"{r.where()}: same file as {other.where()}",
+                        split=s,
+                        record_id=r.id,
+                        path=str(r.path),
+                        hint="remove one of the two rows",
+                    ),
+                    s,
+                    pos,
+                )
             else:
                 seen_path.setdefault(key, pos)
 
@@ -326,7 +397,7 @@ def check_dataset(
                         seen.add((k, s))
                         owners[k].append((s, pos))
         reported: set[tuple[str, int]] = set()
-        for k, occ in owners.items():
+        for occ in owners.values():
             split_set = {s for s, _ in occ}
             if len(split_set) < 2:
                 continue
@@ -336,13 +407,22 @@ def check_dataset(
                     continue
                 reported.add((s, pos))
                 r = splits[s].records[pos]
-                add(Problem("split_overlap", f"{r.where()} is also in split {keep!r} "
-                            f"(test-set leakage)", split=s, record_id=r.id,
-                            path=str(r.path) if r.path else None,
-                            hint=f"remove it from {s!r} (skip_bad keeps the {keep!r} copy)"), s, pos)
+                add(
+                    Problem(
+                        "split_overlap",
+                        f"{r.where()} is also in split {keep!r} (test-set leakage)",
+                        split=s,
+                        record_id=r.id,
+                        path=str(r.path) if r.path else None,
+                        hint=f"remove it from {s!r} (skip_bad keeps the {keep!r} copy)",
+                    ),
+                    s,
+                    pos,
+                )
 
     # ---- open every image --------------------------------------------------------------------
     if to_open:
+
         def work(item):
             return _inspect_image(item[2].path, max_pixels)
 
@@ -354,9 +434,18 @@ def check_dataset(
                 results = list(ex.map(work, to_open, chunksize=16))
         for (s, pos, r), (info, kind, reason, digest) in zip(to_open, results):
             if info is None:
-                add(Problem(kind or "corrupt_image", f"{r.where()}: {reason}", split=s,
-                            record_id=r.id, path=str(r.path),
-                            hint=_HINTS.get(kind or "", _HINTS["corrupt_image"])), s, pos)
+                add(
+                    Problem(
+                        kind or "corrupt_image",
+                        f"{r.where()}: {reason}",
+                        split=s,
+                        record_id=r.id,
+                        path=str(r.path),
+                        hint=_HINTS.get(kind or "", _HINTS["corrupt_image"]),
+                    ),
+                    s,
+                    pos,
+                )
                 continue
             w, h, m = info
             if duplicate_content != "off":
@@ -375,18 +464,34 @@ def check_dataset(
             first = splits[keep].records[next(pos for s, pos in occ if s == keep)]
             for s, pos in occ:
                 r = splits[s].records[pos]
-                if s == keep or (r.path is not None and first.path is not None
-                                 and os.path.samefile(r.path, first.path)):
+                if s == keep or (
+                    r.path is not None and first.path is not None and os.path.samefile(r.path, first.path)
+                ):
                     continue  # the same file: reported as split_overlap
-                add(Problem("duplicate_content", f"{r.where()} has the same pixels as {first.where()} "
-                            f"in split {keep!r} (test-set leakage)", severity=sev, split=s,
-                            record_id=r.id, path=str(r.path) if r.path else None,
-                            hint=f"remove one copy (skip_bad drops the {s!r} one)"), s, pos)
+                add(
+                    Problem(
+                        "duplicate_content",
+                        f"{r.where()} has the same pixels as {first.where()} in split {keep!r} (test-set leakage)",
+                        severity=sev,
+                        split=s,
+                        record_id=r.id,
+                        path=str(r.path) if r.path else None,
+                        hint=f"remove one copy (skip_bad drops the {s!r} one)",
+                    ),
+                    s,
+                    pos,
+                )
     for m, k in modes.items():
         if m not in _COMMON_MODES:
-            add(Problem("unusual_mode", f"{k} image(s) in mode {m!r} (e.g. {mode_example.get(m, '?')});"
-                        " they are converted when decoding (alpha/palette composited on black, "
-                        "16-bit scaled to 8-bit, CMYK to RGB)", severity="info"))
+            add(
+                Problem(
+                    "unusual_mode",
+                    f"{k} image(s) in mode {m!r} (e.g. {mode_example.get(m, '?')});"
+                    " they are converted when decoding (alpha/palette composited on black, "
+                    "16-bit scaled to 8-bit, CMYK to RGB)",
+                    severity="info",
+                )
+            )
 
     # ---- remove bad records (skip_bad) -------------------------------------------------------
     removed: list[Problem] = []
@@ -401,13 +506,23 @@ def check_dataset(
                 r = ix.records[pos]
                 cause = bad.get(s, {}).get(r.id)
                 msg = cause.message if cause else r.where()
-                removed.append(Problem(cause.kind if cause else "removed", f"removed: {msg}",
-                                       severity="warning", split=s, record_id=r.id,
-                                       path=str(r.path) if r.path else None))
+                removed.append(
+                    Problem(
+                        cause.kind if cause else "removed",
+                        f"removed: {msg}",
+                        severity="warning",
+                        split=s,
+                        record_id=r.id,
+                        path=str(r.path) if r.path else None,
+                    )
+                )
         dropped = {(p.split, p.record_id) for p in removed}
-        problems = [replace(p, severity="warning", message=p.message + " [removed]")
-                    if p.severity == "error" and (p.split, p.record_id) in dropped else p
-                    for p in problems]
+        problems = [
+            replace(p, severity="warning", message=p.message + " [removed]")
+            if p.severity == "error" and (p.split, p.record_id) in dropped
+            else p
+            for p in problems
+        ]
 
     # ---- empty classes / group overlap (on what is left) -------------------------------------
     for s, ix in out_splits.items():
@@ -415,32 +530,46 @@ def check_dataset(
         for c in range(min(C, len(class_names))):
             if counts[c] == 0:
                 sev = "warning" if (allow_empty_classes or skip_bad) else "error"
-                problems.append(Problem(
-                    "empty_class", f"split {s!r} has no images of class {c} {class_names[c]!r}",
-                    severity=sev, split=s,
-                    hint="check the labels / split file, or pass allow_empty_classes=True if "
-                         "this is intended"))
+                problems.append(
+                    Problem(
+                        "empty_class",
+                        f"split {s!r} has no images of class {c} {class_names[c]!r}",
+                        severity=sev,
+                        split=s,
+                        hint="check the labels / split file, or pass allow_empty_classes=True if this is intended",
+                    )
+                )
     train_split = "train" if "train" in out_splits else None
     if train_split is not None:
         counts = out_splits[train_split].class_counts()
         present = [class_names[c] for c in range(min(C, len(class_names))) if counts[c] > 0]
         if len(present) < 2:
-            problems.append(Problem(
-                "single_class", f"split {train_split!r} has images of {len(present)} class(es) "
-                f"{present} (classes: {class_names}); a classifier needs images of at least 2 classes",
-                split=train_split, hint="add images of the other classes, or fix the labels / class folders"))
+            problems.append(
+                Problem(
+                    "single_class",
+                    f"split {train_split!r} has images of {len(present)} class(es) "
+                    f"{present} (classes: {class_names}); a classifier needs images of at least 2 classes",
+                    split=train_split,
+                    hint="add images of the other classes, or fix the labels / class folders",
+                )
+            )
     if "train" in out_splits and out_splits["train"].has_groups:
         train_groups = {r.group for r in out_splits["train"].records if r.group is not None}
         for s in ("val", "test"):
             if s in out_splits:
                 shared = [r for r in out_splits[s].records if r.group in train_groups]
                 if shared:
-                    problems.append(Problem(
-                        "group_overlap", f"{len(shared)} of {len(out_splits[s])} {s} images "
-                        f"share a group (lesion) with train, e.g. {shared[0].id} "
-                        f"(group {shared[0].group}); scores on {s} are optimistic",
-                        severity="info", split=s,
-                        hint="use a grouped split (split='lesion') for an honest estimate"))
+                    problems.append(
+                        Problem(
+                            "group_overlap",
+                            f"{len(shared)} of {len(out_splits[s])} {s} images "
+                            f"share a group (lesion) with train, e.g. {shared[0].id} "
+                            f"(group {shared[0].group}); scores on {s} are optimistic",
+                            severity="info",
+                            split=s,
+                            hint="use a grouped split (split='lesion') for an honest estimate",
+                        )
+                    )
 
     order = {n: i for i, n in enumerate(SPLIT_NAMES)}
     report = DataReport(
@@ -448,8 +577,10 @@ def check_dataset(
         splits=out_splits,
         problems=problems,
         removed=removed,
-        image_sizes={s: np.asarray(v, dtype=np.int64).reshape(-1, 2)
-                     for s, v in sorted(sizes.items(), key=lambda kv: order.get(kv[0], 9))},
+        image_sizes={
+            s: np.asarray(v, dtype=np.int64).reshape(-1, 2)
+            for s, v in sorted(sizes.items(), key=lambda kv: order.get(kv[0], 9))
+        },
         modes=modes,
         checked_images=check_images,
     )

@@ -9,8 +9,8 @@ Batches are dicts::
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import lightning.pytorch as pl
 import numpy as np
@@ -22,18 +22,30 @@ from .checks import DataReport, check_dataset
 from .datasets import CachedImageDataset, ImagePathsDataset
 from .records import DataError, DatasetIndex, Record, filter_existing
 from .sampling import EpochSeededSampler, class_balance_weights
-from .sources import (load_aptos2019, load_csv_manifest, load_ham10000, load_image_folder,
-                      load_medmnist, split_all)
+from .sources import load_aptos2019, load_csv_manifest, load_ham10000, load_image_folder, load_medmnist, split_all
 from .splits import stratified_split, stratified_subset
 from .transforms import DEFAULT_MAX_PIXELS, build_transform
 
-__all__ = ["CachedImageDataset", "ImagePathsDataset", "EpochSeededSampler", "class_balance_weights",
-           "DiffMICDataModule", "DATASETS"]
+__all__ = [
+    "CachedImageDataset",
+    "ImagePathsDataset",
+    "EpochSeededSampler",
+    "class_balance_weights",
+    "DiffMICDataModule",
+    "DATASETS",
+]
 
 from .sources import DATASETS, SPLITS  # noqa: E402  (defined without Lightning, for the config)
 
-_ALIASES = {"ham": "ham10000", "isic2018": "ham10000", "isic": "ham10000", "aptos": "aptos2019",
-            "image_folder": "folder", "imagefolder": "folder", "npz": "medmnist"}
+_ALIASES = {
+    "ham": "ham10000",
+    "isic2018": "ham10000",
+    "isic": "ham10000",
+    "aptos": "aptos2019",
+    "image_folder": "folder",
+    "imagefolder": "folder",
+    "npz": "medmnist",
+}
 
 
 class DiffMICDataModule(pl.LightningDataModule):
@@ -177,8 +189,9 @@ class DiffMICDataModule(pl.LightningDataModule):
                     csv_path, base = root, None
                 else:
                     raise ValueError("dataset='csv' needs csv_path (or root pointing at the CSV)")
-            src = load_csv_manifest(csv_path, base, self.path_col, self.label_col, self.split_col,
-                                    self._class_names_arg)
+            src = load_csv_manifest(
+                csv_path, base, self.path_col, self.label_col, self.split_col, self._class_names_arg
+            )
         elif ds == "folder":
             src = load_image_folder(root, self._class_names_arg)
         else:
@@ -201,8 +214,7 @@ class DiffMICDataModule(pl.LightningDataModule):
         if "train" not in src:
             raise DataError(f"{self.root}: the data has no train split (found {sorted(src)})")
         if "test" not in src:
-            parts = split_all(src["train"], self.test_fraction, self.seed,
-                              grouped=self.dataset == "ham10000")
+            parts = split_all(src["train"], self.test_fraction, self.seed, grouped=self.dataset == "ham10000")
             src = {**src, **parts}
         return {k: src[k] for k in ("train", "val", "test") if k in src}
 
@@ -234,8 +246,10 @@ class DiffMICDataModule(pl.LightningDataModule):
         if not self.require_images:
             src, self.missing_dropped = filter_existing(src)
         if self.subset is not None:
-            src = {k: stratified_subset(v, self.subset if k == "train" else max(1, self.subset // 2),
-                                        seed=self.seed) for k, v in src.items()}
+            src = {
+                k: stratified_subset(v, self.subset if k == "train" else max(1, self.subset // 2), seed=self.seed)
+                for k, v in src.items()
+            }
         return src
 
     def check(self, check_images: bool | None = None, raise_on_error: bool = False) -> DataReport:
@@ -247,10 +261,14 @@ class DiffMICDataModule(pl.LightningDataModule):
         src = self._prepared_sources()
         ci = self.check_images if check_images is None else check_images
         try:
-            return check_dataset(src, max_pixels=self.max_pixels, check_images=ci,
-                                 skip_bad=self.skip_bad,
-                                 allow_empty_classes=self.allow_empty_classes,
-                                 duplicate_content=self.duplicate_content_policy)
+            return check_dataset(
+                src,
+                max_pixels=self.max_pixels,
+                check_images=ci,
+                skip_bad=self.skip_bad,
+                allow_empty_classes=self.allow_empty_classes,
+                duplicate_content=self.duplicate_content_policy,
+            )
         except DataError as e:
             if raise_on_error or e.report is None:
                 raise
@@ -262,22 +280,25 @@ class DiffMICDataModule(pl.LightningDataModule):
             return
         src = self._prepared_sources()
         # a cache hit proves every image decoded before: skip re-opening them
-        ci = self.check_images and not all(
-            self.cache.exists(ix, self.image_size, self.in_chans) for ix in src.values())
-        self.report = check_dataset(src, max_pixels=self.max_pixels, check_images=ci,
-                                    skip_bad=self.skip_bad,
-                                    allow_empty_classes=self.allow_empty_classes,
-                                    duplicate_content=self.duplicate_content_policy)
+        ci = self.check_images and not all(self.cache.exists(ix, self.image_size, self.in_chans) for ix in src.values())
+        self.report = check_dataset(
+            src,
+            max_pixels=self.max_pixels,
+            check_images=ci,
+            skip_bad=self.skip_bad,
+            allow_empty_classes=self.allow_empty_classes,
+            duplicate_content=self.duplicate_content_policy,
+        )
         src = self.report.splits
 
         positions: dict[str, tuple[str, np.ndarray]] = {
-            k: (k, np.arange(len(ix), dtype=np.int64)) for k, ix in src.items()}
+            k: (k, np.arange(len(ix), dtype=np.int64)) for k, ix in src.items()
+        }
         if "val" not in src:
             train = src["train"]
             if self.val_fraction > 0 and len(train) > 1:
                 groups = train.groups if train.has_groups else None
-                tr, va = stratified_split(train.labels, test_fraction=self.val_fraction,
-                                          seed=self.seed, groups=groups)
+                tr, va = stratified_split(train.labels, test_fraction=self.val_fraction, seed=self.seed, groups=groups)
             else:
                 tr, va = np.arange(len(train), dtype=np.int64), np.zeros(0, dtype=np.int64)
             positions["train"] = ("train", tr)
@@ -288,8 +309,9 @@ class DiffMICDataModule(pl.LightningDataModule):
         self.datasets, self._arrays = {}, {}
         self._is_setup = True
         # decode now the splits this stage needs (the rest on first use)
-        need = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",),
-                "predict": (self.predict_split,)}.get(stage or "", ("train", "val", "test"))
+        need = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": (self.predict_split,)}.get(
+            stage or "", ("train", "val", "test")
+        )
         for k in need:
             self.get_dataset(k)
 
@@ -303,11 +325,15 @@ class DiffMICDataModule(pl.LightningDataModule):
                 raise KeyError(f"no split {name!r}; have {sorted(self._positions)}")
             base, rows = self._positions[name]
             if base not in self._arrays:
-                self._arrays[base] = self.cache.get(self._checked[base], self.image_size,
-                                                    self.in_chans)
+                self._arrays[base] = self.cache.get(self._checked[base], self.image_size, self.in_chans)
             ix = self.indexes[name]
-            tf = build_transform(train=(name == "train"), in_chans=self.in_chans,
-                                 hflip=self.hflip, vflip=self.vflip, rotation=self.rotation)
+            tf = build_transform(
+                train=(name == "train"),
+                in_chans=self.in_chans,
+                hflip=self.hflip,
+                vflip=self.vflip,
+                rotation=self.rotation,
+            )
             self.datasets[name] = CachedImageDataset(self._arrays[base], rows, ix.labels, ix.ids, tf)
         return self.datasets[name]
 
@@ -319,8 +345,10 @@ class DiffMICDataModule(pl.LightningDataModule):
         sizes = ", ".join(f"{k} {v}" for k, v in self.split_sizes.items())
         extra = f"\nFinal splits (validation carved from train where needed): {sizes}"
         if self.missing_dropped:
-            extra += (f"\nrequire_images=False: {len(self.missing_dropped)} record(s) without an "
-                      "image file were dropped before the checks")
+            extra += (
+                f"\nrequire_images=False: {len(self.missing_dropped)} record(s) without an "
+                "image file were dropped before the checks"
+            )
         return self.report.summary() + extra
 
     # ---- loaders -----------------------------------------------------------------------------
@@ -357,12 +385,16 @@ class DiffMICDataModule(pl.LightningDataModule):
         """The ``predict_split`` (default: test) without augmentation."""
         return self._loader(self.get_dataset(self.predict_split), train=False)
 
-    def paths_dataloader(self, paths: Sequence[str | os.PathLike],
-                         batch_size: int | None = None) -> DataLoader:
+    def paths_dataloader(self, paths: Sequence[str | os.PathLike], batch_size: int | None = None) -> DataLoader:
         """Arbitrary image files, preprocessed like this data (label -1)."""
         ds = ImagePathsDataset(paths, self.image_size, self.in_chans, self.max_pixels)
-        return DataLoader(ds, batch_size=batch_size or self.eval_batch_size, shuffle=False,
-                          num_workers=self.num_workers, pin_memory=self.pin_memory)
+        return DataLoader(
+            ds,
+            batch_size=batch_size or self.eval_batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+        )
 
 
 def _eval_sampler(ds: Dataset):

@@ -6,8 +6,9 @@ Items are dicts ``{"image": float32 [C, H, W], "label": int, "index": int, "id":
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,8 +27,14 @@ class CachedImageDataset(Dataset):
     A memory-mapped array is reopened by file name in each DataLoader worker instead of being
     pickled (which would copy it)."""
 
-    def __init__(self, images: np.ndarray, rows: Sequence[int], labels: Sequence[int],
-                 ids: Sequence[str], transform: Callable[[np.ndarray], torch.Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        images: np.ndarray,
+        rows: Sequence[int],
+        labels: Sequence[int],
+        ids: Sequence[str],
+        transform: Callable[[np.ndarray], torch.Tensor] | None = None,
+    ) -> None:
         rows = np.asarray(rows, dtype=np.int64)
         if not (len(rows) == len(labels) == len(ids)):
             raise ValueError("rows, labels and ids must have the same length")
@@ -83,8 +90,13 @@ class ImagePathsDataset(Dataset):
     like the training data (square crop, resize, ImageNet normalisation). A bad file raises
     :class:`DataError` naming it."""
 
-    def __init__(self, paths: Sequence[str | os.PathLike], image_size: int = 224,
-                 in_chans: int = 3, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(
+        self,
+        paths: Sequence[str | os.PathLike],
+        image_size: int = 224,
+        in_chans: int = 3,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ) -> None:
         self.paths = [Path(p) for p in paths]
         self.image_size = int(image_size)
         self.in_chans = int(in_chans)

@@ -128,16 +128,36 @@ _ZENODO = "https://zenodo.org/records/10519652/files"
 # medmnist/info.py INFO[...]["url"/"MD5"...]) publishes them. Multi-label ChestMNIST and the 3-D
 # sets are left out: the loader reads single-label 2-D images.
 _MEDMNIST_MD5 = {
-    "breastmnist": ("750601b1f35ba3300ea97c75c52ff8f6", "742edef2a1fd1524b2efff4bd7ba9364",
-                    "363e4b3f8d712e9b5de15470a2aaadf1", "b56378a6eefa9fed602bb16d192d4c8b"),
-    "pneumoniamnist": ("28209eda62fecd6e6a2d98b1501bb15f", "8f4eceb4ccffa70c672198ea285246c6",
-                       "05b46931834c231683c68f40c47b2971", "d6a3c71de1b945ea11211b03746c1fe1"),
-    "dermamnist": ("0744692d530f8e62ec473284d019b0c7", "b70a2f5635c6199aeaa28c31d7202e1f",
-                   "2defd784463fa5243564e855ed717de1", "8974907d8e169bef5f5b96bc506ae45d"),
-    "retinamnist": ("bd4c0672f1bba3e3a89f0e4e876791e4", "afda852cc34dcda56f86ad2b2457dbcc",
-                    "e48e916a24454daf90583d4e6efb1a18", "eae7e3b6f3fcbda4ae613ebdcbe35348"),
-    "bloodmnist": ("7053d0359d879ad8a5505303e11de1dc", "2b94928a2ae4916078ca51e05b6b800b",
-                   "adace1e0ed228fccda1f39692059dd4c", "b718ff6835fcbdb22ba9eacccd7b2601"),
+    "breastmnist": (
+        "750601b1f35ba3300ea97c75c52ff8f6",
+        "742edef2a1fd1524b2efff4bd7ba9364",
+        "363e4b3f8d712e9b5de15470a2aaadf1",
+        "b56378a6eefa9fed602bb16d192d4c8b",
+    ),
+    "pneumoniamnist": (
+        "28209eda62fecd6e6a2d98b1501bb15f",
+        "8f4eceb4ccffa70c672198ea285246c6",
+        "05b46931834c231683c68f40c47b2971",
+        "d6a3c71de1b945ea11211b03746c1fe1",
+    ),
+    "dermamnist": (
+        "0744692d530f8e62ec473284d019b0c7",
+        "b70a2f5635c6199aeaa28c31d7202e1f",
+        "2defd784463fa5243564e855ed717de1",
+        "8974907d8e169bef5f5b96bc506ae45d",
+    ),
+    "retinamnist": (
+        "bd4c0672f1bba3e3a89f0e4e876791e4",
+        "afda852cc34dcda56f86ad2b2457dbcc",
+        "e48e916a24454daf90583d4e6efb1a18",
+        "eae7e3b6f3fcbda4ae613ebdcbe35348",
+    ),
+    "bloodmnist": (
+        "7053d0359d879ad8a5505303e11de1dc",
+        "2b94928a2ae4916078ca51e05b6b800b",
+        "adace1e0ed228fccda1f39692059dd4c",
+        "b718ff6835fcbdb22ba9eacccd7b2601",
+    ),
 }
 _MEDMNIST_LICENCE = {"dermamnist": "CC BY-NC 4.0"}
 
@@ -145,7 +165,7 @@ SOURCES: dict[str, DownloadSource | ManualSource] = {
     "ham10000": DownloadSource(
         name="ham10000",
         description="HAM10000 (ISIC 2018 Task 3 training set): 10,015 dermatoscopic images (600x450 JPEG), "
-                    "metadata, lesion segmentation masks, and the DiffMIC authors' 7,011/3,004 split",
+        "metadata, lesion segmentation masks, and the DiffMIC authors' 7,011/3,004 split",
         licence="CC BY-NC 4.0 (images, metadata, masks); split files from github.com/scott-yjyang/DiffMIC",
         citation="Tschandl, Rosendahl & Kittler, 'The HAM10000 dataset', Sci. Data 5, 180161 (2018)",
         approx_size="about 3 GB downloaded (two image zips ~2.6 GB, masks ~30 MB), about 3 GB on disk",
@@ -158,13 +178,25 @@ SOURCES: dict[str, DownloadSource | ManualSource] = {
             DataverseFile("HAM10000_segmentations_lesion_tschandl.zip", "unzip_png", "masks"),
         ),
         files=(
-            RemoteFile(f"{_DIFFMIC_REPO}/dataset/isic2018/isic2018_train.pkl", "isic2018_train.pkl",
-                       None, "pkl_split", "splits/diffmic_train.csv", expect_rows=7011),
-            RemoteFile(f"{_DIFFMIC_REPO}/dataset/isic2018/isic2018_test.pkl", "isic2018_test.pkl",
-                       None, "pkl_split", "splits/diffmic_test.csv", expect_rows=3004),
+            RemoteFile(
+                f"{_DIFFMIC_REPO}/dataset/isic2018/isic2018_train.pkl",
+                "isic2018_train.pkl",
+                None,
+                "pkl_split",
+                "splits/diffmic_train.csv",
+                expect_rows=7011,
+            ),
+            RemoteFile(
+                f"{_DIFFMIC_REPO}/dataset/isic2018/isic2018_test.pkl",
+                "isic2018_test.pkl",
+                None,
+                "pkl_split",
+                "splits/diffmic_test.csv",
+                expect_rows=3004,
+            ),
         ),
         layout="ham10000/images/ISIC_*.jpg, ham10000/masks/ISIC_*_segmentation.png, "
-               "ham10000/HAM10000_metadata.csv, ham10000/splits/diffmic_{train,test}.csv",
+        "ham10000/HAM10000_metadata.csv, ham10000/splits/diffmic_{train,test}.csv",
         config_hint="data.dataset=ham10000 data.root={path}",
     ),
     "aptos2019": ManualSource(
@@ -192,10 +224,24 @@ SOURCES["aptos2019_splits"] = DownloadSource(
     citation="Yang et al., DiffMIC, MICCAI 2023",
     approx_size="about 100 KB",
     files=(
-        RemoteFile(f"{_DIFFMIC_REPO}/dataset/aptos/aptos_train.pkl", "aptos_train.pkl", None, "pkl_split",
-                   "diffmic_train.csv", expect_rows=2564, id_col="id_code"),
-        RemoteFile(f"{_DIFFMIC_REPO}/dataset/aptos/aptos_test.pkl", "aptos_test.pkl", None, "pkl_split",
-                   "diffmic_test.csv", expect_rows=1098, id_col="id_code"),
+        RemoteFile(
+            f"{_DIFFMIC_REPO}/dataset/aptos/aptos_train.pkl",
+            "aptos_train.pkl",
+            None,
+            "pkl_split",
+            "diffmic_train.csv",
+            expect_rows=2564,
+            id_col="id_code",
+        ),
+        RemoteFile(
+            f"{_DIFFMIC_REPO}/dataset/aptos/aptos_test.pkl",
+            "aptos_test.pkl",
+            None,
+            "pkl_split",
+            "diffmic_test.csv",
+            expect_rows=1098,
+            id_col="id_code",
+        ),
     ),
     layout="aptos2019_splits/diffmic_{train,test}.csv (copy into aptos2019/splits/)",
     config_hint="copy {path}/diffmic_*.csv to <aptos2019 folder>/splits/, then data.root=<aptos2019 folder>",
@@ -234,9 +280,7 @@ def _mirror(url: str, mirror: str | None) -> str:
 
 
 def _offline_error(url: str, exc: BaseException, manual: str) -> DownloadError:
-    return DownloadError(
-        f"cannot download {url}: {exc}. Is this machine offline or behind a proxy?\n{manual}"
-    )
+    return DownloadError(f"cannot download {url}: {exc}. Is this machine offline or behind a proxy?\n{manual}")
 
 
 def _open(url: str, start: int = 0, timeout: float = 60.0):
@@ -255,8 +299,15 @@ def _md5(path: Path) -> str:
     return h.hexdigest()
 
 
-def fetch_file(url: str, dest: str | os.PathLike, md5: str | None = None, *, progress: bool = True,
-               manual: str = "", timeout: float = 60.0) -> Path:
+def fetch_file(
+    url: str,
+    dest: str | os.PathLike,
+    md5: str | None = None,
+    *,
+    progress: bool = True,
+    manual: str = "",
+    timeout: float = 60.0,
+) -> Path:
     """Download ``url`` to ``dest`` (resumable through ``dest + '.part'``), verify ``md5`` if given.
 
     A finished ``dest`` is only ever the complete, verified file (renamed from ``.part``). An
@@ -291,8 +342,16 @@ def fetch_file(url: str, dest: str | os.PathLike, md5: str | None = None, *, pro
             if progress:
                 from tqdm.auto import tqdm
 
-                bar = tqdm(total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
-                           desc=dest.name, file=sys.stderr, leave=False)
+                bar = tqdm(
+                    total=total,
+                    initial=start,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    desc=dest.name,
+                    file=sys.stderr,
+                    leave=False,
+                )
             received = start
             try:
                 with open(part, "ab" if start > 0 else "wb") as fh:
@@ -348,8 +407,11 @@ def _norm(name: str) -> str:
 
 
 def _dataverse_listing(src: DownloadSource, mirror: str | None, manual: str) -> list[dict]:
-    url = _mirror(f"{src.dataverse_server}/api/datasets/:persistentId/versions/:latest-published/files"
-                  f"?persistentId=doi:{src.dataverse_doi}", mirror)
+    url = _mirror(
+        f"{src.dataverse_server}/api/datasets/:persistentId/versions/:latest-published/files"
+        f"?persistentId=doi:{src.dataverse_doi}",
+        mirror,
+    )
     obj = _read_json(url, manual)
     data = obj.get("data") if isinstance(obj, dict) else None
     if not isinstance(data, list):
@@ -357,8 +419,9 @@ def _dataverse_listing(src: DownloadSource, mirror: str | None, manual: str) -> 
     return data
 
 
-def _resolve_dataverse(src: DownloadSource, listing: list[dict], want: DataverseFile,
-                       mirror: str | None) -> tuple[str, str, str | None]:
+def _resolve_dataverse(
+    src: DownloadSource, listing: list[dict], want: DataverseFile, mirror: str | None
+) -> tuple[str, str, str | None]:
     """``(url, filename, md5)`` of the listed file matching ``want``."""
     for entry in listing:
         df = entry.get("dataFile") or {}
@@ -367,8 +430,11 @@ def _resolve_dataverse(src: DownloadSource, listing: list[dict], want: Dataverse
             fid = df.get("id")
             original = bool(df.get("originalFileFormat"))  # ingested table: fetch the uploaded file
             url = f"{src.dataverse_server}/api/access/datafile/{fid}" + ("?format=original" if original else "")
-            md5 = (df.get("checksum") or {}).get("value") if (df.get("checksum") or {}).get("type") == "MD5" \
+            md5 = (
+                (df.get("checksum") or {}).get("value")
+                if (df.get("checksum") or {}).get("type") == "MD5"
                 else df.get("md5")
+            )
             fname = df.get("originalFileName") or df.get("filename") or want.match
             if original:
                 # Dataverse's checksum of an ingested table does not reliably match the original file it
@@ -440,13 +506,13 @@ def _pkl_split(src_file: Path, dest: Path, expect_rows: int | None, id_col: str 
         w.writerow([id_col, "label", "class"])
         for e in entries:
             lab = int(e["label"])
-            w.writerow([Path(str(e["img_root"]).replace("\\", "/")).stem, lab,
-                        classes[lab] if 0 <= lab < len(classes) else ""])
+            w.writerow(
+                [Path(str(e["img_root"]).replace("\\", "/")).stem, lab, classes[lab] if 0 <= lab < len(classes) else ""]
+            )
     return len(entries)
 
 
-def _apply(action: str, file: Path, target: Path, expect_rows: int | None = None,
-           id_col: str = "image_id") -> int:
+def _apply(action: str, file: Path, target: Path, expect_rows: int | None = None, id_col: str = "image_id") -> int:
     if action == "copy":
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(file, target)
@@ -474,17 +540,25 @@ def is_complete(folder: str | os.PathLike) -> bool:
 def _manual_text(src: DownloadSource, root: Path) -> str:
     lines = [f"To get {src.name} by hand: download"]
     if src.dataverse_doi:
-        lines.append(f"  from https://doi.org/{src.dataverse_doi} (Harvard Dataverse): "
-                     + ", ".join(f.match for f in src.dataverse_files))
+        lines.append(
+            f"  from https://doi.org/{src.dataverse_doi} (Harvard Dataverse): "
+            + ", ".join(f.match for f in src.dataverse_files)
+        )
     for f in src.files:
         lines.append(f"  {f.url}" + (f"  (MD5 {f.md5})" if f.md5 else ""))
     lines.append(f"and lay them out under {root} as: {src.layout}")
     return "\n".join(lines)
 
 
-def download_dataset(name: str, root: str | os.PathLike, *, mirror: str | None = None,
-                     progress: bool = True, keep_archives: bool = False,
-                     log: Callable[[str], None] = print) -> Path:
+def download_dataset(
+    name: str,
+    root: str | os.PathLike,
+    *,
+    mirror: str | None = None,
+    progress: bool = True,
+    keep_archives: bool = False,
+    log: Callable[[str], None] = print,
+) -> Path:
     """Download data set ``name`` into ``root/<name>`` and return that folder.
 
     Already complete (marker present): returns at once. An existing folder without the marker
@@ -534,12 +608,29 @@ def download_dataset(name: str, root: str | os.PathLike, *, mirror: str | None =
         record = []
         for path, (url, fname, md5, action, dest, rows, id_col) in zip(fetched, jobs):
             n = _apply(action, path, tmp / dest, rows, id_col)
-            record.append({"file": fname, "url": url, "md5": md5 or _md5(path), "md5_published": md5 is not None,
-                           "action": action, "dest": dest, "count": n})
-        (tmp / MARKER).write_text(json.dumps({"dataset": src.name, "licence": src.licence,
-                                              "citation": src.citation, "files": record,
-                                              "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-                                             indent=1))
+            record.append(
+                {
+                    "file": fname,
+                    "url": url,
+                    "md5": md5 or _md5(path),
+                    "md5_published": md5 is not None,
+                    "action": action,
+                    "dest": dest,
+                    "count": n,
+                }
+            )
+        (tmp / MARKER).write_text(
+            json.dumps(
+                {
+                    "dataset": src.name,
+                    "licence": src.licence,
+                    "citation": src.citation,
+                    "files": record,
+                    "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                },
+                indent=1,
+            )
+        )
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -11,8 +11,9 @@ import csv
 import io
 import os
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .records import DataError
 
@@ -28,8 +29,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:  # noqa: D102
         raise pickle.UnpicklingError(
-            f"refused to load global {module}.{name}: split files may only contain lists, "
-            "dicts, strings and integers")
+            f"refused to load global {module}.{name}: split files may only contain lists, dicts, strings and integers"
+        )
 
     def persistent_load(self, pid: Any) -> Any:  # noqa: D102
         raise pickle.UnpicklingError("refused persistent id in split file")
@@ -80,8 +81,9 @@ def load_pickle_split(path: str | os.PathLike) -> list[dict[str, int | str]]:
     return obj
 
 
-def convert_pickle_split_to_csv(pkl_path: str | os.PathLike, csv_path: str | os.PathLike,
-                                class_names: Sequence[str] | None = None) -> int:
+def convert_pickle_split_to_csv(
+    pkl_path: str | os.PathLike, csv_path: str | os.PathLike, class_names: Sequence[str] | None = None
+) -> int:
     """Convert a released ``.pkl`` split to a CSV with columns ``id,path,label[,class]``
     (``id`` = file stem of ``img_root``). Returns the number of rows written (atomic write)."""
     entries = load_pickle_split(pkl_path)

@@ -7,9 +7,9 @@ Nothing here opens an image; loaders in :mod:`diffmic.data.sources` build these 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -105,8 +105,9 @@ class DataError(ValueError):
         super().__init__(message)
 
     @classmethod
-    def from_problems(cls, problems: Sequence[Problem], *, header: str | None = None,
-                      report=None, limit: int = 50) -> "DataError":
+    def from_problems(
+        cls, problems: Sequence[Problem], *, header: str | None = None, report=None, limit: int = 50
+    ) -> DataError:
         problems = list(problems)
         errors = [p for p in problems if p.severity == "error"]
         shown = errors if errors else problems
@@ -119,8 +120,9 @@ class DataError(ValueError):
             lines.append("  - " + p.format().replace("\n", "\n  "))
         if len(shown) > limit:
             lines.append(f"  ... and {len(shown) - limit} more (see DataReport.problems)")
-        lines.append("Fix the data (or the split files), or pass skip_bad=True to drop the bad "
-                     "items and continue with the rest.")
+        lines.append(
+            "Fix the data (or the split files), or pass skip_bad=True to drop the bad items and continue with the rest."
+        )
         return cls("\n".join(lines), problems, report)
 
 
@@ -170,16 +172,16 @@ class DatasetIndex:
         ok = (labels >= 0) & (labels < self.num_classes)
         return np.bincount(labels[ok], minlength=self.num_classes)
 
-    def subset(self, indices: Iterable[int]) -> "DatasetIndex":
+    def subset(self, indices: Iterable[int]) -> DatasetIndex:
         """The records at ``indices`` (same order); shares ``images`` and keeps the problems
         that concern the kept records."""
         recs = [self.records[int(i)] for i in indices]
         return self._with_records(recs)
 
-    def filter(self, keep: Callable[[Record], bool]) -> "DatasetIndex":
+    def filter(self, keep: Callable[[Record], bool]) -> DatasetIndex:
         return self._with_records([r for r in self.records if keep(r)])
 
-    def _with_records(self, recs: list[Record]) -> "DatasetIndex":
+    def _with_records(self, recs: list[Record]) -> DatasetIndex:
         ids = {r.id for r in recs}
         probs = [p for p in self.problems if p.record_id is None or p.record_id in ids]
         return replace(self, records=recs, problems=probs)

@@ -6,7 +6,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -33,7 +33,12 @@ class EpochSeededSampler(torch.utils.data.Sampler[int]):
         self.weights = None
         if weights is not None:
             w = torch.as_tensor(np.asarray(weights, dtype=np.float64))
-            if w.shape != (self.num_samples,) or not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
+            if (
+                w.shape != (self.num_samples,)
+                or not bool(torch.isfinite(w).all())
+                or bool((w < 0).any())
+                or float(w.sum()) <= 0
+            ):
                 raise ValueError(f"weights must be {self.num_samples} finite non-negative numbers with a positive sum")
             self.weights = w
 

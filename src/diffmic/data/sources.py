@@ -18,8 +18,8 @@ from __future__ import annotations
 import csv
 import io
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -50,10 +50,17 @@ MEDMNIST_CLASSES = {
 }
 DATASETS = ("ham10000", "aptos2019", "csv", "folder", "medmnist")  # data.dataset (DiffMICDataModule)
 SPLITS = ("authors", "lesion", "random")  # data.split
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".ppm",
-                    ".pgm")
-_SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
-                  "validation": "val", "dev": "val", "test": "test", "testing": "test"}
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".ppm", ".pgm")
+_SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "dev": "val",
+    "test": "test",
+    "testing": "test",
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,11 +83,14 @@ def _read_csv(path: Path, required: Sequence[str]) -> list[tuple[int, dict[str, 
         reader.fieldnames = fields
         missing = [c for c in required if c not in fields]
         if missing:
-            raise DataError(f"{path}: missing column(s) {missing}; found {fields}. "
-                            "Pass the right column names or fix the header line.")
-        rows = [(reader.line_num, {k: (v.strip() if isinstance(v, str) else v)
-                                   for k, v in row.items() if k is not None})
-                for row in reader]
+            raise DataError(
+                f"{path}: missing column(s) {missing}; found {fields}. "
+                "Pass the right column names or fix the header line."
+            )
+        rows = [
+            (reader.line_num, {k: (v.strip() if isinstance(v, str) else v) for k, v in row.items() if k is not None})
+            for row in reader
+        ]
     except csv.Error as e:
         raise DataError(f"{path}: malformed CSV ({e})") from e
     return rows
@@ -98,8 +108,9 @@ def _parse_int(text: str | None) -> int | None:
     return int(f)
 
 
-def split_all(index: DatasetIndex, test_fraction: float = 0.3, seed: int = 1234,
-              grouped: bool = False) -> dict[str, DatasetIndex]:
+def split_all(
+    index: DatasetIndex, test_fraction: float = 0.3, seed: int = 1234, grouped: bool = False
+) -> dict[str, DatasetIndex]:
     """Seeded stratified ``train``/``test`` split of one index (grouped if asked and the
     records have groups)."""
     groups = index.groups if (grouped and index.has_groups) else None
@@ -117,8 +128,9 @@ def _check_split_name(split: str, allowed: Iterable[str]) -> None:
 # HAM10000
 
 
-def load_ham10000(root: str | os.PathLike, split: str = "authors", seed: int = 1234,
-                  test_fraction: float = 0.3) -> dict[str, DatasetIndex]:
+def load_ham10000(
+    root: str | os.PathLike, split: str = "authors", seed: int = 1234, test_fraction: float = 0.3
+) -> dict[str, DatasetIndex]:
     """HAM10000 (ISIC 2018 Task 3). Returns ``{"train": ..., "test": ...}``.
 
     Layout: ``root/images/ISIC_*.jpg`` (or ``root/ISIC2018_Task3_Training_Input``),
@@ -143,41 +155,52 @@ def load_ham10000(root: str | os.PathLike, split: str = "authors", seed: int = 1
             meta[row["image_id"]] = row
             meta_lines[row["image_id"]] = line
     elif split != "authors":
-        raise DataError(f"{meta_path} not found: split={split!r} needs the HAM10000 metadata "
-                        "(lesion ids and diagnoses)")
+        raise DataError(
+            f"{meta_path} not found: split={split!r} needs the HAM10000 metadata (lesion ids and diagnoses)"
+        )
 
     def make(image_id: str, label: int, source: str) -> Record:
         m = meta.get(image_id)
         group = m["lesion_id"] if m and m.get("lesion_id") else None
-        return Record(id=image_id, label=label, path=img_dir / f"{image_id}.jpg", group=group,
-                      source=source)
+        return Record(id=image_id, label=label, path=img_dir / f"{image_id}.jpg", group=group, source=source)
 
     if split == "authors":
         out: dict[str, DatasetIndex] = {}
         for part in ("train", "test"):
             f = root / "splits" / f"diffmic_{part}.csv"
             if not f.is_file():
-                raise DataError(f"split file not found: {f}. Use split='lesion' or 'random', "
-                                "or restore the DiffMIC split files.")
+                raise DataError(
+                    f"split file not found: {f}. Use split='lesion' or 'random', or restore the DiffMIC split files."
+                )
             recs, probs = [], []
             for line, row in _read_csv(f, ["image_id", "label"]):
                 src = f"{f.name}:line {line}"
                 lab = _parse_int(row["label"])
                 if lab is None:
-                    probs.append(Problem("bad_label", f"{src}: label {row['label']!r} of "
-                                         f"{row['image_id']!r} is not an integer", split=part,
-                                         record_id=row["image_id"],
-                                         hint="use class indices 0-6 (MEL..VASC)"))
+                    probs.append(
+                        Problem(
+                            "bad_label",
+                            f"{src}: label {row['label']!r} of {row['image_id']!r} is not an integer",
+                            split=part,
+                            record_id=row["image_id"],
+                            hint="use class indices 0-6 (MEL..VASC)",
+                        )
+                    )
                     lab = -1
                 else:
                     m = meta.get(row["image_id"])
                     if m is not None and HAM10000_DX.get(m["dx"].lower()) not in (None, lab):
-                        probs.append(Problem(
-                            "label_mismatch",
-                            f"{src}: label {lab} ({HAM10000_CLASSES[lab] if 0 <= lab < 7 else '?'})"
-                            f" of {row['image_id']!r} disagrees with metadata dx={m['dx']!r}",
-                            severity="warning", split=part, record_id=row["image_id"],
-                            hint="check the split file against HAM10000_metadata.csv"))
+                        probs.append(
+                            Problem(
+                                "label_mismatch",
+                                f"{src}: label {lab} ({HAM10000_CLASSES[lab] if 0 <= lab < 7 else '?'})"
+                                f" of {row['image_id']!r} disagrees with metadata dx={m['dx']!r}",
+                                severity="warning",
+                                split=part,
+                                record_id=row["image_id"],
+                                hint="check the split file against HAM10000_metadata.csv",
+                            )
+                        )
                 recs.append(make(row["image_id"], lab, src))
             out[part] = DatasetIndex(recs, list(HAM10000_CLASSES), problems=probs)
         return out
@@ -187,9 +210,14 @@ def load_ham10000(root: str | os.PathLike, split: str = "authors", seed: int = 1
         src = f"{meta_path.name}:line {meta_lines[image_id]}"
         lab = HAM10000_DX.get(m["dx"].lower(), -1)
         if lab < 0:
-            probs.append(Problem("unknown_class", f"{src}: unknown diagnosis dx={m['dx']!r} for "
-                                 f"{image_id!r}; expected one of {sorted(HAM10000_DX)}",
-                                 record_id=image_id, hint="fix the metadata row or drop it"))
+            probs.append(
+                Problem(
+                    "unknown_class",
+                    f"{src}: unknown diagnosis dx={m['dx']!r} for {image_id!r}; expected one of {sorted(HAM10000_DX)}",
+                    record_id=image_id,
+                    hint="fix the metadata row or drop it",
+                )
+            )
         recs.append(make(image_id, lab, src))
     full = DatasetIndex(recs, list(HAM10000_CLASSES), problems=probs)
     return split_all(full, test_fraction, seed, grouped=(split == "lesion"))
@@ -199,8 +227,9 @@ def load_ham10000(root: str | os.PathLike, split: str = "authors", seed: int = 1
 # APTOS 2019
 
 
-def load_aptos2019(root: str | os.PathLike, split: str = "authors", seed: int = 1234,
-                   test_fraction: float = 0.3) -> dict[str, DatasetIndex]:
+def load_aptos2019(
+    root: str | os.PathLike, split: str = "authors", seed: int = 1234, test_fraction: float = 0.3
+) -> dict[str, DatasetIndex]:
     """APTOS 2019 blindness detection (Kaggle layout). Returns ``{"train": ..., "test": ...}``.
 
     Layout: ``root/train.csv`` (``id_code,diagnosis``), ``root/train_images/<id_code>.png``
@@ -233,23 +262,34 @@ def load_aptos2019(root: str | os.PathLike, split: str = "authors", seed: int = 
         for part in ("train", "test"):
             f = root / "splits" / f"diffmic_{part}.csv"
             if not f.is_file():
-                raise DataError(f"split file not found: {f}. Use split='random', or restore the "
-                                "DiffMIC split files.")
+                raise DataError(f"split file not found: {f}. Use split='random', or restore the DiffMIC split files.")
             recs, probs = [], []
             for line, row in _read_csv(f, ["id_code", "label"]):
                 src = f"{f.name}:line {line}"
                 lab = _parse_int(row["label"])
                 if lab is None:
-                    probs.append(Problem("bad_label", f"{src}: label {row['label']!r} of "
-                                         f"{row['id_code']!r} is not an integer", split=part,
-                                         record_id=row["id_code"], hint="use grades 0-4"))
+                    probs.append(
+                        Problem(
+                            "bad_label",
+                            f"{src}: label {row['label']!r} of {row['id_code']!r} is not an integer",
+                            split=part,
+                            record_id=row["id_code"],
+                            hint="use grades 0-4",
+                        )
+                    )
                     lab = -1
                 elif row["id_code"] in diag and diag[row["id_code"]] != lab:
-                    probs.append(Problem(
-                        "label_mismatch", f"{src}: label {lab} of {row['id_code']!r} disagrees "
-                        f"with train.csv diagnosis {diag[row['id_code']]}", severity="warning",
-                        split=part, record_id=row["id_code"],
-                        hint="check the split file against train.csv"))
+                    probs.append(
+                        Problem(
+                            "label_mismatch",
+                            f"{src}: label {lab} of {row['id_code']!r} disagrees "
+                            f"with train.csv diagnosis {diag[row['id_code']]}",
+                            severity="warning",
+                            split=part,
+                            record_id=row["id_code"],
+                            hint="check the split file against train.csv",
+                        )
+                    )
                 recs.append(make(row["id_code"], lab, src))
             out[part] = DatasetIndex(recs, list(APTOS_CLASSES), problems=probs)
         return out
@@ -261,9 +301,14 @@ def load_aptos2019(root: str | os.PathLike, split: str = "authors", seed: int = 
         src = f"{labels_path.name}:line {line}"
         lab = _parse_int(row["diagnosis"])
         if lab is None:
-            probs.append(Problem("bad_label", f"{src}: diagnosis {row['diagnosis']!r} of "
-                                 f"{row['id_code']!r} is not an integer",
-                                 record_id=row["id_code"], hint="use grades 0-4"))
+            probs.append(
+                Problem(
+                    "bad_label",
+                    f"{src}: diagnosis {row['diagnosis']!r} of {row['id_code']!r} is not an integer",
+                    record_id=row["id_code"],
+                    hint="use grades 0-4",
+                )
+            )
             lab = -1
         recs.append(make(row["id_code"], lab, src))
     full = DatasetIndex(recs, list(APTOS_CLASSES), problems=probs)
@@ -367,23 +412,33 @@ def _csv_labels(csv_path: Path, rows, label_col: str, class_names: Sequence[str]
             if 0 <= i < C and (numeric or class_names is not None):
                 return i, None
             if numeric:
-                return -1, ("label_out_of_range",
-                            f"label {i} is outside 0..{C - 1}: integer labels must be 0..C-1 with no gap "
-                            f"(found {found})",
-                            "fix the label (labels start at 0), or use class names in the CSV")
+                return -1, (
+                    "label_out_of_range",
+                    f"label {i} is outside 0..{C - 1}: integer labels must be 0..C-1 with no gap (found {found})",
+                    "fix the label (labels start at 0), or use class names in the CSV",
+                )
             if class_names is not None:
                 return -1, ("label_out_of_range", f"label {i} is outside 0..{C - 1} ({C} classes {names})", fix)
             return -1, ("bad_label", f"label {v!r} is a number but the other labels are class names {names}", fix)
         if v in name_to_idx:
             return name_to_idx[v], None
         if v in suspicious:
-            return -1, ("unknown_class", f"class name {v!r} is not one of the classes {names}; did you mean "
-                        f"{suspicious[v]!r}?", "class names are matched exactly (case too): fix the label")
+            return -1, (
+                "unknown_class",
+                f"class name {v!r} is not one of the classes {names}; did you mean {suspicious[v]!r}?",
+                "class names are matched exactly (case too): fix the label",
+            )
         if numeric:
-            return -1, ("bad_label", f"label {v!r} is not an integer class index (the other labels are 0..{C - 1})",
-                        fix)
-        return -1, ("unknown_class", f"unknown class name {v!r}; known classes: {names}{_did_you_mean(v, names)}",
-                    "fix the label, or add the name to class_names")
+            return -1, (
+                "bad_label",
+                f"label {v!r} is not an integer class index (the other labels are 0..{C - 1})",
+                fix,
+            )
+        return -1, (
+            "unknown_class",
+            f"unknown class name {v!r}; known classes: {names}{_did_you_mean(v, names)}",
+            "fix the label, or add the name to class_names",
+        )
 
     return names, label_of
 
@@ -432,14 +487,22 @@ def load_csv_manifest(
             kind, text, hint = problem
             probs.append(Problem(kind, f"{src}: {text} (row {rid!r})", split=part, record_id=rid, hint=hint))
         if path is None:
-            probs.append(Problem("missing_file", f"{src}: empty path for {rid!r}", split=part,
-                                 record_id=rid, hint="fill in the image path or remove the row"))
+            probs.append(
+                Problem(
+                    "missing_file",
+                    f"{src}: empty path for {rid!r}",
+                    split=part,
+                    record_id=rid,
+                    hint="fill in the image path or remove the row",
+                )
+            )
         recs.append(Record(id=rid, label=lab, path=path, source=src))
     if bad_splits:
-        raise DataError(f"{csv_path}: unknown split names in column {split_col!r} (use "
-                        "train/val/test):\n  " + "\n  ".join(bad_splits[:50]))
-    return {part: DatasetIndex(recs, list(names), problems=probs)
-            for part, (recs, probs) in per_split.items()}
+        raise DataError(
+            f"{csv_path}: unknown split names in column {split_col!r} (use "
+            "train/val/test):\n  " + "\n  ".join(bad_splits[:50])
+        )
+    return {part: DatasetIndex(recs, list(names), problems=probs) for part, (recs, probs) in per_split.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -447,13 +510,16 @@ def load_csv_manifest(
 
 
 def _list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*")
-                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in IMAGE_EXTENSIONS
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
 
 
-def load_image_folder(root: str | os.PathLike,
-                      class_names: Sequence[str] | None = None) -> dict[str, DatasetIndex]:
+def load_image_folder(root: str | os.PathLike, class_names: Sequence[str] | None = None) -> dict[str, DatasetIndex]:
     """Class sub-folders: ``root/<class>/*.png|jpg|...`` -> ``{"all": index}``, or
     ``root/{train,val,test}/<class>/...`` -> one index per split folder present.
 
@@ -471,8 +537,7 @@ def load_image_folder(root: str | os.PathLike,
         found.update(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
     names = list(class_names) if class_names is not None else sorted(found)
     if not names:
-        raise DataError(f"{root}: no class folders found; expected root/<class>/<image> or "
-                        "root/train/<class>/<image>")
+        raise DataError(f"{root}: no class folders found; expected root/<class>/<image> or root/train/<class>/<image>")
     out: dict[str, DatasetIndex] = {}
     for part, base in bases.items():
         recs, probs = [], []
@@ -484,9 +549,15 @@ def load_image_folder(root: str | os.PathLike,
             for p in _list_images(d):
                 rid = p.relative_to(root).as_posix()
                 if lab < 0:
-                    probs.append(Problem("unknown_class", f"{rid}: folder {d.name!r} is not one "
-                                         f"of the classes {names}", split=part, record_id=rid,
-                                         hint="add it to class_names or move the images"))
+                    probs.append(
+                        Problem(
+                            "unknown_class",
+                            f"{rid}: folder {d.name!r} is not one of the classes {names}",
+                            split=part,
+                            record_id=rid,
+                            hint="add it to class_names or move the images",
+                        )
+                    )
                 recs.append(Record(id=rid, label=lab, path=p))
         out[part] = DatasetIndex(recs, list(names), problems=probs)
     return out
@@ -496,8 +567,7 @@ def load_image_folder(root: str | os.PathLike,
 # MedMNIST
 
 
-def load_medmnist(npz_path: str | os.PathLike,
-                  class_names: Sequence[str] | None = None) -> dict[str, DatasetIndex]:
+def load_medmnist(npz_path: str | os.PathLike, class_names: Sequence[str] | None = None) -> dict[str, DatasetIndex]:
     """A MedMNIST ``.npz`` (keys ``{train,val,test}_{images,labels}``), kept in memory.
 
     Returns ``{"train", "val", "test"}`` (those present). Images ``[N,H,W]`` (grey) or
@@ -528,13 +598,14 @@ def load_medmnist(npz_path: str | os.PathLike,
             raise DataError(f"{npz_path}: '{s}_images' has no matching '{s}_labels'")
         imgs, lab = data[f"{s}_images"], data[f"{s}_labels"]
         if imgs.ndim not in (3, 4) or (imgs.ndim == 4 and imgs.shape[-1] not in (1, 3)):
-            raise DataError(f"{npz_path}: {s}_images has shape {imgs.shape}; expected "
-                            "[N,H,W] or [N,H,W,3]")
+            raise DataError(f"{npz_path}: {s}_images has shape {imgs.shape}; expected [N,H,W] or [N,H,W,3]")
         if lab.ndim == 2 and lab.shape[1] == 1:
             lab = lab[:, 0]
         if lab.ndim != 1:
-            raise DataError(f"{npz_path}: {s}_labels has shape {data[f'{s}_labels'].shape}; "
-                            "only single-label [N] or [N,1] labels are supported")
+            raise DataError(
+                f"{npz_path}: {s}_labels has shape {data[f'{s}_labels'].shape}; "
+                "only single-label [N] or [N,1] labels are supported"
+            )
         if len(lab) != len(imgs):
             raise DataError(f"{npz_path}: {s} has {len(imgs)} images but {len(lab)} labels")
         labels[s] = lab.astype(np.int64)
@@ -548,8 +619,9 @@ def load_medmnist(npz_path: str | os.PathLike,
         imgs = data[f"{s}_images"]
         if imgs.dtype != np.uint8:
             raise DataError(f"{npz_path}: {s}_images has dtype {imgs.dtype}; expected uint8")
-        recs = [Record(id=f"{s}_{i:05d}", label=int(l), array_index=i,
-                       source=f"{npz_path.name}:{s}[{i}]")
-                for i, l in enumerate(labels[s])]
+        recs = [
+            Record(id=f"{s}_{i:05d}", label=int(l), array_index=i, source=f"{npz_path.name}:{s}[{i}]")
+            for i, l in enumerate(labels[s])
+        ]
         out[s] = DatasetIndex(recs, list(class_names), images=imgs)
     return out

@@ -6,7 +6,7 @@ the global NumPy / Python / torch RNGs are never used or changed.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -55,8 +55,7 @@ def _stratum_counts(sizes: Sequence[int], f: np.ndarray, rng: np.random.Generato
     quota = _largest_remainder(int(sizes.sum()), f) - base.sum(0)
     rem = raw - base
     tiebreak = rng.random(rem.shape)
-    order = sorted(((c, p) for c in range(len(sizes)) for p in range(len(f))),
-                   key=lambda cp: (-rem[cp], tiebreak[cp]))
+    order = sorted(((c, p) for c in range(len(sizes)) for p in range(len(f))), key=lambda cp: (-rem[cp], tiebreak[cp]))
     for c, p in order:
         if left[c] > 0 and quota[p] > 0 and rem[c, p] > 1e-9:
             base[c, p] += 1
@@ -84,7 +83,7 @@ def allocate(n: int, sizes: Sequence[int], min_one: bool = True) -> np.ndarray:
         nonempty = np.flatnonzero(sizes > 0)
         # largest classes first, stable
         nonempty = nonempty[np.argsort(-sizes[nonempty], kind="stable")]
-        for c in nonempty[: n]:
+        for c in nonempty[:n]:
             alloc[c] = max(alloc[c], 1)
     # too many (min_one): take back from the classes furthest above target
     while alloc.sum() > n:
@@ -136,7 +135,7 @@ def stratified_split(
             idx = idx[rng.permutation(len(idx))]
             start = 0
             for p, k in enumerate(counts):
-                parts[p].append(idx[start:start + k])
+                parts[p].append(idx[start : start + k])
                 start += k
     else:
         g = np.asarray([str(x) for x in groups])
@@ -148,8 +147,7 @@ def stratified_split(
             members[gi].append(i)
         sizes = np.asarray([len(m) for m in members], dtype=np.int64)
         ymin = int(y.min())
-        majority = np.asarray(
-            [int(np.argmax(np.bincount(y[m] - ymin))) + ymin for m in members], dtype=np.int64)
+        majority = np.asarray([int(np.argmax(np.bincount(y[m] - ymin))) + ymin for m in members], dtype=np.int64)
         for c in np.unique(majority):
             gidx = np.flatnonzero(majority == c)
             gidx = gidx[rng.permutation(len(gidx))]
@@ -160,14 +158,14 @@ def stratified_split(
                 p = int(np.argmax(target - current))
                 parts[p].append(np.asarray(members[gi], dtype=np.int64))
                 current[p] += sizes[gi]
-    return tuple(
-        np.sort(np.concatenate(p)).astype(np.int64) if p else np.zeros(0, dtype=np.int64)
-        for p in parts
-    )
+    return tuple(np.sort(np.concatenate(p)).astype(np.int64) if p else np.zeros(0, dtype=np.int64) for p in parts)
 
 
 def carve_validation(
-    index: DatasetIndex, fraction: float = 0.1, seed: int = 1234, grouped: bool = True,
+    index: DatasetIndex,
+    fraction: float = 0.1,
+    seed: int = 1234,
+    grouped: bool = True,
 ) -> tuple[DatasetIndex, DatasetIndex]:
     """Split a training index into ``(train, val)``, stratified by label; grouped (no group in
     both) when ``grouped`` and the records have groups (HAM10000 lesions)."""

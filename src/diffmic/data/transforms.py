@@ -90,7 +90,8 @@ def open_image(src: str | os.PathLike | bytes, max_pixels: int | None = DEFAULT_
         img.close()
         raise DataError(
             f"{name}: {w}x{h} = {w * h / 1e6:.1f} MP exceeds the {max_pixels / 1e6:.0f} MP limit "
-            "(possible decompression bomb); raise max_pixels if the image is genuine")
+            "(possible decompression bomb); raise max_pixels if the image is genuine"
+        )
     return img
 
 
@@ -98,8 +99,9 @@ def _scale_to_uint8(arr: np.ndarray, bits16: bool) -> np.ndarray:
     """Integer/float grey array -> uint8. 16-bit data maps 0..65535 -> 0..255 (x/257);
     other ranges are min-max scaled."""
     a = arr.astype(np.float64)
-    if bits16 or (np.issubdtype(arr.dtype, np.integer) and a.size and a.min() >= 0 and a.max() <= 65535
-                  and a.max() > 255):
+    if bits16 or (
+        np.issubdtype(arr.dtype, np.integer) and a.size and a.min() >= 0 and a.max() <= 65535 and a.max() > 255
+    ):
         out = a / 257.0
     elif np.issubdtype(arr.dtype, np.integer) and a.size and a.min() >= 0 and a.max() <= 255:
         out = a
@@ -205,8 +207,9 @@ def _array_to_pil(arr: np.ndarray) -> Image.Image:
     raise DataError(f"in-memory image has unsupported shape {a.shape}; expected HxW or HxWx{{1,3,4}}")
 
 
-def decode_image(src: ImageSource, image_size: int, in_chans: int = 3,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def decode_image(
+    src: ImageSource, image_size: int, in_chans: int = 3, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
     """Decode a file / bytes / PIL image / array into ``uint8 [image_size, image_size, in_chans]``.
 
     Any failure (missing, empty, corrupt, truncated, too large, unsupported) raises
@@ -279,8 +282,7 @@ class TrainAugment(torch.nn.Module):
         if vflip:
             ops.append(v2.RandomVerticalFlip(p=0.5))
         if rotation and rotation > 0:
-            ops.append(v2.RandomRotation(degrees=float(rotation),
-                                         interpolation=v2.InterpolationMode.BILINEAR, fill=0))
+            ops.append(v2.RandomRotation(degrees=float(rotation), interpolation=v2.InterpolationMode.BILINEAR, fill=0))
         self.ops = v2.Compose(ops) if ops else torch.nn.Identity()
 
     def forward(self, x):
@@ -295,8 +297,9 @@ class SampleTransform:
     sample costs ~1-2 ms and does not fight over cores with torch's intra-op threads when the
     DataLoader runs in the main process (``num_workers=0``)."""
 
-    def __init__(self, train: bool = False, in_chans: int = 3, hflip: bool = True,
-                 vflip: bool = False, rotation: float = 30.0) -> None:
+    def __init__(
+        self, train: bool = False, in_chans: int = 3, hflip: bool = True, vflip: bool = False, rotation: float = 30.0
+    ) -> None:
         mean, std = norm_stats(in_chans)
         self.in_chans = in_chans
         self.augment = TrainAugment(hflip, vflip, rotation) if train else None
@@ -323,7 +326,8 @@ class SampleTransform:
         return f"SampleTransform(in_chans={self.in_chans}, augment={self.augment})"
 
 
-def build_transform(train: bool, in_chans: int = 3, hflip: bool = True, vflip: bool = False,
-                    rotation: float = 30.0) -> SampleTransform:
+def build_transform(
+    train: bool, in_chans: int = 3, hflip: bool = True, vflip: bool = False, rotation: float = 30.0
+) -> SampleTransform:
     """``uint8 [S,S,C]`` sample -> normalised float ``[C,S,S]`` tensor; augmented when ``train``."""
     return SampleTransform(train, in_chans, hflip, vflip, rotation)

@@ -53,9 +53,7 @@ def q_sample(schedule: NoiseSchedule, y0: Tensor, t: Tensor, prior_mean: Tensor,
     return sqrt_ab * y0 + sqrt_1m_ab * noise + (1.0 - sqrt_ab) * prior_mean
 
 
-def predict_y0_from_eps(
-    schedule: NoiseSchedule, y_t: Tensor, t: Tensor, prior_mean: Tensor, eps: Tensor
-) -> Tensor:
+def predict_y0_from_eps(schedule: NoiseSchedule, y_t: Tensor, t: Tensor, prior_mean: Tensor, eps: Tensor) -> Tensor:
     """Invert Eq. 2 for y0 given a noise estimate (reference note §1.5, ŷ0).
 
     ŷ0 = [y_t − (1 − √ᾱ_t) μ − √(1−ᾱ_t) ε̂] / √ᾱ_t

@@ -9,8 +9,9 @@ tests and benchmarks compare against; both give the same result for the same noi
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -33,8 +34,13 @@ def image_seed(image_id: str, seed: int) -> int:
 
 
 def per_image_noise(
-    ids: Sequence[str], seed: int, num_draws: int, num_samples: int, num_classes: int,
-    device: torch.device, dtype: torch.dtype,
+    ids: Sequence[str],
+    seed: int,
+    num_draws: int,
+    num_samples: int,
+    num_classes: int,
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> Tensor:
     """Noise for the sampler, ``[num_draws, B*K, C]``, drawn per image from its own generator.
 
@@ -104,8 +110,17 @@ def reverse_sample(
             return model.eps(feat_k, y_t, t, guide_k)
 
     out = samplers.sample(
-        sampler, eps_fn, schedule, mu_k, steps=steps, eta=eta, start=start, t_start=t_start,
-        generator=generator, noise=noise, return_trajectory=return_trajectory,
+        sampler,
+        eps_fn,
+        schedule,
+        mu_k,
+        steps=steps,
+        eta=eta,
+        start=start,
+        t_start=t_start,
+        generator=generator,
+        noise=noise,
+        return_trajectory=return_trajectory,
     )
     traj = [s.view(B, K, C) for s in out.trajectory] if out.trajectory is not None else None
     return ReverseOutput(out.y0.view(B, K, C), mu, guidance, traj)

@@ -77,9 +77,7 @@ class SampleOutput:
 class _NoiseSource:
     """Yields the sampler's ``[N, C]`` noise draws, from a given tensor or freshly drawn."""
 
-    def __init__(
-        self, like: Tensor, num_draws: int, noise: Tensor | None, generator: torch.Generator | None
-    ) -> None:
+    def __init__(self, like: Tensor, num_draws: int, noise: Tensor | None, generator: torch.Generator | None) -> None:
         self._like = like
         self._generator = generator
         self._index = 0
@@ -87,8 +85,7 @@ class _NoiseSource:
             expected = (num_draws, *like.shape)
             if tuple(noise.shape) != expected:
                 raise ValueError(
-                    f"noise must have shape {expected} (num_noise_draws x prior_mean.shape), "
-                    f"got {tuple(noise.shape)}"
+                    f"noise must have shape {expected} (num_noise_draws x prior_mean.shape), got {tuple(noise.shape)}"
                 )
             noise = noise.to(device=like.device, dtype=like.dtype)
         self._noise = noise
@@ -254,9 +251,7 @@ def sample_ddpm(
     Returns:
         :class:`SampleOutput` with ``y0 [N, C]``.
     """
-    return _ancestral(
-        eps_fn, schedule, prior_mean, schedule.num_timesteps, generator, noise, return_trajectory
-    )
+    return _ancestral(eps_fn, schedule, prior_mean, schedule.num_timesteps, generator, noise, return_trajectory)
 
 
 def sample_truncated(
@@ -493,8 +488,10 @@ def sample(
     if t_start is not None:
         raise ValueError(f"t_start applies to 'ddim' and 'dpmpp2m' only, not {name!r}; set eval.t_start=null")
     if eta != 0 or start != "noise":
-        raise ValueError(f"sampler {name!r} supports only eta=0 and start='noise' (got eta={eta}, start={start!r}); "
-                         "set eval.eta=0 eval.start=noise")
+        raise ValueError(
+            f"sampler {name!r} supports only eta=0 and start='noise' (got eta={eta}, start={start!r}); "
+            "set eval.eta=0 eval.start=noise"
+        )
     T = schedule.num_timesteps
     if name == "ddpm":
         if steps is not None and steps != T:

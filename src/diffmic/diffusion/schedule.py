@@ -54,9 +54,7 @@ def make_beta_schedule(
         raise ValueError(f"num_timesteps must be a positive integer, got {num_timesteps!r}")
     num_timesteps = int(num_timesteps)
     if kind != "cosine" and not (0.0 < beta_start <= beta_end < 1.0):
-        raise ValueError(
-            f"need 0 < beta_start <= beta_end < 1, got beta_start={beta_start}, beta_end={beta_end}"
-        )
+        raise ValueError(f"need 0 < beta_start <= beta_end < 1, got beta_start={beta_start}, beta_end={beta_end}")
     f64 = torch.float64
     if kind == "linear":
         betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=f64)

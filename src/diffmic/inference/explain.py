@@ -34,8 +34,9 @@ def subset_indices(labels: list[int], n: int, seed: int) -> list[int]:
 
 
 @torch.no_grad()
-def tsne_figure(module, dataset, idx: list[int], class_names: list[str], seed: int, num_panels: int = 4,
-                batch_size: int = 64):
+def tsne_figure(
+    module, dataset, idx: list[int], class_names: list[str], seed: int, num_panels: int = 4, batch_size: int = 64
+):
     """The paper's Fig. 2: t-SNE of the denoised label vectors y_t at several reverse steps (one
     sample per image), coloured by the true class. Returns (figure, the steps shown)."""
     from sklearn.manifold import TSNE
@@ -43,11 +44,21 @@ def tsne_figure(module, dataset, idx: list[int], class_names: list[str], seed: i
     e = module.cfg.eval
     trajs, labels = [], []
     for s in range(0, len(idx), batch_size):
-        items = [dataset[i] for i in idx[s:s + batch_size]]
+        items = [dataset[i] for i in idx[s : s + batch_size]]
         x = torch.stack([it["image"] for it in items]).to(module.device)
-        out = reverse_sample(module.model, module.schedule, x, sampler=e.sampler, steps=e.steps, eta=e.eta,
-                             start=e.start, num_samples=1, ids=[it["id"] for it in items], seed=e.sample_seed,
-                             return_trajectory=True)
+        out = reverse_sample(
+            module.model,
+            module.schedule,
+            x,
+            sampler=e.sampler,
+            steps=e.steps,
+            eta=e.eta,
+            start=e.start,
+            num_samples=1,
+            ids=[it["id"] for it in items],
+            seed=e.sample_seed,
+            return_trajectory=True,
+        )
         trajs.append(torch.stack([t[:, 0] for t in out.trajectory]).cpu())  # [S,B,C]
         labels += [int(it["label"]) for it in items]
     traj = torch.cat(trajs, 1)
@@ -58,13 +69,16 @@ def tsne_figure(module, dataset, idx: list[int], class_names: list[str], seed: i
     y = np.array(labels)
     for ax, k in zip(axes[0], pick):
         emb = TSNE(n_components=2, random_state=seed, init="pca", perplexity=min(30, len(y) - 1)).fit_transform(
-            traj[k].numpy().astype(np.float64))
+            traj[k].numpy().astype(np.float64)
+        )
         for c, name in enumerate(class_names):
             m = y == c
             if m.any():
                 ax.scatter(emb[m, 0], emb[m, 1], s=4, label=name)
-        ax.set_title(f"reverse step {k + 1 if k < S - 1 else 'final'} of {S}" if k < S - 1 else f"final y0 ({S} states)",
-                     fontsize=8)
+        ax.set_title(
+            f"reverse step {k + 1 if k < S - 1 else 'final'} of {S}" if k < S - 1 else f"final y0 ({S} states)",
+            fontsize=8,
+        )
         ax.set_xticks([])
         ax.set_yticks([])
     axes[0][0].legend(fontsize=6, markerscale=2, loc="best")
@@ -101,7 +115,7 @@ def lesion_check(module, dataset, idx: list[int], cfg, batch_size: int = 64) -> 
 
     rows = []
     for s in range(0, len(idx), batch_size):
-        items = [dataset[i] for i in idx[s:s + batch_size]]
+        items = [dataset[i] for i in idx[s : s + batch_size]]
         x = torch.stack([it["image"] for it in items]).to(module.device)
         g = module.model.guide(x)
         for b, it in enumerate(items):
@@ -117,12 +131,17 @@ def lesion_check(module, dataset, idx: list[int], cfg, batch_size: int = 64) -> 
     if not rows:
         return None
     keys = rows[0].keys()
-    return {"num_images": len(rows), "saliency_class": "true class",
-            **{k: float(np.nanmean([r[k] for r in rows if k in r])) for k in keys}}
+    return {
+        "num_images": len(rows),
+        "saliency_class": "true class",
+        **{k: float(np.nanmean([r[k] for r in rows if k in r])) for k in keys},
+    }
 
 
 @torch.no_grad()
-def explanation_gallery(module, dataset, rows: list[dict], cfg, per_row: int, seed: int, out_dir: Path) -> list[tuple[str, list]]:
+def explanation_gallery(
+    module, dataset, rows: list[dict], cfg, per_row: int, seed: int, out_dir: Path
+) -> list[tuple[str, list]]:
     """PNG explanations (original resolution) for correct, wrong and uncertain test images."""
     from PIL import Image
 
@@ -136,9 +155,14 @@ def explanation_gallery(module, dataset, rows: list[dict], cfg, per_row: int, se
         order = torch.randperm(len(cand), generator=g).tolist()[:per_row]
         return [cand[i] for i in order]
 
-    groups = [("correct, kept", pick(lambda r: int(r["label"]) == int(r["pred"]) and int(r.get("refer", 0)) == 0)),
-              ("wrong", pick(lambda r: int(r["label"]) != int(r["pred"]))),
-              ("uncertain (t-test) or referred", pick(lambda r: int(r.get("uncertain", 0)) == 1 or int(r.get("refer", 0)) == 1))]
+    groups = [
+        ("correct, kept", pick(lambda r: int(r["label"]) == int(r["pred"]) and int(r.get("refer", 0)) == 0)),
+        ("wrong", pick(lambda r: int(r["label"]) != int(r["pred"]))),
+        (
+            "uncertain (t-test) or referred",
+            pick(lambda r: int(r.get("uncertain", 0)) == 1 or int(r.get("refer", 0)) == 1),
+        ),
+    ]
     names = list(module.class_names)
     out = []
     for title, sel in groups:
@@ -164,14 +188,22 @@ def explanation_gallery(module, dataset, rows: list[dict], cfg, per_row: int, se
                 with Image.open(mp) as im:
                     mask = np.array(im.convert("L")) > 127
             k = int(r["pred"])
-            cap = (f"{r['id']}: true {names[int(r['label'])]}, pred {names[k]} p={float(r['confidence']):.2f}"
-                   + (f", set {{{r['set'].replace('|', ', ')}}}" if r.get("set") else "")
-                   + (", t-test uncertain" if int(r.get("uncertain", 0)) else ""))
+            cap = (
+                f"{r['id']}: true {names[int(r['label'])]}, pred {names[k]} p={float(r['confidence']):.2f}"
+                + (f", set {{{r['set'].replace('|', ', ')}}}" if r.get("set") else "")
+                + (", t-test uncertain" if int(r.get("uncertain", 0)) else "")
+            )
             png = out_dir / f"{r['id']}.png"
-            draw_explanation(img, gd.saliency[0, k].float().cpu().numpy() if gd is not None else None,
-                             gd.roi_boxes[0].cpu().tolist() if gd is not None else None,
-                             [float(a) for a in gd.roi_attention[0].cpu()] if gd is not None else None,
-                             cfg.data.image_size, f"pred {names[k]}", png, mask=mask)
+            draw_explanation(
+                img,
+                gd.saliency[0, k].float().cpu().numpy() if gd is not None else None,
+                gd.roi_boxes[0].cpu().tolist() if gd is not None else None,
+                [float(a) for a in gd.roi_attention[0].cpu()] if gd is not None else None,
+                cfg.data.image_size,
+                f"pred {names[k]}",
+                png,
+                mask=mask,
+            )
             figs.append((png, cap))
         out.append((title, figs))
     return out
@@ -184,8 +216,15 @@ def _confusion(cm: list[list[int]], names: list[str]):
     ax.imshow(a, cmap="Blues")
     for i in range(a.shape[0]):
         for j in range(a.shape[1]):
-            ax.text(j, i, str(a[i, j]), ha="center", va="center", fontsize=7,
-                    color="white" if a[i, j] > a.max() / 2 else "black")
+            ax.text(
+                j,
+                i,
+                str(a[i, j]),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if a[i, j] > a.max() / 2 else "black",
+            )
     ax.set_xticks(range(len(names)), names, fontsize=7, rotation=45)
     ax.set_yticks(range(len(names)), names, fontsize=7)
     ax.set_xlabel("predicted")
@@ -224,12 +263,18 @@ def build_report(run_dir: Path, output: Path | None = None, max_images: int = 60
             raise FileNotFoundError(f"'{f}' not found: run `diffmic test --run {run_dir}` first")
     tm = json.loads(metrics_file.read_text())
     if "calibration" not in tm:
-        raise ConfigError(f"'{metrics_file}' has no calibration block (written by an older diffmic): "
-                          f"run `diffmic test --run {run_dir}` again")
+        raise ConfigError(
+            f"'{metrics_file}' has no calibration block (written by an older diffmic): "
+            f"run `diffmic test --run {run_dir}` again"
+        )
     with open(preds_file, newline="") as fh:
         rows = list(csv.DictReader(fh))
     cfg = load_config(run_dir / "config.yaml")
-    module = load_module(resolve_checkpoint(run_dir, tm.get("checkpoint") if tm.get("checkpoint") and Path(tm["checkpoint"]).exists() else None))
+    module = load_module(
+        resolve_checkpoint(
+            run_dir, tm.get("checkpoint") if tm.get("checkpoint") and Path(tm["checkpoint"]).exists() else None
+        )
+    )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     module.to(device).eval()
     dm = build_datamodule(cfg)
@@ -253,55 +298,114 @@ def build_report(run_dir: Path, output: Path | None = None, max_images: int = 60
     cal, unc, conf, ref = tm["calibration"], tm.get("uncertainty", {}), tm.get("conformal", {}), tm.get("referral", {})
     head = [with_ci(k, tm.get(k)) for k in ("acc", "balanced_acc", "f1", "kappa", "auroc")]
     head += [with_ci(k, cal.get(k)) for k in ("ece", "ece_unscaled", "nll", "brier")]
-    head += [with_ci("aurc", ref.get("aurc")), with_ci("referred_fraction", ref.get("referred_fraction")),
-             with_ci("accuracy_kept", ref.get("accuracy_kept")), with_ci("pavpu", unc.get("pavpu")),
-             with_ci("conformal_coverage", conf.get("coverage")), with_ci("mean_set_size", conf.get("mean_set_size"))]
-    panels.append(("metrics", "Test metrics with 95 % bootstrap intervals",
-                   table(["metric", "value", "CI low", "CI high"], head)
-                   + f"<p>{tm.get('num_images')} test images; temperature {cal['temperature']:.3f} fitted on "
-                   f"{cal.get('fitted_on')}; {tm.get('ci_method', '')}. Referral rule: {ref.get('rule', '')}. "
-                   f"Uncertainty: {unc.get('method', '')}; accuracy confident {unc.get('accuracy_confident')}, "
-                   f"uncertain {unc.get('accuracy_uncertain')}.</p>"))
-    panels.append(("confusion", "Confusion matrix", f"<img alt='confusion matrix' src='{png_data_uri(_confusion(tm['confusion_matrix'], names))}'>"))
-    per = [[n, tm["precision_per_class"][n], tm["recall_per_class"][n], tm["f1_per_class"][n],
-            conf.get("per_class", {}).get(n, {}).get("coverage", ""), conf.get("per_class", {}).get(n, {}).get("mean_set_size", "")]
-           for n in names]
-    panels.append(("per_class", "Per-class table", table(["class", "precision", "recall", "F1", "set coverage", "set size"], per)))
-    for pid, heading, f in (("reliability", "Reliability diagram (15 bins)", run_dir / "reliability.png"),
-                            ("coverage_curve", "Risk-coverage curve (accuracy of the kept images)", run_dir / "risk_coverage.png")):
+    head += [
+        with_ci("aurc", ref.get("aurc")),
+        with_ci("referred_fraction", ref.get("referred_fraction")),
+        with_ci("accuracy_kept", ref.get("accuracy_kept")),
+        with_ci("pavpu", unc.get("pavpu")),
+        with_ci("conformal_coverage", conf.get("coverage")),
+        with_ci("mean_set_size", conf.get("mean_set_size")),
+    ]
+    panels.append(
+        (
+            "metrics",
+            "Test metrics with 95 % bootstrap intervals",
+            table(["metric", "value", "CI low", "CI high"], head)
+            + f"<p>{tm.get('num_images')} test images; temperature {cal['temperature']:.3f} fitted on "
+            f"{cal.get('fitted_on')}; {tm.get('ci_method', '')}. Referral rule: {ref.get('rule', '')}. "
+            f"Uncertainty: {unc.get('method', '')}; accuracy confident {unc.get('accuracy_confident')}, "
+            f"uncertain {unc.get('accuracy_uncertain')}.</p>",
+        )
+    )
+    panels.append(
+        (
+            "confusion",
+            "Confusion matrix",
+            f"<img alt='confusion matrix' src='{png_data_uri(_confusion(tm['confusion_matrix'], names))}'>",
+        )
+    )
+    per = [
+        [
+            n,
+            tm["precision_per_class"][n],
+            tm["recall_per_class"][n],
+            tm["f1_per_class"][n],
+            conf.get("per_class", {}).get(n, {}).get("coverage", ""),
+            conf.get("per_class", {}).get(n, {}).get("mean_set_size", ""),
+        ]
+        for n in names
+    ]
+    panels.append(
+        ("per_class", "Per-class table", table(["class", "precision", "recall", "F1", "set coverage", "set size"], per))
+    )
+    for pid, heading, f in (
+        ("reliability", "Reliability diagram (15 bins)", run_dir / "reliability.png"),
+        ("coverage_curve", "Risk-coverage curve (accuracy of the kept images)", run_dir / "risk_coverage.png"),
+    ):
         if f.is_file():
             panels.append((pid, heading, f"<img alt='{pid}' src='{png_data_uri(f)}'>"))
     if conf:
-        panels.append(("conformal", f"Conformal prediction sets ({conf.get('method', 'APS')}, level {conf['level']})",
-                       f"<img alt='conformal' src='{png_data_uri(_conformal_figure(conf))}'>"))
+        panels.append(
+            (
+                "conformal",
+                f"Conformal prediction sets ({conf.get('method', 'APS')}, level {conf['level']})",
+                f"<img alt='conformal' src='{png_data_uri(_conformal_figure(conf))}'>",
+            )
+        )
     if module.model.variant != "basic":
         try:
             fig, _steps = tsne_figure(module, ds, idx, names, seed)
-            panels.append(("tsne", f"t-SNE of the denoised label vectors ({len(idx)} test images, paper Fig. 2)",
-                           f"<img alt='tsne' src='{png_data_uri(fig)}'>"))
+            panels.append(
+                (
+                    "tsne",
+                    f"t-SNE of the denoised label vectors ({len(idx)} test images, paper Fig. 2)",
+                    f"<img alt='tsne' src='{png_data_uri(fig)}'>",
+                )
+            )
         except ImportError:
             panels.append(("tsne", "t-SNE", "<p>scikit-learn is not installed: pip install 'diffmic[report]'.</p>"))
     else:
-        panels.append(("tsne", "t-SNE", "<p>The basic variant has no reverse diffusion: no label-vector trajectory.</p>"))
+        panels.append(
+            ("tsne", "t-SNE", "<p>The basic variant has no reverse diffusion: no label-vector trajectory.</p>")
+        )
     lesions = lesion_check(module, ds, idx, cfg) if module.model.uses_dcg else None
     if lesions:
         (run_dir / "lesion_hits.json").write_text(json.dumps(lesions, indent=2))
-        lrows = [["ROI overlap with lesion (mean fraction of region)", lesions.get("roi_overlap"), lesions.get("roi_overlap_random")],
-                 ["ROI centre on lesion", lesions.get("roi_center_hit"), lesions.get("roi_center_hit_random")],
-                 ["saliency peak on lesion", lesions["peak_hit"], lesions["peak_hit_random"]],
-                 ["pointing game (5 px tolerance)", lesions["pointing_hit"], lesions["pointing_hit_random"]],
-                 ["saliency mass on lesion", lesions["energy_on_lesion"], lesions["lesion_share"]]]
-        panels.append(("lesions", f"Explanations against lesion masks ({lesions['num_images']} test images)",
-                       table(["measure", "DCG", "random region / point of the same size"], lrows)))
+        lrows = [
+            [
+                "ROI overlap with lesion (mean fraction of region)",
+                lesions.get("roi_overlap"),
+                lesions.get("roi_overlap_random"),
+            ],
+            ["ROI centre on lesion", lesions.get("roi_center_hit"), lesions.get("roi_center_hit_random")],
+            ["saliency peak on lesion", lesions["peak_hit"], lesions["peak_hit_random"]],
+            ["pointing game (5 px tolerance)", lesions["pointing_hit"], lesions["pointing_hit_random"]],
+            ["saliency mass on lesion", lesions["energy_on_lesion"], lesions["lesion_share"]],
+        ]
+        panels.append(
+            (
+                "lesions",
+                f"Explanations against lesion masks ({lesions['num_images']} test images)",
+                table(["measure", "DCG", "random region / point of the same size"], lrows),
+            )
+        )
     else:
-        panels.append(("lesions", "Explanations against lesion masks", "<p>No lesion masks for this data set (or no DCG).</p>"))
+        panels.append(
+            ("lesions", "Explanations against lesion masks", "<p>No lesion masks for this data set (or no DCG).</p>")
+        )
     gal = explanation_gallery(module, ds, rows, cfg, gallery_size, seed, fig_dir)
     inner = ""
     for title, figs in gal:
         inner += f"<h3 style='font-size:13px'>{title}</h3><div class='gallery'>"
-        inner += "".join(f"<figure><img alt='{Path(p).stem}' src='{png_data_uri(p)}'><figcaption>{c}</figcaption></figure>"
-                         for p, c in figs)
+        inner += "".join(
+            f"<figure><img alt='{Path(p).stem}' src='{png_data_uri(p)}'><figcaption>{c}</figcaption></figure>"
+            for p, c in figs
+        )
         inner += "</div>"
     panels.append(("gallery", "Gallery: saliency and regions on the original images", inner))
-    return write_report(output, f"diffmic report: {run_dir}", panels,
-                        intro=f"variant {tm.get('variant')}, sampler {tm.get('sampler')}, K = {tm.get('num_samples')}")
+    return write_report(
+        output,
+        f"diffmic report: {run_dir}",
+        panels,
+        intro=f"variant {tm.get('variant')}, sampler {tm.get('sampler')}, K = {tm.get('num_samples')}",
+    )

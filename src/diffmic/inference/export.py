@@ -51,8 +51,10 @@ CONFIG = "config.json"
 CARD = "MODEL_CARD.md"
 ONNX_ENCODER = "encoder_dcg.onnx"
 ONNX_STEP = "denoiser_step.onnx"
-PAPER = ("Yang, Y., Fu, H., Aviles-Rivero, A. I., Schönlieb, C.-B., Zhu, L.: DiffMIC: Dual-Guidance "
-         "Diffusion Network for Medical Image Classification. MICCAI 2023 (arXiv:2303.10610).")
+PAPER = (
+    "Yang, Y., Fu, H., Aviles-Rivero, A. I., Schönlieb, C.-B., Zhu, L.: DiffMIC: Dual-Guidance "
+    "Diffusion Network for Medical Image Classification. MICCAI 2023 (arXiv:2303.10610)."
+)
 
 
 class ExportError(ValueError):
@@ -67,8 +69,9 @@ class PortableModel(nn.Module):
     """What :class:`Predictor` needs from a trained model: ``model`` (:class:`DiffMIC`), ``cfg``,
     ``class_names``, ``schedule`` (built on the model's device), ``calibration`` (or ``None``)."""
 
-    def __init__(self, model: nn.Module, cfg, class_names: list[str], calibration: Any = None,
-                 meta: dict | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, cfg, class_names: list[str], calibration: Any = None, meta: dict | None = None
+    ) -> None:
         super().__init__()
         self.model = model
         self.cfg = cfg
@@ -118,8 +121,9 @@ def load_model_folder(path: str | os.PathLike, eval_overrides: dict | None = Non
     folder = Path(path)
     cfg_path, weights = folder / CONFIG, folder / WEIGHTS
     if not cfg_path.is_file() or not weights.is_file():
-        raise ExportError(f"'{folder}' is not a diffmic model folder: it needs {CONFIG} and {WEIGHTS} "
-                          "(written by `diffmic export`)")
+        raise ExportError(
+            f"'{folder}' is not a diffmic model folder: it needs {CONFIG} and {WEIGHTS} (written by `diffmic export`)"
+        )
     try:
         meta = json.loads(cfg_path.read_text())
     except ValueError as exc:
@@ -127,8 +131,10 @@ def load_model_folder(path: str | os.PathLike, eval_overrides: dict | None = Non
     if meta.get("format") != FORMAT:
         raise ExportError(f"{cfg_path}: not a diffmic model config (format={meta.get('format')!r})")
     if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise ExportError(f"{cfg_path}: format_version {meta['format_version']} is newer than this diffmic "
-                          f"({__version__}) reads ({FORMAT_VERSION}); upgrade diffmic")
+        raise ExportError(
+            f"{cfg_path}: format_version {meta['format_version']} is newer than this diffmic "
+            f"({__version__}) reads ({FORMAT_VERSION}); upgrade diffmic"
+        )
     digest = meta.get("weights_sha256")
     if digest and _sha256(weights) != digest:
         raise ExportError(f"{weights}: SHA-256 differs from {CONFIG} (file changed or truncated); re-export it")
@@ -165,9 +171,13 @@ def _preprocessing(cfg) -> dict:
     return {
         "image_size": cfg.data.image_size,
         "in_chans": cfg.data.in_chans,
-        "steps": ["convert to RGB (in_chans=3) or grey (in_chans=1)", "centre square crop",
-                  f"bilinear antialiased resize to {cfg.data.image_size}x{cfg.data.image_size}",
-                  "scale to [0, 1]", "normalise with mean/std per channel"],
+        "steps": [
+            "convert to RGB (in_chans=3) or grey (in_chans=1)",
+            "centre square crop",
+            f"bilinear antialiased resize to {cfg.data.image_size}x{cfg.data.image_size}",
+            "scale to [0, 1]",
+            "normalise with mean/std per channel",
+        ],
         "mean": list(mean),
         "std": list(std),
         "layout": "NCHW float32",
@@ -193,10 +203,13 @@ def _model_card(meta: dict, metrics: dict | None, fit_summary: dict | None) -> s
     data, model, ev = cfg["data"], cfg["model"], cfg["eval"]
     names = meta["class_names"]
     lines = [
-        f"# DiffMIC model card: {data['dataset']} ({len(names)} classes)", "",
+        f"# DiffMIC model card: {data['dataset']} ({len(names)} classes)",
+        "",
         f"Exported by diffmic {__version__} on {meta['exported']} from `{meta['source']['checkpoint']}` "
-        f"(trained with diffmic {meta['source']['diffmic_version']}).", "",
-        "## Model", "",
+        f"(trained with diffmic {meta['source']['diffmic_version']}).",
+        "",
+        "## Model",
+        "",
         f"DiffMIC variant `{model['variant']}`: image encoder `{model['encoder']}`, DCG streams "
         f"`{model['dcg_global']}` / `{model['dcg_local']}`, denoiser width {model['hidden_dim']}, "
         f"T = {cfg['diffusion']['num_timesteps']} ({cfg['diffusion']['schedule']} schedule). "
@@ -205,51 +218,79 @@ def _model_card(meta: dict, metrics: dict | None, fit_summary: dict | None) -> s
         f"({ev['aggregate']}), readout temperature {ev['temperature']}, refer to a clinician below "
         f"confidence {ev['refer_threshold']} or when the samples disagree.",
         f"Calibration: {json.dumps(meta['calibration']) if meta.get('calibration') is not None else 'none stored'}.",
-        "", "Classes (output order): " + ", ".join(f"{i} {n}" for i, n in enumerate(names)), "",
-        "## Training data", "",
+        "",
+        "Classes (output order): " + ", ".join(f"{i} {n}" for i, n in enumerate(names)),
+        "",
+        "## Training data",
+        "",
         f"Data set `{data['dataset']}` (data.root `{data['root']}`), split `{data['split']}`"
-        + (f" (test fraction {data['test_fraction']})" if data["split"] != "authors" else
-           " (the DiffMIC authors' released split)")
+        + (
+            f" (test fraction {data['test_fraction']})"
+            if data["split"] != "authors"
+            else " (the DiffMIC authors' released split)"
+        )
         + f", validation fraction {data['val_fraction']} carved from train"
         + (f", stratified subset of {data['subset']} images" if data.get("subset") else "")
         + f", images at {data['image_size']} px, {data['in_chans']} channel(s).",
     ]
     if data["dataset"] == "ham10000" and data["split"] == "authors":
-        lines.append("Note: the authors' HAM10000 split is per image, and about a third of its test images show "
-                     "a lesion that is also in the training split, so test scores on it are optimistic.")
+        lines.append(
+            "Note: the authors' HAM10000 split is per image, and about a third of its test images show "
+            "a lesion that is also in the training split, so test scores on it are optimistic."
+        )
     if fit_summary:
-        lines.append(f"Training: {fit_summary.get('epochs')} epochs, checkpoint selected on "
-                     f"{fit_summary.get('selected_on')} {fit_summary.get('monitor')} "
-                     f"(score {_fmt(fit_summary.get('best_score'))}).")
+        lines.append(
+            f"Training: {fit_summary.get('epochs')} epochs, checkpoint selected on "
+            f"{fit_summary.get('selected_on')} {fit_summary.get('monitor')} "
+            f"(score {_fmt(fit_summary.get('best_score'))})."
+        )
     lines += ["", "## Test metrics", ""]
     if metrics:
         ci = metrics.get("ci") or metrics.get("intervals") or {}
-        lines += [f"Test split, {metrics.get('num_images', '?')} images, sampler {metrics.get('sampler')} "
-                  f"{metrics.get('steps')} steps ({metrics.get('checkpoint', '')}).", "",
-                  "| metric | value | 95% interval |", "|---|---|---|"]
+        lines += [
+            f"Test split, {metrics.get('num_images', '?')} images, sampler {metrics.get('sampler')} "
+            f"{metrics.get('steps')} steps ({metrics.get('checkpoint', '')}).",
+            "",
+            "| metric | value | 95% interval |",
+            "|---|---|---|",
+        ]
         for k in ("acc", "balanced_acc", "f1", "kappa", "auroc"):
             if k in metrics:
                 lines.append(_metric_line(k, metrics[k], ci.get(k) if isinstance(ci, dict) else None))
         ref = metrics.get("referral")
         if isinstance(ref, dict):
-            lines += ["", f"Referral: {_fmt(ref.get('referred_fraction'))} of test images referred; accuracy on "
-                      f"the rest {_fmt(ref.get('accuracy_kept'))}, on the referred {_fmt(ref.get('accuracy_referred'))}."]
+            lines += [
+                "",
+                f"Referral: {_fmt(ref.get('referred_fraction'))} of test images referred; accuracy on "
+                f"the rest {_fmt(ref.get('accuracy_kept'))}, on the referred {_fmt(ref.get('accuracy_referred'))}.",
+            ]
     else:
-        lines.append("No test_metrics.json in the run folder: this model was not evaluated on a test split "
-                     "(run `diffmic test --run RUN` before exporting).")
+        lines.append(
+            "No test_metrics.json in the run folder: this model was not evaluated on a test split "
+            "(run `diffmic test --run RUN` before exporting)."
+        )
     lines += [
-        "", "## Intended use and limits", "",
+        "",
+        "## Intended use and limits",
+        "",
         "Research on medical image classification and its uncertainty. **Not a medical device**: it is not "
         "validated for diagnosis or treatment decisions and must not replace a clinician. Predictions are "
         "only meaningful for images like the training data (same modality, acquisition and population); "
         "the referral flag marks low-confidence cases but does not catch every error or out-of-distribution "
         "input. Scores from one data set and split do not transfer to other sites. Check the licence of the "
-        "training data (HAM10000: CC BY-NC 4.0, non-commercial) before any use.", "",
-        "## Files", "",
+        "training data (HAM10000: CC BY-NC 4.0, non-commercial) before any use.",
+        "",
+        "## Files",
+        "",
         f"`{WEIGHTS}` (weights, SHA-256 `{meta['weights_sha256']}`), `{CONFIG}` (architecture, preprocessing, "
-        "sampler, class names), this card" + (", ONNX graphs (see config.json `onnx`)" if meta.get("onnx") else "")
-        + ". Load with `diffmic.inference.Predictor.load(folder)`; no Lightning needed.", "",
-        "## Reference", "", PAPER, "",
+        "sampler, class names), this card"
+        + (", ONNX graphs (see config.json `onnx`)" if meta.get("onnx") else "")
+        + ". Load with `diffmic.inference.Predictor.load(folder)`; no Lightning needed.",
+        "",
+        "## Reference",
+        "",
+        PAPER,
+        "",
     ]
     return "\n".join(lines)
 
@@ -270,8 +311,13 @@ def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
 
 
-def export_model(run: str | os.PathLike | None = None, ckpt: str | os.PathLike | None = None,
-                 out: str | os.PathLike = "", onnx: bool = False, onnx_batch: int = 2) -> Path:
+def export_model(
+    run: str | os.PathLike | None = None,
+    ckpt: str | os.PathLike | None = None,
+    out: str | os.PathLike = "",
+    onnx: bool = False,
+    onnx_batch: int = 2,
+) -> Path:
     """Write the portable folder ``out`` from a run (best checkpoint) or a checkpoint file.
 
     ``out`` must not exist or be empty (nothing is overwritten); the folder is assembled next to it
@@ -295,7 +341,9 @@ def export_model(run: str | os.PathLike | None = None, ckpt: str | os.PathLike |
     run_dir = Path(run) if run else ckpt_path.parent.parent
     metrics = _read_json(run_dir / "test_metrics.json")
     fit_summary = _read_json(run_dir / "fit_summary.json")
-    calibration = raw.get("diffmic_calibration", raw.get("calibration", hp.get("calibration")))  # training.checkpoint.CALIBRATION_KEY
+    calibration = raw.get(
+        "diffmic_calibration", raw.get("calibration", hp.get("calibration"))
+    )  # training.checkpoint.CALIBRATION_KEY
     train_config = dict(hp["config"])
     arch = dict(model.hparams)
     arch.update(encoder_weights=None, dcg_weights=None, pretrained=None)
@@ -321,8 +369,12 @@ def export_model(run: str | os.PathLike | None = None, ckpt: str | os.PathLike |
             "weights": WEIGHTS,
             "weights_sha256": _sha256(tmp / WEIGHTS),
             "ema": bool(module.cfg.train.use_ema and "diffmic_ema" in raw),
-            "source": {"checkpoint": str(ckpt_path), "diffmic_version": raw.get("diffmic_version", "unknown"),
-                       "epoch": raw.get("epoch"), "global_step": raw.get("global_step")},
+            "source": {
+                "checkpoint": str(ckpt_path),
+                "diffmic_version": raw.get("diffmic_version", "unknown"),
+                "epoch": raw.get("epoch"),
+                "global_step": raw.get("global_step"),
+            },
             "config": train_config,
         }
         if onnx:
@@ -381,8 +433,10 @@ def export_onnx(model: nn.Module, cfg, folder: str | os.PathLike, batch: int = 2
     """Write :data:`ONNX_ENCODER` and :data:`ONNX_STEP` into ``folder`` (fixed batch size ``batch``:
     the DCG's top-K ROI crops are traced for it). Needs the ``onnx`` extra (onnx, onnxscript)."""
     if model.variant == "basic":
-        raise ExportError("ONNX export covers the diffusion variants (C1, C2, full); variant 'basic' is a plain "
-                          "classifier: export it with torch.onnx.export(model.encoder + model.classifier)")
+        raise ExportError(
+            "ONNX export covers the diffusion variants (C1, C2, full); variant 'basic' is a plain "
+            "classifier: export it with torch.onnx.export(model.encoder + model.classifier)"
+        )
     try:
         import onnx  # noqa: F401
     except ImportError as exc:
@@ -396,19 +450,37 @@ def export_onnx(model: nn.Module, cfg, folder: str | os.PathLike, batch: int = 2
     with torch.no_grad():
         feat, prior = enc(image)
         args = (feat, prior.clone(), torch.full((batch,), 10, dtype=torch.long), prior)
-        torch.onnx.export(enc, (image,), str(folder / ONNX_ENCODER), input_names=["image"],
-                          output_names=["features", "prior"], opset_version=opset, dynamo=False)
-        torch.onnx.export(step, args, str(folder / ONNX_STEP), input_names=["features", "y_t", "t", "prior"],
-                          output_names=["eps"], opset_version=opset, dynamo=False,
-                          dynamic_axes={k: {0: "batch"} for k in ("features", "y_t", "t", "prior", "eps")})
+        torch.onnx.export(
+            enc,
+            (image,),
+            str(folder / ONNX_ENCODER),
+            input_names=["image"],
+            output_names=["features", "prior"],
+            opset_version=opset,
+            dynamo=False,
+        )
+        torch.onnx.export(
+            step,
+            args,
+            str(folder / ONNX_STEP),
+            input_names=["features", "y_t", "t", "prior"],
+            output_names=["eps"],
+            opset_version=opset,
+            dynamo=False,
+            dynamic_axes={k: {0: "batch"} for k in ("features", "y_t", "t", "prior", "eps")},
+        )
     return {
-        "encoder_dcg": {"file": ONNX_ENCODER, "inputs": {"image": [batch, c_in, s, s]},
-                        "outputs": {"features": [batch, int(feat.shape[1])], "prior": [batch, n]},
-                        "note": "fixed batch size; the input is the preprocessed image (see preprocessing)"},
-        "denoiser_step": {"file": ONNX_STEP,
-                          "inputs": {"features": ["B", int(feat.shape[1])], "y_t": ["B", n], "t": ["B"],
-                                     "prior": ["B", n]},
-                          "outputs": {"eps": ["B", n]},
-                          "note": "t is int64 in [0, T); run the sampler (config sampler/diffusion) around it"},
+        "encoder_dcg": {
+            "file": ONNX_ENCODER,
+            "inputs": {"image": [batch, c_in, s, s]},
+            "outputs": {"features": [batch, int(feat.shape[1])], "prior": [batch, n]},
+            "note": "fixed batch size; the input is the preprocessed image (see preprocessing)",
+        },
+        "denoiser_step": {
+            "file": ONNX_STEP,
+            "inputs": {"features": ["B", int(feat.shape[1])], "y_t": ["B", n], "t": ["B"], "prior": ["B", n]},
+            "outputs": {"eps": ["B", n]},
+            "note": "t is int64 in [0, T); run the sampler (config sampler/diffusion) around it",
+        },
         "opset": opset,
     }

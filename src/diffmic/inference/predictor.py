@@ -8,9 +8,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -55,8 +56,14 @@ class Prediction:
 
     def as_row(self) -> dict:
         row = {
-            "id": self.id, "pred": self.label_index, "label": self.label, "confidence": self.confidence,
-            "agreement": self.agreement, "spread": self.spread, "entropy": self.entropy, "refer": int(self.refer),
+            "id": self.id,
+            "pred": self.label_index,
+            "label": self.label,
+            "confidence": self.confidence,
+            "agreement": self.agreement,
+            "spread": self.spread,
+            "entropy": self.entropy,
+            "refer": int(self.refer),
         }
         row.update({f"p_{k}": v for k, v in self.probs.items()})
         if self.prediction_set is not None:
@@ -89,14 +96,14 @@ class Predictor:
         self.class_names = list(module.class_names)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device=None, **eval_overrides) -> "Predictor":
+    def from_checkpoint(cls, path: str | Path, device=None, **eval_overrides) -> Predictor:
         from diffmic.training.checkpoint import load_module
 
         over = {"eval": eval_overrides} if eval_overrides else None
         return cls(load_module(path, overrides=over), device=device)
 
     @classmethod
-    def load(cls, path: str | Path, device=None, **eval_overrides) -> "Predictor":
+    def load(cls, path: str | Path, device=None, **eval_overrides) -> Predictor:
         """From a model folder written by ``diffmic export`` (no Lightning needed), a run folder
         (its best checkpoint) or a checkpoint file."""
         from diffmic.inference.export import is_model_folder, load_model_folder
@@ -127,8 +134,9 @@ class Predictor:
         return x, [str(p) for p in paths], keys
 
     @torch.no_grad()
-    def predict_tensor(self, x: Tensor, ids: Sequence[str], seed_keys: Optional[Sequence[str]] = None
-                       ) -> list[Prediction]:
+    def predict_tensor(
+        self, x: Tensor, ids: Sequence[str], seed_keys: Optional[Sequence[str]] = None
+    ) -> list[Prediction]:
         """Classify a normalised batch ``x [B,3,H,W]``; ``seed_keys`` (default: ``ids``) seed each
         image's sampling noise."""
         m = self.module
@@ -141,14 +149,26 @@ class Predictor:
             guidance, prior = None, None
         else:
             out = reverse_sample(
-                m.model, m.schedule, x, sampler=e.sampler, steps=e.steps, eta=e.eta, start=e.start,
-                num_samples=e.num_samples, ids=list(seed_keys if seed_keys is not None else ids),
-                seed=e.sample_seed, t_start=getattr(e, "t_start", None),
+                m.model,
+                m.schedule,
+                x,
+                sampler=e.sampler,
+                steps=e.steps,
+                eta=e.eta,
+                start=e.start,
+                num_samples=e.num_samples,
+                ids=list(seed_keys if seed_keys is not None else ids),
+                seed=e.sample_seed,
+                t_start=getattr(e, "t_start", None),
             )
             r = readout(out.y0, e.aggregate, e.temperature)
             guidance, prior = out.guidance, out.prior
-        trust = predict_trust(r.probs, r.samples if m.model.variant != "basic" else None,
-                              getattr(m, "calibration", None), ids=[str(i) for i in ids])
+        trust = predict_trust(
+            r.probs,
+            r.samples if m.model.variant != "basic" else None,
+            getattr(m, "calibration", None),
+            ids=[str(i) for i in ids],
+        )
         results = []
         for i, image_id in enumerate(ids):
             k = int(r.pred[i])
@@ -212,8 +232,9 @@ class Predictor:
         title = f"{result.label} p={result.confidence:.2f}" + (" REFER" if result.refer else "")
         if result.prediction_set is not None:
             title += "  set {" + ", ".join(result.prediction_set) + "}"
-        return draw_explanation(arr, result.saliency, result.roi_boxes, result.roi_attention,
-                                self.cfg.data.image_size, title, out_path)
+        return draw_explanation(
+            arr, result.saliency, result.roi_boxes, result.roi_attention, self.cfg.data.image_size, title, out_path
+        )
 
     def save_explanation_input(self, image: str | Path, result: Prediction, out_path: str | Path) -> Path:
         """Write a PNG: the input, the saliency map of the predicted class, and the ROI boxes."""

@@ -88,8 +88,10 @@ def classify_upload(predictor: Predictor, name: str, data: bytes, workdir: Path)
     try:
         x = ds[0]["image"][None]
     except DataError as exc:
-        raise UploadError(f"'{name}' is not an image this server can read: "
-                          f"{str(exc).replace(str(path), name)}. Upload a PNG, JPEG, BMP, TIFF or WebP file.") from exc
+        raise UploadError(
+            f"'{name}' is not an image this server can read: "
+            f"{str(exc).replace(str(path), name)}. Upload a PNG, JPEG, BMP, TIFF or WebP file."
+        ) from exc
     if "seed_keys" in inspect.signature(predictor.predict_tensor).parameters:
         # this Predictor seeds the sampling noise by the decoded pixels: predict() does it
         result = predictor.predict([path])[0]
@@ -136,8 +138,11 @@ def render_result(result: Prediction, png: bytes, refer_threshold: float, rule: 
         for k, p in sorted(result.probs.items(), key=lambda kv: -kv[1])
     )
     if result.refer:
-        why = (f"probability {result.confidence:.3f} is below {refer_threshold:g}" if result.confidence < refer_threshold
-               else f"only {result.agreement:.0%} of the reverse samples agree on the class")
+        why = (
+            f"probability {result.confidence:.3f} is below {refer_threshold:g}"
+            if result.confidence < refer_threshold
+            else f"only {result.agreement:.0%} of the reverse samples agree on the class"
+        )
         flag = f"<p id='refer' class='refer'>REFER to a clinician: {why}</p>"
     else:
         flag = "<p id='refer' class='ok'>Confident: probability and sample agreement pass the referral rule</p>"
@@ -165,8 +170,13 @@ def render_result(result: Prediction, png: bytes, refer_threshold: float, rule: 
 # ---------------------------------------------------------------------------------------- server
 
 
-def make_server(predictor: Predictor, host: str = "127.0.0.1", port: int = 8000,
-                max_bytes: int = DEFAULT_MAX_BYTES, model_info: str = "") -> ThreadingHTTPServer:
+def make_server(
+    predictor: Predictor,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    model_info: str = "",
+) -> ThreadingHTTPServer:
     """An HTTP server (not yet serving) for ``predictor``; ``port=0`` picks a free port."""
     lock = threading.Lock()  # one prediction at a time: the model and matplotlib are shared
     info = html.escape(model_info or f"classes: {', '.join(predictor.class_names)}")
@@ -211,9 +221,13 @@ def make_server(predictor: Predictor, host: str = "127.0.0.1", port: int = 8000,
                 return self._error(UploadError("the upload has no Content-Length", HTTPStatus.LENGTH_REQUIRED))
             if length > max_bytes:
                 self._drain(length)
-                return self._error(UploadError(
-                    f"the file is too large ({length / 1e6:.1f} MB); this server accepts up to "
-                    f"{max_bytes / 1e6:.1f} MB (diffmic serve --max-mb)", HTTPStatus.REQUEST_ENTITY_TOO_LARGE))
+                return self._error(
+                    UploadError(
+                        f"the file is too large ({length / 1e6:.1f} MB); this server accepts up to "
+                        f"{max_bytes / 1e6:.1f} MB (diffmic serve --max-mb)",
+                        HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                    )
+                )
             body = self.rfile.read(length)
             try:
                 name, data = parse_upload(self.headers.get("Content-Type", ""), body)
@@ -272,8 +286,13 @@ def serve_main(args) -> int:
         raise ConfigError(f"--max-mb must be positive, got {args.max_mb}")
     predictor, what = load_predictor(args.run, args.ckpt, eval_over)
     try:
-        server = make_server(predictor, args.host, args.port, int(args.max_mb * 1e6),
-                             model_info=f"{what}; classes: {', '.join(predictor.class_names)}")
+        server = make_server(
+            predictor,
+            args.host,
+            args.port,
+            int(args.max_mb * 1e6),
+            model_info=f"{what}; classes: {', '.join(predictor.class_names)}",
+        )
     except OSError as exc:
         raise ConfigError(f"cannot listen on {args.host}:{args.port}: {exc}. Choose another --port.") from exc
     host, port = server.server_address[:2]

@@ -56,8 +56,7 @@ class ImageEmbedding(nn.Module):
         pretrained: bool | str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__()
-        self.encoder = create_encoder(encoder_name, in_chans=in_chans, weights_path=weights_path,
-                                      pretrained=pretrained)
+        self.encoder = create_encoder(encoder_name, in_chans=in_chans, weights_path=weights_path, pretrained=pretrained)
         self.proj = nn.Linear(self.encoder.out_dim, int(hidden_dim))
         self.norm = nn.BatchNorm1d(int(hidden_dim))
         self.out_dim = int(hidden_dim)
@@ -110,8 +109,9 @@ class ConditionalDenoiser(nn.Module):
         """``feat [B, H], y_t [B, C], t [B], guidance [B, C] | None -> eps [B, C]``."""
         if self.use_guidance:
             if guidance is None:
-                raise ValueError("this denoiser was built with use_guidance=True; pass guidance "
-                                 f"[B, {self.guidance_dim}]")
+                raise ValueError(
+                    f"this denoiser was built with use_guidance=True; pass guidance [B, {self.guidance_dim}]"
+                )
             h = torch.cat((y_t, guidance.to(y_t.dtype)), dim=-1)
         else:
             h = y_t

@@ -150,20 +150,35 @@ class DiffMIC(nn.Module):
         self.denoiser: ConditionalDenoiser | None = None
         self.dcg: DCG | None = None
         if variant == "basic":
-            self.encoder = create_encoder(encoder, in_chans=in_chans, weights_path=encoder_weights,
-                                          pretrained=pretrained)
+            self.encoder = create_encoder(
+                encoder, in_chans=in_chans, weights_path=encoder_weights, pretrained=pretrained
+            )
             self.classifier = nn.Linear(self.encoder.out_dim, self.num_classes)
             return
-        dcg_kw = dict(global_backbone=dcg_global, local_backbone=dcg_local, num_rois=num_rois, crop_size=crop_size,
-                      roi_channels=roi_channels, in_chans=in_chans, weights_path=dcg_weights,
-                      pretrained=pretrained, output_stride=dcg_output_stride, roi_select=roi_select)
+        dcg_kw = dict(
+            global_backbone=dcg_global,
+            local_backbone=dcg_local,
+            num_rois=num_rois,
+            crop_size=crop_size,
+            roi_channels=roi_channels,
+            in_chans=in_chans,
+            weights_path=dcg_weights,
+            pretrained=pretrained,
+            output_stride=dcg_output_stride,
+            roi_select=roi_select,
+        )
         if variant == "dcg":
             self.dcg = DCG(self.num_classes, **dcg_kw)
             return
-        self.image_embedding = ImageEmbedding(encoder, hidden_dim, in_chans=in_chans, weights_path=encoder_weights,
-                                              pretrained=pretrained)
+        self.image_embedding = ImageEmbedding(
+            encoder, hidden_dim, in_chans=in_chans, weights_path=encoder_weights, pretrained=pretrained
+        )
         self.denoiser = ConditionalDenoiser(
-            self.num_classes, hidden_dim, num_layers, num_timesteps, use_guidance=self.uses_dcg,
+            self.num_classes,
+            hidden_dim,
+            num_layers,
+            num_timesteps,
+            use_guidance=self.uses_dcg,
             guidance_dim=(2 if denoiser_input == "paper" else 1) * self.num_classes,
         )
         if self.uses_dcg:

@@ -254,9 +254,7 @@ def _torchvision_encoder(name: str, in_chans: int, spatial: bool) -> TrunkEncode
     try:
         model = tvm.get_model(name, weights=None)
     except (ValueError, KeyError) as e:
-        raise ValueError(
-            f"unknown torchvision model {name!r}; see torchvision.models.list_models() ({e})"
-        ) from None
+        raise ValueError(f"unknown torchvision model {name!r}; see torchvision.models.list_models() ({e})") from None
     return _trunk_from_torchvision(model, name, in_chans, spatial)
 
 
@@ -280,10 +278,10 @@ def _timm_encoder(name: str, in_chans: int, spatial: bool, pretrained: bool = Fa
     return TimmEncoder(model, spatial)
 
 
-def _timm_download_error(name: str, e: BaseException) -> "WeightsError":
+def _timm_download_error(name: str, e: BaseException) -> WeightsError:
     return WeightsError(
         f"model.pretrained=true needs timm's pretrained weights of {name!r}, which could not be obtained ({e}). "
-        "On a machine with internet access run `python -c \"import timm; "
+        'On a machine with internet access run `python -c "import timm; '
         f"timm.create_model('{name}', pretrained=True)\"` (fills the Hugging Face cache), or save the state dict "
         "and set model.pretrained=/path/to/file.safetensors; model.pretrained=false trains from random weights."
     )
@@ -317,8 +315,9 @@ class _SmallResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
 
-def small_resnet(in_chans: int = 3, spatial: bool = False, width: int = 64,
-                 layers: tuple[int, int, int, int] = (1, 1, 1, 1)) -> TrunkEncoder:
+def small_resnet(
+    in_chans: int = 3, spatial: bool = False, width: int = 64, layers: tuple[int, int, int, int] = (1, 1, 1, 1)
+) -> TrunkEncoder:
     """Small BasicBlock ResNet encoder (``out_dim = 8 * width``); ``width=64`` is a ResNet-10."""
     m = _SmallResNet(layers, width)
     return _trunk_from_torchvision(m, f"resnet10_w{width}", in_chans, spatial)
@@ -328,8 +327,7 @@ def _register_tv(name: str) -> None:
     register_encoder(name)(lambda in_chans, spatial: _torchvision_encoder(name, in_chans, spatial))
 
 
-for _n in ("resnet18", "resnet34", "resnet50", "densenet121", "efficientnet_b0", "mobilenet_v3_small",
-           "convnext_tiny"):
+for _n in ("resnet18", "resnet34", "resnet50", "densenet121", "efficientnet_b0", "mobilenet_v3_small", "convnext_tiny"):
     _register_tv(_n)
 
 
@@ -370,7 +368,7 @@ def _strip_prefixes(sd: dict[str, Tensor], target: set[str]) -> dict[str, Tensor
             break
         for p in _STRIP_PREFIXES:
             if all(k.startswith(p) for k in sd):
-                sd = {k[len(p):]: v for k, v in sd.items()}
+                sd = {k[len(p) :]: v for k, v in sd.items()}
                 changed = True
                 break
     return sd
@@ -430,13 +428,23 @@ def load_state_dict_into(module: nn.Module, sd: Mapping[str, Tensor], source: st
     sd = {k: v for k, v in sd.items() if k in target or k.split(".", 1)[0] not in _HEAD_NAMES}
     for k, v in list(sd.items()):
         ref = own.get(k)
-        if (ref is not None and v.dim() == 4 and ref.dim() == 4 and v.shape[1] == 3 and ref.shape[1] != 3
-                and v.shape[0] == ref.shape[0] and v.shape[2:] == ref.shape[2:]):
+        if (
+            ref is not None
+            and v.dim() == 4
+            and ref.dim() == 4
+            and v.shape[1] == 3
+            and ref.shape[1] != 3
+            and v.shape[0] == ref.shape[0]
+            and v.shape[2:] == ref.shape[2:]
+        ):
             sd[k] = _adapt_input_conv(v, ref.shape[1])
     missing = sorted(target - set(sd))
     unexpected = sorted(set(sd) - target)
-    shapes = sorted(f"{k} (file {tuple(sd[k].shape)}, model {tuple(own[k].shape)})"
-                    for k in target & set(sd) if tuple(sd[k].shape) != tuple(own[k].shape))
+    shapes = sorted(
+        f"{k} (file {tuple(sd[k].shape)}, model {tuple(own[k].shape)})"
+        for k in target & set(sd)
+        if tuple(sd[k].shape) != tuple(own[k].shape)
+    )
     if missing or unexpected or shapes:
         parts = []
         if missing:
@@ -471,8 +479,9 @@ def load_weights(module: nn.Module, weights_path: str | os.PathLike[str]) -> nn.
 # --------------------------------------------------------------------------------------------------
 
 #: registered names that are torchvision architectures with published ImageNet weights
-_TV_NAMES: frozenset[str] = frozenset({"resnet18", "resnet34", "resnet50", "densenet121", "efficientnet_b0",
-                                       "mobilenet_v3_small", "convnext_tiny"})
+_TV_NAMES: frozenset[str] = frozenset(
+    {"resnet18", "resnet34", "resnet50", "densenet121", "efficientnet_b0", "mobilenet_v3_small", "convnext_tiny"}
+)
 _WEIGHT_SUFFIXES: tuple[str, ...] = (".safetensors", ".pth", ".pt", ".bin")
 
 
@@ -587,8 +596,7 @@ def create_encoder(
     elif name.startswith("tv:"):
         enc = _torchvision_encoder(name[3:], in_chans, spatial)
     elif name.startswith("timm:"):
-        enc = _timm_encoder(name[5:], in_chans, spatial,
-                            pretrained=pretrained is True and weights_path is None)
+        enc = _timm_encoder(name[5:], in_chans, spatial, pretrained=pretrained is True and weights_path is None)
     else:
         raise ValueError(
             f"unknown encoder {name!r}; available: {', '.join(available_encoders())}, "

@@ -261,13 +261,15 @@ class DCG(nn.Module):
         self.num_rois = int(num_rois)
         self.crop_size = int(crop_size)
         self.roi_channels = roi_channels
-        self.global_encoder = create_encoder(global_backbone, in_chans=in_chans, weights_path=g_w, spatial=True,
-                                             pretrained=pretrained)
+        self.global_encoder = create_encoder(
+            global_backbone, in_chans=in_chans, weights_path=g_w, spatial=True, pretrained=pretrained
+        )
         set_output_stride(self.global_encoder, output_stride)
         self.saliency_head = nn.Conv2d(self.global_encoder.out_dim, self.num_classes, kernel_size=1, bias=False)
         local_in = 3 if roi_channels == "first" else int(in_chans)
-        self.local_encoder = create_encoder(local_backbone, in_chans=local_in, weights_path=l_w, spatial=False,
-                                            pretrained=pretrained)
+        self.local_encoder = create_encoder(
+            local_backbone, in_chans=local_in, weights_path=l_w, spatial=False, pretrained=pretrained
+        )
         d_l = self.local_encoder.out_dim
         self.attention = GatedAttention(d_l, int(attn_dim))
         self.local_head = nn.Linear(d_l, self.num_classes, bias=False)

@@ -8,8 +8,13 @@ from typing import Optional
 from torch import Tensor
 
 
-def plot_risk_coverage(coverage: Tensor, accuracy: Tensor, path: str | Path,
-                       referred_point: Optional[tuple[float, float]] = None, title: str = "") -> Path:
+def plot_risk_coverage(
+    coverage: Tensor,
+    accuracy: Tensor,
+    path: str | Path,
+    referred_point: Optional[tuple[float, float]] = None,
+    title: str = "",
+) -> Path:
     """Accuracy of the kept images against the fraction kept (most confident first).
 
     ``referred_point`` = (coverage, accuracy) of the run's referral rule, marked on the curve.

@@ -43,11 +43,14 @@ def table(header: list[str], rows: list[list], fmt: str = "{:.3f}") -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def write_report(path: str | Path, title: str, panels: list[tuple[str, str, str]],
-                 intro: str | None = None) -> Path:
+def write_report(path: str | Path, title: str, panels: list[tuple[str, str, str]], intro: str | None = None) -> Path:
     """``panels`` = (id, heading, inner HTML); each becomes ``<div class="panel" id=...>``."""
-    parts = [(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-              f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>")]
+    parts = [
+        (
+            f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+        )
+    ]
     if intro:
         parts.append(f"<p>{intro}</p>")
     for pid, heading, inner in panels:

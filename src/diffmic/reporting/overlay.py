@@ -11,8 +11,16 @@ from diffmic.outputs import EXPLAIN_TAG
 from diffmic.trust.lesions import boxes_to_original, saliency_to_original
 
 
-def draw_explanation(original: np.ndarray, saliency: np.ndarray | None, roi_boxes, roi_attention,
-                     image_size: int, title: str, path: str | Path, mask: np.ndarray | None = None) -> Path:
+def draw_explanation(
+    original: np.ndarray,
+    saliency: np.ndarray | None,
+    roi_boxes,
+    roi_attention,
+    image_size: int,
+    title: str,
+    path: str | Path,
+    mask: np.ndarray | None = None,
+) -> Path:
     """Two panels at the original's pixel size: image + ROI boxes, image + saliency (inside the
     square the network sees, outlined); ``mask`` (optional) outlines the lesion on both."""
     import matplotlib
@@ -45,8 +53,13 @@ def draw_explanation(original: np.ndarray, saliency: np.ndarray | None, roi_boxe
                     axes[0].text(x0, y0, f"{a:.2f}", color="yellow", fontsize=6, va="bottom")
         if saliency is not None:
             sal, (left, top, s) = saliency_to_original(saliency, W, H)
-            axes[1].imshow(sal, cmap="jet", alpha=0.45, extent=(left - 0.5, left + s - 0.5, top + s - 0.5, top - 0.5),
-                           interpolation="bilinear")
+            axes[1].imshow(
+                sal,
+                cmap="jet",
+                alpha=0.45,
+                extent=(left - 0.5, left + s - 0.5, top + s - 0.5, top - 0.5),
+                interpolation="bilinear",
+            )
             axes[1].add_patch(Rectangle((left - 0.5, top - 0.5), s, s, fill=False, color="white", lw=0.8, ls="--"))
         axes[0].set_title(title, fontsize=7)
         axes[1].set_title("DCG saliency" if saliency is not None else "no saliency (no DCG)", fontsize=7)

@@ -46,5 +46,9 @@ def apply_step_budget(cfg: Config, num_train: int) -> dict:
         t.epochs = epochs_for_steps(t.joint_steps, num_train, cfg.data.batch_size)
     if t.dcg_warmup_steps is not None:
         t.dcg_warmup_epochs = epochs_for_steps(t.dcg_warmup_steps, num_train, cfg.data.batch_size)
-    return {"num_train": int(num_train), "steps_per_epoch": spe, "epochs": t.epochs,
-            "dcg_warmup_epochs": t.dcg_warmup_epochs}
+    return {
+        "num_train": int(num_train),
+        "steps_per_epoch": spe,
+        "epochs": t.epochs,
+        "dcg_warmup_epochs": t.dcg_warmup_epochs,
+    }

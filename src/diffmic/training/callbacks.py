@@ -107,7 +107,12 @@ class StageAwareCheckpoint(ModelCheckpoint):
         monitored metric (or had no validation) a kill would lose it. Written atomically by
         :class:`~diffmic.training.checkpoint.AtomicCheckpointIO`."""
         super().on_train_epoch_end(trainer, pl_module)
-        if (self.save_last and self.monitor is not None and not trainer.fast_dev_run
-                and not trainer.sanity_checking and self._last_global_step_saved != trainer.global_step):
+        if (
+            self.save_last
+            and self.monitor is not None
+            and not trainer.fast_dev_run
+            and not trainer.sanity_checking
+            and self._last_global_step_saved != trainer.global_step
+        ):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
             self._last_global_step_saved = trainer.global_step

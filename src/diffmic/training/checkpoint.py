@@ -25,9 +25,15 @@ class CheckpointError(ValueError):
 
 
 _MAGIC = {
-    b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image",
-    b"BM": "a BMP image", b"II*\x00": "a TIFF image", b"MM\x00*": "a TIFF image", b"%PDF": "a PDF document",
-    b"\x1f\x8b": "a gzip archive", b"\x93NUMPY": "a NumPy .npy file",
+    b"\x89PNG": "a PNG image",
+    b"\xff\xd8\xff": "a JPEG image",
+    b"GIF8": "a GIF image",
+    b"BM": "a BMP image",
+    b"II*\x00": "a TIFF image",
+    b"MM\x00*": "a TIFF image",
+    b"%PDF": "a PDF document",
+    b"\x1f\x8b": "a gzip archive",
+    b"\x93NUMPY": "a NumPy .npy file",
 }
 
 
@@ -42,14 +48,17 @@ def _check_file_kind(p: Path) -> None:
     if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
         return
     if not head:
-        raise CheckpointError(f"checkpoint '{p}' could not be read (truncated or not a torch file): "
-                              f"the file is empty (0 bytes).")
+        raise CheckpointError(
+            f"checkpoint '{p}' could not be read (truncated or not a torch file): the file is empty (0 bytes)."
+        )
     what = next((name for magic, name in _MAGIC.items() if head.startswith(magic)), None)
     if what is None:
         text = all(32 <= c < 127 or c in (9, 10, 13) for c in head)
         what = "a text file" if text else "not a PyTorch file"
-    raise CheckpointError(f"'{p}' is not a checkpoint: it is {what}. Pass the .ckpt file written by "
-                          f"`diffmic fit` (e.g. <run>/checkpoints/best.ckpt).")
+    raise CheckpointError(
+        f"'{p}' is not a checkpoint: it is {what}. Pass the .ckpt file written by "
+        f"`diffmic fit` (e.g. <run>/checkpoints/best.ckpt)."
+    )
 
 
 #: a checkpoint's config may describe at most this many bytes of weights beyond what the file holds
@@ -61,23 +70,28 @@ def check_sizes_before_building(path, config: dict, num_classes: int, class_name
     holds (a small file could otherwise make us allocate hundreds of GB): the model is first built
     on the ``meta`` device (no memory) and its size compared with the file's tensors."""
     if not 1 <= int(num_classes) <= 100_000 or len(class_names) != int(num_classes):
-        raise CheckpointError(f"checkpoint '{path}' declares {num_classes} classes with "
-                              f"{len(class_names)} names; not a usable diffmic checkpoint.")
+        raise CheckpointError(
+            f"checkpoint '{path}' declares {num_classes} classes with "
+            f"{len(class_names)} names; not a usable diffmic checkpoint."
+        )
     try:
         with torch.device("meta"):
             meta = DiffMICModule(config, int(num_classes), list(class_names))
     except CheckpointError:
         raise
     except Exception as exc:
-        raise CheckpointError(f"checkpoint '{path}': its config does not describe a buildable model "
-                              f"({type(exc).__name__}: {str(exc)[:300]}); nothing was loaded.") from exc
+        raise CheckpointError(
+            f"checkpoint '{path}': its config does not describe a buildable model "
+            f"({type(exc).__name__}: {str(exc)[:300]}); nothing was loaded."
+        ) from exc
     need = sum(t.numel() * t.element_size() for t in meta.state_dict().values())
     size = Path(path).stat().st_size
     if need > size + _SIZE_SLACK_BYTES:
         raise CheckpointError(
             f"checkpoint '{path}' ({size / 2**20:.1f} MiB) describes a model of {need / 2**30:.2f} GiB that "
             f"it cannot hold: the config in it was edited or the file is not trustworthy; nothing was "
-            f"allocated or loaded.")
+            f"allocated or loaded."
+        )
 
 
 def read_checkpoint(path: str | Path) -> dict:

@@ -30,11 +30,19 @@ from torch import Tensor
 from diffmic import __version__
 from diffmic.config import Config, config_from_dict, section_kwargs
 from diffmic.diffusion.process import antithetic_timesteps, q_sample
-from diffmic.diffusion.schedule import NoiseSchedule
 from diffmic.diffusion.reverse import reverse_sample
+from diffmic.diffusion.schedule import NoiseSchedule
 from diffmic.losses import diffusion_loss, guidance_ce
-from diffmic.metrics import (SCALAR_METRICS, classification_metrics, metrics_to_json, readout,
-                             referral_rule, risk_coverage, selective_summary, should_refer)
+from diffmic.metrics import (
+    SCALAR_METRICS,
+    classification_metrics,
+    metrics_to_json,
+    readout,
+    referral_rule,
+    risk_coverage,
+    selective_summary,
+    should_refer,
+)
 from diffmic.nn.diffmic import DiffMIC
 from diffmic.reporting import plot_risk_coverage, write_json, write_rows_csv
 from diffmic.training.schedules import lr_factor, warmup_dcg_lr
@@ -50,8 +58,13 @@ def build_model(cfg: Config, num_classes: int) -> DiffMIC:
     ROI crop size and the input channels."""
     return DiffMIC(
         num_classes,
-        **section_kwargs(DiffMIC, cfg.model, num_timesteps=cfg.diffusion.num_timesteps,
-                         crop_size=cfg.crop_size(), in_chans=cfg.data.in_chans),
+        **section_kwargs(
+            DiffMIC,
+            cfg.model,
+            num_timesteps=cfg.diffusion.num_timesteps,
+            crop_size=cfg.crop_size(),
+            in_chans=cfg.data.in_chans,
+        ),
     )
 
 
@@ -96,9 +109,7 @@ class DiffMICModule(pl.LightningModule):
 
     def diffusion_modules(self) -> torch.nn.ModuleList:
         """The modules covered by the EMA: everything but the DCG (ρ(x), the denoiser / head)."""
-        return torch.nn.ModuleList(
-            [m for name, m in self.model.named_children() if name != "dcg" and m is not None]
-        )
+        return torch.nn.ModuleList([m for name, m in self.model.named_children() if name != "dcg" and m is not None])
 
     # ------------------------------------------------------------------ optimisers
     def configure_optimizers(self):
@@ -294,8 +305,17 @@ class DiffMICModule(pl.LightningModule):
         else:
             sampler, steps, K = e.sampler, e.steps, e.num_samples
         out = reverse_sample(
-            self.model, self.schedule, x, sampler=sampler, steps=steps, eta=e.eta, start=e.start,
-            num_samples=K, ids=batch["id"], seed=e.sample_seed, t_start=getattr(e, "t_start", None),
+            self.model,
+            self.schedule,
+            x,
+            sampler=sampler,
+            steps=steps,
+            eta=e.eta,
+            start=e.start,
+            num_samples=K,
+            ids=batch["id"],
+            seed=e.sample_seed,
+            t_start=getattr(e, "t_start", None),
         )
         r = readout(out.y0, e.aggregate, e.temperature)
         return r.probs, r, out.prior
@@ -359,8 +379,11 @@ class DiffMICModule(pl.LightningModule):
             out.mkdir(parents=True, exist_ok=True)
             calib = getattr(self, "calibration", None)
             if rows and calib is not None:  # fitted on validation (diffmic calibrate / first test)
-                result.update(test_trust(rows, calib, self.class_names, out, seed=self.cfg.run.seed,
-                                         resamples=e.bootstrap_resamples))
+                result.update(
+                    test_trust(
+                        rows, calib, self.class_names, out, seed=self.cfg.run.seed, resamples=e.bootstrap_resamples
+                    )
+                )
             elif rows:
                 result["referral"] = self._referral(rows, out)
             write_json(out / "test_metrics.json", result)
@@ -380,7 +403,7 @@ class DiffMICModule(pl.LightningModule):
         point = None
         if summary["accuracy_kept"] is not None:
             point = (1.0 - summary["referred_fraction"], summary["accuracy_kept"])
-        plot_risk_coverage(cov, acc, out / "risk_coverage.png", point,
-                           title=f"{len(rows)} test images, AURC {summary['aurc']:.3f}")
+        plot_risk_coverage(
+            cov, acc, out / "risk_coverage.png", point, title=f"{len(rows)} test images, AURC {summary['aurc']:.3f}"
+        )
         return summary
-

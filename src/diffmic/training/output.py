@@ -22,18 +22,37 @@ _LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric", "pytorch_lightnin
 
 # (message regex, category, why it is hidden)
 KNOWN_NOISE: tuple[tuple[str, type[Warning], str], ...] = (
-    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning,
-     "raised by torch inside Lightning's own _pytree helper; nothing a user can change"),
-    (r"Experiment logs directory .* exists and is not empty", UserWarning,
-     ("the TensorBoard logger writes into logs/ before the CSV logger looks at it; on --resume "
-      "fit() keeps the old metrics.csv as metrics.partN.csv first")),
-    (r"Checkpoint directory .* exists and is not empty", UserWarning,
-     "fit() creates checkpoints/ itself and refuses to reuse a run folder without --resume"),
-    (r"The number of training batches \(\d+\) is smaller than the logging interval", UserWarning,
-     "small data sets: epoch-level metrics are logged anyway"),
-    (r"It is recommended to use `self.log\('(val|test)/\w+', \.\.\., sync_dist=True\)`", UserWarning,
-     ("DDP: the val/test metrics are torchmetrics states synchronised over all ranks before they are "
-      "logged, so every rank logs the same global value")),
+    (
+        r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        FutureWarning,
+        "raised by torch inside Lightning's own _pytree helper; nothing a user can change",
+    ),
+    (
+        r"Experiment logs directory .* exists and is not empty",
+        UserWarning,
+        (
+            "the TensorBoard logger writes into logs/ before the CSV logger looks at it; on --resume "
+            "fit() keeps the old metrics.csv as metrics.partN.csv first"
+        ),
+    ),
+    (
+        r"Checkpoint directory .* exists and is not empty",
+        UserWarning,
+        "fit() creates checkpoints/ itself and refuses to reuse a run folder without --resume",
+    ),
+    (
+        r"The number of training batches \(\d+\) is smaller than the logging interval",
+        UserWarning,
+        "small data sets: epoch-level metrics are logged anyway",
+    ),
+    (
+        r"It is recommended to use `self.log\('(val|test)/\w+', \.\.\., sync_dist=True\)`",
+        UserWarning,
+        (
+            "DDP: the val/test metrics are torchmetrics states synchronised over all ranks before they are "
+            "logged, so every rank logs the same global value"
+        ),
+    ),
 )
 
 _state = {"verbose": True}
@@ -54,7 +73,8 @@ def quiet(enabled: bool = True) -> None:
             warnings.filterwarnings("ignore", message=message, category=category)
         else:
             warnings.filters[:] = [
-                f for f in warnings.filters
+                f
+                for f in warnings.filters
                 if not (f[0] == "ignore" and f[1] is not None and f[1].pattern == message and f[2] is category)
             ]
 

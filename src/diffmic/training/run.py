@@ -113,8 +113,17 @@ def _ddp_allow_unused(trainer: pl.Trainer) -> None:
 
 
 #: files and folders a run writes; ``fit --overwrite`` removes these (and nothing else)
-RUN_ARTIFACTS = ("checkpoints", "logs", "config.yaml", "fit_summary.json", "test_metrics.json",
-                 "predictions.csv", "risk_coverage.png", "split.json", "skipped.csv")
+RUN_ARTIFACTS = (
+    "checkpoints",
+    "logs",
+    "config.yaml",
+    "fit_summary.json",
+    "test_metrics.json",
+    "predictions.csv",
+    "risk_coverage.png",
+    "split.json",
+    "skipped.csv",
+)
 #: config keys that define the network (a resumed run must keep them)
 ARCHITECTURE_SECTIONS = ("model", "diffusion")
 ARCHITECTURE_KEYS = ("data.image_size", "data.in_chans")
@@ -136,8 +145,11 @@ def resume_incompatibilities(cfg: Config, last: Path) -> list[str]:
     the checkpoint to resume and ``cfg``."""
     old = _flat(read_checkpoint(last)["hyper_parameters"]["config"])
     new = _flat(cfg.to_dict())
-    keys = sorted(k for k in set(old) | set(new)
-                  if (k.split(".", 1)[0] in ARCHITECTURE_SECTIONS or k in ARCHITECTURE_KEYS) and k not in _INIT_ONLY)
+    keys = sorted(
+        k
+        for k in set(old) | set(new)
+        if (k.split(".", 1)[0] in ARCHITECTURE_SECTIONS or k in ARCHITECTURE_KEYS) and k not in _INIT_ONLY
+    )
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
@@ -155,7 +167,8 @@ def _refuse_non_empty(run_dir: Path, overwrite: bool) -> None:
         shown = ", ".join(entries[:6]) + (f", ... ({len(entries)} entries)" if len(entries) > 6 else "")
         raise ConfigError(
             f"run folder '{run_dir}' already holds {what}: {shown}. Resume it with --resume, replace the "
-            f"run with --overwrite, or choose another run.dir; nothing was overwritten.")
+            f"run with --overwrite, or choose another run.dir; nothing was overwritten."
+        )
     import shutil
 
     for name in RUN_ARTIFACTS:
@@ -208,7 +221,8 @@ def fit(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
             raise ConfigError(
                 f"cannot resume '{run_dir}': these keys differ from the checkpoint ({last.name}) and change "
                 f"the network: {'; '.join(diffs)}. Remove the overrides, or start a new run in another "
-                f"run.dir; nothing in the run folder was changed.")
+                f"run.dir; nothing in the run folder was changed."
+            )
     elif lead:
         _prepare_run_folder(cfg, run_dir, ckpt_dir, resume)
     pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
@@ -234,15 +248,25 @@ def fit(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
     module = DiffMICModule(module_cfg, dm.num_classes, list(dm.class_names))
     monitor = f"val/{cfg.train.monitor}"
     best = StageAwareCheckpoint(
-        dirpath=str(ckpt_dir), filename="best", monitor=monitor, mode="max", save_top_k=1,
-        save_last=True, enable_version_counter=False,
+        dirpath=str(ckpt_dir),
+        filename="best",
+        monitor=monitor,
+        mode="max",
+        save_top_k=1,
+        save_last=True,
+        enable_version_counter=False,
     )
     callbacks: list = [best, LearningRateMonitor(logging_interval="epoch")]
     if cfg.train.checkpoint_every_n_steps:
         callbacks.append(
             StageAwareCheckpoint(
-                dirpath=str(ckpt_dir), filename="step", every_n_train_steps=cfg.train.checkpoint_every_n_steps,
-                save_top_k=1, monitor=None, save_last=True, enable_version_counter=False,
+                dirpath=str(ckpt_dir),
+                filename="step",
+                every_n_train_steps=cfg.train.checkpoint_every_n_steps,
+                save_top_k=1,
+                monitor=None,
+                save_last=True,
+                enable_version_counter=False,
             )
         )
     if cfg.train.use_ema and cfg.model.variant not in ("basic", "dcg"):
@@ -276,7 +300,10 @@ def resolve_checkpoint(run_dir: Path, ckpt: Optional[str]) -> Path:
 
 
 def evaluate(
-    run_dir: str | Path, stage: str = "test", ckpt: Optional[str] = None, overrides: Optional[list[str]] = None,
+    run_dir: str | Path,
+    stage: str = "test",
+    ckpt: Optional[str] = None,
+    overrides: Optional[list[str]] = None,
     config_path: Optional[str] = None,
 ) -> dict:
     """Test (or validate) a trained run; writes ``test_metrics.json`` and ``predictions.csv``."""
@@ -295,7 +322,9 @@ def evaluate(
     dm.setup("test" if stage == "test" else "validate")
     eval_over = {"eval": {k: v for k, v in cfg.to_dict()["eval"].items()}}
     module = load_module(ckpt_path, expected_class_names=list(dm.class_names), overrides=eval_over)
-    check_split(run_dir, dm, stage, overrides=list(overrides or []) + ([f"--config {config_path}"] if config_path else []))
+    check_split(
+        run_dir, dm, stage, overrides=list(overrides or []) + ([f"--config {config_path}"] if config_path else [])
+    )
     module.output_dir = run_dir if stage == "test" else None
     if stage == "test":
         ensure_calibration(module, cfg, ckpt_path, run_dir)
@@ -313,8 +342,13 @@ def evaluate(
     return {k: float(v) for k, v in (out[0] if out else {}).items()}
 
 
-def calibrate(run_dir: str | Path, ckpt: Optional[str] = None, overrides: Optional[list[str]] = None,
-              config_path: Optional[str] = None, store: bool = True) -> dict:
+def calibrate(
+    run_dir: str | Path,
+    ckpt: Optional[str] = None,
+    overrides: Optional[list[str]] = None,
+    config_path: Optional[str] = None,
+    store: bool = True,
+) -> dict:
     """Fit the temperature, referral threshold and conformal quantile on the validation split
     (``diffmic calibrate``) and store them in the checkpoint. Returns the fitted parameters."""
     run_dir = Path(run_dir)
@@ -332,8 +366,10 @@ def _fit_calibration(module, cfg: Config, ckpt_path: Path, store: bool) -> dict:
     from diffmic.trust.fitting import collect_probs, fit_trust
 
     if cfg.train.select_on == "test":
-        raise ConfigError("calibration is fitted on the validation split, but this run validates on the "
-                          "test split (train.select_on=test); it cannot be calibrated honestly.")
+        raise ConfigError(
+            "calibration is fitted on the validation split, but this run validates on the "
+            "test split (train.select_on=test); it cannot be calibrated honestly."
+        )
     dm = build_datamodule(cfg)
     dm.setup("validate")
     try:

@@ -43,8 +43,10 @@ def check_split(run_dir: Path, dm, verb: str, overrides: list[str] | None = None
     try:
         old = json.loads(path.read_text())["splits"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"'{path}' is damaged ({exc}); it records the data split of this run. "
-                          f"Restore it from a backup, or delete it to skip the check.") from exc
+        raise ConfigError(
+            f"'{path}' is damaged ({exc}); it records the data split of this run. "
+            f"Restore it from a backup, or delete it to skip the check."
+        ) from exc
     new = split_record(dm)["splits"]
     diffs = []
     for k in SPLITS:
@@ -56,11 +58,15 @@ def check_split(run_dir: Path, dm, verb: str, overrides: list[str] | None = None
     if not diffs:
         return
     suspects = [o for o in (overrides or []) if o.startswith(_SPLIT_KEYS)]
-    cause = (f"the overrides {', '.join(suspects)} change it; remove them" if suspects else
-             "the data on disk or the config changed since training; restore them")
+    cause = (
+        f"the overrides {', '.join(suspects)} change it; remove them"
+        if suspects
+        else "the data on disk or the config changed since training; restore them"
+    )
     raise ConfigError(
         f"{verb}: the data split differs from the one recorded when '{run_dir}' was trained ({path}): "
-        f"{'; '.join(diffs)}. Evaluating on it could score training images: {cause}. Nothing was written.")
+        f"{'; '.join(diffs)}. Evaluating on it could score training images: {cause}. Nothing was written."
+    )
 
 
 def report_skipped(run_dir: Path, dm) -> Path | None:
@@ -69,12 +75,26 @@ def report_skipped(run_dir: Path, dm) -> Path | None:
 
     rows = []
     report = getattr(dm, "report", None)
-    for p in (report.removed if report is not None else []):
-        rows.append({"split": p.split or "", "id": p.record_id or "", "path": p.path or "",
-                     "problem": p.kind, "reason": p.message.removeprefix("removed: ")})
+    for p in report.removed if report is not None else []:
+        rows.append(
+            {
+                "split": p.split or "",
+                "id": p.record_id or "",
+                "path": p.path or "",
+                "problem": p.kind,
+                "reason": p.message.removeprefix("removed: "),
+            }
+        )
     for r in getattr(dm, "missing_dropped", []) or []:
-        rows.append({"split": "", "id": r.id, "path": str(r.path or ""), "problem": "missing_file",
-                     "reason": f"{r.where()}: image file not found"})
+        rows.append(
+            {
+                "split": "",
+                "id": r.id,
+                "path": str(r.path or ""),
+                "problem": "missing_file",
+                "reason": f"{r.where()}: image file not found",
+            }
+        )
     if not rows:
         return None
     out = Path(run_dir) / SKIPPED_FILE
@@ -93,16 +113,20 @@ def probe_writable(run_dir: Path, error: type[OSError] = OSError, nbytes: int = 
     try:
         fd, name = tempfile.mkstemp(prefix=".diffmic-write-probe-", dir=run_dir)
     except OSError as exc:
-        raise error(f"cannot write to run folder '{run_dir}': {exc}. Results (test_metrics.json, "
-                             f"predictions.csv) go there; make it writable. Nothing was evaluated.") from exc
+        raise error(
+            f"cannot write to run folder '{run_dir}': {exc}. Results (test_metrics.json, "
+            f"predictions.csv) go there; make it writable. Nothing was evaluated."
+        ) from exc
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(b"\0" * nbytes)
             fh.flush()
             os.fsync(fh.fileno())
     except OSError as exc:
-        raise error(f"cannot write to run folder '{run_dir}': {exc}. Results (test_metrics.json, "
-                             f"predictions.csv) go there: free disk space or make it writable. "
-                             f"Nothing was evaluated.") from exc
+        raise error(
+            f"cannot write to run folder '{run_dir}': {exc}. Results (test_metrics.json, "
+            f"predictions.csv) go there: free disk space or make it writable. "
+            f"Nothing was evaluated."
+        ) from exc
     finally:
         Path(name).unlink(missing_ok=True)

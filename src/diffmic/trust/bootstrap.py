@@ -8,8 +8,9 @@ from collections.abc import Callable
 import torch
 
 
-def bootstrap_ci(stat: Callable[[torch.Tensor], float], n: int, num_resamples: int = 500,
-                 seed: int = 0, level: float = 0.95) -> list[float]:
+def bootstrap_ci(
+    stat: Callable[[torch.Tensor], float], n: int, num_resamples: int = 500, seed: int = 0, level: float = 0.95
+) -> list[float]:
     """``[low, high]`` percentile interval of ``stat(idx)`` over resamples ``idx`` of ``range(n)``
     drawn with replacement from ``torch.Generator().manual_seed(seed)``. NaN resamples (e.g. a
     class absent from the resample) are dropped."""

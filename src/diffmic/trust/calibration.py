@@ -52,14 +52,19 @@ def classwise_ece(probs: Tensor, labels: Tensor, n_bins: int = 15) -> float:
     """Mean over classes of the one-vs-rest ECE of p_c against 1[y = c] (Kull et al. 2019)."""
     p = torch.as_tensor(probs, dtype=torch.float32)
     y = torch.as_tensor(labels).long()
-    vals = [float(binary_calibration_error(p[:, c], (y == c).long(), n_bins=n_bins, norm="l1"))
-            for c in range(p.shape[-1])]
+    vals = [
+        float(binary_calibration_error(p[:, c], (y == c).long(), n_bins=n_bins, norm="l1")) for c in range(p.shape[-1])
+    ]
     return sum(vals) / len(vals)
 
 
 def calibration_summary(probs: Tensor, labels: Tensor, n_bins: int = 15) -> dict:
-    return {"ece": ece(probs, labels, n_bins), "classwise_ece": classwise_ece(probs, labels, n_bins),
-            "nll": nll(probs, labels), "brier": brier(probs, labels)}
+    return {
+        "ece": ece(probs, labels, n_bins),
+        "classwise_ece": classwise_ece(probs, labels, n_bins),
+        "nll": nll(probs, labels),
+        "brier": brier(probs, labels),
+    }
 
 
 def fit_temperature(probs: Tensor, labels: Tensor, max_iter: int = 200) -> float:
@@ -84,8 +89,9 @@ def fit_temperature(probs: Tensor, labels: Tensor, max_iter: int = 200) -> float
     return t
 
 
-def fit_referral(confidence: Tensor, correct: Tensor, max_referred: float | None = 0.2,
-                 target_accuracy: float | None = None) -> dict:
+def fit_referral(
+    confidence: Tensor, correct: Tensor, max_referred: float | None = 0.2, target_accuracy: float | None = None
+) -> dict:
     """A confidence threshold: refer an image when its (calibrated) confidence is below it.
 
     ``target_accuracy`` given: the lowest threshold whose kept images reach that accuracy on this
@@ -116,8 +122,12 @@ def fit_referral(confidence: Tensor, correct: Tensor, max_referred: float | None
         # ties: images with conf == threshold are kept, so fewer than k may be referred
     referred = conf < threshold
     kept = ~referred
-    return {**goal, "threshold": threshold, "fit_referred_fraction": float(referred.double().mean()),
-            "fit_accuracy_kept": float(corr[kept].mean()) if kept.any() else None}
+    return {
+        **goal,
+        "threshold": threshold,
+        "fit_referred_fraction": float(referred.double().mean()),
+        "fit_accuracy_kept": float(corr[kept].mean()) if kept.any() else None,
+    }
 
 
 def reliability_bins(probs: Tensor, labels: Tensor, n_bins: int = 15) -> tuple[Tensor, Tensor, Tensor]:
@@ -146,10 +156,19 @@ def plot_reliability(panels: list[tuple[str, Tensor]], labels: Tensor, path: str
         for ax, (title, probs) in zip(axes[0], panels):
             mc, ma, cnt = reliability_bins(probs, labels, n_bins)
             keep = cnt > 0
-            ax.bar(edges[:-1][keep].numpy(), ma[keep].numpy(), width=1 / n_bins, align="edge",
-                   edgecolor="k", lw=0.5, label="accuracy")
+            ax.bar(
+                edges[:-1][keep].numpy(),
+                ma[keep].numpy(),
+                width=1 / n_bins,
+                align="edge",
+                edgecolor="k",
+                lw=0.5,
+                label="accuracy",
+            )
             ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfect calibration")
-            ax.plot(mc[keep].numpy(), ma[keep].numpy(), "o", color="C3", ms=3, label="(mean confidence, accuracy) per bin")
+            ax.plot(
+                mc[keep].numpy(), ma[keep].numpy(), "o", color="C3", ms=3, label="(mean confidence, accuracy) per bin"
+            )
             ax.set_xlim(0, 1)
             ax.set_ylim(0, 1)
             ax.set_xlabel("confidence")

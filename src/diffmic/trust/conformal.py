@@ -63,6 +63,9 @@ def set_summary(sets: Tensor, labels: Tensor, class_names: list[str], level: flo
     for c, name in enumerate(class_names):
         m = y == c
         if m.any():
-            per[name] = {"n": int(m.sum()), "coverage": float(covered[m].mean()), "mean_set_size": float(size[m].mean())}
-    return {"level": level, "coverage": float(covered.mean()), "mean_set_size": float(size.mean()),
-            "per_class": per}
+            per[name] = {
+                "n": int(m.sum()),
+                "coverage": float(covered[m].mean()),
+                "mean_set_size": float(size[m].mean()),
+            }
+    return {"level": level, "coverage": float(covered.mean()), "mean_set_size": float(size.mean()), "per_class": per}

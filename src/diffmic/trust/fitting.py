@@ -24,8 +24,19 @@ from diffmic.trust.conformal import aps_sets, fit_aps, image_uniforms, set_summa
 from diffmic.trust.uncertainty import card_uncertainty, pavpu
 
 CKPT_KEY = "diffmic_calibration"
-SETTINGS = ("sampler", "steps", "eta", "start", "num_samples", "aggregate", "temperature", "sample_seed",
-            "refer_max_fraction", "refer_target_accuracy", "conformal_level")
+SETTINGS = (
+    "sampler",
+    "steps",
+    "eta",
+    "start",
+    "num_samples",
+    "aggregate",
+    "temperature",
+    "sample_seed",
+    "refer_max_fraction",
+    "refer_target_accuracy",
+    "conformal_level",
+)
 
 
 def eval_settings(eval_cfg) -> dict:
@@ -48,10 +59,12 @@ def fit_trust(probs: Tensor, labels: Tensor, eval_cfg, split: str = "val", ids: 
         "fit_nll_unscaled": calibration_summary(probs, labels)["nll"],
         "fit_nll": calibration_summary(cal, labels)["nll"],
         "referral": referral,
-        "conformal": {"method": "APS (randomised by image id, split conformal)", "level": eval_cfg.conformal_level,
-                      "qhat": fit_aps(cal, labels, eval_cfg.conformal_level,
-                                      image_uniforms(ids) if ids is not None else None),
-                      "randomised": ids is not None},
+        "conformal": {
+            "method": "APS (randomised by image id, split conformal)",
+            "level": eval_cfg.conformal_level,
+            "qhat": fit_aps(cal, labels, eval_cfg.conformal_level, image_uniforms(ids) if ids is not None else None),
+            "randomised": ids is not None,
+        },
     }
 
 
@@ -102,8 +115,9 @@ def _headline(probs: Tensor, labels: Tensor, num_classes: int) -> dict:
     }
 
 
-def test_trust(rows: list[dict], calib: dict, class_names: list[str], out: Path | None,
-               seed: int = 0, resamples: int = 500) -> dict:
+def test_trust(
+    rows: list[dict], calib: dict, class_names: list[str], out: Path | None, seed: int = 0, resamples: int = 500
+) -> dict:
     """Apply ``calib`` to the test rows (in place: calibrated ``confidence``/``p_*`` with the unscaled
     values kept as ``*_unscaled``, the fitted ``refer``, the prediction set) and return the
     ``calibration``, ``uncertainty``, ``conformal``, ``referral`` and ``ci`` blocks."""
@@ -134,35 +148,51 @@ def test_trust(rows: list[dict], calib: dict, class_names: list[str], out: Path 
 
     blocks: dict = {}
     blocks["calibration"] = {
-        "temperature": T, "fitted_on": calib.get("fitted_on"), "n_bins": 15,
+        "temperature": T,
+        "fitted_on": calib.get("fitted_on"),
+        "n_bins": 15,
         **calibration_summary(cal, labels),
         **{f"{k}_unscaled": v for k, v in calibration_summary(raw, labels).items()},
     }
     level = float(calib["conformal"]["level"])
-    blocks["conformal"] = {**set_summary(sets, labels, class_names, level), "qhat": qhat,
-                           "method": calib["conformal"].get("method")}
+    blocks["conformal"] = {
+        **set_summary(sets, labels, class_names, level),
+        "qhat": qhat,
+        "method": calib["conformal"].get("method"),
+    }
     cov, acc = risk_coverage(conf, correct)
     g = calib["referral"]
-    goal = (f"refer at most {g['max_referred']:.0%}" if "max_referred" in g
-            else f"accuracy >= {g['target_accuracy']} on kept images")
-    referral = {"rule": f"calibrated confidence < {thr:.4f} (fitted on {calib.get('fitted_on')}: {goal})",
-                "threshold": thr, "goal": goal,
-                "fit_referred_fraction": g.get("fit_referred_fraction"), "fit_accuracy_kept": g.get("fit_accuracy_kept"),
-                **selective_summary(conf, correct, refer, curve=(cov, acc))}
+    goal = (
+        f"refer at most {g['max_referred']:.0%}"
+        if "max_referred" in g
+        else f"accuracy >= {g['target_accuracy']} on kept images"
+    )
+    referral = {
+        "rule": f"calibrated confidence < {thr:.4f} (fitted on {calib.get('fitted_on')}: {goal})",
+        "threshold": thr,
+        "goal": goal,
+        "fit_referred_fraction": g.get("fit_referred_fraction"),
+        "fit_accuracy_kept": g.get("fit_accuracy_kept"),
+        **selective_summary(conf, correct, refer, curve=(cov, acc)),
+    }
     if out is not None:
         point = None
         if referral["accuracy_kept"] is not None:
             point = (1.0 - referral["referred_fraction"], referral["accuracy_kept"])
-        plot_risk_coverage(cov, acc, out / "risk_coverage.png", point,
-                           title=f"{len(rows)} test images, AURC {referral['aurc']:.3f}")
-        plot_reliability([("unscaled", raw), (f"temperature {T:.2f} (fitted on validation)", cal)], labels,
-                         out / "reliability.png")
+        plot_risk_coverage(
+            cov, acc, out / "risk_coverage.png", point, title=f"{len(rows)} test images, AURC {referral['aurc']:.3f}"
+        )
+        plot_reliability(
+            [("unscaled", raw), (f"temperature {T:.2f} (fitted on validation)", cal)], labels, out / "reliability.png"
+        )
     blocks["referral"] = referral
     unc = None
     if "uncertain" in rows[0]:
         unc = torch.tensor([r["uncertain"] for r in rows]).bool()
-        blocks["uncertainty"] = {"method": "CARD: paired t-test between the two largest sampled classes, alpha 0.05",
-                                 **pavpu(correct, unc)}
+        blocks["uncertainty"] = {
+            "method": "CARD: paired t-test between the two largest sampled classes, alpha 0.05",
+            **pavpu(correct, unc),
+        }
     else:
         blocks["uncertainty"] = {"method": "none: one deterministic output (no reverse samples)", "pavpu": None}
 
@@ -174,7 +204,9 @@ def test_trust(rows: list[dict], calib: dict, class_names: list[str], out: Path 
     stats["brier"] = lambda i: float(((cal[i] - torch.nn.functional.one_hot(labels[i], C)) ** 2).sum(-1).mean())
     stats["aurc"] = lambda i: selective_summary(conf[i], correct[i])["aurc"]
     stats["referred_fraction"] = lambda i: float(refer[i].double().mean())
-    stats["accuracy_kept"] = lambda i: float(correct[i][~refer[i]].double().mean()) if (~refer[i]).any() else float("nan")
+    stats["accuracy_kept"] = lambda i: (
+        float(correct[i][~refer[i]].double().mean()) if (~refer[i]).any() else float("nan")
+    )
     covered = sets[torch.arange(n), labels]
     stats["conformal_coverage"] = lambda i: float(covered[i].double().mean())
     stats["mean_set_size"] = lambda i: float(sets[i].sum(-1).double().mean())

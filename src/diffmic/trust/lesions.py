@@ -30,13 +30,22 @@ def saliency_to_original(saliency: np.ndarray, w: int, h: int) -> tuple[np.ndarr
     """Saliency ``[h', w']`` bilinearly upsampled to the crop's side ``s`` (original pixels);
     returns the ``[s, s]`` map and the crop (left, top, s) it sits at."""
     left, top, s = crop_box(w, h)
-    sal = F.interpolate(torch.as_tensor(np.asarray(saliency, dtype=np.float32))[None, None], size=(s, s),
-                        mode="bilinear", align_corners=False)[0, 0].numpy()
+    sal = F.interpolate(
+        torch.as_tensor(np.asarray(saliency, dtype=np.float32))[None, None],
+        size=(s, s),
+        mode="bilinear",
+        align_corners=False,
+    )[0, 0].numpy()
     return sal, (left, top, s)
 
 
-def lesion_hits(mask: np.ndarray, boxes_orig: list[list[float]], saliency_crop: np.ndarray,
-                crop: tuple[int, int, int], tolerance: int = 5) -> dict:
+def lesion_hits(
+    mask: np.ndarray,
+    boxes_orig: list[list[float]],
+    saliency_crop: np.ndarray,
+    crop: tuple[int, int, int],
+    tolerance: int = 5,
+) -> dict:
     """Hit rates of one image against its binary lesion ``mask [H, W]`` (original pixels).
 
     ``roi_overlap``: mean fraction of each region's pixels on the lesion; ``roi_overlap_random``:
@@ -48,7 +57,7 @@ def lesion_hits(mask: np.ndarray, boxes_orig: list[list[float]], saliency_crop: 
     saliency mass on the lesion, against the lesion's share of the crop.
     """
     left, top, s = crop
-    m = torch.as_tensor(np.asarray(mask, dtype=np.float32)[top:top + s, left:left + s])
+    m = torch.as_tensor(np.asarray(mask, dtype=np.float32)[top : top + s, left : left + s])
     if m.shape != (s, s):
         raise ValueError(f"mask of shape {mask.shape} does not contain the crop {crop}")
     share = float(m.mean())
@@ -62,11 +71,15 @@ def lesion_hits(mask: np.ndarray, boxes_orig: list[list[float]], saliency_crop: 
         ov.append(float(m[a:c, b:d].mean()))
         ovr.append(float(F.avg_pool2d(m[None, None], (bh, bw), stride=1).mean()))
         ch.append(float(m[(a + c - 1) // 2, (b + d - 1) // 2]))
-        centres = m[(bh - 1) // 2: s - bh + 1 + (bh - 1) // 2, (bw - 1) // 2: s - bw + 1 + (bw - 1) // 2]
+        centres = m[(bh - 1) // 2 : s - bh + 1 + (bh - 1) // 2, (bw - 1) // 2 : s - bw + 1 + (bw - 1) // 2]
         chr_.append(float(centres.mean()))
     if ov:
-        out.update(roi_overlap=float(np.mean(ov)), roi_overlap_random=float(np.mean(ovr)),
-                   roi_center_hit=float(np.mean(ch)), roi_center_hit_random=float(np.mean(chr_)))
+        out.update(
+            roi_overlap=float(np.mean(ov)),
+            roi_overlap_random=float(np.mean(ovr)),
+            roi_center_hit=float(np.mean(ch)),
+            roi_center_hit_random=float(np.mean(chr_)),
+        )
     sal = torch.as_tensor(np.asarray(saliency_crop, dtype=np.float32))
     iy, ix = divmod(int(sal.argmax()), s)
     out["peak_hit"] = float(m[iy, ix])
