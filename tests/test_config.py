@@ -46,6 +46,10 @@ BAD: dict[str, tuple[str, str]] = {
     "train.grad_clip": ("-1", r"train.grad_clip must be >= 0"),
     "train.ema_decay": ("1.5", r"train.ema_decay must be in \[0, 1\]"),
     "train.encoder_lr_scale": ("-1", r"train.encoder_lr_scale must be in \[0, 1000\]"),
+    "train.init_encoder_from": (
+        "runs/x",
+        r"train.init_encoder_from and train.init_encoder_from_dcg exclude each other",
+    ),
     "train.noise_samples_per_image": ("0", r"train.noise_samples_per_image must be in \[1, 100000\]"),
     "train.precision": ("31-true", r"train.precision is not a Lightning precision: use one of .*32-true"),
     "train.accelerator": ("gpuu", r"train.accelerator is not a Lightning accelerator: use one of auto, gpu"),

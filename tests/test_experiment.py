@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -261,3 +262,50 @@ def test_top_class_roi_selection_ranks_by_the_predicted_class_channel():
     assert dcg(torch.zeros(1, 3, 16, 16)).roi_boxes[0, 0].tolist() == [0, 8, 8, 16]
     with pytest.raises(ValueError, match="roi_select"):
         DCG(2, "resnet10_tiny", "resnet10_tiny", roi_select="max")
+
+
+# ------------------------------------------------------------------ placeholders in grid overrides
+def test_substitute_replaces_the_cell_placeholders():
+    from diffmic.experiment import substitute
+
+    text = "train.init_encoder_from={out}/{dataset}/basic/seed{seed}"
+    assert substitute(text, seed=3, dataset="ham", out=Path("runs/exp")) == (
+        "train.init_encoder_from=runs/exp/ham/basic/seed3"
+    )
+    assert substitute("data.root=/data", seed=1, dataset="d", out="o") == "data.root=/data"  # untouched
+    assert substitute("x={seed}{seed}", seed=7, dataset="d", out="o") == "x=77"
+    with pytest.raises(ConfigError, match=r"unknown placeholder\(s\) \{sed\}; known: \{seed\}"):
+        substitute("train.init_encoder_from={out}/basic/seed{sed}", seed=1, dataset="d", out="o")
+
+
+def test_grid_cells_naming_another_cell_run_after_it(tmp_path, tiny_npz):
+    src = "train.init_encoder_from={out}/{dataset}/basic/seed{seed}"
+    models = {  # the dependent model first in the file, and with seeds of its own
+        "from_basic": {"overrides": ["model.variant=full", "train.init_encoder_from_dcg=false", src], "seeds": [2]},
+        "basic": ["model.variant=basic"],
+    }
+    grid = load_grid(_grid(tmp_path, tiny_npz, models))
+    order = [f"{c.model}/seed{c.seed}" for c in grid.cells]
+    assert order.index("basic/seed2") < order.index("from_basic/seed2")
+    cell = next(c for c in grid.cells if c.model == "from_basic")
+    assert f"train.init_encoder_from={tmp_path / 'exp' / 'tiny' / 'basic' / 'seed2'}" in cell.overrides
+    cfg = load_config(cell.config, cell.overrides)
+    assert cfg.train.init_encoder_from == str(tmp_path / "exp" / "tiny" / "basic" / "seed2")
+    with pytest.raises(ConfigError, match=r"cell tiny/basic/seed1: override .*unknown placeholder\(s\) \{model\}"):
+        load_grid(_grid(tmp_path, tiny_npz, {"basic": ["model.variant=basic", "data.root={model}"]}))
+
+
+def test_grid_cell_whose_source_has_not_run_names_the_folder(tmp_path, tiny_npz, capsys):
+    models = {
+        "from_basic": [
+            "model.variant=full",
+            "train.init_encoder_from_dcg=false",
+            "train.init_encoder_from={out}/{dataset}/basic/seed{seed}",
+        ],
+        "basic": ["model.variant=basic"],
+    }
+    path = _grid(tmp_path, tiny_npz, models)
+    assert main(["experiment", path, "--only", "from_basic"]) == 2  # basic left out: never run
+    err = capsys.readouterr().err
+    assert str(tmp_path / "exp" / "tiny" / "basic" / "seed1") in err and "does not exist" in err
+    assert "Traceback" not in err

@@ -126,6 +126,7 @@ class TrainConfig:
     encoder_lr_scale: float = 1.0  # ours: lr multiplier for rho(x)'s backbone (released: 1)
     noise_samples_per_image: int = 1  # ours: R (t, eps) draws per image per step (released: 1)
     init_encoder_from_dcg: bool = False  # ours: start rho(x) from the warmed-up DCG backbone (CPU presets)
+    init_encoder_from: Optional[str] = None  # ours: start rho(x) from an earlier run's encoder (folder or .ckpt)
     exact_dcg_priors: bool = True  # priors from a separate eval-mode DCG pass (released); False reuses the train pass
     precision: str = "32-true"
     accelerator: str = "auto"
@@ -465,6 +466,18 @@ def _lesion_split(v: Any, cfg: Config) -> Optional[str]:
     return None
 
 
+def _init_encoder_from(v: Any, cfg: Config) -> Optional[str]:
+    if v is None:
+        return None
+    if not str(v).strip():
+        return "must be null or the path of a run folder or a .ckpt file"
+    if cfg.train.init_encoder_from_dcg:
+        return "and train.init_encoder_from_dcg exclude each other (both set rho(x)): set train.init_encoder_from_dcg=false"
+    if cfg.model.variant not in ("C1", "C2", "full"):
+        return f"needs a diffusion variant with an image encoder rho(x) (C1, C2, full), not model.variant={cfg.model.variant}"
+    return None
+
+
 def _min_lr(v: Any, cfg: Config) -> Optional[str]:
     return None if 0 <= v <= cfg.train.lr else f"must be in [0, train.lr={cfg.train.lr:g}]"
 
@@ -508,6 +521,7 @@ RULES: list[tuple[str, Check]] = [
     ("train.grad_clip", _range(0)),
     ("train.ema_decay", _range(0, 1)),
     ("train.encoder_lr_scale", _range(0, 1000)),
+    ("train.init_encoder_from", _init_encoder_from),
     ("train.noise_samples_per_image", _range(1, 100_000)),
     ("train.precision", _precision),
     ("train.accelerator", _accelerator),

@@ -12,6 +12,20 @@ Grid file (YAML, read with ``yaml.safe_load``)::
       basic: [model.variant=basic, model.encoder=resnet18]
       full:  {overrides: [model.variant=full], seeds: [1, 2, 3, 4, 5]}   # per-model seeds (optional)
 
+Overrides (in ``common``, ``datasets`` and ``models``) may hold the placeholders ``{seed}`` (the
+cell's seed), ``{dataset}`` (its data set name) and ``{out}`` (the grid's ``out`` as written),
+substituted per cell (:func:`substitute`), so a cell can name the same seed's cell of another model::
+
+    models:
+      basic: [model.variant=basic]
+      full_from_basic: [model.variant=full, train.init_encoder_from_dcg=false,
+                        "train.init_encoder_from={out}/{dataset}/basic/seed{seed}"]
+
+Cells run seed-major (every model of the first seed in the file's order, then the next seed), and a
+cell whose overrides name the run folder of another cell runs after that cell. A cell whose source
+run has not finished (not run yet, or left out with ``--only``) stops the grid with an error naming
+the missing folder.
+
 Each cell is an ordinary run folder (``config.yaml``, checkpoints, ``test_metrics.json``,
 ``predictions.csv``) made by :func:`diffmic.training.run.fit` then :func:`~diffmic.training.run.evaluate`.
 A cell whose ``test_metrics.json`` exists is skipped, a cell with a ``last.ckpt`` but no
@@ -32,6 +46,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -46,6 +61,8 @@ __all__ = [
     "Cell",
     "Grid",
     "load_grid",
+    "substitute",
+    "PLACEHOLDERS",
     "run_grid",
     "read_predictions",
     "expected_calibration_error",
@@ -97,6 +114,53 @@ def _seeds(value: Any, where: str) -> list[int]:
     ):
         raise ConfigError(f"{where}: expected a non-empty list of integer seeds, got {value!r}")
     return [int(s) for s in value]
+
+
+#: placeholders of grid overrides, substituted per cell
+PLACEHOLDERS: tuple[str, ...] = ("seed", "dataset", "out")
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+
+
+def substitute(override: str, *, seed: int, dataset: str, out: str | Path) -> str:
+    """``override`` with ``{seed}``, ``{dataset}`` and ``{out}`` replaced by the cell's values; any
+    other ``{name}`` is a ConfigError (a typo would otherwise name a folder that never exists)."""
+    values = {"seed": str(seed), "dataset": str(dataset), "out": str(out)}
+    unknown = sorted({m.group(1) for m in _PLACEHOLDER.finditer(override)} - set(values))
+    if unknown:
+        raise ConfigError(
+            f"override '{override}': unknown placeholder(s) {', '.join('{' + u + '}' for u in unknown)}; "
+            f"known: {', '.join('{' + k + '}' for k in PLACEHOLDERS)}"
+        )
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], override)
+
+
+def _depends_on(cell: Cell, other: Cell) -> bool:
+    """Whether an override value of ``cell`` names ``other``'s run folder or a file inside it."""
+    target = os.path.normpath(other.run_dir)
+    for item in cell.overrides:
+        if "=" not in item or item.startswith(("run.dir=", "run.seed=")):
+            continue
+        value = os.path.normpath(item.split("=", 1)[1].strip().strip("'\""))
+        if value == target or value.startswith(target + os.sep):
+            return True
+    return False
+
+
+def _order_dependencies(cells: list[Cell], where: str) -> list[Cell]:
+    """``cells`` in their order, except that a cell naming another cell's run folder moves after it."""
+    deps = {id(c): [o for o in cells if o is not c and _depends_on(c, o)] for c in cells}
+    ordered: list[Cell] = []
+    placed: set[int] = set()
+    pending = list(cells)
+    while pending:
+        ready = next((c for c in pending if all(id(o) in placed for o in deps[id(c)])), None)
+        if ready is None:
+            names = ", ".join(f"{c.dataset}/{c.model}/seed{c.seed}" for c in pending)
+            raise ConfigError(f"{where}: cells name each other's run folders in a cycle: {names}")
+        ordered.append(ready)
+        placed.add(id(ready))
+        pending.remove(ready)
+    return ordered
 
 
 def load_grid(path: str | Path) -> Grid:
@@ -156,8 +220,9 @@ def load_grid(path: str | Path) -> Grid:
             m_over = _str_list(mspec, f"{path}: models.{mname}")
             for seed in m_seeds:
                 run_dir = out / str(dname) / str(mname) / f"seed{seed}"
-                over = common + d_over + m_over + [f"run.seed={seed}", f"run.dir={run_dir}"]
                 try:
+                    over = [substitute(o, seed=seed, dataset=str(dname), out=out) for o in common + d_over + m_over]
+                    over += [f"run.seed={seed}", f"run.dir={run_dir}"]
                     load_config(dspec.get("config"), over)
                 except ConfigError as exc:
                     raise ConfigError(f"{path}: cell {dname}/{mname}/seed{seed}: {exc}") from None
@@ -170,6 +235,7 @@ def load_grid(path: str | Path) -> Grid:
         for i in [sorted({x.seed for x in grid.cells if x.model == c.model}).index(c.seed)]
     }
     grid.cells.sort(key=lambda c: rank[(c.dataset, c.model, c.seed)])
+    grid.cells = _order_dependencies(grid.cells, str(path))
     return grid
 
 

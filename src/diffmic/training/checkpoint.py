@@ -229,3 +229,79 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             pass
         finally:
             os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------------
+# train.init_encoder_from: rho(x) from an earlier run
+# --------------------------------------------------------------------------------------------------
+
+_INIT_HINT = (
+    "Give the folder of a finished `diffmic fit` run (its checkpoints/best.ckpt is used) or a .ckpt file; "
+    "in an experiment grid, list the source model before the model that uses it."
+)
+
+
+def resolve_encoder_source(source: str | os.PathLike[str]) -> Path:
+    """The checkpoint named by ``train.init_encoder_from``: a ``.ckpt`` file, or a run folder's
+    ``checkpoints/best.ckpt`` once that run has finished (``fit_summary.json`` written)."""
+    p = Path(source)
+    key = "train.init_encoder_from"
+    if p.is_dir():
+        if not (p / "fit_summary.json").is_file():
+            raise CheckpointError(
+                f"{key}: run folder '{p}' has not finished training (no fit_summary.json), so its best "
+                f"checkpoint may still change. Finish that run first. {_INIT_HINT}"
+            )
+        best = p / "checkpoints" / "best.ckpt"
+        if not best.is_file():
+            raise CheckpointError(f"{key}: run folder '{p}' has no checkpoints/best.ckpt. {_INIT_HINT}")
+        return best
+    if not p.exists():
+        raise CheckpointError(f"{key}: '{p}' does not exist. {_INIT_HINT}")
+    return p
+
+
+def _source_encoder(module: DiffMICModule) -> tuple[torch.nn.Module, str]:
+    """The image encoder of a loaded run and what it is: ρ(x)'s backbone (C1, C2, full), the
+    backbone of the ``basic`` classifier, or the DCG global backbone (``dcg``)."""
+    m, cfg = module.model, module.cfg.model
+    if m.image_embedding is not None:
+        return m.image_embedding.encoder, f"the rho(x) encoder ({cfg.encoder}) of a '{m.variant}' run"
+    if m.encoder is not None:
+        return m.encoder, f"the backbone ({cfg.encoder}) of a 'basic' run"
+    assert m.dcg is not None
+    return m.dcg.global_encoder, f"the DCG global backbone ({cfg.dcg_global}) of a 'dcg' run"
+
+
+def encoder_init_state(
+    source: str | os.PathLike[str], target: torch.nn.Module, target_name: str
+) -> dict[str, torch.Tensor]:
+    """The encoder weights of the run ``source`` (``train.init_encoder_from``), checked to fit the
+    encoder ``target`` (named ``target_name`` in messages) key by key and shape by shape.
+
+    The source is read like any checkpoint (:func:`load_module`: ``torch.load(weights_only=True)``,
+    strict loading, its EMA weights where it evaluates with them), so the encoder is the one whose
+    test results the source run reports. Raises :class:`CheckpointError` naming the file."""
+    path = resolve_encoder_source(source)
+    try:
+        module = load_module(path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"train.init_encoder_from: {exc}") from None
+    encoder, what = _source_encoder(module)
+    state = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+    own = target.state_dict()
+    problems = [f"missing {k}" for k in sorted(set(own) - set(state))]
+    problems += [f"unexpected {k}" for k in sorted(set(state) - set(own))]
+    problems += [
+        f"{k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} here"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} differences)" if len(problems) > 5 else "")
+        raise CheckpointError(
+            f"train.init_encoder_from: '{path}' holds {what}, which does not fit this run's rho(x) encoder "
+            f"({target_name}): {shown}. Use a source run with the same backbone and data.in_chans, or set "
+            f"model.encoder to its backbone."
+        )
+    return state

@@ -84,8 +84,11 @@ class DiffMICModule(pl.LightningModule):
         self._schedule: Optional[NoiseSchedule] = None
         self._test_rows: list[dict] = []
         self.output_dir: Optional[Path] = None  # where test writes metrics/predictions
-        # persistent flag (saved in checkpoints) so a resumed run does not re-initialise rho(x)
+        # persistent flag (saved in checkpoints) so a resumed run does not re-initialise rho(x); set
+        # by either initialisation (train.init_encoder_from_dcg or train.init_encoder_from, which
+        # exclude each other); the name is kept so earlier checkpoints load unchanged
         self.register_buffer("encoder_from_dcg_done", torch.zeros((), dtype=torch.bool))
+        self._encoder_init: Optional[dict[str, Tensor]] = None  # train.init_encoder_from, until applied
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -174,15 +177,16 @@ class DiffMICModule(pl.LightningModule):
             torch.manual_seed(seed)
 
     def on_train_epoch_start(self) -> None:
+        # rho(x) is initialised at the start of the joint phase (it is unused during the DCG
+        # warm-up), once: the flag in the checkpoint stops a resumed run from doing it again
         t = self.cfg.train
-        if (
-            t.init_encoder_from_dcg
-            and self.model.uses_dcg
-            and self.model.uses_diffusion
-            and not bool(self.encoder_from_dcg_done)
-            and self.current_epoch >= t.dcg_warmup_epochs
-        ):
+        joint = not self.model.uses_dcg or self.current_epoch >= t.dcg_warmup_epochs
+        if not (joint and self.model.uses_diffusion and not bool(self.encoder_from_dcg_done)):
+            return
+        if t.init_encoder_from_dcg and self.model.uses_dcg:
             self.init_encoder_from_dcg()
+        elif t.init_encoder_from:
+            self.init_encoder_from_checkpoint()
 
     def init_encoder_from_dcg(self) -> None:
         """Start ρ(x) from the warmed-up DCG global backbone (``train.init_encoder_from_dcg``).
@@ -200,6 +204,32 @@ class DiffMICModule(pl.LightningModule):
                 "train.init_encoder_from_dcg needs model.encoder and model.dcg_global to be the same "
                 f"backbone (got {self.cfg.model.encoder!r} and {self.cfg.model.dcg_global!r}): {str(exc)[:300]}"
             ) from exc
+        self.encoder_from_dcg_done.fill_(True)
+
+    def prepare_encoder_init(self, state: Optional[dict[str, Tensor]] = None) -> None:
+        """Hold the encoder weights for ``train.init_encoder_from`` until the joint phase starts:
+        ``state`` (``fit`` reads and checks them before training, so a missing or unfitting file
+        fails at once, not after the DCG warm-up), or read from the file now."""
+        from diffmic.training.checkpoint import encoder_init_state  # checkpoint imports this module
+
+        assert self.model.image_embedding is not None and self.cfg.train.init_encoder_from
+        if state is None:
+            state = encoder_init_state(
+                self.cfg.train.init_encoder_from, self.model.image_embedding.encoder, self.cfg.model.encoder
+            )
+        self._encoder_init = state
+
+    def init_encoder_from_checkpoint(self) -> None:
+        """Start ρ(x)'s backbone from the encoder of an earlier run (``train.init_encoder_from``):
+        ρ's backbone of a C1/C2/full run, the backbone of a ``basic`` classifier, or the DCG global
+        backbone of a ``dcg`` run (ours; e.g. an independently trained ``basic`` classifier gives the
+        denoiser a view of the image other than the DCG's). The projection and BN of ρ(x) keep their
+        fresh initialisation."""
+        if self._encoder_init is None:  # e.g. a run resumed from a checkpoint of the warm-up
+            self.prepare_encoder_init()
+        assert self.model.image_embedding is not None and self._encoder_init is not None
+        self.model.image_embedding.encoder.load_state_dict(self._encoder_init, strict=True)
+        self._encoder_init = None
         self.encoder_from_dcg_done.fill_(True)
 
     def training_step(self, batch: dict, batch_idx: int) -> None:

@@ -197,6 +197,19 @@ def _prepare_run_folder(cfg: Config, run_dir: Path, ckpt_dir: Path, resume: bool
         raise RunFolderError(f"cannot write to run folder '{run_dir}': {exc}. Choose a writable run.dir.") from exc
 
 
+def _read_encoder_init(cfg: Config) -> dict:
+    """The encoder weights named by ``train.init_encoder_from``, checked against ρ(x)'s backbone
+    (built on the meta device: shapes only). A resumed run does not read them: its ρ(x) is in
+    ``last.ckpt`` (or, resumed within the DCG warm-up, is read at the start of the joint phase)."""
+    from diffmic.nn.encoders import create_encoder
+    from diffmic.training.checkpoint import encoder_init_state
+
+    with torch.device("meta"):
+        target = create_encoder(cfg.model.encoder, in_chans=cfg.data.in_chans)
+    assert cfg.train.init_encoder_from is not None
+    return encoder_init_state(cfg.train.init_encoder_from, target, cfg.model.encoder)
+
+
 def fit(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
     """Train (and select the best checkpoint on validation). Returns the run folder.
 
@@ -215,6 +228,9 @@ def fit(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
         _refuse_non_empty(run_dir, overwrite)
     if resume and not last.exists():
         raise CheckpointError(f"--resume: no {last} to resume from.")
+    encoder_init = None
+    if cfg.train.init_encoder_from and not resume:  # read and check it before writing anything
+        encoder_init = _read_encoder_init(cfg)
     if resume:
         diffs = resume_incompatibilities(cfg, last)
         if diffs:
@@ -246,6 +262,8 @@ def fit(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
     if resume:  # every weight comes from last.ckpt: do not read initial-weights files
         module_cfg["model"] = {**module_cfg["model"], "encoder_weights": None, "dcg_weights": None}
     module = DiffMICModule(module_cfg, dm.num_classes, list(dm.class_names))
+    if encoder_init is not None:
+        module.prepare_encoder_init(encoder_init)
     monitor = f"val/{cfg.train.monitor}"
     best = StageAwareCheckpoint(
         dirpath=str(ckpt_dir),
