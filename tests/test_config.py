@@ -68,6 +68,7 @@ BAD: dict[str, tuple[str, str]] = {
     "eval.temperature": ("0", r"eval.temperature must be in \(0, 1000000\], got 0.0"),
     "eval.sample_seed": ("-5", r"eval.sample_seed must be in \[0, 4294967295\]"),
     "eval.refer_threshold": ("1.2", r"eval.refer_threshold must be in \[0, 1\]"),
+    "model.encoder_kwargs": ("{patch_size: 8}", r"model.encoder_kwargs only applies to timm encoders"),
     "model.dcg_output_stride": ("4", r"model.dcg_output_stride must be one of 8, 16, 32, got 4"),
     "train.joint_steps": ("-1", r"train.joint_steps must be in \[0, 1000000000\], got -1"),
     "train.dcg_warmup_steps": ("-5", r"train.dcg_warmup_steps must be in \[0, 1000000000\], got -5"),

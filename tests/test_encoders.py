@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
-from diffmic.nn.encoders import available_encoders, create_encoder, register_encoder
+from diffmic.nn.encoders import available_encoders, create_encoder, register_encoder, timm_encoder_kwargs
 
 
 @pytest.mark.parametrize(
@@ -104,3 +104,92 @@ def test_weights_errors(tmp_path: Path) -> None:
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="garbage.pt"):
         create_encoder("resnet10_tiny", weights_path=garbage)
+
+
+# ------------------------------------------------------------------ timm kwargs (transformer baselines)
+
+VIT = "timm:vit_tiny_patch16_224"
+
+
+def test_timm_kwargs_reach_the_model() -> None:
+    enc = create_encoder(VIT, kwargs={"img_size": 32, "patch_size": 8})
+    vit = enc.model
+    assert tuple(vit.patch_embed.patch_size) == (8, 8)
+    assert tuple(vit.patch_embed.grid_size) == (4, 4)
+    assert vit.pos_embed.shape[1] == 4 * 4 + vit.num_prefix_tokens  # the 4x4 grid (+ class token)
+    assert enc(torch.randn(2, 3, 32, 32)).shape == (2, enc.out_dim)
+    with pytest.raises(ValueError, match="does not take encoder kwargs"):
+        create_encoder(VIT, kwargs={"no_such_argument": 1})
+    with pytest.raises(ValueError, match="only apply to timm encoders"):
+        create_encoder("resnet10_tiny", kwargs={"img_size": 32})
+    with pytest.raises(ValueError, match="may not set in_chans"):
+        create_encoder(VIT, kwargs={"in_chans": 1})
+
+
+def test_img_size_follows_the_image_size_for_fixed_size_timm_models() -> None:
+    assert timm_encoder_kwargs(VIT, {"patch_size": 8}, 48) == {"patch_size": 8, "img_size": 48}
+    assert timm_encoder_kwargs(VIT, {"img_size": 32}, 48) == {"img_size": 32}  # given wins
+    assert timm_encoder_kwargs("timm:swin_tiny_patch4_window7_224", {}, 64)["img_size"] == 64
+    assert timm_encoder_kwargs("timm:pvt_v2_b0", {}, 64) == {}  # any input size: no img_size argument
+    assert timm_encoder_kwargs("timm:resnet10t", None, 64) == {}
+    assert timm_encoder_kwargs("resnet18", None, 64) == {}
+
+    from diffmic.config import load_config
+    from diffmic.training.module import build_model
+
+    cfg = load_config(None, ["model.variant=basic", f"model.encoder={VIT}", "model.encoder_kwargs={patch_size: 8}"])
+    cfg.data.image_size = 48  # a 6x6 token grid
+    m = build_model(cfg, 3)
+    assert m.hparams["encoder_kwargs"] == {"patch_size": 8, "img_size": 48}
+    assert tuple(m.encoder.model.patch_embed.grid_size) == (6, 6)
+    assert m.classify(torch.randn(2, 3, 48, 48)).shape == (2, 3)
+
+
+@pytest.mark.parametrize(
+    "value, match",
+    [
+        ("3", "expected a mapping"),
+        ("[8, 8]", "expected a mapping"),
+        ("{1: 8}", "keys must be argument names"),
+        ("{num_classes: 5}", "may not set num_classes"),
+    ],
+)
+def test_bad_encoder_kwargs_name_the_key(value: str, match: str) -> None:
+    from diffmic.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=rf"model\.encoder_kwargs.*{match}"):
+        load_config(None, [f"model.encoder={VIT}", f"model.encoder_kwargs={value}"])
+
+
+def test_timm_vit_basic_checkpoint_round_trip(tmp_path: Path) -> None:
+    from diffmic.config import load_config
+    from diffmic.training.checkpoint import load_module
+    from diffmic.training.module import DiffMICModule
+
+    over = [
+        "model.variant=basic",
+        f"model.encoder={VIT}",
+        "model.encoder_kwargs={patch_size: 8}",
+        "data.image_size=32",
+        "train.use_ema=false",
+    ]
+    cfg = load_config(None, over)
+    torch.manual_seed(0)
+    module = DiffMICModule(cfg.to_dict(), 3, ["a", "b", "c"]).eval()
+    path = tmp_path / "vit.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    torch.manual_seed(1)
+    loaded = load_module(path)
+    vit = loaded.model.encoder.model
+    assert vit.pos_embed.shape == module.model.encoder.model.pos_embed.shape == (1, 17, 192)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model.classify(x), module.model.classify(x), rtol=0, atol=0)
+    assert loaded.model.hparams["encoder_kwargs"] == {"patch_size": 8, "img_size": 32}
+    # an exported model folder rebuilds from the hparams alone (DiffMIC(**architecture))
+    from diffmic.nn.diffmic import DiffMIC
+
+    rebuilt = DiffMIC(**loaded.model.hparams).eval()
+    rebuilt.load_state_dict(loaded.model.state_dict(), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.classify(x), module.model.classify(x), rtol=0, atol=0)

@@ -9,6 +9,7 @@ the default follows (see ``docs/method.md``).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import inspect
@@ -89,6 +90,9 @@ class ModelConfig:
         "sum"  # sum (released: all classes' min-max saliency) | top_class (ours: predicted class's channel)
     )
     dcg_output_stride: int = 32  # ours: DCG global-stream output stride 32 (released) | 16 | 8 (CPU presets)
+    # ours: extra timm.create_model arguments for a timm:<name> encoder, e.g. {patch_size: 8} (ViT) or
+    # {window_size: 4} (Swin); img_size defaults to data.image_size for fixed-input-size models (ViT, Swin)
+    encoder_kwargs: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -270,6 +274,20 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if tp is dict or origin is dict:
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value) if value.strip() else {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{key}: expected a mapping such as {{name: value}}, got {value!r}") from exc
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping such as {{name: value}}, got {value!r}")
+        bad = [k for k in value if not isinstance(k, str) or not k.isidentifier()]
+        if bad:
+            raise ConfigError(f"{key}: keys must be argument names, got {bad[0]!r}")
+        return copy.deepcopy(dict(value))
     if tp is list or origin is list:
         if isinstance(value, str):
             value = yaml.safe_load(value)
@@ -391,6 +409,19 @@ def _backbone(v: Any, cfg: Config) -> Optional[str]:
     return f"is not a known backbone{hint}: use one of {', '.join(known)}, tv:<torchvision name> or timm:<timm name>"
 
 
+def _encoder_kwargs(v: Any, cfg: Config) -> Optional[str]:
+    if not v:
+        return None
+    from diffmic.nn.encoders import RESERVED_TIMM_KWARGS
+
+    if not cfg.model.encoder.startswith("timm:"):
+        return f"only applies to timm encoders (model.encoder=timm:<name>), not model.encoder={cfg.model.encoder}"
+    reserved = sorted(set(v) & RESERVED_TIMM_KWARGS)
+    if reserved:
+        return f"may not set {', '.join(reserved)} (diffmic sets them; use model.pretrained / data.in_chans)"
+    return None
+
+
 def _lightning_missing() -> bool:
     """Lightning is needed to train, not to load an exported model: without it the Lightning
     strings cannot be checked here (fit checks them when it builds the Trainer)."""
@@ -499,6 +530,7 @@ RULES: list[tuple[str, Check]] = [
     ("model.encoder", _backbone),
     ("model.dcg_global", _backbone),
     ("model.dcg_local", _backbone),
+    ("model.encoder_kwargs", _encoder_kwargs),
     ("model.hidden_dim", _range(1, 1_000_000)),
     ("model.num_layers", _range(1, 1000)),
     ("model.num_rois", _range(1, 100_000)),

@@ -14,6 +14,8 @@ table ``E ∈ R^{(T+1)×out}`` initialised U(0, 1).  ``t`` is 0-based (0 … T�
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -54,9 +56,12 @@ class ImageEmbedding(nn.Module):
         in_chans: int = 3,
         weights_path: str | os.PathLike[str] | None = None,
         pretrained: bool | str | os.PathLike[str] | None = None,
+        encoder_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.encoder = create_encoder(encoder_name, in_chans=in_chans, weights_path=weights_path, pretrained=pretrained)
+        self.encoder = create_encoder(
+            encoder_name, in_chans=in_chans, weights_path=weights_path, pretrained=pretrained, kwargs=encoder_kwargs
+        )
         self.proj = nn.Linear(self.encoder.out_dim, int(hidden_dim))
         self.norm = nn.BatchNorm1d(int(hidden_dim))
         self.out_dim = int(hidden_dim)

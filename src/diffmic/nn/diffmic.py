@@ -16,7 +16,7 @@ No optimiser, no data, no sampling loop here: the trainer/predictor composes ``e
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -78,6 +78,9 @@ class DiffMIC(nn.Module):
         denoiser_input: one of :data:`DENOISER_INPUTS` (``released`` [y_t, ŷ], ``paper`` [y_t, ŷ_g, ŷ_l]).
         pretrained: ImageNet weights for ρ's encoder and both DCG streams: ``True`` (torchvision/timm
             download), a state-dict file or a folder of them; ``encoder_weights``/``dcg_weights`` win.
+        encoder_kwargs: extra ``timm.create_model`` arguments for a ``timm:<name>`` ``encoder`` (e.g.
+            ``{"img_size": 64, "patch_size": 8}``), used as given (the config's automatic ``img_size`` is
+            added by :func:`diffmic.training.module.build_model`).
 
     Attributes:
         hparams: the constructor arguments; ``DiffMIC(**model.hparams)`` rebuilds the architecture.
@@ -104,6 +107,7 @@ class DiffMIC(nn.Module):
         pretrained: bool | str | os.PathLike[str] | None = None,
         dcg_output_stride: int = 32,
         roi_select: str = "sum",
+        encoder_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if denoiser_input not in DENOISER_INPUTS:
@@ -138,6 +142,9 @@ class DiffMIC(nn.Module):
         )
         if denoiser_input != "released":  # old checkpoints' hparams stay loadable and unchanged
             self.hparams["denoiser_input"] = denoiser_input
+        enc_kw = {str(k): v for k, v in (encoder_kwargs or {}).items()}
+        if enc_kw:  # likewise: absent when empty
+            self.hparams["encoder_kwargs"] = dict(enc_kw)
         self.denoiser_input = denoiser_input
         self.num_classes = int(num_classes)
         self.variant = variant
@@ -151,7 +158,7 @@ class DiffMIC(nn.Module):
         self.dcg: DCG | None = None
         if variant == "basic":
             self.encoder = create_encoder(
-                encoder, in_chans=in_chans, weights_path=encoder_weights, pretrained=pretrained
+                encoder, in_chans=in_chans, weights_path=encoder_weights, pretrained=pretrained, kwargs=enc_kw
             )
             self.classifier = nn.Linear(self.encoder.out_dim, self.num_classes)
             return
@@ -171,7 +178,12 @@ class DiffMIC(nn.Module):
             self.dcg = DCG(self.num_classes, **dcg_kw)
             return
         self.image_embedding = ImageEmbedding(
-            encoder, hidden_dim, in_chans=in_chans, weights_path=encoder_weights, pretrained=pretrained
+            encoder,
+            hidden_dim,
+            in_chans=in_chans,
+            weights_path=encoder_weights,
+            pretrained=pretrained,
+            encoder_kwargs=enc_kw,
         )
         self.denoiser = ConditionalDenoiser(
             self.num_classes,

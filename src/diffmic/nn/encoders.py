@@ -17,6 +17,10 @@ Names resolve in this order:
    Wide-ResNet, RegNet, DenseNet, ConvNeXt, ShuffleNetV2, MNASNet and ``.features`` models such as
    EfficientNet, MobileNet, VGG, SqueezeNet);
 3. ``"timm:<name>"`` — any ``timm`` model (``num_classes=0``; spatial uses ``forward_features``).
+   ``kwargs`` go to ``timm.create_model`` as extra constructor arguments (``{"patch_size": 8}`` for a ViT,
+   ``{"window_size": 4}`` for a Swin); :func:`timm_encoder_kwargs` adds ``img_size`` for models whose input
+   size is fixed at construction (timm's ``fixed_input_size``: ViT, Swin, ...), so that they train at the
+   run's ``data.image_size`` rather than their ImageNet size.
 
 Encoders start from random weights unless ``pretrained`` is given (``True``: torchvision/timm ImageNet
 weights, downloaded into their usual cache; a path: a local file or folder).  ``weights_path`` loads a
@@ -29,6 +33,7 @@ that the headless encoder does not have.  A 3-channel stem is adapted to ``in_ch
 from __future__ import annotations
 
 import os
+import types
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -50,6 +55,9 @@ __all__ = [
     "pretrained_state_dict",
     "find_weights_file",
     "WeightsError",
+    "RESERVED_TIMM_KWARGS",
+    "timm_fixed_input_size",
+    "timm_encoder_kwargs",
 ]
 
 #: ``factory(in_chans, spatial) -> nn.Module`` with ``.out_dim``.
@@ -258,13 +266,68 @@ def _torchvision_encoder(name: str, in_chans: int, spatial: bool) -> TrunkEncode
     return _trunk_from_torchvision(model, name, in_chans, spatial)
 
 
-def _timm_encoder(name: str, in_chans: int, spatial: bool, pretrained: bool = False) -> TimmEncoder:
+#: ``timm.create_model`` arguments that diffmic sets itself (not allowed in encoder kwargs)
+RESERVED_TIMM_KWARGS: frozenset[str] = frozenset({"pretrained", "num_classes", "in_chans", "model_name"})
+
+
+def _import_timm() -> types.ModuleType:
     try:
         import timm
     except ImportError as e:  # pragma: no cover - timm is a declared dependency
         raise ImportError("timm is required for 'timm:<name>' encoders (pip install timm)") from e
+    return timm
+
+
+def timm_fixed_input_size(name: str) -> bool:
+    """Whether timm model ``name`` (without the ``timm:`` prefix) fixes its input size at construction.
+
+    This is timm's own flag: ``pretrained_cfg["fixed_input_size"]``, for which ``timm.create_model``
+    passes ``img_size`` to the model's constructor (ViT, DeiT, Swin, LeViT, ...). Convolutional models and
+    PVT-v2 take any size and have no such argument.
+    """
+    from timm.models import get_pretrained_cfg_value
+
+    return bool(get_pretrained_cfg_value(name, "fixed_input_size"))
+
+
+def timm_encoder_kwargs(
+    name: str, kwargs: Mapping[str, object] | None = None, image_size: int | None = None
+) -> dict[str, object]:
+    """Keyword arguments for encoder ``name``'s ``timm.create_model``: ``kwargs`` plus ``img_size=image_size``
+    when the model has a fixed input size (:func:`timm_fixed_input_size`) and ``kwargs`` sets none.
+
+    Non-timm names take no kwargs (``{}``; a non-empty ``kwargs`` is a ValueError).
+    """
+    kw = dict(kwargs or {})
+    if not name.startswith("timm:"):
+        if kw:
+            raise ValueError(f"encoder kwargs {sorted(kw)} only apply to timm encoders ('timm:<name>'), not {name!r}")
+        return kw
+    bad = sorted(set(kw) & RESERVED_TIMM_KWARGS)
+    if bad:
+        raise ValueError(f"encoder kwargs may not set {', '.join(bad)} (diffmic sets them)")
+    if image_size is not None and "img_size" not in kw and timm_fixed_input_size(name[5:]):
+        kw["img_size"] = int(image_size)
+    return kw
+
+
+def _timm_encoder(
+    name: str, in_chans: int, spatial: bool, pretrained: bool = False, kwargs: Mapping[str, object] | None = None
+) -> TimmEncoder:
+    timm = _import_timm()
+    kw = dict(kwargs or {})
+    bad = sorted(set(kw) & RESERVED_TIMM_KWARGS)
+    if bad:
+        raise ValueError(f"encoder kwargs may not set {', '.join(bad)} (diffmic sets them)")
     try:
-        model = timm.create_model(name, pretrained=pretrained, num_classes=0, in_chans=in_chans)
+        model = timm.create_model(name, pretrained=pretrained, num_classes=0, in_chans=in_chans, **kw)
+    except TypeError as e:
+        # only the "this constructor has no such argument" case is re-worded; anything else propagates
+        if kw and "unexpected keyword argument" in str(e):
+            raise ValueError(
+                f"timm model {name!r} does not take encoder kwargs {sorted(kw)} ({e}); see its constructor"
+            ) from e
+        raise
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise ValueError(f"unknown timm model {name!r}; see timm.list_models()") from None
@@ -565,6 +628,7 @@ def create_encoder(
     weights_path: str | os.PathLike[str] | None = None,
     spatial: bool = False,
     pretrained: bool | str | os.PathLike[str] | None = None,
+    kwargs: Mapping[str, object] | None = None,
 ) -> nn.Module:
     """Build an encoder: random init, then ``weights_path`` or else ``pretrained`` weights if given.
 
@@ -578,12 +642,15 @@ def create_encoder(
             what to download); a path: a local torchvision/timm state dict (``.pth``/``.safetensors``), or a
             folder holding ``<name>.safetensors``/``<name>.pth``/``<name>-<hash>.pth``.
             ``weights_path``, when given, is loaded instead.
+        kwargs: extra ``timm.create_model`` arguments (``timm:<name>`` only, e.g. ``{"img_size": 64,
+            "patch_size": 8}``); see :func:`timm_encoder_kwargs` for the automatic ``img_size``.
 
     Returns:
         ``nn.Module`` with ``.out_dim == D``.
 
     Raises:
-        ValueError: unknown name (the message lists the available names).
+        ValueError: unknown name (the message lists the available names); ``kwargs`` for a non-timm
+            encoder, or that the timm model does not take.
         FileNotFoundError: ``weights_path`` does not exist.
     """
     if not isinstance(name, str) or not name:
@@ -591,12 +658,16 @@ def create_encoder(
     if int(in_chans) < 1:
         raise ValueError(f"in_chans must be >= 1, got {in_chans}")
     in_chans = int(in_chans)
+    if kwargs and not name.startswith("timm:"):
+        raise ValueError(f"encoder kwargs {sorted(kwargs)} only apply to timm encoders ('timm:<name>'), not {name!r}")
     if name in _REGISTRY:
         enc = _REGISTRY[name](in_chans, spatial)
     elif name.startswith("tv:"):
         enc = _torchvision_encoder(name[3:], in_chans, spatial)
     elif name.startswith("timm:"):
-        enc = _timm_encoder(name[5:], in_chans, spatial, pretrained=pretrained is True and weights_path is None)
+        enc = _timm_encoder(
+            name[5:], in_chans, spatial, pretrained=pretrained is True and weights_path is None, kwargs=kwargs
+        )
     else:
         raise ValueError(
             f"unknown encoder {name!r}; available: {', '.join(available_encoders())}, "

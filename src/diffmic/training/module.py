@@ -44,6 +44,7 @@ from diffmic.metrics import (
     should_refer,
 )
 from diffmic.nn.diffmic import DiffMIC
+from diffmic.nn.encoders import timm_encoder_kwargs
 from diffmic.reporting import plot_risk_coverage, write_json, write_rows_csv
 from diffmic.training.schedules import lr_factor, warmup_dcg_lr
 from diffmic.trust.fitting import sample_columns, test_trust
@@ -55,15 +56,18 @@ class NonFiniteLossError(FloatingPointError):
 
 def build_model(cfg: Config, num_classes: int) -> DiffMIC:
     """The network of ``cfg``: every ``model.*`` field that names a DiffMIC argument, plus T, the
-    ROI crop size and the input channels."""
+    ROI crop size, the input channels and the encoder's timm kwargs (``img_size=data.image_size`` added
+    for a fixed-input-size timm encoder, see :func:`~diffmic.nn.encoders.timm_encoder_kwargs`)."""
+    m = cfg.model
     return DiffMIC(
         num_classes,
         **section_kwargs(
             DiffMIC,
-            cfg.model,
+            m,
             num_timesteps=cfg.diffusion.num_timesteps,
             crop_size=cfg.crop_size(),
             in_chans=cfg.data.in_chans,
+            encoder_kwargs=timm_encoder_kwargs(m.encoder, m.encoder_kwargs, cfg.data.image_size),
         ),
     )
 
