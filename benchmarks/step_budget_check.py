@@ -6,6 +6,7 @@ the training images and prints one JSON line per data set: optimiser steps of th
 the joint stage under each preset.
 
     python benchmarks/step_budget_check.py [--ham ../shared/data/ham10000] [--npz ...breastmnist.npz]
+    python benchmarks/step_budget_check.py --make-folder runs/data/ham_folder500 --folder-size 500
 """
 
 from __future__ import annotations
@@ -59,7 +60,19 @@ def main() -> None:
     p.add_argument("--ham", type=Path, default=Path("../shared/data/ham10000"))
     p.add_argument("--npz", type=Path, default=Path("../shared/data/breastmnist/breastmnist.npz"))
     p.add_argument("--folder-size", type=int, default=350)
+    p.add_argument(
+        "--make-folder",
+        type=Path,
+        default=None,
+        help="only build the class folder (symlinks) at this path, e.g. for benchmarks/grids/small_folder.yaml",
+    )
     a = p.parse_args()
+    if a.make_folder is not None:
+        if a.make_folder.exists():
+            raise SystemExit(f"{a.make_folder} exists; remove it or choose another path")
+        make_folder(a.ham.resolve(), a.make_folder, a.folder_size)
+        print(f"wrote {a.make_folder}")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_folder(a.ham.resolve(), Path(tmp) / "ham_small", a.folder_size)
         sets = {
