@@ -103,6 +103,32 @@ def test_resume_does_not_reinitialise_rho(tmp_path, basic, full, monkeypatch):
     assert read_checkpoint(run / "checkpoints" / "last.ckpt")["epoch"] == epoch + 1  # one more joint epoch ran
 
 
+def test_resume_within_the_warmup_reads_the_source_at_the_joint_phase(tmp_path, data, basic):
+    """A checkpoint saved during the DCG warm-up has no initialised rho(x): the resumed run reads
+    the source when its joint phase starts, and rho(x) equals the basic backbone then."""
+    run = tmp_path / "run"
+    assert main(fit_args(data, run, FROM, f"train.init_encoder_from={basic}", warmup=1, epochs=0)) == 0
+    assert not bool(read_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]["encoder_from_dcg_done"])
+    seen: dict = {}
+    orig = DiffMICModule.init_encoder_from_checkpoint
+
+    def spy(self):
+        orig(self)
+        seen["after"] = {k: v.clone() for k, v in self.model.image_embedding.encoder.state_dict().items()}
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(DiffMICModule, "init_encoder_from_checkpoint", spy)
+    try:
+        assert main(["fit", "--run", str(run), "--resume", "train.epochs=1"]) == 0
+    finally:
+        mp.undo()
+    src = _encoder_weights(read_checkpoint(basic / "checkpoints" / "best.ckpt"), "model.encoder.")
+    assert set(seen["after"]) == set(src)
+    for k, v in src.items():
+        assert torch.equal(seen["after"][k], v), k
+    assert bool(read_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]["encoder_from_dcg_done"])
+
+
 def _fails(capsys, args, *expected: str) -> str:
     assert main(args) == 2
     err = capsys.readouterr().err

@@ -18,6 +18,7 @@ Speed-ups relative to the released step (see ``docs/performance.md``):
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -93,6 +94,7 @@ class DiffMICModule(pl.LightningModule):
         # exclude each other); the name is kept so earlier checkpoints load unchanged
         self.register_buffer("encoder_from_dcg_done", torch.zeros((), dtype=torch.bool))
         self._encoder_init: Optional[dict[str, Tensor]] = None  # train.init_encoder_from, until applied
+        self._encoder_init_loader: Optional[Callable[[], dict[str, Tensor]]] = None
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -210,18 +212,20 @@ class DiffMICModule(pl.LightningModule):
             ) from exc
         self.encoder_from_dcg_done.fill_(True)
 
-    def prepare_encoder_init(self, state: Optional[dict[str, Tensor]] = None) -> None:
+    def prepare_encoder_init(
+        self,
+        state: Optional[dict[str, Tensor]] = None,
+        loader: Optional[Callable[[], dict[str, Tensor]]] = None,
+    ) -> None:
         """Hold the encoder weights for ``train.init_encoder_from`` until the joint phase starts:
         ``state`` (``fit`` reads and checks them before training, so a missing or unfitting file
-        fails at once, not after the DCG warm-up), or read from the file now."""
-        from diffmic.training.checkpoint import encoder_init_state  # checkpoint imports this module
-
+        fails at once, not after the DCG warm-up), or ``loader``, called when the joint phase starts
+        (a run resumed within the DCG warm-up). ``fit`` passes
+        :func:`diffmic.training.checkpoint.encoder_init_state` bound to the run's config; this module
+        does not import the checkpoint module, which imports it."""
         assert self.model.image_embedding is not None and self.cfg.train.init_encoder_from
-        if state is None:
-            state = encoder_init_state(
-                self.cfg.train.init_encoder_from, self.model.image_embedding.encoder, self.cfg.model.encoder
-            )
         self._encoder_init = state
+        self._encoder_init_loader = loader
 
     def init_encoder_from_checkpoint(self) -> None:
         """Start ρ(x)'s backbone from the encoder of an earlier run (``train.init_encoder_from``):
@@ -230,7 +234,11 @@ class DiffMICModule(pl.LightningModule):
         denoiser a view of the image other than the DCG's). The projection and BN of ρ(x) keep their
         fresh initialisation."""
         if self._encoder_init is None:  # e.g. a run resumed from a checkpoint of the warm-up
-            self.prepare_encoder_init()
+            if self._encoder_init_loader is None:
+                raise RuntimeError(
+                    "train.init_encoder_from: no encoder weights were prepared (call prepare_encoder_init)"
+                )
+            self._encoder_init = self._encoder_init_loader()
         assert self.model.image_embedding is not None and self._encoder_init is not None
         self.model.image_embedding.encoder.load_state_dict(self._encoder_init, strict=True)
         self._encoder_init = None

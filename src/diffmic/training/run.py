@@ -262,8 +262,10 @@ def fit(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
     if resume:  # every weight comes from last.ckpt: do not read initial-weights files
         module_cfg["model"] = {**module_cfg["model"], "encoder_weights": None, "dcg_weights": None}
     module = DiffMICModule(module_cfg, dm.num_classes, list(dm.class_names))
-    if encoder_init is not None:
-        module.prepare_encoder_init(encoder_init)
+    if cfg.train.init_encoder_from and module.model.uses_diffusion:
+        # fresh fit: the weights read and checked above; resume: read when the joint phase starts
+        # (only if the checkpoint was saved before rho(x) was initialised)
+        module.prepare_encoder_init(encoder_init, loader=lambda: _read_encoder_init(cfg))
     monitor = f"val/{cfg.train.monitor}"
     best = StageAwareCheckpoint(
         dirpath=str(ckpt_dir),
