@@ -11,7 +11,7 @@ Besides the grid's model names, a side may be
 - ``ens(m1+m2)``: the average of the two models' test probabilities (a post-hoc ensemble, the control
   for "the diffusion fuses two networks");
 - ``prior(m)``: the argmax of model m's own fused DCG prior (``prior_pred`` in predictions.csv;
-  accuracy only, its probabilities are not stored).
+  accuracy and macro-F1 only: its probabilities are not stored, so no AURC).
 
 Also printed per model: the AURC of the error ranking by softmax confidence and by sample agreement,
 and their paired difference over seeds. Output: Markdown on stdout; ``--json`` for one JSON line.
@@ -59,7 +59,7 @@ def _side(name: str, seed: int, preds: dict) -> dict | None:
         if "prior_pred" not in a:
             raise SystemExit(f"{name}: {m.group(1)} has no prior_pred column")
         onehot = np.eye(a["probs"].shape[1])[a["prior_pred"].astype(int)]
-        return {"ids": a["ids"], "labels": a["labels"], "probs": onehot}
+        return {"ids": a["ids"], "labels": a["labels"], "probs": onehot, "argmax_only": True}
     return preds.get((name, seed))
 
 
@@ -93,19 +93,20 @@ def main(argv: list[str] | None = None) -> int:
         if not ps:
             continue
         mets = [cell_metrics(p) for p in ps]
-        aur = [_aurcs(p) for p in ps]
+        aur = [_aurcs(p) for p in ps if not p.get("argmax_only")]
         conf = [a for a, _ in aur]
         agr = [b for _, b in aur if b is not None]
         row = {
             "n": len(ps),
             "acc": float(np.mean([m["acc"] for m in mets])),
             "f1": float(np.mean([m["f1"] for m in mets])),
-            "aurc_conf": float(np.mean(conf)),
+            "aurc_conf": float(np.mean(conf)) if conf else None,
             "aurc_agreement": float(np.mean(agr)) if agr else None,
         }
         out["models"][name] = row
         agr_s = f"{row['aurc_agreement']:.4f}" if agr else "—"
-        print(f"| {name} | {len(ps)} | {row['acc']:.3f} | {row['f1']:.3f} | {row['aurc_conf']:.4f} | {agr_s} |")
+        conf_s = f"{row['aurc_conf']:.4f}" if conf else "—"
+        print(f"| {name} | {len(ps)} | {row['acc']:.3f} | {row['f1']:.3f} | {conf_s} | {agr_s} |")
     print()
     print("| A − B | seeds | Δ acc [95 % CI] | Δ macro-F1 [95 % CI] |")
     print("|---|---|---|---|")
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         A, B = [x for x, _ in both], [y for _, y in both]
         acc = _pooled_ci(A, B, "acc", args.boot)
-        f1 = _pooled_ci(A, B, "f1", args.boot) if not b.startswith("prior(") else "—"
+        f1 = _pooled_ci(A, B, "f1", args.boot)  # from the argmax: valid for prior(m) too
         out["pairs"][pair] = {"n": len(both), "acc": acc, "f1": f1}
         print(f"| {a} − {b} | {len(both)} | {acc} | {f1} |")
     if args.json:
