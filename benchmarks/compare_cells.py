@@ -24,6 +24,7 @@ import argparse
 import json
 import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,8 +33,15 @@ from diffmic.experiment import _pooled_ci, cell_metrics, load_grid, read_predict
 from diffmic.metrics import selective_summary
 
 
-def _load(grids: list[str]) -> dict[tuple[str, int], dict]:
+def _load(grids: list[str], extra: list[str] = ()) -> dict[tuple[str, int], dict]:
     preds: dict[tuple[str, int], dict] = {}
+    for spec in extra:  # NAME=FOLDER holding seed<N>/predictions.csv (e.g. from retest_deterministic.sh)
+        name, _, folder = spec.partition("=")
+        cells = sorted(Path(folder).glob("seed*/predictions.csv"))
+        if not name or not cells:
+            raise SystemExit(f"--runs {spec}: expected NAME=FOLDER with FOLDER/seed<N>/predictions.csv")
+        for f in cells:
+            preds[(name, int(f.parent.name[4:]))] = read_predictions(f)
     for g in grids:
         grid = load_grid(g)
         for c in grid.cells:
@@ -76,12 +84,15 @@ def _aurcs(p: dict) -> tuple[float, float | None]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("grids", nargs="+", help="grid YAML files (their finished cells are pooled by model name)")
+    ap.add_argument("grids", nargs="*", help="grid YAML files (their finished cells are pooled by model name)")
+    ap.add_argument(
+        "--runs", action="append", default=[], help="NAME=FOLDER: extra cells FOLDER/seed<N> under model name NAME"
+    )
     ap.add_argument("--pair", action="append", default=[], help="A:B, e.g. full:dcg or full:ens(basic+dcg)")
     ap.add_argument("--boot", type=int, default=1000)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    preds = _load(args.grids)
+    preds = _load(args.grids, args.runs)
     models = sorted({m for m, _ in preds})
     seeds = sorted({s for _, s in preds})
     out: dict = {"models": {}, "pairs": {}}
