@@ -572,6 +572,9 @@ def test_no_checkpoint_is_selected_during_the_dcg_warmup(full_run):
     assert {r["epoch"] for r in rows} == {"1", "2"}  # no val/acc in the warm-up epoch
     warm = [r for r in _csv_rows(full_run / "logs" / "metrics.csv") if r.get("val/dcg_acc")]
     assert {r["epoch"] for r in warm} == {"0"}
+    # the joint phase also logs the fused prior's validation metrics beside the read-out's
+    prior = [r for r in _csv_rows(full_run / "logs" / "metrics.csv") if r.get("val/prior_acc")]
+    assert {r["epoch"] for r in prior} == {"1", "2"}
     summary = json.loads((full_run / "fit_summary.json").read_text())
     best_val = max(float(r["val/acc"]) for r in rows)
     assert summary["best_score"] == pytest.approx(best_val)

@@ -85,6 +85,10 @@ class DiffMICModule(pl.LightningModule):
         self.model = build_model(self.cfg, num_classes)
         self.automatic_optimization = False
         self.val_metrics = classification_metrics(num_classes)
+        # the fused DCG prior of a C2/full model in the joint phase, logged beside the read-out
+        # (val/prior_*): how far the diffusion moves from its own prior as training goes on
+        self.val_prior_metrics = classification_metrics(num_classes)
+        self._val_prior_seen = False
         self.test_metrics = classification_metrics(num_classes)
         self._schedule: Optional[NoiseSchedule] = None
         self._test_rows: list[dict] = []
@@ -363,8 +367,11 @@ class DiffMICModule(pl.LightningModule):
         return r.probs, r, out.prior
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        probs, _, _ = self._scores(batch, "val")
+        probs, _, prior = self._scores(batch, "val")
         self.val_metrics.update(probs, batch["label"])
+        if prior is not None and self.model.uses_dcg:
+            self.val_prior_metrics.update(prior, batch["label"])
+            self._val_prior_seen = True
 
     def on_validation_epoch_end(self) -> None:
         values = self.val_metrics.compute()
@@ -372,6 +379,12 @@ class DiffMICModule(pl.LightningModule):
         for k in SCALAR_METRICS:
             self.log(f"{prefix}{k}", values[k], prog_bar=(k == self.cfg.train.monitor))
         self.val_metrics.reset()
+        if self._val_prior_seen:
+            prior_values = self.val_prior_metrics.compute()
+            for k in SCALAR_METRICS:
+                self.log(f"val/prior_{k}", prior_values[k])
+            self.val_prior_metrics.reset()
+            self._val_prior_seen = False
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         probs, r, prior = self._scores(batch, "test")
