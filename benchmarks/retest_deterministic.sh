@@ -11,6 +11,7 @@ for cell in "$src/$model"/seed*; do
   [ -f "$cell/test_metrics.json" ] || continue
   out="$dest/${model}_det/$(basename "$cell")"
   if [ -f "$out/test_metrics.json" ]; then echo "$out: done"; continue; fi
+  if [ -e "$out" ]; then echo "$out exists and holds no test: remove it or choose another DEST" >&2; exit 2; fi
   mkdir -p "$out"
   cp -r "$cell/checkpoints" "$cell/config.yaml" "$cell/split.json" "$out/"
   sed -i "s#^  dir: .*#  dir: $out#" "$out/config.yaml"

@@ -171,3 +171,28 @@ def test_config_rules():
         load_config("cpu", [*over, FROM, "model.variant=basic"])
     assert load_config("cpu", [*over, FROM]).train.init_encoder_from == "runs/x"
     assert load_config("cpu").train.init_encoder_from is None
+
+
+def test_source_check_builds_the_encoder_the_run_builds(monkeypatch):
+    """The key/shape check of train.init_encoder_from compares against rho(x) as build_model makes it,
+    timm kwargs and the automatic img_size included (a ViT's position table depends on them)."""
+    import diffmic.training.checkpoint as ckpt_mod
+    from diffmic.training.module import build_model
+    from diffmic.training.run import _read_encoder_init
+
+    cfg = load_config(
+        "cpu",
+        [
+            "model.encoder=timm:vit_tiny_patch16_224",
+            "model.encoder_kwargs={patch_size: 8}",
+            "data.image_size=32",
+            FROM,
+            "train.init_encoder_from=/nonexistent/run",
+        ],
+    )
+    seen = {}
+    monkeypatch.setattr(ckpt_mod, "encoder_init_state", lambda src, target, name: seen.setdefault("t", target) and {})
+    _read_encoder_init(cfg)
+    want = build_model(cfg, 2).image_embedding.encoder.state_dict()
+    got = seen["t"].state_dict()
+    assert {k: tuple(v.shape) for k, v in got.items()} == {k: tuple(v.shape) for k, v in want.items()}

@@ -201,11 +201,16 @@ def _read_encoder_init(cfg: Config) -> dict:
     """The encoder weights named by ``train.init_encoder_from``, checked against ρ(x)'s backbone
     (built on the meta device: shapes only). A resumed run does not read them: its ρ(x) is in
     ``last.ckpt`` (or, resumed within the DCG warm-up, is read at the start of the joint phase)."""
-    from diffmic.nn.encoders import create_encoder
+    from diffmic.nn.encoders import create_encoder, timm_encoder_kwargs
     from diffmic.training.checkpoint import encoder_init_state
 
-    with torch.device("meta"):
-        target = create_encoder(cfg.model.encoder, in_chans=cfg.data.in_chans)
+    m = cfg.model
+    with torch.device("meta"):  # the same encoder build_model makes (timm kwargs and img_size included)
+        target = create_encoder(
+            m.encoder,
+            in_chans=cfg.data.in_chans,
+            kwargs=timm_encoder_kwargs(m.encoder, m.encoder_kwargs, cfg.data.image_size),
+        )
     assert cfg.train.init_encoder_from is not None
     return encoder_init_state(cfg.train.init_encoder_from, target, cfg.model.encoder)
 
