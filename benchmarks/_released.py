@@ -171,7 +171,8 @@ def library_train_step(
 ) -> dict[str, float]:
     """One training step as ``diffmic.training.module`` does it (without Lightning's bookkeeping):
     eval-mode DCG priors under ``torch.no_grad``, ONE image-encoder pass feeding the fused / global / local
-    denoiser branches, Adam with clip 1.0, then the DCG cross-entropy step (vectorised ROI crops)."""
+    denoiser branches in ONE grouped head call (``groups=3``), Adam with clip 1.0, then the DCG
+    cross-entropy step (vectorised ROI crops). The caller passes the module's (fused) optimisers."""
     b, c = x.shape[0], model.num_classes
     model.train()
     with torch.no_grad():
@@ -181,9 +182,10 @@ def library_train_step(
     pri = model.priors(g, b, x.device, x.dtype)
     y0 = F.one_hot(y, c).to(x.dtype)
     feat = model.encode(x)
-    eps_f = model.eps(feat, q_sample(schedule, y0, t, pri.fused, eps), t, pri.fused)
-    eps_g = model.eps(feat, q_sample(schedule, y0, t, pri.global_, eps), t, pri.global_)
-    eps_l = model.eps(feat, q_sample(schedule, y0, t, pri.local, eps), t, pri.local)
+    # the three branches as one grouped denoiser call (per-branch BatchNorm statistics, as the module does)
+    y_t = torch.cat([q_sample(schedule, y0, t, p, eps) for p in (pri.fused, pri.global_, pri.local)])
+    guide = torch.cat((pri.fused, pri.global_, pri.local))
+    eps_f, eps_g, eps_l = model.eps(feat, y_t, t.repeat(3), guide, groups=3).chunk(3)
     losses = diffusion_loss(eps, eps_f, eps_g, eps_l, mmd_weight=mmd_weight)
     _clip_and_step(opt, opt.param_groups[0]["params"], losses["loss"], clip)
     gd = model.guide(x)

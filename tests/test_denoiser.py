@@ -74,3 +74,44 @@ def test_default_denoiser_size() -> None:
     # lin1 (14->6144), lin2/lin3 (6144^2 + b), 3 time tables, 3 BN, out (6144->7)
     expected = (14 * 6144 + 6144) + 2 * (6144 * 6144 + 6144) + 3 * 1001 * 6144 + 3 * 2 * 6144 + (6144 * 7 + 7)
     assert n == expected
+
+
+@pytest.mark.parametrize("shared_feat", [True, False])
+def test_grouped_call_equals_separate_calls(shared_feat: bool) -> None:
+    """groups=3 (the training step's fused/global/local branches in one pass) gives the outputs,
+    parameter gradients and BatchNorm running statistics of three separate calls made in order."""
+    torch.manual_seed(0)
+    c, h, b = 4, 32, 6
+    ref = ConditionalDenoiser(c, hidden_dim=h, num_layers=3, num_timesteps=30).double().train()
+    grp = ConditionalDenoiser(c, hidden_dim=h, num_layers=3, num_timesteps=30).double().train()
+    grp.load_state_dict(ref.state_dict())
+    feat = torch.randn(b, h, dtype=torch.float64)
+    ys = [torch.randn(b, c, dtype=torch.float64) for _ in range(3)]
+    gs = [torch.softmax(torch.randn(b, c, dtype=torch.float64), -1) for _ in range(3)]
+    t = torch.randint(0, 30, (b,))
+    w = torch.randn(3, b, c, dtype=torch.float64)  # a different weight per branch in the loss
+
+    f1 = feat.clone().requires_grad_()
+    outs = [ref(f1, ys[i], t, gs[i]) for i in range(3)]
+    sum((o * w[i]).sum() for i, o in enumerate(outs)).backward()
+
+    f2 = feat.clone().requires_grad_()
+    fin = f2 if shared_feat else f2.repeat(3, 1)
+    out = grp(fin, torch.cat(ys), t.repeat(3), torch.cat(gs), groups=3)
+    (out * w.reshape(3 * b, c)).sum().backward()
+
+    torch.testing.assert_close(out, torch.cat(outs))
+    torch.testing.assert_close(f2.grad, f1.grad)
+    for (name, p), q in zip(ref.named_parameters(), grp.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
+    for (name, x), y in zip(ref.named_buffers(), grp.buffers()):
+        torch.testing.assert_close(y, x, msg=name)  # running mean/var updated 3x, num_batches_tracked 3
+    assert int(grp.norms[0].num_batches_tracked) == 3
+    # in eval mode BN is per row, so the grouped call is the plain call
+    ref.eval(), grp.eval()
+    y_all, g_all = torch.cat(ys), torch.cat(gs)
+    torch.testing.assert_close(
+        grp(f2, y_all, t.repeat(3), g_all, groups=3), ref(feat.repeat(3, 1), y_all, t.repeat(3), g_all)
+    )
+    with pytest.raises(ValueError, match="groups=4"):
+        grp(feat, y_all, t.repeat(3), g_all, groups=4)

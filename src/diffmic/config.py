@@ -125,6 +125,7 @@ class TrainConfig:
     dcg_amsgrad: bool = True
     joint_dcg: bool = True  # keep training the DCG with CE after the warm-up (released code)
     grad_clip: float = 1.0
+    fused_adam: bool = True  # ours: fused Adam kernels (same update rule; off under *-mixed precision)
     ema_decay: float = 0.9999
     use_ema: bool = True  # evaluate with the EMA of the denoiser (released code keeps it unused)
     encoder_lr_scale: float = 1.0  # ours: lr multiplier for rho(x)'s backbone (released: 1)

@@ -110,8 +110,21 @@ class ConditionalDenoiser(nn.Module):
         self.norms = nn.ModuleList([nn.BatchNorm1d(h) for _ in range(int(num_layers))])
         self.out = nn.Linear(h, c)
 
-    def forward(self, feat: Tensor, y_t: Tensor, t: Tensor, guidance: Tensor | None = None) -> Tensor:
-        """``feat [B, H], y_t [B, C], t [B], guidance [B, C] | None -> eps [B, C]``."""
+    def forward(self, feat: Tensor, y_t: Tensor, t: Tensor, guidance: Tensor | None = None, groups: int = 1) -> Tensor:
+        """``feat [B, H], y_t [B, C], t [B], guidance [B, C] | None -> eps [B, C]``.
+
+        ``groups = G > 1``: the rows are G independent calls stacked (``B = G·b``, call ``g`` in rows
+        ``g·b … (g+1)·b − 1``). The linear layers run once on all rows (one pass over the 6144-wide
+        weights instead of G), while each BatchNorm in training mode normalises every group by its own
+        batch statistics and updates its running statistics once per group, in order: outputs,
+        gradients and running statistics equal G separate calls (to rounding). ``feat`` may be ``[b, H]``
+        (shared by the groups) or ``[B, H]``.
+        """
+        G = int(groups)
+        if G < 1 or y_t.shape[0] % G:
+            raise ValueError(f"groups={groups} must divide the {y_t.shape[0]} rows of y_t")
+        if G > 1 and feat.shape[0] * G == y_t.shape[0]:
+            feat = feat.repeat(G, 1)
         if self.use_guidance:
             if guidance is None:
                 raise ValueError(
@@ -121,7 +134,12 @@ class ConditionalDenoiser(nn.Module):
         else:
             h = y_t
         for i, (layer, norm) in enumerate(zip(self.layers, self.norms)):
-            h = F.softplus(norm(layer(h, t)))
+            z = layer(h, t)
+            if G > 1 and norm.training:  # per-group batch statistics, as G separate calls would use
+                z = torch.cat([norm(zg) for zg in z.chunk(G, 0)], 0)
+            else:
+                z = norm(z)
+            h = F.softplus(z)
             if i == 0:
                 h = h * feat
         return self.out(h)

@@ -289,14 +289,15 @@ class DiffMIC(nn.Module):
             return pri.guidance, pri.guidance, pri.guidance
         return pri.guidance, pri.global_, pri.local
 
-    def eps(self, feat: Tensor, y_t: Tensor, t: Tensor, guidance: Tensor | None = None) -> Tensor:
+    def eps(self, feat: Tensor, y_t: Tensor, t: Tensor, guidance: Tensor | None = None, groups: int = 1) -> Tensor:
         """Predicted noise ``[B, C]`` from ``feat [B, H]``, ``y_t [B, C]``, ``t [B]`` and ``guidance [B, C]``.
 
-        ``guidance`` is ignored for ``C1`` (the denoiser sees ``y_t`` only).
+        ``guidance`` is ignored for ``C1`` (the denoiser sees ``y_t`` only). ``groups``: G stacked
+        independent calls in one pass (see :meth:`ConditionalDenoiser.forward`).
         """
         if self.denoiser is None:
             raise RuntimeError("eps() is not available for variant 'basic' (no diffusion)")
-        return self.denoiser(feat, y_t, t, guidance if self.denoiser.use_guidance else None)
+        return self.denoiser(feat, y_t, t, guidance if self.denoiser.use_guidance else None, groups=groups)
 
     def forward(
         self, x: Tensor, y_t: Tensor | None = None, t: Tensor | None = None, guidance: Tensor | None = None

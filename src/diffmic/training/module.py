@@ -135,10 +135,15 @@ class DiffMICModule(pl.LightningModule):
                 {"params": [p for p in params if id(p) not in enc], "lr_scale": 1.0},
                 {"params": [p for p in params if id(p) in enc], "lr_scale": t.encoder_lr_scale},
             ]
-        opts = [torch.optim.Adam(groups, lr=t.lr, betas=(0.9, 0.999), eps=1e-8)] if params else []
+        # fused Adam: one kernel over all parameters (the 108 M-parameter head's update is ~5x faster
+        # on a CPU than the default for-each); Lightning cannot clip the gradients of a fused
+        # optimiser under mixed precision, so the *-mixed precisions keep the for-each version
+        fused = {"fused": True} if t.fused_adam and not str(t.precision).endswith("-mixed") else {}
+        opts = [torch.optim.Adam(groups, lr=t.lr, betas=(0.9, 0.999), eps=1e-8, **fused)] if params else []
         if self.model.uses_dcg:
             lr0 = t.dcg_warmup_lr if t.dcg_warmup_lr is not None else t.dcg_lr
-            opts.append(torch.optim.Adam(list(self.model.dcg_parameters()), lr=lr0, amsgrad=t.dcg_amsgrad))
+            dcg_params = list(self.model.dcg_parameters())
+            opts.append(torch.optim.Adam(dcg_params, lr=lr0, amsgrad=t.dcg_amsgrad, **fused))
         return opts
 
     def _set_diffusion_lr(self, opt: torch.optim.Optimizer, batch_idx: int) -> float:
@@ -304,12 +309,17 @@ class DiffMICModule(pl.LightningModule):
         eps = torch.randn(B * R, self.num_classes, device=x.device, dtype=x.dtype)
         gf, gg, gl = self.model.branch_guidance(pri)
         y_f = q_sample(s, y0, t, pri.fused, eps)
-        eps_f = self.model.eps(feat, y_f, t, gf)
         eps_g = eps_l = None
         mmd_w = self.cfg.loss.mmd_weight if self.model.uses_mmd else 0.0
         if mmd_w > 0:
-            eps_g = self.model.eps(feat, q_sample(s, y0, t, pri.global_, eps), t, gg)
-            eps_l = self.model.eps(feat, q_sample(s, y0, t, pri.local, eps), t, gl)
+            # the fused, global and local branches as one grouped denoiser call: one pass over the
+            # head's weights instead of three, each branch with its own BatchNorm statistics (= three calls)
+            y_g, y_l = q_sample(s, y0, t, pri.global_, eps), q_sample(s, y0, t, pri.local, eps)
+            eps_f, eps_g, eps_l = self.model.eps(
+                feat, torch.cat((y_f, y_g, y_l)), t.repeat(3), torch.cat((gf, gg, gl)), groups=3
+            ).chunk(3)
+        else:
+            eps_f = self.model.eps(feat, y_f, t, gf)
         losses = diffusion_loss(eps, eps_f, eps_g, eps_l, mmd_weight=mmd_w, bandwidth=self.cfg.loss.mmd_bandwidth)
         self._check_finite(losses["loss"], "diffusion")
         self._step(opt_diff, losses["loss"], self.cfg.train.grad_clip)
