@@ -154,3 +154,70 @@ def test_reverse_sample_ancestral_chains_ignore_the_ode_start_options():
     c = reverse_sample(m, s, x, sampler="ddim", steps=3, start="mean", t_start=4, seed=1, ids=["a", "b"]).y0
     d = reverse_sample(m, s, x, sampler="ddim", steps=3, start="mean", t_start=4, seed=2, ids=["a", "b"]).y0
     torch.testing.assert_close(c, d, rtol=0, atol=0)
+
+
+def _tiny_full(T: int = 20):
+    from diffmic.nn.diffmic import DiffMIC
+
+    torch.manual_seed(0)
+    return DiffMIC(
+        3,
+        variant="full",
+        encoder="resnet10_tiny",
+        hidden_dim=16,
+        num_layers=2,
+        num_timesteps=T,
+        dcg_global="resnet10_tiny",
+        dcg_local="resnet10_tiny",
+        num_rois=2,
+    ).eval()
+
+
+def test_point_readout_is_the_deterministic_ode_over_the_samplers_window():
+    """eval.point_steps: beside the K sampled chains, the deterministic DDIM read-out from μ over the
+    same window (the fast switch's answer), from the same encoder pass; the samples are unchanged."""
+    from diffmic.diffusion.reverse import reverse_sample
+
+    m, s = _tiny_full(), NoiseSchedule.build(num_timesteps=20, beta_start=1e-3, beta_end=0.2)
+    x = torch.randn(2, 3, 32, 32)
+    noise = torch.randn(5, 2 * 4, 3)
+    plain = reverse_sample(m, s, x, sampler="truncated", steps=5, num_samples=4, noise=noise)
+    both = reverse_sample(m, s, x, sampler="truncated", steps=5, num_samples=4, noise=noise, point_steps=3)
+    assert plain.point is None and both.point.shape == (2, 3)
+    torch.testing.assert_close(both.y0, plain.y0, rtol=0, atol=0)
+    fast = reverse_sample(m, s, x, sampler="ddim", steps=3, start="mean", t_start=4).y0[:, 0]  # window 5 -> t = 4
+    torch.testing.assert_close(both.point, fast, rtol=1e-6, atol=1e-6)
+    # the full chain's window is all T steps; an ODE sampler's is its own t_start
+    full = reverse_sample(m, s, x, sampler="ddpm", noise=torch.randn(20, 2, 3), point_steps=3).point
+    ode = reverse_sample(m, s, x, sampler="ddim", steps=3, start="mean").y0[:, 0]  # t_start default T - 1
+    torch.testing.assert_close(full, ode, rtol=1e-6, atol=1e-6)
+
+
+def test_readout_with_a_point_hand_values():
+    from diffmic.metrics import readout
+
+    # two images, K = 3 samples, C = 2
+    y0 = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]], [[0.0, 1.0], [0.0, 1.0], [0.0, 1.0]]])
+    point = torch.tensor([[0.0, 0.2], [0.0, 1.0]])  # image 0: the point says class 1, 2 of 3 samples say 0
+    r = readout(y0, "mean", 0.2, point=point)
+    p1 = 1 / (1 + torch.exp(torch.tensor(-1.0)))  # softmax([0, 0.2] / 0.2)[1] = sigmoid(1)
+    torch.testing.assert_close(r.probs[0], torch.stack([1 - p1, p1]))
+    assert r.pred.tolist() == [1, 1]
+    torch.testing.assert_close(r.agreement, torch.tensor([1 / 3, 1.0]))  # samples agreeing with the point
+    torch.testing.assert_close(r.spread[1], torch.tensor(0.0))
+    import pytest
+
+    with pytest.raises(ValueError, match="point must be"):
+        readout(y0, point=torch.zeros(2, 3))
+
+
+def test_a_calibration_from_before_a_new_eval_key_still_matches():
+    from diffmic.config import EvalConfig
+    from diffmic.trust.fitting import eval_settings, settings_match
+
+    cur = EvalConfig()
+    old = {k: v for k, v in eval_settings(cur).items() if k not in ("point_steps", "t_start")}
+    assert settings_match(old, cur)
+    cur.point_steps = 5
+    assert not settings_match(old, cur) and settings_match(eval_settings(cur), cur)
+    assert not settings_match(None, cur)

@@ -156,6 +156,10 @@ class EvalConfig:
     start: str = "noise"  # ddim start: noise | mean
     t_start: Optional[int] = None  # ddim/dpmpp2m first timestep (None: T-1); n-1 = the truncated chain's window
     num_samples: int = 1  # K reverse samples per image (released: 1)
+    # ours: > 0 = the prediction is the deterministic DDIM read-out from the prior mean over the
+    # sampler's window in this many calls (the K samples still give agreement / spread / t-test);
+    # 0 = the mean of the K samples (released)
+    point_steps: int = 0
     aggregate: str = "mean"  # mean | vote
     temperature: float = 0.2  # probabilities = softmax(mean y0 / temperature)
     val_sampler: str = "ddim"
@@ -570,6 +574,7 @@ RULES: list[tuple[str, Check]] = [
     ("eval.val_steps", _steps),
     ("eval.eta", _range(0, 1)),
     ("eval.num_samples", _range(1, 1_000_000)),
+    ("eval.point_steps", _range(0, 100_000)),
     ("eval.temperature", _range(0, 1e6, lo_open=True)),
     ("eval.sample_seed", _range(0, SEED_MAX)),
     ("eval.refer_threshold", _range(0, 1)),

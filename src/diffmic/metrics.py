@@ -79,7 +79,9 @@ class SampleReadout:
     samples: Tensor | None = None  # the K samples y0 [B,K,C] themselves
 
 
-def readout(y0: Tensor, aggregate: str = "mean", temperature: float = 0.2) -> SampleReadout:
+def readout(
+    y0: Tensor, aggregate: str = "mean", temperature: float = 0.2, point: Tensor | None = None
+) -> SampleReadout:
     """Aggregate reverse-diffusion samples ``y0 [B,K,C]`` into a prediction and uncertainty.
 
     ``mean``: probabilities softmax(mean_k y0_k / temperature); the argmax equals the released
@@ -87,13 +89,20 @@ def readout(y0: Tensor, aggregate: str = "mean", temperature: float = 0.2) -> Sa
     softmax(y0) itself (temperature 1) would give a perfect one-hot only 0.31 for 7 classes; the
     default temperature 0.2 maps a one-hot to 0.93 (C = 7). These scores are not calibrated.
     ``vote``: the frequency of each class among the K sample argmaxes (CARD's majority vote).
+    ``point [B,C]`` (the deterministic read-out, ``eval.point_steps``): probabilities
+    softmax(point / temperature) instead of the sample mean; the K samples still give the
+    agreement (with the point's class) and the spread.
     """
     if y0.ndim != 3:
         raise ValueError(f"y0 must be [B,K,C], got shape {tuple(y0.shape)}")
     num_classes = y0.shape[-1]
     votes = y0.argmax(-1)  # [B,K]
     freq = torch.nn.functional.one_hot(votes, num_classes).to(y0.dtype).mean(1)  # [B,C]
-    if aggregate == "mean":
+    if point is not None:
+        if point.shape != (y0.shape[0], num_classes):
+            raise ValueError(f"point must be [B,C] = {(y0.shape[0], num_classes)}, got {tuple(point.shape)}")
+        probs = torch.softmax(point.to(y0.dtype) / temperature, dim=-1)
+    elif aggregate == "mean":
         probs = torch.softmax(y0.mean(1) / temperature, dim=-1)
     elif aggregate == "vote":
         probs = freq

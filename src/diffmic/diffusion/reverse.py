@@ -26,6 +26,7 @@ class ReverseOutput:
     prior: Tensor  # [B,C] prior mean mu used by the reverse chain
     guidance: object  # GuidanceOutput | None (saliency, ROIs, DCG logits)
     trajectory: Optional[list[Tensor]] = None  # each [B,K,C]
+    point: Optional[Tensor] = None  # [B,C] deterministic read-out (point_steps > 0), else None
 
 
 def image_seed(image_id: str, seed: int) -> int:
@@ -73,6 +74,7 @@ def reverse_sample(
     noise: Optional[Tensor] = None,
     reencode: bool = False,
     return_trajectory: bool = False,
+    point_steps: int = 0,
 ) -> ReverseOutput:
     """Classify a batch ``x [B,3,H,W]`` by reverse diffusion over the label vector.
 
@@ -80,6 +82,12 @@ def reverse_sample(
     does not depend on batch size or order. Otherwise ``noise`` or ``generator`` is used.
     ``start`` and ``t_start`` (first timestep, default T-1) apply to ``"ddim"`` / ``"dpmpp2m"``;
     the ancestral ``"ddpm"`` / ``"truncated"`` chains ignore them.
+
+    ``point_steps = n > 0`` also computes ``point`` ``[B,C]``: the deterministic read-out, DDIM
+    (η = 0) started at the prior mean μ and integrated in n network calls from the first timestep
+    of the sampler's window (``t_start`` for the ODE samplers, ``steps − 1`` for the truncated chain,
+    T − 1 for the full chain) to t = 0, from the same encoder pass: a noise-free estimate of the
+    samples' mean (docs/performance.md). The K samples are still drawn, for the uncertainty.
     """
     B = x.shape[0]
     K = num_samples
@@ -91,6 +99,11 @@ def reverse_sample(
     guide_k = priors.guidance.repeat_interleave(K, 0) if model.uses_guidance else None
     if sampler == "ddpm":
         steps = None  # the full chain always runs all T steps
+    T = schedule.num_timesteps
+    if sampler in ("ddim", "dpmpp2m"):
+        point_t = T - 1 if t_start is None else int(t_start)
+    else:  # the ancestral chains' window: the last `steps` of the T steps (all of them for ddpm)
+        point_t = (T if steps is None else min(int(steps), T)) - 1
     if sampler in ("ddpm", "truncated"):
         # start / t_start configure the ODE samplers (eval.start, eval.t_start); the released
         # ancestral chains always start from mu + z, so `eval.sampler=truncated` alone switches back
@@ -123,4 +136,18 @@ def reverse_sample(
         return_trajectory=return_trajectory,
     )
     traj = [s.view(B, K, C) for s in out.trajectory] if out.trajectory is not None else None
-    return ReverseOutput(out.y0.view(B, K, C), mu, guidance, traj)
+    point = None
+    if point_steps and int(point_steps) > 0:
+        feat1 = feat_k[::K] if not reencode else model.encode(x)
+        guide1 = priors.guidance if model.uses_guidance else None
+        point = samplers.sample(
+            "ddim",
+            lambda y_t, t: model.eps(feat1, y_t, t, guide1),
+            schedule,
+            mu,
+            steps=int(point_steps),
+            eta=0.0,
+            start="mean",
+            t_start=point_t,
+        ).y0
+    return ReverseOutput(out.y0.view(B, K, C), mu, guidance, traj, point)

@@ -160,8 +160,9 @@ class Predictor:
                 ids=list(seed_keys if seed_keys is not None else ids),
                 seed=e.sample_seed,
                 t_start=getattr(e, "t_start", None),
+                point_steps=e.point_steps,
             )
-            r = readout(out.y0, e.aggregate, e.temperature)
+            r = readout(out.y0, e.aggregate, e.temperature, point=out.point)
             guidance, prior = out.guidance, out.prior
         trust = predict_trust(
             r.probs,

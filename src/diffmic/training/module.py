@@ -372,8 +372,9 @@ class DiffMICModule(pl.LightningModule):
             ids=batch["id"],
             seed=e.sample_seed,
             t_start=getattr(e, "t_start", None),
+            point_steps=e.point_steps,
         )
-        r = readout(out.y0, e.aggregate, e.temperature)
+        r = readout(out.y0, e.aggregate, e.temperature, point=out.point)
         return r.probs, r, out.prior
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -424,10 +424,10 @@ def ensure_calibration(module, cfg: Config, ckpt_path: Path, run_dir: Path) -> N
     settings; otherwise fit one on the validation split, stored in the checkpoint only when it has
     none yet and lies in this run folder (a calibration for other settings is used for this test
     only; `diffmic calibrate` replaces a stored one)."""
-    from diffmic.trust.fitting import eval_settings
+    from diffmic.trust.fitting import settings_match
 
     calib = getattr(module, "calibration", None)
-    if calib is not None and calib.get("settings") == eval_settings(module.cfg.eval):
+    if calib is not None and settings_match(calib.get("settings"), module.cfg.eval):
         return
     inside = run_dir.resolve() in Path(ckpt_path).resolve().parents
     store = calib is None and inside

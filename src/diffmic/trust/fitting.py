@@ -29,6 +29,8 @@ SETTINGS = (
     "steps",
     "eta",
     "start",
+    "t_start",
+    "point_steps",
     "num_samples",
     "aggregate",
     "temperature",
@@ -41,6 +43,17 @@ SETTINGS = (
 
 def eval_settings(eval_cfg) -> dict:
     return {k: getattr(eval_cfg, k) for k in SETTINGS}
+
+
+def settings_match(stored: dict | None, eval_cfg) -> bool:
+    """Whether a stored calibration was fitted for ``eval_cfg``'s read-out. A key the stored settings
+    lack (a calibration written before the key existed) counts as that key's default value."""
+    from diffmic.config import EvalConfig
+
+    if not isinstance(stored, dict):
+        return False
+    default = EvalConfig()
+    return all(stored.get(k, getattr(default, k)) == getattr(eval_cfg, k) for k in SETTINGS)
 
 
 def fit_trust(probs: Tensor, labels: Tensor, eval_cfg, split: str = "val", ids: list | None = None) -> dict:
