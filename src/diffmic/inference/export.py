@@ -216,7 +216,13 @@ def _model_card(meta: dict, metrics: dict | None, fit_summary: dict | None) -> s
         f"Initial backbone weights: {_pretrained_text(model)}.",
         f"Prediction: {ev['sampler']} sampler, {ev['steps']} steps, {ev['num_samples']} sample(s) per image "
         f"({ev['aggregate']}), readout temperature {ev['temperature']}, refer to a clinician below "
-        f"confidence {ev['refer_threshold']} or when the samples disagree.",
+        f"confidence {ev['refer_threshold']} or when the samples disagree."
+        + (
+            f" The predicted class and probabilities come from the deterministic read-out from the prior "
+            f"mean in {ev['point_steps']} denoiser calls (eval.point_steps); the samples give the agreement."
+            if ev.get("point_steps")
+            else ""
+        ),
         f"Calibration: {json.dumps(meta['calibration']) if meta.get('calibration') is not None else 'none stored'}.",
         "",
         "Classes (output order): " + ", ".join(f"{i} {n}" for i, n in enumerate(names)),
