@@ -130,20 +130,8 @@ def test_num_noise_draws_for_dpmpp2m_and_call_count():
 
 def test_reverse_sample_ancestral_chains_ignore_the_ode_start_options():
     from diffmic.diffusion.reverse import reverse_sample
-    from diffmic.nn.diffmic import DiffMIC
 
-    torch.manual_seed(0)
-    m = DiffMIC(
-        3,
-        variant="full",
-        encoder="resnet10_tiny",
-        hidden_dim=16,
-        num_layers=2,
-        num_timesteps=20,
-        dcg_global="resnet10_tiny",
-        dcg_local="resnet10_tiny",
-        num_rois=2,
-    ).eval()
+    m = _tiny_full()
     s = NoiseSchedule.build(num_timesteps=20, beta_start=1e-3, beta_end=0.2)
     x = torch.randn(2, 3, 32, 32)
     noise = torch.randn(5, 2, 3)
