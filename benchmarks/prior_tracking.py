@@ -4,7 +4,8 @@ For a trained diffusion run (C2 / full), on the validation split (never the test
 
 * ``readout``: accuracy / macro-F1 of the diffusion read-out and of the prior alone, the share of
   images where the two argmaxes differ, and the mean L1 distance between the read-out
-  probabilities and the prior, for K = 1 and K = 8 samples (the run's sampler);
+  probabilities and the prior, for K = 1 and K = 8 samples (the run's sampler) and for the
+  deterministic read-out from the prior mean (``readout_point``: ``eval.point_steps`` calls, 5 if unset);
 * ``eps_mse``: the denoiser's noise-prediction MSE per timestep bucket on validation images, with
   the true label y0, against two controls at the same (t, ε): (a) ρ(x) of another image of the
   batch (features shuffled: does the image embedding matter?) and (b) the prior of another image
@@ -47,6 +48,7 @@ def diagnose(run: Path, buckets: int = 5, batch_size: int = 64) -> dict:
     labels = torch.tensor([int(it["label"]) for it in items])
     res: dict = {"run": str(run), "val_images": len(items), "variant": model.variant}
     probs_k: dict[int, list] = {1: [], 8: []}
+    probs_point: list = []  # the deterministic read-out from mu over the window (eval.point_steps, 5 if unset)
     priors = []
     mse = {name: torch.zeros(buckets) for name in ("true", "shuffled_image", "shuffled_prior")}
     counts = torch.zeros(buckets)
@@ -68,8 +70,12 @@ def diagnose(run: Path, buckets: int = 5, batch_size: int = 64) -> dict:
                 num_samples=K,
                 ids=ids,
                 seed=e.sample_seed,
+                t_start=e.t_start,
+                point_steps=(e.point_steps or 5) if K == 1 else 0,
             )
             probs_k[K].append(readout(out.y0, e.aggregate, e.temperature).probs)
+            if out.point is not None:
+                probs_point.append(readout(out.y0, e.aggregate, e.temperature, point=out.point).probs)
         g = model.guide(x)
         pri = model.priors(g, x.shape[0], x.device, x.dtype)
         priors.append(pri.fused)
@@ -97,9 +103,9 @@ def diagnose(run: Path, buckets: int = 5, batch_size: int = 64) -> dict:
         }
 
     res["prior"] = score(prior)
-    for K, ps in probs_k.items():
+    for name, ps in [*((f"readout_K{K}", v) for K, v in probs_k.items()), ("readout_point", probs_point)]:
         p = torch.cat(ps)
-        res[f"readout_K{K}"] = {
+        res[name] = {
             **score(p),
             "argmax_differs_from_prior": round(float((p.argmax(1) != prior.argmax(1)).float().mean()), 4),
             "mean_L1_to_prior": round(float((p - prior).abs().sum(1).mean()), 4),
