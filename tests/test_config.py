@@ -65,6 +65,7 @@ BAD: dict[str, tuple[str, str]] = {
     "eval.val_steps": ("101", r"eval.val_steps must be in \[1, diffusion.num_timesteps=100\], got 101"),
     "eval.eta": ("2", r"eval.eta must be in \[0, 1\], got 2.0"),
     "eval.num_samples": ("0", r"eval.num_samples must be in \[1, 1000000\]"),
+    "eval.point_steps": ("-1", r"eval.point_steps must be in \[0, 100000\]"),
     "eval.temperature": ("0", r"eval.temperature must be in \(0, 1000000\], got 0.0"),
     "eval.sample_seed": ("-5", r"eval.sample_seed must be in \[0, 4294967295\]"),
     "eval.refer_threshold": ("1.2", r"eval.refer_threshold must be in \[0, 1\]"),
