@@ -209,3 +209,14 @@ def test_a_calibration_from_before_a_new_eval_key_still_matches():
     cur.point_steps = 5
     assert not settings_match(old, cur) and settings_match(eval_settings(cur), cur)
     assert not settings_match(None, cur)
+
+
+def test_point_readout_in_a_window_shorter_than_its_steps():
+    """point_steps larger than the window: one call per timestep of the window (no error)."""
+    from diffmic.diffusion.reverse import reverse_sample
+
+    m, s = _tiny_full(), NoiseSchedule.build(num_timesteps=20, beta_start=1e-3, beta_end=0.2)
+    x = torch.randn(2, 3, 32, 32)
+    out = reverse_sample(m, s, x, sampler="truncated", steps=3, noise=torch.randn(3, 2, 3), point_steps=5)
+    ref = reverse_sample(m, s, x, sampler="ddim", steps=3, start="mean", t_start=2).y0[:, 0]
+    torch.testing.assert_close(out.point, ref, rtol=1e-6, atol=1e-6)

@@ -86,7 +86,8 @@ def reverse_sample(
     ``point_steps = n > 0`` also computes ``point`` ``[B,C]``: the deterministic read-out, DDIM
     (η = 0) started at the prior mean μ and integrated in n network calls from the first timestep
     of the sampler's window (``t_start`` for the ODE samplers, ``steps − 1`` for the truncated chain,
-    T − 1 for the full chain) to t = 0, from the same encoder pass: a noise-free estimate of the
+    T − 1 for the full chain; at most one call per timestep of the window) to t = 0, from the same
+    encoder pass: a noise-free estimate of the
     samples' mean (docs/performance.md). The K samples are still drawn, for the uncertainty.
     """
     B = x.shape[0]
@@ -145,7 +146,7 @@ def reverse_sample(
             lambda y_t, t: model.eps(feat1, y_t, t, guide1),
             schedule,
             mu,
-            steps=int(point_steps),
+            steps=min(int(point_steps), point_t + 1),  # a window shorter than point_steps: one call per step
             eta=0.0,
             start="mean",
             t_start=point_t,

@@ -45,15 +45,16 @@ def eval_settings(eval_cfg) -> dict:
     return {k: getattr(eval_cfg, k) for k in SETTINGS}
 
 
-def settings_match(stored: dict | None, eval_cfg) -> bool:
-    """Whether a stored calibration was fitted for ``eval_cfg``'s read-out. A key the stored settings
-    lack (a calibration written before the key existed) counts as that key's default value."""
-    from diffmic.config import EvalConfig
+# keys added to SETTINGS after calibrations were first stored, with the value they had implicitly then
+ADDED_LATER = {"t_start": None, "point_steps": 0}
 
+
+def settings_match(stored: dict | None, eval_cfg) -> bool:
+    """Whether a stored calibration was fitted for ``eval_cfg``'s read-out. A key added to the settings
+    later (``ADDED_LATER``) that a stored calibration lacks counts as the value it implicitly had."""
     if not isinstance(stored, dict):
         return False
-    default = EvalConfig()
-    return all(stored.get(k, getattr(default, k)) == getattr(eval_cfg, k) for k in SETTINGS)
+    return all(stored.get(k, ADDED_LATER.get(k)) == getattr(eval_cfg, k) for k in SETTINGS)
 
 
 def fit_trust(probs: Tensor, labels: Tensor, eval_cfg, split: str = "val", ids: list | None = None) -> dict:
