@@ -169,6 +169,7 @@ def test_choice_sets_are_the_librarys_own_constants():
     from diffmic.metrics import AGGREGATES, SCALAR_METRICS
     from diffmic.nn.diffmic import ALL_VARIANTS, DENOISER_INPUTS
     from diffmic.nn.guidance import ROI_CHANNELS, ROI_SELECT
+    from diffmic.trust.calibration import CALIBRATORS
 
     same = {
         "data.dataset": DATASETS,
@@ -185,6 +186,7 @@ def test_choice_sets_are_the_librarys_own_constants():
         "eval.val_sampler": SAMPLERS,
         "eval.start": DDIM_STARTS,
         "eval.aggregate": AGGREGATES,
+        "eval.calibrator": CALIBRATORS,
     }
     for key, const in same.items():
         assert CHOICES[key] is const, key

@@ -181,3 +181,146 @@ def test_reliability_diagram_bins_and_png(tmp_path):
     assert cnt[9] == 1 and cnt[5] == 2 and ma[5] == pytest.approx(0.5) and mc[5] == pytest.approx(0.535)
     out = plot_reliability([("raw", probs)], labels, tmp_path / "rel.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------ top-label isotonic calibration
+def test_isotonic_map_by_hand_and_against_scikit_learn():
+    from sklearn.isotonic import IsotonicRegression
+
+    from diffmic.trust.calibration import ISO_TIEBREAK, fit_isotonic, isotonic_confidence
+
+    # pool-adjacent-violators by hand: (0.6: 1, 0), (0.7: 0, 1) pool to 0.5; (0.8, 0.9) are right
+    conf = torch.tensor([0.6, 0.6, 0.7, 0.7, 0.8, 0.9])
+    ok = torch.tensor([1, 0, 0, 1, 1, 1])
+    knots = fit_isotonic(conf, ok)
+    got = isotonic_confidence(torch.tensor([0.6, 0.65, 0.7, 0.75, 0.85, 0.95, 0.3]), knots)
+    mapped = torch.tensor([0.5, 0.5, 0.5, 0.75, 1.0, 1.0, 0.5], dtype=torch.float64)  # 0.75: halfway 0.7 -> 0.8
+    raw = torch.tensor([0.6, 0.65, 0.7, 0.75, 0.85, 0.95, 0.3], dtype=torch.float64)
+    want = ((1 - ISO_TIEBREAK) * mapped + ISO_TIEBREAK * raw).clamp(max=1 - 1e-12)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    # on random data the map equals scikit-learn's own predict (up to the tie-break mix)
+    g = torch.Generator().manual_seed(3)
+    c = torch.rand(500, generator=g) * 0.6 + 0.4
+    y = (torch.rand(500, generator=g) < c**2).long()
+    k = fit_isotonic(c, y)
+    q = torch.rand(200, generator=g)
+    ref = IsotonicRegression(y_min=0, y_max=1, out_of_bounds="clip").fit(c.numpy(), y.numpy()).predict(q.numpy())
+    torch.testing.assert_close(isotonic_confidence(q, k), torch.tensor(ref, dtype=torch.float64), rtol=0, atol=2e-6)
+    # strictly increasing, so the ranking by confidence has no new ties
+    grid = torch.linspace(0, 1, 1001)
+    assert bool((isotonic_confidence(grid, k).diff() > 0).all())
+
+
+def test_apply_isotonic_keeps_the_argmax_the_ratios_and_sums_to_one():
+    from diffmic.trust.calibration import apply_isotonic, isotonic_confidence
+
+    knots = {"x": [0.3, 0.9], "y": [0.2, 0.6]}  # a map that lowers the top probability
+    p = torch.tensor([[0.7, 0.2, 0.1], [0.2, 0.3, 0.5], [0.6, 0.3, 0.1], [0.34, 0.33, 0.33]], dtype=torch.float64)
+    q = apply_isotonic(p, knots)
+    torch.testing.assert_close(q.sum(-1), torch.ones(4, dtype=torch.float64))
+    assert torch.equal(q.argmax(-1), p.argmax(-1))
+    # row 0: the top value is the map (0.2 + 0.4 * (0.7-0.3)/0.6 = 0.467), the others keep their 2:1 ratio
+    top = isotonic_confidence(torch.tensor([0.7]), knots)
+    assert float(top[0]) == pytest.approx(0.2 + 0.4 * 0.4 / 0.6, abs=1e-5)
+    assert float(q[0, 0]) == pytest.approx(float(top[0]))
+    assert float(q[0, 1] / q[0, 2]) == pytest.approx(2.0)
+    # row 2: the map gives 0.4, below what keeps the arg-max (runner-up share m = 3/4 needs
+    # top >= m / (1 + m) = 3/7), so the top is held just above 3/7; rows 3 likewise (1/2 of 0.66)
+    assert float(q[2, 0]) == pytest.approx(3 / 7, abs=1e-6) and float(q[2, 0]) > float(q[2, 1])
+    assert float(q[3, 0]) > float(q[3, 1:].max()) and float(q[3, 0]) == pytest.approx(0.33 / 0.66 / 1.5, abs=1e-6)
+
+
+def test_temperature_plus_isotonic_fixes_what_one_temperature_cannot():
+    """Correctness 0.5 below confidence 0.8 and 0.95 above: no temperature fits both halves, the
+    isotonic map (fitted on one half of the data) does on the other half."""
+    from diffmic.trust.calibration import apply_calibration, fit_isotonic
+
+    g = torch.Generator().manual_seed(0)
+    n = 6000
+    conf = torch.rand(n, generator=g) * 0.5 + 0.5  # top-label confidence in [0.5, 1)
+    acc = torch.where(conf < 0.8, torch.full_like(conf, 0.5), torch.full_like(conf, 0.95))
+    correct = torch.rand(n, generator=g) < acc
+    labels = torch.where(correct, torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.long))
+    probs = torch.stack([conf, 1 - conf], -1)
+    fit, held = slice(0, n // 2), slice(n // 2, n)
+    T = fit_temperature(probs[fit], labels[fit])
+    scaled = apply_temperature(probs, T)
+    knots = fit_isotonic(scaled[fit].max(-1).values, correct[fit])
+    cal = apply_calibration(probs, {"temperature": T, "isotonic": knots})
+    assert ece(cal[held], labels[held]) < 0.03 < ece(scaled[held], labels[held])
+    assert torch.equal(cal.argmax(-1), probs.argmax(-1))
+
+
+def test_fit_and_test_trust_with_the_isotonic_calibrator(tmp_path):
+    from diffmic.config import EvalConfig
+    from diffmic.trust.calibration import apply_calibration
+    from diffmic.trust.fitting import fit_trust, predict_trust, settings_match, test_trust
+
+    g = torch.Generator().manual_seed(1)
+    n, C = 600, 3
+    logits = torch.randn(n, C, generator=g) * 2
+    labels = torch.multinomial(torch.softmax(logits / 2, -1), 1, generator=g).flatten()
+    probs = torch.softmax(logits, -1).double()
+    ids = [f"img{i}" for i in range(n)]
+    cfg = EvalConfig(calibrator="temperature+isotonic")
+    cal = fit_trust(probs[:300], labels[:300], cfg, ids=ids[:300])
+    assert cal["calibrator"] == "temperature+isotonic" and len(cal["isotonic"]["x"]) >= 2
+    assert settings_match(cal["settings"], cfg) and not settings_match(cal["settings"], EvalConfig())
+    # the conformal quantile is fitted on the temperature-scaled probabilities
+    qhat = fit_aps(apply_temperature(probs[:300], cal["temperature"]), labels[:300], 0.9, image_uniforms(ids[:300]))
+    assert cal["conformal"]["qhat"] == pytest.approx(qhat)
+    rows = [
+        {"id": ids[i], "label": int(labels[i]), **{f"p_{c}": float(probs[i, c]) for c in range(C)}}
+        for i in range(300, n)
+    ]
+    for r, i in zip(rows, range(300, n)):
+        r["confidence"] = float(probs[i].max())
+    blocks = test_trust(rows, cal, [str(c) for c in range(C)], tmp_path, resamples=20)
+    want = apply_calibration(probs[300:], cal)
+    assert blocks["calibration"]["calibrator"] == "temperature+isotonic"
+    assert blocks["calibration"]["ece"] == pytest.approx(ece(want, labels[300:]), abs=1e-6)
+    assert blocks["calibration"]["ece_temperature"] == pytest.approx(
+        ece(apply_temperature(probs[300:], cal["temperature"]), labels[300:]), abs=1e-6
+    )
+    assert rows[0]["confidence"] == pytest.approx(float(want[0].max()))
+    out = predict_trust(probs[300:], None, cal, ids=ids[300:])
+    torch.testing.assert_close(out["probs"], want)
+    assert torch.equal(out["refer"], torch.tensor([r["refer"] == 1 for r in rows]))
+    # a calibration stored before the option (no calibrator key) still matches the default settings
+    old = {k: v for k, v in cal["settings"].items() if k != "calibrator"}
+    assert settings_match(old, EvalConfig()) and not settings_match(old, cfg)
+
+
+def test_auto_calibrator_takes_isotonic_only_where_cross_validation_supports_it():
+    from diffmic.trust.calibration import fit_calibration
+
+    g = torch.Generator().manual_seed(0)
+    # a shape no temperature can fix (see above), 3000 images: isotonic wins on held-out ECE and NLL
+    n = 3000
+    conf = torch.rand(n, generator=g) * 0.5 + 0.5
+    correct = torch.rand(n, generator=g) < torch.where(conf < 0.8, 0.5, 0.95)
+    labels = (~correct).long()
+    probs = torch.stack([conf, 1 - conf], -1)
+    fitted = fit_calibration(probs, labels, "auto")
+    assert fitted["auto"]["chosen"] == "temperature+isotonic" and fitted["isotonic"] is not None
+    cv = fitted["auto"]["cv"]
+    assert cv["temperature+isotonic"]["ece"] < cv["temperature"]["ece"]
+    # 60 images already calibrated (labels drawn from the probabilities): the isotonic map overfits
+    # and raises the held-out NLL, so auto keeps the temperature alone
+    from diffmic.trust.calibration import AUTO_NLL_SLACK
+
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        logits = torch.randn(60, 4, generator=g) * 2
+        y = torch.multinomial(torch.softmax(logits, -1), 1, generator=g).flatten()
+        small = fit_calibration(torch.softmax(logits, -1), y, "auto")
+        cv = small["auto"]["cv"]
+        iso_wins = cv["temperature+isotonic"]["ece"] < cv["temperature"]["ece"] and (
+            cv["temperature+isotonic"]["nll"] <= cv["temperature"]["nll"] + AUTO_NLL_SLACK
+        )
+        assert small["auto"]["chosen"] == ("temperature+isotonic" if iso_wins else "temperature")
+        assert (small["isotonic"] is not None) == iso_wins
+        if seed == 0:  # hand-checked case: held-out NLL 0.99 with the map against 0.74 without
+            assert not iso_wins and cv["temperature+isotonic"]["nll"] > cv["temperature"]["nll"] + 0.2
+    with pytest.raises(ValueError, match="calibrator must be one of"):
+        fit_calibration(probs, labels, "platt")

@@ -211,7 +211,10 @@ def _evaluate(args) -> int:
         if ci:
             summary["ci95"] = {k: [round(v, 4) for v in ci[k]] for k in ci}
         for block, keys in (
-            ("calibration", ("temperature", "ece", "ece_unscaled", "classwise_ece", "nll", "nll_unscaled", "brier")),
+            (
+                "calibration",
+                ("calibrator", "temperature", "ece", "ece_unscaled", "classwise_ece", "nll", "nll_unscaled", "brier"),
+            ),
             ("uncertainty", ("pavpu", "uncertain_fraction", "accuracy_confident", "accuracy_uncertain")),
             ("conformal", ("level", "coverage", "mean_set_size")),
         ):

@@ -31,6 +31,7 @@ from diffmic.losses import GUIDANCE_CE_MODES
 from diffmic.metrics import AGGREGATES, SCALAR_METRICS
 from diffmic.nn.diffmic import ALL_VARIANTS, DENOISER_INPUTS
 from diffmic.nn.guidance import OUTPUT_STRIDES, ROI_CHANNELS, ROI_SELECT
+from diffmic.trust.calibration import CALIBRATORS
 
 
 class ConfigError(ValueError):
@@ -170,6 +171,8 @@ class EvalConfig:
     refer_max_fraction: float = 0.2  # referral goal: refer at most this fraction of the images
     refer_target_accuracy: Optional[float] = None  # or: the fewest referrals reaching this accuracy on kept images
     conformal_level: float = 0.9  # coverage of the conformal prediction sets
+    # temperature | temperature+isotonic (then a top-label isotonic map, fitted on the same split)
+    calibrator: str = "temperature"
     bootstrap_resamples: int = 500  # bootstrap resamples for the 95 % intervals of test metrics
 
 
@@ -213,6 +216,7 @@ CHOICES: dict[str, tuple] = {
     "eval.val_sampler": SAMPLERS,
     "eval.start": DDIM_STARTS,
     "eval.aggregate": AGGREGATES,
+    "eval.calibrator": CALIBRATORS,
 }
 
 

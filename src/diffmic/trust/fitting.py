@@ -13,11 +13,12 @@ from torch import Tensor
 
 from diffmic.trust.bootstrap import bootstrap_ci
 from diffmic.trust.calibration import (
+    apply_calibration,
     apply_temperature,
     calibration_summary,
     ece,
+    fit_calibration,
     fit_referral,
-    fit_temperature,
     plot_reliability,
 )
 from diffmic.trust.conformal import aps_sets, fit_aps, image_uniforms, set_summary
@@ -38,6 +39,7 @@ SETTINGS = (
     "refer_max_fraction",
     "refer_target_accuracy",
     "conformal_level",
+    "calibrator",
 )
 
 
@@ -46,7 +48,7 @@ def eval_settings(eval_cfg) -> dict:
 
 
 # keys added to SETTINGS after calibrations were first stored, with the value they had implicitly then
-ADDED_LATER = {"t_start": None, "point_steps": 0}
+ADDED_LATER = {"t_start": None, "point_steps": 0, "calibrator": "temperature"}
 
 
 def settings_match(stored: dict | None, eval_cfg) -> bool:
@@ -61,25 +63,36 @@ def fit_trust(probs: Tensor, labels: Tensor, eval_cfg, split: str = "val", ids: 
     """All trust parameters from one split's (unscaled) probabilities and labels."""
     probs = torch.as_tensor(probs, dtype=torch.float64)
     labels = torch.as_tensor(labels).long()
-    T = fit_temperature(probs, labels)
-    cal = apply_temperature(probs, T)
+    calib = fit_calibration(probs, labels, eval_cfg.calibrator)
+    scaled = apply_temperature(probs, calib["temperature"])
+    cal = apply_calibration(probs, calib)
     conf, pred = cal.max(-1)
     referral = fit_referral(conf, pred == labels, eval_cfg.refer_max_fraction, eval_cfg.refer_target_accuracy)
     return {
         "fitted_on": split,
         "num_images": int(labels.numel()),
         "settings": eval_settings(eval_cfg),
-        "temperature": T,
+        "calibrator": eval_cfg.calibrator,
+        **calib,
         "fit_nll_unscaled": calibration_summary(probs, labels)["nll"],
         "fit_nll": calibration_summary(cal, labels)["nll"],
         "referral": referral,
+        # the conformal sets use the temperature-scaled probabilities: one fitted parameter, where the
+        # isotonic map's many would be fitted on the same labels as the conformal quantile
         "conformal": {
             "method": "APS (randomised by image id, split conformal)",
             "level": eval_cfg.conformal_level,
-            "qhat": fit_aps(cal, labels, eval_cfg.conformal_level, image_uniforms(ids) if ids is not None else None),
+            "probs": "temperature",
+            "qhat": fit_aps(scaled, labels, eval_cfg.conformal_level, image_uniforms(ids) if ids is not None else None),
             "randomised": ids is not None,
         },
     }
+
+
+def _conformal_probs(calib: dict, scaled: Tensor, cal: Tensor) -> Tensor:
+    """The probabilities the conformal quantile was fitted on: temperature-scaled ones (calibrations
+    fitted before the isotonic option stored no ``probs`` key and used the calibrated ones, equal then)."""
+    return scaled if calib["conformal"].get("probs") == "temperature" else cal
 
 
 @torch.no_grad()
@@ -142,14 +155,17 @@ def test_trust(
     raw = torch.tensor([[r[f"p_{n}"] for n in class_names] for r in rows], dtype=torch.float64)
     labels = torch.tensor([r["label"] for r in rows]).long()
     T = float(calib["temperature"])
-    cal = apply_temperature(raw, T)
+    scaled = apply_temperature(raw, T)
+    cal = apply_calibration(raw, calib)
     conf, pred = cal.max(-1)
     correct = pred == labels
     thr = float(calib["referral"]["threshold"])
     refer = conf < thr
     qhat = float(calib["conformal"]["qhat"])
     rand = calib["conformal"].get("randomised", False)
-    sets = aps_sets(cal, qhat, image_uniforms([r["id"] for r in rows]) if rand else None)
+    sets = aps_sets(
+        _conformal_probs(calib, scaled, cal), qhat, image_uniforms([r["id"] for r in rows]) if rand else None
+    )
     for i, r in enumerate(rows):
         r["confidence_unscaled"] = r["confidence"]
         r["confidence"] = float(conf[i])
@@ -161,12 +177,16 @@ def test_trust(
             r[f"p_{n}"] = float(cal[i, c])
 
     blocks: dict = {}
+    isotonic = bool(calib.get("isotonic"))
     blocks["calibration"] = {
+        "calibrator": "temperature+isotonic" if isotonic else "temperature",
+        **({"auto": calib["auto"]} if calib.get("auto") else {}),
         "temperature": T,
         "fitted_on": calib.get("fitted_on"),
         "n_bins": 15,
         **calibration_summary(cal, labels),
         **{f"{k}_unscaled": v for k, v in calibration_summary(raw, labels).items()},
+        **({f"{k}_temperature": v for k, v in calibration_summary(scaled, labels).items()} if isotonic else {}),
     }
     level = float(calib["conformal"]["level"])
     blocks["conformal"] = {
@@ -196,9 +216,10 @@ def test_trust(
         plot_risk_coverage(
             cov, acc, out / "risk_coverage.png", point, title=f"{len(rows)} test images, AURC {referral['aurc']:.3f}"
         )
-        plot_reliability(
-            [("unscaled", raw), (f"temperature {T:.2f} (fitted on validation)", cal)], labels, out / "reliability.png"
-        )
+        panels = [("unscaled", raw), (f"temperature {T:.2f} (fitted on validation)", scaled)]
+        if isotonic:
+            panels.append(("then isotonic (fitted on validation)", cal))
+        plot_reliability(panels, labels, out / "reliability.png")
     blocks["referral"] = referral
     unc = None
     if "uncertain" in rows[0]:
@@ -214,6 +235,8 @@ def test_trust(
     stats = _headline(raw, labels, C)
     stats["ece"] = lambda i: ece(cal[i], labels[i])
     stats["ece_unscaled"] = lambda i: ece(raw[i], labels[i])
+    if isotonic:
+        stats["ece_temperature"] = lambda i: ece(scaled[i], labels[i])
     stats["nll"] = lambda i: float(torch.nn.functional.nll_loss(cal[i].clamp_min(1e-12).log(), labels[i]))
     stats["brier"] = lambda i: float(((cal[i] - torch.nn.functional.one_hot(labels[i], C)) ** 2).sum(-1).mean())
     stats["aurc"] = lambda i: selective_summary(conf[i], correct[i])["aurc"]
@@ -236,11 +259,14 @@ def predict_trust(probs: Tensor, samples: Tensor | None, calib: dict | None, ids
     conformal set (when ``calib`` is given), CARD flag (when K >= 2 samples are given)."""
     out: dict = {}
     if calib is not None:
-        cal = apply_temperature(probs.detach().double().cpu(), float(calib["temperature"]))
+        raw = probs.detach().double().cpu()
+        cal = apply_calibration(raw, calib)
         out["probs"] = cal
         out["refer"] = cal.max(-1).values < float(calib["referral"]["threshold"])
         rand = calib["conformal"].get("randomised", False) and ids is not None
-        out["sets"] = aps_sets(cal, float(calib["conformal"]["qhat"]), image_uniforms(ids) if rand else None)
+        scaled = apply_temperature(raw, float(calib["temperature"]))
+        cp = _conformal_probs(calib, scaled, cal)
+        out["sets"] = aps_sets(cp, float(calib["conformal"]["qhat"]), image_uniforms(ids) if rand else None)
     if samples is not None and samples.shape[1] >= 2:
         u = card_uncertainty(samples.detach().cpu())
         out["uncertain"], out["p_value"] = u.uncertain, u.p_value
