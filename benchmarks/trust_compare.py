@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from diffmic.metrics import selective_summary
+from diffmic.trust.calibration import apply_temperature
 from diffmic.trust.conformal import aps_scores, image_uniforms
 
 
@@ -68,12 +69,19 @@ def main(runs: list[str]) -> None:
             p = torch.tensor([float(r["ttest_p"]) for r in rows], dtype=torch.float64)
             out["aurc_ttest_p"] = selective_summary(-p, correct)["aurc"]
             out["pavpu"] = m["uncertainty"]["pavpu"]
+        # the conformal sets use the temperature-scaled probabilities (docs/uncertainty.md), also
+        # when the calibration adds an isotonic map to the reported confidence
+        set_probs = probs
+        if m["calibration"].get("calibrator") == "temperature+isotonic":
+            raw = torch.tensor([[float(r[f"unscaled_p_{n}"]) for n in names] for r in rows], dtype=torch.float64)
+            set_probs = apply_temperature(raw, m["calibration"]["temperature"])
+        out["calibrator"] = m["calibration"].get("calibrator", "temperature")
         c = m["conformal"]
         out.update(
             conformal_level=c["level"],
             conformal_coverage=c["coverage"],
             conformal_set_size=c["mean_set_size"],
-            set_size_at_test_coverage_0_90=set_size_at_coverage(probs, labels, image_uniforms(ids)),
+            set_size_at_test_coverage_0_90=set_size_at_coverage(set_probs, labels, image_uniforms(ids)),
         )
         r = m["referral"]
         out.update(referred_fraction=r["referred_fraction"], accuracy_kept=r["accuracy_kept"])
