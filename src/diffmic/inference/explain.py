@@ -311,7 +311,8 @@ def build_report(run_dir: Path, output: Path | None = None, max_images: int = 60
             "metrics",
             "Test metrics with 95 % bootstrap intervals",
             table(["metric", "value", "CI low", "CI high"], head)
-            + f"<p>{tm.get('num_images')} test images; temperature {cal['temperature']:.3f} fitted on "
+            + f"<p>{tm.get('num_images')} test images; calibration: {cal.get('calibrator', 'temperature')} "
+            f"(temperature {cal['temperature']:.3f}) fitted on "
             f"{cal.get('fitted_on')}; {tm.get('ci_method', '')}. Referral rule: {ref.get('rule', '')}. "
             f"Uncertainty: {unc.get('method', '')}; accuracy confident {unc.get('accuracy_confident')}, "
             f"uncertain {unc.get('accuracy_uncertain')}.</p>",
