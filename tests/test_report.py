@@ -97,11 +97,28 @@ def test_test_writes_trust_blocks_and_stores_calibration(tiny_run):
     correct = np.array([r["label"] == r["pred"] for r in rows])
     unc = np.array([int(r["uncertain"]) for r in rows]).astype(bool)
     assert m["uncertainty"]["pavpu"] == pytest.approx(((correct & ~unc).sum() + (~correct & unc).sum()) / len(rows))
-    # calibrated probabilities are softmax(log p_unscaled / T), the argmax unchanged
+    # calibrated probabilities are softmax(log p_unscaled / T), then (the cpu preset's `auto` may
+    # choose it) the top-label isotonic map: top value = the knots' linear interpolation (numpy) unless
+    # held up to keep the arg-max, other classes in their temperature-scaled ratios; arg-max unchanged
     T = m["calibration"]["temperature"]
     raw = torch.tensor([[float(r[f"unscaled_p_{n}"]) for n in names] for r in rows], dtype=torch.float64)
     cal = torch.tensor([[float(r[f"p_{n}"]) for n in names] for r in rows], dtype=torch.float64)
-    assert torch.allclose(torch.softmax(raw.clamp_min(1e-12).log() / T, -1), cal, atol=1e-6)
+    scaled = torch.softmax(raw.clamp_min(1e-12).log() / T, -1)
+    ck = torch.load(tiny_run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    knots = ck["diffmic_calibration"].get("isotonic")
+    assert m["calibration"]["calibrator"] == ("temperature+isotonic" if knots else "temperature")
+    assert torch.equal(cal.argmax(-1), raw.argmax(-1))
+    if not knots:
+        assert torch.allclose(scaled, cal, atol=1e-6)
+    else:
+        conf_s, top = scaled.max(-1)
+        want = np.interp(conf_s.numpy(), knots["x"], knots["y"])
+        got = cal.gather(1, top[:, None]).flatten().numpy()
+        assert (got >= want * (1 - 1e-6) - 1e-6).all()  # never below the map
+        others = scaled.clone().scatter_(1, top[:, None], 0)
+        rest = cal.clone().scatter_(1, top[:, None], 0)
+        share = others / others.sum(-1, keepdim=True)
+        assert torch.allclose(rest, share * (1 - cal.gather(1, top[:, None])), atol=1e-6)
     nll = float(torch.nn.functional.nll_loss(cal.clamp_min(1e-12).log(), labels))
     assert m["calibration"]["nll"] == pytest.approx(nll, rel=1e-6)
     for k in ("acc", "ece", "nll", "brier", "pavpu", "conformal_coverage", "accuracy_kept"):
@@ -111,7 +128,6 @@ def test_test_writes_trust_blocks_and_stores_calibration(tiny_run):
     assert lo <= m["acc"] + 1e-9 and m["acc"] - 1e-9 <= hi
     assert (tiny_run / "reliability.png").is_file()
     # stored in the checkpoint, read back by the Predictor
-    ck = torch.load(tiny_run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
     assert ck["diffmic_calibration"]["temperature"] == pytest.approx(T)
     assert ck["diffmic_calibration"]["fitted_on"] == "val"
 
