@@ -1,6 +1,7 @@
 """Why does the diffusion read-out track its DCG prior? Diagnostics on the validation split.
 
-For a trained diffusion run (C2 / full), on the validation split (never the test split):
+For a trained diffusion run (C2 / full), on the validation split (never the test split; `--split train`
+shows the training images, where the denoiser learnt what it does):
 
 * ``readout``: accuracy / macro-F1 of the diffusion read-out and of the prior alone, the share of
   images where the two argmaxes differ, and the mean L1 distance between the read-out
@@ -11,7 +12,7 @@ For a trained diffusion run (C2 / full), on the validation split (never the test
   batch (features shuffled: does the image embedding matter?) and (b) the prior of another image
   (guidance and μ shuffled). MSE of the trivial ε̂ = 0 is 1.
 
-    python benchmarks/prior_tracking.py --run RUN [--json out.json]
+    python benchmarks/prior_tracking.py --run RUN [--ckpt best|last|FILE] [--split val|train] [--json out.json]
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 
 
 @torch.no_grad()
-def diagnose(run: Path, buckets: int = 5, batch_size: int = 64) -> dict:
+def diagnose(run: Path, buckets: int = 5, batch_size: int = 64, ckpt: str | None = None, split: str = "val") -> dict:
     from torchmetrics.functional.classification import multiclass_f1_score
 
     from diffmic.config import load_config
@@ -38,15 +39,19 @@ def diagnose(run: Path, buckets: int = 5, batch_size: int = 64) -> dict:
     cfg = load_config(run / "config.yaml")
     dm = build_datamodule(cfg)
     dm.setup("fit")
-    ds = dm.get_dataset("val")
-    module = load_module(resolve_checkpoint(run, None)).eval()
+    ds = dm.get_dataset(split)
+    ckpt_path = resolve_checkpoint(run, ckpt)
+    raw = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    trained = {"checkpoint": ckpt_path.name, "epoch": raw.get("epoch"), "global_step": raw.get("global_step")}
+    del raw
+    module = load_module(ckpt_path).eval()
     model, sched, e = module.model, module.schedule, cfg.eval
     if not model.uses_diffusion:
         raise SystemExit(f"{run}: variant {model.variant} has no diffusion")
     C, T = model.num_classes, sched.num_timesteps
     items = [ds[i] for i in range(len(ds))]
     labels = torch.tensor([int(it["label"]) for it in items])
-    res: dict = {"run": str(run), "val_images": len(items), "variant": model.variant}
+    res: dict = {"run": str(run), "split": split, "images": len(items), "variant": model.variant, **trained}
     probs_k: dict[int, list] = {1: [], 8: []}
     probs_point: list = []  # the deterministic read-out from mu over the window (eval.point_steps, 5 if unset)
     priors = []
@@ -121,8 +126,21 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", required=True, type=Path)
     p.add_argument("--json", type=Path)
+    p.add_argument(
+        "--ckpt",
+        help="checkpoint file, or 'best' / 'last' in the run's checkpoints/ (default: best, else last)",
+    )
+    p.add_argument(
+        "--split",
+        choices=("val", "train"),
+        default="val",
+        help="images to diagnose (train: with the training augmentation; shows what the denoiser learnt to copy)",
+    )
     a = p.parse_args(argv)
-    res = diagnose(a.run)
+    ckpt = a.ckpt
+    if ckpt in ("best", "last"):
+        ckpt = str(a.run / "checkpoints" / f"{ckpt}.ckpt")
+    res = diagnose(a.run, ckpt=ckpt, split=a.split)
     line = json.dumps(res)
     print(line)
     if a.json:

@@ -57,6 +57,8 @@ def main(paths: list[str]) -> None:
             print(f"| {p} | unreadable: {exc} |" + " |" * 8)
             continue
         name = Path(d.get("run", p)).parent.name if d.get("run") else Path(p).stem
+        if d.get("epoch") is not None:  # which checkpoint was diagnosed
+            name += f" ({Path(d.get('checkpoint', '')).stem or 'ckpt'}, epoch {d['epoch']})"
         print(row(d, name))
 
 

@@ -51,6 +51,7 @@ BAD: dict[str, tuple[str, str]] = {
         r"train.init_encoder_from and train.init_encoder_from_dcg exclude each other",
     ),
     "train.noise_samples_per_image": ("0", r"train.noise_samples_per_image must be in \[1, 100000\]"),
+    "train.prior_swap": ("1", r"train.prior_swap must be in \[0, 1\)"),
     "train.precision": ("31-true", r"train.precision is not a Lightning precision: use one of .*32-true"),
     "train.accelerator": ("gpuu", r"train.accelerator is not a Lightning accelerator: use one of auto, gpu"),
     "train.devices": ("0", r"train.devices must be a count >= 1, -1 \(all\), 'auto'"),

@@ -131,6 +131,7 @@ class TrainConfig:
     use_ema: bool = True  # evaluate with the EMA of the denoiser (released code keeps it unused)
     encoder_lr_scale: float = 1.0  # ours: lr multiplier for rho(x)'s backbone (released: 1)
     noise_samples_per_image: int = 1  # ours: R (t, eps) draws per image per step (released: 1)
+    prior_swap: float = 0.0  # ours: share of training draws given another batch image's priors (0 = released)
     init_encoder_from_dcg: bool = False  # ours: start rho(x) from the warmed-up DCG backbone (CPU presets)
     init_encoder_from: Optional[str] = None  # ours: start rho(x) from an earlier run's encoder (folder or .ckpt)
     exact_dcg_priors: bool = True  # priors from a separate eval-mode DCG pass (released); False reuses the train pass
@@ -564,6 +565,7 @@ RULES: list[tuple[str, Check]] = [
     ("train.encoder_lr_scale", _range(0, 1000)),
     ("train.init_encoder_from", _init_encoder_from),
     ("train.noise_samples_per_image", _range(1, 100_000)),
+    ("train.prior_swap", _range(0, 1, hi_open=True)),
     ("train.precision", _precision),
     ("train.accelerator", _accelerator),
     ("train.devices", _devices),

@@ -55,6 +55,27 @@ class NonFiniteLossError(FloatingPointError):
     """Raised when a training loss becomes NaN or Inf."""
 
 
+def swap_priors(pri: Any, share: float, images: int, draws: int = 1) -> tuple[Any, Tensor]:
+    """``train.prior_swap``: give a share of the training draws the priors of another image.
+
+    ``pri`` holds ``[images * draws, C]`` tensors, image-major (as ``repeat_interleave`` lays them
+    out). Each row, independently with probability ``share``, takes every prior field (forward-process
+    mean and guidance alike) from the same draw slot of another image of the batch, drawn uniformly.
+    On the training images the DCG's priors are nearly always right, so a denoiser trained on them
+    learns to copy its prior and to ignore rho(x); swapped rows are the cases where copying fails.
+    Returns the new priors and the boolean mask of swapped rows. No-op for ``share <= 0`` or one image.
+    """
+    n = images * draws
+    dev = pri[0].device
+    if share <= 0 or images < 2:
+        return pri, torch.zeros(n, dtype=torch.bool, device=dev)
+    rows = torch.arange(n, device=dev)
+    swap = torch.rand(n, device=dev) < share
+    other = (rows // draws + torch.randint(1, images, (n,), device=dev)) % images
+    src = torch.where(swap, other * draws + rows % draws, rows)
+    return type(pri)(*(p[src] for p in pri)), swap
+
+
 def build_model(cfg: Config, num_classes: int) -> DiffMIC:
     """The network of ``cfg``: every ``model.*`` field that names a DiffMIC argument, plus T, the
     ROI crop size, the input channels and the encoder's timm kwargs (``img_size=data.image_size`` added
@@ -305,6 +326,8 @@ class DiffMICModule(pl.LightningModule):
         if R > 1:  # R (t, eps) draws per image share one encoder pass: same loss expectation
             feat, y0 = feat.repeat_interleave(R, 0), y0.repeat_interleave(R, 0)
             pri = type(pri)(*(p.repeat_interleave(R, 0) for p in pri))
+        if self.cfg.train.prior_swap > 0 and g is not None:
+            pri, _ = swap_priors(pri, self.cfg.train.prior_swap, B, R)
         t = antithetic_timesteps(B * R, s.num_timesteps, device=x.device)
         eps = torch.randn(B * R, self.num_classes, device=x.device, dtype=x.dtype)
         gf, gg, gl = self.model.branch_guidance(pri)
