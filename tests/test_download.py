@@ -336,3 +336,102 @@ def test_every_medmnist_entry_uses_the_published_md5():
     for name, md5 in published.items():
         (f,) = dl.SOURCES[name].files
         assert f.md5 == md5 and f.url == f"https://zenodo.org/records/10519652/files/{name}.npz?download=1"
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 21.1: names in a listing are data, never paths
+
+
+def _tamper_listing(srv: FakeServer, fid: int, **fields) -> None:
+    """Change (or with value None remove) fields of file ``fid``'s ``dataFile`` in the served listing."""
+    key = (
+        "/dataverse.harvard.edu/api/datasets/:persistentId/versions/:latest-published/files"
+        "?persistentId=doi:10.7910/DVN/DBW86T"
+    )
+    obj = json.loads(srv.routes[key])
+    for entry in obj["data"]:
+        if entry["dataFile"]["id"] == fid:
+            for k, v in fields.items():
+                if v is None:
+                    entry["dataFile"].pop(k, None)
+                else:
+                    entry["dataFile"][k] = v
+    srv.routes[key] = json.dumps(obj).encode()
+
+
+def _files_under(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("case", ["traversal", "backslashes", "absolute_with_md5", "absolute_without_md5"])
+def test_listing_file_names_never_reach_outside_the_staging_folder(tmp_path, case):
+    root = tmp_path / "a" / "b" / "root"
+    root.mkdir(parents=True)
+    victim = tmp_path / "victim.zip"
+    victim.write_bytes(b"the user's own file")
+    before = _files_under(tmp_path)
+    with FakeServer() as srv:
+        bodies = _ham_routes(srv)
+        name = {
+            "traversal": "../../../escaped.zip",
+            "backslashes": "..\\..\\..\\escaped.zip",
+            "absolute_with_md5": str(victim),
+            "absolute_without_md5": str(victim),
+        }[case]
+        _tamper_listing(srv, 102, filename=name)  # matched by its label, HAM10000_images_part_1.zip
+        if case == "absolute_without_md5":
+            _tamper_listing(srv, 102, checksum=None)
+        out = dl.download_dataset("ham10000", root, mirror=srv.url, progress=False, log=lambda s: None)
+    # the file was fetched under its base name inside the staging folder, and used from there
+    assert sorted(p.stem for p in (out / "images").glob("*.jpg")) == IMAGE_IDS
+    marker = json.loads((out / dl.MARKER).read_text())
+    base = "victim.zip" if case.startswith("absolute") else "escaped.zip"
+    assert base in {r["file"] for r in marker["files"]}
+    assert bodies["HAM10000_images_part_1.zip"]  # served
+    # nothing outside root was written, overwritten or deleted
+    after = {k: v for k, v in _files_under(tmp_path).items() if not k.startswith("a/b/root/")}
+    assert after == before
+    assert victim.read_bytes() == b"the user's own file"
+
+
+@pytest.mark.parametrize("bad", ["..", ".", "/", "a/..", ".hidden.zip", "a\x00b.zip", "x" * 300 + ".zip"])
+def test_unusable_listing_names_are_refused(tmp_path, capsys, bad):
+    with FakeServer() as srv:
+        _ham_routes(srv)
+        _tamper_listing(srv, 102, filename=bad)
+        rc = main(["data", "download", "ham10000", "--root", str(tmp_path), "--mirror", srv.url, "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert "not a plain file name" in err and "HAM10000_images_part_1.zip" in err
+    assert not (tmp_path / "ham10000").exists()
+
+
+def test_listing_with_a_non_numeric_file_id_or_two_files_of_one_name_is_refused(tmp_path):
+    with FakeServer() as srv:
+        _ham_routes(srv)
+        _tamper_listing(srv, 102, id="../../admin")
+        with pytest.raises(dl.DownloadError, match="file id"):
+            dl.download_dataset("ham10000", tmp_path, mirror=srv.url, progress=False, log=lambda s: None)
+    with FakeServer() as srv:
+        _ham_routes(srv)
+        _tamper_listing(srv, 103, filename="x/HAM10000_images_part_1.zip")  # same base name as file 102
+        with pytest.raises(dl.DownloadError, match="two files named 'HAM10000_images_part_1.zip'"):
+            dl.download_dataset("ham10000", tmp_path / "r2", mirror=srv.url, progress=False, log=lambda s: None)
+
+
+def test_download_deletes_only_files_it_created(tmp_path):
+    import os
+
+    staging = tmp_path / dl.STAGING / "ham10000"
+    staging.mkdir(parents=True)
+    (staging / "notes.txt").write_text("mine")
+    stale = tmp_path / f".ham10000.tmp-{os.getpid()}"
+    stale.mkdir()
+    (stale / "keep.txt").write_text("mine too")
+    with FakeServer() as srv:
+        _ham_routes(srv)
+        out = dl.download_dataset("ham10000", tmp_path, mirror=srv.url, progress=False, log=lambda s: None)
+    assert dl.is_complete(out)
+    assert (staging / "notes.txt").read_text() == "mine"
+    assert (stale / "keep.txt").read_text() == "mine too"
+    assert not list(staging.glob("*.zip")) and not list(staging.glob("*.pkl"))  # our own files are removed

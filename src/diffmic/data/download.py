@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -63,6 +64,7 @@ MARKER = ".diffmic-complete"  # written last, inside the data-set folder
 STAGING = ".diffmic-downloads"  # ROOT/.diffmic-downloads/<name>/<file>.part
 USER_AGENT = "diffmic-downloader (+https://github.com/diffmic)"
 CHUNK = 1 << 16
+_JSON_LIMIT = 64 * 2**20  # a file listing is a few KB; a longer answer is not one
 
 
 class DownloadError(DataError):
@@ -392,13 +394,35 @@ def fetch_file(
 def _read_json(url: str, manual: str, timeout: float = 60.0) -> object:
     try:
         with _open(url, 0, timeout) as resp:
-            return json.loads(resp.read().decode("utf-8"))
+            text = resp.read(_JSON_LIMIT + 1)
     except urllib.error.HTTPError as exc:
         raise DownloadError(f"cannot read {url}: HTTP {exc.code} {exc.reason}.\n{manual}") from exc
-    except (TimeoutError, urllib.error.URLError, ConnectionError, OSError) as exc:
+    except (TimeoutError, urllib.error.URLError, ConnectionError, OSError, http.client.HTTPException) as exc:
         raise _offline_error(url, getattr(exc, "reason", exc), manual) from exc
-    except ValueError as exc:
+    if len(text) > _JSON_LIMIT:
+        raise DownloadError(f"{url} answered with more than {_JSON_LIMIT // 2**20} MiB of JSON; refusing it")
+    try:
+        return json.loads(text.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
         raise DownloadError(f"{url} did not return JSON ({exc})") from exc
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._ ()+,=-]{0,199}")
+
+
+def safe_file_name(name: object, what: str) -> str:
+    """The base name of a file name given by a server (a listing is data, never a path): the part
+    after the last ``/`` or ``\\``, which must be a plain name (letters, digits, ``._ ()+,=-``, not
+    starting with a dot, at most 200 characters). Anything else raises :class:`DownloadError`
+    naming ``what`` (the file the listing describes)."""
+    base = re.split(r"[\\/]", name)[-1].strip() if isinstance(name, str) else ""
+    if not _SAFE_NAME.fullmatch(base) or base.strip(".") == "":
+        raise DownloadError(
+            f"the file listing names {what} {name!r}, which is not a plain file name (letters, digits and "
+            "'._ ()+,=-', not starting with a dot, at most 200 characters); refusing it. The server or "
+            "mirror answered with an unexpected listing: check --mirror / DIFFMIC_DATA_MIRROR."
+        )
+    return base
 
 
 def _norm(name: str) -> str:
@@ -424,10 +448,17 @@ def _resolve_dataverse(
 ) -> tuple[str, str, str | None]:
     """``(url, filename, md5)`` of the listed file matching ``want``."""
     for entry in listing:
+        if not isinstance(entry, dict) or not isinstance(entry.get("dataFile") or {}, dict):
+            continue  # not a file entry: a listing is data, checked before use
         df = entry.get("dataFile") or {}
         names = [df.get("filename"), df.get("originalFileName"), entry.get("label")]
         if any(isinstance(n, str) and _norm(n) == _norm(want.match) for n in names):
             fid = df.get("id")
+            if isinstance(fid, bool) or not (isinstance(fid, int) or (isinstance(fid, str) and fid.isdigit())):
+                raise DownloadError(
+                    f"doi:{src.dataverse_doi}: the listing gives '{want.match}' the file id {fid!r}, not a "
+                    "number; refusing it (check --mirror / DIFFMIC_DATA_MIRROR)."
+                )
             original = bool(df.get("originalFileFormat"))  # ingested table: fetch the uploaded file
             url = f"{src.dataverse_server}/api/access/datafile/{fid}" + ("?format=original" if original else "")
             md5 = (
@@ -435,13 +466,22 @@ def _resolve_dataverse(
                 if (df.get("checksum") or {}).get("type") == "MD5"
                 else df.get("md5")
             )
-            fname = df.get("originalFileName") or df.get("filename") or want.match
+            fname = safe_file_name(df.get("originalFileName") or df.get("filename") or want.match, f"'{want.match}' as")
+            if md5 is not None and not (isinstance(md5, str) and re.fullmatch(r"[0-9a-fA-F]{32}", md5)):
+                raise DownloadError(
+                    f"doi:{src.dataverse_doi}: the listing gives '{want.match}' the MD5 {md5!r}, not 32 hex "
+                    "digits; refusing it (check --mirror / DIFFMIC_DATA_MIRROR)."
+                )
             if original:
                 # Dataverse's checksum of an ingested table does not reliably match the original file it
                 # serves (IQSS/dataverse#9501): checked by content instead (header, see _metadata_csv)
                 md5 = None
-            return _mirror(url, mirror), str(fname), md5
-    names = sorted(str((e.get("dataFile") or {}).get("filename")) for e in listing)
+            return _mirror(url, mirror), fname, md5
+    names = sorted(
+        str((e.get("dataFile") or {}).get("filename"))
+        for e in listing
+        if isinstance(e, dict) and isinstance(e.get("dataFile") or {}, dict)
+    )
     raise DownloadError(
         f"doi:{src.dataverse_doi} lists no file named like '{want.match}' (it lists: {', '.join(names)})"
     )
@@ -596,14 +636,25 @@ def download_dataset(
             jobs.append((url, fname, md5, want.action, want.dest, None, ""))
     for f in src.files:
         jobs.append((_mirror(f.url, mirror), f.filename, f.md5, f.action, f.dest, f.expect_rows, f.id_col))
+    # names are data: each file is fetched under a plain base name inside the staging folder, and
+    # two files of one name are refused (one must never overwrite or stand in for the other)
+    seen: dict[str, str] = {}
+    for url, fname, *_ in jobs:
+        if fname.lower() in seen:
+            raise DownloadError(
+                f"the listing for {src.name} has two files named '{fname}' ({seen[fname.lower()]} and {url}); "
+                "refusing it (check --mirror / DIFFMIC_DATA_MIRROR)."
+            )
+        seen[fname.lower()] = url
     fetched: list[Path] = []
     for url, fname, md5, *_ in jobs:
-        fetched.append(fetch_file(url, staging / fname, md5, progress=progress, manual=manual))
+        dest = staging / safe_file_name(fname, "the file")
+        if dest.parent != staging or dest.is_symlink() or (dest.exists() and not dest.is_file()):
+            raise DownloadError(f"{dest} is not a plain file in {staging}; move it away and run again")
+        fetched.append(fetch_file(url, dest, md5, progress=progress, manual=manual))
 
-    # 2. assemble in a temporary folder, write the marker last, rename into place
-    tmp = root / f".{src.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    # 2. assemble in a new temporary folder (never one that exists), write the marker last, rename into place
+    tmp = Path(tempfile.mkdtemp(prefix=f".{src.name}.tmp-", dir=root))
     try:
         record = []
         for path, (url, fname, md5, action, dest, rows, id_col) in zip(fetched, jobs):
@@ -636,12 +687,13 @@ def download_dataset(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if not keep_archives:
+        # only the files this download wrote; the folders go only when nothing else is in them
         for path in fetched:
             path.unlink(missing_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)
-        try:
-            (root / STAGING).rmdir()
-        except OSError:
-            pass
+        for folder in (staging, root / STAGING):
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
     log(f"{src.name} is complete in {final}. Use: {src.config_hint.format(path=final)}")
     return final
