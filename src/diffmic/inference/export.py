@@ -21,9 +21,11 @@ The folder holds
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -94,13 +96,21 @@ class PortableModel(nn.Module):
 
 
 def is_model_folder(path: str | os.PathLike) -> bool:
+    """True for a folder meant as a model folder: ``config.json`` saying ``format: diffmic-model``, or
+    ``config.json`` beside ``model.safetensors`` (a broken one then gets :func:`load_model_folder`'s
+    error, not a run folder's)."""
     p = Path(path)
     if not (p.is_dir() and (p / CONFIG).is_file()):
         return False
+    if (p / WEIGHTS).is_file():
+        return True
     try:
-        return json.loads((p / CONFIG).read_text()).get("format") == FORMAT
-    except (ValueError, OSError):
+        if (p / CONFIG).stat().st_size > MAX_CONFIG_BYTES:
+            return False
+        meta = json.loads((p / CONFIG).read_text())
+    except (ValueError, OSError, RecursionError):
         return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
 def _sha256(path: Path) -> str:
@@ -111,8 +121,306 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+# A model folder is untrusted input, checked like a checkpoint (training.checkpoint: the same rules and
+# wording; not imported from there, because a model folder must load without Lightning): its schema,
+# then the weights file's header (sizes and offsets against the file), then the model its config
+# describes, built on the ``meta`` device (no memory) and compared with the file, before anything is
+# allocated or loaded.
+
+#: config.json is a few KB; a larger one is refused unread
+MAX_CONFIG_BYTES = 16 * 2**20
+#: the safetensors header (names, dtypes, shapes, offsets) of a diffmic model is well under 1 MB
+_MAX_HEADER_BYTES = 100 * 2**20
+#: a model folder's config may describe at most this many bytes of weights beyond what its weights
+#: file holds (as training.checkpoint._SIZE_SLACK_BYTES for a checkpoint)
+_SIZE_SLACK_BYTES = 16 * 2**20
+_MAX_CLASSES = 100_000  # as training.checkpoint.check_sizes_before_building
+
+_ST_DTYPES = {
+    "F64": (8, torch.float64),
+    "F32": (4, torch.float32),
+    "F16": (2, torch.float16),
+    "BF16": (2, torch.bfloat16),
+    "I64": (8, torch.int64),
+    "I32": (4, torch.int32),
+    "I16": (2, torch.int16),
+    "I8": (1, torch.int8),
+    "U8": (1, torch.uint8),
+    "BOOL": (1, torch.bool),
+}
+_TORCH_ST = {dt: name for name, (_, dt) in _ST_DTYPES.items()}
+
+_MAGIC = {  # as training.checkpoint._MAGIC
+    b"\x89PNG": "a PNG image",
+    b"\xff\xd8\xff": "a JPEG image",
+    b"GIF8": "a GIF image",
+    b"BM": "a BMP image",
+    b"II*\x00": "a TIFF image",
+    b"MM\x00*": "a TIFF image",
+    b"%PDF": "a PDF document",
+    b"\x1f\x8b": "a gzip archive",
+    b"\x93NUMPY": "a NumPy .npy file",
+}
+
+
+def _file_kind(head: bytes) -> str:
+    if head.startswith(b"\x80"):
+        return "a Python pickle (diffmic never unpickles the weights of a model folder: they could run code)"
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip archive, such as a PyTorch file written by torch.save (pickles; never loaded from a model folder)"
+    what = next((name for magic, name in _MAGIC.items() if head.startswith(magic)), None)
+    if what is None:
+        text = bool(head) and all(32 <= c < 127 or c in (9, 10, 13) for c in head)
+        what = "a text file" if text else "something else"
+    return what
+
+
+def _refuse(path: Path, problem: str) -> ExportError:
+    return ExportError(
+        f"{path}: {problem}. The model folder was edited or is not trustworthy; nothing was allocated or "
+        "loaded. Use a folder written by `diffmic export` (export it again from the run)."
+    )
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _read_meta(cfg_path: Path) -> dict:
+    """config.json, checked for the keys and types :func:`load_model_folder` uses."""
+    try:
+        size = cfg_path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise _refuse(
+                cfg_path, f"{size / 2**20:.1f} MiB, more than a model config can be ({MAX_CONFIG_BYTES // 2**20} MiB)"
+            )
+        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise ExportError(f"{cfg_path}: not valid JSON ({str(exc)[:200]}); export the model again") from exc
+    except OSError as exc:
+        raise ExportError(f"{cfg_path} cannot be read: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise _refuse(cfg_path, f"must hold a JSON object (written by `diffmic export`), got a JSON {_json_type(meta)}")
+    if meta.get("format") != FORMAT:
+        raise ExportError(f"{cfg_path}: not a diffmic model config (format={meta.get('format')!r})")
+    version = meta.get("format_version", 0)
+    if not _is_int(version) or version < 1:
+        raise _refuse(cfg_path, f"'format_version' must be a whole number >= 1, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise ExportError(
+            f"{cfg_path}: format_version {version} is newer than this diffmic ({__version__}) reads "
+            f"({FORMAT_VERSION}); upgrade diffmic"
+        )
+    for key, kind in (("class_names", list), ("architecture", dict), ("config", dict)):
+        if key not in meta:
+            raise _refuse(cfg_path, f"missing key '{key}'")
+        if not isinstance(meta[key], kind):
+            want = "a JSON list" if kind is list else "a JSON object"
+            raise _refuse(cfg_path, f"'{key}' must be {want}, got a JSON {_json_type(meta[key])}")
+    names = meta["class_names"]
+    if not 1 <= len(names) <= _MAX_CLASSES:
+        raise _refuse(cfg_path, f"'class_names' lists {len(names)} classes (1 to {_MAX_CLASSES} allowed)")
+    for i, n in enumerate(names):
+        if not isinstance(n, str) or not n.strip() or len(n) > 1000:
+            raise _refuse(cfg_path, f"class_names[{i}] must be a non-empty text of at most 1000 characters, got {n!r}")
+    seen: set[str] = set()
+    for n in names:
+        if n in seen:
+            raise _refuse(cfg_path, f"'class_names' lists the class {n!r} twice; every class needs its own name")
+        seen.add(n)
+    num = meta.get("num_classes", len(names))
+    if not _is_int(num) or num != len(names):
+        raise _refuse(cfg_path, f"'num_classes' is {num!r} but 'class_names' lists {len(names)} classes")
+    digest = meta.get("weights_sha256")
+    if digest is not None and not (isinstance(digest, str) and len(digest) == 64 and _is_hex(digest)):
+        raise _refuse(cfg_path, f"'weights_sha256' must be 64 hex digits, got {digest!r}")
+    if meta.get("calibration") is not None and not isinstance(meta["calibration"], dict):
+        raise _refuse(
+            cfg_path, f"'calibration' must be a JSON object or null, got a JSON {_json_type(meta['calibration'])}"
+        )
+    return meta
+
+
+def _json_type(v: Any) -> str:
+    if isinstance(v, bool):
+        return "boolean"
+    return {dict: "object", list: "list", str: "string", int: "number", float: "number", type(None): "null"}.get(
+        type(v), type(v).__name__
+    )
+
+
+def _is_hex(s: str) -> bool:
+    return all(c in "0123456789abcdefABCDEF" for c in s)
+
+
+def _read_safetensors_header(weights: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{name: (dtype, shape)}`` from the header of ``weights``, read without loading any tensor;
+    the header's sizes and offsets are checked against the file (safetensors format: 8 bytes
+    little-endian header length, a JSON header, then the tensors back to back)."""
+    try:
+        size = weights.stat().st_size
+        with open(weights, "rb") as fh:
+            head = fh.read(9)  # the 8-byte header length and the header's first byte ('{')
+            n = int.from_bytes(head[:8], "little") if len(head) == 9 else 0
+            fits = head[8:9] == b"{" and 0 < n <= min(size - 8, _MAX_HEADER_BYTES)
+            raw = head[8:] + fh.read(n - 1) if fits else b""
+    except OSError as exc:
+        raise ExportError(f"{weights} cannot be read: {exc}") from exc
+    if size == 0:
+        raise _refuse(weights, "the file is empty (0 bytes): truncated or not a safetensors file")
+    if head[8:9] != b"{" or n < 2:
+        raise _refuse(weights, f"not a safetensors file: it is {_file_kind(head)}")
+    if n > _MAX_HEADER_BYTES:
+        raise _refuse(weights, f"not a safetensors file: its header length field says {n} bytes")
+    if n > size - 8:
+        raise _refuse(weights, f"truncated: its header is {n} bytes long but the file holds {size} bytes")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise _refuse(weights, f"not a safetensors file: its header is not valid JSON ({str(exc)[:200]})") from exc
+    if not isinstance(header, dict):
+        raise _refuse(weights, "not a safetensors file: its header is not a JSON object")
+    data_len = size - 8 - n
+    out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not (isinstance(entry, dict) and entry.get("dtype") in _ST_DTYPES):
+            raise _refuse(weights, f"tensor '{name}': no known dtype in the header ({str(entry)[:200]})")
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
+            raise _refuse(weights, f"tensor '{name}': the header gives no valid shape ({str(shape)[:200]})")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) and o >= 0 for o in offsets)):
+            raise _refuse(weights, f"tensor '{name}': the header gives no valid data_offsets ({str(offsets)[:200]})")
+        begin, end = offsets
+        nbytes = _ST_DTYPES[entry["dtype"]][0] * _prod(shape)
+        if end < begin or end - begin != nbytes:
+            raise _refuse(
+                weights,
+                f"tensor '{name}': the header gives shape {shape} ({entry['dtype']}, {nbytes} bytes) but "
+                f"data_offsets {offsets} ({end - begin} bytes): the header lies about the sizes",
+            )
+        if end > data_len:
+            raise _refuse(
+                weights,
+                f"truncated: tensor '{name}' ends at byte {end} of the data, which holds {data_len} bytes",
+            )
+        spans.append((begin, end, name))
+        out[name] = (entry["dtype"], tuple(shape))
+    pos, prev = 0, None
+    for begin, end, name in sorted(spans):
+        if begin != pos:
+            problem = f"tensors '{prev}' and '{name}' overlap" if begin < pos else f"a gap before tensor '{name}'"
+            raise _refuse(weights, f"the header's data_offsets are inconsistent: {problem}")
+        pos, prev = end, name
+    if pos != data_len:
+        raise _refuse(weights, f"the header describes {pos} bytes of tensors but the file holds {data_len}")
+    return out
+
+
+def _prod(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _architecture(meta: dict, cfg, cfg_path: Path) -> dict:
+    """The keyword arguments of ``DiffMIC`` for this folder: derived from its validated training
+    config (as ``training.module.build_model`` derives them), and required to equal the
+    ``architecture`` the folder states. Initial-weight files are never read (``None``)."""
+    from diffmic.config import section_kwargs
+    from diffmic.nn.diffmic import DiffMIC
+    from diffmic.nn.encoders import timm_encoder_kwargs
+
+    try:
+        kwargs = section_kwargs(
+            DiffMIC,
+            cfg.model,
+            num_timesteps=cfg.diffusion.num_timesteps,
+            crop_size=cfg.crop_size(),
+            in_chans=cfg.data.in_chans,
+            encoder_kwargs=timm_encoder_kwargs(cfg.model.encoder, cfg.model.encoder_kwargs, cfg.data.image_size),
+        )
+    except ValueError as exc:
+        raise _refuse(cfg_path, f"its config does not describe a model ({exc})") from exc
+    kwargs.update(num_classes=len(meta["class_names"]), encoder_weights=None, dcg_weights=None, pretrained=None)
+    # what DiffMIC records as its hparams (and export wrote as 'architecture') for these arguments
+    expected = {
+        "num_classes": kwargs["num_classes"],
+        **{k: v for k, v in kwargs.items() if k not in ("num_classes", "encoder_kwargs", "denoiser_input")},
+    }
+    if kwargs.get("denoiser_input", "released") != "released":
+        expected["denoiser_input"] = kwargs["denoiser_input"]
+    if kwargs.get("encoder_kwargs"):
+        expected["encoder_kwargs"] = {str(k): v for k, v in kwargs["encoder_kwargs"].items()}
+    expected = json.loads(json.dumps(expected, default=str))
+    stated = {**meta["architecture"], "encoder_weights": None, "dcg_weights": None, "pretrained": None}
+    if stated.get("denoiser_input") == "released":
+        stated.pop("denoiser_input")
+    if stated.get("encoder_kwargs") == {}:
+        stated.pop("encoder_kwargs")
+    params = set(inspect.signature(DiffMIC).parameters)
+    for key in sorted(set(stated) - set(expected)):
+        what = "is not a DiffMIC setting" if key not in params else "is not in the training config"
+        raise _refuse(cfg_path, f"architecture.{key} {what}")
+    for key in sorted(expected):
+        if key not in stated:
+            raise _refuse(cfg_path, f"missing key 'architecture.{key}'")
+        if stated[key] != expected[key] or type(stated[key]) is not type(expected[key]):
+            raise _refuse(
+                cfg_path,
+                f"architecture.{key} is {stated[key]!r}, but the training config in the same file gives "
+                f"{expected[key]!r}",
+            )
+    return kwargs
+
+
+def _check_model_against_weights(kwargs: dict, header: dict, weights: Path, cfg_path: Path) -> None:
+    """Build the model on the ``meta`` device (no memory), then refuse it when it needs more bytes
+    than the weights file holds, or when its tensors (names, shapes, dtypes) differ from the file's."""
+    from diffmic.nn.diffmic import DiffMIC
+
+    try:
+        with torch.device("meta"):
+            meta_model = DiffMIC(**kwargs)
+    except Exception as exc:
+        raise _refuse(
+            cfg_path, f"its config does not describe a buildable model ({type(exc).__name__}: {str(exc)[:300]})"
+        ) from exc
+    own = {k: v for k, v in meta_model.state_dict().items()}
+    need = sum(t.numel() * t.element_size() for t in own.values())
+    size = weights.stat().st_size
+    if need > size + _SIZE_SLACK_BYTES:
+        big = max(own, key=lambda k: own[k].numel() * own[k].element_size())
+        raise _refuse(
+            cfg_path,
+            f"describes a model of {need / 2**30:.2f} GiB (largest tensor '{big}' {list(own[big].shape)}; "
+            f"architecture.hidden_dim={kwargs.get('hidden_dim')}) that {weights} ({size / 2**20:.1f} MiB) cannot "
+            "hold",
+        )
+    problems = [f"missing {k}" for k in sorted(set(own) - set(header))]
+    problems += [f"unexpected {k}" for k in sorted(set(header) - set(own))]
+    for k in sorted(set(own) & set(header)):
+        dtype, shape = header[k]
+        if tuple(own[k].shape) != shape:
+            problems.append(f"{k}: shape {list(shape)} in the file, {list(own[k].shape)} in {CONFIG}'s architecture")
+        elif _TORCH_ST.get(own[k].dtype) != dtype:
+            problems.append(f"{k}: dtype {dtype} in the file, {_TORCH_ST.get(own[k].dtype, own[k].dtype)} expected")
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} differences)" if len(problems) > 5 else "")
+        raise _refuse(weights, f"its tensors do not match the model {cfg_path} describes: {shown}")
+
+
 def load_model_folder(path: str | os.PathLike, eval_overrides: dict | None = None) -> PortableModel:
-    """Rebuild the model of an exported folder (strict weights; eval.* settings may be overridden)."""
+    """Rebuild the model of an exported folder (strict weights; eval.* settings may be overridden).
+
+    The folder is untrusted input: ``config.json`` (schema, types, class names), the weights file's
+    header (sizes and offsets against the file, read without loading a tensor), its SHA-256, the
+    training config, and the model that config describes (built on the ``meta`` device and compared
+    with the file's tensors and size) are all checked before any tensor is allocated; each problem
+    raises :class:`ExportError` naming the file and the key."""
     from safetensors.torch import load_file
 
     from diffmic.config import ConfigError, config_from_dict
@@ -124,34 +432,29 @@ def load_model_folder(path: str | os.PathLike, eval_overrides: dict | None = Non
         raise ExportError(
             f"'{folder}' is not a diffmic model folder: it needs {CONFIG} and {WEIGHTS} (written by `diffmic export`)"
         )
-    try:
-        meta = json.loads(cfg_path.read_text())
-    except ValueError as exc:
-        raise ExportError(f"{cfg_path}: not valid JSON ({exc})") from exc
-    if meta.get("format") != FORMAT:
-        raise ExportError(f"{cfg_path}: not a diffmic model config (format={meta.get('format')!r})")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise ExportError(
-            f"{cfg_path}: format_version {meta['format_version']} is newer than this diffmic "
-            f"({__version__}) reads ({FORMAT_VERSION}); upgrade diffmic"
-        )
+    meta = _read_meta(cfg_path)
+    header = _read_safetensors_header(weights)
     digest = meta.get("weights_sha256")
-    if digest and _sha256(weights) != digest:
+    if digest and _sha256(weights) != digest.lower():
         raise ExportError(f"{weights}: SHA-256 differs from {CONFIG} (file changed or truncated); re-export it")
     config = dict(meta["config"])
     if eval_overrides:
-        bad = set(eval_overrides) - set(config.get("eval", {}))
+        known = config.get("eval", {}) if isinstance(config.get("eval", {}), dict) else {}
+        bad = set(eval_overrides) - set(known)
         if bad:
-            raise ExportError(f"unknown eval settings {sorted(bad)}; valid: {sorted(config.get('eval', {}))}")
-        config["eval"] = {**config.get("eval", {}), **eval_overrides}
+            raise ExportError(f"unknown eval settings {sorted(bad)}; valid: {sorted(known)}")
+        config["eval"] = {**known, **eval_overrides}
     try:
         cfg = config_from_dict(config, source=str(cfg_path))
     except ConfigError as exc:
         raise ExportError(f"{cfg_path}: {exc}") from exc
-    arch = dict(meta["architecture"])
-    arch.update(encoder_weights=None, dcg_weights=None, pretrained=None)
-    model = DiffMIC(**arch)
-    state = load_file(str(weights), device="cpu")
+    kwargs = _architecture(meta, cfg, cfg_path)
+    _check_model_against_weights(kwargs, header, weights, cfg_path)
+    model = DiffMIC(**kwargs)
+    try:
+        state = load_file(str(weights), device="cpu")
+    except Exception as exc:  # safetensors' own checks (SafetensorError) on a file that passed ours
+        raise _refuse(weights, f"could not be read ({type(exc).__name__}: {str(exc)[:300]})") from exc
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -337,7 +640,14 @@ def export_model(
     if not run and not ckpt:
         raise ExportError("export needs --run RUN (or --ckpt FILE)")
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.is_symlink():  # never write through a link to somewhere else (nor replace the link)
+        raise ExportError(
+            f"'{out}' is a symbolic link (to '{os.readlink(out)}'); export writes a new folder and never "
+            "writes through a link. Choose a new --out folder, or give the link's target itself (nothing was written)"
+        )
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"'{out}' already exists and is a file; choose a new --out folder (nothing was written)")
+    if out.exists() and any(out.iterdir()):
         raise ExportError(f"'{out}' already exists and is not empty; choose a new --out folder (nothing was written)")
     ckpt_path = resolve_checkpoint(Path(run), str(ckpt) if ckpt else None) if run else Path(ckpt)
     raw = read_checkpoint(ckpt_path)
@@ -354,10 +664,12 @@ def export_model(
     arch = dict(model.hparams)
     arch.update(encoder_weights=None, dcg_weights=None, pretrained=None)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # a new folder of our own (never one that exists: nothing of anyone else's is removed)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as exc:
+        raise ExportError(f"cannot write the model folder '{out}': {exc} (nothing was written)") from exc
     try:
         save_file(_tensors(model), str(tmp / WEIGHTS), metadata={"format": FORMAT, "diffmic_version": __version__})
         meta = {
@@ -387,9 +699,17 @@ def export_model(
             meta["onnx"] = export_onnx(model, module.cfg, tmp, batch=onnx_batch)
         (tmp / CONFIG).write_text(json.dumps(meta, indent=2, default=str))
         (tmp / CARD).write_text(_model_card(meta, metrics, fit_summary))
-        if out.exists():
-            out.rmdir()  # empty (checked above)
+        if out.is_symlink():  # appeared while exporting
+            raise ExportError(f"'{out}' became a symbolic link while exporting; nothing was written there")
+        if out.is_dir():
+            out.rmdir()  # empty (checked above; fails if something was written there meanwhile)
         os.replace(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportError(
+            f"cannot write the model folder '{out}': {exc} (nothing was written; if '{out}' appeared "
+            "meanwhile, choose a new --out folder)"
+        ) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
