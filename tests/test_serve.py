@@ -289,3 +289,150 @@ def test_serves_an_exported_model_folder(trained, tmp_path, monkeypatch):
     ref = Predictor.load(folder).predict([img.name])[0]
     assert _span(page, "pred-label") == ref.label
     assert all(abs(v - ref.probs[k]) <= 5e-4 for k, v in _probs(page).items())
+
+
+# ------------------------------------------------ issue 21.12: a bounded queue, and always an answer
+
+
+def _stub_predictor():
+    """What make_server reads from a Predictor (the classification itself is monkeypatched)."""
+    from types import SimpleNamespace
+
+    ev = SimpleNamespace(refer_threshold=0.5, num_samples=1)
+    return SimpleNamespace(
+        class_names=["dark", "bright"], cfg=SimpleNamespace(eval=ev), module=SimpleNamespace(model=None)
+    )
+
+
+def _stub_result(name: str):
+    from diffmic.inference.predictor import Prediction
+
+    res = Prediction(
+        id=name,
+        label="dark",
+        label_index=0,
+        probs={"dark": 0.9, "bright": 0.1},
+        confidence=0.9,
+        agreement=1.0,
+        spread=0.0,
+        entropy=0.3,
+        refer=False,
+    )
+    return res, b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def stub_server(monkeypatch):
+    """A server for a stub predictor; ``classify`` (set by the test) replaces classify_upload."""
+    import diffmic.inference.serve as serve_mod
+
+    state = {"classify": lambda name, data: _stub_result(name)}
+    monkeypatch.setattr(serve_mod, "classify_upload", lambda p, name, data, workdir: state["classify"](name, data))
+    servers = []
+
+    def start(**kw):
+        srv = make_server(_stub_predictor(), "127.0.0.1", 0, **kw)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+        return srv, f"http://127.0.0.1:{srv.server_address[1]}/"
+
+    yield state, start
+    for srv in servers:
+        srv.shutdown()
+        srv.server_close()
+
+
+def _post_full(url: str, name: str, data: bytes) -> tuple[int, str, dict]:
+    body, ctype = _multipart(name, data)
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": ctype}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.read().decode(), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(), dict(e.headers)
+
+
+def test_a_full_queue_answers_busy_with_retry_after_and_logs_it(stub_server, capsys):
+    state, start = stub_server
+    entered, release = threading.Event(), threading.Event()
+
+    def slow(name, data):
+        entered.set()
+        assert release.wait(120)
+        return _stub_result(name)
+
+    state["classify"] = slow
+    srv, url = start(max_queue=1)  # one upload classified, one waiting, the next is refused
+    answers: dict[str, tuple] = {}
+
+    def upload(tag):
+        answers[tag] = _post_full(url, f"{tag}.png", b"pixels")
+
+    a = threading.Thread(target=upload, args=("a",))
+    a.start()
+    assert entered.wait(120)
+    b = threading.Thread(target=upload, args=("b",))
+    b.start()
+    for _ in range(12000):  # until b holds its place in the queue (a is being classified)
+        if srv.diffmic_uploads() == 2:
+            break
+        time.sleep(0.01)
+    assert srv.diffmic_uploads() == 2
+    status, text, headers = _post_full(url, "c.png", b"pixels")
+    assert status == 503 and int(headers["Retry-After"]) >= 1
+    assert "busy" in text and "try again" in text
+    release.set()
+    a.join(120)
+    b.join(120)
+    assert answers["a"][0] == 200 and answers["b"][0] == 200
+    assert "busy" in capsys.readouterr().err  # the refusal is logged
+    assert _post_full(url, "d.png", b"pixels")[0] == 200  # and the server serves on
+
+
+def test_twenty_concurrent_uploads_all_get_an_http_answer(stub_server):
+    state, start = stub_server
+    gate = threading.Barrier(20, timeout=120)
+    srv, url = start(max_queue=4)
+    answers: list = []
+
+    def upload(i):
+        try:
+            gate.wait()
+            answers.append(_post_full(url, f"{i}.png", b"pixels")[0])
+        except Exception as exc:  # a reset or an empty reply: the failure this test is about
+            answers.append(repr(exc))
+
+    threads = [threading.Thread(target=upload, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert len(answers) == 20 and all(a in (200, 503) for a in answers), answers
+
+
+@pytest.mark.parametrize("kind", ["internal", "data"])
+def test_an_upload_that_fails_inside_the_handler_gets_an_http_error(stub_server, capsys, kind):
+    from diffmic.data.checks import DataError
+
+    state, start = stub_server
+
+    def fail(name, data):
+        if kind == "internal":
+            raise RuntimeError("boom in the model")
+        raise DataError(f"{name}: 4x20000 pixels is too elongated to classify")
+
+    state["classify"] = fail
+    _, url = start()
+    status, page, _ = _post_full(url, "x.png", b"pixels")
+    if kind == "internal":
+        assert status == 500 and "could not classify" in _span(page, "error")
+        assert "boom in the model" in capsys.readouterr().err  # the traceback is logged
+    else:
+        assert status == 400 and "too elongated" in _span(page, "error")
+    state["classify"] = lambda name, data: _stub_result(name)
+    assert _post_full(url, "y.png", b"pixels")[0] == 200  # still serving
+
+
+def test_serve_cli_refuses_a_negative_queue(tmp_path, capsys):
+    assert main(["serve", "--run", str(tmp_path), "--max-queue", "-1"]) == 2
+    assert "--max-queue must be 0 or more" in capsys.readouterr().err

@@ -94,6 +94,12 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     sv.add_argument("--max-mb", type=float, default=20.0, help="largest upload accepted, in MB (default 20)")
+    sv.add_argument(
+        "--max-queue",
+        type=int,
+        default=4,
+        help="uploads that may wait while one is classified (default 4); more get HTTP 503 'busy' with Retry-After",
+    )
     sv.add_argument("overrides", nargs="*", help="eval.* overrides, e.g. eval.num_samples=8")
 
     # -v/--verbose anywhere: `diffmic -v fit ...` or `diffmic fit ... --verbose`

@@ -29,6 +29,7 @@ import inspect
 import re
 import tempfile
 import threading
+import traceback
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -37,6 +38,8 @@ from diffmic.inference.predictor import Prediction, Predictor
 from diffmic.metrics import referral_rule
 
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
+DEFAULT_MAX_QUEUE = 4  # uploads that may wait while one is classified; more are answered "busy" (503)
+RETRY_AFTER_S = 5
 _DRAIN_LIMIT = 1024**3  # a body larger than this is not even read: the connection is closed
 
 
@@ -170,15 +173,35 @@ def render_result(result: Prediction, png: bytes, refer_threshold: float, rule: 
 # ---------------------------------------------------------------------------------------- server
 
 
+class _Server(ThreadingHTTPServer):
+    """One thread per connection; a long listen backlog, so that a burst of uploads reaches the
+    handler (which answers each: a result, an error, or "busy") instead of being reset by the kernel."""
+
+    daemon_threads = True
+    request_queue_size = 128
+
+    def diffmic_uploads(self) -> int:  # set by make_server: uploads being classified or waiting
+        return 0
+
+
 def make_server(
     predictor: Predictor,
     host: str = "127.0.0.1",
     port: int = 8000,
     max_bytes: int = DEFAULT_MAX_BYTES,
     model_info: str = "",
+    max_queue: int = DEFAULT_MAX_QUEUE,
 ) -> ThreadingHTTPServer:
-    """An HTTP server (not yet serving) for ``predictor``; ``port=0`` picks a free port."""
+    """An HTTP server (not yet serving) for ``predictor``; ``port=0`` picks a free port.
+
+    Uploads are classified one at a time; up to ``max_queue`` more wait for their turn, and any
+    beyond that are answered at once with HTTP 503 and ``Retry-After`` (and a line in the log)."""
+    if int(max_queue) < 0:
+        raise ValueError(f"max_queue must be >= 0, got {max_queue}")
     lock = threading.Lock()  # one prediction at a time: the model and matplotlib are shared
+    slots = threading.BoundedSemaphore(int(max_queue) + 1)  # the one classified + those waiting
+    in_flight = [0]
+    count_lock = threading.Lock()
     info = html.escape(model_info or f"classes: {', '.join(predictor.class_names)}")
     refer_threshold = float(predictor.cfg.eval.refer_threshold)
     variant = getattr(getattr(predictor.module, "model", None), "variant", None)
@@ -187,6 +210,7 @@ def make_server(
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "diffmic"
+        timeout = 120  # seconds a client may stall one read or write (a stalled upload ends, logged)
 
         def log_message(self, fmt, *args):  # one short line per request on stderr
             super().log_message(fmt, *args)
@@ -211,7 +235,45 @@ def make_server(
         def _error(self, exc: UploadError) -> None:
             self._send(exc.status, _page(f"<p id='error' class='error'>{html.escape(str(exc))}</p>", info))
 
+        def _busy(self) -> None:
+            body = (
+                f"busy: {max_queue + 1} uploads are already being classified or waiting; "
+                f"try again in {RETRY_AFTER_S} seconds\n"
+            ).encode()
+            self.send_response(HTTPStatus.SERVICE_UNAVAILABLE)
+            self.send_header("Retry-After", str(RETRY_AFTER_S))
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(body)
+
         def do_POST(self) -> None:
+            """Every upload gets an HTTP answer: the result, a 4xx message, 503 busy, or 500 (logged)."""
+            self._answered = False
+            try:
+                self._post()
+            except Exception:
+                self.log_error("an upload failed inside the server:\n%s", traceback.format_exc().rstrip())
+                self.close_connection = True
+                if self._answered:  # the answer had begun: closing the connection is all that is left
+                    return
+                self._send(
+                    HTTPStatus.INTERNAL_SERVER_ERROR,
+                    _page(
+                        "<p id='error' class='error'>the server could not classify this upload (an internal "
+                        "error, written to the server's log); try another image or restart the server.</p>",
+                        info,
+                    ),
+                )
+
+        def send_response(self, *a, **k) -> None:
+            self._answered = True
+            super().send_response(*a, **k)
+
+        def _post(self) -> None:
+            from diffmic.data.checks import DataError
+
             try:
                 length = int(self.headers.get("Content-Length") or -1)
             except ValueError:
@@ -229,12 +291,29 @@ def make_server(
                     )
                 )
             body = self.rfile.read(length)
+            if not slots.acquire(blocking=False):
+                self.log_message(
+                    "busy: answered 503 to an upload (%d already being classified or waiting; --max-queue %d)",
+                    max_queue + 1,
+                    max_queue,
+                )
+                return self._busy()
+            with count_lock:
+                in_flight[0] += 1
             try:
                 name, data = parse_upload(self.headers.get("Content-Type", ""), body)
                 with lock, tempfile.TemporaryDirectory(prefix="diffmic-serve-") as tmp:
-                    result, png = classify_upload(predictor, name, data, Path(tmp))
+                    try:
+                        result, png = classify_upload(predictor, name, data, Path(tmp))
+                    except DataError as exc:  # an image the data layer refuses (size, shape, ...)
+                        msg = str(exc).replace(str(Path(tmp)) + "/", "")
+                        raise UploadError(f"'{safe_name(name)}' cannot be classified: {msg}") from exc
             except UploadError as exc:
                 return self._error(exc)
+            finally:
+                with count_lock:
+                    in_flight[0] -= 1
+                slots.release()
             self._send(HTTPStatus.OK, _page(render_result(result, png, refer_threshold, rule), info))
 
         def _drain(self, length: int) -> None:
@@ -249,8 +328,8 @@ def make_server(
                     break
                 left -= len(chunk)
 
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
+    server = _Server((host, port), Handler)
+    server.diffmic_uploads = lambda: in_flight[0]  # type: ignore[method-assign]
     return server
 
 
@@ -284,6 +363,9 @@ def serve_main(args) -> int:
         eval_over[key.split(".", 1)[1]] = parse_value(key, value)
     if args.max_mb <= 0:
         raise ConfigError(f"--max-mb must be positive, got {args.max_mb}")
+    max_queue = getattr(args, "max_queue", DEFAULT_MAX_QUEUE)
+    if max_queue < 0:
+        raise ConfigError(f"--max-queue must be 0 or more, got {max_queue}")
     predictor, what = load_predictor(args.run, args.ckpt, eval_over)
     try:
         server = make_server(
@@ -292,6 +374,7 @@ def serve_main(args) -> int:
             args.port,
             int(args.max_mb * 1e6),
             model_info=f"{what}; classes: {', '.join(predictor.class_names)}",
+            max_queue=max_queue,
         )
     except OSError as exc:
         raise ConfigError(f"cannot listen on {args.host}:{args.port}: {exc}. Choose another --port.") from exc
