@@ -21,6 +21,8 @@ from .records import DataError
 __all__ = [
     "PREPROCESS_VERSION",
     "DEFAULT_MAX_PIXELS",
+    "MAX_ASPECT_RATIO",
+    "check_image_size",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "open_image",
@@ -28,6 +30,7 @@ __all__ = [
     "center_square_crop_box",
     "preprocess_pil",
     "decode_image",
+    "display_image",
     "norm_stats",
     "Normalize",
     "TrainAugment",
@@ -39,6 +42,9 @@ __all__ = [
 PREPROCESS_VERSION = 2  # 2: EXIF orientation applied (caches of v1 are not reused)
 #: decompression-bomb guard: images with more pixels than this are refused (100 MP)
 DEFAULT_MAX_PIXELS = 100_000_000
+#: images longer than this many times their width (or wider than their height) are refused: a
+#: 4x20000 PNG of a few hundred bytes is no medical image, and drawing it costs gigabytes
+MAX_ASPECT_RATIO = 20
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -57,12 +63,36 @@ def _name(src) -> str:
     return f"<{type(src).__name__}>"
 
 
-def open_image(src: str | os.PathLike | bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+def check_image_size(
+    name: str, w: int, h: int, max_pixels: int | None = DEFAULT_MAX_PIXELS, max_aspect: float = MAX_ASPECT_RATIO
+) -> None:
+    """Refuse an image by its size alone (from the header, before any pixel is decoded): more
+    than ``max_pixels`` pixels (``None``: no limit) or a side more than ``max_aspect`` times the
+    other. Raises :class:`DataError` naming ``name``."""
+    if w <= 0 or h <= 0:
+        raise DataError(f"{name}: invalid image size {w}x{h}")
+    if max_pixels is not None and w * h > max_pixels:
+        raise DataError(
+            f"{name}: {w}x{h} = {w * h / 1e6:.1f} MP exceeds the {max_pixels / 1e6:.0f} MP limit "
+            "(possible decompression bomb); raise max_pixels if the image is genuine"
+        )
+    if max(w, h) > max_aspect * min(w, h):
+        raise DataError(
+            f"{name}: {w}x{h} has an aspect ratio of {max(w, h) / min(w, h):.0f}:1, more than the "
+            f"{max_aspect:g}:1 an image may have; crop it to the region of interest"
+        )
+
+
+def open_image(
+    src: str | os.PathLike | bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS, max_aspect: float = MAX_ASPECT_RATIO
+) -> Image.Image:
     """Open an image lazily (header only) and refuse decompression bombs.
 
-    Raises :class:`DataError` for a missing / empty / unreadable file or one with more than
-    ``max_pixels`` pixels (``None`` disables the guard). Pillow's own global
-    ``Image.MAX_IMAGE_PIXELS`` guard is not changed; when it fires it is reported the same way.
+    Raises :class:`DataError` for a missing / empty / unreadable file, one with more than
+    ``max_pixels`` pixels (``None`` disables the guard) or one whose long side is more than
+    ``max_aspect`` times its short side (:func:`check_image_size`), all from the header, before
+    any pixel is decoded. Pillow's own global ``Image.MAX_IMAGE_PIXELS`` guard is not changed;
+    when it fires it is reported the same way.
     """
     name = _name(src)
     if isinstance(src, (str, os.PathLike)):
@@ -83,15 +113,11 @@ def open_image(src: str | os.PathLike | bytes, max_pixels: int | None = DEFAULT_
     except Exception as e:  # PIL raises many types on garbage input
         raise DataError(f"{name}: not a readable image ({type(e).__name__}: {e})") from e
     w, h = img.size
-    if w <= 0 or h <= 0:
+    try:
+        check_image_size(name, w, h, max_pixels, max_aspect)
+    except DataError:
         img.close()
-        raise DataError(f"{name}: invalid image size {w}x{h}")
-    if max_pixels is not None and w * h > max_pixels:
-        img.close()
-        raise DataError(
-            f"{name}: {w}x{h} = {w * h / 1e6:.1f} MP exceeds the {max_pixels / 1e6:.0f} MP limit "
-            "(possible decompression bomb); raise max_pixels if the image is genuine"
-        )
+        raise
     return img
 
 
@@ -220,8 +246,11 @@ def decode_image(
     name = _name(src)
     try:
         if isinstance(src, np.ndarray):
+            if src.ndim >= 2:
+                check_image_size(name, int(src.shape[1]), int(src.shape[0]), max_pixels)
             return preprocess_pil(_array_to_pil(src), image_size, in_chans)
         if isinstance(src, Image.Image):
+            check_image_size(name, *src.size, max_pixels)
             return preprocess_pil(src, image_size, in_chans)
         img = open_image(src, max_pixels)
         with img:
@@ -232,6 +261,51 @@ def decode_image(
     except Exception as e:  # untrusted bytes: Pillow plugins raise many exception types
         kind = "truncated" if "truncat" in str(e).lower() else "corrupt or unsupported"
         raise DataError(f"{name}: {kind} image ({type(e).__name__}: {e})") from e
+
+
+def display_image(
+    src: str | os.PathLike | bytes,
+    in_chans: int = 3,
+    max_side: int = 2048,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """The image as it is shown in an explanation: EXIF orientation applied, 8-bit RGB / grey,
+    scaled down (never up) to at most ``max_side`` pixels on its long side. Returns the
+    ``uint8 [h, w(, 1)]`` array and the full upright size ``(W, H)`` the network saw.
+
+    The same header checks as :func:`open_image` (size, aspect ratio) run before any pixel is
+    decoded; a JPEG is decoded at a reduced scale where that suffices (``Image.draft``), so the
+    memory used is bounded by ``max_side`` rather than by the file's pixel count.
+    """
+    name = _name(src)
+    img = open_image(src, max_pixels)
+    try:
+        with img:
+            w0, h0 = img.size
+            try:
+                turned = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+            except Exception:  # a damaged EXIF block: exif_upright keeps the pixels as stored
+                turned = False
+            W, H = (h0, w0) if turned else (w0, h0)
+            f = min(1.0, max_side / max(w0, h0))
+            if f < 1.0 and img.format == "JPEG":
+                img.draft(img.mode, (max(1, int(w0 * f)), max(1, int(h0 * f))))
+            img.load()
+            up = to_mode(exif_upright(img), in_chans)
+            if max(up.size) > max_side:
+                g = max_side / max(up.size)
+                up = up.resize(
+                    (max(1, round(up.size[0] * g)), max(1, round(up.size[1] * g))),
+                    Image.Resampling.BILINEAR,
+                    reducing_gap=3.0,
+                )
+            arr = np.array(up, dtype=np.uint8)
+    except DataError:
+        raise
+    except Exception as e:  # untrusted bytes: Pillow plugins raise many exception types
+        kind = "truncated" if "truncat" in str(e).lower() else "corrupt or unsupported"
+        raise DataError(f"{name}: {kind} image ({type(e).__name__}: {e})") from e
+    return (arr[:, :, None] if arr.ndim == 2 else arr), (W, H)
 
 
 # --------------------------------------------------------------------------------------------

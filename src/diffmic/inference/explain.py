@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
+import re
+from pathlib import Path, PurePath
 
 import numpy as np
 import torch
 
 from diffmic.config import ConfigError, load_config
 from diffmic.diffusion.reverse import reverse_sample
-from diffmic.reporting.html import png_data_uri, table, write_report
+from diffmic.reporting import write_json
+from diffmic.reporting.figures import PLAIN, plain_text
+from diffmic.reporting.html import esc, is_our_report, png_data_uri, table, write_report
 from diffmic.trust.lesions import boxes_to_original, lesion_hits, saliency_to_original
 
 
@@ -74,14 +77,16 @@ def tsne_figure(
         for c, name in enumerate(class_names):
             m = y == c
             if m.any():
-                ax.scatter(emb[m, 0], emb[m, 1], s=4, label=name)
+                ax.scatter(emb[m, 0], emb[m, 1], s=4, label=plain_text(name))
         ax.set_title(
             f"reverse step {k + 1 if k < S - 1 else 'final'} of {S}" if k < S - 1 else f"final y0 ({S} states)",
             fontsize=8,
         )
         ax.set_xticks([])
         ax.set_yticks([])
-    axes[0][0].legend(fontsize=6, markerscale=2, loc="best")
+    leg = axes[0][0].legend(fontsize=6, markerscale=2, loc="best")
+    for t in leg.get_texts():
+        t.set_usetex(False)
     fig.tight_layout()
     return fig, pick
 
@@ -99,13 +104,6 @@ def _original_path(cfg, image_id: str) -> Path | None:
         return p if p.is_file() else None
     p = Path(image_id)
     return p if p.is_file() else None
-
-
-def _load(path: Path, in_chans: int) -> np.ndarray:
-    from diffmic.data.transforms import open_image, to_mode
-
-    with open_image(path) as img:
-        return np.array(to_mode(img, in_chans))
 
 
 @torch.no_grad()
@@ -138,16 +136,21 @@ def lesion_check(module, dataset, idx: list[int], cfg, batch_size: int = 64) -> 
     }
 
 
-@torch.no_grad()
-def explanation_gallery(
-    module, dataset, rows: list[dict], cfg, per_row: int, seed: int, out_dir: Path
-) -> list[tuple[str, list]]:
-    """PNG explanations (original resolution) for correct, wrong and uncertain test images."""
-    from PIL import Image
+#: what a gallery file name keeps of an image id: letters, digits, ``.``, ``_`` and ``-``
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
-    from diffmic.reporting.overlay import draw_explanation
 
-    index = {it_id: i for i, it_id in enumerate(dataset.ids)} if hasattr(dataset, "ids") else {}
+def gallery_file_name(n: int, image_id: str) -> str:
+    """``gallery-NN-<stem>.png``: the running number ``n`` makes names unique (also when the same
+    image shows in two rows, or two ids share a stem); the stem of the id's last path component,
+    reduced to safe characters, only helps a reader. Never a path: an absolute or ``..`` id
+    cannot lead the file out of the gallery folder."""
+    stem = _SAFE.sub("_", PurePath(str(image_id).replace("\\", "/")).stem).strip("._-")[:48] or "image"
+    return f"gallery-{n:02d}-{stem}.png"
+
+
+def gallery_selection(rows: list[dict], per_row: int, seed: int) -> list[tuple[str, list[tuple[dict, str]]]]:
+    """Correct, wrong and uncertain test rows (seeded), each with the name of its gallery PNG."""
     g = torch.Generator().manual_seed(seed)
 
     def pick(cond):
@@ -163,11 +166,76 @@ def explanation_gallery(
             pick(lambda r: int(r.get("uncertain", 0)) == 1 or int(r.get("refer", 0)) == 1),
         ),
     ]
-    names = list(module.class_names)
-    out = []
+    out, n = [], 0
     for title, sel in groups:
-        figs = []
+        named = []
         for r in sel:
+            n += 1
+            named.append((r, gallery_file_name(n, r["id"])))
+        out.append((title, named))
+    return out
+
+
+def check_gallery_folder(run_dir: Path, fig_dir: Path, selection) -> None:
+    """Before anything is computed: the gallery folder is a folder inside the run, no gallery PNG
+    would replace a file that is not one of our explanation images, and ``lesion_hits.json`` is
+    ours where it exists. Raises OutputError naming the file."""
+    from diffmic.outputs import OutputError, is_our_png
+
+    if fig_dir.is_symlink() or (fig_dir.exists() and not fig_dir.is_dir()):
+        raise OutputError(
+            f"'{fig_dir}' is not a folder of the run (a file or a link); diffmic report writes its "
+            "gallery images there: move it away. Nothing was written."
+        )
+    lesion_file = run_dir / "lesion_hits.json"
+    if lesion_file.exists() or lesion_file.is_symlink():
+        try:
+            ours = (
+                lesion_file.is_file()
+                and not lesion_file.is_symlink()
+                and "saliency_class" in json.loads(lesion_file.read_text(encoding="utf-8"))
+            )
+        except (OSError, ValueError, TypeError):
+            ours = False
+        if not ours:
+            raise OutputError(
+                f"'{lesion_file}' exists and is not lesion hit rates written by diffmic; nothing was "
+                "written. Move it away and run `diffmic report` again."
+            )
+    foreign = [fig_dir / name for _, sel in selection for _, name in sel]
+    foreign = [p for p in foreign if (p.exists() or p.is_symlink()) and (p.is_symlink() or not is_our_png(p))]
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise OutputError(
+            f"'{foreign[0]}'{more} exists and is not a gallery image written by diffmic; nothing was "
+            "written. Move it away and run `diffmic report` again."
+        )
+
+
+def _display_original(path: Path, in_chans: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """The original image for drawing, at most MAX_PANEL_PX on its long side (decoded that small
+    where the format allows), and its full (W, H) as the network saw it (EXIF orientation applied)."""
+    from diffmic.data.transforms import display_image
+    from diffmic.reporting.overlay import MAX_PANEL_PX
+
+    return display_image(path, in_chans, MAX_PANEL_PX)
+
+
+@torch.no_grad()
+def explanation_gallery(module, dataset, selection, cfg, out_dir: Path) -> list[tuple[str, list]]:
+    """PNG explanations (the original image, bounded size) of the rows of :func:`gallery_selection`,
+    written under ``out_dir`` only; returns (title, [(png, image id, caption)]) per group."""
+    from PIL import Image
+
+    from diffmic.reporting.overlay import draw_explanation
+
+    index = {it_id: i for i, it_id in enumerate(dataset.ids)} if hasattr(dataset, "ids") else {}
+    names = list(module.class_names)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = []
+    for title, sel in selection:
+        figs = []
+        for r, file_name in sel:
             i = index.get(r["id"])
             if i is None:
                 continue
@@ -175,8 +243,9 @@ def explanation_gallery(
             x = item["image"][None].to(module.device)
             gd = module.model.guide(x) if module.model.uses_dcg else None
             op = _original_path(cfg, r["id"])
+            size = None
             if op is not None:
-                img = _load(op, cfg.data.in_chans)
+                img, size = _display_original(op, cfg.data.in_chans)
             else:  # the network input, de-normalised
                 from diffmic.data.transforms import norm_stats
 
@@ -184,16 +253,18 @@ def explanation_gallery(
                 img = ((item["image"] * std + mean).clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
             mp = _mask_path(cfg, r["id"])
             mask = None
-            if mp is not None:
+            if mp is not None and size is not None:
                 with Image.open(mp) as im:
                     mask = np.array(im.convert("L")) > 127
+                if mask.shape != (size[1], size[0]):
+                    mask = None  # a mask of another size would be drawn in the wrong place
             k = int(r["pred"])
             cap = (
                 f"{r['id']}: true {names[int(r['label'])]}, pred {names[k]} p={float(r['confidence']):.2f}"
                 + (f", set {{{r['set'].replace('|', ', ')}}}" if r.get("set") else "")
                 + (", t-test uncertain" if int(r.get("uncertain", 0)) else "")
             )
-            png = out_dir / f"{r['id']}.png"
+            png = out_dir / file_name
             draw_explanation(
                 img,
                 gd.saliency[0, k].float().cpu().numpy() if gd is not None else None,
@@ -203,8 +274,9 @@ def explanation_gallery(
                 f"pred {names[k]}",
                 png,
                 mask=mask,
+                original_size=size,
             )
-            figs.append((png, cap))
+            figs.append((png, str(r["id"]), cap))
         out.append((title, figs))
     return out
 
@@ -225,8 +297,9 @@ def _confusion(cm: list[list[int]], names: list[str]):
                 fontsize=7,
                 color="white" if a[i, j] > a.max() / 2 else "black",
             )
-    ax.set_xticks(range(len(names)), names, fontsize=7, rotation=45)
-    ax.set_yticks(range(len(names)), names, fontsize=7)
+    shown = [plain_text(n) for n in names]
+    ax.set_xticks(range(len(names)), shown, fontsize=7, rotation=45, **PLAIN)
+    ax.set_yticks(range(len(names)), shown, fontsize=7, **PLAIN)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     fig.tight_layout()
@@ -237,19 +310,43 @@ def _conformal_figure(conf: dict):
     plt = _plt()
     per = conf.get("per_class", {})
     names = list(per)
+    at = list(range(len(names)))
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), dpi=110)
-    axes[0].bar(names, [per[n]["coverage"] for n in names])
+    axes[0].bar(at, [per[n]["coverage"] for n in names])
     axes[0].axhline(conf["level"], color="C3", ls="--", label=f"level {conf['level']:.2f}")
     axes[0].axhline(conf["coverage"], color="k", lw=0.8, label=f"overall {conf['coverage']:.3f}")
     axes[0].set_ylim(0, 1.05)
     axes[0].set_title("coverage per true class", fontsize=9)
     axes[0].legend(fontsize=7, loc="lower left")
-    axes[1].bar(names, [per[n]["mean_set_size"] for n in names], color="C1")
+    axes[1].bar(at, [per[n]["mean_set_size"] for n in names], color="C1")
     axes[1].set_title(f"mean set size (overall {conf['mean_set_size']:.2f})", fontsize=9)
-    for ax in axes:
-        ax.tick_params(axis="x", labelsize=7, rotation=45)
+    for ax in axes:  # class names as fixed tick labels, plain text (not categorical units)
+        ax.set_xticks(at, [plain_text(n) for n in names], fontsize=7, rotation=45, **PLAIN)
     fig.tight_layout()
     return fig
+
+
+def _num(v, fmt: str = "{:.3f}") -> str:
+    """A number from test_metrics.json, formatted; anything else as it is (escaped by the caller)."""
+    return fmt.format(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+
+
+def check_report_output(run_dir: Path, output: Path | None) -> Path:
+    """The report's HTML file, checked before anything is computed: never a folder, and an
+    existing file only when it is a report diffmic wrote (so never an input image, a checkpoint,
+    a config or a user's notes). Raises OutputError naming the file."""
+    from diffmic.outputs import OutputError
+
+    out = Path(output) if output is not None else Path(run_dir) / "report.html"
+    what = "--output" if output is not None else "the default output"
+    if out.is_dir():
+        raise OutputError(f"{what} '{out}' is a folder; give an HTML file name, e.g. {out / 'report.html'}")
+    if (out.exists() or out.is_symlink()) and not is_our_report(out):
+        raise OutputError(
+            f"{what} '{out}' exists and is not a report written by diffmic; nothing was written. "
+            "Choose another file (--output FILE.html) or move it away."
+        )
+    return out
 
 
 def build_report(run_dir: Path, output: Path | None = None, max_images: int = 600, gallery_size: int = 4) -> Path:
@@ -267,9 +364,14 @@ def build_report(run_dir: Path, output: Path | None = None, max_images: int = 60
             f"'{metrics_file}' has no calibration block (written by an older diffmic): "
             f"run `diffmic test --run {run_dir}` again"
         )
+    output = check_report_output(run_dir, output)
     with open(preds_file, newline="") as fh:
         rows = list(csv.DictReader(fh))
     cfg = load_config(run_dir / "config.yaml")
+    # every file the report writes is checked before the model is loaded or anything is written
+    fig_dir = run_dir / "report_files"
+    selection = gallery_selection(rows, gallery_size, cfg.run.seed)
+    check_gallery_folder(run_dir, fig_dir, selection)
     module = load_module(
         resolve_checkpoint(
             run_dir, tm.get("checkpoint") if tm.get("checkpoint") and Path(tm["checkpoint"]).exists() else None
@@ -284,9 +386,6 @@ def build_report(run_dir: Path, output: Path | None = None, max_images: int = 60
     seed = cfg.run.seed
     labels = [int(ds[i]["label"]) for i in range(len(ds))] if not hasattr(ds, "labels") else list(ds.labels)
     idx = subset_indices(labels, max_images, seed)
-    output = Path(output) if output else run_dir / "report.html"
-    fig_dir = run_dir / "report_files"
-    fig_dir.mkdir(parents=True, exist_ok=True)
 
     panels = []
     ci = tm.get("ci", {})
@@ -311,11 +410,15 @@ def build_report(run_dir: Path, output: Path | None = None, max_images: int = 60
             "metrics",
             "Test metrics with 95 % bootstrap intervals",
             table(["metric", "value", "CI low", "CI high"], head)
-            + f"<p>{tm.get('num_images')} test images; calibration: {cal.get('calibrator', 'temperature')} "
-            f"(temperature {cal['temperature']:.3f}) fitted on "
-            f"{cal.get('fitted_on')}; {tm.get('ci_method', '')}. Referral rule: {ref.get('rule', '')}. "
-            f"Uncertainty: {unc.get('method', '')}; accuracy confident {unc.get('accuracy_confident')}, "
-            f"uncertain {unc.get('accuracy_uncertain')}.</p>",
+            + "<p>"
+            + esc(
+                f"{tm.get('num_images')} test images; calibration: {cal.get('calibrator', 'temperature')} "
+                f"(temperature {_num(cal.get('temperature'))}) fitted on "
+                f"{cal.get('fitted_on')}; {tm.get('ci_method', '')}. Referral rule: {ref.get('rule', '')}. "
+                f"Uncertainty: {unc.get('method', '')}; accuracy confident {unc.get('accuracy_confident')}, "
+                f"uncertain {unc.get('accuracy_uncertain')}."
+            )
+            + "</p>",
         )
     )
     panels.append(
@@ -371,7 +474,7 @@ def build_report(run_dir: Path, output: Path | None = None, max_images: int = 60
         )
     lesions = lesion_check(module, ds, idx, cfg) if module.model.uses_dcg else None
     if lesions:
-        (run_dir / "lesion_hits.json").write_text(json.dumps(lesions, indent=2))
+        write_json(run_dir / "lesion_hits.json", lesions)
         lrows = [
             [
                 "ROI overlap with lesion (mean fraction of region)",
@@ -394,16 +497,17 @@ def build_report(run_dir: Path, output: Path | None = None, max_images: int = 60
         panels.append(
             ("lesions", "Explanations against lesion masks", "<p>No lesion masks for this data set (or no DCG).</p>")
         )
-    gal = explanation_gallery(module, ds, rows, cfg, gallery_size, seed, fig_dir)
+    gal = explanation_gallery(module, ds, selection, cfg, fig_dir)
     inner = ""
     for title, figs in gal:
-        inner += f"<h3 style='font-size:13px'>{title}</h3><div class='gallery'>"
+        inner += f"<h3 style='font-size:13px'>{esc(title)}</h3><div class='gallery'>"
         inner += "".join(
-            f"<figure><img alt='{Path(p).stem}' src='{png_data_uri(p)}'><figcaption>{c}</figcaption></figure>"
-            for p, c in figs
+            f"<figure><img alt='{esc(image_id)}' src='{png_data_uri(p)}'><figcaption>{esc(c)}</figcaption></figure>"
+            for p, image_id, c in figs
         )
         inner += "</div>"
     panels.append(("gallery", "Gallery: saliency and regions on the original images", inner))
+    output.parent.mkdir(parents=True, exist_ok=True)
     return write_report(
         output,
         f"diffmic report: {run_dir}",

@@ -4,7 +4,7 @@
 their outputs through it, and it imports neither.
 """
 
-from diffmic.reporting.figures import plot_risk_coverage
+from diffmic.reporting.figures import PLAIN, plain_text, plot_risk_coverage, save_figure_atomic
 from diffmic.reporting.tables import write_json, write_rows_csv
 
-__all__ = ["plot_risk_coverage", "write_json", "write_rows_csv"]
+__all__ = ["PLAIN", "plain_text", "plot_risk_coverage", "save_figure_atomic", "write_json", "write_rows_csv"]

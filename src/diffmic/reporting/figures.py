@@ -1,11 +1,52 @@
-"""Figures written beside a run's results (matplotlib, headless)."""
+"""Figures written beside a run's results (matplotlib, headless).
+
+Every string that holds data (class names, file names, titles built from them) is drawn as plain
+text: :func:`plain_text` escapes the ``$`` that would switch matplotlib to mathtext (where a
+class called ``$\\undefinedcmd$`` is a parse error that kills the figure), and the texts we
+create pass ``usetex=False`` so that a ``text.usetex: True`` matplotlibrc does not hand them to
+LaTeX either.
+"""
 
 from __future__ import annotations
 
+import os
+import uuid
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from torch import Tensor
+
+#: keyword arguments for every matplotlib Text that holds data: never LaTeX
+PLAIN: dict[str, Any] = {"usetex": False}
+
+
+def plain_text(s: object) -> str:
+    """``s`` as a string that matplotlib draws verbatim (mathtext off): each ``$`` escaped as
+    ``\\$``, which matplotlib shows as ``$``; nothing else changes (a backslash outside math
+    mode is drawn as itself)."""
+    return str(s).replace("$", "\\$")
+
+
+def fresh_temp_name(path: Path) -> Path:
+    """A hidden temporary name beside ``path`` that no file has (random, checked)."""
+    while True:
+        tmp = path.with_name(f".{path.name[:60]}.{uuid.uuid4().hex[:12]}.tmp{path.suffix}")
+        if not os.path.lexists(tmp):
+            return tmp
+
+
+def save_figure_atomic(fig, path: str | Path, **savefig_kwargs) -> Path:
+    """``fig.savefig`` to a fresh temporary file beside ``path``, then renamed over it: a failed
+    write leaves no partial file, and no other file (``name.tmp.png``) is ever written over."""
+    path = Path(path)
+    tmp = fresh_temp_name(path)
+    try:
+        fig.savefig(tmp, **savefig_kwargs)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def plot_risk_coverage(
@@ -35,13 +76,11 @@ def plot_risk_coverage(
         ax.set_xlabel("coverage (fraction not referred)")
         ax.set_ylabel("accuracy on kept images")
         ax.set_xlim(0, 1)
-        ax.set_title(title, fontsize=9)
+        ax.set_title(plain_text(title), fontsize=9, **PLAIN)
         ax.legend(fontsize=7, loc="lower left")
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-        fig.savefig(tmp)
-        tmp.replace(path)
+        save_figure_atomic(fig, path)
     finally:
         plt.close(fig)
     return path
