@@ -58,7 +58,10 @@ def _parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("report", help="write a self-contained HTML report of a tested run")
     rp.add_argument("run", help="run folder (after `diffmic test`)")
-    rp.add_argument("--output", help="HTML file (default: <run>/report.html)")
+    rp.add_argument(
+        "--output",
+        help="HTML file (default: <run>/report.html); an existing file is replaced only if it is a diffmic report",
+    )
     rp.add_argument("--max-images", type=int, default=600, help="test images for the t-SNE and lesion checks")
     rp.add_argument("--gallery", type=int, default=4, help="images per gallery row (correct/wrong/uncertain)")
 
