@@ -78,6 +78,7 @@ BAD: dict[str, tuple[str, str]] = {
     "eval.refer_max_fraction": ("1.5", r"eval.refer_max_fraction must be in \[0, 1\], got 1.5"),
     "eval.refer_target_accuracy": ("0", r"eval.refer_target_accuracy must be in \(0, 1\]"),
     "eval.conformal_level": ("1", r"eval.conformal_level must be in \(0, 1\), got 1.0"),
+    "model.freeze_stride": ("32", r"model.freeze_stride must be one of 0, 2, 4, 8, 16, got 32"),
     "eval.bootstrap_resamples": ("-1", r"eval.bootstrap_resamples must be in \[0, 1000000\]"),
 }
 

@@ -175,3 +175,20 @@ def test_lukemelas_keys_that_do_not_fit_are_named():
     m = timm.create_model("tf_efficientnet_lite0", num_classes=0)
     with pytest.raises(WeightsError, match=r"_blocks\.99"):
         lukemelas_to_timm_efficientnet(sd, m)
+
+
+@pytest.mark.parametrize("in_chans", [3, 1])
+def test_lite_encoder_sees_its_own_input_normalisation(in_chans):
+    """diffmic's pipeline normalises with ImageNet statistics; EfficientNet-Lite was trained on
+    (x - 0.5) / 0.5. The encoder re-normalises, so its output on a pipeline image equals the bare timm
+    network's output on the same pixels normalised the way it was trained."""
+    from diffmic.data.transforms import Normalize
+
+    enc = create_encoder("efficientnet_lite0", in_chans=in_chans).eval()
+    g = torch.Generator().manual_seed(1)
+    pixels = torch.randint(0, 256, (2, in_chans, 64, 64), generator=g, dtype=torch.uint8)
+    ours_in = Normalize(in_chans)(pixels)
+    theirs_in = (pixels.float() / 255.0 - 0.5) / 0.5
+    with torch.no_grad():
+        torch.testing.assert_close(enc(ours_in), enc.model(theirs_in), rtol=1e-4, atol=1e-5)
+    assert "_in_scale" not in enc.state_dict()  # checkpoints carry no extra keys

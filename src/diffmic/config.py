@@ -92,6 +92,9 @@ class ModelConfig:
     )
     dcg_output_stride: int = 32  # ours: DCG global-stream output stride 32 (released) | 16 | 8 (CPU presets)
     # ours: extra timm.create_model arguments for a timm:<name> encoder, e.g. {patch_size: 8} (ViT) or
+    # ours: freeze every backbone's layers up to this output stride (0: none | 2 | 4 | 8 | 16), for
+    # pretrained weights: no gradient through the high-resolution early layers (less time per step)
+    freeze_stride: int = 0
     # {window_size: 4} (Swin); img_size defaults to data.image_size for fixed-input-size models (ViT, Swin)
     encoder_kwargs: dict = field(default_factory=dict)
 
@@ -576,6 +579,7 @@ RULES: list[tuple[str, Check]] = [
     ("train.limit_train_batches", _limit_batches),
     ("train.limit_val_batches", _limit_batches),
     ("train.log_every_n_steps", _range(1)),
+    ("model.freeze_stride", _one_of(0, 2, 4, 8, 16)),
     ("eval.steps", _steps),
     ("eval.val_steps", _steps),
     ("eval.eta", _range(0, 1)),

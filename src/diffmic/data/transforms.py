@@ -46,8 +46,9 @@ DEFAULT_MAX_PIXELS = 100_000_000
 #: 4x20000 PNG of a few hundred bytes is no medical image, and drawing it costs gigabytes
 MAX_ASPECT_RATIO = 20
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# the ImageNet statistics every image is normalised with (one definition, beside the encoders that
+# re-normalise for backbones trained otherwise)
+from diffmic.nn.encoders import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 ImageSource = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 

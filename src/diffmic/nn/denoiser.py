@@ -57,10 +57,16 @@ class ImageEmbedding(nn.Module):
         weights_path: str | os.PathLike[str] | None = None,
         pretrained: bool | str | os.PathLike[str] | None = None,
         encoder_kwargs: Mapping[str, Any] | None = None,
+        freeze_stride: int = 0,
     ) -> None:
         super().__init__()
         self.encoder = create_encoder(
-            encoder_name, in_chans=in_chans, weights_path=weights_path, pretrained=pretrained, kwargs=encoder_kwargs
+            encoder_name,
+            in_chans=in_chans,
+            weights_path=weights_path,
+            pretrained=pretrained,
+            kwargs=encoder_kwargs,
+            freeze_stride=freeze_stride,
         )
         self.proj = nn.Linear(self.encoder.out_dim, int(hidden_dim))
         self.norm = nn.BatchNorm1d(int(hidden_dim))

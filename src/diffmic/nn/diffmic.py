@@ -81,6 +81,9 @@ class DiffMIC(nn.Module):
         encoder_kwargs: extra ``timm.create_model`` arguments for a ``timm:<name>`` ``encoder`` (e.g.
             ``{"img_size": 64, "patch_size": 8}``), used as given (the config's automatic ``img_size`` is
             added by :func:`diffmic.training.module.build_model`).
+        freeze_stride: freeze every backbone's layers up to this output stride (0: none; see
+            :func:`diffmic.nn.encoders.freeze_to_stride`): a pretrained backbone fine-tunes only its
+            later layers.
 
     Attributes:
         hparams: the constructor arguments; ``DiffMIC(**model.hparams)`` rebuilds the architecture.
@@ -108,6 +111,7 @@ class DiffMIC(nn.Module):
         dcg_output_stride: int = 32,
         roi_select: str = "sum",
         encoder_kwargs: Mapping[str, Any] | None = None,
+        freeze_stride: int = 0,
     ) -> None:
         super().__init__()
         if denoiser_input not in DENOISER_INPUTS:
@@ -142,6 +146,8 @@ class DiffMIC(nn.Module):
         )
         if denoiser_input != "released":  # old checkpoints' hparams stay loadable and unchanged
             self.hparams["denoiser_input"] = denoiser_input
+        if int(freeze_stride):  # likewise: absent when 0
+            self.hparams["freeze_stride"] = int(freeze_stride)
         enc_kw = {str(k): v for k, v in (encoder_kwargs or {}).items()}
         if enc_kw:  # likewise: absent when empty
             self.hparams["encoder_kwargs"] = dict(enc_kw)
@@ -158,7 +164,12 @@ class DiffMIC(nn.Module):
         self.dcg: DCG | None = None
         if variant == "basic":
             self.encoder = create_encoder(
-                encoder, in_chans=in_chans, weights_path=encoder_weights, pretrained=pretrained, kwargs=enc_kw
+                encoder,
+                in_chans=in_chans,
+                weights_path=encoder_weights,
+                pretrained=pretrained,
+                kwargs=enc_kw,
+                freeze_stride=freeze_stride,
             )
             self.classifier = nn.Linear(self.encoder.out_dim, self.num_classes)
             return
@@ -173,6 +184,7 @@ class DiffMIC(nn.Module):
             pretrained=pretrained,
             output_stride=dcg_output_stride,
             roi_select=roi_select,
+            freeze_stride=freeze_stride,
         )
         if variant == "dcg":
             self.dcg = DCG(self.num_classes, **dcg_kw)
@@ -184,6 +196,7 @@ class DiffMIC(nn.Module):
             weights_path=encoder_weights,
             pretrained=pretrained,
             encoder_kwargs=enc_kw,
+            freeze_stride=freeze_stride,
         )
         self.denoiser = ConditionalDenoiser(
             self.num_classes,

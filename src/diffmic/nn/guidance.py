@@ -192,6 +192,7 @@ class DCG(nn.Module):
         output_stride: global-stream output stride, 32 (released) or 16/8 (see :func:`set_output_stride`).
         roi_select: ``"sum"`` (released: rank cells by the sum over classes of the min-max normalised
             saliency) or ``"top_class"`` (rank by the channel of the class with the largest ``z_global``).
+        freeze_stride: freeze both streams' backbone layers up to this output stride (0: none).
 
     Forward: ``x [B, in_chans, H, W] -> GuidanceOutput``.
     """
@@ -210,6 +211,7 @@ class DCG(nn.Module):
         pretrained: bool | str | os.PathLike[str] | None = None,
         output_stride: int = 32,
         roi_select: str = "sum",
+        freeze_stride: int = 0,
     ) -> None:
         super().__init__()
         if roi_select not in ROI_SELECT:
@@ -233,11 +235,17 @@ class DCG(nn.Module):
             spatial=True,
             pretrained=pretrained,
             output_stride=output_stride,
+            freeze_stride=freeze_stride,
         )
         self.saliency_head = nn.Conv2d(self.global_encoder.out_dim, self.num_classes, kernel_size=1, bias=False)
         local_in = 3 if roi_channels == "first" else int(in_chans)
         self.local_encoder = create_encoder(
-            local_backbone, in_chans=local_in, weights_path=l_w, spatial=False, pretrained=pretrained
+            local_backbone,
+            in_chans=local_in,
+            weights_path=l_w,
+            spatial=False,
+            pretrained=pretrained,
+            freeze_stride=freeze_stride,
         )
         d_l = self.local_encoder.out_dim
         self.attention = GatedAttention(d_l, int(attn_dim))
