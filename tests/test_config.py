@@ -13,6 +13,12 @@ from diffmic.config import CHOICES, RULES, Config, ConfigError, load_config, rea
 # that this table covers every rule, so a new rule without a test fails the suite.
 BAD: dict[str, tuple[str, str]] = {
     "run.seed": ("-1", r"run.seed must be in \[0, 4294967295\], got -1"),
+    # paths the operating system cannot open (ENAMETOOLONG): refused naming the key (issue 21.12)
+    "run.dir": ("r" * 256, r"run.dir has a file or folder name of 256 bytes; names are limited to 255"),
+    "data.root": ("/".join(["d" * 200] * 21), r"data.root is a path of 4220 bytes; paths are limited to 4095"),
+    "data.cache_dir": ("c/" + "c" * 300, r"data.cache_dir has a file or folder name of 300 bytes"),
+    "model.encoder_weights": ("w" * 256 + ".pt", r"model.encoder_weights has a file or folder name of 259"),
+    "model.dcg_weights": ("w" * 256 + ".pt", r"model.dcg_weights has a file or folder name of 259"),
     "data.split": ("lesion ; data.dataset=folder", r"data.split needs lesion ids"),
     "data.test_fraction": ("1", r"data.test_fraction must be in \(0, 1\), got 1.0"),
     "data.image_size": ("4", r"data.image_size must be in \[8, 8192\], got 4"),

@@ -144,11 +144,15 @@ def test_breastmnist(tmp_path):
     sp2 = load_medmnist(tmp_path / "breastmnist.npz")
     for k in sp:
         assert sp2[k].labels.tolist() == sp[k].labels.tolist()
-    # the official split holds one image whose pixels also appear in another split: reported
-    # (an error by default; the DataModule makes it a warning for an official benchmark split)
-    rep = check_dataset(sp2, duplicate_content="warning")
+    # the official split holds one image whose pixels also appear in another split, under the
+    # other label (train 115 'malignant' = test 76 'normal, benign'): a label conflict (an error
+    # by default; the DataModule makes it a warning for an official benchmark split)
+    rep = check_dataset(sp2, duplicate_content="warning", label_conflict="warning")
     assert rep.ok and rep.modes["L"] == 780
-    assert [p.kind for p in rep.warnings].count("duplicate_content") == 1
+    conflicts = [p for p in rep.warnings if p.kind == "label_conflict"]
+    assert sorted((p.split, p.record_id) for p in conflicts) == [("test", "test_00076"), ("train", "train_00115")]
+    with pytest.raises(DataError, match="label_conflict"):
+        check_dataset(sp2, duplicate_content="warning")
 
 
 def test_medmnist_rgb_and_bad_labels(tmp_path):

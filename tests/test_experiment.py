@@ -309,3 +309,59 @@ def test_grid_cell_whose_source_has_not_run_names_the_folder(tmp_path, tiny_npz,
     err = capsys.readouterr().err
     assert str(tmp_path / "exp" / "tiny" / "basic" / "seed1") in err and "does not exist" in err
     assert "Traceback" not in err
+
+
+# ------------------------------------------------ issue 21.10: grid names and seeds are checked
+@pytest.mark.parametrize(
+    "models, seeds, match",
+    [
+        ({"basic": ["model.variant=basic"]}, [1, 1], r"seeds: seed 1 is listed twice"),
+        ({"basic": {"overrides": ["model.variant=basic"], "seeds": [3, 2, 3]}}, [1], r"models.basic.seeds: seed 3"),
+        ({"../../x": ["model.variant=basic"]}, [1], r"model name '\.\./\.\./x'"),
+        ({"/tmp/x": ["model.variant=basic"]}, [1], r"model name '/tmp/x'"),
+        ({"basic": ["model.variant=basic"], "./basic": ["model.variant=basic"]}, [1], r"'\./basic'.*'basic'"),
+        (
+            {"basic": ["model.variant=basic"], "Basic": ["model.variant=basic"]},
+            [1],
+            r"names '(basic|Basic)' and '(Basic|basic)' name the same",
+        ),
+        ({"a|b": ["model.variant=basic"]}, [1], r"model name 'a\|b'"),
+        ({"": ["model.variant=basic"]}, [1], r"model name ''"),
+        ({"..": ["model.variant=basic"]}, [1], r"model name '\.\.'"),
+    ],
+)
+def test_grid_names_and_seeds_are_validated(tmp_path, tiny_npz, models, seeds, match):
+    import yaml
+
+    path = Path(_grid(tmp_path, tiny_npz, models))
+    doc = yaml.safe_load(path.read_text())
+    doc["seeds"] = seeds
+    doc["reference"] = None
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError, match=match):
+        load_grid(path)
+    assert not (tmp_path / "exp").exists() and not (tmp_path / "x").exists()
+
+
+def test_grid_dataset_names_and_repeated_keys_are_validated(tmp_path, tiny_npz):
+    path = Path(_grid(tmp_path, tiny_npz, {"basic": ["model.variant=basic"]}))
+    text = path.read_text()
+    for bad, match in (
+        ("../up", r"data set name '\.\./up'"),
+        ("summary.csv", r"data set name 'summary.csv'.*summary table"),
+    ):
+        assert "\n  tiny:\n" in text
+        path.write_text(text.replace("\n  tiny:\n", f"\n  {bad}:\n"))
+        with pytest.raises(ConfigError, match=match):
+            load_grid(path)
+    # the same key twice in a mapping: YAML keeps the last one silently; the grid refuses it
+    path.write_text(text + "models:\n  basic: [model.variant=basic]\n")
+    with pytest.raises(ConfigError, match=r"'models' appears twice"):
+        load_grid(path)
+
+
+def test_summary_markdown_escapes_table_characters():
+    from diffmic.experiment import _markdown
+
+    md = _markdown([{"dataset": "a|b", "model": "m", "acc": "0.5"}])
+    assert md.splitlines()[2] == "| a\\|b | m | 0.5 |"

@@ -174,3 +174,76 @@ def test_check_dataset_duplicate_policy(tmp_path):
     assert [p.kind for p in rep.warnings if p.kind == "duplicate_content"] == ["duplicate_content"]
     kinds = {p.kind for p in check_dataset(splits, duplicate_content="off", skip_bad=True).problems}
     assert "duplicate_content" not in kinds and "split_overlap" in kinds  # the same file: as before
+
+
+# ------------------------------------------ issue 21.11: the same image under two labels
+def _conflict_splits(tmp: Path, where: str):
+    """benign a.png and a byte-identical malignant copy, in one split or in two."""
+    from diffmic.data.records import DatasetIndex, Record
+
+    for i, name in enumerate(("a", "b", "c", "d", "e", "f")):
+        _png(tmp / f"{name}.png", i)
+    (tmp / "copy.png").write_bytes((tmp / "a.png").read_bytes())
+    names = ["benign", "malignant"]
+    train = [Record("a", 0, tmp / "a.png"), Record("b", 1, tmp / "b.png"), Record("c", 0, tmp / "c.png")]
+    test = [Record("d", 0, tmp / "d.png"), Record("e", 1, tmp / "e.png"), Record("f", 1, tmp / "f.png")]
+    (train if where == "one split" else test).append(Record("copy", 1, tmp / "copy.png"))
+    return {"train": DatasetIndex(train, names), "test": DatasetIndex(test, names)}
+
+
+@pytest.mark.parametrize("where", ["one split", "two splits"])
+def test_same_pixels_under_two_labels_is_a_label_conflict(tmp_path, where):
+    splits = _conflict_splits(tmp_path, where)
+    with pytest.raises(DataError, match="label_conflict") as exc:
+        check_dataset(splits)
+    msg = str(exc.value)
+    conflict = [ln for ln in msg.splitlines() if "ERROR label_conflict" in ln]
+    assert conflict and all("a.png" in ln and "copy.png" in ln for ln in conflict), msg
+    assert "'benign'" in conflict[0] and "'malignant'" in conflict[0]
+    assert "duplicate_content" not in msg and "leakage" not in msg  # not a leakage: a conflict
+    rep = check_dataset(splits, skip_bad=True)  # both dropped, no label picked
+    assert sorted(p.record_id for p in rep.removed) == ["a", "copy"]
+    assert all(p.kind == "label_conflict" for p in rep.removed)
+    left = {r.id for ix in rep.splits.values() for r in ix.records}
+    assert "a" not in left and "copy" not in left and len(left) == 5
+    # a public benchmark keeps its published split: a warning, nothing dropped
+    rep = check_dataset(splits, label_conflict="warning", duplicate_content="warning", skip_bad=True)
+    assert not rep.removed and [p.kind for p in rep.warnings].count("label_conflict") == 2
+
+
+def test_same_pixels_same_label_in_two_splits_stays_a_leakage(tmp_path):
+    splits = _conflict_splits(tmp_path, "two splits")
+    splits["test"].records[-1] = splits["test"].records[-1].__class__("copy", 0, tmp_path / "copy.png")
+    with pytest.raises(DataError, match="duplicate_content"):
+        check_dataset(splits)
+    rep = check_dataset(splits, skip_bad=True)
+    assert [p.record_id for p in rep.removed] == ["a"]  # the test copy is kept, as before
+
+
+def test_label_conflict_in_a_folder_is_named_and_skip_bad_drops_both(tmp_path, capsys):
+    import csv
+
+    root = make_folder(tmp_path / "data", n=10)  # 21 images, 19 left: no training batch of 1 image
+    (root / "malignant" / "same.png").write_bytes((root / "benign" / "img3.png").read_bytes())
+    rc = main(["data", "check", "--config", "cpu", "data.dataset=folder", f"data.root={root}", "data.image_size=16"])
+    out = capsys.readouterr().out
+    found = [ln for ln in out.splitlines() if "label_conflict:" in ln and "ERROR" in ln]
+    assert rc == 1 and len(found) == 2 and all("img3.png" in ln and "same.png" in ln for ln in found), out
+    run = tmp_path / "run"
+    rc = main(fit_args(root, run, epochs=1))  # split at random: wherever the two copies land
+    err = capsys.readouterr().err
+    assert rc == 2 and "label_conflict" in err and "img3.png" in err and "same.png" in err, err
+    assert main(fit_args(root, run, "data.skip_bad=true", "--overwrite", epochs=1)) == 0
+    with open(run / "skipped.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted(Path(r["path"]).name for r in rows) == ["img3.png", "same.png"]
+    assert {r["problem"] for r in rows} == {"label_conflict"}
+    split = json_load(run / "split.json")["splits"]
+    ids = {i for v in split.values() for i in v}
+    assert not any("img3" in i and "benign" in i for i in ids) and not any("same" in i for i in ids)
+
+
+def json_load(path: Path):
+    import json
+
+    return json.loads(path.read_text())

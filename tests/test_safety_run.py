@@ -129,6 +129,8 @@ def test_overwrite_replaces_the_run_and_keeps_other_files(tmp_path, data):
     (run / "checkpoints" / "best.ckpt").write_text("old model")
     (run / "test_metrics.json").write_text('{"acc": 0.99}')  # stale: describes the old model
     (run / "notes.txt").write_text("mine")
+    # the record a run of ours keeps of what it wrote (issue 21.5: without it nothing is removed)
+    (run / ".diffmic-files.json").write_text('{"format": 1, "entries": ["checkpoints", "test_metrics.json"]}')
     assert main(fit_args(data, run, "--overwrite", epochs=1)) == 0
     assert not (run / "test_metrics.json").exists()
     assert (run / "notes.txt").read_text() == "mine"

@@ -246,13 +246,19 @@ def _calibrate(args) -> int:
 
 def _report(args) -> int:
     from diffmic.inference.explain import build_report
+    from diffmic.outputs import writing_run_outputs
 
-    out = build_report(
-        Path(args.run),
-        Path(args.output) if args.output else None,
-        max_images=args.max_images,
-        gallery_size=args.gallery,
-    )
+    # recorded in the run folder's manifest: `fit --overwrite` removes them with the old run
+    # (report.html only where it goes into the run folder)
+    run, html = Path(args.run), Path(args.run) / "report.html"
+    into_run = args.output is None or os.path.realpath(args.output) == os.path.realpath(html)
+    with writing_run_outputs(run, ["report_files", "lesion_hits.json", *(["report.html"] if into_run else [])]):
+        out = build_report(
+            Path(args.run),
+            Path(args.output) if args.output else None,
+            max_images=args.max_images,
+            gallery_size=args.gallery,
+        )
     print(f"wrote {out}")
     return 0
 

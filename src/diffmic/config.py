@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import inspect
 import math
+import os
 import types
 import typing
 from collections.abc import Callable
@@ -272,7 +273,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         number = None
         if isinstance(value, (int, float)):
-            number = float(value)
+            try:
+                number = float(value)
+            except OverflowError:  # an int beyond the float range
+                raise ConfigError(f"{key}: expected a finite number, got {_shown(value)}") from None
         elif isinstance(value, str):
             try:
                 number = float(value)
@@ -522,6 +526,26 @@ def _init_encoder_from(v: Any, cfg: Config) -> Optional[str]:
     return None
 
 
+#: the longest file or folder name (one path component) and path file systems accept, in bytes
+NAME_MAX, PATH_MAX = 255, 4095
+
+
+def _path(v: Any, cfg: Config) -> Optional[str]:
+    """A path the operating system can open: no component over NAME_MAX bytes, at most PATH_MAX."""
+    if not isinstance(v, str):
+        return None
+    raw = os.fsencode(v)
+    if len(raw) > PATH_MAX:
+        return f"is a path of {len(raw)} bytes; paths are limited to {PATH_MAX} bytes"
+    seps = [os.sep.encode()] + ([os.altsep.encode()] if os.altsep else [])
+    for sep in seps[1:]:
+        raw = raw.replace(sep, seps[0])
+    longest = max(len(c) for c in raw.split(seps[0]))
+    if longest > NAME_MAX:
+        return f"has a file or folder name of {longest} bytes; names are limited to {NAME_MAX} bytes"
+    return None
+
+
 def _min_lr(v: Any, cfg: Config) -> Optional[str]:
     return None if 0 <= v <= cfg.train.lr else f"must be in [0, train.lr={cfg.train.lr:g}]"
 
@@ -529,6 +553,12 @@ def _min_lr(v: Any, cfg: Config) -> Optional[str]:
 SEED_MAX = 2**32 - 1  # numpy's seed range
 RULES: list[tuple[str, Check]] = [
     ("run.seed", _range(0, SEED_MAX)),
+    ("run.dir", _path),
+    ("data.root", _path),
+    ("data.cache_dir", _path),
+    ("model.encoder_weights", _path),
+    ("model.dcg_weights", _path),
+    ("train.init_encoder_from", _path),
     ("data.split", _lesion_split),
     ("data.test_fraction", _range(0, 1, lo_open=True, hi_open=True)),
     ("data.image_size", _range(8, 8192)),
@@ -603,7 +633,7 @@ def _validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, sec), name)
         problem = check(value, cfg)
         if problem:
-            raise ConfigError(f"{key} {problem}, got {value}")
+            raise ConfigError(f"{key} {problem}, got {_shown(value)}")
 
 
 def section_kwargs(fn: Callable, *sections: Any, **extra: Any) -> dict[str, Any]:
@@ -625,7 +655,20 @@ def parse_value(key: str, text: str) -> Any:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         reason = str(exc).splitlines()[0]
-        raise ConfigError(f"{key}: the value {text!r} is not valid YAML ({reason})") from exc
+        raise ConfigError(f"{key}: the value {_shown(text)!r} is not valid YAML ({reason})") from exc
+    except ValueError as exc:  # an integer over Python's int-string limit (4300 digits)
+        raise ConfigError(f"{key}: the value {_shown(text)!r} is not a usable number ({_int_limit(exc)})") from None
+
+
+def _int_limit(exc: ValueError) -> str:
+    """Python's int-string limit error, without its advice to change the interpreter."""
+    return str(exc).split(";")[0]
+
+
+def _shown(value: Any, limit: int = 120) -> str:
+    """``value`` as text for a message, shortened when long (a 5000-digit number, a huge path)."""
+    text = str(value)
+    return text if len(text) <= limit else f"{text[: limit // 2]}... ({len(text)} characters)"
 
 
 def config_from_dict(raw: dict | None, overrides: list[str] | None = None, source: str = "config") -> Config:
@@ -676,6 +719,8 @@ def read_preset(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict | None:
         raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+    except ValueError as exc:  # an integer over Python's int-string limit (4300 digits)
+        raise ConfigError(f"{p}: a value is not a usable number ({_int_limit(exc)})") from None
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{p}: cannot read the config file ({type(exc).__name__}: {exc})") from exc
     if not isinstance(raw, dict) or "base" not in raw:

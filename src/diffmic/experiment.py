@@ -113,7 +113,65 @@ def _seeds(value: Any, where: str) -> list[int]:
         or not all(isinstance(s, int) and not isinstance(s, bool) for s in value)
     ):
         raise ConfigError(f"{where}: expected a non-empty list of integer seeds, got {value!r}")
+    seen: set[int] = set()
+    for s in value:
+        if s in seen:  # one run would count as two seeds (a spread of 0)
+            raise ConfigError(f"{where}: seed {s} is listed twice in {value!r}; list each seed once")
+        seen.add(s)
     return [int(s) for s in value]
+
+
+#: a data set or model name is one plain folder name (it names ``<out>/<data set>/<model>``)
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,99}")
+#: files the summary writes into ``out``, beside the data set folders
+_SUMMARY_FILES = ("summary.csv", "summary.md", "summary.png", "cells.csv")
+
+
+def _names(mapping: dict, kind: str, where: str) -> list[str]:
+    """The keys of ``mapping`` as folder names, checked: each a plain name (no path, no ``..``,
+    no characters that break the summary table), no two naming the same folder."""
+    out: dict[str, str] = {}
+    for key in mapping:
+        name = str(key)
+        if not _NAME.fullmatch(name):
+            plain = os.path.normpath(name) if name.strip() else ""
+            hint = f" (did you mean '{plain}'?)" if plain != name and _NAME.fullmatch(plain) else ""
+            raise ConfigError(
+                f"{where}: {kind} name {name!r} is not a plain folder name{hint}: use letters, digits, "
+                "'_', '-', '+' and '.' (not first), at most 100 characters"
+            )
+        if kind == "data set" and name.casefold() in _SUMMARY_FILES:
+            raise ConfigError(f"{where}: data set name {name!r} is the name of a summary table file in out")
+        other = out.get(name.casefold())
+        if other is not None:
+            raise ConfigError(
+                f"{where}: {kind} names {name!r} and {other!r} name the same folder (file systems may "
+                "ignore case); rename one"
+            )
+        out[name.casefold()] = name
+    return list(out.values())
+
+
+class _GridLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key repeated in one mapping (YAML keeps the last one)."""
+
+
+def _unique_mapping(loader: _GridLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {str(key)!r} appears twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        except TypeError:  # an unhashable key: construct_mapping reports it
+            pass
+    return loader.construct_mapping(node, deep=deep)
+
+
+_GridLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
 #: placeholders of grid overrides, substituted per cell
@@ -169,9 +227,11 @@ def load_grid(path: str | Path) -> Grid:
     if not path.is_file():
         raise ConfigError(f"grid file '{path}' not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_GridLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    except ValueError as exc:  # an integer over Python's int-string limit
+        raise ConfigError(f"{path}: a value is not a usable number ({str(exc).split(';')[0]})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping with out, seeds, datasets, models")
     known = {"out", "reference", "seeds", "common", "datasets", "models"}
@@ -189,6 +249,8 @@ def load_grid(path: str | Path) -> Grid:
         raise ConfigError(f"{path}: datasets must be a non-empty mapping name -> {{config, overrides}}")
     if not isinstance(models, dict) or not models:
         raise ConfigError(f"{path}: models must be a non-empty mapping name -> [overrides]")
+    _names(datasets, "data set", f"{path}: datasets")
+    _names(models, "model", f"{path}: models")
     ref = raw.get("reference")
     if ref is not None and ref not in models:
         raise ConfigError(f"{path}: reference '{ref}' is not one of the models ({', '.join(models)})")
@@ -543,9 +605,13 @@ def _pooled_ci(a: list[dict], b: list[dict], metric: str, n_boot: int, seed: int
 def _markdown(rows: list[dict]) -> str:
     if not rows:
         return "(no finished cells)\n"
+
+    def cell(v: Any) -> str:  # a `|` or a line break would end the cell or the row
+        return " ".join(str(v).split()).replace("|", "\\|")
+
     cols = list(rows[0].keys())
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    lines = ["| " + " | ".join(cell(c) for c in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(r[c]) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 

@@ -192,6 +192,7 @@ def check_dataset(
     allow_empty_classes: bool = False,
     workers: int | None = None,
     duplicate_content: str = "error",
+    label_conflict: str = "error",
 ) -> DataReport:
     """Check one index or a dict of splits; returns a :class:`DataReport`.
 
@@ -209,7 +210,14 @@ def check_dataset(
     Also: byte-identical decoded pixels in two splits (leakage under another file name) with
     severity ``duplicate_content`` (``"error"``, ``"warning"`` or ``"off"``; needs
     ``check_images`` for files), and fewer than two classes with images in train (an error).
+
+    The same decoded pixels under two different labels, in one split or in two, are a
+    ``label_conflict`` (severity ``label_conflict``: ``"error"`` or ``"warning"``) naming every
+    copy: ``skip_bad`` drops all of them, never picking a label (also needs ``check_images`` for
+    files). Copies with one label in two splits stay a ``duplicate_content`` leakage.
     """
+    if label_conflict not in ("error", "warning"):
+        raise ValueError(f"label_conflict must be 'error' or 'warning', got {label_conflict!r}")
     if isinstance(index, DatasetIndex):
         splits = {"all": index}
     else:
@@ -293,8 +301,7 @@ def check_dataset(
                     )
                 else:
                     im = ix.images[r.array_index]
-                    if duplicate_content != "off":
-                        digests[pixel_digest(im)].append((s, pos))
+                    digests[pixel_digest(im)].append((s, pos))
                     sizes[s].append((int(im.shape[1]), int(im.shape[0])))
                     m = "L" if im.ndim == 2 or im.shape[-1] == 1 else "RGB"
                     modes[m] += 1
@@ -448,17 +455,51 @@ def check_dataset(
                 )
                 continue
             w, h, m = info
-            if duplicate_content != "off":
-                digests[digest].append((s, pos))
+            digests[digest].append((s, pos))
             sizes[s].append((w, h))
             modes[m] += 1
             mode_example.setdefault(m, str(r.path))
+    # ---- the same pixels under two labels (whatever the split) -------------------------------
+    conflicted: set[str] = set()
+
+    def label_of(s: str, pos: int) -> int:
+        return splits[s].records[pos].label
+
+    def label_text(label: int) -> str:
+        return repr(class_names[label]) if 0 <= label < min(C, len(class_names)) else str(label)
+
+    for digest, occ in digests.items():
+        labelled = [(s, pos) for s, pos in occ if 0 <= label_of(s, pos) < C]  # bad labels: reported above
+        if len({label_of(s, pos) for s, pos in labelled}) < 2:
+            continue
+        conflicted.add(digest)
+        for s, pos in labelled:
+            r = splits[s].records[pos]
+            others = [(s2, p2) for s2, p2 in labelled if (s2, p2) != (s, pos)]
+            shown = "; ".join(
+                f"{splits[s2].records[p2].where()} (label {label_text(label_of(s2, p2))}, split {s2!r})"
+                for s2, p2 in others[:3]
+            ) + (f"; and {len(others) - 3} more" if len(others) > 3 else "")
+            add(
+                Problem(
+                    "label_conflict",
+                    f"{r.where()} (label {label_text(r.label)}) has the same pixels as {shown}: "
+                    "one image under different labels",
+                    severity=label_conflict,
+                    split=s,
+                    record_id=r.id,
+                    path=str(r.path) if r.path else None,
+                    hint="keep the copy with the right label and remove the others (skip_bad drops every copy)",
+                ),
+                s,
+                pos,
+            )
     # ---- the same pixels in two splits (leakage under another name) ---------------------------
     if duplicate_content != "off" and len(splits) > 1:
         sev = "error" if duplicate_content == "error" else "warning"
-        for occ in digests.values():
+        for digest, occ in digests.items():
             split_set = {s for s, _ in occ}
-            if len(split_set) < 2:
+            if len(split_set) < 2 or digest in conflicted:
                 continue
             keep = min(split_set, key=lambda s: _KEEP_PRIORITY.get(s, 9))
             first = splits[keep].records[next(pos for s, pos in occ if s == keep)]

@@ -226,6 +226,14 @@ class DiffMICDataModule(pl.LightningDataModule):
         return "warning" if self.dataset in ("medmnist", "ham10000", "aptos2019") else "error"
 
     @property
+    def label_conflict_policy(self) -> str:
+        """The same pixels under two labels: an error for your own data (skip_bad drops every
+        copy); a warning for a public benchmark, whose published split is kept as it is
+        (BreastMNIST's official split holds one such pair: train 115 'malignant' = test 76
+        'normal, benign')."""
+        return "warning" if self.dataset in ("medmnist", "ham10000", "aptos2019") else "error"
+
+    @property
     def class_names(self) -> list[str]:
         return list(self._load_sources()["train"].class_names)
 
@@ -268,6 +276,7 @@ class DiffMICDataModule(pl.LightningDataModule):
                 skip_bad=self.skip_bad,
                 allow_empty_classes=self.allow_empty_classes,
                 duplicate_content=self.duplicate_content_policy,
+                label_conflict=self.label_conflict_policy,
             )
         except DataError as e:
             if raise_on_error or e.report is None:
@@ -288,6 +297,7 @@ class DiffMICDataModule(pl.LightningDataModule):
             skip_bad=self.skip_bad,
             allow_empty_classes=self.allow_empty_classes,
             duplicate_content=self.duplicate_content_policy,
+            label_conflict=self.label_conflict_policy,
         )
         src = self.report.splits
 

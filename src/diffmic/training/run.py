@@ -112,18 +112,6 @@ def _ddp_allow_unused(trainer: pl.Trainer) -> None:
         trainer.strategy._ddp_kwargs["find_unused_parameters"] = True
 
 
-#: files and folders a run writes; ``fit --overwrite`` removes these (and nothing else)
-RUN_ARTIFACTS = (
-    "checkpoints",
-    "logs",
-    "config.yaml",
-    "fit_summary.json",
-    "test_metrics.json",
-    "predictions.csv",
-    "risk_coverage.png",
-    "split.json",
-    "skipped.csv",
-)
 #: config keys that define the network (a resumed run must keep them)
 ARCHITECTURE_SECTIONS = ("model", "diffusion")
 ARCHITECTURE_KEYS = ("data.image_size", "data.in_chans")
@@ -154,11 +142,15 @@ def resume_incompatibilities(cfg: Config, last: Path) -> list[str]:
 
 
 def _refuse_non_empty(run_dir: Path, overwrite: bool) -> None:
-    """A fresh fit never writes into a non-empty run folder, unless ``overwrite`` (then the
-    previous run's own files are removed first, nothing else)."""
+    """A fresh fit never writes into a non-empty run folder, unless ``overwrite``: then the
+    entries the folder's manifest says a run of ours wrote are removed first, nothing else, and
+    nothing at all when the folder has no manifest or a file that is not ours carries a name a
+    run writes (see :func:`diffmic.outputs.remove_run_outputs`)."""
+    from diffmic.outputs import MANIFEST, RUN_LOCK, OutputError, remove_run_outputs
+
     if not run_dir.is_dir():
         return
-    entries = sorted(p.name for p in run_dir.iterdir())
+    entries = sorted(p.name for p in run_dir.iterdir() if p.name not in (MANIFEST, RUN_LOCK))
     if not entries:
         return
     if not overwrite:
@@ -169,18 +161,23 @@ def _refuse_non_empty(run_dir: Path, overwrite: bool) -> None:
             f"run folder '{run_dir}' already holds {what}: {shown}. Resume it with --resume, replace the "
             f"run with --overwrite, or choose another run.dir; nothing was overwritten."
         )
-    import shutil
-
-    for name in RUN_ARTIFACTS:
-        p = run_dir / name
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        elif p.exists() or p.is_symlink():
-            p.unlink()
+    try:
+        remove_run_outputs(run_dir)
+    except OutputError as exc:
+        raise ConfigError(str(exc)) from exc
+    except OSError as exc:
+        raise RunFolderError(f"--overwrite: cannot remove the old run's files in '{run_dir}': {exc}") from exc
 
 
 def _prepare_run_folder(cfg: Config, run_dir: Path, ckpt_dir: Path, resume: bool) -> None:
+    from diffmic.outputs import FIT_OUTPUTS, claim_outputs
+
     try:
+        # the manifest first: what this fit writes is recorded before it exists. A resumed fit
+        # rewrites config.yaml and fit_summary.json, writes into checkpoints/ and logs/ and has
+        # checked split.json (a run folder from before the manifest gets one listing them)
+        rewritten = ("checkpoints", "logs", "config.yaml", "fit_summary.json", "split.json") if resume else ()
+        claim_outputs(run_dir, FIT_OUTPUTS, force=rewritten, create=True)
         ckpt_dir.mkdir(parents=True, exist_ok=True)  # fail now, not after the first epoch
         save_config(cfg, run_dir / "config.yaml")
         for partial in ckpt_dir.glob(f"*.ckpt{TMP_MARK}*"):  # left by a run killed while saving
@@ -218,14 +215,44 @@ def _read_encoder_init(cfg: Config) -> dict:
 def fit(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
     """Train (and select the best checkpoint on validation). Returns the run folder.
 
-    A fresh fit refuses a non-empty run folder unless ``overwrite``; ``resume`` first checks that
-    the network keys match the checkpoint and that the data split is the recorded one, and
-    changes nothing in the folder when they do not."""
+    A run folder may not hold or lie inside the data; one fit (fresh or resumed) holds it at a
+    time (the run lock, ``<run>/.diffmic-run.lock``). A fresh fit refuses a non-empty run folder
+    unless ``overwrite`` (which removes only what the folder's manifest says a run of ours
+    wrote); ``resume`` first checks that the network keys match the checkpoint and that the data
+    split is the recorded one, and changes nothing in the folder when they do not."""
+    from diffmic.training.safety import RunLock, check_run_outside_data
+
+    if resume and overwrite:
+        raise ConfigError("resume and overwrite exclude each other")
+    check_run_outside_data(cfg.run.dir, cfg.data.root)
+    if rank_zero_only.rank != 0:  # DDP: rank 0 holds the lock for all ranks
+        return _fit_locked(cfg, resume, overwrite)
+    with RunLock(Path(cfg.run.dir), RunFolderError):
+        return _settled(Path(cfg.run.dir), lambda: _fit_locked(cfg, resume, overwrite))
+
+
+def _settled(run_dir: Path, step):
+    """``step()``, then the run folder's manifest keeps only the outputs that were written
+    (:func:`diffmic.outputs.settle_outputs`). When ``step`` fails its error is the one reported:
+    a manifest that cannot be settled then keeps a name too many, as before the step."""
+    import contextlib
+
+    from diffmic.outputs import OutputError, settle_outputs
+
+    try:
+        result = step()
+    except BaseException:
+        with contextlib.suppress(OSError, OutputError):
+            settle_outputs(run_dir)
+        raise
+    settle_outputs(run_dir)
+    return result
+
+
+def _fit_locked(cfg: Config, resume: bool, overwrite: bool) -> Path:
     run_dir = Path(cfg.run.dir)
     ckpt_dir = run_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
-    if resume and overwrite:
-        raise ConfigError("resume and overwrite exclude each other")
     # DDP: global rank 0 checks and prepares the folder; under `ddp` the other ranks re-run this
     # command after rank 0 has written it, and under torchrun/srun they start at the same time
     lead = rank_zero_only.rank == 0
@@ -338,11 +365,13 @@ def evaluate(
         raise ConfigError(f"'{cfg_file}' not found: pass --run with a trained run folder or --config.")
     cfg = load_config(cfg_file, overrides)
     ckpt_path = resolve_checkpoint(run_dir, ckpt)
-    from diffmic.training.safety import check_split, probe_writable
+    from diffmic.training.safety import check_run_outside_data, check_split, probe_writable
 
     read_checkpoint(ckpt_path)  # a bad --ckpt is reported before the data are read
     if stage == "test":
+        check_run_outside_data(run_dir, cfg.data.root)
         probe_writable(run_dir, RunFolderError)  # a read-only folder or a full disk: say so before evaluating
+        _claim_test_outputs(run_dir, claim=False)  # a file of the user's under an output name: say so now
     dm = build_datamodule(cfg)
     dm.setup("test" if stage == "test" else "validate")
     eval_over = {"eval": {k: v for k, v in cfg.to_dict()["eval"].items()}}
@@ -356,15 +385,44 @@ def evaluate(
     trainer = _trainer(cfg, run_dir, [], for_fit=False)
     pl.seed_everything(cfg.run.seed, verbose=False)
     if stage == "test":
-        trainer.test(module, datamodule=dm, verbose=False)
-        result = getattr(module, "test_result", {})
-        result["checkpoint"] = str(ckpt_path)
-        result["selected_on"] = cfg.train.select_on
-        if trainer.is_global_zero:
-            (run_dir / "test_metrics.json").write_text(json.dumps(result, indent=2))
-        return result
+
+        def test() -> dict:
+            _claim_test_outputs(run_dir, claim=True)
+            trainer.test(module, datamodule=dm, verbose=False)
+            result = getattr(module, "test_result", {})
+            result["checkpoint"] = str(ckpt_path)
+            result["selected_on"] = cfg.train.select_on
+            if trainer.is_global_zero:
+                (run_dir / "test_metrics.json").write_text(json.dumps(result, indent=2))
+            return result
+
+        return _settled(run_dir, test)
     out = trainer.validate(module, datamodule=dm, verbose=False)
     return {k: float(v) for k, v in (out[0] if out else {}).items()}
+
+
+def _claim_test_outputs(run_dir: Path, claim: bool) -> None:
+    """Refuse when a file in the run folder that no run of ours wrote carries the name of a test
+    output (it would be written over); with ``claim``, record the test outputs in the folder's
+    manifest (before they are written)."""
+    from diffmic.outputs import TEST_OUTPUTS, OutputError, claim_outputs, read_manifest
+
+    try:
+        listed = read_manifest(run_dir)
+        if listed is not None:
+            foreign = [n for n in TEST_OUTPUTS if n not in listed and os.path.lexists(run_dir / n)]
+            if foreign:
+                raise ConfigError(
+                    f"test: {', '.join(repr(n) for n in foreign)} in run folder '{run_dir}' "
+                    f"{'is' if len(foreign) == 1 else 'are'} not listed in its record of the files diffmic "
+                    "wrote, and the test would write over it; nothing was evaluated. Move it away."
+                )
+        if claim:
+            claim_outputs(run_dir, TEST_OUTPUTS)
+    except OutputError as exc:
+        raise ConfigError(str(exc)) from exc
+    except OSError as exc:
+        raise RunFolderError(f"cannot write to run folder '{run_dir}': {exc}. Nothing was evaluated.") from exc
 
 
 def calibrate(

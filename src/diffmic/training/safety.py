@@ -1,5 +1,6 @@
 """Run-folder guarantees that are not training: the recorded data split, the list of skipped
-images, and a write probe before an evaluation (see docs/robustness.md)."""
+images, a write probe before an evaluation, the run lock (one fit per run folder) and the refusal
+of a run folder that holds or lies inside the data (see docs/robustness.md)."""
 
 from __future__ import annotations
 
@@ -130,3 +131,138 @@ def probe_writable(run_dir: Path, error: type[OSError] = OSError, nbytes: int = 
         ) from exc
     finally:
         Path(name).unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------ the run lock
+def _lock_file(fd: int) -> bool:
+    """An exclusive, non-blocking lock on the open file ``fd`` (released by the kernel when the
+    process ends, however it ends); False when another open of the file holds it."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _holder(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+        return f"process {int(info['pid'])} on {info.get('host', '?')} (since {info.get('started', '?')})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+class RunLock:
+    """One fit (fresh or ``--resume``) per run folder: an exclusive lock on
+    ``<run>/.diffmic-run.lock`` (holding the pid, host and start time), taken before the folder is
+    checked or written and released when the fit ends. The operating system releases the lock of a
+    process that dies, so a lock file left by a killed fit is simply taken again."""
+
+    def __init__(self, run_dir: Path, error: type[Exception]):
+        from diffmic.outputs import RUN_LOCK
+
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / RUN_LOCK
+        self.error = error
+        self.fd: int | None = None
+        self.created: list[Path] = []
+
+    def acquire(self) -> RunLock:
+        import datetime
+        import socket
+
+        try:
+            missing = [p for p in (self.run_dir, *self.run_dir.parents) if not p.exists()]
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise self.error(
+                f"cannot write to run folder '{self.run_dir}' (run.dir): {exc}. Choose a writable run.dir."
+            ) from exc
+        self.created = missing  # removed again on release when left empty
+        for _ in range(5):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                self.release()
+                raise self.error(
+                    f"cannot write to run folder '{self.run_dir}' (run.dir): {exc}. Choose a writable run.dir."
+                ) from exc
+            if not _lock_file(fd):
+                os.close(fd)
+                holder = _holder(self.path)
+                self.release()
+                raise self.error(
+                    f"run folder '{self.run_dir}' is in use by {holder}: it holds the lock file "
+                    f"'{self.path}'. Wait for that fit to end, or choose another run.dir; nothing was changed."
+                )
+            try:  # the file may have been removed (released) between open and lock: lock the new one
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            self.fd = fd
+            info = {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "started": datetime.datetime.now().isoformat(timespec="seconds"),
+            }
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(info).encode())
+            return self
+        raise self.error(f"could not lock run folder '{self.run_dir}' ({self.path} keeps being replaced)")
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self.fd)
+            self.fd = None
+        for d in self.created:  # folders made for this fit and left empty (it stopped early)
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        self.created = []
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# ---------------------------------------------------------- run folders apart from the data
+def check_run_outside_data(run_dir: str | Path, data_root: str | Path) -> None:
+    """Refuse a run folder that is the data folder, lies inside it, or holds it (symbolic links
+    resolved): a run writes files there and ``fit --overwrite`` removes its own, which must never
+    mix with (or be taken for) the images. A data root that is a file (a CSV manifest, an
+    ``.npz``) is refused only when the run folder holds it."""
+    run = Path(os.path.normcase(os.path.realpath(run_dir)))
+    data = Path(os.path.normcase(os.path.realpath(data_root)))
+    if data.is_file():
+        relation = "holds the data file" if run in data.parents else None
+    elif run == data:
+        relation = "is the data folder"
+    elif data in run.parents:
+        relation = "is inside the data folder"
+    elif run in data.parents:
+        relation = "holds the data folder"
+    else:
+        relation = None
+    if relation:
+        raise ConfigError(
+            f"run.dir '{run_dir}' {relation} data.root '{data_root}' (resolved: {run} and {data}). A run "
+            f"writes its checkpoints, logs and results into its folder (and --overwrite removes them), so it "
+            f"must not share a folder with the data: choose a run.dir outside the data; nothing was written."
+        )
