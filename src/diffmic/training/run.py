@@ -385,9 +385,11 @@ def evaluate(
     trainer = _trainer(cfg, run_dir, [], for_fit=False)
     pl.seed_everything(cfg.run.seed, verbose=False)
     if stage == "test":
+        lead = rank_zero_only.rank == 0  # DDP: rank 0 writes the results, and keeps the manifest
 
         def test() -> dict:
-            _claim_test_outputs(run_dir, claim=True)
+            if lead:
+                _claim_test_outputs(run_dir, claim=True)
             trainer.test(module, datamodule=dm, verbose=False)
             result = getattr(module, "test_result", {})
             result["checkpoint"] = str(ckpt_path)
@@ -396,7 +398,7 @@ def evaluate(
                 (run_dir / "test_metrics.json").write_text(json.dumps(result, indent=2))
             return result
 
-        return _settled(run_dir, test)
+        return _settled(run_dir, test) if lead else test()
     out = trainer.validate(module, datamodule=dm, verbose=False)
     return {k: float(v) for k, v in (out[0] if out else {}).items()}
 
