@@ -19,6 +19,7 @@ BAD: dict[str, tuple[str, str]] = {
     "data.cache_dir": ("c/" + "c" * 300, r"data.cache_dir has a file or folder name of 300 bytes"),
     "model.encoder_weights": ("w" * 256 + ".pt", r"model.encoder_weights has a file or folder name of 259"),
     "model.dcg_weights": ("w" * 256 + ".pt", r"model.dcg_weights has a file or folder name of 259"),
+    "model.pretrained": ("p" * 256 + ".pt", r"model.pretrained has a file or folder name of 259"),
     "data.split": ("lesion ; data.dataset=folder", r"data.split needs lesion ids"),
     "data.test_fraction": ("1", r"data.test_fraction must be in \(0, 1\), got 1.0"),
     "data.image_size": ("4", r"data.image_size must be in \[8, 8192\], got 4"),
@@ -78,13 +79,13 @@ BAD: dict[str, tuple[str, str]] = {
     "eval.refer_threshold": ("1.2", r"eval.refer_threshold must be in \[0, 1\]"),
     "model.encoder_kwargs": ("{patch_size: 8}", r"model.encoder_kwargs only applies to timm encoders"),
     "model.dcg_output_stride": ("4", r"model.dcg_output_stride must be one of 8, 16, 32, got 4"),
+    "model.freeze_stride": ("32", r"model.freeze_stride must be one of 0, 2, 4, 8, 16, got 32"),
     "train.joint_steps": ("-1", r"train.joint_steps must be in \[0, 1000000000\], got -1"),
     "train.dcg_warmup_steps": ("-5", r"train.dcg_warmup_steps must be in \[0, 1000000000\], got -5"),
     "eval.t_start": ("3 ; eval.steps=10", r"eval.t_start must be >= eval.steps-1=9"),
     "eval.refer_max_fraction": ("1.5", r"eval.refer_max_fraction must be in \[0, 1\], got 1.5"),
     "eval.refer_target_accuracy": ("0", r"eval.refer_target_accuracy must be in \(0, 1\]"),
     "eval.conformal_level": ("1", r"eval.conformal_level must be in \(0, 1\), got 1.0"),
-    "model.freeze_stride": ("32", r"model.freeze_stride must be one of 0, 2, 4, 8, 16, got 32"),
     "eval.bootstrap_resamples": ("-1", r"eval.bootstrap_resamples must be in \[0, 1000000\]"),
 }
 

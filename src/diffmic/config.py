@@ -92,10 +92,10 @@ class ModelConfig:
         "sum"  # sum (released: all classes' min-max saliency) | top_class (ours: predicted class's channel)
     )
     dcg_output_stride: int = 32  # ours: DCG global-stream output stride 32 (released) | 16 | 8 (CPU presets)
-    # ours: extra timm.create_model arguments for a timm:<name> encoder, e.g. {patch_size: 8} (ViT) or
     # ours: freeze every backbone's layers up to this output stride (0: none | 2 | 4 | 8 | 16), for
     # pretrained weights: no gradient through the high-resolution early layers (less time per step)
     freeze_stride: int = 0
+    # ours: extra timm.create_model arguments for a timm:<name> encoder, e.g. {patch_size: 8} (ViT) or
     # {window_size: 4} (Swin); img_size defaults to data.image_size for fixed-input-size models (ViT, Swin)
     encoder_kwargs: dict = field(default_factory=dict)
 
@@ -558,6 +558,7 @@ RULES: list[tuple[str, Check]] = [
     ("data.cache_dir", _path),
     ("model.encoder_weights", _path),
     ("model.dcg_weights", _path),
+    ("model.pretrained", _path),
     ("train.init_encoder_from", _path),
     ("data.split", _lesion_split),
     ("data.test_fraction", _range(0, 1, lo_open=True, hi_open=True)),
@@ -579,6 +580,7 @@ RULES: list[tuple[str, Check]] = [
     ("model.num_rois", _range(1, 100_000)),
     ("model.crop_size", _crop_fits),
     ("model.dcg_output_stride", _one_of(*OUTPUT_STRIDES)),
+    ("model.freeze_stride", _one_of(0, 2, 4, 8, 16)),
     ("diffusion.num_timesteps", _range(1, 1_000_000)),
     ("diffusion.beta_start", _range(0, 1, lo_open=True, hi_open=True)),
     ("diffusion.beta_end", _range(0, 1, lo_open=True, hi_open=True)),
@@ -609,7 +611,6 @@ RULES: list[tuple[str, Check]] = [
     ("train.limit_train_batches", _limit_batches),
     ("train.limit_val_batches", _limit_batches),
     ("train.log_every_n_steps", _range(1)),
-    ("model.freeze_stride", _one_of(0, 2, 4, 8, 16)),
     ("eval.steps", _steps),
     ("eval.val_steps", _steps),
     ("eval.eta", _range(0, 1)),

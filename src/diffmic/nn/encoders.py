@@ -210,11 +210,18 @@ class TimmEncoder(_KeepFrozenEval, nn.Module):
         model: nn.Module,
         spatial: bool = False,
         input_stats: tuple[Sequence[float], Sequence[float]] | None = None,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
         self.out_dim = int(model.num_features)
         self.spatial = bool(spatial)
+        # NHWC weights and inputs: oneDNN's depthwise convolutions are several times faster so on a CPU
+        # (EfficientNet-Lite0 on 192 crops of 16 px: 1.1 s -> 0.14 s per training step); state-dict keys
+        # and values are unchanged (exports copy to contiguous tensors)
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
         self._renorm = input_stats is not None
         if input_stats is not None:
             # inputs arrive ImageNet-normalised (diffmic.data); the model was trained on (x - m) / s:
@@ -237,6 +244,8 @@ class TimmEncoder(_KeepFrozenEval, nn.Module):
         """``x [B, C_in, H, W] -> [B, D]`` or ``[B, D, h, w]``."""
         if self._renorm:
             x = torch.addcmul(self._in_shift.to(x.dtype), x, self._in_scale.to(x.dtype))
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         if not self.spatial:
             return self.model(x)
         f = self.model.forward_features(x)
@@ -944,7 +953,7 @@ def create_encoder(
     if name in EFFICIENTNET_LITE:
         enc = _timm_encoder(EFFICIENTNET_LITE[name][0], in_chans, spatial, pretrained=False, kwargs=timm_os)
         # trained on (x - 0.5) / 0.5 (TF's (x - 127) / 128): re-normalise the ImageNet-normalised input
-        enc = TimmEncoder(enc.model, spatial, input_stats=((0.5,), (0.5,)))
+        enc = TimmEncoder(enc.model, spatial, input_stats=((0.5,), (0.5,)), channels_last=True)
     elif name in _REGISTRY:
         enc = set_output_stride(_REGISTRY[name](in_chans, spatial), os_)
     elif name.startswith("tv:"):

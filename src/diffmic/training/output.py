@@ -46,6 +46,11 @@ KNOWN_NOISE: tuple[tuple[str, type[Warning], str], ...] = (
         "small data sets: epoch-level metrics are logged anyway",
     ),
     (
+        r"Found \d+ module\(s\) in eval mode at the start of training",
+        UserWarning,
+        "model.freeze_stride keeps the frozen backbone layers in eval mode on purpose (fixed BatchNorm statistics)",
+    ),
+    (
         r"It is recommended to use `self.log\('(val|test)/\w+', \.\.\., sync_dist=True\)`",
         UserWarning,
         (
