@@ -283,3 +283,32 @@ def test_config_reaches_the_datamodule(tmp_path):
     dm = build_datamodule(load_config("cpu", [*base, "data.class_balance=0", "train.select_on=test"]))
     assert dm.class_balance == 0.0 and dm.val_split == "test"
     assert dm.train_dataloader().sampler.weights is None
+
+
+@pytest.mark.parametrize("batch_size", [2, 3, 4, 7, 64])  # 15 training images: 2 and 7 leave one
+def test_no_training_batch_of_one_image_and_the_budget_counts_the_batches(tmp_path, batch_size):
+    """A training split whose size leaves one image in the last batch would crash BatchNorm
+    ("Expected more than 1 value per channel"): that batch is dropped, and the step budget counts the
+    batches the loader really gives."""
+    from diffmic.data.sampling import train_batches_per_epoch
+    from diffmic.training.budget import steps_per_epoch
+
+    root = _folder(tmp_path / "imgs")
+    dm = DiffMICDataModule(
+        dataset="folder", root=root, image_size=8, batch_size=batch_size, val_fraction=0.2, seed=3, cache_dir=tmp_path
+    )
+    dm.setup("fit")
+    n = dm.split_sizes["train"]
+    sizes = [len(b["label"]) for b in dm.train_dataloader()]
+    assert 1 not in sizes or n == 1
+    assert len(sizes) == train_batches_per_epoch(n, batch_size) == steps_per_epoch(n, batch_size)
+    # closed form: every image is seen unless the last batch would hold exactly one
+    assert sum(sizes) == (n - 1 if n % batch_size == 1 and n > batch_size else n)
+
+
+def test_train_batches_per_epoch_closed_form():
+    from diffmic.data.sampling import train_batches_per_epoch
+
+    assert [train_batches_per_epoch(n, 4) for n in (1, 3, 4, 5, 6, 8, 9)] == [1, 1, 1, 1, 2, 2, 2]
+    assert train_batches_per_epoch(7011 - 702, 32) == 198  # HAM10000 authors' split, 6,309 images
+    assert train_batches_per_epoch(546, 64) == 9

@@ -21,7 +21,7 @@ from .cache import DecodedCache
 from .checks import DataReport, check_dataset
 from .datasets import CachedImageDataset, ImagePathsDataset
 from .records import DataError, DatasetIndex, Record, filter_existing
-from .sampling import EpochSeededSampler, class_balance_weights
+from .sampling import EpochSeededSampler, class_balance_weights, drops_last_batch
 from .sources import load_aptos2019, load_csv_manifest, load_ham10000, load_image_folder, load_medmnist, split_all
 from .splits import stratified_split, stratified_subset
 from .transforms import DEFAULT_MAX_PIXELS, build_transform
@@ -370,7 +370,7 @@ class DiffMICDataModule(pl.LightningDataModule):
             shuffle=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
-            drop_last=False,
+            drop_last=train and drops_last_batch(len(ds), self.batch_size),
             persistent_workers=self.num_workers > 0,
         )
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["EpochSeededSampler", "class_balance_weights"]
+__all__ = ["EpochSeededSampler", "class_balance_weights", "drops_last_batch", "train_batches_per_epoch"]
 
 
 class EpochSeededSampler(torch.utils.data.Sampler[int]):
@@ -72,3 +72,17 @@ def class_balance_weights(labels: Sequence[int], power: float) -> np.ndarray:
     labels = np.asarray(labels, dtype=np.int64)
     counts = np.bincount(labels)
     return counts[labels].astype(np.float64) ** -float(power)
+
+
+def drops_last_batch(num_train: int, batch_size: int) -> bool:
+    """Whether the training loader drops its last batch: only when it would hold a single image, which
+    BatchNorm cannot normalise in training mode ("Expected more than 1 value per channel")."""
+    return batch_size > 1 and num_train > batch_size and num_train % batch_size == 1
+
+
+def train_batches_per_epoch(num_train: int, batch_size: int) -> int:
+    """Optimisation steps in one training epoch (the last partial batch is kept unless it would hold one
+    image, see :func:`drops_last_batch`)."""
+    if num_train < 1 or batch_size < 1:
+        raise ValueError(f"{num_train} training images at batch size {batch_size}")
+    return num_train // batch_size if drops_last_batch(num_train, batch_size) else -(-num_train // batch_size)

@@ -12,15 +12,17 @@ from __future__ import annotations
 import math
 
 from diffmic.config import Config, ConfigError
+from diffmic.data.sampling import train_batches_per_epoch
 
 __all__ = ["steps_per_epoch", "epochs_for_steps", "apply_step_budget"]
 
 
 def steps_per_epoch(num_train: int, batch_size: int) -> int:
-    """Optimisation steps in one epoch (the train loader keeps the last partial batch)."""
+    """Optimisation steps in one epoch (the train loader keeps the last partial batch unless it would
+    hold one image: :func:`diffmic.data.sampling.train_batches_per_epoch`)."""
     if num_train < 1 or batch_size < 1:
         raise ConfigError(f"cannot budget steps: {num_train} training images at batch size {batch_size}")
-    return math.ceil(num_train / batch_size)
+    return train_batches_per_epoch(num_train, batch_size)
 
 
 def epochs_for_steps(steps: int, num_train: int, batch_size: int, min_epochs: int = 1) -> int:
