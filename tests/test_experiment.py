@@ -89,6 +89,32 @@ def test_apply_step_budget_sets_epochs_from_the_data_size():
     assert apply_step_budget(plain, 546) == {} and plain.train.epochs == 3
 
 
+def test_equal_budget_gives_every_variant_the_same_steps():
+    """basic / C1 have no DCG warm-up: by default they train for its length too, so a preset gives
+    every variant the same optimiser steps (the issue-22 table: basic got 24 steps where full got 130)."""
+    over = ["train.joint_steps=null", "train.dcg_warmup_steps=null", "train.epochs=3", "train.dcg_warmup_epochs=10"]
+    full = load_config("cpu", ["model.variant=full", *over])
+    basic = load_config("cpu", ["model.variant=basic", *over])
+    apply_step_budget(full, 546)
+    apply_step_budget(basic, 546)
+    assert (full.train.epochs, full.train.dcg_warmup_epochs) == (3, 10)
+    assert (basic.train.epochs, basic.train.dcg_warmup_epochs) == (13, 0)
+    assert apply_step_budget(basic, 546) == {} and basic.train.epochs == 13  # a resume changes nothing
+    # step budgets add up: 400 + 1000 steps at 9 steps per epoch = ceil(1400 / 9) epochs
+    steps = ["train.joint_steps=400", "train.dcg_warmup_steps=1000", "data.batch_size=64"]
+    c1 = load_config("cpu", ["model.variant=C1", *steps])
+    apply_step_budget(c1, 546)
+    assert (c1.train.epochs, c1.train.dcg_warmup_epochs) == (156, 0)
+    again = apply_step_budget(c1, 546)
+    assert (c1.train.epochs, c1.train.dcg_warmup_epochs) == (156, 0) and again["epochs"] == 156
+    dcg = load_config("cpu", ["model.variant=dcg", *steps])
+    apply_step_budget(dcg, 546)
+    assert (dcg.train.epochs, dcg.train.dcg_warmup_epochs) == (45, 112)  # DCG variants keep their stages
+    old = load_config("cpu", ["model.variant=basic", "train.equal_budget=false", *over])
+    apply_step_budget(old, 546)
+    assert (old.train.epochs, old.train.dcg_warmup_epochs) == (3, 10)  # the earlier rule, by a switch
+
+
 # ---------------------------------------------------------------------------------------------- models
 
 

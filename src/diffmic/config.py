@@ -121,6 +121,9 @@ class TrainConfig:
     dcg_warmup_epochs: int = 15  # released code 15, paper 10
     joint_steps: Optional[int] = None  # ours: budget the joint stage in optimiser steps (sets epochs at fit)
     dcg_warmup_steps: Optional[int] = None  # ours: budget the DCG warm-up in steps (sets dcg_warmup_epochs)
+    # ours: variants without a DCG (basic, C1) also train for the warm-up's length, so every variant of a
+    # preset gets the same optimiser steps; false: they train train.epochs / joint_steps only (diffmic <= 0.1)
+    equal_budget: bool = True
     lr: float = 1e-3
     lr_warmup_epochs: float = 40.0
     min_lr: float = 0.0

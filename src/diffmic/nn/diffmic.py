@@ -28,12 +28,23 @@ from .denoiser import ConditionalDenoiser, ImageEmbedding
 from .encoders import create_encoder
 from .guidance import DCG, ROI_CHANNELS, GuidanceOutput, WeightsArg
 
-__all__ = ["VARIANTS", "BASELINE_VARIANTS", "ALL_VARIANTS", "PRIOR_KINDS", "DENOISER_INPUTS", "Priors", "DiffMIC"]
+__all__ = [
+    "VARIANTS",
+    "BASELINE_VARIANTS",
+    "ALL_VARIANTS",
+    "DCG_VARIANTS",
+    "PRIOR_KINDS",
+    "DENOISER_INPUTS",
+    "Priors",
+    "DiffMIC",
+]
 
 VARIANTS: tuple[str, ...] = ("basic", "C1", "C2", "full")
 #: baseline variants beside the paper's Table 2 ones (accepted by :class:`DiffMIC` and the config)
 BASELINE_VARIANTS: tuple[str, ...] = ("dcg",)
 ALL_VARIANTS: tuple[str, ...] = VARIANTS + BASELINE_VARIANTS
+#: the variants with a DCG (trained first alone for ``train.dcg_warmup_epochs``)
+DCG_VARIANTS: tuple[str, ...] = ("C2", "full", "dcg")
 #: denoiser input: ``released`` = [y_t, ŷ] (2C, the released code: ŷ is the branch's guidance vector);
 #: ``paper`` = [y_t, ŷ_g, ŷ_l] (3C, the paper's Eq. 3, the same for every branch).
 DENOISER_INPUTS: tuple[str, ...] = ("released", "paper")
@@ -218,7 +229,7 @@ class DiffMIC(nn.Module):
     @property
     def uses_dcg(self) -> bool:
         """True for ``"C2"``, ``"full"`` and ``"dcg"``."""
-        return self.variant in ("C2", "full", "dcg")
+        return self.variant in DCG_VARIANTS
 
     @property
     def uses_guidance(self) -> bool:

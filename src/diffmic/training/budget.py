@@ -13,6 +13,7 @@ import math
 
 from diffmic.config import Config, ConfigError
 from diffmic.data.sampling import train_batches_per_epoch
+from diffmic.nn.diffmic import DCG_VARIANTS
 
 __all__ = ["steps_per_epoch", "epochs_for_steps", "apply_step_budget"]
 
@@ -35,19 +36,34 @@ def epochs_for_steps(steps: int, num_train: int, batch_size: int, min_epochs: in
 
 
 def apply_step_budget(cfg: Config, num_train: int) -> dict:
-    """Set ``train.epochs`` / ``train.dcg_warmup_epochs`` from the step keys when they are set.
+    """Resolve the training budget for this data set (``cfg`` is changed in place).
+
+    1. Step keys: ``train.epochs`` / ``train.dcg_warmup_epochs`` from ``train.joint_steps`` /
+       ``train.dcg_warmup_steps`` when they are set.
+    2. ``train.equal_budget`` (default): a variant without a DCG (``basic``, ``C1``) has no warm-up, so
+       it trains for the warm-up's length too (``epochs + dcg_warmup_epochs``, or the two step budgets
+       added), and its ``dcg_warmup_epochs`` becomes 0: every variant of a preset gets the same number
+       of optimiser steps. Applying it twice changes nothing (a resumed run repeats it).
 
     Returns a summary ``{"num_train", "steps_per_epoch", "epochs", "dcg_warmup_epochs"}`` (empty
-    when no step key is set). ``cfg`` is changed in place.
+    when nothing changed).
     """
     t = cfg.train
-    if t.joint_steps is None and t.dcg_warmup_steps is None:
+    steps = t.joint_steps is not None or t.dcg_warmup_steps is not None
+    merge = t.equal_budget and cfg.model.variant not in DCG_VARIANTS
+    if not steps and not (merge and t.dcg_warmup_epochs > 0):
         return {}
     spe = steps_per_epoch(num_train, cfg.data.batch_size)
-    if t.joint_steps is not None:
-        t.epochs = epochs_for_steps(t.joint_steps, num_train, cfg.data.batch_size)
-    if t.dcg_warmup_steps is not None:
-        t.dcg_warmup_epochs = epochs_for_steps(t.dcg_warmup_steps, num_train, cfg.data.batch_size)
+    if steps:
+        joint = t.joint_steps if t.joint_steps is not None else t.epochs * spe
+        warm = t.dcg_warmup_steps if t.dcg_warmup_steps is not None else t.dcg_warmup_epochs * spe
+        if merge:
+            t.epochs, t.dcg_warmup_epochs = epochs_for_steps(joint + warm, num_train, cfg.data.batch_size), 0
+        else:
+            t.epochs = epochs_for_steps(joint, num_train, cfg.data.batch_size)
+            t.dcg_warmup_epochs = epochs_for_steps(warm, num_train, cfg.data.batch_size)
+    else:
+        t.epochs, t.dcg_warmup_epochs = t.epochs + t.dcg_warmup_epochs, 0
     return {
         "num_train": int(num_train),
         "steps_per_epoch": spe,

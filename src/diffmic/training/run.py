@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from diffmic.config import Config, ConfigError, load_config, save_config
+from diffmic.nn.diffmic import DCG_VARIANTS
 from diffmic.training.callbacks import DenoiserEMA, StageAwareCheckpoint
 from diffmic.training.checkpoint import TMP_MARK, AtomicCheckpointIO, CheckpointError, load_module, read_checkpoint
 from diffmic.training.ddp import BroadcastBuffers
@@ -76,7 +77,7 @@ def _trainer(cfg: Config, run_dir: Path, callbacks: list, for_fit: bool) -> pl.T
         cbs.append(BroadcastBuffers())  # DDP: every rank starts each epoch with rank 0's BN statistics
     if t.progress_bar:
         cbs.append(TQDMProgressBar(refresh_rate=max(1, t.log_every_n_steps)))
-    total_epochs = t.epochs + (t.dcg_warmup_epochs if cfg.model.variant in ("C2", "full", "dcg") else 0)
+    total_epochs = t.epochs + (t.dcg_warmup_epochs if cfg.model.variant in DCG_VARIANTS else 0)
     trainer = pl.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
