@@ -13,6 +13,12 @@ NPZ = DATA / "breastmnist" / "breastmnist.npz"
 
 # Tiny backbones, a narrow denoiser and short samplers: a CPU fit in seconds.
 TINY_MODEL = [
+    # random weights and epoch counts whatever the preset says (the `cpu` preset: pretrained
+    # EfficientNet-Lite0, step budgets); tests set train.epochs / train.dcg_warmup_epochs themselves
+    "model.pretrained=false",
+    "model.freeze_stride=0",
+    "train.dcg_warmup_steps=null",
+    "train.joint_steps=null",
     "model.encoder=resnet10_tiny",
     "model.dcg_global=resnet10_tiny",
     "model.dcg_local=resnet10_tiny",

@@ -26,7 +26,7 @@ def fit_args(data: Path, run: Path, *extra: str, warmup: int = 1, epochs: int = 
     return [
         "fit",
         "--config",
-        "cpu",
+        "cpu_v1",
         "data.dataset=folder",
         f"data.root={data}",
         "data.split=random",

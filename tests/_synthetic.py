@@ -30,7 +30,7 @@ def tiny_fit_args(data: Path, run: Path, cache: Path, epochs: int = 1, warmup: i
     return [
         "fit",
         "--config",
-        "cpu",
+        "cpu_v1",
         "data.dataset=folder",
         f"data.root={data}",
         "data.split=random",

@@ -3,11 +3,23 @@ library, generic coercion from the dataclass field types, and presets that compo
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
+import diffmic.config
 from diffmic.cli import main
-from diffmic.config import CHOICES, RULES, Config, ConfigError, load_config, read_preset, section_kwargs
+from diffmic.config import (
+    CHOICES,
+    RULES,
+    Config,
+    ConfigError,
+    config_from_dict,
+    load_config,
+    read_preset,
+    section_kwargs,
+)
 
 # One bad value per rule of config.RULES, and what the message must say. The first test checks
 # that this table covers every rule, so a new rule without a test fails the suite.
@@ -101,7 +113,7 @@ def test_rule_rejects_a_bad_value_and_names_the_key(key):
     value, expected = BAD[key]
     value, *context = value.split(" ; ")  # other keys the rule needs to be broken
     with pytest.raises(ConfigError, match=expected):
-        load_config("cpu", [f"{key}={value}", *context])
+        load_config("cpu_v1", [f"{key}={value}", *context])
 
 
 @pytest.mark.parametrize(
@@ -125,16 +137,16 @@ def test_rule_rejects_a_bad_value_and_names_the_key(key):
     ],
 )
 def test_rule_accepts_valid_values(key, value):
-    load_config("cpu", [f"{key}={value}"])
+    load_config("cpu_v1", [f"{key}={value}"])
 
 
 @pytest.mark.parametrize("value", ["nan", ".nan", "inf", "-.inf"])
 def test_non_finite_numbers_are_refused_for_every_float(value):
     for key in ("train.lr", "eval.temperature", "data.rotation", "loss.mmd_weight"):
         with pytest.raises(ConfigError, match=rf"{key}: expected a finite number"):
-            load_config("cpu", [f"{key}={value}"])
+            load_config("cpu_v1", [f"{key}={value}"])
     with pytest.raises(ConfigError, match=r"loss.mmd_bandwidth\[1\]: expected a finite number"):
-        load_config("cpu", [f"loss.mmd_bandwidth=[1, {value}]"])
+        load_config("cpu_v1", [f"loss.mmd_bandwidth=[1, {value}]"])
 
 
 def test_every_shipped_preset_and_the_defaults_pass_the_rules():
@@ -152,7 +164,7 @@ def test_bad_value_on_the_command_line_exits_2_without_traceback(capsys):
         ("train.precision=31", "train.precision"),
         ("train.lr=nan", "train.lr"),
     ):
-        assert main(["fit", "--config", "cpu", over]) == 2
+        assert main(["fit", "--config", "cpu_v1", over]) == 2
         err = capsys.readouterr().err
         assert key in err and "Traceback" not in err, err
 
@@ -165,7 +177,7 @@ def test_config_path_that_is_a_folder_is_a_clear_error(tmp_path, capsys, monkeyp
     # a folder that happens to share a preset's name does not hide the preset
     monkeypatch.chdir(tmp_path)
     (tmp_path / "cpu").mkdir()
-    assert load_config("cpu").data.image_size == 64
+    assert load_config("cpu_v1").data.image_size == 64
 
 
 # ----------------------------------------------------------------------------- one source of truth
@@ -200,7 +212,7 @@ def test_choice_sets_are_the_librarys_own_constants():
     for key, const in same.items():
         assert CHOICES[key] is const, key
     with pytest.raises(ConfigError, match=r"model.variant: 'huge' is not one of basic, C1, C2, full, dcg"):
-        load_config("cpu", ["model.variant=huge"])
+        load_config("cpu_v1", ["model.variant=huge"])
 
 
 def test_cli_and_data_layer_share_the_image_suffixes(tmp_path, capsys):
@@ -248,35 +260,32 @@ def test_section_kwargs_maps_fields_by_name():
     def build(variant, hidden_dim, num_timesteps=1, other=0):
         return variant, hidden_dim, num_timesteps, other
 
-    cfg = load_config("cpu")
+    cfg = load_config("cpu_v1")
     kw = section_kwargs(build, cfg.model, num_timesteps=7)
     assert kw == {"variant": "full", "hidden_dim": 512, "num_timesteps": 7}
 
 
 # ------------------------------------------------------------------------------------ presets
 def test_presets_compose_with_base(tmp_path):
-    """demo_cpu and breastmnist hold only what differs from cpu, and load to cpu + those keys."""
-    cpu = load_config("cpu").to_dict()
-    demo = load_config("demo_cpu").to_dict()
-    assert {k: v for k, v in demo.items() if k != "run"} == {k: v for k, v in cpu.items() if k != "run"}
-    assert demo["run"]["dir"] == "runs/demo"
-    breast = load_config("breastmnist").to_dict()
-    differ = {(s, k) for s in cpu for k in cpu[s] if cpu[s][k] != breast[s][k]}
-    assert differ == {
-        ("run", "dir"),
-        ("data", "dataset"),
-        ("data", "root"),
-        ("train", "epochs"),
-        ("train", "dcg_warmup_epochs"),
-    }
+    """Every derived preset holds only what differs from its base, and loads to base + those keys."""
+    from diffmic.config import _merge
+
+    for child, base in (("demo_cpu", "cpu"), ("breastmnist", "cpu"), ("cpu_v1", "cpu"), ("cpu_steps", "cpu_v1")):
+        own = yaml.safe_load((Path(diffmic.config.__file__).parent / "configs" / f"{child}.yaml").read_text())
+        assert own.pop("base") == base
+        parent = load_config(base).to_dict()
+        redundant = {(s, k) for s, body in own.items() for k, v in body.items() if parent[s][k] == v}
+        assert not redundant, f"{child}.yaml repeats {sorted(redundant)} of {base}"
+        assert load_config(child).to_dict() == config_from_dict(_merge(parent, own)).to_dict()
+    assert load_config("demo_cpu").run.dir == "runs/demo"
     raw = read_preset("breastmnist")
-    assert "base" not in raw and raw["model"]["dcg_local"] == "resnet10_tiny"  # inherited
+    assert "base" not in raw and raw["model"]["dcg_local"] == "efficientnet_lite0"  # inherited from cpu
 
     # a user's file with a chain of bases, relative to the file; later files win
     (tmp_path / "mine.yaml").write_text("base: cpu\ntrain:\n  epochs: 7\n")
     (tmp_path / "child.yaml").write_text("base: mine.yaml\neval:\n  num_samples: 2\n")
     cfg = load_config(tmp_path / "child.yaml", ["train.lr=0.002"])
-    assert (cfg.train.epochs, cfg.eval.num_samples, cfg.train.lr, cfg.data.image_size) == (7, 2, 0.002, 64)
+    assert (cfg.train.epochs, cfg.eval.num_samples, cfg.train.lr, cfg.data.image_size) == (7, 2, 0.002, 128)
 
 
 def test_preset_base_errors(tmp_path):

@@ -278,9 +278,9 @@ def test_config_reaches_the_datamodule(tmp_path):
 
     root = _folder(tmp_path / "imgs")
     base = [f"data.root={root}", "data.dataset=folder", f"data.cache_dir={tmp_path / 'cache'}"]
-    dm = build_datamodule(load_config("cpu", base))
+    dm = build_datamodule(load_config("cpu_v1", base))
     assert dm.class_balance == 0.5 and dm.val_split == "val"  # the CPU preset balances by sqrt(n_c)
-    dm = build_datamodule(load_config("cpu", [*base, "data.class_balance=0", "train.select_on=test"]))
+    dm = build_datamodule(load_config("cpu_v1", [*base, "data.class_balance=0", "train.select_on=test"]))
     assert dm.class_balance == 0.0 and dm.val_split == "test"
     assert dm.train_dataloader().sampler.weights is None
 

@@ -43,7 +43,7 @@ def two_runs(tmp_path_factory, synth_npz):
     cache = tmp / "cache"
     runs = [tmp / "a", tmp / "b"]
     args = [
-        ["fit", "--config", "cpu", *FAST, f"data.root={synth_npz}", f"data.cache_dir={cache}", f"run.dir={r}"]
+        ["fit", "--config", "cpu_v1", *FAST, f"data.root={synth_npz}", f"data.cache_dir={cache}", f"run.dir={r}"]
         for r in runs
     ]
     assert main(args[0]) == 0
@@ -187,7 +187,7 @@ def test_predictor_output_does_not_depend_on_batch_size(tmp_path):
     from diffmic.training.module import DiffMICModule
 
     cfg = load_config(
-        "cpu",
+        "cpu_v1",
         [
             f"data.image_size={SIZE}",
             f"model.crop_size={CROP}",

@@ -123,7 +123,7 @@ def synth_run(tmp_path_factory, synth_npz) -> Path:
         [
             "fit",
             "--config",
-            "cpu",
+            "cpu_v1",
             *TINY,
             "data.dataset=medmnist",
             f"data.root={synth_npz}",
@@ -226,8 +226,8 @@ def test_predict_errors_are_clear(synth_run, tmp_path, capsys):
         ),
         (["predict", "--run", str(synth_run), str(img), "eval.stpes=3"], "eval.stpes"),
         (["test", "--run", str(tmp_path / "nope")], "not found"),
-        (["fit", "--config", "cpu", "data.rooot=/x"], "Did you mean 'data.root'"),
-        (["fit", "--config", "cpu", "train.epochs=many"], "train.epochs"),
+        (["fit", "--config", "cpu_v1", "data.rooot=/x"], "Did you mean 'data.root'"),
+        (["fit", "--config", "cpu_v1", "train.epochs=many"], "train.epochs"),
     ]
     (tmp_path / "empty").mkdir()
     for argv, expected in cases:
@@ -245,7 +245,7 @@ def test_explain_image_of_grey_input_is_the_grey_input(tmp_path):
     from diffmic.training.module import DiffMICModule
 
     for in_chans in (1, 3):
-        cfg = load_config("cpu", [*TINY, f"data.in_chans={in_chans}", "model.hidden_dim=16"])
+        cfg = load_config("cpu_v1", [*TINY, f"data.in_chans={in_chans}", "model.hidden_dim=16"])
         torch.manual_seed(0)
         pred = Predictor(DiffMICModule(cfg.to_dict(), 2, ["a", "b"]).eval(), device="cpu")
         p = tmp_path / f"flat{in_chans}.png"
@@ -265,7 +265,7 @@ def test_unseen_class_folder_trains_with_cpu_preset(tmp_path, synth_folder):
         [
             "fit",
             "--config",
-            "cpu",
+            "cpu_v1",
             *TINY,
             "data.dataset=folder",
             f"data.root={synth_folder}",
@@ -305,7 +305,7 @@ def breast_run(tmp_path_factory) -> Path:
         [
             "fit",
             "--config",
-            "cpu",
+            "cpu_v1",
             *TINY,
             "data.batch_size=32",
             "data.dataset=medmnist",

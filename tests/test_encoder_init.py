@@ -166,11 +166,11 @@ def test_bad_sources_are_clear_errors_before_anything_is_written(tmp_path, data,
 def test_config_rules():
     over = ["model.variant=full", "train.init_encoder_from=runs/x"]
     with pytest.raises(ConfigError, match="exclude each other"):
-        load_config("cpu", over)  # the CPU preset has init_encoder_from_dcg=true
+        load_config("cpu_v1", over)  # the CPU preset has init_encoder_from_dcg=true
     with pytest.raises(ConfigError, match="needs a diffusion variant"):
-        load_config("cpu", [*over, FROM, "model.variant=basic"])
-    assert load_config("cpu", [*over, FROM]).train.init_encoder_from == "runs/x"
-    assert load_config("cpu").train.init_encoder_from is None
+        load_config("cpu_v1", [*over, FROM, "model.variant=basic"])
+    assert load_config("cpu_v1", [*over, FROM]).train.init_encoder_from == "runs/x"
+    assert load_config("cpu_v1").train.init_encoder_from is None
 
 
 def test_source_check_builds_the_encoder_the_run_builds(monkeypatch):
@@ -181,7 +181,7 @@ def test_source_check_builds_the_encoder_the_run_builds(monkeypatch):
     from diffmic.training.run import _read_encoder_init
 
     cfg = load_config(
-        "cpu",
+        "cpu_v1",
         [
             "model.encoder=timm:vit_tiny_patch16_224",
             "model.encoder_kwargs={patch_size: 8}",

@@ -78,14 +78,14 @@ def test_epochs_for_steps_rounds_up_to_whole_epochs():
 
 
 def test_apply_step_budget_sets_epochs_from_the_data_size():
-    cfg = load_config("cpu", ["train.joint_steps=1000", "train.dcg_warmup_steps=200", "data.batch_size=64"])
+    cfg = load_config("cpu_v1", ["train.joint_steps=1000", "train.dcg_warmup_steps=200", "data.batch_size=64"])
     info = apply_step_budget(cfg, 546)
     assert (cfg.train.epochs, cfg.train.dcg_warmup_epochs) == (112, 23)  # ceil(1000/9), ceil(200/9)
     assert info["steps_per_epoch"] == 9
-    big = load_config("cpu", ["train.joint_steps=1000"])
+    big = load_config("cpu_v1", ["train.joint_steps=1000"])
     apply_step_budget(big, 7011)  # 110 steps per epoch
     assert big.train.epochs == 10 and big.train.dcg_warmup_epochs == 10  # warm-up untouched
-    plain = load_config("cpu")
+    plain = load_config("cpu_v1")
     assert apply_step_budget(plain, 546) == {} and plain.train.epochs == 3
 
 
@@ -135,7 +135,7 @@ def test_output_stride_rejects_bad_values():
     with pytest.raises(ValueError, match="8, 16 or 32"):
         set_output_stride(create_encoder("resnet10_tiny", spatial=True), 4)
     with pytest.raises(ConfigError, match="dcg_output_stride"):
-        load_config("cpu", ["model.dcg_output_stride=4"])
+        load_config("cpu_v1", ["model.dcg_output_stride=4"])
 
 
 def test_dcg_variant_predicts_with_the_fused_logits():
@@ -189,7 +189,7 @@ def _grid(tmp, npz, models: dict) -> str:
         "reference": "basic",
         "seeds": [1, 2],
         "common": common,
-        "datasets": {"tiny": {"config": "cpu", "overrides": ["data.dataset=medmnist", f"data.root={npz}"]}},
+        "datasets": {"tiny": {"config": "cpu_v1", "overrides": ["data.dataset=medmnist", f"data.root={npz}"]}},
         "models": models,
     }
     path = tmp / "grid.yaml"

@@ -61,7 +61,7 @@ def tiny_run(tmp_path_factory) -> Path:
         [
             "fit",
             "--config",
-            "cpu",
+            "cpu_v1",
             *TINY_MODEL,
             "data.dataset=medmnist",
             f"data.root={npz}",

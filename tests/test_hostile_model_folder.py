@@ -35,7 +35,7 @@ def good(tmp_path_factory) -> Path:
 
     tmp = tmp_path_factory.mktemp("hostile")
     torch.manual_seed(0)
-    cfg = load_config("cpu", [*TINY_MODEL, "data.image_size=32", "model.pretrained=false", "eval.steps=3"])
+    cfg = load_config("cpu_v1", [*TINY_MODEL, "data.image_size=32", "model.pretrained=false", "eval.steps=3"])
     module = DiffMICModule(cfg.to_dict(), 2, CLASSES)
     ckpt = tmp / "run" / "checkpoints" / "best.ckpt"
     ckpt.parent.mkdir(parents=True)

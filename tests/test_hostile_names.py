@@ -74,7 +74,7 @@ def _fit(root_override: list[str], tmp: Path) -> Path:
         [
             "fit",
             "--config",
-            "cpu",
+            "cpu_v1",
             "data.image_size=32",
             "data.batch_size=16",
             *TINY_MODEL,

@@ -211,7 +211,7 @@ def _fit_counting_dcg_passes(tmp_path, synth_npz, monkeypatch, *over):
     monkeypatch.setattr(DCG, "forward", forward)
     monkeypatch.setattr(DiffMICModule, "training_step", step)
     cfg = load_config(
-        "cpu",
+        "cpu_v1",
         [
             "data.dataset=medmnist",
             f"data.root={synth_npz}",
@@ -269,7 +269,7 @@ def test_fused_adam_switch(over, fused):
 
     from _helpers import TINY_MODEL
 
-    cfg = load_config("cpu", [*TINY_MODEL, *over])
+    cfg = load_config("cpu_v1", [*TINY_MODEL, *over])
     opts = DiffMICModule(cfg.to_dict(), 3, ["a", "b", "c"]).configure_optimizers()
     assert len(opts) == 2  # rho(x) + denoiser, and the DCG
     assert [o.defaults.get("fused") for o in opts] == [fused, fused]

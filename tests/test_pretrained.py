@@ -67,7 +67,7 @@ def test_config_key_reaches_the_model_and_specific_files_win(tmp_path):
     f, g = tmp_path / "a.safetensors", tmp_path / "b.pth"
     save_file(sd, str(f))
     torch.save(other, g)
-    cfg = load_config("cpu", [*TINY_MODEL, f"model.pretrained={f}", f"model.encoder_weights={g}"])
+    cfg = load_config("cpu_v1", [*TINY_MODEL, f"model.pretrained={f}", f"model.encoder_weights={g}"])
     m = build_model(cfg, 3)
     assert _same(m.image_embedding.encoder, other)  # model.encoder_weights wins for rho(x)
     assert _same(m.dcg.global_encoder, sd) and _same(m.dcg.local_encoder, sd)
@@ -159,7 +159,7 @@ def test_fit_with_a_bad_file_exits_2_naming_the_keys(tmp_path, capsys):
         [
             "fit",
             "--config",
-            "cpu",
+            "cpu_v1",
             *TINY_MODEL,
             "data.dataset=folder",
             f"data.root={root}",

@@ -53,7 +53,7 @@ def tiny_run(tmp_path_factory, one_thread) -> Path:  # noqa: F811
         [
             "fit",
             "--config",
-            "cpu",
+            "cpu_v1",
             "data.image_size=32",
             "data.batch_size=16",
             *TINY_MODEL,

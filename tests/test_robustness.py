@@ -52,7 +52,7 @@ def fast(synth_npz) -> list[str]:
 
 
 def _fit_args(fast: list[str], run: Path, cache: Path, *extra: str) -> list[str]:
-    return ["fit", "--config", "cpu", *fast, *EPOCHS, f"data.cache_dir={cache}", f"run.dir={run}", *extra]
+    return ["fit", "--config", "cpu_v1", *fast, *EPOCHS, f"data.cache_dir={cache}", f"run.dir={run}", *extra]
 
 
 def _metrics(run: Path) -> dict:
@@ -191,7 +191,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(monkey
         [
             "fit",
             "--config",
-            "cpu",
+            "cpu_v1",
             *fast,
             "train.epochs=1",
             "train.dcg_warmup_epochs=1",
@@ -216,7 +216,7 @@ def test_non_finite_loss_raises_in_the_library(monkeypatch, tmp_path, cache, fas
 
     monkeypatch.setattr(module_mod, "guidance_ce", lambda *a, **k: torch.tensor(float("inf"), requires_grad=True))
     cfg = load_config(
-        "cpu",
+        "cpu_v1",
         [
             *fast,
             "train.epochs=1",
@@ -237,7 +237,7 @@ def test_unwritable_run_folder_is_a_clear_error(tmp_path, capsys, fast):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     run = blocker / "sub"
-    rc = main(["fit", "--config", "cpu", *fast, f"run.dir={run}"])
+    rc = main(["fit", "--config", "cpu_v1", *fast, f"run.dir={run}"])
     err = capsys.readouterr().err
     assert rc == 2, err
     assert f"cannot write to run folder '{run}'" in err and "Traceback" not in err
@@ -248,7 +248,7 @@ def test_unwritable_run_folder_is_a_clear_error(tmp_path, capsys, fast):
         ro.mkdir()
         ro.chmod(0o555)
         try:
-            rc = main(["fit", "--config", "cpu", *fast, f"run.dir={ro / 'run'}"])
+            rc = main(["fit", "--config", "cpu_v1", *fast, f"run.dir={ro / 'run'}"])
             err = capsys.readouterr().err
             assert rc == 2 and str(ro / "run") in err, err
         finally:
@@ -262,13 +262,13 @@ def test_fit_never_overwrites_an_existing_run(tmp_path, capsys, fast):
     (run / "checkpoints" / "best.ckpt").write_bytes(b"the selected model")
     (run / "config.yaml").write_text("run:\n  seed: 7\n")
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    rc = main(["fit", "--config", "cpu", *fast, f"run.dir={run}"])
+    rc = main(["fit", "--config", "cpu_v1", *fast, f"run.dir={run}"])
     err = capsys.readouterr().err
     assert rc == 2
     assert "already holds a training run" in err and "--resume" in err and "nothing was overwritten" in err
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
-    rc = main(["fit", "--run", str(tmp_path / "empty"), "--resume", "--config", "cpu"])
+    rc = main(["fit", "--run", str(tmp_path / "empty"), "--resume", "--config", "cpu_v1"])
     assert rc == 2 and "--resume: no" in capsys.readouterr().err
 
 
@@ -279,7 +279,7 @@ def test_checkpoint_write_is_atomic_even_across_filesystems(monkeypatch, tmp_pat
     filesystem, as on many clusters, the move is a copy that a kill can cut short.)"""
     from diffmic.training.run import _trainer
 
-    cfg = load_config("cpu", [f"run.dir={tmp_path}", "train.progress_bar=false"])
+    cfg = load_config("cpu_v1", [f"run.dir={tmp_path}", "train.progress_bar=false"])
     io = _trainer(cfg, tmp_path, [], for_fit=False).strategy.checkpoint_io
     path = tmp_path / "checkpoints" / "last.ckpt"
     io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "hyper_parameters": {}}, path)
@@ -477,7 +477,7 @@ def test_loading_overrides_that_change_the_network_are_refused(full_run):
 )
 def test_bad_config_values_name_the_key(override, expected):
     with pytest.raises(ConfigError, match=expected):
-        load_config("cpu", [override])
+        load_config("cpu_v1", [override])
 
 
 def test_bad_config_in_a_file_and_on_the_command_line(tmp_path, capsys):
@@ -488,7 +488,7 @@ def test_bad_config_in_a_file_and_on_the_command_line(tmp_path, capsys):
     cfg.write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(cfg)
-    assert main(["fit", "--config", "cpu", "train.epochs=[1"]) == 2
+    assert main(["fit", "--config", "cpu_v1", "train.epochs=[1"]) == 2
     err = capsys.readouterr().err
     assert "train.epochs" in err and "Traceback" not in err
     assert main(["predict", "--ckpt", str(tmp_path / "x.ckpt"), str(cfg), "eval.steps=[1"]) == 2
@@ -502,7 +502,7 @@ def test_yaml_with_python_tags_is_refused_and_never_runs(tmp_path, capsys):
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(cfg)
     with pytest.raises(ConfigError, match="run.dir"):
-        load_config("cpu", [f"run.dir=!!python/object/apply:os.system ['touch {pwned}']"])
+        load_config("cpu_v1", [f"run.dir=!!python/object/apply:os.system ['touch {pwned}']"])
     assert main(["fit", "--config", str(cfg)]) == 2
     assert "not valid YAML" in capsys.readouterr().err
     assert not pwned.exists(), "the YAML payload ran"
@@ -528,7 +528,7 @@ def test_data_check_reports_a_corrupt_image_by_name(tmp_path, capsys):
             "data",
             "check",
             "--config",
-            "cpu",
+            "cpu_v1",
             "data.dataset=folder",
             f"data.root={root}",
             "data.split=random",

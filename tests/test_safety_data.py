@@ -53,7 +53,7 @@ def test_bad_label_rows_are_errors_naming_file_and_line_never_classes(tmp_path, 
             "data",
             "check",
             "--config",
-            "cpu",
+            "cpu_v1",
             "data.dataset=csv",
             f"data.root={f}",
             "data.split=random",
@@ -111,7 +111,7 @@ def test_same_pixels_in_two_splits_are_reported(tmp_path, capsys):
     # a copy of a training image under another name, and one re-encoded as BMP (same pixels)
     (root / "test" / "benign" / "copy.png").write_bytes((root / "train" / "benign" / "img0.png").read_bytes())
     Image.open(root / "train" / "malignant" / "img1.png").save(root / "test" / "malignant" / "other.bmp")
-    rc = main(["data", "check", "--config", "cpu", "data.dataset=folder", f"data.root={root}", "data.image_size=16"])
+    rc = main(["data", "check", "--config", "cpu_v1", "data.dataset=folder", f"data.root={root}", "data.image_size=16"])
     out = capsys.readouterr().out
     assert rc == 1
     found = [ln for ln in out.splitlines() if "duplicate_content" in ln]
@@ -132,7 +132,7 @@ def test_single_class_data_is_refused_before_training(tmp_path, capsys):
             "data",
             "check",
             "--config",
-            "cpu",
+            "cpu_v1",
             "data.dataset=folder",
             f"data.root={root}",
             "data.image_size=16",
@@ -225,7 +225,7 @@ def test_label_conflict_in_a_folder_is_named_and_skip_bad_drops_both(tmp_path, c
 
     root = make_folder(tmp_path / "data", n=10)  # 21 images, 19 left: no training batch of 1 image
     (root / "malignant" / "same.png").write_bytes((root / "benign" / "img3.png").read_bytes())
-    rc = main(["data", "check", "--config", "cpu", "data.dataset=folder", f"data.root={root}", "data.image_size=16"])
+    rc = main(["data", "check", "--config", "cpu_v1", "data.dataset=folder", f"data.root={root}", "data.image_size=16"])
     out = capsys.readouterr().out
     found = [ln for ln in out.splitlines() if "label_conflict:" in ln and "ERROR" in ln]
     assert rc == 1 and len(found) == 2 and all("img3.png" in ln and "same.png" in ln for ln in found), out

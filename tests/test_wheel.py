@@ -63,7 +63,7 @@ def test_wheel_installs_and_runs_in_a_clean_venv(tmp_path):
     (wheel,) = dist.glob("diffmic-*.whl")
     assert wheel.name.startswith(f"diffmic-{__version__}-")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for preset in ("ham10000", "aptos2019", "ultrasound", "cpu", "demo_cpu", "breastmnist"):
+    for preset in ("ham10000", "aptos2019", "ultrasound", "cpu", "cpu_v1", "demo_cpu", "breastmnist"):
         assert f"diffmic/configs/{preset}.yaml" in names
     assert any(n.endswith(".dist-info/licenses/LICENSE") or n.endswith(".dist-info/LICENSE") for n in names)
     assert "diffmic/data/download.py" in names and "diffmic/inference/export.py" in names
@@ -103,7 +103,7 @@ def test_wheel_installs_and_runs_in_a_clean_venv(tmp_path):
             exe,
             "fit",
             "--config",
-            "cpu",
+            "cpu_v1",
             *TINY_MODEL,
             "data.dataset=medmnist",
             f"data.root={tmp_path / 'tiny.npz'}",

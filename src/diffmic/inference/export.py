@@ -331,7 +331,7 @@ def _architecture(meta: dict, cfg, cfg_path: Path) -> dict:
     config (as ``training.module.build_model`` derives them), and required to equal the
     ``architecture`` the folder states. Initial-weight files are never read (``None``)."""
     from diffmic.config import section_kwargs
-    from diffmic.nn.diffmic import DiffMIC
+    from diffmic.nn.diffmic import DiffMIC, architecture
     from diffmic.nn.encoders import timm_encoder_kwargs
 
     try:
@@ -347,15 +347,7 @@ def _architecture(meta: dict, cfg, cfg_path: Path) -> dict:
         raise _refuse(cfg_path, f"its config does not describe a model ({exc})") from exc
     kwargs.update(num_classes=len(meta["class_names"]), encoder_weights=None, dcg_weights=None, pretrained=None)
     # what DiffMIC records as its hparams (and export wrote as 'architecture') for these arguments
-    expected = {
-        "num_classes": kwargs["num_classes"],
-        **{k: v for k, v in kwargs.items() if k not in ("num_classes", "encoder_kwargs", "denoiser_input")},
-    }
-    if kwargs.get("denoiser_input", "released") != "released":
-        expected["denoiser_input"] = kwargs["denoiser_input"]
-    if kwargs.get("encoder_kwargs"):
-        expected["encoder_kwargs"] = {str(k): v for k, v in kwargs["encoder_kwargs"].items()}
-    expected = json.loads(json.dumps(expected, default=str))
+    expected = json.loads(json.dumps(architecture(**kwargs), default=str))
     stated = {**meta["architecture"], "encoder_weights": None, "dcg_weights": None, "pretrained": None}
     if stated.get("denoiser_input") == "released":
         stated.pop("denoiser_input")

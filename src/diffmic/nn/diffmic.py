@@ -15,6 +15,7 @@ No optimiser, no data, no sampling loop here: the trainer/predictor composes ``e
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
@@ -68,6 +69,38 @@ def _path_or_none(p: WeightsArg) -> Any:
     if isinstance(p, (tuple, list)):
         return tuple(None if q is None else os.fspath(q) for q in p)
     return os.fspath(p)
+
+
+#: constructor arguments recorded only when they differ from their default, so that the hparams of
+#: checkpoints written before the argument existed stay exactly as they were
+_RECORDED_IF_SET: dict[str, Any] = {"denoiser_input": "released", "freeze_stride": 0, "encoder_kwargs": {}}
+
+
+def architecture(**kwargs: Any) -> dict[str, Any]:
+    """The constructor arguments of :class:`DiffMIC` as it records them (``model.hparams``, an exported
+    folder's ``architecture``): every argument in signature order, normalised (ints, paths as strings),
+    those of :data:`_RECORDED_IF_SET` only when not at their default. ``DiffMIC(**architecture(...))``
+    rebuilds the same network. One definition for the model, the checkpoint and the export checks."""
+    sig = inspect.signature(DiffMIC.__init__)
+    out: dict[str, Any] = {}
+    for name, par in list(sig.parameters.items())[1:]:
+        v = kwargs.pop(name, par.default)
+        if v is inspect.Parameter.empty:
+            raise TypeError(f"architecture() missing the argument {name!r}")
+        if name in ("encoder_weights", "dcg_weights"):
+            v = _path_or_none(v)
+        elif name == "pretrained":
+            v = v if isinstance(v, (bool, type(None))) else os.fspath(v)
+        elif name == "encoder_kwargs":
+            v = {str(k): x for k, x in (v or {}).items()}
+        elif name == "num_classes" or (isinstance(par.default, int) and not isinstance(par.default, bool)):
+            v = int(v)
+        if name in _RECORDED_IF_SET and v == _RECORDED_IF_SET[name]:
+            continue
+        out[name] = v
+    if kwargs:
+        raise TypeError(f"architecture() got unknown arguments {sorted(kwargs)}")
+    return out
 
 
 class DiffMIC(nn.Module):
@@ -135,33 +168,30 @@ class DiffMIC(nn.Module):
             raise ValueError(f"unknown roi_channels {roi_channels!r}; expected one of {ROI_CHANNELS}")
         if int(num_classes) < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        self.hparams: dict[str, Any] = dict(
-            num_classes=int(num_classes),
+        enc_kw = {str(k): v for k, v in (encoder_kwargs or {}).items()}
+        self.hparams: dict[str, Any] = architecture(
+            num_classes=num_classes,
             variant=variant,
             encoder=encoder,
-            hidden_dim=int(hidden_dim),
-            num_layers=int(num_layers),
-            num_timesteps=int(num_timesteps),
+            hidden_dim=hidden_dim,
+            num_layers=num_layers,
+            num_timesteps=num_timesteps,
             dcg_global=dcg_global,
             dcg_local=dcg_local,
-            num_rois=int(num_rois),
-            crop_size=int(crop_size),
+            num_rois=num_rois,
+            crop_size=crop_size,
             roi_channels=roi_channels,
             prior=prior,
-            in_chans=int(in_chans),
-            encoder_weights=_path_or_none(encoder_weights),
-            dcg_weights=_path_or_none(dcg_weights),
-            pretrained=pretrained if isinstance(pretrained, (bool, type(None))) else os.fspath(pretrained),
-            dcg_output_stride=int(dcg_output_stride),
+            in_chans=in_chans,
+            encoder_weights=encoder_weights,
+            dcg_weights=dcg_weights,
+            denoiser_input=denoiser_input,
+            pretrained=pretrained,
+            dcg_output_stride=dcg_output_stride,
             roi_select=roi_select,
+            encoder_kwargs=enc_kw,
+            freeze_stride=freeze_stride,
         )
-        if denoiser_input != "released":  # old checkpoints' hparams stay loadable and unchanged
-            self.hparams["denoiser_input"] = denoiser_input
-        if int(freeze_stride):  # likewise: absent when 0
-            self.hparams["freeze_stride"] = int(freeze_stride)
-        enc_kw = {str(k): v for k, v in (encoder_kwargs or {}).items()}
-        if enc_kw:  # likewise: absent when empty
-            self.hparams["encoder_kwargs"] = dict(enc_kw)
         self.denoiser_input = denoiser_input
         self.num_classes = int(num_classes)
         self.variant = variant
