@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(VPY) -m pip install -q --upgrade pip
 	# torch/torchvision first, pinned to the builds this machine serves from disk
 	$(VPY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-	$(VPY) -m pip install -q -e ".[test]"
+	$(VPY) -m pip install -q -e ".[test,weights]"
 	touch $(STAMP)
 
 venv: $(STAMP)
