@@ -27,6 +27,7 @@ from diffmic.nn.encoders import (
 
 from _helpers import need
 
+
 def _missing(what: str) -> None:
     """Skip on a user's machine; under CI=true (the test extra installs these) a failure."""
     if os.environ.get("CI", "").lower() == "true":
