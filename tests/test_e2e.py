@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -144,6 +145,12 @@ def test_fit_writes_run_folder(synth_run):
     summary = json.loads((synth_run / "fit_summary.json").read_text())
     assert summary["selected_on"] == "val" and summary["monitor"] == "val/acc"
     assert (synth_run / "logs" / "metrics.csv").exists()
+    # provenance: the machine and the time the fit took (the records behind the docs' numbers)
+    assert summary["wall_time_s"] > 0 and summary["cpu_time_s"] > 0 and summary["resumed"] is False
+    assert summary["machine"]["logical_cpus"] == os.cpu_count()
+    assert summary["machine"]["torch"] == torch.__version__
+    test = json.loads((synth_run / "test_metrics.json").read_text())["provenance"]
+    assert test["wall_time_s"] > 0 and set(test["load_average"]) == {"start", "end"}
 
 
 def test_test_metrics_equal_sklearn_and_beat_the_majority_baseline(synth_run, synth_npz):

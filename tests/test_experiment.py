@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from pathlib import Path
 
@@ -234,6 +235,16 @@ def test_grid_writes_one_run_folder_per_cell_and_a_table(grid_run):
     assert float(rows["dcg"]["acc"].split(" ± ")[0]) == pytest.approx(np.mean(accs), abs=1e-3)
     assert rows["basic"]["d_acc_vs_basic"] == "—" and rows["dcg"]["d_acc_vs_basic"].count("[") == 1
     assert rows["full"]["aurc_agreement"] != "—" and rows["basic"]["aurc_agreement"] == "—"
+    # record.json: the table, each cell's metrics, config, split hash and times, small enough to commit
+    rec = json.loads((exp / "record.json").read_text())
+    assert rec["grid"] == path and [r["model"] for r in rec["summary"]] == ["basic", "dcg", "full"]
+    byname = {(c["model"], c["seed"]): c for c in rec["cells"]}
+    assert len(byname) == 5 and byname[("dcg", 1)]["acc"] == pytest.approx(accs[0], abs=1e-5)
+    split = (exp / "tiny/dcg/seed1/split.json").read_bytes()
+    assert byname[("dcg", 1)]["split_sha256"] == hashlib.sha256(split).hexdigest()
+    assert byname[("dcg", 1)]["config"]["model"]["variant"] == "dcg"
+    assert byname[("dcg", 1)]["fit"]["wall_time_s"] > 0 and byname[("dcg", 1)]["test"]["wall_time_s"] > 0
+    assert (exp / "record.json").stat().st_size < 100_000
 
 
 def test_grid_resumes_skipping_finished_cells(grid_run, capsys):

@@ -20,6 +20,7 @@ LAYERS: dict[str, int] = {
     "diffmic.data": 3,
     "diffmic.reporting": 3,
     "diffmic.outputs": 3,
+    "diffmic.provenance": 3,
     "diffmic.trust": 3,
     "diffmic.config": 4,
     "diffmic.training": 5,

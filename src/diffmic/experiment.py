@@ -96,6 +96,7 @@ class Grid:
     cells: list[Cell] = field(default_factory=list)
     models: list[str] = field(default_factory=list)
     datasets: list[str] = field(default_factory=list)
+    path: Optional[Path] = None  # the grid file it was read from
 
 
 def _str_list(value: Any, where: str) -> list[str]:
@@ -259,6 +260,7 @@ def load_grid(path: str | Path) -> Grid:
         reference=None if ref is None else str(ref),
         models=[str(m) for m in models],
         datasets=[str(d) for d in datasets],
+        path=path,
     )
     for dname, dspec in datasets.items():
         dspec = dspec or {}
@@ -578,7 +580,56 @@ def summarise(grid: Grid, n_boot: int = 1000, ci_metrics: tuple[str, ...] = ("ac
     (grid.out / "summary.md").write_text(md)
     paths["md"] = grid.out / "summary.md"
     paths["png"] = _figure(cell_rows, grid, grid.out / "summary.png")
+    paths["record"] = _write_record(grid, cell_rows, rows, grid.out / "record.json")
     return paths
+
+
+def cell_provenance(run_dir: Path) -> dict[str, Any]:
+    """What a finished cell's run folder says about how it was made: its resolved config, the
+    SHA-256 of its recorded split, and the wall time, machine and load of its fit and test."""
+    import hashlib
+    import json
+
+    out: dict[str, Any] = {}
+    split = run_dir / "split.json"
+    if split.is_file():
+        out["split_sha256"] = hashlib.sha256(split.read_bytes()).hexdigest()
+    cfg = run_dir / "config.yaml"
+    if cfg.is_file():
+        out["config"] = yaml.safe_load(cfg.read_text())
+    for name, key, sub in (("fit_summary.json", "fit", None), ("test_metrics.json", "test", "provenance")):
+        f = run_dir / name
+        if not f.is_file():
+            continue
+        d = json.loads(f.read_text())
+        d = d.get(sub, {}) if sub else d
+        out[key] = {
+            k: d.get(k)
+            for k in ("started", "wall_time_s", "cpu_time_s", "cpu_utilisation", "load_average", "machine", "resumed")
+            if k in d
+        }
+    return out
+
+
+def _write_record(grid: Grid, cell_rows: list[dict], rows: list[dict], path: Path) -> Path:
+    """``record.json``: a small, committable record of what the grid measured (the summary table, the
+    per-cell metrics, each cell's resolved config, split hash, wall times, machine and load), so that
+    a number quoted from this grid can cite it. No images, checkpoints or predictions."""
+    from diffmic.provenance import machine
+    from diffmic.reporting import write_json
+
+    cells = []
+    for r in cell_rows:
+        run = Path(r["run_dir"])
+        cells.append({**{k: v for k, v in r.items() if k != "run_dir"}, **cell_provenance(run)})
+    record = {
+        "grid": str(grid.path) if grid.path else None,
+        "out": str(grid.out),
+        "summarised_on": machine(),
+        "summary": rows,
+        "cells": cells,
+    }
+    return write_json(path, record)
 
 
 def _pooled_ci(a: list[dict], b: list[dict], metric: str, n_boot: int, seed: int = 0) -> str:

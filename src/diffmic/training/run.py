@@ -251,6 +251,9 @@ def _settled(run_dir: Path, step):
 
 
 def _fit_locked(cfg: Config, resume: bool, overwrite: bool) -> Path:
+    from diffmic.provenance import Stopwatch
+
+    watch = Stopwatch()
     run_dir = Path(cfg.run.dir)
     ckpt_dir = run_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
@@ -336,6 +339,8 @@ def _fit_locked(cfg: Config, resume: bool, overwrite: bool) -> Path:
         "selected_on": cfg.train.select_on,
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
+        "resumed": bool(resume),  # a resumed fit's times cover this process only
+        **watch.record(),
     }
     if trainer.is_global_zero:
         (run_dir / "fit_summary.json").write_text(json.dumps(summary, indent=2))
@@ -360,6 +365,9 @@ def evaluate(
     config_path: Optional[str] = None,
 ) -> dict:
     """Test (or validate) a trained run; writes ``test_metrics.json`` and ``predictions.csv``."""
+    from diffmic.provenance import Stopwatch
+
+    watch = Stopwatch()
     run_dir = Path(run_dir)
     cfg_file = Path(config_path) if config_path else run_dir / "config.yaml"
     if not cfg_file.exists():
@@ -395,6 +403,7 @@ def evaluate(
             result = getattr(module, "test_result", {})
             result["checkpoint"] = str(ckpt_path)
             result["selected_on"] = cfg.train.select_on
+            result["provenance"] = watch.record()  # the machine, and the test's wall / CPU time
             if trainer.is_global_zero:
                 (run_dir / "test_metrics.json").write_text(json.dumps(result, indent=2))
             return result
