@@ -139,6 +139,11 @@ class TrainConfig:
     encoder_lr_scale: float = 1.0  # ours: lr multiplier for rho(x)'s backbone (released: 1)
     noise_samples_per_image: int = 1  # ours: R (t, eps) draws per image per step (released: 1)
     prior_swap: float = 0.0  # ours: share of training draws given another batch image's priors (0 = released)
+    # ours (issue 23): out-of-fold priors. K >= 2: K extra DCGs, DCG k trained on the images outside
+    # fold k, give the denoiser each image's prior (training.crossfit); 0 or 1 = off (released)
+    prior_folds: int = 0
+    # ours: a share of the training images trains the DCG only, the rest the denoiser only (0 = off)
+    prior_split: float = 0.0
     init_encoder_from_dcg: bool = False  # ours: start rho(x) from the warmed-up DCG backbone (CPU presets)
     init_encoder_from: Optional[str] = None  # ours: start rho(x) from an earlier run's encoder (folder or .ckpt)
     exact_dcg_priors: bool = True  # priors from a separate eval-mode DCG pass (released); False reuses the train pass
@@ -169,6 +174,9 @@ class EvalConfig:
     # sampler's window in this many calls (the K samples still give agreement / spread / t-test);
     # 0 = the mean of the K samples (released)
     point_steps: int = 0
+    # with train.prior_folds: the test-time prior from the model's DCG fitted on all training images
+    # (full) or the mean of the K fold DCGs' logits (folds)
+    prior_source: str = "full"
     aggregate: str = "mean"  # mean | vote
     temperature: float = 0.2  # probabilities = softmax(mean y0 / temperature)
     val_sampler: str = "ddim"
@@ -517,6 +525,36 @@ def _lesion_split(v: Any, cfg: Config) -> Optional[str]:
     return None
 
 
+#: where the test-time prior of a cross-fitted model comes from (``eval.prior_source``)
+PRIOR_SOURCES: tuple[str, ...] = ("full", "folds")
+
+
+def _prior_folds(v: Any, cfg: Config) -> Optional[str]:
+    if not 0 <= v <= 20:
+        return "must be 0 or 1 (off: one DCG fitted on every image) or a number of folds in [2, 20]"
+    if v >= 2 and cfg.model.variant not in ("C2", "full"):
+        return f"needs a variant whose denoiser takes DCG priors (C2, full), not model.variant={cfg.model.variant}"
+    return None
+
+
+def _prior_split(v: Any, cfg: Config) -> Optional[str]:
+    if not 0 <= v < 1:
+        return "must be in [0, 1): the share of training images that train the DCG only"
+    if v and cfg.train.prior_folds >= 2:
+        return "and train.prior_folds exclude each other: set one of them to 0"
+    if v and cfg.model.variant not in ("C2", "full"):
+        return f"needs a variant whose denoiser takes DCG priors (C2, full), not model.variant={cfg.model.variant}"
+    return None
+
+
+def _prior_source(v: Any, cfg: Config) -> Optional[str]:
+    if v not in PRIOR_SOURCES:
+        return f"must be one of {', '.join(PRIOR_SOURCES)}"
+    if v == "folds" and cfg.train.prior_folds < 2:
+        return "folds needs a model trained with train.prior_folds >= 2"
+    return None
+
+
 def _init_encoder_from(v: Any, cfg: Config) -> Optional[str]:
     if v is None:
         return None
@@ -604,6 +642,9 @@ RULES: list[tuple[str, Check]] = [
     ("train.init_encoder_from", _init_encoder_from),
     ("train.noise_samples_per_image", _range(1, 100_000)),
     ("train.prior_swap", _range(0, 1, hi_open=True)),
+    ("train.prior_folds", _prior_folds),
+    ("train.prior_split", _prior_split),
+    ("eval.prior_source", _prior_source),
     ("train.precision", _precision),
     ("train.accelerator", _accelerator),
     ("train.devices", _devices),

@@ -9,7 +9,7 @@ tests and benchmarks compare against; both give the same result for the same noi
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Optional
 
@@ -75,6 +75,7 @@ def reverse_sample(
     reencode: bool = False,
     return_trajectory: bool = False,
     point_steps: int = 0,
+    guide: Optional[Callable[[Tensor], object]] = None,
 ) -> ReverseOutput:
     """Classify a batch ``x [B,3,H,W]`` by reverse diffusion over the label vector.
 
@@ -89,10 +90,13 @@ def reverse_sample(
     T − 1 for the full chain; at most one call per timestep of the window) to t = 0, from the same
     encoder pass: a noise-free estimate of the
     samples' mean (docs/performance.md). The K samples are still drawn, for the uncertainty.
+
+    ``guide``: where the DCG outputs come from (default ``model.guide``; e.g. the average of a
+    cross-fitted model's fold DCGs, ``eval.prior_source=folds``).
     """
     B = x.shape[0]
     K = num_samples
-    guidance = model.guide(x)
+    guidance = (guide or model.guide)(x)
     priors = model.priors(guidance, B, x.device, x.dtype if x.is_floating_point() else torch.float32)
     mu = priors.fused  # [B,C]
     C = mu.shape[-1]

@@ -17,6 +17,7 @@ Speed-ups relative to the released step (see ``docs/performance.md``):
 
 from __future__ import annotations
 
+import copy
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +48,7 @@ from diffmic.metrics import (
 from diffmic.nn.diffmic import DiffMIC
 from diffmic.nn.encoders import timm_encoder_kwargs
 from diffmic.reporting import plot_risk_coverage, write_json, write_rows_csv
+from diffmic.training.crossfit import FoldAverage, dcg_part, fold_of, out_of_fold_guidance
 from diffmic.training.schedules import lr_factor, warmup_dcg_lr
 from diffmic.trust.fitting import sample_columns, test_trust
 
@@ -104,6 +106,13 @@ class DiffMICModule(pl.LightningModule):
         self.num_classes = num_classes
         self.class_names = list(class_names)
         self.model = build_model(self.cfg, num_classes)
+        # train.prior_folds = K >= 2: K fold DCGs (copies of the DCG's initial weights; training.crossfit)
+        K = self.cfg.train.prior_folds
+        self.fold_dcgs = (
+            torch.nn.ModuleList(copy.deepcopy(self.model.dcg) for _ in range(K))
+            if K >= 2 and self.model.dcg is not None
+            else None
+        )
         self.automatic_optimization = False
         self.val_metrics = classification_metrics(num_classes)
         # the fused DCG prior of a C2/full model in the joint phase, logged beside the read-out
@@ -165,6 +174,8 @@ class DiffMICModule(pl.LightningModule):
             lr0 = t.dcg_warmup_lr if t.dcg_warmup_lr is not None else t.dcg_lr
             dcg_params = list(self.model.dcg_parameters())
             opts.append(torch.optim.Adam(dcg_params, lr=lr0, amsgrad=t.dcg_amsgrad, **fused))
+            if self.fold_dcgs is not None:  # the fold DCGs: one optimiser, the DCG's settings
+                opts.append(torch.optim.Adam(self.fold_dcgs.parameters(), lr=lr0, amsgrad=t.dcg_amsgrad, **fused))
         return opts
 
     def _set_diffusion_lr(self, opt: torch.optim.Optimizer, batch_idx: int) -> float:
@@ -280,6 +291,7 @@ class DiffMICModule(pl.LightningModule):
         opts = opts if isinstance(opts, list) else [opts]
         opt_diff = opts[0]
         opt_dcg = opts[1] if len(opts) > 1 else None
+        opt_folds = opts[2] if len(opts) > 2 else None
         B = x.shape[0]
 
         if self.model.variant == "dcg":  # DCG alone: its cross-entropy step, same lr schedule as in `full`
@@ -295,16 +307,37 @@ class DiffMICModule(pl.LightningModule):
             self.log("train/loss", loss, prog_bar=True, batch_size=B)
             return
 
+        # train.prior_split: the DCG trains on its share of the images, the denoiser on the rest
+        split = self.cfg.train.prior_split
+        part = dcg_part(batch["id"], split, self.cfg.run.seed).to(x.device) if split > 0 else None
+        xg, yg = (x[part], y[part]) if part is not None else (x, y)  # the DCG's rows
         if self.in_dcg_warmup:
             self.log("train/dcg_lr", self._set_dcg_lr(opt_dcg, batch_idx), batch_size=B)
-            self._dcg_step(opt_dcg, x, y)
+            if xg.shape[0] > 1:  # BatchNorm needs two images
+                self._dcg_step(opt_dcg, xg, yg, ids=self._rows(batch["id"], part))
+            self._fold_step(opt_folds, x, y, batch["id"], batch_idx)
             return
+        joint = opt_dcg is not None and self.cfg.train.joint_dcg
+        if part is not None:  # the denoiser's rows; the DCG step below uses the others
+            if joint and xg.shape[0] > 1:
+                self._set_dcg_lr(opt_dcg, batch_idx)
+                self._dcg_step(opt_dcg, xg, yg, ids=self._rows(batch["id"], part))
+            joint = False
+            keep = ~part
+            batch = {**batch, "id": self._rows(batch["id"], keep)}
+            x, y = x[keep], y[keep]
+            B = x.shape[0]
+            if B < 2:
+                return
 
         # ---- diffusion step (one encoder pass feeds all branches)
         lr = self._set_diffusion_lr(opt_diff, batch_idx)
         g_train = None  # train-mode DCG pass reused by the DCG step (exact_dcg_priors=false)
-        joint = opt_dcg is not None and self.cfg.train.joint_dcg
-        if self.model.uses_dcg and not self.cfg.train.exact_dcg_priors and joint:
+        if self.fold_dcgs is not None:  # out-of-fold priors: image i's from the DCG of its fold
+            folds = fold_of(batch["id"], len(self.fold_dcgs), self.cfg.run.seed).to(x.device)
+            g = out_of_fold_guidance(self.fold_dcgs, x, folds)
+            self._trace("prior", folds.tolist(), batch["id"])
+        elif self.model.uses_dcg and not self.cfg.train.exact_dcg_priors and joint:
             # one train-mode DCG pass with autograd: its detached outputs are the priors, and the
             # DCG step below back-propagates its CE (the diffusion step does not change the DCG)
             g_train = self.model.guide(x)
@@ -349,18 +382,57 @@ class DiffMICModule(pl.LightningModule):
         self.log_dict({f"train/{k}": v for k, v in losses.items() if v is not None}, batch_size=B)
         self.log("train/loss_diff", losses["loss"], prog_bar=True, batch_size=B, logger=False)
         self.log("train/lr", lr, batch_size=B)
+        self._trace("denoiser", None, batch["id"])
 
         # ---- DCG step on the same batch (released: after every diffusion step)
         if joint:
             self._set_dcg_lr(opt_dcg, batch_idx)
-            self._dcg_step(opt_dcg, x, y, g_train)
+            self._dcg_step(opt_dcg, x, y, g_train, ids=batch["id"])
+            self._fold_step(opt_folds, x, y, batch["id"], batch_idx)
 
-    def _dcg_step(self, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, g: Any = None) -> None:
+    def _dcg_step(
+        self, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, g: Any = None, ids: Optional[list] = None
+    ) -> None:
         g = self.model.guide(x) if g is None else g
         loss = guidance_ce(g.z_fused, g.z_global, g.z_local, y, mode=self.cfg.loss.dcg_ce)
         self._check_finite(loss, "DCG cross-entropy")
         self._step(opt, loss, None)
         self.log("train/dcg_ce", loss, prog_bar=True, batch_size=x.shape[0])
+        self._trace("dcg", None, ids)
+
+    def _fold_step(self, opt: Optional[torch.optim.Optimizer], x: Tensor, y: Tensor, ids: list, batch_idx: int) -> None:
+        """One CE step of the K fold DCGs (``train.prior_folds``): DCG k on the batch's images outside
+        fold k. Their losses are summed into one step of their optimiser (disjoint parameters, so this
+        equals K separate steps)."""
+        if self.fold_dcgs is None or opt is None:
+            return
+        self._set_dcg_lr(opt, batch_idx)
+        folds = fold_of(ids, len(self.fold_dcgs), self.cfg.run.seed).to(x.device)
+        loss = None
+        for k, dcg in enumerate(self.fold_dcgs):
+            rows = folds != k
+            if int(rows.sum()) < 2:  # BatchNorm needs two images
+                continue
+            g = dcg(x[rows])
+            part = guidance_ce(g.z_fused, g.z_global, g.z_local, y[rows], mode=self.cfg.loss.dcg_ce)
+            loss = part if loss is None else loss + part
+            self._trace("fold", [k] * int(rows.sum()), self._rows(ids, rows))
+        if loss is None:
+            return
+        self._check_finite(loss, "fold DCG cross-entropy")
+        self._step(opt, loss, None)
+        self.log("train/fold_dcg_ce", loss / len(self.fold_dcgs), batch_size=x.shape[0])
+
+    @staticmethod
+    def _rows(ids: list, mask: Optional[Tensor]) -> list:
+        return list(ids) if mask is None else [i for i, m in zip(ids, mask.tolist()) if m]
+
+    #: tests set a list here to record which images each network trained on (training.crossfit)
+    CROSSFIT_TRACE: Optional[list] = None
+
+    def _trace(self, what: str, folds: Optional[list], ids: Optional[list]) -> None:
+        if DiffMICModule.CROSSFIT_TRACE is not None and ids is not None:
+            DiffMICModule.CROSSFIT_TRACE.append((what, self.current_epoch, folds, list(ids)))
 
     def _step(self, opt: torch.optim.Optimizer, loss: Tensor, clip: Optional[float]) -> None:
         opt.zero_grad(set_to_none=True)
@@ -396,6 +468,7 @@ class DiffMICModule(pl.LightningModule):
             seed=e.sample_seed,
             t_start=getattr(e, "t_start", None),
             point_steps=e.point_steps,
+            guide=FoldAverage(self.fold_dcgs) if self.fold_dcgs is not None and e.prior_source == "folds" else None,
         )
         r = readout(out.y0, e.aggregate, e.temperature, point=out.point)
         return r.probs, r, out.prior
