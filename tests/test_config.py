@@ -102,6 +102,11 @@ BAD: dict[str, tuple[str, str]] = {
     "eval.refer_target_accuracy": ("0", r"eval.refer_target_accuracy must be in \(0, 1\]"),
     "eval.conformal_level": ("1", r"eval.conformal_level must be in \(0, 1\), got 1.0"),
     "eval.bootstrap_resamples": ("-1", r"eval.bootstrap_resamples must be in \[0, 1000000\]"),
+    "eval.ood_score": (
+        "spread ; eval.num_samples=1",
+        r"eval.ood_score cannot be used: spread needs K >= 2 reverse samples .*, got spread",
+    ),
+    "eval.ood_false_flag_rate": ("1", r"eval.ood_false_flag_rate must be in \(0, 1\), got 1.0"),
 }
 
 
@@ -194,6 +199,7 @@ def test_choice_sets_are_the_librarys_own_constants():
     from diffmic.nn.diffmic import ALL_VARIANTS, DENOISER_INPUTS
     from diffmic.nn.guidance import ROI_CHANNELS, ROI_SELECT
     from diffmic.trust.calibration import CALIBRATORS
+    from diffmic.trust.ood import OOD_SCORES
 
     same = {
         "data.dataset": DATASETS,
@@ -211,6 +217,7 @@ def test_choice_sets_are_the_librarys_own_constants():
         "eval.start": DDIM_STARTS,
         "eval.aggregate": AGGREGATES,
         "eval.calibrator": CALIBRATORS,
+        "eval.ood_score": OOD_SCORES,
     }
     for key, const in same.items():
         assert CHOICES[key] is const, key

@@ -26,6 +26,7 @@ PANELS = [
     "reliability",
     "coverage_curve",
     "conformal",
+    "ood",
     "tsne",
     "lesions",
     "gallery",

@@ -226,6 +226,8 @@ def _evaluate(args) -> int:
             ),
             ("uncertainty", ("pavpu", "uncertain_fraction", "accuracy_confident", "accuracy_uncertain")),
             ("conformal", ("level", "coverage", "mean_set_size")),
+            ("ood", ("rule", "flagged", "flagged_fraction")),
+            ("lesions", ("num_images", "roi_overlap", "roi_overlap_random", "peak_hit", "pointing_hit")),
         ):
             if block in result:
                 summary[block] = {k: result[block].get(k) for k in keys}
@@ -238,9 +240,10 @@ def _evaluate(args) -> int:
 
 def _calibrate(args) -> int:
     from diffmic.training.run import calibrate
+    from diffmic.trust.ood import public
 
     calib = calibrate(args.run, ckpt=args.ckpt, overrides=args.overrides, config_path=args.config)
-    print(json.dumps(calib, indent=2))
+    print(json.dumps({**calib, "ood": public(calib.get("ood"))}, indent=2))  # without its matrices
     return 0
 
 
@@ -308,7 +311,11 @@ def _predict(args) -> int:
                 extra += f"\tset={{{', '.join(r.prediction_set)}}}"
             if r.uncertain is not None:
                 extra += f"\t{'uncertain' if r.uncertain else 'confident'} (t-test p={r.ttest_p:.3g})"
+            if r.ood:
+                extra += "\tdoes not look like the training data"
             print(f"{r.id}\t{r.label}\tp={r.confidence:.3f}\tagreement={r.agreement:.2f}{extra}{flag}")
+    if predictor.ood_rule is not None:  # the flag applied, or why there is none
+        print(f"out-of-distribution flag: {predictor.ood_rule}", file=sys.stderr)
     if args.explain:
         for img, r, dest in zip(images, results, explain_paths):
             predictor.save_explanation(img, r, dest)

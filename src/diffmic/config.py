@@ -33,6 +33,7 @@ from diffmic.metrics import AGGREGATES, SCALAR_METRICS
 from diffmic.nn.diffmic import ALL_VARIANTS, DENOISER_INPUTS
 from diffmic.nn.guidance import OUTPUT_STRIDES, ROI_CHANNELS, ROI_SELECT
 from diffmic.trust.calibration import CALIBRATORS
+from diffmic.trust.ood import OOD_SCORES, score_problem
 
 
 class ConfigError(ValueError):
@@ -190,6 +191,12 @@ class EvalConfig:
     # temperature | temperature+isotonic (then a top-label isotonic map, fitted on the same split)
     calibrator: str = "temperature"
     bootstrap_resamples: int = 500  # bootstrap resamples for the 95 % intervals of test metrics
+    # ours: out-of-distribution flag ("this image does not look like the training data"; flagged
+    # images are referred whatever their confidence), docs/uncertainty.md: auto (the best measured
+    # score this model has) | none | energy | max_logit | msp (DCG logits) | mahalanobis (rho(x),
+    # statistics from the training split) | spread (K samples); threshold fitted on validation
+    ood_score: str = "auto"
+    ood_false_flag_rate: float = 0.05  # share of in-distribution (validation) images the flag may refer
 
 
 @dataclass
@@ -233,6 +240,7 @@ CHOICES: dict[str, tuple] = {
     "eval.start": DDIM_STARTS,
     "eval.aggregate": AGGREGATES,
     "eval.calibrator": CALIBRATORS,
+    "eval.ood_score": OOD_SCORES,
 }
 
 
@@ -408,6 +416,11 @@ def _t_start(v: Any, cfg: Config) -> Optional[str]:
         if steps is not None and steps > v + 1:
             return f"must be >= {key}-1={steps - 1} (a chain of {steps} steps needs {steps} timesteps)"
     return None
+
+
+def _ood_score(v: Any, cfg: Config) -> Optional[str]:
+    problem = score_problem(v, cfg.model.variant, cfg.eval.num_samples)
+    return f"cannot be used: {problem}" if problem else None
 
 
 def _one_of(*values: Any) -> Check:
@@ -668,6 +681,8 @@ RULES: list[tuple[str, Check]] = [
     ("eval.refer_target_accuracy", _range(0, 1, lo_open=True, optional=True)),
     ("eval.conformal_level", _range(0, 1, lo_open=True, hi_open=True)),
     ("eval.bootstrap_resamples", _range(0, 1_000_000)),
+    ("eval.ood_score", _ood_score),
+    ("eval.ood_false_flag_rate", _range(0, 1, lo_open=True, hi_open=True)),
 ]
 
 

@@ -27,6 +27,7 @@ class ReverseOutput:
     guidance: object  # GuidanceOutput | None (saliency, ROIs, DCG logits)
     trajectory: Optional[list[Tensor]] = None  # each [B,K,C]
     point: Optional[Tensor] = None  # [B,C] deterministic read-out (point_steps > 0), else None
+    feat: Optional[Tensor] = None  # [B,D] image features rho(x), once per image (None with reencode)
 
 
 def image_seed(image_id: str, seed: int) -> int:
@@ -116,13 +117,15 @@ def reverse_sample(
     if noise is None and ids is not None:
         draws = samplers.num_noise_draws(sampler, schedule.num_timesteps, steps, eta)
         noise = per_image_noise(list(ids), seed, draws, K, C, mu.device, mu.dtype)
+    feat = None
     if reencode:
         x_k = x.repeat_interleave(K, 0)
 
         def eps_fn(y_t: Tensor, t: Tensor) -> Tensor:
             return model.eps(model.encode(x_k), y_t, t, guide_k)
     else:
-        feat_k = model.encode(x).repeat_interleave(K, 0)
+        feat = model.encode(x)
+        feat_k = feat.repeat_interleave(K, 0)
 
         def eps_fn(y_t: Tensor, t: Tensor) -> Tensor:
             return model.eps(feat_k, y_t, t, guide_k)
@@ -155,4 +158,4 @@ def reverse_sample(
             start="mean",
             t_start=point_t,
         ).y0
-    return ReverseOutput(out.y0.view(B, K, C), mu, guidance, traj, point)
+    return ReverseOutput(out.y0.view(B, K, C), mu, guidance, traj, point, feat)

@@ -17,7 +17,8 @@ from diffmic.diffusion.reverse import reverse_sample
 from diffmic.reporting import write_json
 from diffmic.reporting.figures import PLAIN, plain_text
 from diffmic.reporting.html import esc, is_our_report, png_data_uri, table, write_report
-from diffmic.trust.lesions import boxes_to_original, lesion_hits, saliency_to_original
+from diffmic.trust.lesions import image_hits, lesion_mask_dir, mask_file, read_mask, summarise_hits
+from diffmic.trust.ood import rule_text as ood_rule_text
 
 
 def _plt():
@@ -92,10 +93,7 @@ def tsne_figure(
 
 
 def _mask_path(cfg, image_id: str) -> Path | None:
-    if cfg.data.dataset != "ham10000":
-        return None
-    p = Path(cfg.data.root) / "masks" / f"{image_id}_segmentation.png"
-    return p if p.is_file() else None
+    return mask_file(lesion_mask_dir(cfg.data.dataset, cfg.data.root), image_id)
 
 
 def _original_path(cfg, image_id: str) -> Path | None:
@@ -108,9 +106,8 @@ def _original_path(cfg, image_id: str) -> Path | None:
 
 @torch.no_grad()
 def lesion_check(module, dataset, idx: list[int], cfg, batch_size: int = 64) -> dict | None:
-    """Mean hit rates of the DCG regions and saliency (true class) over images with a lesion mask."""
-    from PIL import Image
-
+    """Mean hit rates of the DCG regions and saliency (true class) over images with a lesion mask
+    (as ``diffmic test`` computes test_metrics.json's ``lesions`` block over every test image)."""
     rows = []
     for s in range(0, len(idx), batch_size):
         items = [dataset[i] for i in idx[s : s + batch_size]]
@@ -120,20 +117,15 @@ def lesion_check(module, dataset, idx: list[int], cfg, batch_size: int = 64) -> 
             mp = _mask_path(cfg, it["id"])
             if mp is None:
                 continue
-            with Image.open(mp) as im:
-                mask = np.array(im.convert("L")) > 127
-            H, W = mask.shape
-            boxes = boxes_to_original(g.roi_boxes[b].cpu().tolist(), W, H, cfg.data.image_size)
-            sal, crop = saliency_to_original(g.saliency[b, int(it["label"])].float().cpu().numpy(), W, H)
-            rows.append(lesion_hits(mask, boxes, sal, crop))
-    if not rows:
-        return None
-    keys = rows[0].keys()
-    return {
-        "num_images": len(rows),
-        "saliency_class": "true class",
-        **{k: float(np.nanmean([r[k] for r in rows if k in r])) for k in keys},
-    }
+            rows.append(
+                image_hits(
+                    read_mask(mp),
+                    g.saliency[b, int(it["label"])].float().cpu().numpy(),
+                    g.roi_boxes[b].cpu().tolist(),
+                    cfg.data.image_size,
+                )
+            )
+    return summarise_hits(rows)
 
 
 #: what a gallery file name keeps of an image id: letters, digits, ``.``, ``_`` and ``-``
@@ -331,6 +323,32 @@ def _num(v, fmt: str = "{:.3f}") -> str:
     return fmt.format(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
 
 
+def _ood_panel(tm: dict) -> str:
+    """The out-of-distribution panel: score, threshold, how many test images it flagged."""
+    ood = tm.get("ood")
+    if not isinstance(ood, dict) or ood.get("score") is None:
+        rule = ood.get("rule") if isinstance(ood, dict) and ood.get("rule") else ood_rule_text(None)
+        return f"<p>{esc(rule)}</p>"
+    n = tm.get("num_images")
+    rows = [
+        ["score", ood.get("score")],
+        ["threshold (flag when the score is above it)", _num(ood.get("threshold"), "{:.4g}")],
+        ["fitted on", f"{ood.get('fitted_on')} ({ood.get('num_images')} images)"],
+        ["false flag rate asked", _num(ood.get("false_flag_rate"), "{:.1%}")],
+        ["test images flagged", f"{ood.get('flagged')} of {n} ({_num(ood.get('flagged_fraction'), '{:.1%}')})"],
+        [
+            "accuracy of the flagged / not flagged",
+            f"{_num(ood.get('accuracy_flagged'))} / {_num(ood.get('accuracy_not_flagged'))}",
+        ],
+    ]
+    return (
+        table(["", "value"], rows)
+        + "<p>"
+        + esc(f"Flagged images are referred whatever their confidence. Rule: {ood.get('rule', '')}")
+        + "</p>"
+    )
+
+
 def check_report_output(run_dir: Path, output: Path | None) -> Path:
     """The report's HTML file, checked before anything is computed: never a folder, and an
     existing file only when it is a report diffmic wrote (so never an input image, a checkpoint,
@@ -472,7 +490,12 @@ def build_report(run_dir: Path, output: Path | None = None, max_images: int = 60
         panels.append(
             ("tsne", "t-SNE", "<p>The basic variant has no reverse diffusion: no label-vector trajectory.</p>")
         )
-    lesions = lesion_check(module, ds, idx, cfg) if module.model.uses_dcg else None
+    panels.append(("ood", "Out-of-distribution flag (images unlike the training data)", _ood_panel(tm)))
+    # the numbers of test_metrics.json's `lesions` block (every test image with a mask) where the test
+    # wrote one; otherwise computed here on the --max-images subset
+    lesions = tm.get("lesions") if isinstance(tm.get("lesions"), dict) else None
+    if lesions is None and module.model.uses_dcg:
+        lesions = lesion_check(module, ds, idx, cfg)
     if lesions:
         write_json(run_dir / "lesion_hits.json", lesions)
         lrows = [

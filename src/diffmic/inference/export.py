@@ -238,7 +238,22 @@ def _read_meta(cfg_path: Path) -> dict:
         raise _refuse(
             cfg_path, f"'calibration' must be a JSON object or null, got a JSON {_json_type(meta['calibration'])}"
         )
+    _check_ood(meta, cfg_path)
     return meta
+
+
+def _check_ood(meta: dict, cfg_path: Path, feature_dim: int | None = None) -> None:
+    """``calibration.ood`` (the out-of-distribution flag, trust.ood): its score, threshold, rate and
+    Mahalanobis statistics (shapes, sizes, finite values); absent or null = no flag."""
+    from diffmic.trust.ood import check_ood
+
+    cal = meta.get("calibration")
+    if not isinstance(cal, dict) or cal.get("ood") is None:
+        return
+    try:
+        check_ood(cal["ood"], num_classes=len(meta["class_names"]), feature_dim=feature_dim)
+    except ValueError as exc:
+        raise _refuse(cfg_path, f"calibration.ood{exc}") from exc
 
 
 def _json_type(v: Any) -> str:
@@ -441,6 +456,8 @@ def load_model_folder(path: str | os.PathLike, eval_overrides: dict | None = Non
     except ConfigError as exc:
         raise ExportError(f"{cfg_path}: {exc}") from exc
     kwargs = _architecture(meta, cfg, cfg_path)
+    if kwargs.get("variant") not in ("basic", "dcg"):  # rho(x) has hidden_dim features
+        _check_ood(meta, cfg_path, feature_dim=int(kwargs["hidden_dim"]))
     _check_model_against_weights(kwargs, header, weights, cfg_path)
     model = DiffMIC(**kwargs)
     try:
@@ -493,6 +510,21 @@ def _metric_line(name: str, val: Any, ci: Any) -> str:
     return f"| {name} | {_fmt(val)} | not computed |"
 
 
+def _calibration_shown(cal: dict) -> dict:
+    """The calibration without the out-of-distribution flag's matrices (config.json holds them)."""
+    from diffmic.trust.ood import public
+
+    return {**cal, "ood": public(cal["ood"])} if isinstance(cal, dict) and "ood" in cal else cal
+
+
+def _ood_line(cal: Any) -> str:
+    from diffmic.trust.ood import rule_text
+
+    if not isinstance(cal, dict):
+        return "none (the model was not calibrated)"
+    return rule_text(cal.get("ood"))
+
+
 def _model_card(meta: dict, metrics: dict | None, fit_summary: dict | None) -> str:
     cfg = meta["config"]
     data, model, ev = cfg["data"], cfg["model"], cfg["eval"]
@@ -518,7 +550,8 @@ def _model_card(meta: dict, metrics: dict | None, fit_summary: dict | None) -> s
             if ev.get("point_steps")
             else ""
         ),
-        f"Calibration: {json.dumps(meta['calibration']) if meta.get('calibration') is not None else 'none stored'}.",
+        f"Calibration: {json.dumps(_calibration_shown(meta['calibration'])) if meta.get('calibration') is not None else 'none stored'}.",
+        f"Out-of-distribution flag: {_ood_line(meta.get('calibration'))}.",
         "",
         "Classes (output order): " + ", ".join(f"{i} {n}" for i, n in enumerate(names)),
         "",

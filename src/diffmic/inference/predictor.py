@@ -20,6 +20,8 @@ from torch import Tensor
 from diffmic.diffusion.reverse import reverse_sample
 from diffmic.metrics import readout, should_refer
 from diffmic.trust.fitting import predict_trust
+from diffmic.trust.ood import OODInputs, classifier_outputs
+from diffmic.trust.ood import rule_text as ood_rule_text
 
 
 @dataclass
@@ -27,7 +29,9 @@ class Prediction:
     """One image's result.
 
     ``refer`` is True when the model is not confident enough to act on alone: the probability of
-    the predicted class is below ``refer_threshold`` or the K reverse samples disagree.
+    the predicted class is below ``refer_threshold`` or the K reverse samples disagree (with a
+    calibrated checkpoint: below the fitted threshold, or ``ood``: the image does not look like the
+    training data, whatever its confidence).
     ``saliency`` is the DCG saliency map of the predicted class ([h, w], upsampled to the input by
     :meth:`Predictor.saliency_image`); ``roi_boxes`` are the K crops (y0, x0, y1, x1) in pixels of
     the network input, with their gated-attention weights.
@@ -53,6 +57,10 @@ class Prediction:
     prediction_set: Optional[list[str]] = None
     uncertain: Optional[bool] = None  # CARD paired t-test of the two top classes (K >= 2)
     ttest_p: Optional[float] = None
+    # out-of-distribution flag (trust.ood; with a calibration that holds one): True = the image does
+    # not look like the training data, and it is referred whatever its confidence
+    ood: Optional[bool] = None
+    ood_score: Optional[float] = None
 
     def as_row(self) -> dict:
         row = {
@@ -72,6 +80,9 @@ class Prediction:
         if self.uncertain is not None:
             row["uncertain"] = int(self.uncertain)
             row["ttest_p"] = self.ttest_p
+        if self.ood is not None:
+            row["ood"] = int(self.ood)
+            row["ood_score"] = self.ood_score
         if self.roi_boxes is not None:
             row["roi_boxes"] = ";".join(",".join(str(int(v)) for v in box) for box in self.roi_boxes)
         return row
@@ -94,6 +105,9 @@ class Predictor:
         self.device = torch.device(device)
         self.cfg = module.cfg
         self.class_names = list(module.class_names)
+        calib = getattr(module, "calibration", None)
+        #: the out-of-distribution flag in words, or why there is none (a calibration without one)
+        self.ood_rule: Optional[str] = ood_rule_text(calib.get("ood")) if calib is not None else None
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device=None, **eval_overrides) -> Predictor:
@@ -143,10 +157,12 @@ class Predictor:
         e = self.cfg.eval
         x = x.to(self.device)
         if m.model.variant in ("basic", "dcg"):
-            probs = torch.softmax(m.model.classify(x), -1)
+            logits, feat, _ = classifier_outputs(m.model, x)
+            probs = torch.softmax(logits, -1)
             y0 = probs.log()[:, None, :]
             r = readout(y0, "mean", 1.0)
             guidance, prior = None, None
+            ood_inputs = OODInputs(logits, feat)
         else:
             out = reverse_sample(
                 m.model,
@@ -164,11 +180,17 @@ class Predictor:
             )
             r = readout(out.y0, e.aggregate, e.temperature, point=out.point)
             guidance, prior = out.guidance, out.prior
+            ood_inputs = OODInputs(
+                guidance.z_fused if guidance is not None else None,
+                out.feat,
+                r.spread if out.y0.shape[1] >= 2 else None,
+            )
         trust = predict_trust(
             r.probs,
             r.samples if m.model.variant != "basic" else None,
             getattr(m, "calibration", None),
             ids=[str(i) for i in ids],
+            ood_inputs=ood_inputs,
         )
         results = []
         for i, image_id in enumerate(ids):
@@ -190,6 +212,9 @@ class Predictor:
                 res.confidence = float(trust["probs"][i, k])
                 res.refer = bool(trust["refer"][i])
                 res.prediction_set = [n for c, n in enumerate(self.class_names) if trust["sets"][i, c]]
+            if trust.get("ood") is not None:
+                res.ood = bool(trust["ood"][i])
+                res.ood_score = float(trust["ood_score"][i])
             if trust.get("uncertain") is not None:
                 res.uncertain = bool(trust["uncertain"][i])
                 res.ttest_p = float(trust["p_value"][i])
@@ -231,6 +256,8 @@ class Predictor:
         with open_image(image) as img:
             arr = np.array(to_mode(img, self.cfg.data.in_chans))
         title = f"{result.label} p={result.confidence:.2f}" + (" REFER" if result.refer else "")
+        if result.ood:
+            title += " (not like the training data)"
         if result.prediction_set is not None:
             title += "  set {" + ", ".join(result.prediction_set) + "}"
         return draw_explanation(

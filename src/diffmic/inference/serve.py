@@ -133,14 +133,19 @@ def _page(body: str, model_info: str) -> bytes:
     ).encode()
 
 
-def render_result(result: Prediction, png: bytes, refer_threshold: float, rule: str = "") -> str:
+def render_result(result: Prediction, png: bytes, refer_threshold: float, rule: str = "", ood_rule: str = "") -> str:
     e = html.escape
     rows = "".join(
         f"<tr><td>{e(k)}</td><td>{p:.3f}</td><td><div class='bar' style='width:{max(1, round(200 * p))}px'>"
         f"</div></td></tr>"
         for k, p in sorted(result.probs.items(), key=lambda kv: -kv[1])
     )
-    if result.refer:
+    if result.ood:  # referred whatever its confidence
+        flag = (
+            "<p id='refer' class='refer'>REFER to a clinician: this image does not look like the training "
+            f"data (out-of-distribution score {result.ood_score:.4g})</p>"
+        )
+    elif result.refer:
         why = (
             f"probability {result.confidence:.3f} is below {refer_threshold:g}"
             if result.confidence < refer_threshold
@@ -150,6 +155,8 @@ def render_result(result: Prediction, png: bytes, refer_threshold: float, rule: 
     else:
         flag = "<p id='refer' class='ok'>Confident: probability and sample agreement pass the referral rule</p>"
     flag += f"<p class='note'>referral rule: {e(rule)}</p>"
+    if ood_rule:
+        flag += f"<p class='note' id='ood-rule'>out-of-distribution flag: {e(ood_rule)}</p>"
     rois = ""
     if result.roi_boxes:
         items = "".join(
@@ -207,6 +214,7 @@ def make_server(
     variant = getattr(getattr(predictor.module, "model", None), "variant", None)
     k = None if variant == "basic" else int(predictor.cfg.eval.num_samples)
     rule = referral_rule(refer_threshold, k)
+    ood_rule = getattr(predictor, "ood_rule", None) or ""
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "diffmic"
@@ -314,7 +322,7 @@ def make_server(
                 with count_lock:
                     in_flight[0] -= 1
                 slots.release()
-            self._send(HTTPStatus.OK, _page(render_result(result, png, refer_threshold, rule), info))
+            self._send(HTTPStatus.OK, _page(render_result(result, png, refer_threshold, rule, ood_rule), info))
 
         def _drain(self, length: int) -> None:
             """Read and drop an over-large body so that the browser sees the answer, not a reset."""

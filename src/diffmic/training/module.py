@@ -51,6 +51,9 @@ from diffmic.reporting import plot_risk_coverage, write_json, write_rows_csv
 from diffmic.training.crossfit import FoldAverage, dcg_part, fold_of, out_of_fold_guidance
 from diffmic.training.schedules import lr_factor, warmup_dcg_lr
 from diffmic.trust.fitting import sample_columns, test_trust
+from diffmic.trust.lesions import image_hits, lesion_mask_dir, mask_file, read_mask, summarise_hits
+from diffmic.trust.ood import OODInputs, classifier_outputs, ood_scores
+from diffmic.trust.ood import flags as ood_flags
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -122,6 +125,7 @@ class DiffMICModule(pl.LightningModule):
         self.test_metrics = classification_metrics(num_classes)
         self._schedule: Optional[NoiseSchedule] = None
         self._test_rows: list[dict] = []
+        self._mask_dir: Optional[Path] = None  # lesion masks of the test images (on_test_epoch_start)
         self.output_dir: Optional[Path] = None  # where test writes metrics/predictions
         # persistent flag (saved in checkpoints) so a resumed run does not re-initialise rho(x); set
         # by either initialisation (train.init_encoder_from_dcg or train.init_encoder_from, which
@@ -444,13 +448,19 @@ class DiffMICModule(pl.LightningModule):
     # ------------------------------------------------------------------ evaluation
     def _scores(self, batch: dict, stage: str) -> tuple[Tensor, Optional[Any], Optional[Tensor]]:
         """Class probabilities ``[B,C]`` for the metrics, plus the sample read-out when sampling."""
+        return self._eval_batch(batch, stage)[:3]
+
+    def _eval_batch(self, batch: dict, stage: str) -> tuple[Tensor, Optional[Any], Optional[Tensor], dict]:
+        """:meth:`_scores` and, from the same forward pass, ``{"ood": OODInputs, "guidance": ...}``:
+        the per-image inputs of the out-of-distribution scores (trust.ood) and the DCG outputs."""
         x = batch["image"]
         e = self.cfg.eval
         if self.model.variant in ("basic", "dcg"):
-            return torch.softmax(self.model.classify(x), -1), None, None
+            logits, feat, g = classifier_outputs(self.model, x)
+            return torch.softmax(logits, -1), None, None, {"ood": OODInputs(logits, feat), "guidance": g}
         if stage == "val" and self.in_dcg_warmup:
             g = self.model.guide(x)
-            return torch.softmax(g.z_fused, -1), None, None
+            return torch.softmax(g.z_fused, -1), None, None, {"ood": OODInputs(g.z_fused), "guidance": g}
         if stage == "val":
             sampler, steps, K = e.val_sampler, e.val_steps, e.num_samples
         else:
@@ -471,7 +481,9 @@ class DiffMICModule(pl.LightningModule):
             guide=FoldAverage(self.fold_dcgs) if self.fold_dcgs is not None and e.prior_source == "folds" else None,
         )
         r = readout(out.y0, e.aggregate, e.temperature, point=out.point)
-        return r.probs, r, out.prior
+        g = out.guidance
+        inputs = OODInputs(g.z_fused if g is not None else None, out.feat, r.spread if out.y0.shape[1] >= 2 else None)
+        return r.probs, r, out.prior, {"ood": inputs, "guidance": g}
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         probs, _, prior = self._scores(batch, "val")
@@ -493,9 +505,25 @@ class DiffMICModule(pl.LightningModule):
             self.val_prior_metrics.reset()
             self._val_prior_seen = False
 
+    def on_test_epoch_start(self) -> None:
+        # HAM10000's lesion masks, when the data set has them: test_metrics.json's `lesions` block
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        self._mask_dir = lesion_mask_dir(getattr(dm, "dataset", ""), getattr(dm, "root", None))
+
+    def _ood_columns(self, inputs: OODInputs) -> Optional[tuple[Tensor, Tensor]]:
+        """Per-image score and flag of the stored out-of-distribution flag (None without one)."""
+        ood = (getattr(self, "calibration", None) or {}).get("ood")
+        if not ood or ood.get("score") is None:
+            return None
+        s = ood_scores(inputs.detached(), ood)
+        return None if s is None else (s, ood_flags(s, ood.get("threshold")))
+
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        probs, r, prior = self._scores(batch, "test")
+        probs, r, prior, extra = self._eval_batch(batch, "test")
         labels = batch["label"]
+        ood = self._ood_columns(extra["ood"])
+        g = extra["guidance"]
+        mask_dir = self._mask_dir
         self.test_metrics.update(probs, labels)
         pred = probs.argmax(-1)
         conf = probs.max(-1).values
@@ -513,6 +541,16 @@ class DiffMICModule(pl.LightningModule):
                 row["prior_pred"] = int(prior[i].argmax())
             if card is not None:
                 row.update(card[i])
+            if ood is not None:
+                row["ood_score"], row["ood"] = float(ood[0][i]), int(ood[1][i])
+            mask = mask_file(mask_dir, image_id) if g is not None else None
+            if mask is not None:  # per-image hit rates, averaged into test_metrics.json's `lesions` block
+                row["_lesion"] = image_hits(
+                    read_mask(mask),
+                    g.saliency[i, int(labels[i])].float().cpu().numpy(),
+                    g.roi_boxes[i].cpu().tolist(),
+                    self.cfg.data.image_size,
+                )
             self._test_rows.append(row)
 
     def on_test_epoch_end(self) -> None:
@@ -526,6 +564,7 @@ class DiffMICModule(pl.LightningModule):
             torch.distributed.all_gather_object(gathered, rows)
             rows = [r for part in gathered for r in part]
         self._test_rows = []
+        lesion_rows = list({r["id"]: r.pop("_lesion") for r in rows if "_lesion" in r}.values())  # once per image
         if self.trainer.is_global_zero and self.output_dir is not None:
             e = self.cfg.eval
             result.update(
@@ -548,6 +587,9 @@ class DiffMICModule(pl.LightningModule):
                 )
             elif rows:
                 result["referral"] = self._referral(rows, out)
+            lesions = summarise_hits(lesion_rows)
+            if lesions is not None:  # the report's measures, over every test image with a mask
+                result["lesions"] = {**lesions, "masks": str(self._mask_dir)}
             write_json(out / "test_metrics.json", result)
             write_rows_csv(out / "predictions.csv", sorted({r["id"]: r for r in rows}.values(), key=lambda r: r["id"]))
             self.test_result = result

@@ -474,10 +474,12 @@ def _fit_calibration(module, cfg: Config, ckpt_path: Path, store: bool) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     module.to(device)
     pl.seed_everything(cfg.run.seed, verbose=False)
-    probs, labels, ids = collect_probs(module, loader)
+    ood_parts: list = []
+    probs, labels, ids = collect_probs(module, loader, ood=ood_parts)
     if labels.numel() == 0:
         raise ConfigError("the validation split is empty: nothing to calibrate on; set data.val_fraction > 0")
     calib = fit_trust(probs, labels, module.cfg.eval, split="val", ids=ids)
+    calib["ood"] = _fit_ood(module, dm, ood_parts)
     calib["checkpoint"] = str(ckpt_path)
     calib["stored"] = bool(store)
     if store:
@@ -487,6 +489,32 @@ def _fit_calibration(module, cfg: Config, ckpt_path: Path, store: bool) -> dict:
     module.calibration = calib
     module.cpu()
     return calib
+
+
+def _fit_ood(module, dm, parts: list) -> dict:
+    """The out-of-distribution flag (trust.ood): ``eval.ood_score``'s threshold on the validation
+    inputs ``parts``; for ``mahalanobis`` the class means and shared covariance of ρ(x) on the
+    training split first (its images without augmentation). A score that cannot be fitted (e.g. no
+    training images) leaves the flag off, with the reason stored and printed."""
+    import sys
+
+    from diffmic.data.datasets import CachedImageDataset
+    from diffmic.data.transforms import build_transform
+    from diffmic.trust.ood import OODInputs, collect_features, fit_mahalanobis, fit_ood, resolve_score
+
+    e = module.cfg.eval
+    score = resolve_score(e.ood_score, module.model.variant, e.num_samples)
+    try:
+        maha = None
+        if score == "mahalanobis":
+            tr = dm.get_dataset("train")
+            plain = CachedImageDataset(tr.images, tr.rows, tr.labels, tr.ids, build_transform(False, dm.in_chans))
+            loader = torch.utils.data.DataLoader(plain, batch_size=dm.eval_batch_size, num_workers=dm.num_workers)
+            maha = {**fit_mahalanobis(*collect_features(module, loader)), "fitted_on": "train"}
+        return fit_ood(OODInputs.concat(parts), score, e.ood_false_flag_rate, maha)
+    except (ValueError, KeyError) as exc:
+        print(f"diffmic: no out-of-distribution flag fitted ({exc})", file=sys.stderr)
+        return {"score": None, "reason": f"eval.ood_score={e.ood_score}: {exc}"}
 
 
 def ensure_calibration(module, cfg: Config, ckpt_path: Path, run_dir: Path) -> None:

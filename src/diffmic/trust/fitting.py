@@ -22,6 +22,8 @@ from diffmic.trust.calibration import (
     plot_reliability,
 )
 from diffmic.trust.conformal import aps_sets, fit_aps, image_uniforms, set_summary
+from diffmic.trust.ood import OODInputs, ood_scores, public, rule_text
+from diffmic.trust.ood import flags as ood_flags
 from diffmic.trust.uncertainty import card_uncertainty, pavpu
 
 CKPT_KEY = "diffmic_calibration"
@@ -40,6 +42,8 @@ SETTINGS = (
     "refer_target_accuracy",
     "conformal_level",
     "calibrator",
+    "ood_score",
+    "ood_false_flag_rate",
 )
 
 
@@ -48,7 +52,13 @@ def eval_settings(eval_cfg) -> dict:
 
 
 # keys added to SETTINGS after calibrations were first stored, with the value they had implicitly then
-ADDED_LATER = {"t_start": None, "point_steps": 0, "calibrator": "temperature"}
+ADDED_LATER = {
+    "t_start": None,
+    "point_steps": 0,
+    "calibrator": "temperature",
+    "ood_score": "none",  # calibrations without an out-of-distribution flag
+    "ood_false_flag_rate": 0.05,
+}
 
 
 def settings_match(stored: dict | None, eval_cfg) -> bool:
@@ -96,13 +106,19 @@ def _conformal_probs(calib: dict, scaled: Tensor, cal: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def collect_probs(module, loader) -> tuple[Tensor, Tensor, list]:
-    """Unscaled class probabilities, labels and ids of every image of ``loader`` (test-time sampler)."""
+def collect_probs(module, loader, ood: list | None = None) -> tuple[Tensor, Tensor, list]:
+    """Unscaled class probabilities, labels and ids of every image of ``loader`` (test-time sampler).
+    With ``ood`` (a list), the same pass appends the out-of-distribution inputs of each batch
+    (:class:`~diffmic.trust.ood.OODInputs`) to it."""
     module.eval()
     ps, ys, ids = [], [], []
     for batch in loader:
         batch = {k: (v.to(module.device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
-        probs, _, _ = module._scores(batch, "test")
+        if ood is None:
+            probs, _, _ = module._scores(batch, "test")
+        else:
+            probs, _, _, extra = module._eval_batch(batch, "test")
+            ood.append(extra["ood"].detached())
         ps.append(probs.double().cpu())
         ys.append(batch["label"].cpu())
         ids += [str(i) for i in batch["id"]]
@@ -161,6 +177,9 @@ def test_trust(
     correct = pred == labels
     thr = float(calib["referral"]["threshold"])
     refer = conf < thr
+    ood_block, ood_flag = _ood_block(rows, calib.get("ood"), correct)
+    if ood_flag is not None:  # flagged images are referred whatever their confidence
+        refer = refer | ood_flag
     qhat = float(calib["conformal"]["qhat"])
     rand = calib["conformal"].get("randomised", False)
     sets = aps_sets(
@@ -221,6 +240,7 @@ def test_trust(
             panels.append(("then isotonic (fitted on validation)", cal))
         plot_reliability(panels, labels, out / "reliability.png")
     blocks["referral"] = referral
+    blocks["ood"] = ood_block
     unc = None
     if "uncertain" in rows[0]:
         unc = torch.tensor([r["uncertain"] for r in rows]).bool()
@@ -254,15 +274,48 @@ def test_trust(
     return blocks
 
 
-def predict_trust(probs: Tensor, samples: Tensor | None, calib: dict | None, ids: list | None = None) -> dict:
+def _ood_block(rows: list[dict], ood: dict | None, correct: Tensor) -> tuple[dict, Tensor | None]:
+    """The ``ood`` block of test_metrics.json from the rows' ``ood`` / ``ood_score`` columns (set by
+    the test step from the stored flag), and the per-image flags (``None`` without a flag)."""
+    if not ood or ood.get("score") is None or not rows or "ood" not in rows[0]:
+        return {"score": None, "rule": rule_text(ood)}, None
+    flagged = torch.tensor([bool(r["ood"]) for r in rows])
+    scores = torch.tensor([r["ood_score"] for r in rows], dtype=torch.float64)
+    n = int(flagged.sum())
+    return {
+        **public(ood),
+        "rule": rule_text(ood),
+        "flagged": n,
+        "flagged_fraction": float(flagged.double().mean()),
+        "score_median": float(scores.median()),
+        "accuracy_flagged": float(correct[flagged].double().mean()) if n else None,
+        "accuracy_not_flagged": float(correct[~flagged].double().mean()) if n < len(rows) else None,
+    }, flagged
+
+
+def predict_trust(
+    probs: Tensor,
+    samples: Tensor | None,
+    calib: dict | None,
+    ids: list | None = None,
+    ood_inputs: OODInputs | None = None,
+) -> dict:
     """Per-image trust outputs for new images: calibrated probabilities, fitted referral and the
-    conformal set (when ``calib`` is given), CARD flag (when K >= 2 samples are given)."""
+    conformal set (when ``calib`` is given), CARD flag (when K >= 2 samples are given), and the
+    out-of-distribution score and flag (when ``calib`` holds one and ``ood_inputs`` are given;
+    a flagged image is referred whatever its confidence)."""
     out: dict = {}
     if calib is not None:
         raw = probs.detach().double().cpu()
         cal = apply_calibration(raw, calib)
         out["probs"] = cal
         out["refer"] = cal.max(-1).values < float(calib["referral"]["threshold"])
+        ood = calib.get("ood")
+        if ood and ood.get("score") is not None and ood_inputs is not None:
+            s = ood_scores(ood_inputs.detached(), ood)
+            if s is not None:
+                out["ood_score"], out["ood"] = s, ood_flags(s, ood.get("threshold"))
+                out["refer"] = out["refer"] | out["ood"]
         rand = calib["conformal"].get("randomised", False) and ids is not None
         scaled = apply_temperature(raw, float(calib["temperature"]))
         cp = _conformal_probs(calib, scaled, cal)

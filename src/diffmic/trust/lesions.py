@@ -8,6 +8,9 @@ The network sees the centred square crop of side ``s = min(W, H)`` resized to ``
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -69,7 +72,7 @@ def lesion_hits(
         c, d = min(max(c, a + 1), s), min(max(d, b + 1), s)
         bh, bw = c - a, d - b
         ov.append(float(m[a:c, b:d].mean()))
-        ovr.append(float(F.avg_pool2d(m[None, None], (bh, bw), stride=1).mean()))
+        ovr.append(_mean_window_share(m, bh, bw))
         ch.append(float(m[(a + c - 1) // 2, (b + d - 1) // 2]))
         centres = m[(bh - 1) // 2 : s - bh + 1 + (bh - 1) // 2, (bw - 1) // 2 : s - bw + 1 + (bw - 1) // 2]
         chr_.append(float(centres.mean()))
@@ -90,3 +93,77 @@ def lesion_hits(
     pos = sal.clamp_min(0)
     out["energy_on_lesion"] = float((pos * m).sum() / pos.sum()) if float(pos.sum()) > 0 else float("nan")
     return out
+
+
+def _window_counts(s: int, k: int) -> torch.Tensor:
+    """For each of ``s`` positions, how many of the ``s - k + 1`` windows of length ``k`` cover it."""
+    i = torch.arange(s, dtype=torch.float64)
+    return (torch.minimum(i, torch.tensor(float(s - k))) - torch.clamp(i - k + 1, min=0) + 1).clamp_min(0)
+
+
+def _mean_window_share(m: torch.Tensor, bh: int, bw: int) -> float:
+    """Mean lesion share of a ``bh x bw`` window over every position inside the square mask ``m``
+    (= the mean of ``avg_pool2d(m, (bh, bw), stride=1)``), in O(s^2): each pixel counted as often
+    as windows cover it."""
+    s = m.shape[0]
+    cy, cx = _window_counts(s, bh), _window_counts(s, bw)
+    n = (s - bh + 1) * (s - bw + 1) * bh * bw
+    return float(cy @ m.double() @ cx / n)
+
+
+# ------------------------------------------------------------------------- per run (diffmic test)
+
+#: HAM10000's lesion masks: ``<data.root>/masks/<image id>_segmentation.png``
+MASK_SUFFIX = "_segmentation.png"
+
+
+def lesion_mask_dir(dataset: str, root: str | os.PathLike | None) -> Path | None:
+    """The folder of lesion masks of a data set, where it has one (HAM10000: ``root/masks``)."""
+    if dataset != "ham10000" or root is None:
+        return None
+    p = Path(root) / "masks"
+    return p if p.is_dir() else None
+
+
+def mask_file(mask_dir: Path | None, image_id: str) -> Path | None:
+    if mask_dir is None:
+        return None
+    p = mask_dir / f"{Path(str(image_id)).name}{MASK_SUFFIX}"
+    return p if p.is_file() else None
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """A binary lesion mask (grey > 127); a file that is not a readable image raises ValueError
+    naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.array(im.convert("L")) > 127
+    except (OSError, UnidentifiedImageError) as exc:
+        raise ValueError(
+            f"lesion mask '{path}' cannot be read ({exc}); replace it or move the masks folder away"
+        ) from exc
+
+
+def image_hits(mask: np.ndarray, saliency: np.ndarray, boxes, image_size: int, tolerance: int = 5) -> dict:
+    """:func:`lesion_hits` of one image from the network's outputs: ``saliency [h', w']`` (one
+    class) and ``boxes`` (y0, x0, y1, x1) in input pixels, mapped onto the original image (the
+    mask's size)."""
+    H, W = mask.shape
+    boxes_orig = boxes_to_original(boxes, W, H, image_size)
+    sal, crop = saliency_to_original(saliency, W, H)
+    return lesion_hits(mask, boxes_orig, sal, crop, tolerance)
+
+
+def summarise_hits(rows: list[dict], saliency_class: str = "true class") -> dict | None:
+    """The mean of each per-image measure over the images with a mask (``None`` without any):
+    the block of ``lesion_hits.json`` / ``test_metrics.json``'s ``lesions``."""
+    if not rows:
+        return None
+    keys = list(rows[0].keys())
+    return {
+        "num_images": len(rows),
+        "saliency_class": saliency_class,
+        **{k: float(np.nanmean([r[k] for r in rows if k in r])) for k in keys},
+    }
