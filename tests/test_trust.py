@@ -306,21 +306,17 @@ def test_auto_calibrator_takes_isotonic_only_where_cross_validation_supports_it(
     cv = fitted["auto"]["cv"]
     assert cv["temperature+isotonic"]["ece"] < cv["temperature"]["ece"]
     # 60 images already calibrated (labels drawn from the probabilities): the isotonic map overfits
-    # and raises the held-out NLL, so auto keeps the temperature alone
-    from diffmic.trust.calibration import AUTO_NLL_SLACK
-
+    # (held-out ECE and Brier score both worse in the repeated 5-fold CV), so auto keeps the
+    # temperature alone (issue 25.2: the rule is auto_choice, tested by hand in test_calibrators.py)
     for seed in range(4):
         g = torch.Generator().manual_seed(seed)
         logits = torch.randn(60, 4, generator=g) * 2
         y = torch.multinomial(torch.softmax(logits, -1), 1, generator=g).flatten()
         small = fit_calibration(torch.softmax(logits, -1), y, "auto")
         cv = small["auto"]["cv"]
-        iso_wins = cv["temperature+isotonic"]["ece"] < cv["temperature"]["ece"] and (
-            cv["temperature+isotonic"]["nll"] <= cv["temperature"]["nll"] + AUTO_NLL_SLACK
-        )
-        assert small["auto"]["chosen"] == ("temperature+isotonic" if iso_wins else "temperature")
-        assert (small["isotonic"] is not None) == iso_wins
-        if seed == 0:  # hand-checked case: held-out NLL 0.99 with the map against 0.74 without
-            assert not iso_wins and cv["temperature+isotonic"]["nll"] > cv["temperature"]["nll"] + 0.2
+        assert small["auto"]["chosen"] == "temperature" and small["isotonic"] is None
+        assert cv["temperature+isotonic"]["ece"] > cv["temperature"]["ece"]
+        if seed == 0:  # hand-checked case: held-out NLL 0.98 with the map against 0.73 without
+            assert cv["temperature+isotonic"]["nll"] > cv["temperature"]["nll"] + 0.2
     with pytest.raises(ValueError, match="calibrator must be one of"):
         fit_calibration(probs, labels, "platt")

@@ -1,10 +1,12 @@
-"""Calibration: NLL, ECE (15 equal-width bins), classwise ECE, Brier; temperature scaling fitted on
-the validation split by minimising the NLL, optionally followed by a top-label isotonic map
-(``eval.calibrator``); the fitted referral threshold; a reliability diagram.
+"""Calibration: NLL, ECE (15 equal-width bins), classwise ECE, Brier; the calibrators of
+``eval.calibrator`` fitted on the validation split (temperature scaling by the NLL, then optionally a
+top-label isotonic map; vector, matrix and Dirichlet scaling of the log-probabilities; ``auto``, a
+choice by repeated cross-validation on the split); the fitted referral threshold; a reliability diagram.
 
 Probabilities are rescaled as ``softmax(log p / T)``: for the ``mean`` read-out ``log p`` equals the
 sampler's logits ``mean y0 / eval.temperature`` up to a constant, for ``basic`` the classifier
-logits, so this is ordinary temperature scaling (Guo et al. 2017).
+logits, so this is ordinary temperature scaling (Guo et al. 2017); vector and matrix scaling act on
+the same ``log p`` (on log-probabilities, matrix scaling is Dirichlet calibration, Kull et al. 2019).
 """
 
 from __future__ import annotations
@@ -20,16 +22,28 @@ from torchmetrics.functional.classification import (
 )
 
 EPS = 1e-12
-# eval.calibrator: how the validation split maps scores to probabilities
+# eval.calibrator: how the validation split maps scores to probabilities (docs/uncertainty.md)
 #   temperature           softmax(log p / T), T minimising the NLL (Guo et al. 2017)
 #   temperature+isotonic  then the top-label confidence through an isotonic map fitted on the same
 #                         split (Zadrozny & Elkan 2002), the other classes rescaled to sum to 1
-#   auto                  the one of the two above chosen by a 5-fold cross-validation on the split:
-#                         the isotonic map only when it lowers the held-out ECE without raising the
-#                         held-out NLL by more than AUTO_NLL_SLACK (it overfits a small split)
-CALIBRATORS: tuple[str, ...] = ("temperature", "temperature+isotonic", "auto")
+#   vector                softmax(w * log p + b), one scale and one bias per class (Guo et al. 2017)
+#   matrix                softmax(W log p + b), a full C x C matrix: on log-probabilities this is
+#                         Dirichlet calibration (Kull et al. 2019) without regularisation
+#   dirichlet             the same with the off-diagonal and intercept (ODIR) penalty of Kull et al.,
+#                         its weight chosen among DIRICHLET_LAMBDAS by a 5-fold CV of the NLL
+#   auto                  the arg-max-keeping calibrator (AUTO_CANDIDATES) with the lowest held-out ECE
+#                         in a repeated 5-fold cross-validation on the split, among those whose
+#                         held-out Brier score is not above the temperature's (proper-score guard
+#                         against a map that overfits a small split)
+# temperature and the isotonic map never change the arg-max; vector, matrix and dirichlet may (the
+# calibrated arg-max is then the prediction, and the change in accuracy is reported)
+CALIBRATORS: tuple[str, ...] = ("temperature", "temperature+isotonic", "vector", "matrix", "dirichlet", "auto")
+FIXED_CALIBRATORS: tuple[str, ...] = tuple(c for c in CALIBRATORS if c != "auto")
+ARGMAX_KEPT: frozenset[str] = frozenset({"temperature", "temperature+isotonic"})
+AUTO_CANDIDATES: tuple[str, ...] = ("temperature", "temperature+isotonic")
 AUTO_FOLDS = 5
-AUTO_NLL_SLACK = 0.005
+AUTO_REPEATS = 3  # the CV is repeated over this many random fold assignments (seeds 0..): a steadier choice
+DIRICHLET_LAMBDAS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)
 # weight of the raw confidence mixed into the isotonic map so that it is strictly increasing: the
 # ranking of images by confidence (referral, AURC) is the temperature-scaled one, without ties
 ISO_TIEBREAK = 1e-6
@@ -125,10 +139,99 @@ def apply_isotonic(probs: Tensor, knots: dict) -> Tensor:
     return out
 
 
+def fit_affine(probs: Tensor, labels: Tensor, kind: str, lam: float = 0.0, max_iter: int = 100) -> dict:
+    """Vector or matrix scaling of the log-probabilities, ``softmax(w * log p + b)`` (``vector``) or
+    ``softmax(W log p + b)`` (``matrix``), minimising the NLL (plus, with ``lam`` > 0 and a matrix,
+    the ODIR penalty ``lam * (mean of the squared off-diagonal weights + mean squared bias)``,
+    Kull et al. 2019). LBFGS in float64 from the temperature's solution (``W = I / T``, ``b = 0``),
+    where the penalty is 0: the fitted NLL is never above the temperature's on the fitting data.
+    Returns ``{"weight": ..., "bias": ..., "lambda": lam}`` as plain lists."""
+    if kind not in ("vector", "matrix"):
+        raise ValueError(f"affine calibration kind must be 'vector' or 'matrix', got {kind!r}")
+    z = _logits(probs)
+    y = torch.as_tensor(labels).long()
+    if z.shape[0] == 0:
+        raise ValueError("cannot fit a calibration map on an empty split")
+    C = z.shape[-1]
+    T = fit_temperature(probs, y)
+    w0 = torch.full((C,), 1.0 / T, dtype=torch.float64) if kind == "vector" else torch.eye(C, dtype=torch.float64) / T
+    w = w0.clone().requires_grad_(True)
+    b = torch.zeros(C, dtype=torch.float64, requires_grad=True)
+    off = ~torch.eye(C, dtype=torch.bool)
+
+    def objective() -> Tensor:
+        logits = z * w + b if kind == "vector" else z @ w.T + b
+        loss = F.cross_entropy(logits, y)
+        if lam > 0 and kind == "matrix" and C > 1:
+            loss = loss + lam * ((w[off] ** 2).mean() + (b**2).mean())
+        return loss
+
+    with torch.no_grad():
+        start = float(objective())
+    opt = torch.optim.LBFGS(
+        [w, b], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe", tolerance_grad=1e-10, tolerance_change=1e-14
+    )
+
+    def closure():
+        opt.zero_grad()
+        loss = objective()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        end = float(objective())
+    if not (end <= start) or not torch.isfinite(w).all() or not torch.isfinite(b).all():
+        w, b = w0, torch.zeros(C, dtype=torch.float64)  # never worse than where it started
+    return {"weight": w.detach().tolist(), "bias": b.detach().tolist(), "lambda": float(lam)}
+
+
+def apply_affine(probs: Tensor, fitted: dict) -> Tensor:
+    """The probabilities of a vector (``weight`` [C]) or matrix (``weight`` [C, C]) scaling."""
+    z = _logits(probs)
+    w = torch.tensor(fitted["weight"], dtype=torch.float64)
+    b = torch.tensor(fitted["bias"], dtype=torch.float64)
+    return torch.softmax((z * w if w.ndim == 1 else z @ w.T) + b, dim=-1)
+
+
+def fit_dirichlet(probs: Tensor, labels: Tensor, lambdas: tuple[float, ...] = DIRICHLET_LAMBDAS) -> dict:
+    """Matrix scaling of log p with the ODIR penalty, its weight the one of ``lambdas`` with the
+    lowest NLL in a 5-fold CV on this split (fewer than 10 images: the largest weight)."""
+    p = torch.as_tensor(probs, dtype=torch.float64)
+    y = torch.as_tensor(labels).long()
+    n = y.numel()
+    if n < 10:
+        lam = max(lambdas)
+    else:
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+        scores = []
+        for lam in lambdas:
+            held = torch.zeros_like(p)
+            for f in perm.chunk(5):
+                keep = torch.ones(n, dtype=torch.bool)
+                keep[f] = False
+                held[f] = apply_affine(p[f], fit_affine(p[keep], y[keep], "matrix", lam))
+            scores.append(nll(held, y))
+        lam = lambdas[min(range(len(lambdas)), key=lambda i: (scores[i], -lambdas[i]))]
+    return fit_affine(p, y, "matrix", lam)
+
+
+def calibrator_kind(calib: dict) -> str:
+    """The fitted calibrator of a calibration dict (those stored before the ``kind`` key: temperature,
+    with the isotonic map when it has one)."""
+    if calib.get("kind"):
+        return str(calib["kind"])
+    return "temperature+isotonic" if calib.get("isotonic") else "temperature"
+
+
 def apply_calibration(probs: Tensor, calib: dict) -> Tensor:
-    """The calibrated probabilities of a fitted calibration: temperature, then the isotonic map when
-    the calibration has one (``calib["isotonic"]``)."""
-    cal = apply_temperature(probs, float(calib["temperature"]))
+    """The calibrated probabilities of a fitted calibration: the vector / matrix scaling when it has
+    one (``calib["affine"]``), else the temperature; then the isotonic map when it has one
+    (``calib["isotonic"]``). Reads every calibration diffmic has stored."""
+    if calib.get("affine"):
+        cal = apply_affine(probs, calib["affine"])
+    else:
+        cal = apply_temperature(probs, float(calib["temperature"]))
     if calib.get("isotonic"):
         cal = apply_isotonic(cal, calib["isotonic"])
     return cal
@@ -136,54 +239,112 @@ def apply_calibration(probs: Tensor, calib: dict) -> Tensor:
 
 def fit_calibration(probs: Tensor, labels: Tensor, calibrator: str = "temperature") -> dict:
     """Fit ``calibrator`` (one of CALIBRATORS) on one split's unscaled probabilities:
-    ``{"temperature": T, "isotonic": knots or None}``, and for ``auto`` the cross-validation it
-    decided on (``"auto": {"chosen": ..., "cv": {kind: {"ece", "nll"}}}``)."""
+    ``{"kind", "temperature": T, "isotonic": knots or None, "affine": weights or None}`` (every kind
+    stores the temperature alone too: the conformal sets use it), and for ``auto`` the
+    cross-validation it decided on (``"auto": {"chosen", "rule", "cv": {kind: scores}}``)."""
     if calibrator not in CALIBRATORS:
         raise ValueError(f"calibrator must be one of {', '.join(CALIBRATORS)}, got {calibrator!r}")
     p = torch.as_tensor(probs, dtype=torch.float64)
     y = torch.as_tensor(labels).long()
     if calibrator == "auto":
-        cv = cross_validate_calibrators(p, y)
-        base = cv["temperature"]
-        iso = cv["temperature+isotonic"]
-        chosen = (
-            "temperature+isotonic"
-            if iso["ece"] < base["ece"] and iso["nll"] <= base["nll"] + AUTO_NLL_SLACK
-            else "temperature"
-        )
+        cv = cross_validate_calibrators(p, y, AUTO_CANDIDATES)
+        chosen = auto_choice(cv)
         fitted = fit_calibration(p, y, chosen)
         fitted["auto"] = {
             "chosen": chosen,
-            "rule": f"isotonic if its {AUTO_FOLDS}-fold CV ECE is lower and CV NLL at most {AUTO_NLL_SLACK} higher",
+            "rule": AUTO_RULE,
+            "folds": AUTO_FOLDS,
+            "repeats": AUTO_REPEATS,
             "cv": cv,
         }
         return fitted
     T = fit_temperature(p, y)
-    fitted: dict = {"temperature": T, "isotonic": None}
+    fitted: dict = {"kind": calibrator, "temperature": T, "isotonic": None, "affine": None}
     if calibrator == "temperature+isotonic":
         conf, pred = apply_temperature(p, T).max(-1)
         fitted["isotonic"] = fit_isotonic(conf, pred == y)
+    elif calibrator in ("vector", "matrix"):
+        fitted["affine"] = {"kind": calibrator, **fit_affine(p, y, calibrator)}
+    elif calibrator == "dirichlet":
+        fitted["affine"] = {"kind": "matrix", **fit_dirichlet(p, y)}
     return fitted
 
 
-def cross_validate_calibrators(probs: Tensor, labels: Tensor, folds: int = AUTO_FOLDS, seed: int = 0) -> dict:
-    """ECE and NLL of each fixed calibrator on held-out folds of one split (fitted on the other
-    folds, scored on the pooled held-out predictions). Fewer images than folds: every fold is one image."""
+AUTO_RULE = (
+    f"the arg-max-keeping calibrator ({', '.join(AUTO_CANDIDATES)}) with the lowest held-out ECE in "
+    f"{AUTO_REPEATS} x {AUTO_FOLDS}-fold cross-validation on the validation split, among those whose "
+    "held-out Brier score is not above the temperature's"
+)
+
+
+def auto_choice(cv: dict) -> str:
+    """``auto``'s rule (:data:`AUTO_RULE`) applied to :func:`cross_validate_calibrators`' scores."""
+    base = cv["temperature"]["brier"]
+    ok = [k for k in AUTO_CANDIDATES if k in cv and (k == "temperature" or cv[k]["brier"] <= base)]
+    return min(ok, key=lambda k: (cv[k]["ece"], AUTO_CANDIDATES.index(k)))
+
+
+def cross_validate_calibrators(
+    probs: Tensor,
+    labels: Tensor,
+    kinds: tuple[str, ...] = AUTO_CANDIDATES,
+    folds: int = AUTO_FOLDS,
+    repeats: int = AUTO_REPEATS,
+    dirichlet_lambda: float | None = None,
+) -> dict:
+    """Held-out scores of each fixed calibrator on one split: fitted on the other folds, scored
+    (ECE, classwise ECE, NLL, Brier, accuracy, share of arg-max changed) on the pooled held-out
+    predictions, averaged over ``repeats`` random fold assignments (seeds 0, 1, ...). ``"none"`` in
+    ``kinds``: the unscaled probabilities. Fewer images than folds: every fold is one image.
+    ``dirichlet_lambda``: the penalty weight ``dirichlet`` uses in every fold (default: chosen anew
+    by an inner CV in each fold, 20 more fits per fold)."""
     p = torch.as_tensor(probs, dtype=torch.float64)
     y = torch.as_tensor(labels).long()
     n = y.numel()
     if n < 2:
         raise ValueError("cannot cross-validate a calibrator on fewer than 2 images")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    perms = [torch.randperm(n, generator=torch.Generator().manual_seed(s)) for s in range(repeats)]
+
+    def fit(kind: str, pp: Tensor, yy: Tensor) -> dict:
+        if kind == "dirichlet" and dirichlet_lambda is not None:
+            return {"temperature": 1.0, "affine": fit_affine(pp, yy, "matrix", dirichlet_lambda)}
+        return fit_calibration(pp, yy, kind)
+
     out = {}
-    for kind in ("temperature", "temperature+isotonic"):
-        held = torch.zeros_like(p)
-        for f in perm.chunk(min(folds, n)):
-            train = torch.ones(n, dtype=torch.bool)
-            train[f] = False
-            held[f] = apply_calibration(p[f], fit_calibration(p[train], y[train], kind))
-        out[kind] = {"ece": ece(held, y), "nll": nll(held, y), "brier": brier(held, y)}
+    for kind in kinds:
+        runs = []
+        for perm in perms:
+            held = torch.zeros_like(p)
+            for f in perm.chunk(min(folds, n)):
+                train = torch.ones(n, dtype=torch.bool)
+                train[f] = False
+                held[f] = p[f] if kind == "none" else apply_calibration(p[f], fit(kind, p[train], y[train]))
+            runs.append(scores(held, y, p))
+        out[kind] = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
     return out
+
+
+def scores(probs: Tensor, labels: Tensor, reference: Tensor | None = None, n_bins: int = 15) -> dict:
+    """:func:`calibration_summary` plus the accuracy of the arg-max, and with ``reference`` (the
+    probabilities before calibration) the share of images whose arg-max the calibration changed."""
+    p = torch.as_tensor(probs, dtype=torch.float64)
+    y = torch.as_tensor(labels).long()
+    out = {**calibration_summary(p, y, n_bins), "acc": float((p.argmax(-1) == y).double().mean())}
+    if reference is not None:
+        ref = torch.as_tensor(reference, dtype=torch.float64)
+        out["argmax_changed"] = float((p.argmax(-1) != ref.argmax(-1)).double().mean())
+    return out
+
+
+def compare_calibrators(probs: Tensor, labels: Tensor, kinds: tuple[str, ...] = FIXED_CALIBRATORS) -> dict:
+    """Every fixed calibrator fitted on the whole split (to be applied to the test split), with its
+    held-out scores on the split (:func:`cross_validate_calibrators`, ``none`` included; ``dirichlet``
+    with the penalty weight chosen on the whole split, a slightly optimistic held-out score)."""
+    p = torch.as_tensor(probs, dtype=torch.float64)
+    y = torch.as_tensor(labels).long()
+    fitted = {k: fit_calibration(p, y, k) for k in kinds}
+    lam = fitted["dirichlet"]["affine"]["lambda"] if "dirichlet" in fitted else None
+    return {"fitted": fitted, "cv": cross_validate_calibrators(p, y, ("none", *kinds), dirichlet_lambda=lam)}
 
 
 def calibration_summary(probs: Tensor, labels: Tensor, n_bins: int = 15) -> dict:

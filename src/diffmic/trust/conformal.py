@@ -1,12 +1,20 @@
-"""Split-conformal prediction sets with Adaptive Prediction Sets scores (APS, Romano et al. 2020).
+"""Split-conformal prediction sets: Adaptive Prediction Sets scores (APS, Romano et al. 2020) and
+their regularised version (RAPS, Angelopoulos et al. 2021), each with one quantile for all images
+(marginal) or one per class (Mondrian, class-conditional; Vovk 2012).
 
-The score of class y is the total probability of the classes ranked above y plus ``u`` times its
+The APS score of class y is the total probability of the classes ranked above y plus ``u`` times its
 own, with ``u`` uniform on (0, 1) per image (randomised APS; ``u = 1`` gives the conservative
-non-randomised version, which over-covers when many classes are unlikely). With ``n`` exchangeable
-calibration images and q = the ceil((n+1) level)-th smallest true-class score, the set
-{y : score(x, y) <= q} (plus the top class, so never empty) covers the true class with
-probability >= level. For reproducible sets ``u`` is derived from the image id
-(:func:`image_uniforms`)."""
+non-randomised version, which over-covers when many classes are unlikely). RAPS adds
+``lam * max(0, rank(y) - k_reg)`` (rank 1 = the most probable class), which keeps unlikely classes
+out of the sets. With ``n`` exchangeable calibration images and q = the ceil((n+1) level)-th
+smallest true-class score, the set {y : score(x, y) <= q} (plus the top class, so never empty)
+covers the true class with probability >= level, on average over images. The Mondrian sets fit
+one quantile q_c per class from the ``n_c`` calibration images of class c and include c when
+score(x, c) <= q_c: each class is covered with probability >= level on its own (given the images
+of each class are exchangeable). A class with fewer than level / (1 - level) calibration images
+(ceil((n_c+1) level) > n_c: 9 at 90 %) cannot be given that guarantee by a finite quantile; it is
+then included in every set (q_c = infinity), which keeps its guarantee, and named in
+``always_included``. For reproducible sets ``u`` is derived from the image id (:func:`image_uniforms`)."""
 
 from __future__ import annotations
 
@@ -34,16 +42,31 @@ def aps_scores(probs: Tensor, u: Tensor | None = None) -> Tensor:
     return scores
 
 
-def fit_aps(probs: Tensor, labels: Tensor, level: float = 0.9, u: Tensor | None = None) -> float:
-    """The conformal quantile q of the true-class scores on the calibration split."""
+def raps_scores(probs: Tensor, u: Tensor | None = None, lam: float = 0.1, k_reg: int = 1) -> Tensor:
+    """``[N,C]``: APS scores plus ``lam * max(0, rank - k_reg)``, rank 1 for the most probable class."""
+    p = torch.as_tensor(probs, dtype=torch.float64)
+    order = torch.sort(p, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(1, p.shape[-1] + 1).expand_as(order).contiguous())
+    return aps_scores(p, u) + float(lam) * (rank - int(k_reg)).clamp_min(0).to(torch.float64)
+
+
+def conformal_quantile(scores: Tensor, level: float) -> float:
+    """The ceil((n+1) level)-th smallest of ``scores`` (n of them); infinity when that exceeds n
+    (too few calibration scores for ``level``: only the full label set is guaranteed)."""
     if not 0 < level < 1:
         raise ValueError(f"conformal level must be in (0, 1), got {level}")
-    s = aps_scores(probs, u).gather(1, torch.as_tensor(labels).long()[:, None]).flatten()
+    s = torch.as_tensor(scores, dtype=torch.float64).flatten()
     n = s.numel()
-    k = math.ceil((n + 1) * level)
-    if k > n:  # too few calibration images for this level: every set is the full label set
+    k = math.ceil((n + 1) * level - 1e-9)  # (9 + 1) * 0.9 is 9.000000000000002 in floating point
+    if k > n:
         return float("inf")
     return float(torch.sort(s).values[k - 1])
+
+
+def fit_aps(probs: Tensor, labels: Tensor, level: float = 0.9, u: Tensor | None = None) -> float:
+    """The conformal quantile q of the true-class APS scores on the calibration split."""
+    s = aps_scores(probs, u).gather(1, torch.as_tensor(labels).long()[:, None]).flatten()
+    return conformal_quantile(s, level)
 
 
 def aps_sets(probs: Tensor, qhat: float, u: Tensor | None = None) -> Tensor:
@@ -54,8 +77,80 @@ def aps_sets(probs: Tensor, qhat: float, u: Tensor | None = None) -> Tensor:
     return member
 
 
+# eval.conformal_method
+CONFORMAL_METHODS: tuple[str, ...] = ("aps", "mondrian_aps", "raps", "mondrian_raps")
+METHOD_TEXT = {
+    "aps": "APS, one quantile for all images (marginal coverage)",
+    "mondrian_aps": "Mondrian APS, one quantile per class (class-conditional coverage)",
+    "raps": "RAPS, one quantile for all images (marginal coverage)",
+    "mondrian_raps": "Mondrian RAPS, one quantile per class (class-conditional coverage)",
+}
+
+
+def method_scores(probs: Tensor, method: str, u: Tensor | None = None, lam: float = 0.1, k_reg: int = 1) -> Tensor:
+    """``[N,C]`` conformity scores of ``method`` (APS or RAPS; Mondrian or not uses the same scores)."""
+    if method not in CONFORMAL_METHODS:
+        raise ValueError(f"conformal method must be one of {', '.join(CONFORMAL_METHODS)}, got {method!r}")
+    return raps_scores(probs, u, lam, k_reg) if method.endswith("raps") else aps_scores(probs, u)
+
+
+def _finite(q: float) -> float | None:
+    return q if math.isfinite(q) else None  # infinity stored as None (plain JSON)
+
+
+def fit_conformal(
+    probs: Tensor,
+    labels: Tensor,
+    method: str = "aps",
+    level: float = 0.9,
+    u: Tensor | None = None,
+    lam: float = 0.1,
+    k_reg: int = 1,
+) -> dict:
+    """The quantile(s) of ``method`` on the calibration split, as plain values: ``qhat`` (marginal;
+    None = infinity) or ``qhat_per_class`` with ``n_per_class`` and ``always_included`` (Mondrian:
+    the class indices with too few calibration images, included in every set)."""
+    y = torch.as_tensor(labels).long()
+    s = method_scores(probs, method, u, lam, k_reg)
+    true = s.gather(1, y[:, None]).flatten()
+    out: dict = {"kind": method, "level": float(level), "text": METHOD_TEXT[method]}
+    if method.endswith("raps"):
+        out.update(lam=float(lam), k_reg=int(k_reg))
+    if not method.startswith("mondrian"):
+        out["qhat"] = _finite(conformal_quantile(true, level))
+        return out
+    C = s.shape[-1]
+    qs = [conformal_quantile(true[y == c], level) for c in range(C)]
+    out["qhat_per_class"] = [_finite(q) for q in qs]
+    out["n_per_class"] = [int((y == c).sum()) for c in range(C)]
+    out["always_included"] = [c for c in range(C) if not math.isfinite(qs[c])]
+    return out
+
+
+def conformal_sets(probs: Tensor, fitted: dict, u: Tensor | None = None) -> Tensor:
+    """Boolean ``[N,C]`` membership of the sets of a :func:`fit_conformal` result (the top class
+    always included). A stored APS quantile without ``kind`` (calibrations before the choice of
+    method) is marginal APS."""
+    p = torch.as_tensor(probs, dtype=torch.float64)
+    method = fitted.get("kind", "aps")
+    s = method_scores(p, method, u, fitted.get("lam", 0.1), fitted.get("k_reg", 1))
+    if method.startswith("mondrian"):
+        q = torch.tensor([math.inf if v is None else float(v) for v in fitted["qhat_per_class"]], dtype=torch.float64)
+        member = s <= q[None, :] + 1e-12
+    else:
+        qhat = fitted.get("qhat")
+        member = s <= (math.inf if qhat is None else float(qhat)) + 1e-12
+    member[torch.arange(p.shape[0]), p.argmax(-1)] = True
+    return member
+
+
+# a class "reaches the level" on a test split when its coverage is at least level - CLASS_TOLERANCE
+CLASS_TOLERANCE = 0.03
+
+
 def set_summary(sets: Tensor, labels: Tensor, class_names: list[str], level: float) -> dict:
-    """Empirical coverage and mean set size, overall and per true class."""
+    """Empirical coverage and mean set size, overall and per true class; the lowest class
+    coverage and the classes covered less than ``level - CLASS_TOLERANCE`` (``classes_short``)."""
     y = torch.as_tensor(labels).long()
     covered = sets[torch.arange(y.numel()), y].double()
     size = sets.sum(-1).double()
@@ -68,4 +163,13 @@ def set_summary(sets: Tensor, labels: Tensor, class_names: list[str], level: flo
                 "coverage": float(covered[m].mean()),
                 "mean_set_size": float(size[m].mean()),
             }
-    return {"level": level, "coverage": float(covered.mean()), "mean_set_size": float(size.mean()), "per_class": per}
+    low = min((v["coverage"] for v in per.values()), default=None)
+    short = [n for n, v in per.items() if v["coverage"] < level - CLASS_TOLERANCE - 1e-12]
+    return {
+        "level": level,
+        "coverage": float(covered.mean()),
+        "mean_set_size": float(size.mean()),
+        "per_class": per,
+        "min_class_coverage": low,
+        "classes_short": short,
+    }
