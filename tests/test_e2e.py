@@ -180,7 +180,10 @@ def test_validate_verb_reports_validation_metrics(synth_run, capsys):
     assert main(["validate", "--run", str(synth_run)]) == 0
     out = capsys.readouterr().out
     result = json.loads(out[out.index("{") :])
-    assert any("acc" in k for k in (result[0] if isinstance(result, list) else result))
+    result = result[0] if isinstance(result, list) else result
+    # the best checkpoint was chosen on this very validation score: validate repeats it
+    summary = json.loads((synth_run / "fit_summary.json").read_text())
+    assert result["val/acc"] == pytest.approx(summary["best_score"], abs=1e-6)
     assert (synth_run / "test_metrics.json").read_text() == before  # validate writes no test files
 
 
@@ -196,7 +199,7 @@ def _save_test_pngs(npz: Path, folder: Path, n: int) -> tuple[list[str], np.ndar
 
 
 def test_predict_cli_on_images(synth_run, synth_npz, tmp_path):
-    paths, labels = _save_test_pngs(synth_npz, tmp_path / "in", 8)
+    paths, labels = _save_test_pngs(synth_npz, tmp_path / "in", 32)
     out = tmp_path / "preds.csv"
     rc = main(
         [
@@ -213,11 +216,12 @@ def test_predict_cli_on_images(synth_run, synth_npz, tmp_path):
     )
     assert rc == 0
     rows = _rows(out)
-    assert [Path(r["id"]).name for r in rows] == [f"img{i}.png" for i in range(8)]
+    assert [Path(r["id"]).name for r in rows] == [f"img{i}.png" for i in range(32)]
     assert all(r["refer"] in ("0", "1") for r in rows)
-    # the model learned the signal: most of these images get their class
-    assert np.mean([int(r["pred"]) == int(lab) for r, lab in zip(rows, labels)]) >= 0.75
-    assert len(list((tmp_path / "explain").glob("*.png"))) == 8
+    # the model learned the signal: clearly above calling every image the majority class
+    majority = np.bincount(labels).max() / len(labels)  # 0.69 on this split
+    assert np.mean([int(r["pred"]) == int(lab) for r, lab in zip(rows, labels)]) > majority + 0.1
+    assert len(list((tmp_path / "explain").glob("*.png"))) == 32
 
 
 def test_predict_errors_are_clear(synth_run, tmp_path, capsys):
