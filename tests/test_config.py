@@ -101,6 +101,8 @@ BAD: dict[str, tuple[str, str]] = {
     "eval.refer_max_fraction": ("1.5", r"eval.refer_max_fraction must be in \[0, 1\], got 1.5"),
     "eval.refer_target_accuracy": ("0", r"eval.refer_target_accuracy must be in \(0, 1\]"),
     "eval.conformal_level": ("1", r"eval.conformal_level must be in \(0, 1\), got 1.0"),
+    "eval.raps_lambda": ("-0.1", r"eval.raps_lambda must be in \[0, 100\], got -0.1"),
+    "eval.raps_k_reg": ("-1", r"eval.raps_k_reg must be in \[0, 100000\], got -1"),
     "eval.bootstrap_resamples": ("-1", r"eval.bootstrap_resamples must be in \[0, 1000000\]"),
     "eval.ood_score": (
         "spread ; eval.num_samples=1",
@@ -199,6 +201,7 @@ def test_choice_sets_are_the_librarys_own_constants():
     from diffmic.nn.diffmic import ALL_VARIANTS, DENOISER_INPUTS
     from diffmic.nn.guidance import ROI_CHANNELS, ROI_SELECT
     from diffmic.trust.calibration import CALIBRATORS
+    from diffmic.trust.conformal import CONFORMAL_METHODS
     from diffmic.trust.ood import OOD_SCORES
 
     same = {
@@ -217,6 +220,7 @@ def test_choice_sets_are_the_librarys_own_constants():
         "eval.start": DDIM_STARTS,
         "eval.aggregate": AGGREGATES,
         "eval.calibrator": CALIBRATORS,
+        "eval.conformal_method": CONFORMAL_METHODS,
         "eval.ood_score": OOD_SCORES,
     }
     for key, const in same.items():

@@ -55,5 +55,20 @@ def test_referral_rule():
     assert should_refer(0.4, 1.0, 0.5) and not should_refer(0.6, 1.0, 0.5)
     assert should_refer(0.9, 0.875, 0.5)  # 7 of 8 samples agree: refer
     assert not should_refer(0.9, None, 0.5)  # no samples (basic variant): confidence only
-    assert referral_rule(0.5, 8) == "confidence < 0.5 or the 8 samples disagree"
-    assert referral_rule(0.5, None) == "confidence < 0.5"
+    # in words (issue 25.5): the fixed threshold, with sample agreement when there are K >= 2 samples
+    assert referral_rule(0.5, 8) == (
+        "refer to a clinician when the model's probability for its predicted class is below 0.500, or when "
+        "its 8 reverse-diffusion samples do not all agree on the class (a fixed threshold, eval.refer_threshold: "
+        "the model was not calibrated on validation images)"
+    )
+    assert "samples" not in referral_rule(0.5, None) and "samples" not in referral_rule(0.5, 1)
+    # a threshold fitted on validation: no sample agreement, and how it was chosen
+    fitted = {"max_referred": 0.2, "threshold": 0.74233, "fit_referred_fraction": 0.1997, "fit_accuracy_kept": 0.9108}
+    assert referral_rule(0.5, 8, fitted={**fitted, "num_images": 701, "fitted_on": "val"}) == (
+        "refer to a clinician when the model's calibrated probability for its predicted class is below 0.742 "
+        "(threshold chosen on 701 validation images so that at most 20% of them are referred; 20.0% of them "
+        "were referred and 91.1% of the others were classified correctly)"
+    )
+    target = {"target_accuracy": 0.9, "threshold": 0.8}
+    assert "as the lowest at which the images kept reach 90% accuracy" in referral_rule(0.5, 8, fitted=target)
+    assert referral_rule(0.5, None, also="when X").endswith("; also when X")

@@ -262,13 +262,20 @@ def test_fit_and_test_trust_with_the_isotonic_calibrator(tmp_path):
     labels = torch.multinomial(torch.softmax(logits / 2, -1), 1, generator=g).flatten()
     probs = torch.softmax(logits, -1).double()
     ids = [f"img{i}" for i in range(n)]
-    cfg = EvalConfig(calibrator="temperature+isotonic")
+    cfg = EvalConfig(calibrator="temperature+isotonic", conformal_method="aps")
     cal = fit_trust(probs[:300], labels[:300], cfg, ids=ids[:300])
     assert cal["calibrator"] == "temperature+isotonic" and len(cal["isotonic"]["x"]) >= 2
     assert settings_match(cal["settings"], cfg) and not settings_match(cal["settings"], EvalConfig())
     # the conformal quantile is fitted on the temperature-scaled probabilities
     qhat = fit_aps(apply_temperature(probs[:300], cal["temperature"]), labels[:300], 0.9, image_uniforms(ids[:300]))
     assert cal["conformal"]["qhat"] == pytest.approx(qhat)
+    # every method is fitted beside it (issue 25.1): the Mondrian quantile of each class from its images
+    from diffmic.trust.conformal import aps_scores, conformal_quantile
+
+    s = aps_scores(apply_temperature(probs[:300], cal["temperature"]), image_uniforms(ids[:300]))
+    true = s.gather(1, labels[:300, None]).flatten()
+    per = cal["conformal"]["compared"]["mondrian_aps"]["qhat_per_class"]
+    assert per == pytest.approx([conformal_quantile(true[labels[:300] == c], 0.9) for c in range(C)])
     rows = [
         {"id": ids[i], "label": int(labels[i]), **{f"p_{c}": float(probs[i, c]) for c in range(C)}}
         for i in range(300, n)
@@ -288,7 +295,10 @@ def test_fit_and_test_trust_with_the_isotonic_calibrator(tmp_path):
     assert torch.equal(out["refer"], torch.tensor([r["refer"] == 1 for r in rows]))
     # a calibration stored before the option (no calibrator key) still matches the default settings
     old = {k: v for k, v in cal["settings"].items() if k != "calibrator"}
-    assert settings_match(old, EvalConfig()) and not settings_match(old, cfg)
+    assert settings_match(old, EvalConfig(conformal_method="aps")) and not settings_match(old, cfg)
+    # one stored before the choice of conformal method was marginal APS: the Mondrian default refits
+    older = {k: v for k, v in cal["settings"].items() if k not in ("conformal_method", "raps_lambda", "raps_k_reg")}
+    assert settings_match(older, cfg) and not settings_match(older, EvalConfig(calibrator=cfg.calibrator))
 
 
 def test_auto_calibrator_takes_isotonic_only_where_cross_validation_supports_it():

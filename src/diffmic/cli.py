@@ -314,6 +314,7 @@ def _predict(args) -> int:
             if r.ood:
                 extra += "\tdoes not look like the training data"
             print(f"{r.id}\t{r.label}\tp={r.confidence:.3f}\tagreement={r.agreement:.2f}{extra}{flag}")
+    print(f"referral rule: {predictor.referral_rule}", file=sys.stderr)  # the rule REFER follows
     if predictor.ood_rule is not None:  # the flag applied, or why there is none
         print(f"out-of-distribution flag: {predictor.ood_rule}", file=sys.stderr)
     if args.explain:

@@ -33,6 +33,7 @@ from diffmic.metrics import AGGREGATES, SCALAR_METRICS
 from diffmic.nn.diffmic import ALL_VARIANTS, DENOISER_INPUTS
 from diffmic.nn.guidance import OUTPUT_STRIDES, ROI_CHANNELS, ROI_SELECT
 from diffmic.trust.calibration import CALIBRATORS
+from diffmic.trust.conformal import CONFORMAL_METHODS
 from diffmic.trust.ood import OOD_SCORES, score_problem
 
 
@@ -188,7 +189,14 @@ class EvalConfig:
     refer_max_fraction: float = 0.2  # referral goal: refer at most this fraction of the images
     refer_target_accuracy: Optional[float] = None  # or: the fewest referrals reaching this accuracy on kept images
     conformal_level: float = 0.9  # coverage of the conformal prediction sets
-    # temperature | temperature+isotonic (then a top-label isotonic map, fitted on the same split)
+    # aps | raps (one quantile: the level on average over images) | mondrian_aps | mondrian_raps (one
+    # quantile per class: each class reaches the level on its own; larger sets), docs/uncertainty.md
+    conformal_method: str = "mondrian_aps"
+    raps_lambda: float = 0.1  # RAPS: penalty per rank beyond raps_k_reg (Angelopoulos et al. 2021)
+    raps_k_reg: int = 1
+    # temperature | temperature+isotonic (then a top-label isotonic map, fitted on the same split) |
+    # vector | matrix | dirichlet (may change the arg-max; the change in accuracy is reported) |
+    # auto (temperature or temperature+isotonic, chosen by repeated 5-fold CV on validation)
     calibrator: str = "temperature"
     bootstrap_resamples: int = 500  # bootstrap resamples for the 95 % intervals of test metrics
     # ours: out-of-distribution flag ("this image does not look like the training data"; flagged
@@ -240,6 +248,7 @@ CHOICES: dict[str, tuple] = {
     "eval.start": DDIM_STARTS,
     "eval.aggregate": AGGREGATES,
     "eval.calibrator": CALIBRATORS,
+    "eval.conformal_method": CONFORMAL_METHODS,
     "eval.ood_score": OOD_SCORES,
 }
 
@@ -680,6 +689,8 @@ RULES: list[tuple[str, Check]] = [
     ("eval.refer_max_fraction", _range(0, 1)),
     ("eval.refer_target_accuracy", _range(0, 1, lo_open=True, optional=True)),
     ("eval.conformal_level", _range(0, 1, lo_open=True, hi_open=True)),
+    ("eval.raps_lambda", _range(0, 100)),
+    ("eval.raps_k_reg", _range(0, 100_000)),
     ("eval.bootstrap_resamples", _range(0, 1_000_000)),
     ("eval.ood_score", _ood_score),
     ("eval.ood_false_flag_rate", _range(0, 1, lo_open=True, hi_open=True)),

@@ -122,11 +122,49 @@ def should_refer(confidence: float, agreement: float | None, threshold: float) -
     return confidence < threshold or (agreement is not None and agreement < 1.0)
 
 
-def referral_rule(threshold: float, num_samples: int | None) -> str:
-    """:func:`should_refer` in words (``num_samples`` None: no sample agreement available)."""
-    if num_samples is None:
-        return f"confidence < {threshold}"
-    return f"confidence < {threshold} or the {num_samples} samples disagree"
+def referral_rule(
+    threshold: float, num_samples: int | None, fitted: dict | None = None, also: str | None = None
+) -> str:
+    """The referral rule that is applied, in words a clinician reads: the one function behind every
+    place that states it (``diffmic test``/``report``, ``predict``, the Predictor, ``serve``, the model
+    card; issue 25.5).
+
+    ``fitted`` None: :func:`should_refer` with the fixed ``eval.refer_threshold`` (``num_samples``
+    None or 1: no sample agreement). ``fitted``: the threshold fitted on validation images
+    (``diffmic calibrate``; the dict of :func:`diffmic.trust.calibration.fit_referral` with
+    ``num_images`` and ``fitted_on``), which alone decides (no sample agreement). ``also``: a further
+    reason to refer that is applied (e.g. the out-of-distribution flag), as a clause.
+    The threshold is shown with 3 decimals; the exact value is in ``test_metrics.json``."""
+    if fitted is None:
+        text = f"refer to a clinician when the model's probability for its predicted class is below {threshold:.3f}"
+        if num_samples is not None and num_samples >= 2:
+            text += f", or when its {num_samples} reverse-diffusion samples do not all agree on the class"
+        text += " (a fixed threshold, eval.refer_threshold: the model was not calibrated on validation images)"
+    else:
+        thr = float(fitted["threshold"])
+        text = (
+            f"refer to a clinician when the model's calibrated probability for its predicted class is below {thr:.3f}"
+        )
+        n = fitted.get("num_images")
+        where = f"{n} {fitted.get('fitted_on') or 'validation'} images" if n else "the validation images"
+        where = where.replace(" val images", " validation images")
+        done = fitted.get("fit_referred_fraction")
+        kept = fitted.get("fit_accuracy_kept")
+        result = ""
+        if done is not None:
+            result = f"; {done:.1%} of them were referred"
+            if kept is not None:
+                result += f" and {kept:.1%} of the others were classified correctly"
+        if fitted.get("target_accuracy") is not None:
+            goal = f"as the lowest at which the images kept reach {fitted['target_accuracy']:.0%} accuracy"
+        elif fitted.get("max_referred") is not None:
+            goal = f"so that at most {fitted['max_referred']:.0%} of them are referred"
+        else:
+            goal = "by diffmic calibrate"
+        text += f" (threshold chosen on {where} {goal}{result})"
+    if also:
+        text += f"; also {also}"
+    return text
 
 
 def risk_coverage(confidence: Tensor, correct: Tensor) -> tuple[Tensor, Tensor]:

@@ -318,6 +318,88 @@ def _conformal_figure(conf: dict):
     return fig
 
 
+def _conformal_table(conf: dict) -> str:
+    """Per-class coverage and mean set size of every conformal method fitted on validation (issue
+    25.1), the applied one first; every value from test_metrics.json escaped by :func:`table`."""
+    methods = dict(conf.get("compared") or {})
+    applied = conf.get("kind", "aps")
+    if not methods:
+        methods = {applied: conf}
+    order = [applied] + [m for m in methods if m != applied] if applied in methods else list(methods)
+    names = list(conf.get("per_class", {}))
+    head = ["class", "test images"]
+    for m in order:
+        tag = f"{m} (applied)" if m == applied else m
+        head += [f"{tag} coverage", f"{tag} set size"]
+    rows = []
+    for n in names:
+        row = [n, conf["per_class"][n].get("n", "")]
+        for m in order:
+            pc = methods[m].get("per_class", {}).get(n, {})
+            row += [pc.get("coverage", ""), pc.get("mean_set_size", "")]
+        rows.append(row)
+    total = ["all images", sum(int(v.get("n", 0)) for v in conf.get("per_class", {}).values())]
+    for m in order:
+        total += [methods[m].get("coverage", ""), methods[m].get("mean_set_size", "")]
+    rows.append(total)
+    notes = []
+    for m in order:
+        short = methods[m].get("classes_short") or []
+        always = methods[m].get("always_included") or []
+        line = f"{m}: " + (
+            f"covered less than the level minus 3 points: {', '.join(map(str, short))}"
+            if short
+            else "every class within 3 points of the level (or above)"
+        )
+        if always:
+            line += f"; in every set (too few validation images for the level): {', '.join(map(str, always))}"
+        notes.append(f"<p>{esc(line)}</p>")
+    return table(head, rows) + "".join(notes)
+
+
+def _calibrators_panel(cal: dict) -> str:
+    """Every calibrator fitted on validation, applied to the test split, for the read-out and for
+    the DCG prior (issue 25.2): test scores beside the held-out validation ones; values escaped."""
+    head = [
+        "probabilities",
+        "calibrator",
+        "test ECE",
+        "test classwise ECE",
+        "test NLL",
+        "test Brier",
+        "test accuracy",
+        "arg-max changed",
+        "validation CV ECE",
+        "validation CV NLL",
+    ]
+    rows = []
+    for what, block in (("diffusion read-out", cal), ("DCG prior", cal.get("prior") or {})):
+        applied = block.get("calibrator")
+        for kind, v in (block.get("compared") or {}).items():
+            cv = v.get("val_cv") or {}
+            rows.append(
+                [
+                    what,
+                    f"{kind} (applied)" if kind == applied else kind,
+                    v.get("ece", ""),
+                    v.get("classwise_ece", ""),
+                    v.get("nll", ""),
+                    v.get("brier", ""),
+                    v.get("acc", ""),
+                    v.get("argmax_changed", ""),
+                    cv.get("ece", ""),
+                    cv.get("nll", ""),
+                ]
+            )
+    if not rows:
+        return "<p>No comparison of calibrators stored (calibrated by an older diffmic: run diffmic calibrate).</p>"
+    return table(head, rows) + (
+        "<p>Each calibrator is fitted on the validation split and applied to the test split; "
+        "the validation CV columns are held-out folds of the validation split (what eval.calibrator=auto "
+        "chooses from). Vector, matrix and Dirichlet scaling may change the predicted class.</p>"
+    )
+
+
 def _num(v, fmt: str = "{:.3f}") -> str:
     """A number from test_metrics.json, formatted; anything else as it is (escaped by the caller)."""
     return fmt.format(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
@@ -466,12 +548,15 @@ def build_report(run_dir: Path, output: Path | None = None, max_images: int = 60
     ):
         if f.is_file():
             panels.append((pid, heading, f"<img alt='{pid}' src='{png_data_uri(f)}'>"))
+    panels.append(
+        ("calibrators", "Calibrators compared (fitted on validation, scored on test)", _calibrators_panel(cal))
+    )
     if conf:
         panels.append(
             (
                 "conformal",
                 f"Conformal prediction sets ({conf.get('method', 'APS')}, level {conf['level']})",
-                f"<img alt='conformal' src='{png_data_uri(_conformal_figure(conf))}'>",
+                f"<img alt='conformal' src='{png_data_uri(_conformal_figure(conf))}'>" + _conformal_table(conf),
             )
         )
     if module.model.variant != "basic":

@@ -510,19 +510,32 @@ def _metric_line(name: str, val: Any, ci: Any) -> str:
     return f"| {name} | {_fmt(val)} | not computed |"
 
 
-def _calibration_shown(cal: dict) -> dict:
-    """The calibration without the out-of-distribution flag's matrices (config.json holds them)."""
-    from diffmic.trust.ood import public
-
-    return {**cal, "ood": public(cal["ood"])} if isinstance(cal, dict) and "ood" in cal else cal
-
-
 def _ood_line(cal: Any) -> str:
     from diffmic.trust.ood import rule_text
 
     if not isinstance(cal, dict):
         return "none (the model was not calibrated)"
     return rule_text(cal.get("ood"))
+
+
+def _referral_line(meta: dict) -> str:
+    """The referral rule the exported model applies (Predictor.referral_rule), in words."""
+    from diffmic.trust.fitting import applied_rule
+
+    cfg = meta["config"]
+    ev, variant = cfg["eval"], cfg["model"]["variant"]
+    cal = meta.get("calibration")
+    k = None if variant in ("basic", "dcg") else int(ev["num_samples"])
+    return applied_rule(cal if isinstance(cal, dict) else None, float(ev["refer_threshold"]), k)
+
+
+def _calibration_line(meta: dict) -> str:
+    """The stored calibration in words (the fitted values are in config.json's `calibration`)."""
+    from diffmic.trust.fitting import describe_calibration
+
+    cal = meta.get("calibration")
+    text = describe_calibration(cal if isinstance(cal, dict) else None, list(meta["class_names"]))
+    return text + (" (the fitted values are in config.json, `calibration`)" if isinstance(cal, dict) else "")
 
 
 def _model_card(meta: dict, metrics: dict | None, fit_summary: dict | None) -> str:
@@ -542,15 +555,15 @@ def _model_card(meta: dict, metrics: dict | None, fit_summary: dict | None) -> s
         f"T = {cfg['diffusion']['num_timesteps']} ({cfg['diffusion']['schedule']} schedule). "
         f"Initial backbone weights: {_pretrained_text(model)}.",
         f"Prediction: {ev['sampler']} sampler, {ev['steps']} steps, {ev['num_samples']} sample(s) per image "
-        f"({ev['aggregate']}), readout temperature {ev['temperature']}, refer to a clinician below "
-        f"confidence {ev['refer_threshold']} or when the samples disagree."
+        f"({ev['aggregate']}), readout temperature {ev['temperature']}."
         + (
             f" The predicted class and probabilities come from the deterministic read-out from the prior "
             f"mean in {ev['point_steps']} denoiser calls (eval.point_steps); the samples give the agreement."
             if ev.get("point_steps")
             else ""
         ),
-        f"Calibration: {json.dumps(_calibration_shown(meta['calibration'])) if meta.get('calibration') is not None else 'none stored'}.",
+        f"Referral rule: {_referral_line(meta)}.",
+        f"Calibration: {_calibration_line(meta)}.",
         f"Out-of-distribution flag: {_ood_line(meta.get('calibration'))}.",
         "",
         "Classes (output order): " + ", ".join(f"{i} {n}" for i, n in enumerate(names)),

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from diffmic.diffusion.reverse import reverse_sample
 from diffmic.metrics import readout, should_refer
-from diffmic.trust.fitting import predict_trust
+from diffmic.trust.fitting import applied_rule, predict_trust
 from diffmic.trust.ood import OODInputs, classifier_outputs
 from diffmic.trust.ood import rule_text as ood_rule_text
 
@@ -31,7 +31,7 @@ class Prediction:
     ``refer`` is True when the model is not confident enough to act on alone: the probability of
     the predicted class is below ``refer_threshold`` or the K reverse samples disagree (with a
     calibrated checkpoint: below the fitted threshold, or ``ood``: the image does not look like the
-    training data, whatever its confidence).
+    training data, whatever its confidence); :attr:`Predictor.referral_rule` states the rule applied.
     ``saliency`` is the DCG saliency map of the predicted class ([h, w], upsampled to the input by
     :meth:`Predictor.saliency_image`); ``roi_boxes`` are the K crops (y0, x0, y1, x1) in pixels of
     the network input, with their gated-attention weights.
@@ -108,6 +108,15 @@ class Predictor:
         calib = getattr(module, "calibration", None)
         #: the out-of-distribution flag in words, or why there is none (a calibration without one)
         self.ood_rule: Optional[str] = ood_rule_text(calib.get("ood")) if calib is not None else None
+        variant = getattr(getattr(module, "model", None), "variant", None)
+        k = None if variant in ("basic", "dcg") else int(self.cfg.eval.num_samples)
+        fitted = calib is not None and isinstance(calib.get("referral"), dict)
+        #: the confidence threshold applied (fitted on validation when calibrated, else eval.refer_threshold)
+        self.refer_threshold: float = (
+            float(calib["referral"]["threshold"]) if fitted else float(self.cfg.eval.refer_threshold)
+        )
+        #: the referral rule applied to every prediction, in words (diffmic.metrics.referral_rule)
+        self.referral_rule: str = applied_rule(calib, self.cfg.eval.refer_threshold, k)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device=None, **eval_overrides) -> Predictor:
@@ -195,6 +204,8 @@ class Predictor:
         results = []
         for i, image_id in enumerate(ids):
             k = int(r.pred[i])
+            if trust.get("probs") is not None:  # the calibrated arg-max (vector / matrix scaling may move it)
+                k = int(trust["probs"][i].argmax())
             res = Prediction(
                 id=str(image_id),
                 label=self.class_names[k],

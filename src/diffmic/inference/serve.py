@@ -146,15 +146,17 @@ def render_result(result: Prediction, png: bytes, refer_threshold: float, rule: 
             f"data (out-of-distribution score {result.ood_score:.4g})</p>"
         )
     elif result.refer:
+        # the threshold as the rule states it (3 decimals; more where the two would read the same)
+        d = 3 if round(result.confidence, 3) != round(refer_threshold, 3) else 6
         why = (
-            f"probability {result.confidence:.3f} is below {refer_threshold:g}"
+            f"probability {result.confidence:.{d}f} is below {refer_threshold:.{d}f}"
             if result.confidence < refer_threshold
             else f"only {result.agreement:.0%} of the reverse samples agree on the class"
         )
         flag = f"<p id='refer' class='refer'>REFER to a clinician: {why}</p>"
     else:
-        flag = "<p id='refer' class='ok'>Confident: probability and sample agreement pass the referral rule</p>"
-    flag += f"<p class='note'>referral rule: {e(rule)}</p>"
+        flag = "<p id='refer' class='ok'>Not referred: the referral rule below does not apply to this image</p>"
+    flag += f"<p class='note' id='referral-rule'>referral rule: {e(rule)}</p>"
     if ood_rule:
         flag += f"<p class='note' id='ood-rule'>out-of-distribution flag: {e(ood_rule)}</p>"
     rois = ""
@@ -210,10 +212,11 @@ def make_server(
     in_flight = [0]
     count_lock = threading.Lock()
     info = html.escape(model_info or f"classes: {', '.join(predictor.class_names)}")
-    refer_threshold = float(predictor.cfg.eval.refer_threshold)
+    # the rule the Predictor applies (the threshold fitted on validation when calibrated), stated once
+    refer_threshold = float(getattr(predictor, "refer_threshold", predictor.cfg.eval.refer_threshold))
     variant = getattr(getattr(predictor.module, "model", None), "variant", None)
-    k = None if variant == "basic" else int(predictor.cfg.eval.num_samples)
-    rule = referral_rule(refer_threshold, k)
+    k = None if variant in ("basic", "dcg") else int(predictor.cfg.eval.num_samples)
+    rule = getattr(predictor, "referral_rule", None) or referral_rule(refer_threshold, k)
     ood_rule = getattr(predictor, "ood_rule", None) or ""
 
     class Handler(BaseHTTPRequestHandler):

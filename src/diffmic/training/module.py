@@ -50,7 +50,7 @@ from diffmic.nn.encoders import timm_encoder_kwargs
 from diffmic.reporting import plot_risk_coverage, write_json, write_rows_csv
 from diffmic.training.crossfit import FoldAverage, dcg_part, fold_of, out_of_fold_guidance
 from diffmic.training.schedules import lr_factor, warmup_dcg_lr
-from diffmic.trust.fitting import sample_columns, test_trust
+from diffmic.trust.fitting import prior_probs, sample_columns, test_trust
 from diffmic.trust.lesions import image_hits, lesion_mask_dir, mask_file, read_mask, summarise_hits
 from diffmic.trust.ood import OODInputs, classifier_outputs, ood_scores
 from diffmic.trust.ood import flags as ood_flags
@@ -528,6 +528,7 @@ class DiffMICModule(pl.LightningModule):
         pred = probs.argmax(-1)
         conf = probs.max(-1).values
         card = sample_columns(r.samples, self.class_names) if r is not None and r.samples is not None else None
+        pp = prior_probs(prior.detach().double().cpu()) if prior is not None else None  # the DCG's own probabilities
         for i, image_id in enumerate(batch["id"]):
             row = {"id": image_id, "label": int(labels[i]), "pred": int(pred[i]), "confidence": float(conf[i])}
             if r is not None:
@@ -539,6 +540,8 @@ class DiffMICModule(pl.LightningModule):
                 row[f"p_{name}"] = float(probs[i, c])
             if prior is not None:
                 row["prior_pred"] = int(prior[i].argmax())
+            if pp is not None:
+                row.update({f"prior_p_{name}": float(pp[i, c]) for c, name in enumerate(self.class_names)})
             if card is not None:
                 row.update(card[i])
             if ood is not None:

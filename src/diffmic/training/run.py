@@ -475,10 +475,12 @@ def _fit_calibration(module, cfg: Config, ckpt_path: Path, store: bool) -> dict:
     module.to(device)
     pl.seed_everything(cfg.run.seed, verbose=False)
     ood_parts: list = []
-    probs, labels, ids = collect_probs(module, loader, ood=ood_parts)
+    prior_parts: list = []
+    probs, labels, ids = collect_probs(module, loader, ood=ood_parts, prior=prior_parts)
     if labels.numel() == 0:
         raise ConfigError("the validation split is empty: nothing to calibrate on; set data.val_fraction > 0")
-    calib = fit_trust(probs, labels, module.cfg.eval, split="val", ids=ids)
+    prior = torch.cat(prior_parts) if prior_parts else None
+    calib = fit_trust(probs, labels, module.cfg.eval, split="val", ids=ids, prior=prior)
     calib["ood"] = _fit_ood(module, dm, ood_parts)
     calib["checkpoint"] = str(ckpt_path)
     calib["stored"] = bool(store)

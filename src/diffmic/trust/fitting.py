@@ -16,12 +16,22 @@ from diffmic.trust.calibration import (
     apply_calibration,
     apply_temperature,
     calibration_summary,
+    calibrator_kind,
+    compare_calibrators,
     ece,
     fit_calibration,
     fit_referral,
     plot_reliability,
+    scores,
 )
-from diffmic.trust.conformal import aps_sets, fit_aps, image_uniforms, set_summary
+from diffmic.trust.conformal import (
+    CONFORMAL_METHODS,
+    METHOD_TEXT,
+    conformal_sets,
+    fit_conformal,
+    image_uniforms,
+    set_summary,
+)
 from diffmic.trust.ood import OODInputs, ood_scores, public, rule_text
 from diffmic.trust.ood import flags as ood_flags
 from diffmic.trust.uncertainty import card_uncertainty, pavpu
@@ -41,6 +51,9 @@ SETTINGS = (
     "refer_max_fraction",
     "refer_target_accuracy",
     "conformal_level",
+    "conformal_method",
+    "raps_lambda",
+    "raps_k_reg",
     "calibrator",
     "ood_score",
     "ood_false_flag_rate",
@@ -56,6 +69,9 @@ ADDED_LATER = {
     "t_start": None,
     "point_steps": 0,
     "calibrator": "temperature",
+    "conformal_method": "aps",  # one APS quantile for all images (before issue 25.1)
+    "raps_lambda": 0.1,
+    "raps_k_reg": 1,
     "ood_score": "none",  # calibrations without an out-of-distribution flag
     "ood_false_flag_rate": 0.05,
 }
@@ -69,8 +85,19 @@ def settings_match(stored: dict | None, eval_cfg) -> bool:
     return all(stored.get(k, ADDED_LATER.get(k)) == getattr(eval_cfg, k) for k in SETTINGS)
 
 
-def fit_trust(probs: Tensor, labels: Tensor, eval_cfg, split: str = "val", ids: list | None = None) -> dict:
-    """All trust parameters from one split's (unscaled) probabilities and labels."""
+def fit_trust(
+    probs: Tensor,
+    labels: Tensor,
+    eval_cfg,
+    split: str = "val",
+    ids: list | None = None,
+    prior: Tensor | None = None,
+    compare: bool = True,
+) -> dict:
+    """All trust parameters from one split's (unscaled) probabilities and labels. With ``compare``,
+    also every fixed calibrator and every conformal method fitted on the split (``compared``, applied
+    to the test split for the record); with ``prior`` (the DCG prior's probabilities of the same
+    images), the same calibration and comparison for the prior (``prior``)."""
     probs = torch.as_tensor(probs, dtype=torch.float64)
     labels = torch.as_tensor(labels).long()
     calib = fit_calibration(probs, labels, eval_cfg.calibrator)
@@ -78,7 +105,15 @@ def fit_trust(probs: Tensor, labels: Tensor, eval_cfg, split: str = "val", ids: 
     cal = apply_calibration(probs, calib)
     conf, pred = cal.max(-1)
     referral = fit_referral(conf, pred == labels, eval_cfg.refer_max_fraction, eval_cfg.refer_target_accuracy)
-    return {
+    referral["num_images"] = int(labels.numel())
+    u = image_uniforms(ids) if ids is not None else None
+
+    def conformal(method: str) -> dict:
+        return fit_conformal(
+            scaled, labels, method, eval_cfg.conformal_level, u, eval_cfg.raps_lambda, eval_cfg.raps_k_reg
+        )
+
+    out = {
         "fitted_on": split,
         "num_images": int(labels.numel()),
         "settings": eval_settings(eval_cfg),
@@ -90,13 +125,35 @@ def fit_trust(probs: Tensor, labels: Tensor, eval_cfg, split: str = "val", ids: 
         # the conformal sets use the temperature-scaled probabilities: one fitted parameter, where the
         # isotonic map's many would be fitted on the same labels as the conformal quantile
         "conformal": {
-            "method": "APS (randomised by image id, split conformal)",
-            "level": eval_cfg.conformal_level,
+            **conformal(eval_cfg.conformal_method),
+            "method": METHOD_TEXT[eval_cfg.conformal_method] + ", randomised by image id",
             "probs": "temperature",
-            "qhat": fit_aps(scaled, labels, eval_cfg.conformal_level, image_uniforms(ids) if ids is not None else None),
             "randomised": ids is not None,
         },
     }
+    if compare:
+        out["compared"] = compare_calibrators(probs, labels)
+        out["conformal"]["compared"] = {m: conformal(m) for m in CONFORMAL_METHODS}
+    pp = prior_probs(prior)
+    if pp is not None:
+        out["prior"] = {
+            "what": "the DCG prior (its mean, normalised to sum to 1), calibrated like the read-out",
+            **fit_calibration(pp, labels, eval_cfg.calibrator),
+            **({"compared": compare_calibrators(pp, labels)} if compare else {}),
+        }
+    return out
+
+
+def prior_probs(prior: Tensor | None) -> Tensor | None:
+    """The DCG prior mean as class probabilities (rows normalised to sum to 1: ``sum_probs`` sums to
+    2); ``None`` without a prior or for the zero prior."""
+    if prior is None:
+        return None
+    p = torch.as_tensor(prior, dtype=torch.float64)
+    total = p.sum(-1, keepdim=True)
+    if p.numel() == 0 or not bool((total > 0).all()):
+        return None
+    return p / total
 
 
 def _conformal_probs(calib: dict, scaled: Tensor, cal: Tensor) -> Tensor:
@@ -106,19 +163,22 @@ def _conformal_probs(calib: dict, scaled: Tensor, cal: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def collect_probs(module, loader, ood: list | None = None) -> tuple[Tensor, Tensor, list]:
+def collect_probs(module, loader, ood: list | None = None, prior: list | None = None) -> tuple[Tensor, Tensor, list]:
     """Unscaled class probabilities, labels and ids of every image of ``loader`` (test-time sampler).
     With ``ood`` (a list), the same pass appends the out-of-distribution inputs of each batch
-    (:class:`~diffmic.trust.ood.OODInputs`) to it."""
+    (:class:`~diffmic.trust.ood.OODInputs`) to it; with ``prior`` (a list), the DCG prior mean of
+    each batch (variants with a DCG prior)."""
     module.eval()
     ps, ys, ids = [], [], []
     for batch in loader:
         batch = {k: (v.to(module.device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
         if ood is None:
-            probs, _, _ = module._scores(batch, "test")
+            probs, _, pr = module._scores(batch, "test")
         else:
-            probs, _, _, extra = module._eval_batch(batch, "test")
+            probs, _, pr, extra = module._eval_batch(batch, "test")
             ood.append(extra["ood"].detached())
+        if prior is not None and pr is not None:
+            prior.append(pr.detach().double().cpu())
         ps.append(probs.double().cpu())
         ys.append(batch["label"].cpu())
         ids += [str(i) for i in batch["id"]]
@@ -171,23 +231,27 @@ def test_trust(
     raw = torch.tensor([[r[f"p_{n}"] for n in class_names] for r in rows], dtype=torch.float64)
     labels = torch.tensor([r["label"] for r in rows]).long()
     T = float(calib["temperature"])
+    kind = calibrator_kind(calib)
     scaled = apply_temperature(raw, T)
     cal = apply_calibration(raw, calib)
-    conf, pred = cal.max(-1)
+    conf, pred = cal.max(-1)  # vector / matrix / dirichlet may move the arg-max: the prediction follows
     correct = pred == labels
     thr = float(calib["referral"]["threshold"])
     refer = conf < thr
     ood_block, ood_flag = _ood_block(rows, calib.get("ood"), correct)
     if ood_flag is not None:  # flagged images are referred whatever their confidence
         refer = refer | ood_flag
-    qhat = float(calib["conformal"]["qhat"])
     rand = calib["conformal"].get("randomised", False)
-    sets = aps_sets(
-        _conformal_probs(calib, scaled, cal), qhat, image_uniforms([r["id"] for r in rows]) if rand else None
-    )
+    u = image_uniforms([r["id"] for r in rows]) if rand else None
+    cprobs = _conformal_probs(calib, scaled, cal)
+    sets = conformal_sets(cprobs, calib["conformal"], u)
+    moved = bool((pred != raw.argmax(-1)).any())
     for i, r in enumerate(rows):
         r["confidence_unscaled"] = r["confidence"]
         r["confidence"] = float(conf[i])
+        if moved:
+            r["pred_unscaled"] = r["pred"]
+            r["pred"] = int(pred[i])
         r["refer"] = int(refer[i])
         r["set"] = "|".join(n for c, n in enumerate(class_names) if sets[i, c])
         r["set_size"] = int(sets[i].sum())
@@ -196,23 +260,27 @@ def test_trust(
             r[f"p_{n}"] = float(cal[i, c])
 
     blocks: dict = {}
-    isotonic = bool(calib.get("isotonic"))
+    beyond_t = kind != "temperature"
     blocks["calibration"] = {
-        "calibrator": "temperature+isotonic" if isotonic else "temperature",
+        "calibrator": kind,
         **({"auto": calib["auto"]} if calib.get("auto") else {}),
         "temperature": T,
         "fitted_on": calib.get("fitted_on"),
         "n_bins": 15,
         **calibration_summary(cal, labels),
         **{f"{k}_unscaled": v for k, v in calibration_summary(raw, labels).items()},
-        **({f"{k}_temperature": v for k, v in calibration_summary(scaled, labels).items()} if isotonic else {}),
+        **({f"{k}_temperature": v for k, v in calibration_summary(scaled, labels).items()} if beyond_t else {}),
+        # the arg-max of the calibrated probabilities against the model's (the headline metrics)
+        "accuracy": float(correct.double().mean()),
+        "accuracy_unscaled": float((raw.argmax(-1) == labels).double().mean()),
+        "argmax_changed": float((pred != raw.argmax(-1)).double().mean()),
     }
-    level = float(calib["conformal"]["level"])
-    blocks["conformal"] = {
-        **set_summary(sets, labels, class_names, level),
-        "qhat": qhat,
-        "method": calib["conformal"].get("method"),
-    }
+    if calib.get("compared"):
+        blocks["calibration"]["compared"] = _compared(raw, labels, calib["compared"])
+    prior_block = _prior_block(rows, calib.get("prior"), labels, class_names)
+    if prior_block is not None:
+        blocks["calibration"]["prior"] = prior_block
+    blocks["conformal"] = _conformal_block(calib["conformal"], sets, cprobs, labels, class_names, u)
     cov, acc = risk_coverage(conf, correct)
     g = calib["referral"]
     goal = (
@@ -221,7 +289,7 @@ def test_trust(
         else f"accuracy >= {g['target_accuracy']} on kept images"
     )
     referral = {
-        "rule": f"calibrated confidence < {thr:.4f} (fitted on {calib.get('fitted_on')}: {goal})",
+        "rule": applied_rule(calib),
         "threshold": thr,
         "goal": goal,
         "fit_referred_fraction": g.get("fit_referred_fraction"),
@@ -236,8 +304,10 @@ def test_trust(
             cov, acc, out / "risk_coverage.png", point, title=f"{len(rows)} test images, AURC {referral['aurc']:.3f}"
         )
         panels = [("unscaled", raw), (f"temperature {T:.2f} (fitted on validation)", scaled)]
-        if isotonic:
+        if kind == "temperature+isotonic":
             panels.append(("then isotonic (fitted on validation)", cal))
+        elif beyond_t:
+            panels.append((f"{kind} scaling (fitted on validation)", cal))
         plot_reliability(panels, labels, out / "reliability.png")
     blocks["referral"] = referral
     blocks["ood"] = ood_block
@@ -255,7 +325,7 @@ def test_trust(
     stats = _headline(raw, labels, C)
     stats["ece"] = lambda i: ece(cal[i], labels[i])
     stats["ece_unscaled"] = lambda i: ece(raw[i], labels[i])
-    if isotonic:
+    if beyond_t:
         stats["ece_temperature"] = lambda i: ece(scaled[i], labels[i])
     stats["nll"] = lambda i: float(torch.nn.functional.nll_loss(cal[i].clamp_min(1e-12).log(), labels[i]))
     stats["brier"] = lambda i: float(((cal[i] - torch.nn.functional.one_hot(labels[i], C)) ** 2).sum(-1).mean())
@@ -272,6 +342,119 @@ def test_trust(
     blocks["ci"] = {k: bootstrap_ci(f, n, resamples, seed) for k, f in stats.items()}
     blocks["ci_method"] = f"percentile bootstrap over test images, {resamples} resamples, seed {seed}, 95 %"
     return blocks
+
+
+def applied_rule(calib: dict | None, refer_threshold: float = 0.5, num_samples: int | None = None) -> str:
+    """The referral rule that ``calib`` applies (or, without one, ``eval.refer_threshold`` and sample
+    agreement), in words: :func:`diffmic.metrics.referral_rule` on the stored fit."""
+    from diffmic.metrics import referral_rule
+
+    if calib is None or not isinstance(calib.get("referral"), dict):
+        return referral_rule(refer_threshold, num_samples)
+    g = dict(calib["referral"])
+    g.setdefault("num_images", calib.get("num_images"))
+    g.setdefault("fitted_on", calib.get("fitted_on"))
+    ood = calib.get("ood")
+    also = None
+    if isinstance(ood, dict) and ood.get("score") is not None and ood.get("threshold") is not None:
+        also = (
+            f"when the image does not look like the training data ({ood['score']} score above "
+            f"{float(ood['threshold']):.4g}), whatever its probability"
+        )
+    return referral_rule(float(g["threshold"]), None, fitted=g, also=also)
+
+
+CALIBRATOR_TEXT = {
+    "temperature": "one temperature",
+    "temperature+isotonic": "one temperature, then a top-label isotonic map",
+    "vector": "vector scaling (a scale and a bias per class)",
+    "matrix": "matrix scaling",
+    "dirichlet": "Dirichlet calibration (matrix scaling, ODIR-regularised)",
+}
+
+
+def describe_calibration(calib: dict | None, class_names: list[str] | None = None) -> str:
+    """What a stored calibration does, in words (the model card): the calibrator, how it was chosen,
+    and the prediction sets; the fitted values themselves stay in the stored dict."""
+    if not isinstance(calib, dict):
+        return "none: the probabilities are the model's own, not calibrated on validation images"
+    n = calib.get("num_images")
+    where = f"{n} validation images" if n else "the validation images"
+    kind = calibrator_kind(calib)
+    text = f"fitted on {where}: {CALIBRATOR_TEXT.get(kind, kind)}"
+    if kind in ("temperature", "temperature+isotonic") and calib.get("temperature") is not None:
+        text += f" (temperature {float(calib['temperature']):.3f})"
+    if calib.get("auto"):
+        text += ", chosen by eval.calibrator=auto: " + str(calib["auto"].get("rule", ""))
+    if kind not in ("temperature", "temperature+isotonic"):
+        text += "; it may change the predicted class"
+    conf = calib.get("conformal")
+    if isinstance(conf, dict):
+        level = conf.get("level")
+        how = conf.get("text") or conf.get("method") or "APS"
+        text += (
+            f". Prediction sets: {how}, level {float(level):.0%}" if level is not None else f". Prediction sets: {how}"
+        )
+        always = conf.get("always_included") or []
+        if always:
+            names = [class_names[c] if class_names and c < len(class_names) else str(c) for c in always]
+            text += (
+                f"; {', '.join(names)} had too few validation images for a per-class guarantee at this level "
+                "and is in every set"
+            )
+    return text
+
+
+def _compared(raw: Tensor, labels: Tensor, compared: dict) -> dict:
+    """Each calibrator fitted on validation (``compared["fitted"]``) applied to these probabilities:
+    its scores here (:func:`~diffmic.trust.calibration.scores`) beside its held-out validation scores."""
+    cv = compared.get("cv", {})
+    out = {"none": {**scores(raw, labels, raw), "val_cv": cv.get("none")}}
+    for k, fitted in compared.get("fitted", {}).items():
+        out[k] = {**scores(apply_calibration(raw, fitted), labels, raw), "val_cv": cv.get(k)}
+    return out
+
+
+def _prior_block(rows: list[dict], prior_calib: dict | None, labels: Tensor, class_names: list[str]) -> dict | None:
+    """The DCG prior's probabilities (the rows' ``prior_p_*``) with the same calibration as the
+    read-out, fitted on the prior's validation probabilities: its scores unscaled and calibrated."""
+    if not prior_calib or not rows or f"prior_p_{class_names[0]}" not in rows[0]:
+        return None
+    pp = torch.tensor([[r[f"prior_p_{n}"] for n in class_names] for r in rows], dtype=torch.float64)
+    cal = apply_calibration(pp, prior_calib)
+    out = {
+        "what": prior_calib.get("what"),
+        "calibrator": calibrator_kind(prior_calib),
+        "temperature": prior_calib.get("temperature"),
+        **({"auto": prior_calib["auto"]} if prior_calib.get("auto") else {}),
+        **scores(cal, labels, pp),
+        **{f"{k}_unscaled": v for k, v in scores(pp, labels).items()},
+    }
+    if prior_calib.get("compared"):
+        out["compared"] = _compared(pp, labels, prior_calib["compared"])
+    return out
+
+
+def _conformal_block(
+    fitted: dict, sets: Tensor, probs: Tensor, labels: Tensor, class_names: list[str], u: Tensor | None
+) -> dict:
+    """Coverage and set size (overall, per class) of the applied method, and of every method fitted
+    on validation (``compared``), with the classes each Mondrian method includes in every set."""
+    level = float(fitted["level"])
+
+    def described(f: dict) -> dict:
+        extra = {k: f[k] for k in ("kind", "text", "qhat", "qhat_per_class", "lam", "k_reg") if k in f}
+        if f.get("always_included") is not None:
+            extra["always_included"] = [class_names[c] for c in f["always_included"]]
+        return extra
+
+    out = {**set_summary(sets, labels, class_names, level), **described(fitted), "method": fitted.get("method")}
+    if fitted.get("compared"):
+        out["compared"] = {
+            m: {**set_summary(conformal_sets(probs, f, u), labels, class_names, level), **described(f)}
+            for m, f in fitted["compared"].items()
+        }
+    return out
 
 
 def _ood_block(rows: list[dict], ood: dict | None, correct: Tensor) -> tuple[dict, Tensor | None]:
@@ -319,7 +502,7 @@ def predict_trust(
         rand = calib["conformal"].get("randomised", False) and ids is not None
         scaled = apply_temperature(raw, float(calib["temperature"]))
         cp = _conformal_probs(calib, scaled, cal)
-        out["sets"] = aps_sets(cp, float(calib["conformal"]["qhat"]), image_uniforms(ids) if rand else None)
+        out["sets"] = conformal_sets(cp, calib["conformal"], image_uniforms(ids) if rand else None)
     if samples is not None and samples.shape[1] >= 2:
         u = card_uncertainty(samples.detach().cpu())
         out["uncertain"], out["p_value"] = u.uncertain, u.p_value
