@@ -164,3 +164,29 @@ def test_test_writes_the_lesion_block_the_report_shows(tmp_path, one_thread):  #
     assert set(report) == set(block) - {"masks"}
     for k, v in report.items():
         assert block[k] == (v if isinstance(v, str) else pytest.approx(v, rel=1e-6, abs=1e-9)), k
+
+
+def test_the_experiment_table_reads_the_lesion_block(tmp_path):
+    """Two seeds with a `lesions` block: the table's columns are their mean ± sd; a grid without
+    masks gets no lesion columns."""
+    from diffmic.experiment import Cell, Grid, summarise
+
+    cells = []
+    for seed, roi, peak, point in ((1, 0.6, 0.5, 0.7), (2, 0.8, 0.7, 0.9)):
+        run = tmp_path / f"s{seed}"
+        run.mkdir()
+        (run / "predictions.csv").write_text("id,label,p_a,p_b\nx1,0,0.9,0.1\nx2,1,0.2,0.8\nx3,1,0.6,0.4\n")
+        block = {"num_images": 3, "roi_overlap": roi, "peak_hit": peak, "pointing_hit": point}
+        (run / "test_metrics.json").write_text(json.dumps({"lesions": block}))
+        cells.append(Cell("ham", "full", seed, run, None, []))
+    summarise(Grid(tmp_path / "out", None, cells, ["full"], ["ham"]), n_boot=10)
+    row = next(csv.DictReader(open(tmp_path / "out" / "summary.csv")))
+    sd = float(np.std([0.6, 0.8], ddof=1))
+    assert row["roi_on_lesion"] == f"0.700 ± {sd:.3f}"
+    assert row["peak_on_lesion"] == f"0.600 ± {sd:.3f}" and row["pointing"] == f"0.800 ± {sd:.3f}"
+    cells_csv = list(csv.DictReader(open(tmp_path / "out" / "cells.csv")))
+    assert [float(r["roi_on_lesion"]) for r in cells_csv] == [0.6, 0.8]
+    for c in cells:
+        (c.run_dir / "test_metrics.json").write_text("{}")
+    summarise(Grid(tmp_path / "out2", None, cells, ["full"], ["ham"]), n_boot=10)
+    assert "roi_on_lesion" not in next(csv.DictReader(open(tmp_path / "out2" / "summary.csv")))

@@ -367,3 +367,38 @@ def test_an_old_checkpoint_without_the_flag_still_loads_and_says_so(run, tmp_pat
     assert main(["export", "--ckpt", str(ck), "--out", str(folder)]) == 0
     assert Predictor.load(folder).ood_rule == NOT_STORED
     assert NOT_STORED in (folder / "MODEL_CARD.md").read_text()
+
+
+def test_the_report_panel_escapes_and_counts():
+    from diffmic.inference.explain import _ood_panel
+
+    tm = {
+        "num_images": 10,
+        "ood": {
+            "score": "<img src=x>",
+            "threshold": 2.5,
+            "fitted_on": "val",
+            "num_images": 40,
+            "false_flag_rate": 0.05,
+            "flagged": 3,
+            "flagged_fraction": 0.3,
+            "accuracy_flagged": 0.5,
+            "accuracy_not_flagged": 0.875,
+            "rule": "a <b>rule</b>",
+        },
+    }
+    page = _ood_panel(tm)
+    assert "<img" not in page and "&lt;img src=x&gt;" in page and "<b>" not in page
+    assert "3 of 10 (30.0%)" in page and "0.500 / 0.875" in page and ">2.5<" in page
+    assert "&lt;x&gt;" in _ood_panel({"ood": {"score": None, "rule": "<x>"}})
+    assert NOT_STORED in _ood_panel({})  # a test_metrics.json without the block
+
+
+@pytest.mark.slow
+def test_the_report_shows_the_flag(run):
+    r, _ = run
+    assert main(["report", str(r)]) == 0
+    page = (r / "report.html").read_text()
+    panel = page.split("id='ood'", 1)[1].split("class='panel'", 1)[0]
+    m = json.loads((r / "test_metrics.json").read_text())
+    assert f"{m['ood']['flagged']} of {m['num_images']}" in panel

@@ -466,6 +466,26 @@ def cell_metrics(pred: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+#: the experiment table's columns from test_metrics.json's ``lesions`` block (runs with lesion masks):
+#: mean share of a DCG region on the lesion, saliency peak on the lesion, pointing game
+LESION_COLUMNS: dict[str, str] = {
+    "roi_on_lesion": "roi_overlap",
+    "peak_on_lesion": "peak_hit",
+    "pointing": "pointing_hit",
+}
+
+
+def cell_lesions(run_dir: Path) -> dict[str, float]:
+    """The :data:`LESION_COLUMNS` of a finished cell (empty without a ``lesions`` block)."""
+    import json
+
+    f = Path(run_dir) / "test_metrics.json"
+    block = json.loads(f.read_text()).get("lesions") if f.is_file() else None
+    if not isinstance(block, dict):
+        return {}
+    return {col: float(block[key]) for col, key in LESION_COLUMNS.items() if isinstance(block.get(key), (int, float))}
+
+
 def _aurc(score: torch.Tensor, correct: torch.Tensor) -> float:
     from diffmic.metrics import selective_summary
 
@@ -542,10 +562,12 @@ def summarise(grid: Grid, n_boot: int = 1000, ci_metrics: tuple[str, ...] = ("ac
                 "seed": c.seed,
                 "n_test": len(pred["ids"]),
                 **{k: round(v, 5) for k, v in cell_metrics(pred).items()},
+                **{k: round(v, 5) for k, v in cell_lesions(c.run_dir).items()},
                 "run_dir": str(c.run_dir),
             }
         )
-    extra = ("aurc_conf", "aurc_agreement", "prior_acc")
+    # the lesion columns only where some cell has lesion masks (HAM10000)
+    extra = ("aurc_conf", "aurc_agreement", "prior_acc", *(k for k in LESION_COLUMNS if any(k in r for r in cell_rows)))
     for r in cell_rows:  # one header for all cells: metrics a model does not have are empty
         for k in extra:
             r.setdefault(k, None)
