@@ -190,6 +190,25 @@ def test_auto_picks_the_first_score_the_model_has():
     assert "K >= 2" in score_problem("spread", "full", 1)
 
 
+@pytest.mark.parametrize("variant", ["basic", "dcg"])
+def test_classifier_variants_give_the_logits_of_classify_and_their_features(variant):
+    from diffmic.nn.diffmic import DiffMIC
+    from diffmic.trust.ood import classifier_outputs
+
+    torch.manual_seed(0)
+    m = DiffMIC(3, variant, "resnet10_tiny", hidden_dim=16, dcg_global="resnet10_tiny", dcg_local="resnet10_tiny")
+    m.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        logits, feat, g = classifier_outputs(m, x)
+        assert torch.allclose(logits, m.classify(x), atol=1e-6)
+        if variant == "basic":  # the backbone's features, which the head maps to the logits
+            assert feat is not None and torch.allclose(feat, m.encode(x)) and g is None
+        else:  # the DCG alone has no rho(x): no Mahalanobis score
+            assert feat is None and torch.equal(g.z_fused, logits)
+    assert resolve_score("auto", variant, 1) == ("mahalanobis" if variant == "basic" else "energy")
+
+
 # ------------------------------------------------------------------------- on a tiny trained run
 
 
