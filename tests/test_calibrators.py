@@ -164,3 +164,24 @@ def test_compare_calibrators_fits_every_kind_and_scores_it_held_out():
     for kind in FIXED_CALIBRATORS:
         assert out["cv"][kind]["nll"] < out["cv"]["none"]["nll"], kind
     assert all(math.isfinite(v) for k in out["cv"].values() for v in k.values())
+
+
+def test_a_stored_calibrator_is_checked_before_use():
+    from diffmic.trust.calibration import check_calibration
+
+    good = fit_calibration(
+        torch.softmax(torch.randn(40, 3, generator=torch.Generator().manual_seed(0)), -1),
+        torch.arange(40) % 3,
+        "matrix",
+    )
+    check_calibration(good, 3)
+    check_calibration({"temperature": 1.7}, 3)  # a calibration stored before the calibrators
+    for bad, msg in (
+        ({"temperature": 0}, r"\.temperature must be a positive number"),
+        ({"temperature": "1"}, r"\.temperature must be a positive number"),
+        ({**good, "affine": {**good["affine"], "weight": [[1.0, 0.0], [0.0, 1.0]]}}, r"\.affine\.weight must be 3"),
+        ({**good, "affine": {**good["affine"], "bias": [0.0, float("nan"), 0.0]}}, r"\.affine\.bias must be 3"),
+        ({"temperature": 1.0, "isotonic": {"x": [0.5, 0.2], "y": [0.1, 0.2]}}, r"\.isotonic must hold knots"),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            check_calibration(bad, 3)

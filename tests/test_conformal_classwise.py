@@ -152,3 +152,22 @@ def test_set_summary_names_the_classes_short_of_the_level():
     assert set(CONFORMAL_METHODS) == {"aps", "mondrian_aps", "raps", "mondrian_raps"}
     with pytest.raises(ValueError, match="conformal method must be one of"):
         fit_conformal(torch.ones(2, 2) / 2, torch.tensor([0, 1]), "lac")
+
+
+def test_a_stored_conformal_fit_is_checked_before_use():
+    from diffmic.trust.conformal import check_conformal
+
+    p = torch.softmax(torch.randn(60, 3, generator=torch.Generator().manual_seed(0)), -1)
+    y = torch.arange(60) % 3
+    for m in CONFORMAL_METHODS:
+        check_conformal(fit_conformal(p, y, m, 0.9), 3)
+    check_conformal({"method": "APS (randomised by image id, split conformal)", "level": 0.9, "qhat": 0.8}, 3)
+    good = fit_conformal(p, y, "mondrian_aps", 0.9)
+    for bad, msg in (
+        ({**good, "qhat_per_class": [0.5, 0.5]}, r"\.qhat_per_class must be 3 numbers or nulls"),
+        ({**good, "kind": "lac"}, r"\.kind must be one of"),
+        ({**good, "level": 1.5}, r"\.level must be a number in \(0, 1\)"),
+        ({"kind": "aps", "level": 0.9, "qhat": "high"}, r"\.qhat must be a number or null"),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            check_conformal(bad, 3)

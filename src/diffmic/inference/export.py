@@ -239,6 +239,13 @@ def _read_meta(cfg_path: Path) -> dict:
             cfg_path, f"'calibration' must be a JSON object or null, got a JSON {_json_type(meta['calibration'])}"
         )
     _check_ood(meta, cfg_path)
+    if isinstance(meta.get("calibration"), dict):  # calibrator, referral threshold, conformal sets
+        from diffmic.trust.fitting import check_trust
+
+        try:
+            check_trust(meta["calibration"], len(names))
+        except ValueError as exc:
+            raise _refuse(cfg_path, f"calibration{exc}") from exc
     return meta
 
 

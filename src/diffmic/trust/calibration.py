@@ -11,6 +11,7 @@ the same ``log p`` (on log-probabilities, matrix scaling is Dirichlet calibratio
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -178,7 +179,13 @@ def fit_affine(probs: Tensor, labels: Tensor, kind: str, lam: float = 0.0, max_i
         loss.backward()
         return loss
 
-    opt.step(closure)
+    # a few thousand x C values: threads only contend (5x slower with 2 threads on a busy machine)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        opt.step(closure)
+    finally:
+        torch.set_num_threads(threads)
     with torch.no_grad():
         end = float(objective())
     if not (end <= start) or not torch.isfinite(w).all() or not torch.isfinite(b).all():
@@ -471,3 +478,41 @@ def plot_reliability(panels: list[tuple[str, Tensor]], labels: Tensor, path: str
     finally:
         plt.close(fig)
     return path
+
+
+def _finite_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_calibration(calib: dict, num_classes: int) -> None:
+    """Validate the calibrator of a stored calibration (untrusted, e.g. an exported ``config.json``):
+    otherwise a ``ValueError`` whose text starts with the key (``.temperature must be ...``)."""
+    t = calib.get("temperature")
+    if t is not None and not (_finite_number(t) and t > 0):
+        raise ValueError(f".temperature must be a positive number, got {str(t)[:100]!r}")
+    iso = calib.get("isotonic")
+    if iso:
+        x, y = (iso.get(k) if isinstance(iso, dict) else None for k in ("x", "y"))
+        if not (
+            isinstance(x, list)
+            and isinstance(y, list)
+            and 1 <= len(x) == len(y) <= 1_000_000
+            and all(_finite_number(v) for v in x + y)
+            and all(a <= b for a, b in zip(x, x[1:]))
+        ):
+            raise ValueError(".isotonic must hold knots x (non-decreasing) and y: equal-length lists of numbers")
+    aff = calib.get("affine")
+    if aff:
+        C = num_classes
+        w = aff.get("weight") if isinstance(aff, dict) else None
+        b = aff.get("bias") if isinstance(aff, dict) else None
+        vector = isinstance(w, list) and len(w) == C and all(_finite_number(v) for v in w)
+        matrix = (
+            isinstance(w, list)
+            and len(w) == C
+            and all(isinstance(r, list) and len(r) == C and all(_finite_number(v) for v in r) for r in w)
+        )
+        if not (vector or matrix):
+            raise ValueError(f".affine.weight must be {C} numbers (vector) or {C} x {C} (matrix)")
+        if not (isinstance(b, list) and len(b) == C and all(_finite_number(v) for v in b)):
+            raise ValueError(f".affine.bias must be {C} numbers")

@@ -173,3 +173,27 @@ def set_summary(sets: Tensor, labels: Tensor, class_names: list[str], level: flo
         "min_class_coverage": low,
         "classes_short": short,
     }
+
+
+def check_conformal(fitted: dict, num_classes: int) -> None:
+    """Validate a stored conformal fit (untrusted, e.g. an exported ``config.json``): otherwise a
+    ``ValueError`` whose text starts with the key (``.qhat must be ...``)."""
+
+    def number_or_null(v) -> bool:
+        return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v))
+
+    kind = fitted.get("kind", "aps")
+    if kind not in CONFORMAL_METHODS:
+        raise ValueError(f".kind must be one of {', '.join(CONFORMAL_METHODS)}, got {str(kind)[:100]!r}")
+    lvl = fitted.get("level")
+    if not (isinstance(lvl, (int, float)) and not isinstance(lvl, bool) and 0 < lvl < 1):
+        raise ValueError(f".level must be a number in (0, 1), got {str(lvl)[:100]!r}")
+    if kind.startswith("mondrian"):
+        q = fitted.get("qhat_per_class")
+        if not (isinstance(q, list) and len(q) == num_classes and all(number_or_null(v) for v in q)):
+            raise ValueError(f".qhat_per_class must be {num_classes} numbers or nulls")
+    elif not number_or_null(fitted.get("qhat")):
+        raise ValueError(f".qhat must be a number or null, got {str(fitted.get('qhat'))[:100]!r}")
+    for k in ("lam", "k_reg"):
+        if k in fitted and not (number_or_null(fitted[k]) and fitted[k] is not None and fitted[k] >= 0):
+            raise ValueError(f".{k} must be a number >= 0, got {str(fitted[k])[:100]!r}")

@@ -144,6 +144,36 @@ def fit_trust(
     return out
 
 
+def check_trust(calib: dict, num_classes: int) -> None:
+    """Validate the calibrator, referral threshold and conformal fit of a stored calibration
+    (untrusted, e.g. an exported ``config.json``): otherwise a ``ValueError`` whose text starts with
+    the key below the calibration (``.referral.threshold must be ...``); the ``ood`` part has its own
+    check (:func:`diffmic.trust.ood.check_ood`)."""
+    from diffmic.trust.calibration import check_calibration
+    from diffmic.trust.conformal import check_conformal
+
+    check_calibration(calib, num_classes)
+    ref = calib.get("referral")
+    if ref is not None:
+        thr = ref.get("threshold") if isinstance(ref, dict) else None
+        if not (isinstance(thr, (int, float)) and not isinstance(thr, bool) and 0 <= thr <= 1 + 1e-9):
+            raise ValueError(f".referral.threshold must be a number in [0, 1], got {str(thr)[:100]!r}")
+    conf = calib.get("conformal")
+    if conf is not None:
+        if not isinstance(conf, dict):
+            raise ValueError(".conformal must be a JSON object")
+        try:
+            check_conformal(conf, num_classes)
+        except ValueError as exc:
+            raise ValueError(f".conformal{exc}") from exc
+    prior = calib.get("prior")
+    if isinstance(prior, dict):
+        try:
+            check_calibration(prior, num_classes)
+        except ValueError as exc:
+            raise ValueError(f".prior{exc}") from exc
+
+
 def prior_probs(prior: Tensor | None) -> Tensor | None:
     """The DCG prior mean as class probabilities (rows normalised to sum to 1: ``sum_probs`` sums to
     2); ``None`` without a prior or for the zero prior."""
