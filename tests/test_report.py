@@ -25,6 +25,7 @@ PANELS = [
     "per_class",
     "reliability",
     "coverage_curve",
+    "calibrators",
     "conformal",
     "ood",
     "tsne",

@@ -318,6 +318,11 @@ def _conformal_figure(conf: dict):
     return fig
 
 
+def _scrolling(inner: str) -> str:
+    """A wide table scrolls inside its panel instead of widening the page."""
+    return f"<div style='overflow-x:auto;max-width:100%'>{inner}</div>"
+
+
 def _conformal_table(conf: dict) -> str:
     """Per-class coverage and mean set size of every conformal method fitted on validation (issue
     25.1), the applied one first; every value from test_metrics.json escaped by :func:`table`."""
@@ -354,7 +359,7 @@ def _conformal_table(conf: dict) -> str:
         if always:
             line += f"; in every set (too few validation images for the level): {', '.join(map(str, always))}"
         notes.append(f"<p>{esc(line)}</p>")
-    return table(head, rows) + "".join(notes)
+    return _scrolling(table(head, rows)) + "".join(notes)
 
 
 def _calibrators_panel(cal: dict) -> str:
@@ -393,7 +398,7 @@ def _calibrators_panel(cal: dict) -> str:
             )
     if not rows:
         return "<p>No comparison of calibrators stored (calibrated by an older diffmic: run diffmic calibrate).</p>"
-    return table(head, rows) + (
+    return _scrolling(table(head, rows)) + (
         "<p>Each calibrator is fitted on the validation split and applied to the test split; "
         "the validation CV columns are held-out folds of the validation split (what eval.calibrator=auto "
         "chooses from). Vector, matrix and Dirichlet scaling may change the predicted class.</p>"
