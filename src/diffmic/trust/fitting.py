@@ -131,6 +131,7 @@ def fit_trust(
             "randomised": ids is not None,
         },
     }
+    compare = compare and labels.numel() >= 10  # fewer: no meaningful held-out folds to compare on
     if compare:
         out["compared"] = compare_calibrators(probs, labels)
         out["conformal"]["compared"] = {m: conformal(m) for m in CONFORMAL_METHODS}
