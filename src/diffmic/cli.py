@@ -225,7 +225,7 @@ def _evaluate(args) -> int:
                 ("calibrator", "temperature", "ece", "ece_unscaled", "classwise_ece", "nll", "nll_unscaled", "brier"),
             ),
             ("uncertainty", ("pavpu", "uncertain_fraction", "accuracy_confident", "accuracy_uncertain")),
-            ("conformal", ("level", "coverage", "mean_set_size")),
+            ("conformal", ("kind", "level", "coverage", "mean_set_size", "min_class_coverage", "classes_short")),
             ("ood", ("rule", "flagged", "flagged_fraction")),
             ("lesions", ("num_images", "roi_overlap", "roi_overlap_random", "peak_hit", "pointing_hit")),
         ):
