@@ -206,6 +206,22 @@ class EvalConfig:
     ood_score: str = "auto"
     ood_false_flag_rate: float = 0.05  # share of in-distribution (validation) images the flag may refer
 
+    def reverse_kwargs(self, stage: str = "test") -> dict[str, Any]:
+        """The keyword arguments of ``diffusion.reverse.reverse_sample`` that these settings give, for
+        ``stage`` "test" (``sampler`` / ``steps``) or "val" (``val_sampler`` / ``val_steps``). The one
+        place the eval section becomes sampler arguments: training, the Predictor and the report use it."""
+        val = stage == "val"
+        return {
+            "sampler": self.val_sampler if val else self.sampler,
+            "steps": self.val_steps if val else self.steps,
+            "eta": self.eta,
+            "start": self.start,
+            "t_start": self.t_start,
+            "num_samples": self.num_samples,
+            "seed": self.sample_seed,
+            "point_steps": self.point_steps,
+        }
+
 
 @dataclass
 class Config:

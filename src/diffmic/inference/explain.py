@@ -54,13 +54,8 @@ def tsne_figure(
             module.model,
             module.schedule,
             x,
-            sampler=e.sampler,
-            steps=e.steps,
-            eta=e.eta,
-            start=e.start,
-            num_samples=1,
+            **{**e.reverse_kwargs(), "num_samples": 1, "point_steps": 0},  # one sample's path
             ids=[it["id"] for it in items],
-            seed=e.sample_seed,
             return_trajectory=True,
         )
         trajs.append(torch.stack([t[:, 0] for t in out.trajectory]).cpu())  # [S,B,C]

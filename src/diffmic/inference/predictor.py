@@ -177,15 +177,8 @@ class Predictor:
                 m.model,
                 m.schedule,
                 x,
-                sampler=e.sampler,
-                steps=e.steps,
-                eta=e.eta,
-                start=e.start,
-                num_samples=e.num_samples,
+                **e.reverse_kwargs(),
                 ids=list(seed_keys if seed_keys is not None else ids),
-                seed=e.sample_seed,
-                t_start=getattr(e, "t_start", None),
-                point_steps=e.point_steps,
             )
             r = readout(out.y0, e.aggregate, e.temperature, point=out.point)
             guidance, prior = out.guidance, out.prior

@@ -461,23 +461,12 @@ class DiffMICModule(pl.LightningModule):
         if stage == "val" and self.in_dcg_warmup:
             g = self.model.guide(x)
             return torch.softmax(g.z_fused, -1), None, None, {"ood": OODInputs(g.z_fused), "guidance": g}
-        if stage == "val":
-            sampler, steps, K = e.val_sampler, e.val_steps, e.num_samples
-        else:
-            sampler, steps, K = e.sampler, e.steps, e.num_samples
         out = reverse_sample(
             self.model,
             self.schedule,
             x,
-            sampler=sampler,
-            steps=steps,
-            eta=e.eta,
-            start=e.start,
-            num_samples=K,
+            **e.reverse_kwargs(stage),
             ids=batch["id"],
-            seed=e.sample_seed,
-            t_start=getattr(e, "t_start", None),
-            point_steps=e.point_steps,
             guide=FoldAverage(self.fold_dcgs) if self.fold_dcgs is not None and e.prior_source == "folds" else None,
         )
         r = readout(out.y0, e.aggregate, e.temperature, point=out.point)
