@@ -57,6 +57,7 @@ class DataConfig:
     path_col: str = "path"  # csv manifests
     label_col: str = "label"
     split_col: Optional[str] = None
+    group_col: Optional[str] = None  # csv manifests: lesion / patient id; a group never spans two splits or folds
     image_size: int = 224
     in_chans: int = 3
     batch_size: int = 64  # released: 64 (HAM10000), 32 (APTOS)
@@ -70,6 +71,10 @@ class DataConfig:
     subset: Optional[int] = None  # stratified subset (tests/demos)
     check_images: bool = True
     class_balance: float = 0.0  # ours: sample train images with weight n_c^-p (0 = uniform, released)
+    # ours: k-fold cross-validation over all labelled images (the source's splits pooled; grouped by
+    # lesion / patient where the data have groups): 0 = off; k >= 2 folds, fold i (0-based) is the test split
+    folds: int = 0
+    fold: int = 0
 
 
 @dataclass
@@ -162,6 +167,12 @@ class TrainConfig:
     limit_val_batches: Optional[Union[int, float]] = None
     log_every_n_steps: int = 10
     progress_bar: bool = True
+    # experiment trackers, comma-separated (several at once): csv | tensorboard | mlflow | wandb, through
+    # Lightning's loggers; mlflow and wandb need the [trackers] extra (docs/deployment.md)
+    logger: str = "csv,tensorboard"
+    tracking_uri: Optional[str] = None  # MLflow: null = a file store in <run>/logs/mlruns (offline)
+    tracker_project: str = "diffmic"  # MLflow experiment / W&B project
+    tracker_offline: bool = True  # W&B offline mode (nothing is sent; `wandb sync` later); false = online
 
 
 @dataclass
@@ -243,6 +254,8 @@ class Config:
 
 
 DCG_WARMUP_SCHEDULES: tuple[str, ...] = ("constant", "cosine")  # training.schedules.warmup_dcg_lr
+#: ``train.logger`` names (training.trackers builds them)
+LOGGERS: tuple[str, ...] = ("csv", "tensorboard", "mlflow", "wandb")
 SELECT_ON: tuple[str, ...] = ("val", "test")
 
 # Every choice set is the library's own constant (defined once, where it is used).
@@ -557,6 +570,36 @@ def _crop_fits(v: Any, cfg: Config) -> Optional[str]:
     return None
 
 
+def logger_names(v: str) -> list[str]:
+    """The tracker names of ``train.logger`` ("csv,mlflow" -> ["csv", "mlflow"])."""
+    return [p.strip().lower() for p in str(v).replace("+", ",").split(",") if p.strip()]
+
+
+def _logger(v: Any, cfg: Config) -> Optional[str]:
+    names = logger_names(v)
+    bad = [n for n in names if n not in LOGGERS]
+    if bad or not names:
+        return f"must name one or more of {', '.join(LOGGERS)}, separated by commas"
+    if len(set(names)) != len(names):
+        return "names a logger twice"
+    return None
+
+
+def _folds(v: Any, cfg: Config) -> Optional[str]:
+    if v == 0 or 2 <= v <= 100:
+        return None
+    return "must be 0 (no cross-validation) or a number of folds in [2, 100]"
+
+
+def _fold(v: Any, cfg: Config) -> Optional[str]:
+    k = cfg.data.folds
+    if k >= 2 and not 0 <= v < k:
+        return f"must be in [0, data.folds-1={k - 1}] (the fold tested, 0-based)"
+    if k < 2 and v != 0:
+        return "needs data.folds >= 2 (k-fold cross-validation); without it leave data.fold at 0"
+    return None
+
+
 def _lesion_split(v: Any, cfg: Config) -> Optional[str]:
     if v == "lesion" and cfg.data.dataset != "ham10000":
         return "needs lesion ids: only data.dataset=ham10000 has them (use authors or random)"
@@ -650,6 +693,8 @@ RULES: list[tuple[str, Check]] = [
     ("data.rotation", _range(0, 180)),
     ("data.subset", _range(1, optional=True)),
     ("data.class_balance", _range(0, 1)),
+    ("data.folds", _folds),
+    ("data.fold", _fold),
     ("model.encoder", _backbone),
     ("model.dcg_global", _backbone),
     ("model.dcg_local", _backbone),
@@ -693,6 +738,7 @@ RULES: list[tuple[str, Check]] = [
     ("train.limit_train_batches", _limit_batches),
     ("train.limit_val_batches", _limit_batches),
     ("train.log_every_n_steps", _range(1)),
+    ("train.logger", _logger),
     ("eval.steps", _steps),
     ("eval.val_steps", _steps),
     ("eval.eta", _range(0, 1)),

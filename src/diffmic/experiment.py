@@ -21,6 +21,16 @@ substituted per cell (:func:`substitute`), so a cell can name the same seed's ce
       full_from_basic: [model.variant=full, train.init_encoder_from_dcg=false,
                         "train.init_encoder_from={out}/{dataset}/basic/seed{seed}"]
 
+k-fold cross-validation: ``folds: 5`` (beside or instead of more seeds) makes every model × seed
+five cells ``<out>/<data set>/<model>/seed<seed>/fold<i>``, each an ordinary run folder trained with
+``data.folds=5 data.fold=i`` (all of the data set's images pooled, stratified, lesion- / patient-grouped
+where the data have groups; fold ``i`` is tested, validation is carved from the other folds). The
+placeholder ``{fold}`` is the cell's fold. The summary then gives the mean ± SD over the folds (and
+seeds), and the pooled out-of-fold predictions of each model and seed (every image predicted once, by
+the model that did not train on it), written to ``<out>/<data set>/<model>/seed<seed>/oof_predictions.csv``,
+with their metrics and percentile-bootstrap 95 % CIs over images (columns ``oof_<metric>``); the paired
+CIs against the reference use these pooled predictions.
+
 Cells run seed-major (every model of the first seed in the file's order, then the next seed), and a
 cell whose overrides name the run folder of another cell runs after that cell. A cell whose source
 run has not finished (not run yet, or left out with ``--only``) stops the grid with an error naming
@@ -83,6 +93,12 @@ class Cell:
     run_dir: Path
     config: Optional[str]
     overrides: list[str]
+    fold: Optional[int] = None  # k-fold cross-validation: the fold this cell tests
+
+    @property
+    def name(self) -> str:
+        """``<data set>/<model>/seed<seed>[/fold<i>]``, as in messages."""
+        return f"{self.dataset}/{self.model}/seed{self.seed}" + (f"/fold{self.fold}" if self.fold is not None else "")
 
     @property
     def done(self) -> bool:
@@ -97,6 +113,7 @@ class Grid:
     models: list[str] = field(default_factory=list)
     datasets: list[str] = field(default_factory=list)
     path: Optional[Path] = None  # the grid file it was read from
+    folds: Optional[int] = None  # k-fold cross-validation (``folds:`` in the grid file)
 
 
 def _str_list(value: Any, where: str) -> list[str]:
@@ -176,19 +193,24 @@ _GridLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _uni
 
 
 #: placeholders of grid overrides, substituted per cell
-PLACEHOLDERS: tuple[str, ...] = ("seed", "dataset", "out")
+PLACEHOLDERS: tuple[str, ...] = ("seed", "dataset", "out", "fold")
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
 
-def substitute(override: str, *, seed: int, dataset: str, out: str | Path) -> str:
-    """``override`` with ``{seed}``, ``{dataset}`` and ``{out}`` replaced by the cell's values; any
-    other ``{name}`` is a ConfigError (a typo would otherwise name a folder that never exists)."""
+def substitute(override: str, *, seed: int, dataset: str, out: str | Path, fold: Optional[int] = None) -> str:
+    """``override`` with ``{seed}``, ``{dataset}``, ``{out}`` (and with k folds ``{fold}``) replaced by
+    the cell's values; any other ``{name}`` is a ConfigError (a typo would otherwise name a folder that
+    never exists)."""
     values = {"seed": str(seed), "dataset": str(dataset), "out": str(out)}
+    if fold is not None:
+        values["fold"] = str(fold)
     unknown = sorted({m.group(1) for m in _PLACEHOLDER.finditer(override)} - set(values))
     if unknown:
+        known = [k for k in PLACEHOLDERS if k in values]
+        hint = " ({fold} needs folds: in the grid)" if "fold" in unknown else ""
         raise ConfigError(
             f"override '{override}': unknown placeholder(s) {', '.join('{' + u + '}' for u in unknown)}; "
-            f"known: {', '.join('{' + k + '}' for k in PLACEHOLDERS)}"
+            f"known: {', '.join('{' + k + '}' for k in known)}{hint}"
         )
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], override)
 
@@ -214,7 +236,7 @@ def _order_dependencies(cells: list[Cell], where: str) -> list[Cell]:
     while pending:
         ready = next((c for c in pending if all(id(o) in placed for o in deps[id(c)])), None)
         if ready is None:
-            names = ", ".join(f"{c.dataset}/{c.model}/seed{c.seed}" for c in pending)
+            names = ", ".join(c.name for c in pending)
             raise ConfigError(f"{where}: cells name each other's run folders in a cycle: {names}")
         ordered.append(ready)
         placed.add(id(ready))
@@ -235,7 +257,7 @@ def load_grid(path: str | Path) -> Grid:
         raise ConfigError(f"{path}: a value is not a usable number ({str(exc).split(';')[0]})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping with out, seeds, datasets, models")
-    known = {"out", "reference", "seeds", "common", "datasets", "models"}
+    known = {"out", "reference", "seeds", "folds", "common", "datasets", "models"}
     extra = sorted(set(raw) - known)
     if extra:
         raise ConfigError(f"{path}: unknown key(s) {', '.join(map(str, extra))}; valid: {', '.join(sorted(known))}")
@@ -244,6 +266,9 @@ def load_grid(path: str | Path) -> Grid:
             raise ConfigError(f"{path}: missing key '{key}'")
     out = Path(str(raw["out"]))  # relative to the working directory, like run.dir
     seeds = _seeds(raw.get("seeds", [1234]), f"{path}: seeds")
+    folds = raw.get("folds")
+    if folds is not None and (not isinstance(folds, int) or isinstance(folds, bool) or not 2 <= folds <= 100):
+        raise ConfigError(f"{path}: folds must be a number of cross-validation folds in [2, 100], got {folds!r}")
     common = _str_list(raw.get("common"), f"{path}: common")
     datasets, models = raw["datasets"], raw["models"]
     if not isinstance(datasets, dict) or not datasets:
@@ -261,6 +286,7 @@ def load_grid(path: str | Path) -> Grid:
         models=[str(m) for m in models],
         datasets=[str(d) for d in datasets],
         path=path,
+        folds=folds,
     )
     for dname, dspec in datasets.items():
         dspec = dspec or {}
@@ -283,22 +309,37 @@ def load_grid(path: str | Path) -> Grid:
                 mspec = mspec.get("overrides")
             m_over = _str_list(mspec, f"{path}: models.{mname}")
             for seed in m_seeds:
-                run_dir = out / str(dname) / str(mname) / f"seed{seed}"
-                try:
-                    over = [substitute(o, seed=seed, dataset=str(dname), out=out) for o in common + d_over + m_over]
-                    over += [f"run.seed={seed}", f"run.dir={run_dir}"]
-                    load_config(dspec.get("config"), over)
-                except ConfigError as exc:
-                    raise ConfigError(f"{path}: cell {dname}/{mname}/seed{seed}: {exc}") from None
-                grid.cells.append(Cell(str(dname), str(mname), seed, run_dir, dspec.get("config"), over))
-    # seed-major order (all models of the first seed, then the next seed): a grid stopped early
-    # still has paired seeds of every model
+                for fold in range(folds) if folds else [None]:
+                    run_dir = out / str(dname) / str(mname) / f"seed{seed}"
+                    cv: list[str] = []
+                    if fold is not None:
+                        run_dir = run_dir / f"fold{fold}"
+                        cv = [f"data.folds={folds}", f"data.fold={fold}"]
+                    cell = Cell(str(dname), str(mname), seed, run_dir, dspec.get("config"), [], fold)
+                    try:
+                        over = [
+                            substitute(o, seed=seed, dataset=str(dname), out=out, fold=fold)
+                            for o in common + d_over + m_over
+                        ]
+                        over += [*cv, f"run.seed={seed}", f"run.dir={run_dir}"]
+                        load_config(dspec.get("config"), over)
+                    except ConfigError as exc:
+                        raise ConfigError(f"{path}: cell {cell.name}: {exc}") from None
+                    cell.overrides = over
+                    grid.cells.append(cell)
+    # seed-major order (all models of the first seed, then the next seed; with folds, fold by fold
+    # within a seed): a grid stopped early still has paired seeds of every model
     rank = {
-        (c.dataset, c.model, c.seed): (grid.datasets.index(c.dataset), i, grid.models.index(c.model))
+        (c.dataset, c.model, c.seed, c.fold): (
+            grid.datasets.index(c.dataset),
+            i,
+            c.fold or 0,
+            grid.models.index(c.model),
+        )
         for c in grid.cells
         for i in [sorted({x.seed for x in grid.cells if x.model == c.model}).index(c.seed)]
     }
-    grid.cells.sort(key=lambda c: rank[(c.dataset, c.model, c.seed)])
+    grid.cells.sort(key=lambda c: rank[(c.dataset, c.model, c.seed, c.fold)])
     grid.cells = _order_dependencies(grid.cells, str(path))
     return grid
 
@@ -373,12 +414,12 @@ def run_grid(grid: Grid, only: Optional[list[str]] = None, log=print) -> list[tu
         if only and cell.model not in only:
             continue
         log(
-            f"[{i + 1}/{len(grid.cells)}] {cell.dataset}/{cell.model}/seed{cell.seed}: running"
+            f"[{i + 1}/{len(grid.cells)}] {cell.name}: running"
             if not cell.done
-            else f"[{i + 1}/{len(grid.cells)}] {cell.dataset}/{cell.model}/seed{cell.seed}: finished, skipped"
+            else f"[{i + 1}/{len(grid.cells)}] {cell.name}: finished, skipped"
         )
         status = run_cell(cell)
-        log(f"[{i + 1}/{len(grid.cells)}] {cell.dataset}/{cell.model}/seed{cell.seed}: {status}")
+        log(f"[{i + 1}/{len(grid.cells)}] {cell.name}: {status}")
         done.append((cell, status))
     return done
 
@@ -549,17 +590,22 @@ def summarise(grid: Grid, n_boot: int = 1000, ci_metrics: tuple[str, ...] = ("ac
 
     grid.out.mkdir(parents=True, exist_ok=True)
     preds: dict[tuple[str, str, int], dict] = {}
+    by_fold: dict[tuple[str, str, int], dict[int, Cell]] = {}
     cell_rows = []
     for c in grid.cells:
         if not c.done:
             continue
         pred = read_predictions(c.run_dir / "predictions.csv")
-        preds[(c.dataset, c.model, c.seed)] = pred
+        if c.fold is None:
+            preds[(c.dataset, c.model, c.seed)] = pred
+        else:
+            by_fold.setdefault((c.dataset, c.model, c.seed), {})[c.fold] = c
         cell_rows.append(
             {
                 "dataset": c.dataset,
                 "model": c.model,
                 "seed": c.seed,
+                **({"fold": c.fold} if grid.folds else {}),
                 "n_test": len(pred["ids"]),
                 **{k: round(v, 5) for k, v in cell_metrics(pred).items()},
                 **{k: round(v, 5) for k, v in cell_lesions(c.run_dir).items()},
@@ -572,6 +618,14 @@ def summarise(grid: Grid, n_boot: int = 1000, ci_metrics: tuple[str, ...] = ("ac
         for k in extra:
             r.setdefault(k, None)
         r["run_dir"] = r.pop("run_dir")
+    oof: dict[tuple[str, str, int], dict[str, Any]] = {}
+    if grid.folds:  # every fold of a model and seed finished: its pooled out-of-fold predictions
+        for key, cells in by_fold.items():
+            if len(cells) == grid.folds:
+                ordered = [cells[i] for i in range(grid.folds)]
+                preds[key] = pool_out_of_fold(ordered)
+                write_oof_predictions(ordered[0].run_dir.parent / OOF_FILE, preds[key])
+                oof[key] = cell_metrics(preds[key])
     rows = []
     for d in grid.datasets:
         for m in grid.models:
@@ -580,6 +634,13 @@ def summarise(grid: Grid, n_boot: int = 1000, ci_metrics: tuple[str, ...] = ("ac
             for k in METRICS + extra:
                 vals = [r[k] for r in mine if r.get(k) is not None and not math.isnan(r[k])]
                 row[k] = _fmt(vals)
+            if grid.folds:
+                seeds = sorted(s for (dd, mm, s) in oof if dd == d and mm == m)
+                pooled = [preds[(d, m, s)] for s in seeds]
+                row["oof_seeds"] = len(seeds)
+                row["oof_n"] = len(pooled[0]["ids"]) if pooled else 0
+                for k in METRICS:
+                    row[f"oof_{k}"] = _oof_ci(pooled, k, n_boot) if pooled else "—"
             ref = grid.reference
             for k in ci_metrics:
                 row[f"d_{k}_vs_{ref}"] = "—"
@@ -602,8 +663,130 @@ def summarise(grid: Grid, n_boot: int = 1000, ci_metrics: tuple[str, ...] = ("ac
     (grid.out / "summary.md").write_text(md)
     paths["md"] = grid.out / "summary.md"
     paths["png"] = _figure(cell_rows, grid, grid.out / "summary.png")
-    paths["record"] = _write_record(grid, cell_rows, rows, grid.out / "record.json")
+    paths["record"] = _write_record(grid, cell_rows, rows, grid.out / "record.json", oof)
     return paths
+
+
+#: the pooled out-of-fold predictions of a model and seed, in ``<out>/<data set>/<model>/seed<seed>/``
+OOF_FILE = "oof_predictions.csv"
+_OOF_HEADER = "id,fold,label,"
+
+
+def pool_out_of_fold(cells: list[Cell]) -> dict[str, Any]:
+    """The test predictions of the k fold cells of one model and seed, pooled: every image once,
+    predicted by the model of the fold that held it out (``ids``, ``labels``, ``probs`` and
+    ``fold``, sorted by id, as :func:`read_predictions`). Refused (ConfigError naming the cells) when
+    the folds' test images overlap, or do not cover the images their ``split.json`` records."""
+    import json
+
+    parts, owner = [], {}
+    for c in cells:
+        pred = read_predictions(c.run_dir / "predictions.csv")
+        for i in pred["ids"]:
+            if i in owner:
+                raise ConfigError(
+                    f"image {i!r} is a test image of both {owner[i]} and {c.name}: the folds do not partition "
+                    "the data (were they trained with other data.* overrides or data?); re-run those cells"
+                )
+            owner[i] = c.name
+        parts.append(pred)
+    split = cells[0].run_dir / "split.json"
+    if split.is_file():
+        recorded = json.loads(split.read_text()).get("splits", {})
+        every = {i for ids in recorded.values() for i in ids}
+        missing = sorted(every - set(owner))
+        extra = sorted(set(owner) - every)
+        if missing or extra:
+            eg = (missing or extra)[0]
+            raise ConfigError(
+                f"the test images of the {len(cells)} folds of {cells[0].name.rsplit('/', 1)[0]} do not cover the "
+                f"data recorded in {split}: {len(missing)} image(s) in no fold's test split, {len(extra)} not in "
+                f"the data (e.g. {eg!r}); re-run the folds on the same data"
+            )
+    ncols = {p["probs"].shape[1] for p in parts}
+    if len(ncols) != 1:
+        raise ConfigError(f"the folds of {cells[0].name} predict different numbers of classes: {sorted(ncols)}")
+    pcols = _prob_columns(cells[0].run_dir / "predictions.csv")
+    for c in cells[1:]:
+        if _prob_columns(c.run_dir / "predictions.csv") != pcols:
+            raise ConfigError(f"{c.name} predicts the classes {pcols} in another order or under other names")
+    fold = np.concatenate([np.full(len(p["ids"]), c.fold if c.fold is not None else -1) for p, c in zip(parts, cells)])
+    ids = [i for p in parts for i in p["ids"]]
+    order = sorted(range(len(ids)), key=lambda j: ids[j])
+    out: dict[str, Any] = {
+        "ids": [ids[j] for j in order],
+        "labels": np.concatenate([p["labels"] for p in parts])[order],
+        "probs": np.concatenate([p["probs"] for p in parts])[order],
+        "fold": fold[order],
+        "columns": pcols,
+    }
+    for col in ("agreement", "prior_pred", "spread"):
+        if all(col in p for p in parts):
+            out[col] = np.concatenate([p[col] for p in parts])[order]
+    return out
+
+
+def _prob_columns(path: Path) -> list[str]:
+    with open(path, newline="") as fh:
+        header = next(csv.reader(fh), [])
+    return [c for c in header if c.startswith("p_")]
+
+
+def write_oof_predictions(path: Path, pooled: dict[str, Any]) -> Path:
+    """``oof_predictions.csv``: ``id, fold, label, p_<class>...`` (and ``agreement`` where the cells
+    have it), one row per image. An existing file is replaced only when it is one of these."""
+    from diffmic.reporting import write_rows_csv
+
+    if path.exists():
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            ours = fh.readline().startswith(_OOF_HEADER)
+        if not ours:
+            raise ConfigError(f"'{path}' exists and is not an out-of-fold predictions file written by diffmic; move it")
+    rows = []
+    for j, i in enumerate(pooled["ids"]):
+        row: dict[str, Any] = {"id": i, "fold": int(pooled["fold"][j]), "label": int(pooled["labels"][j])}
+        row.update({c: float(pooled["probs"][j, k]) for k, c in enumerate(pooled["columns"])})
+        for col in ("agreement", "prior_pred", "spread"):
+            if col in pooled:
+                row[col] = float(pooled[col][j])
+        rows.append(row)
+    return write_rows_csv(path, rows)
+
+
+def bootstrap_ci(
+    labels: np.ndarray, probs: list[np.ndarray], metric: str, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
+) -> tuple[float, float, float]:
+    """The metric of the predictions ``probs`` (one array per seed, on the same images: their mean
+    metric), and its percentile-bootstrap ``1 − alpha`` interval: the images are resampled with
+    replacement ``n_boot`` times (the same indices for every seed)."""
+    C = probs[0].shape[1]
+    fns = dict(_metric_fns(C))
+    fns["ece"] = lambda p, y: expected_calibration_error(p.numpy(), y.numpy())
+    if metric not in fns:
+        raise ValueError(f"unknown metric {metric!r}; expected one of {', '.join(fns)}")
+    fn = fns[metric]
+    P = [torch.as_tensor(p, dtype=torch.float64) for p in probs]
+    y = torch.as_tensor(np.asarray(labels))
+    observed = float(np.mean([fn(p, y) for p in P]))
+    rng = np.random.default_rng(seed)
+    n = len(y)
+    vals = np.empty(n_boot)
+    for b in range(n_boot):
+        idx = torch.as_tensor(rng.integers(0, n, n))
+        vals[b] = np.mean([fn(p[idx], y[idx]) for p in P])
+    vals = vals[np.isfinite(vals)]
+    if not len(vals):
+        return observed, math.nan, math.nan
+    lo, hi = np.quantile(vals, [alpha / 2, 1 - alpha / 2])
+    return observed, float(lo), float(hi)
+
+
+def _oof_ci(pooled: list[dict], metric: str, n_boot: int) -> str:
+    for p in pooled[1:]:
+        if p["ids"] != pooled[0]["ids"]:
+            raise ConfigError("the out-of-fold predictions of two seeds cover different images")
+    obs, lo, hi = bootstrap_ci(pooled[0]["labels"], [p["probs"] for p in pooled], metric, n_boot)
+    return f"{obs:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
 def cell_provenance(run_dir: Path) -> dict[str, Any]:
@@ -633,7 +816,7 @@ def cell_provenance(run_dir: Path) -> dict[str, Any]:
     return out
 
 
-def _write_record(grid: Grid, cell_rows: list[dict], rows: list[dict], path: Path) -> Path:
+def _write_record(grid: Grid, cell_rows: list[dict], rows: list[dict], path: Path, oof: Optional[dict] = None) -> Path:
     """``record.json``: a small, committable record of what the grid measured (the summary table, the
     per-cell metrics, each cell's resolved config, split hash, wall times, machine and load), so that
     a number quoted from this grid can cite it. No images, checkpoints or predictions."""
@@ -651,6 +834,12 @@ def _write_record(grid: Grid, cell_rows: list[dict], rows: list[dict], path: Pat
         "summary": rows,
         "cells": cells,
     }
+    if grid.folds:  # the pooled out-of-fold metrics of each model and seed
+        record["folds"] = grid.folds
+        record["out_of_fold"] = [
+            {"dataset": d, "model": m, "seed": s, **{k: round(v, 5) for k, v in metrics.items()}}
+            for (d, m, s), metrics in (oof or {}).items()
+        ]
     return write_json(path, record)
 
 

@@ -23,7 +23,7 @@ from .datasets import CachedImageDataset, ImagePathsDataset
 from .records import DataError, DatasetIndex, Record, filter_existing
 from .sampling import EpochSeededSampler, class_balance_weights, drops_last_batch
 from .sources import load_aptos2019, load_csv_manifest, load_ham10000, load_image_folder, load_medmnist, split_all
-from .splits import stratified_split, stratified_subset
+from .splits import kfold_split, pool_splits, stratified_split, stratified_subset
 from .transforms import DEFAULT_MAX_PIXELS, build_transform
 
 __all__ = [
@@ -67,6 +67,12 @@ class DiffMICDataModule(pl.LightningDataModule):
     val_split: ``"val"``, or ``"test"`` to select models on the test split (released protocol).
     subset: use a stratified subset of at most ``subset`` train and ``subset // 2`` val/test
         records (fast tests, demos).
+    folds, fold: k-fold cross-validation (``folds >= 2``): every labelled record of the source (all
+        of its splits pooled) is split into ``folds`` stratified folds (lesion- / patient-grouped when
+        the records have groups: HAM10000 lesion ids, a CSV ``group_col``), seeded by ``seed``;
+        fold ``fold`` (0-based) is the test split, validation is carved from the other folds
+        (``val_fraction``), and ``split`` / the source's own splits are not used. ``subset``
+        applies to the pooled records before the folds are drawn.
     skip_bad: drop bad records (listed in ``report``) instead of raising :class:`DataError`.
     require_images: ``False`` drops records whose image file is missing before the checks
         (for partial copies such as the two-image APTOS folder); the dropped ids are in
@@ -88,6 +94,7 @@ class DiffMICDataModule(pl.LightningDataModule):
         path_col: str = "path",
         label_col: str = "label",
         split_col: str | None = None,
+        group_col: str | None = None,
         class_names: Sequence[str] | None = None,
         image_size: int = 224,
         in_chans: int = 3,
@@ -112,6 +119,8 @@ class DiffMICDataModule(pl.LightningDataModule):
         predict_split: str = "test",
         class_balance: float = 0.0,
         val_split: str = "val",
+        folds: int = 0,
+        fold: int = 0,
     ) -> None:
         super().__init__()
         ds = _ALIASES.get(dataset.lower(), dataset.lower())
@@ -137,11 +146,14 @@ class DiffMICDataModule(pl.LightningDataModule):
             raise ValueError(f"class_balance must be in [0, 1], got {class_balance}")
         if root is None and csv_path is None:
             raise ValueError("root is required")
+        if folds < 0 or folds == 1 or (folds >= 2 and not 0 <= fold < folds):
+            raise ValueError(f"folds must be 0 (off) or >= 2 and fold in [0, folds-1], got folds={folds} fold={fold}")
         self.dataset = ds
         self.root = Path(root) if root is not None else None
         self.split = split
         self.csv_path = Path(csv_path) if csv_path is not None else None
         self.path_col, self.label_col, self.split_col = path_col, label_col, split_col
+        self.group_col = group_col
         self._class_names_arg = list(class_names) if class_names is not None else None
         self.image_size, self.in_chans = int(image_size), int(in_chans)
         self.batch_size = int(batch_size)
@@ -159,6 +171,8 @@ class DiffMICDataModule(pl.LightningDataModule):
         self.predict_split = predict_split
         self.class_balance = float(class_balance)
         self.val_split = val_split
+        self.folds, self.fold = int(folds), int(fold)
+        self._pooled: DatasetIndex | None = None  # k-fold: every record, in source order
 
         self.report: DataReport | None = None
         self.missing_dropped: list[Record] = []
@@ -190,7 +204,13 @@ class DiffMICDataModule(pl.LightningDataModule):
                 else:
                     raise ValueError("dataset='csv' needs csv_path (or root pointing at the CSV)")
             src = load_csv_manifest(
-                csv_path, base, self.path_col, self.label_col, self.split_col, self._class_names_arg
+                csv_path,
+                base,
+                self.path_col,
+                self.label_col,
+                self.split_col,
+                self._class_names_arg,
+                group_col=self.group_col,
             )
         elif ds == "folder":
             src = load_image_folder(root, self._class_names_arg)
@@ -203,18 +223,26 @@ class DiffMICDataModule(pl.LightningDataModule):
 
     def _arrange(self, src: dict[str, DatasetIndex]) -> dict[str, DatasetIndex]:
         """train / [val] / test from whatever the loader returned."""
+        if self.folds >= 2:  # k-fold: pool every split, test = one fold, the rest trains
+            pooled = pool_splits(src)
+            if self.subset is not None:
+                pooled = stratified_subset(pooled, self.subset, seed=self.seed)
+            self._pooled = pooled
+            rest, test = kfold_split(pooled, self.folds, self.fold, seed=self.seed)
+            return {"train": rest, "test": test}
         if self.split == "random" and self.dataset in ("csv", "folder") and len(src) > 1:
             # pool the source's splits and re-split
             recs = [r for ix in src.values() for r in ix.records]
             probs = [p for ix in src.values() for p in ix.problems]
             first = next(iter(src.values()))
             src = {"all": DatasetIndex(recs, list(first.class_names), problems=probs)}
+        grouped = self.dataset == "ham10000" or self.group_col is not None  # no lesion / patient in two splits
         if "all" in src:
-            src = split_all(src["all"], self.test_fraction, self.seed)
+            src = split_all(src["all"], self.test_fraction, self.seed, grouped=grouped)
         if "train" not in src:
             raise DataError(f"{self.root}: the data has no train split (found {sorted(src)})")
         if "test" not in src:
-            parts = split_all(src["train"], self.test_fraction, self.seed, grouped=self.dataset == "ham10000")
+            parts = split_all(src["train"], self.test_fraction, self.seed, grouped=grouped)
             src = {**src, **parts}
         return {k: src[k] for k in ("train", "val", "test") if k in src}
 
@@ -253,7 +281,7 @@ class DiffMICDataModule(pl.LightningDataModule):
         src = dict(self._load_sources())
         if not self.require_images:
             src, self.missing_dropped = filter_existing(src)
-        if self.subset is not None:
+        if self.subset is not None and self.folds < 2:  # k-fold: applied to the pooled records
             src = {
                 k: stratified_subset(v, self.subset if k == "train" else max(1, self.subset // 2), seed=self.seed)
                 for k, v in src.items()
@@ -289,7 +317,8 @@ class DiffMICDataModule(pl.LightningDataModule):
             return
         src = self._prepared_sources()
         # a cache hit proves every image decoded before: skip re-opening them
-        ci = self.check_images and not all(self.cache.exists(ix, self.image_size, self.in_chans) for ix in src.values())
+        cached = [self._pooled] if self._pooled is not None and self.require_images else list(src.values())
+        ci = self.check_images and not all(self.cache.exists(ix, self.image_size, self.in_chans) for ix in cached)
         self.report = check_dataset(
             src,
             max_pixels=self.max_pixels,
@@ -313,6 +342,8 @@ class DiffMICDataModule(pl.LightningDataModule):
                 tr, va = np.arange(len(train), dtype=np.int64), np.zeros(0, dtype=np.int64)
             positions["train"] = ("train", tr)
             positions["val"] = ("train", va)
+        if self._pooled is not None:
+            src, positions = self._fold_base(src, positions)
         self._checked, self._positions = src, positions
         self.indexes = {k: src[base].subset(rows) for k, (base, rows) in positions.items()}
         self.indexes = {k: self.indexes[k] for k in ("train", "val", "test")}
@@ -324,6 +355,27 @@ class DiffMICDataModule(pl.LightningDataModule):
         )
         for k in need:
             self.get_dataset(k)
+
+    def _fold_base(
+        self, src: dict[str, DatasetIndex], positions: dict[str, tuple[str, np.ndarray]]
+    ) -> tuple[dict[str, DatasetIndex], dict[str, tuple[str, np.ndarray]]]:
+        """k-fold: every split as rows of one base index, the checked records in the pooled order,
+        so that all folds decode (and cache) the same images once."""
+        assert self._pooled is not None
+        order = {r.id: i for i, r in enumerate(self._pooled.records)}
+        train, test = src["train"], src["test"]
+        recs = sorted([*train.records, *test.records], key=lambda r: order.get(r.id, len(order)))
+        base = DatasetIndex(
+            recs, list(train.class_names), images=train.images, problems=[*train.problems, *test.problems]
+        )
+        row = {r.id: i for i, r in enumerate(recs)}
+
+        def rows(split: str, local: np.ndarray) -> np.ndarray:
+            ix = src[split]
+            return np.asarray([row[ix.records[int(i)].id] for i in local], dtype=np.int64)
+
+        moved = {k: ("all", rows(b, r)) for k, (b, r) in positions.items()}
+        return {"all": base}, moved
 
     def get_dataset(self, name: str) -> CachedImageDataset:
         """The ``train`` / ``val`` / ``test`` dataset; its images are decoded (or loaded from

@@ -451,6 +451,7 @@ def load_csv_manifest(
     split_col: str | None = None,
     class_names: Sequence[str] | None = None,
     id_col: str | None = None,
+    group_col: str | None = None,
 ) -> dict[str, DatasetIndex]:
     """A CSV with one row per image.
 
@@ -459,6 +460,8 @@ def load_csv_manifest(
     ``class_names`` is given) or class names (mapped to indices in the order of
     ``class_names``, or of the sorted distinct names). An unknown name or an empty label is
     recorded as a problem of that row. ``id_col`` (default: the path as written) names records.
+    ``group_col`` (a lesion or patient id; empty = the row is its own group) keeps a group's images
+    together when splits or cross-validation folds are drawn.
 
     Returns ``{"train", "val", "test"}`` (those present) when ``split_col`` is given (values
     train/val/test and common aliases), else ``{"all": index}``.
@@ -466,6 +469,7 @@ def load_csv_manifest(
     csv_path = Path(csv_path)
     root = Path(root) if root is not None else csv_path.parent
     required = [path_col, label_col] + ([split_col] if split_col else []) + ([id_col] if id_col else [])
+    required += [group_col] if group_col else []
     rows = _read_csv(csv_path, required)
     names, label_of = _csv_labels(csv_path, rows, label_col, class_names)
     bad_splits = []
@@ -496,7 +500,8 @@ def load_csv_manifest(
                     hint="fill in the image path or remove the row",
                 )
             )
-        recs.append(Record(id=rid, label=lab, path=path, source=src))
+        group = (row[group_col] or None) if group_col else None
+        recs.append(Record(id=rid, label=lab, path=path, group=group, source=src))
     if bad_splits:
         raise DataError(
             f"{csv_path}: unknown split names in column {split_col!r} (use "

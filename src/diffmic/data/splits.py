@@ -6,13 +6,22 @@ the global NumPy / Python / torch RNGs are never used or changed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from .records import DatasetIndex
+from .records import DataError, DatasetIndex
 
-__all__ = ["stratified_split", "carve_validation", "stratified_subset", "allocate"]
+__all__ = [
+    "stratified_split",
+    "carve_validation",
+    "stratified_subset",
+    "allocate",
+    "stratified_kfold",
+    "kfold_split",
+    "pool_splits",
+]
 
 
 def _fractions(fractions: Sequence[float] | None, test_fraction: float | None) -> np.ndarray:
@@ -195,3 +204,96 @@ def stratified_subset(index: DatasetIndex, n: int, seed: int = 1234) -> DatasetI
         idx = np.flatnonzero(inv == ci)
         chosen.append(idx[rng.permutation(len(idx))[: take[ci]]])
     return index.subset(np.sort(np.concatenate(chosen)))
+
+
+def stratified_kfold(
+    labels: Sequence[int] | np.ndarray,
+    k: int,
+    seed: int = 0,
+    groups: Sequence[str] | np.ndarray | None = None,
+) -> list[np.ndarray]:
+    """The test positions of each of ``k`` folds: sorted ``int64`` arrays that partition
+    ``0..N-1`` (every item in exactly one fold), stratified by label.
+
+    scikit-learn's ``StratifiedKFold`` (shuffled with ``seed``); with ``groups`` (lesion or
+    patient ids) its ``StratifiedGroupKFold``, so that all items of a group are in one fold. A class
+    with fewer than ``k`` items (groups) cannot be in every fold: scikit-learn warns about it.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    y = np.asarray(labels, dtype=np.int64).reshape(-1)
+    if not isinstance(k, (int, np.integer)) or k < 2:
+        raise ValueError(f"k-fold cross-validation needs k >= 2 folds, got {k!r}")
+    units = len(y) if groups is None else len(set(map(str, groups)))
+    what = "images" if groups is None else "groups (lesions / patients)"
+    if units < k:
+        raise ValueError(f"{k} folds need at least {k} {what}; the data have {units}")
+    x = np.zeros((len(y), 1))
+    try:
+        if groups is None:
+            parts = StratifiedKFold(n_splits=int(k), shuffle=True, random_state=int(seed)).split(x, y)
+        else:
+            g = np.asarray([str(v) for v in groups])
+            if len(g) != len(y):
+                raise ValueError(f"groups has {len(g)} items but labels has {len(y)}")
+            parts = StratifiedGroupKFold(n_splits=int(k), shuffle=True, random_state=int(seed)).split(x, y, g)
+        folds = [np.sort(np.asarray(test, dtype=np.int64)) for _, test in parts]
+    except ValueError as exc:
+        raise ValueError(f"cannot split {len(y)} {what if groups is None else 'images'} into {k} folds: {exc}") from exc
+    return folds
+
+
+def kfold_split(
+    index: DatasetIndex, k: int, fold: int, seed: int = 0, grouped: bool = True
+) -> tuple[DatasetIndex, DatasetIndex]:
+    """``(rest, test)`` for fold ``fold`` (0-based) of a stratified ``k``-fold split of ``index``
+    (:func:`stratified_kfold`); grouped when ``grouped`` and the records have groups, so that no
+    lesion or patient has images in both parts."""
+    if not 0 <= fold < k:
+        raise ValueError(f"fold must be in [0, {k - 1}] for {k} folds, got {fold}")
+    groups = index.groups if (grouped and index.has_groups) else None
+    try:
+        folds = stratified_kfold(index.labels, k, seed=seed, groups=groups)
+    except ValueError as exc:
+        raise DataError(f"data.folds={k}: {exc}. Use fewer folds or more data.") from exc
+    test = folds[fold]
+    rest = np.setdiff1d(np.arange(len(index), dtype=np.int64), test)
+    return index.subset(rest), index.subset(test)
+
+
+def pool_splits(splits: Mapping[str, DatasetIndex]) -> DatasetIndex:
+    """One index holding the records of every split, in the order given (for k-fold
+    cross-validation over all labelled data). In-memory images (MedMNIST) are concatenated and
+    each record's ``array_index`` shifted to its row in the pooled array."""
+    parts = list(splits.values())
+    if not parts:
+        raise DataError("no data to pool for k-fold cross-validation")
+    names = list(parts[0].class_names)
+    for name, ix in splits.items():
+        if list(ix.class_names) != names:
+            raise DataError(
+                f"cannot pool the splits for k-fold cross-validation: split {name!r} has the classes "
+                f"{list(ix.class_names)}, not {names}"
+            )
+    records, problems, arrays, offset = [], [], [], 0
+    in_memory = any(ix.images is not None for ix in parts)
+    for name, ix in splits.items():
+        problems.extend(ix.problems)
+        if in_memory:
+            if ix.images is None:
+                raise DataError(f"cannot pool split {name!r} (files) with in-memory images of other splits")
+            if arrays and ix.images.shape[1:] != arrays[0].shape[1:]:
+                raise DataError(
+                    f"cannot pool the splits for k-fold cross-validation: split {name!r} has images of shape "
+                    f"{ix.images.shape[1:]}, the others {arrays[0].shape[1:]}"
+                )
+            records.extend(
+                dataclasses.replace(r, array_index=r.array_index + offset) if r.array_index is not None else r
+                for r in ix.records
+            )
+            arrays.append(ix.images)
+            offset += len(ix.images)
+        else:
+            records.extend(ix.records)
+    images = np.concatenate(arrays) if in_memory else None
+    return DatasetIndex(records, names, images=images, problems=problems)

@@ -43,6 +43,7 @@ def build_datamodule(cfg: Config):
         path_col=d.path_col,
         label_col=d.label_col,
         split_col=d.split_col,
+        group_col=d.group_col,
         image_size=d.image_size,
         in_chans=d.in_chans,
         batch_size=d.batch_size,
@@ -57,6 +58,8 @@ def build_datamodule(cfg: Config):
         subset=d.subset,
         check_images=d.check_images,
         class_balance=d.class_balance,
+        folds=d.folds,
+        fold=d.fold,
         # The released code's protocol: model selection on the test set (optimistic; labelled in
         # every output). Validation then runs on the test split.
         val_split="test" if cfg.train.select_on == "test" else "val",

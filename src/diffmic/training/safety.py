@@ -23,7 +23,10 @@ def split_record(dm) -> dict:
     """The ids of every split after ``setup()``, and a SHA-256 over them."""
     splits = {k: list(dm.indexes[k].ids) for k in SPLITS if k in dm.indexes}
     digest = hashlib.sha256(json.dumps(splits, sort_keys=True).encode("utf-8")).hexdigest()
-    return {"format": 1, "sha256": digest, "sizes": {k: len(v) for k, v in splits.items()}, "splits": splits}
+    record = {"format": 1, "sha256": digest, "sizes": {k: len(v) for k, v in splits.items()}, "splits": splits}
+    if getattr(dm, "folds", 0) >= 2:  # k-fold cross-validation: which fold is the test split
+        record["cv"] = {"folds": int(dm.folds), "fold": int(dm.fold)}
+    return record
 
 
 def write_split(run_dir: Path, record: dict) -> Path:
