@@ -3,7 +3,8 @@
 
 The file name is a hash of everything that changes the pixels: record ids and paths, each
 file's size and modification time (or, for in-memory MedMNIST arrays, the array bytes),
-``image_size``, ``in_chans`` and :data:`~diffmic.data.transforms.PREPROCESS_VERSION`. Any change
+``image_size``, ``in_chans`` and :data:`~diffmic.data.transforms.PREPROCESS_VERSION` (for a DICOM
+file also :data:`~diffmic.data.dicom.DICOM_READER_VERSION`). Any change
 therefore gives a new key (a miss) and stale files are simply never read again.
 
 The cache lives in ``cache_dir``: the argument, else ``$DIFFMIC_CACHE_DIR``, else
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .dicom import DICOM_READER_VERSION, is_dicom
 from .records import DataError, DatasetIndex, Problem, Record
 from .transforms import DEFAULT_MAX_PIXELS, PREPROCESS_VERSION, decode_image
 
@@ -135,6 +137,8 @@ class DecodedCache:
             except OSError:
                 size, mtime = -1, -1
             h.update(f"F|{r.id}|{r.path}|{size}|{mtime}\n".encode())
+            if r.path is not None and is_dicom(r.path):  # how DICOM values become 8-bit pixels
+                h.update(f"dicom-v{DICOM_READER_VERSION}\n".encode())
         if arr_done:
             imgs = index.images
             assert imgs is not None

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from .records import SPLIT_NAMES, DataError, DatasetIndex, Problem, Record
 from .transforms import DEFAULT_MAX_PIXELS, open_image
@@ -163,7 +162,7 @@ def _inspect_image(path, max_pixels):
         with img:
             size, mode = img.size, img.mode
             img.verify()
-        with Image.open(p) as img2:
+        with open_image(p, max_pixels) as img2:  # a DICOM file: its windowed 8-bit image
             img2.load()
             digest = pixel_digest(img2)
     except Exception as e:  # untrusted bytes: many exception types are possible

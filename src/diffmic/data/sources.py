@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .dicom import DICOM_EXTENSIONS
 from .records import DataError, DatasetIndex, Problem, Record
 from .splits import stratified_split
 
@@ -50,7 +51,21 @@ MEDMNIST_CLASSES = {
 }
 DATASETS = ("ham10000", "aptos2019", "csv", "folder", "medmnist")  # data.dataset (DiffMICDataModule)
 SPLITS = ("authors", "lesion", "random")  # data.split
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".ppm", ".pgm")
+#: the suffixes of image files in class folders and in ``diffmic predict`` folders (DICOM needs the
+#: ``dicom`` extra; see :mod:`diffmic.data.dicom`)
+IMAGE_EXTENSIONS = (
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".gif",
+    ".webp",
+    ".ppm",
+    ".pgm",
+    *DICOM_EXTENSIONS,
+)
 _SPLIT_ALIASES = {
     "train": "train",
     "training": "train",
@@ -525,7 +540,7 @@ def _list_images(folder: Path) -> list[Path]:
 
 
 def load_image_folder(root: str | os.PathLike, class_names: Sequence[str] | None = None) -> dict[str, DatasetIndex]:
-    """Class sub-folders: ``root/<class>/*.png|jpg|...`` -> ``{"all": index}``, or
+    """Class sub-folders: ``root/<class>/*.png|jpg|...|dcm`` -> ``{"all": index}``, or
     ``root/{train,val,test}/<class>/...`` -> one index per split folder present.
 
     Classes are the sorted folder names (union over splits) unless ``class_names`` fixes the

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .dicom import is_dicom, read_dicom
 from .records import DataError
 
 __all__ = [
@@ -94,6 +95,10 @@ def open_image(
     ``max_aspect`` times its short side (:func:`check_image_size`), all from the header, before
     any pixel is decoded. Pillow's own global ``Image.MAX_IMAGE_PIXELS`` guard is not changed;
     when it fires it is reported the same way.
+
+    A DICOM file or DICOM bytes (:func:`~diffmic.data.dicom.is_dicom`) are checked the same way
+    from the DICOM header, then decoded and windowed at once by
+    :func:`~diffmic.data.dicom.read_dicom`: the returned image is its 8-bit grey or RGB rendering.
     """
     name = _name(src)
     if isinstance(src, (str, os.PathLike)):
@@ -107,6 +112,9 @@ def open_image(
         if len(src) == 0:
             raise DataError(f"{name}: empty image data (0 bytes)")
         fp = io.BytesIO(src)
+    if is_dicom(src):
+        arr = read_dicom(src, name, lambda w, h: check_image_size(name, w, h, max_pixels, max_aspect))
+        return Image.fromarray(arr)
     try:
         img = Image.open(fp)
     except Image.DecompressionBombError as e:
@@ -238,6 +246,7 @@ def decode_image(
     src: ImageSource, image_size: int, in_chans: int = 3, max_pixels: int | None = DEFAULT_MAX_PIXELS
 ) -> np.ndarray:
     """Decode a file / bytes / PIL image / array into ``uint8 [image_size, image_size, in_chans]``.
+    DICOM files and bytes are read by :func:`open_image` (pydicom, windowed to 8 bits).
 
     Any failure (missing, empty, corrupt, truncated, too large, unsupported) raises
     :class:`DataError` naming the source; no other exception type escapes for bad input.

@@ -93,7 +93,7 @@ def classify_upload(predictor: Predictor, name: str, data: bytes, workdir: Path)
     except DataError as exc:
         raise UploadError(
             f"'{name}' is not an image this server can read: "
-            f"{str(exc).replace(str(path), name)}. Upload a PNG, JPEG, BMP, TIFF or WebP file."
+            f"{str(exc).replace(str(path), name)}. Upload a PNG, JPEG, BMP, TIFF, WebP or DICOM file."
         ) from exc
     if "seed_keys" in inspect.signature(predictor.predict_tensor).parameters:
         # this Predictor seeds the sampling noise by the decoded pixels: predict() does it
@@ -125,7 +125,7 @@ def _page(body: str, model_info: str) -> bytes:
         f"<style>{_STYLE}</style></head><body><h1>DiffMIC: classify an image</h1>"
         f"<p class='note'>{model_info}</p>"
         "<form method='post' action='/' enctype='multipart/form-data'>"
-        "<input type='file' id='image' name='image' accept='image/*'> "
+        "<input type='file' id='image' name='image' accept='image/*,.dcm,.dicom,application/dicom'> "
         "<button type='submit' id='submit'>Classify</button></form>"
         f"{body}"
         "<p class='note'>A research demo, not a medical device. Uploaded images are processed in "
