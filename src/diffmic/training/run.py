@@ -15,7 +15,6 @@ from typing import Optional
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from diffmic.config import Config, ConfigError, load_config, save_config
@@ -68,13 +67,12 @@ def build_datamodule(cfg: Config):
 
 
 def _trainer(cfg: Config, run_dir: Path, callbacks: list, for_fit: bool) -> pl.Trainer:
+    from diffmic.training.trackers import build_loggers
+
     t = cfg.train
-    loggers = []
-    if for_fit:
-        loggers = [
-            TensorBoardLogger(str(run_dir), name="logs", version=""),
-            CSVLogger(str(run_dir), name="logs", version=""),
-        ]
+    # train.logger: CSV / TensorBoard / MLflow / W&B (training.trackers); MLflow and W&B continue the
+    # runs a resumed fit recorded in logs/trackers.json
+    loggers = build_loggers(cfg, run_dir, lead=rank_zero_only.rank == 0) if for_fit else []
     cbs = list(callbacks)
     if for_fit:
         cbs.append(BroadcastBuffers())  # DDP: every rank starts each epoch with rank 0's BN statistics
@@ -225,10 +223,12 @@ def fit(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
     wrote); ``resume`` first checks that the network keys match the checkpoint and that the data
     split is the recorded one, and changes nothing in the folder when they do not."""
     from diffmic.training.safety import RunLock, check_run_outside_data
+    from diffmic.training.trackers import check_available
 
     if resume and overwrite:
         raise ConfigError("resume and overwrite exclude each other")
     check_run_outside_data(cfg.run.dir, cfg.data.root)
+    check_available(cfg)  # an MLflow / W&B logger without its package: say so before the folder is touched
     if rank_zero_only.rank != 0:  # DDP: rank 0 holds the lock for all ranks
         return _fit_locked(cfg, resume, overwrite)
     with RunLock(Path(cfg.run.dir), RunFolderError):
@@ -332,6 +332,9 @@ def _fit_locked(cfg: Config, resume: bool, overwrite: bool) -> Path:
         callbacks.append(DenoiserEMA(cfg.train.ema_decay))
     trainer = _trainer(cfg, run_dir, callbacks, for_fit=True)
     trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None, weights_only=True)
+    from diffmic.training.trackers import finish
+
+    finish(trainer.loggers)
     # The final state, always: ModelCheckpoint may skip the last epoch's `last.ckpt` (for
     # example when it saved at that global step already), and resume/export rely on it.
     trainer.save_checkpoint(str(last), weights_only=False)  # full state (optimisers, EMA) for --resume
@@ -381,6 +384,9 @@ def evaluate(
 
     read_checkpoint(ckpt_path)  # a bad --ckpt is reported before the data are read
     if stage == "test":
+        from diffmic.training.trackers import check_available
+
+        check_available(cfg)  # MLflow / W&B get the test metrics: their packages are needed
         check_run_outside_data(run_dir, cfg.data.root)
         probe_writable(run_dir, RunFolderError)  # a read-only folder or a full disk: say so before evaluating
         _claim_test_outputs(run_dir, claim=False)  # a file of the user's under an output name: say so now
@@ -409,6 +415,9 @@ def evaluate(
             result["provenance"] = watch.record()  # the machine, and the test's wall / CPU time
             if trainer.is_global_zero:
                 (run_dir / "test_metrics.json").write_text(json.dumps(result, indent=2))
+                from diffmic.training.trackers import log_test
+
+                log_test(cfg, run_dir, result)  # train.logger's MLflow / W&B runs get the test metrics and figures
             return result
 
         return _settled(run_dir, test) if lead else test()
