@@ -67,6 +67,12 @@ def _parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="classify image files or folders")
     pr.add_argument("--run", help="trained run folder")
+    pr.add_argument(
+        "--model",
+        help="an exported model folder (diffmic export), or a Hugging Face Hub model id org/name (cached; offline: "
+        "the cached snapshot)",
+    )
+    pr.add_argument("--revision", help="with a Hub --model: the branch, tag or commit to load (default: main)")
     pr.add_argument("--ckpt", help="checkpoint (default: <run>/checkpoints/best.ckpt)")
     pr.add_argument("--output", help="CSV file for the predictions (default: print)")
     pr.add_argument("--explain", help="folder for per-image saliency/ROI PNGs")
@@ -283,11 +289,18 @@ def _predict(args) -> int:
         if not key.startswith("eval."):
             raise ConfigError(f"predict accepts eval.* overrides only, got '{key}'")
         eval_over[key.split(".", 1)[1]] = parse_value(key, value)
-    if not args.run and not args.ckpt:
-        raise ConfigError("predict needs --run DIR or --ckpt FILE")
+    given = sum(bool(a) for a in (args.run, args.model)) + bool(args.ckpt and not args.run)
+    if given == 0:
+        raise ConfigError("predict needs --run DIR or --ckpt FILE (or --model FOLDER|ORG/NAME)")
+    if given > 1:
+        raise ConfigError("predict takes one model: --run DIR [--ckpt FILE], --ckpt FILE or --model FOLDER|ORG/NAME")
+    if args.revision and not args.model:
+        raise ConfigError("--revision applies to a Hub model given with --model ORG/NAME")
     # every output checked before the model is loaded or anything is written
     explain_paths = plan_outputs(images, roots, input_dirs, args.output, args.explain)
-    if args.run and not args.ckpt:  # a run folder or an exported model folder (diffmic export)
+    if args.model:  # an exported model folder, on disk or on the Hugging Face Hub
+        predictor = Predictor.from_pretrained(args.model, args.revision, **eval_over)
+    elif args.run and not args.ckpt:  # a run folder or an exported model folder (diffmic export)
         predictor = Predictor.load(args.run, **eval_over)
     else:
         ckpt = resolve_checkpoint(Path(args.run), args.ckpt) if args.run else Path(args.ckpt)
@@ -382,6 +395,12 @@ def _add_portable_parsers(p, sub, dsub) -> None:
     ex.add_argument("--ckpt", help="checkpoint (default: <run>/checkpoints/best.ckpt)")
     ex.add_argument("--out", required=True, help="new (or empty) output folder")
     ex.add_argument("--onnx", action="store_true", help="also write ONNX graphs (needs the [onnx] extra)")
+    ex.add_argument(
+        "--push-to-hub",
+        metavar="ORG/NAME",
+        help="then upload the folder with its model card to this Hugging Face Hub model repository",
+    )
+    ex.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository as private")
 
 
 def _data_download(args) -> int:
@@ -399,10 +418,20 @@ def _data_download(args) -> int:
 
 
 def _export(args) -> int:
-    from diffmic.inference.export import export_model
+    from diffmic.inference.export import ExportError, export_model
 
+    if args.push_to_hub:
+        from diffmic.inference.hub import is_repo_id
+
+        if not is_repo_id(args.push_to_hub):  # before the export, not after it
+            raise ExportError(f"--push-to-hub: {args.push_to_hub!r} is not a Hub model id (org/name)")
     out = export_model(run=args.run, ckpt=args.ckpt, out=args.out, onnx=args.onnx)
     print(f"wrote a portable model folder to {out}")
+    if args.push_to_hub:
+        from diffmic.inference.hub import push_to_hub
+
+        url = push_to_hub(out, args.push_to_hub, private=args.private)
+        print(f"pushed it to the Hugging Face Hub: {url}")
     return 0
 
 

@@ -4,6 +4,7 @@
 >>> p = Predictor.from_checkpoint("runs/demo/checkpoints/best.ckpt")
 >>> results = p.predict(["lesion.jpg"])
 >>> results[0].label, results[0].confidence, results[0].refer
+>>> p = Predictor.from_pretrained("org/name")  # an exported model folder on the Hugging Face Hub
 """
 
 from __future__ import annotations
@@ -139,6 +140,28 @@ class Predictor:
 
             p = resolve_checkpoint(p, None)
         return cls.from_checkpoint(p, device=device, **eval_overrides)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | Path,
+        revision: Optional[str] = None,
+        *,
+        cache_dir: Optional[str | Path] = None,
+        local_files_only: bool = False,
+        token: Optional[str | bool] = None,
+        device=None,
+        **eval_overrides,
+    ) -> Predictor:
+        """From an exported model folder on the Hugging Face Hub (``"org/name"``; ``revision`` pins a
+        branch, tag or commit) or on disk. The Hub folder is fetched into the Hugging Face cache
+        (offline: the cached snapshot) and loaded with every check of :meth:`load`, the weights'
+        SHA-256 included (see :mod:`diffmic.inference.hub`)."""
+        from diffmic.inference.export import load_model_folder
+        from diffmic.inference.hub import resolve_model
+
+        folder = resolve_model(model, revision, cache_dir, local_files_only, token)
+        return cls(load_model_folder(folder, eval_overrides or None), device=device)
 
     def _load_images(self, images: Sequence) -> tuple[Tensor, list[str]]:
         x, ids, _ = self._load_images_seeded(images)
