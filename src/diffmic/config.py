@@ -140,6 +140,13 @@ class TrainConfig:
     dcg_amsgrad: bool = True
     joint_dcg: bool = True  # keep training the DCG with CE after the warm-up (released code)
     grad_clip: float = 1.0
+    # ours: sum the gradients of this many batches before each optimiser step (one update from N
+    # batches: batch_size x N images); manual optimisation does it itself (training.module)
+    accumulate_grad_batches: int = 1
+    # ours: stop fitting when val/<monitor> has not improved by more than early_stop_min_delta for this
+    # many validations in a row (the joint stage only; the DCG warm-up's validations do not count); null = off
+    early_stop_patience: Optional[int] = None
+    early_stop_min_delta: float = 0.0
     fused_adam: bool = True  # ours: fused Adam kernels (same update rule; off under *-mixed precision)
     ema_decay: float = 0.9999
     use_ema: bool = True  # evaluate with the EMA of the denoiser (released code keeps it unused)
@@ -668,6 +675,19 @@ def _path(v: Any, cfg: Config) -> Optional[str]:
     return None
 
 
+def _accumulate(v: Any, cfg: Config) -> Optional[str]:
+    if not 1 <= v <= 10_000:
+        return "must be in [1, 10000]"
+    t = cfg.train
+    if v > 1 and (t.joint_steps is not None or t.dcg_warmup_steps is not None):
+        return (
+            f"> 1 cannot be combined with a step budget (train.joint_steps={t.joint_steps}, "
+            f"train.dcg_warmup_steps={t.dcg_warmup_steps}), which counts batches: set both to null and "
+            "give train.epochs / train.dcg_warmup_epochs"
+        )
+    return None
+
+
 def _min_lr(v: Any, cfg: Config) -> Optional[str]:
     return None if 0 <= v <= cfg.train.lr else f"must be in [0, train.lr={cfg.train.lr:g}]"
 
@@ -720,6 +740,9 @@ RULES: list[tuple[str, Check]] = [
     ("train.dcg_lr", _range(0, 10, lo_open=True)),
     ("train.dcg_warmup_lr", _range(0, 10, lo_open=True, optional=True)),
     ("train.grad_clip", _range(0)),
+    ("train.accumulate_grad_batches", _accumulate),
+    ("train.early_stop_patience", _range(1, 1_000_000, optional=True)),
+    ("train.early_stop_min_delta", _range(0, 1)),
     ("train.ema_decay", _range(0, 1)),
     ("train.encoder_lr_scale", _range(0, 1000)),
     ("train.init_encoder_from", _init_encoder_from),

@@ -46,7 +46,8 @@ class DenoiserEMA(pl.Callback):
                 self._pending_state = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.ema is not None and not pl_module.in_dcg_warmup:
+        # with train.accumulate_grad_batches, only after the batches on which the optimisers stepped
+        if self.ema is not None and not pl_module.in_dcg_warmup and getattr(pl_module, "optimizer_stepped", True):
             self.ema.update_parameters(pl_module.diffusion_modules())
 
     def _swap(self, pl_module: pl.LightningModule) -> None:

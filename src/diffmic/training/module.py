@@ -221,6 +221,7 @@ class DiffMICModule(pl.LightningModule):
         # sample by the sampler), so a resumed run repeats an uninterrupted one. Done here rather
         # than in on_train_epoch_start because Lightning creates the data iterator (which draws
         # from the global RNG) before or after that hook depending on whether the fit resumed.
+        self._batch_in_epoch = batch_idx  # train.accumulate_grad_batches: where in its window (_step)
         if batch_idx == 0:
             seed = (self.cfg.run.seed * 1_000_003 + self.current_epoch * 1_009 + self.global_rank) % (2**31 - 1)
             random.seed(seed)
@@ -438,12 +439,42 @@ class DiffMICModule(pl.LightningModule):
         if DiffMICModule.CROSSFIT_TRACE is not None and ids is not None:
             DiffMICModule.CROSSFIT_TRACE.append((what, self.current_epoch, folds, list(ids)))
 
+    def accumulation_window(self) -> tuple[bool, bool, int]:
+        """``train.accumulate_grad_batches = N``: the training batches of an epoch form windows of N
+        (the last one shorter when N does not divide them). Returns (first batch of its window, last
+        batch of its window, number of batches in the window) for the current batch; (True, True, 1)
+        when N = 1 or outside fit."""
+        n = self.cfg.train.accumulate_grad_batches
+        b = getattr(self, "_batch_in_epoch", None)
+        if n <= 1 or b is None or self._trainer is None:
+            return True, True, 1
+        total = self.trainer.num_training_batches
+        start = (b // n) * n
+        size = int(min(n, total - start)) if total != float("inf") else n
+        return b == start, b == start + size - 1, size
+
+    @property
+    def optimizer_stepped(self) -> bool:
+        """Whether the optimisers stepped on the current batch (the last of its accumulation window;
+        every batch without accumulation): the EMA is updated only then."""
+        return self.accumulation_window()[1]
+
     def _step(self, opt: torch.optim.Optimizer, loss: Tensor, clip: Optional[float]) -> None:
-        opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
+        """Back-propagate ``loss`` into ``opt``'s parameters; the optimiser steps on the last batch of
+        each window of ``train.accumulate_grad_batches`` batches (every batch when 1), on the mean of the
+        window's batch gradients (each loss divided by the window's size), clipped as one gradient.
+        Lightning leaves gradient accumulation to manual optimisation."""
+        first, last, size = self.accumulation_window()
+        if first:
+            opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss / size if size > 1 else loss)
+        if not last:
+            return
         if clip:
             self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
         opt.step()
+        if self.cfg.train.accumulate_grad_batches > 1:  # a window whose first batch skips opt starts from zero
+            opt.zero_grad(set_to_none=True)
 
     # ------------------------------------------------------------------ evaluation
     def _scores(self, batch: dict, stage: str) -> tuple[Tensor, Optional[Any], Optional[Tensor]]:

@@ -330,6 +330,10 @@ def _fit_locked(cfg: Config, resume: bool, overwrite: bool) -> Path:
         )
     if cfg.train.use_ema and cfg.model.variant not in ("basic", "dcg"):
         callbacks.append(DenoiserEMA(cfg.train.ema_decay))
+    if cfg.train.early_stop_patience is not None:  # on val/<monitor>, joint stage (training.stopping)
+        from diffmic.training.stopping import early_stopping
+
+        callbacks.append(early_stopping(monitor, cfg.train.early_stop_patience, cfg.train.early_stop_min_delta))
     trainer = _trainer(cfg, run_dir, callbacks, for_fit=True)
     trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None, weights_only=True)
     from diffmic.training.trackers import finish
@@ -338,6 +342,7 @@ def _fit_locked(cfg: Config, resume: bool, overwrite: bool) -> Path:
     # The final state, always: ModelCheckpoint may skip the last epoch's `last.ckpt` (for
     # example when it saved at that global step already), and resume/export rely on it.
     trainer.save_checkpoint(str(last), weights_only=False)  # full state (optimisers, EMA) for --resume
+    from diffmic.training.stopping import summary as stopping_summary
     summary = {
         "best_checkpoint": best.best_model_path or None,
         "best_score": float(best.best_model_score) if best.best_model_score is not None else None,
@@ -346,6 +351,7 @@ def _fit_locked(cfg: Config, resume: bool, overwrite: bool) -> Path:
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
         "resumed": bool(resume),  # a resumed fit's times cover this process only
+        "early_stopping": stopping_summary(callbacks),
         **watch.record(),
     }
     if trainer.is_global_zero:
