@@ -12,7 +12,10 @@ SRC = Path(__file__).parents[1] / "src"
 
 # lowest first; a module's layer is that of the longest matching prefix
 LAYERS: dict[str, int] = {
-    "diffmic": 0,  # the package root: __version__ only
+    # the package root: __version__; its module __getattr__ re-exports diffmic.fit / diffmic.test from
+    # diffmic.api on first use (a package's __init__ may re-export its submodules, and
+    # test_the_root_imports_nothing_when_imported keeps import diffmic itself at layer 0)
+    "diffmic": 0,
     "diffmic.diffusion": 1,
     "diffmic.losses": 1,
     "diffmic.nn": 2,
@@ -26,6 +29,7 @@ LAYERS: dict[str, int] = {
     "diffmic.training": 5,
     "diffmic.inference": 6,
     "diffmic.experiment": 6,  # runs training, reads run folders
+    "diffmic.api": 6,  # diffmic.fit / diffmic.test: the fit and test commands as functions
     "diffmic.cli": 7,
 }
 
@@ -136,3 +140,29 @@ def test_the_rule_catches_an_upward_import(tmp_path):
     deps = _imports("diffmic.diffusion.fake", fake, set(_modules()))
     assert deps == {"diffmic.training.module"}
     assert _layer("diffmic.training.module") > _layer("diffmic.diffusion.fake")
+
+
+def test_the_root_imports_nothing_when_imported():
+    """Layer 0's one exception: ``diffmic/__init__.py`` imports diffmic modules only inside its
+    module-level ``__getattr__`` (``diffmic.fit`` / ``diffmic.test``, imported on first use), so
+    ``import diffmic`` loads neither another diffmic module nor torch; the first ``diffmic.fit``
+    returns ``diffmic.api.fit``."""
+    import os
+    import subprocess
+    import sys
+
+    root = SRC / "diffmic" / "__init__.py"
+    tree = ast.parse(root.read_text())
+    lazy = {id(n) for f in tree.body if isinstance(f, ast.FunctionDef) and f.name == "__getattr__" for n in ast.walk(f)}
+    eager = [
+        ast.unparse(n)
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.Import, ast.ImportFrom)) and id(n) not in lazy and "diffmic" in ast.unparse(n)
+    ]
+    assert not eager, eager
+    code = (
+        "import sys, diffmic; assert 'torch' not in sys.modules, 'torch'; "
+        "assert not [m for m in sys.modules if m.startswith('diffmic.')], sorted(sys.modules); "
+        "import diffmic.api; assert diffmic.fit is diffmic.api.fit and diffmic.test is diffmic.api.test"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(SRC)})

@@ -178,17 +178,11 @@ def _check_config_path(config: Optional[str]) -> None:
 
 
 def _fit(args) -> int:
-    from diffmic.config import load_config
+    from diffmic.api import resolve_config  # one resolution for the command and diffmic.fit
     from diffmic.training.run import fit
 
-    overrides = list(args.overrides)
-    config = args.config
-    _check_config_path(config)
-    if args.run:
-        if args.resume and not config:
-            config = str(Path(args.run) / "config.yaml")
-        overrides.append(f"run.dir={args.run}")
-    cfg = load_config(config, overrides)
+    _check_config_path(args.config)
+    cfg = resolve_config(args.config, list(args.overrides), run=args.run or None, resume=args.resume)
     if args.resume and args.overwrite:
         from diffmic.config import ConfigError
 

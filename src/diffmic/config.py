@@ -17,7 +17,7 @@ import math
 import os
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -888,11 +888,19 @@ def read_preset(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict | None:
     return _merge(base, raw)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML preset (a path, or the name of a shipped preset; ``base:`` chains applied) and
-    apply overrides."""
+def load_config(path: str | Path | Mapping | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML preset (a path, or the name of a shipped preset; ``base:`` chains applied), or
+    take a mapping of sections laid out like one (``base:`` too), and apply overrides."""
     raw: dict | None = None
     source = "defaults"
+    if isinstance(path, Mapping):  # diffmic.fit({...}): the same checks as a YAML file
+        raw = copy.deepcopy(dict(path))
+        if "base" in raw:
+            base_name = raw.pop("base")
+            if not isinstance(base_name, str) or not base_name:
+                raise ConfigError(f"config mapping: 'base' must name a preset or a YAML file, got {base_name!r}")
+            raw = _merge(read_preset(base_name) or {}, raw)
+        return config_from_dict(raw, overrides, source="config mapping")
     if path is not None:
         source = str(resolve_preset(path))
         raw = read_preset(path)
