@@ -66,10 +66,7 @@ BAD: dict[str, tuple[str, str]] = {
     "train.dcg_lr": ("100", r"train.dcg_lr must be in \(0, 10\]"),
     "train.dcg_warmup_lr": ("-1", r"train.dcg_warmup_lr must be in \(0, 10\], got -1"),
     "train.grad_clip": ("-1", r"train.grad_clip must be >= 0"),
-    "train.accumulate_grad_batches": (
-        "2 ; train.joint_steps=100",
-        r"train.accumulate_grad_batches > 1 cannot be combined with a step budget \(train.joint_steps=100",
-    ),
+    "train.accumulate_grad_batches": ("0", r"train.accumulate_grad_batches must be in \[1, 10000\], got 0"),
     "train.early_stop_patience": ("0", r"train.early_stop_patience must be in \[1, 1000000\], got 0"),
     "train.early_stop_min_delta": ("-0.1", r"train.early_stop_min_delta must be in \[0, 1\], got -0.1"),
     "train.ema_decay": ("1.5", r"train.ema_decay must be in \[0, 1\]"),

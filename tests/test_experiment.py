@@ -116,6 +116,28 @@ def test_equal_budget_gives_every_variant_the_same_steps():
     assert (old.train.epochs, old.train.dcg_warmup_epochs) == (3, 10)  # the earlier rule, by a switch
 
 
+def test_step_budget_counts_optimiser_steps_under_gradient_accumulation():
+    """train.accumulate_grad_batches = N steps the optimisers once per N batches (a last, shorter
+    window steps too), so a step budget needs about N times more epochs."""
+    from diffmic.training.budget import steps_per_epoch
+
+    assert [steps_per_epoch(7 * 16, 16, n) for n in (1, 2, 3, 7, 8)] == [7, 4, 3, 1, 1]
+    one = load_config("cpu", ["train.joint_steps=400", "train.dcg_warmup_steps=1000", "data.batch_size=64"])
+    two = load_config(
+        "cpu",
+        [
+            "train.joint_steps=400",
+            "train.dcg_warmup_steps=1000",
+            "data.batch_size=64",
+            "train.accumulate_grad_batches=2",
+        ],
+    )
+    apply_step_budget(one, 546)  # 9 batches per epoch: 9 steps, or 5 with N = 2
+    info = apply_step_budget(two, 546)
+    assert (one.train.epochs, one.train.dcg_warmup_epochs) == (45, 112)  # ceil(400/9), ceil(1000/9)
+    assert (two.train.epochs, two.train.dcg_warmup_epochs) == (80, 200) and info["steps_per_epoch"] == 5
+
+
 # ---------------------------------------------------------------------------------------------- models
 
 

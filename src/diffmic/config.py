@@ -678,14 +678,7 @@ def _path(v: Any, cfg: Config) -> Optional[str]:
 def _accumulate(v: Any, cfg: Config) -> Optional[str]:
     if not 1 <= v <= 10_000:
         return "must be in [1, 10000]"
-    t = cfg.train
-    if v > 1 and (t.joint_steps is not None or t.dcg_warmup_steps is not None):
-        return (
-            f"> 1 cannot be combined with a step budget (train.joint_steps={t.joint_steps}, "
-            f"train.dcg_warmup_steps={t.dcg_warmup_steps}), which counts batches: set both to null and "
-            "give train.epochs / train.dcg_warmup_epochs"
-        )
-    return None
+    return None  # a step budget counts optimiser steps, ceil(batches / v) per epoch (training.budget)
 
 
 def _min_lr(v: Any, cfg: Config) -> Optional[str]:

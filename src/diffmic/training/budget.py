@@ -18,21 +18,22 @@ from diffmic.nn.diffmic import DCG_VARIANTS
 __all__ = ["steps_per_epoch", "epochs_for_steps", "apply_step_budget"]
 
 
-def steps_per_epoch(num_train: int, batch_size: int) -> int:
-    """Optimisation steps in one epoch (the train loader keeps the last partial batch unless it would
-    hold one image: :func:`diffmic.data.sampling.train_batches_per_epoch`)."""
+def steps_per_epoch(num_train: int, batch_size: int, accumulate: int = 1) -> int:
+    """Optimiser steps in one epoch: the batches (the train loader keeps the last partial batch unless
+    it would hold one image: :func:`diffmic.data.sampling.train_batches_per_epoch`), one step per
+    ``accumulate`` of them (``train.accumulate_grad_batches``; a last, shorter window steps too)."""
     if num_train < 1 or batch_size < 1:
         raise ConfigError(f"cannot budget steps: {num_train} training images at batch size {batch_size}")
-    return train_batches_per_epoch(num_train, batch_size)
+    return math.ceil(train_batches_per_epoch(num_train, batch_size) / max(1, int(accumulate)))
 
 
-def epochs_for_steps(steps: int, num_train: int, batch_size: int, min_epochs: int = 1) -> int:
+def epochs_for_steps(steps: int, num_train: int, batch_size: int, min_epochs: int = 1, accumulate: int = 1) -> int:
     """Smallest whole number of epochs (>= ``min_epochs``) holding at least ``steps`` steps (0 -> 0)."""
     if steps < 0:
         raise ConfigError(f"a step budget must be >= 0, got {steps}")
     if steps == 0:
         return 0
-    return max(int(min_epochs), math.ceil(steps / steps_per_epoch(num_train, batch_size)))
+    return max(int(min_epochs), math.ceil(steps / steps_per_epoch(num_train, batch_size, accumulate)))
 
 
 def apply_step_budget(cfg: Config, num_train: int) -> dict:
@@ -53,15 +54,16 @@ def apply_step_budget(cfg: Config, num_train: int) -> dict:
     merge = t.equal_budget and cfg.model.variant not in DCG_VARIANTS
     if not steps and not (merge and t.dcg_warmup_epochs > 0):
         return {}
-    spe = steps_per_epoch(num_train, cfg.data.batch_size)
+    acc = t.accumulate_grad_batches
+    spe = steps_per_epoch(num_train, cfg.data.batch_size, acc)
     if steps:
         joint = t.joint_steps if t.joint_steps is not None else t.epochs * spe
         warm = t.dcg_warmup_steps if t.dcg_warmup_steps is not None else t.dcg_warmup_epochs * spe
         if merge:
-            t.epochs, t.dcg_warmup_epochs = epochs_for_steps(joint + warm, num_train, cfg.data.batch_size), 0
+            t.epochs, t.dcg_warmup_epochs = epochs_for_steps(joint + warm, num_train, cfg.data.batch_size, 1, acc), 0
         else:
-            t.epochs = epochs_for_steps(joint, num_train, cfg.data.batch_size)
-            t.dcg_warmup_epochs = epochs_for_steps(warm, num_train, cfg.data.batch_size)
+            t.epochs = epochs_for_steps(joint, num_train, cfg.data.batch_size, 1, acc)
+            t.dcg_warmup_epochs = epochs_for_steps(warm, num_train, cfg.data.batch_size, 1, acc)
     else:
         t.epochs, t.dcg_warmup_epochs = t.epochs + t.dcg_warmup_epochs, 0
     return {

@@ -343,6 +343,7 @@ def _fit_locked(cfg: Config, resume: bool, overwrite: bool) -> Path:
     # example when it saved at that global step already), and resume/export rely on it.
     trainer.save_checkpoint(str(last), weights_only=False)  # full state (optimisers, EMA) for --resume
     from diffmic.training.stopping import summary as stopping_summary
+
     summary = {
         "best_checkpoint": best.best_model_path or None,
         "best_score": float(best.best_model_score) if best.best_model_score is not None else None,
