@@ -83,8 +83,8 @@ def _cli_error(capsys, argv: list[str]) -> str:
         ("no_such_preset", None, ["--config", "no_such_preset"]),
         (
             "cpu_v1",
-            {"train.accumulate_grad_batches": 2, "train.joint_steps": 10},
-            ["--config", "cpu_v1", "train.accumulate_grad_batches=2", "train.joint_steps=10"],
+            {"train.accumulate_grad_batches": 0, "train.joint_steps": 10},
+            ["--config", "cpu_v1", "train.accumulate_grad_batches=0", "train.joint_steps=10"],
         ),
     ],
 )

@@ -174,6 +174,10 @@ def test_without_the_wheel_and_offline_the_error_is_one_line_saying_what_to_inst
 
     monkeypatch.setattr(importlib, "import_module", im)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # the environment variable is read when huggingface_hub is imported (already done here): set the
+    # constant too, so the hub answers at once instead of timing out against an unreachable server
+    hf_constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(WeightsError) as e:
         create_encoder("efficientnet_lite0", pretrained=True)
     msg = str(e.value)
