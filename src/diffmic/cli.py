@@ -270,7 +270,7 @@ def _predict(args) -> int:
     from diffmic.inference.predictor import Predictor
     from diffmic.outputs import plan_outputs
     from diffmic.reporting import write_rows_csv
-    from diffmic.training.run import resolve_checkpoint
+    from diffmic.training.loading import resolve_checkpoint  # no Lightning: predict does not train
 
     images, roots, input_dirs, over = _expand_inputs_with_roots(args.inputs)
     if not images:
@@ -453,7 +453,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         _parser().parse_args(early)
     from diffmic.config import ConfigError
     from diffmic.outputs import OutputError
-    from diffmic.training.checkpoint import CheckpointError
+    from diffmic.training.loading import CheckpointError  # the class of training.checkpoint, without Lightning
 
     errors: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, FileNotFoundError, OutputError)
     try:
@@ -488,7 +488,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         from diffmic.inference.export import ExportError
 
         errors = errors + (ExportError,)
-    if args.verb in ("fit", "validate", "test", "predict", "serve", "export"):
+    # predict and serve run without Lightning (issue 27.2): importing it to quieten it would cost seconds
+    if args.verb in ("fit", "validate", "test", "export"):
         from diffmic.training.output import quiet
 
         quiet(not args.verbose)

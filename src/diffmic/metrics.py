@@ -1,21 +1,20 @@
-"""Dataset-level, DDP-safe metrics (torchmetrics) and read-outs from K reverse samples per image."""
+"""Dataset-level, DDP-safe metrics (torchmetrics) and read-outs from K reverse samples per image.
+
+torchmetrics is imported by :func:`classification_metrics` only: the read-outs (:func:`readout`,
+:func:`should_refer`, :func:`referral_rule`) serve predictions, which must not pay the seconds that
+importing torchmetrics takes (issue 27.2).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
-from torchmetrics import MetricCollection
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassAUROC,
-    MulticlassCohenKappa,
-    MulticlassConfusionMatrix,
-    MulticlassF1Score,
-    MulticlassPrecision,
-    MulticlassRecall,
-)
+
+if TYPE_CHECKING:
+    from torchmetrics import MetricCollection
 
 
 def classification_metrics(num_classes: int) -> MetricCollection:
@@ -25,6 +24,17 @@ def classification_metrics(num_classes: int) -> MetricCollection:
     ``balanced_acc`` the mean per-class recall, ``f1`` macro-F1, ``kappa`` quadratic-weighted
     Cohen's kappa (APTOS grading), ``auroc`` macro one-vs-rest AUROC on the class probabilities.
     """
+    from torchmetrics import MetricCollection
+    from torchmetrics.classification import (
+        MulticlassAccuracy,
+        MulticlassAUROC,
+        MulticlassCohenKappa,
+        MulticlassConfusionMatrix,
+        MulticlassF1Score,
+        MulticlassPrecision,
+        MulticlassRecall,
+    )
+
     c = num_classes
     return MetricCollection(
         {

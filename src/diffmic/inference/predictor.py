@@ -121,10 +121,16 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device=None, **eval_overrides) -> Predictor:
-        from diffmic.training.checkpoint import load_module
+        """From a checkpoint written by ``diffmic fit``, without Lightning: the network is rebuilt from
+        the recorded config and loaded strictly, the EMA weights where the run evaluates with them
+        (:func:`diffmic.training.loading.load_network`, the checks of ``load_module``)."""
+        from diffmic.inference.export import PortableModel
+        from diffmic.training.loading import load_network
 
         over = {"eval": eval_overrides} if eval_overrides else None
-        return cls(load_module(path, overrides=over), device=device)
+        net = load_network(path, overrides=over)
+        meta = {"loaded_from": net.loaded_from, "diffmic_version": net.diffmic_version}
+        return cls(PortableModel(net.model, net.cfg, net.class_names, net.calibration, meta), device=device)
 
     @classmethod
     def load(cls, path: str | Path, device=None, **eval_overrides) -> Predictor:
@@ -136,7 +142,7 @@ class Predictor:
         if is_model_folder(p):
             return cls(load_model_folder(p, eval_overrides or None), device=device)
         if p.is_dir():
-            from diffmic.training.run import resolve_checkpoint
+            from diffmic.training.loading import resolve_checkpoint
 
             p = resolve_checkpoint(p, None)
         return cls.from_checkpoint(p, device=device, **eval_overrides)

@@ -9,113 +9,44 @@ file alone. It is read with ``torch.load(weights_only=True)``: a file carrying a
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from diffmic.config import config_from_dict
+from diffmic.training.loading import (  # noqa: F401  (re-exported: the checkpoint API lives here)
+    _SIZE_SLACK_BYTES,
+    CALIBRATION_KEY,
+    TRAINING_ONLY_STATE,
+    CheckpointError,
+    LoadedNetwork,
+    _check_file_kind,
+    check_classes,
+    check_size,
+    checkpoint_config,
+    load_network,
+    mismatch,
+    read_checkpoint,
+    resolve_checkpoint,
+    unbuildable,
+)
 from diffmic.training.module import DiffMICModule
-
-
-class CheckpointError(ValueError):
-    """The file is not a usable diffmic checkpoint for this purpose."""
-
-
-_MAGIC = {
-    b"\x89PNG": "a PNG image",
-    b"\xff\xd8\xff": "a JPEG image",
-    b"GIF8": "a GIF image",
-    b"BM": "a BMP image",
-    b"II*\x00": "a TIFF image",
-    b"MM\x00*": "a TIFF image",
-    b"%PDF": "a PDF document",
-    b"\x1f\x8b": "a gzip archive",
-    b"\x93NUMPY": "a NumPy .npy file",
-}
-
-
-def _check_file_kind(p: Path) -> None:
-    """A torch checkpoint is a zip archive (or, from old PyTorch, a pickle starting with 0x80);
-    anything else gets a message that says what the file is instead."""
-    try:
-        with open(p, "rb") as fh:
-            head = fh.read(8)
-    except OSError as exc:
-        raise CheckpointError(f"checkpoint '{p}' cannot be read: {exc}") from exc
-    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
-        return
-    if not head:
-        raise CheckpointError(
-            f"checkpoint '{p}' could not be read (truncated or not a torch file): the file is empty (0 bytes)."
-        )
-    what = next((name for magic, name in _MAGIC.items() if head.startswith(magic)), None)
-    if what is None:
-        text = all(32 <= c < 127 or c in (9, 10, 13) for c in head)
-        what = "a text file" if text else "not a PyTorch file"
-    raise CheckpointError(
-        f"'{p}' is not a checkpoint: it is {what}. Pass the .ckpt file written by "
-        f"`diffmic fit` (e.g. <run>/checkpoints/best.ckpt)."
-    )
-
-
-#: a checkpoint's config may describe at most this many bytes of weights beyond what the file holds
-_SIZE_SLACK_BYTES = 16 * 2**20
 
 
 def check_sizes_before_building(path, config: dict, num_classes: int, class_names: list) -> None:
     """Refuse a checkpoint whose config asks for a model much larger than the weights the file
     holds (a small file could otherwise make us allocate hundreds of GB): the model is first built
     on the ``meta`` device (no memory) and its size compared with the file's tensors."""
-    if not 1 <= int(num_classes) <= 100_000 or len(class_names) != int(num_classes):
-        raise CheckpointError(
-            f"checkpoint '{path}' declares {num_classes} classes with "
-            f"{len(class_names)} names; not a usable diffmic checkpoint."
-        )
+    check_classes(path, num_classes, class_names)
     try:
         with torch.device("meta"):
             meta = DiffMICModule(config, int(num_classes), list(class_names))
     except CheckpointError:
         raise
     except Exception as exc:
-        raise CheckpointError(
-            f"checkpoint '{path}': its config does not describe a buildable model "
-            f"({type(exc).__name__}: {str(exc)[:300]}); nothing was loaded."
-        ) from exc
-    need = sum(t.numel() * t.element_size() for t in meta.state_dict().values())
-    size = Path(path).stat().st_size
-    if need > size + _SIZE_SLACK_BYTES:
-        raise CheckpointError(
-            f"checkpoint '{path}' ({size / 2**20:.1f} MiB) describes a model of {need / 2**30:.2f} GiB that "
-            f"it cannot hold: the config in it was edited or the file is not trustworthy; nothing was "
-            f"allocated or loaded."
-        )
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"checkpoint '{p}' does not exist. Train first (diffmic fit) or pass --ckpt PATH.")
-    _check_file_kind(p)
-    try:
-        # mmap: tensor storages stay in the file (nothing allocated for sizes the file declares)
-        ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"checkpoint '{p}' was refused: it contains pickled objects other than tensors and plain "
-            f"containers, which could run code when loaded. Only load checkpoints you trust; diffmic "
-            f"never unpickles arbitrary objects. ({str(exc).splitlines()[0]})"
-        ) from exc
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise CheckpointError(f"checkpoint '{p}' could not be read (truncated or not a torch file): {exc}") from exc
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
-        raise CheckpointError(f"'{p}' is not a diffmic checkpoint (no state_dict/hyper_parameters).")
-    hp = ckpt["hyper_parameters"]
-    if not isinstance(hp, dict) or not {"config", "num_classes", "class_names"} <= set(hp):
-        raise CheckpointError(f"'{p}' is a Lightning checkpoint of another model, not of diffmic.")
-    return ckpt
+        raise unbuildable(path, exc) from exc
+    check_size(path, meta)
 
 
 def load_module(
@@ -133,21 +64,8 @@ def load_module(
 
     ckpt = read_checkpoint(path)
     hp = ckpt["hyper_parameters"]
-    config = dict(hp["config"])
     # every weight comes from the checkpoint: never re-read initial weights (files may be gone; offline)
-    config["model"] = {**config.get("model", {}), "encoder_weights": None, "dcg_weights": None, "pretrained": False}
-    if overrides:
-        bad = set(overrides) - {"eval", "data", "run"}
-        if bad:
-            raise CheckpointError(
-                f"cannot override {sorted(bad)} when loading '{path}': these change the network. "
-                f"Only eval.*, data.* and run.* may differ from training."
-            )
-        for sec, body in overrides.items():
-            merged = dict(config.get(sec, {}))
-            merged.update(body)
-            config[sec] = merged
-    config_from_dict(config)  # validates
+    config = checkpoint_config(path, hp, overrides)  # validated
     names = list(hp["class_names"])
     if expected_class_names is not None and list(expected_class_names) != names:
         raise CheckpointError(
@@ -162,10 +80,7 @@ def load_module(
     try:
         module.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(
-            f"checkpoint '{path}' does not match the model its config describes (different architecture "
-            f"or a file edited by hand); nothing was loaded. Details: {str(exc)[:800]}"
-        ) from exc
+        raise mismatch(path, str(exc)) from exc
     if use_ema is None:
         use_ema = module.cfg.train.use_ema
     if use_ema and "diffmic_ema" in ckpt:
@@ -178,9 +93,6 @@ def load_module(
     module.diffmic_version = ckpt.get("diffmic_version", "unknown")
     module.calibration = ckpt.get(CALIBRATION_KEY)  # trust parameters fitted on validation, or None
     return module
-
-
-CALIBRATION_KEY = "diffmic_calibration"
 
 
 def store_calibration(path: str | Path, calibration: dict) -> None:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from diffmic import __version__
-from diffmic.config import Config, config_from_dict, section_kwargs
+from diffmic.config import Config, config_from_dict
 from diffmic.diffusion.process import antithetic_timesteps, q_sample
 from diffmic.diffusion.reverse import reverse_sample
 from diffmic.diffusion.schedule import NoiseSchedule
@@ -45,10 +45,9 @@ from diffmic.metrics import (
     selective_summary,
     should_refer,
 )
-from diffmic.nn.diffmic import DiffMIC
-from diffmic.nn.encoders import timm_encoder_kwargs
 from diffmic.reporting import plot_risk_coverage, write_json, write_rows_csv
 from diffmic.training.crossfit import FoldAverage, dcg_part, fold_of, out_of_fold_guidance
+from diffmic.training.loading import build_model, ema_modules  # serving rebuilds the network without Lightning
 from diffmic.training.schedules import lr_factor, warmup_dcg_lr
 from diffmic.trust.fitting import prior_probs, sample_columns, test_trust
 from diffmic.trust.lesions import image_hits, lesion_mask_dir, mask_file, read_mask, summarise_hits
@@ -79,24 +78,6 @@ def swap_priors(pri: Any, share: float, images: int, draws: int = 1) -> tuple[An
     other = (rows // draws + torch.randint(1, images, (n,), device=dev)) % images
     src = torch.where(swap, other * draws + rows % draws, rows)
     return type(pri)(*(p[src] for p in pri)), swap
-
-
-def build_model(cfg: Config, num_classes: int) -> DiffMIC:
-    """The network of ``cfg``: every ``model.*`` field that names a DiffMIC argument, plus T, the
-    ROI crop size, the input channels and the encoder's timm kwargs (``img_size=data.image_size`` added
-    for a fixed-input-size timm encoder, see :func:`~diffmic.nn.encoders.timm_encoder_kwargs`)."""
-    m = cfg.model
-    return DiffMIC(
-        num_classes,
-        **section_kwargs(
-            DiffMIC,
-            m,
-            num_timesteps=cfg.diffusion.num_timesteps,
-            crop_size=cfg.crop_size(),
-            in_chans=cfg.data.in_chans,
-            encoder_kwargs=timm_encoder_kwargs(m.encoder, m.encoder_kwargs, cfg.data.image_size),
-        ),
-    )
 
 
 class DiffMICModule(pl.LightningModule):
@@ -156,7 +137,7 @@ class DiffMICModule(pl.LightningModule):
 
     def diffusion_modules(self) -> torch.nn.ModuleList:
         """The modules covered by the EMA: everything but the DCG (ρ(x), the denoiser / head)."""
-        return torch.nn.ModuleList([m for name, m in self.model.named_children() if name != "dcg" and m is not None])
+        return ema_modules(self.model)
 
     # ------------------------------------------------------------------ optimisers
     def configure_optimizers(self):

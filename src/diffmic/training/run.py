@@ -22,6 +22,7 @@ from diffmic.nn.diffmic import DCG_VARIANTS
 from diffmic.training.callbacks import DenoiserEMA, StageAwareCheckpoint
 from diffmic.training.checkpoint import TMP_MARK, AtomicCheckpointIO, CheckpointError, load_module, read_checkpoint
 from diffmic.training.ddp import BroadcastBuffers
+from diffmic.training.loading import resolve_checkpoint  # here and re-exported (predict uses it without Lightning)
 from diffmic.training.module import DiffMICModule
 from diffmic.training.output import model_summary
 
@@ -358,16 +359,6 @@ def _fit_locked(cfg: Config, resume: bool, overwrite: bool) -> Path:
     if trainer.is_global_zero:
         (run_dir / "fit_summary.json").write_text(json.dumps(summary, indent=2))
     return run_dir
-
-
-def resolve_checkpoint(run_dir: Path, ckpt: Optional[str]) -> Path:
-    if ckpt:
-        return Path(ckpt)
-    for name in ("best.ckpt", "last.ckpt"):
-        p = run_dir / "checkpoints" / name
-        if p.exists():
-            return p
-    raise CheckpointError(f"no checkpoint in '{run_dir / 'checkpoints'}'. Train first with `diffmic fit`.")
 
 
 def evaluate(

@@ -17,10 +17,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics.functional.classification import (
-    binary_calibration_error,
-    multiclass_calibration_error,
-)
+
+# torchmetrics is imported inside ece / classwise_ece: serving (the Predictor) needs this module but
+# not these two metrics, and importing torchmetrics costs seconds (issue 27.2)
 
 EPS = 1e-12
 # eval.calibrator: how the validation split maps scores to probabilities (docs/uncertainty.md)
@@ -73,12 +72,16 @@ def brier(probs: Tensor, labels: Tensor) -> float:
 
 def ece(probs: Tensor, labels: Tensor, n_bins: int = 15) -> float:
     """Top-label expected calibration error, equal-width bins (torchmetrics, L1)."""
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
     p = torch.as_tensor(probs, dtype=torch.float32)
     return float(multiclass_calibration_error(p, torch.as_tensor(labels).long(), p.shape[-1], n_bins=n_bins, norm="l1"))
 
 
 def classwise_ece(probs: Tensor, labels: Tensor, n_bins: int = 15) -> float:
     """Mean over classes of the one-vs-rest ECE of p_c against 1[y = c] (Kull et al. 2019)."""
+    from torchmetrics.functional.classification import binary_calibration_error
+
     p = torch.as_tensor(probs, dtype=torch.float32)
     y = torch.as_tensor(labels).long()
     vals = [
