@@ -1,7 +1,7 @@
 """Run every diffmic benchmark and collect the results.
 
 Runs ``bench_inference.py``, ``bench_train.py``, ``bench_latency.py``, ``bench_single.py``, the accuracy
-study on ``runs/demo`` (``sampler_study.py``) and ``bench_scaling.py`` one after the other as subprocesses
+study on ``runs/demo`` (``sampler_study.py``), ``bench_scaling.py`` and ``bench_startup.py`` one after the other as subprocesses
 of the same Python interpreter (their progress goes to stderr), takes the JSON object on the last stdout line
 of each, writes them all to ``benchmarks/results/latest.json`` and prints a summary JSON object as the last
 stdout line. Exit status is non-zero if any benchmark failed (crash, or an equality check that did not hold).
@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _common import emit, log, wait_for_quiet  # noqa: E402
 
-BENCHES = ("inference", "train", "latency", "single", "accuracy", "scaling")
+BENCHES = ("inference", "train", "latency", "single", "accuracy", "scaling", "startup")
 DEMO_RUN = HERE.parent / "runs" / "demo"
 QUICK = {  # --quick: a smoke run (seconds, not minutes); the numbers mean little
     "inference": ["--batch", "2", "--steps", "10", "--repeats", "1", "--wait-quiet", "0", "--sweep", ""],
@@ -33,6 +33,7 @@ QUICK = {  # --quick: a smoke run (seconds, not minutes); the numbers mean littl
     "single": ["--repeats", "1", "--wait-quiet", "0"],
     "accuracy": [],
     "scaling": ["--quick"],
+    "startup": ["--repeats", "1", "--wait-quiet", "0"],
 }
 
 
@@ -79,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, str(HERE / "sampler_study.py"), "--run", str(DEMO_RUN), "--bench", "--int8"]
         elif name == "single":
             cmd = [sys.executable, str(HERE / "bench_single.py")]
+        elif name == "startup":  # issue 27.2: a cold process to one answer, above `import torch`
+            cmd = [sys.executable, str(HERE / "bench_startup.py")]
         elif name == "scaling":  # goal 6; its figure stays under results/ (docs/figures is edited by hand)
             cmd = [sys.executable, str(HERE / "bench_scaling.py")]
             if not args.quick:
@@ -190,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     summary["int8_head_on_demo_test"] = acc.get("int8_head", {}).get("test")
     summary["single_image_s"] = results.get("single", {}).get("single_image_s")
     summary["single_image_s_fp32"] = results.get("single", {}).get("single_image_s_fp32")
+    st = results.get("startup", {})
+    summary["startup_s"] = st.get("startup_s")  # cold `Predictor.load` + one image, minus `import torch`
+    summary["startup_torchvision_s"] = st.get("torchvision_above_torch_s")
+    summary["startup_training_stack_imported"] = st.get("training_stack_imported")
     summary["train_speedup"] = tr.get("speedup")
     summary["train_speedup_uncontended"] = tr.get("speedup_uncontended_steps")
     sc = results.get("scaling", {})
