@@ -1,4 +1,4 @@
-# Quick start:  make demo   (train + evaluate DiffMIC on HAM10000 on a CPU, a few minutes)
+# Quick start:  make demo   (train + evaluate DiffMIC on HAM10000 on a CPU, about 14 min on 2 cores)
 #               make test   (the test suite)
 PY      ?= python3
 VENV    ?= .venv
