@@ -15,6 +15,10 @@ same weights), but with the released code's *costs*:
   diffusion loss back-propagates through the whole DCG; those gradients are thrown away by the DCG
   optimiser's ``zero_grad``), three full network calls that each re-run the image encoder, Adam with
   gradient clipping at 1.0, then one DCG cross-entropy step in train mode.
+
+The library's own step, which the benchmarks compare with these, is not re-implemented here: they run
+``diffmic.training.step.PlainStep`` (``train_step`` with ``build_optimizers``' optimisers, the step
+``diffmic fit`` runs).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from diffmic.diffusion.process import posterior_mean_variance, predict_y0_from_e
 from diffmic.losses import diffusion_loss, guidance_ce
 from diffmic.nn.guidance import GuidanceOutput, grid_shape
 
-__all__ = ["released_dcg_forward", "released_reverse", "released_train_step", "library_train_step"]
+__all__ = ["released_dcg_forward", "released_reverse", "released_train_step"]
 
 
 def _released_select(saliency: Tensor, grid_hw: tuple[int, int], k: int, eps: float = 1e-6) -> Tensor:
@@ -150,45 +154,6 @@ def released_train_step(
     # DCG step: its zero_grad discards the DCG gradients the diffusion backward just computed
     model.dcg.train()
     gd = released_dcg_forward(model.dcg, x)
-    ce = guidance_ce(gd.z_fused, gd.z_global, gd.z_local, y)
-    _clip_and_step(opt_dcg, opt_dcg.param_groups[0]["params"], ce, None)
-    out = {k: float(v.detach()) for k, v in losses.items()}
-    out["dcg_ce"] = float(ce.detach())
-    return out
-
-
-def library_train_step(
-    model: Any,
-    opt: torch.optim.Optimizer,
-    opt_dcg: torch.optim.Optimizer,
-    schedule: Any,
-    x: Tensor,
-    y: Tensor,
-    t: Tensor,
-    eps: Tensor,
-    mmd_weight: float = 0.5,
-    clip: float = 1.0,
-) -> dict[str, float]:
-    """One training step as ``diffmic.training.module`` does it (without Lightning's bookkeeping):
-    eval-mode DCG priors under ``torch.no_grad``, ONE image-encoder pass feeding the fused / global / local
-    denoiser branches in ONE grouped head call (``groups=3``), Adam with clip 1.0, then the DCG
-    cross-entropy step (vectorised ROI crops). The caller passes the module's (fused) optimisers."""
-    b, c = x.shape[0], model.num_classes
-    model.train()
-    with torch.no_grad():
-        model.dcg.eval()
-        g = model.guide(x)
-    model.dcg.train()
-    pri = model.priors(g, b, x.device, x.dtype)
-    y0 = F.one_hot(y, c).to(x.dtype)
-    feat = model.encode(x)
-    # the three branches as one grouped denoiser call (per-branch BatchNorm statistics, as the module does)
-    y_t = torch.cat([q_sample(schedule, y0, t, p, eps) for p in (pri.fused, pri.global_, pri.local)])
-    guide = torch.cat((pri.fused, pri.global_, pri.local))
-    eps_f, eps_g, eps_l = model.eps(feat, y_t, t.repeat(3), guide, groups=3).chunk(3)
-    losses = diffusion_loss(eps, eps_f, eps_g, eps_l, mmd_weight=mmd_weight)
-    _clip_and_step(opt, opt.param_groups[0]["params"], losses["loss"], clip)
-    gd = model.guide(x)
     ce = guidance_ce(gd.z_fused, gd.z_global, gd.z_local, y)
     _clip_and_step(opt_dcg, opt_dcg.param_groups[0]["params"], ce, None)
     out = {k: float(v.detach()) for k, v in losses.items()}

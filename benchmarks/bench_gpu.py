@@ -1,8 +1,9 @@
 """GPU throughput at 224 px: training and inference images/s, fp32 / bf16 autocast x default / channels-last.
 
 Setting: the default model preset (ResNet-18 encoder, ResNet-18 DCG streams, denoiser width 6144, C = 7,
-T = 1000), random-init weights. Training = ``_released.library_train_step`` (the library's step: DCG priors
-without grad, one encoder pass for the three denoiser branches, Adam + clip, DCG cross-entropy step).
+T = 1000), random-init weights. Training = the library's step (``diffmic.training.step.PlainStep``: DCG priors
+without grad, one encoder pass for the three denoiser branches, Adam + clip, DCG cross-entropy step; the
+optimisers of ``build_optimizers``, fused Adam except under bf16 as with ``train.precision=bf16-mixed``).
 Inference = ``reverse_sample`` with the released truncated-250 chain (K = 1) and with the few-step sampler of
 goal 1 (``bench_inference.FEWSTEP``, from the prior mean over the truncated window).
 
@@ -28,13 +29,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from bench_inference import FEWSTEP  # noqa: E402
+from diffmic.config import config_from_dict  # noqa: E402
 from diffmic.diffusion.process import antithetic_timesteps  # noqa: E402
 from diffmic.diffusion.reverse import reverse_sample  # noqa: E402
 from diffmic.diffusion.schedule import NoiseSchedule  # noqa: E402
 from diffmic.nn.diffmic import DiffMIC  # noqa: E402
+from diffmic.training.step import PlainStep  # noqa: E402
 
 from _common import emit, log, machine_info, pick_device, set_threads, sync  # noqa: E402
-from _released import library_train_step  # noqa: E402
 
 
 def _median_time(fn, device, warmup: int, iters: int) -> float:
@@ -94,12 +96,12 @@ def main(argv: list[str] | None = None) -> int:
                 if prec == "bf16"
                 else contextlib.nullcontext
             )
-            opt = torch.optim.Adam(list(model.diffusion_parameters()), lr=1e-3)
-            opt_dcg = torch.optim.Adam(list(model.dcg_parameters()), lr=2e-4, amsgrad=True)
+            step = PlainStep(model, config_from_dict(None, ["train.precision=bf16-mixed"] if prec == "bf16" else []))
+            batch = {"image": xv, "label": y, "id": [f"img{i}" for i in range(B)]}
 
             def train():
                 with ctx():
-                    library_train_step(model, opt, opt_dcg, schedule, xv, y, t, eps)
+                    step(schedule, batch, (t, eps))
 
             def infer(kw):
                 model.eval()

@@ -22,9 +22,9 @@ is its own. Inference = ``reverse_sample`` with the goal-1 sampler (``bench_infe
 point's K); the DCG / encoder / denoiser-head calls are timed inside the same runs (a proxy of the model,
 no extra passes). The released 250-step truncated chain is too slow to sweep: its cost per batch is
 composed as DCG + encoder + 250 * head_call_s (head_call_s = one denoiser call on the point's K*B rows)
-and reported as ``released_chain_composed_s_per_image`` (composed, not timed). Training = one step as
-``diffmic.training.module`` does it (``_released.library_train_step``, as ``bench_train.py`` OURS:
-DCG priors without grad, one encoder pass, three denoiser branches, Adam + clip, DCG CE step).
+and reported as ``released_chain_composed_s_per_image`` (composed, not timed). Training = the library's
+step with the default settings (``diffmic.training.step.PlainStep``, as ``bench_train.py`` OURS: DCG priors
+without grad, one encoder pass, three denoiser branches, fused Adam + clip, DCG CE step).
 
 Timing: one warm-up call on the full batch (for training it also creates the Adam state), then the median
 of --repeats timed calls (--max-images N caps the timed calls of a point at ceil(N / B), to shorten runs
@@ -230,18 +230,17 @@ def child_infer(cfg: dict, n_timed: int, seed: int) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ child: train
 def child_train(cfg: dict, n_timed: int, seed: int) -> dict[str, Any]:
-    from bench_train import _optimisers
+    from diffmic.config import Config
     from diffmic.diffusion.process import antithetic_timesteps
     from diffmic.diffusion.schedule import NoiseSchedule
     from diffmic.nn.diffmic import DiffMIC
-
-    from _released import library_train_step
+    from diffmic.training.step import PlainStep
 
     dev = torch.device("cpu")
     B, S, C = cfg["batch"], cfg["size"], cfg["classes"]
     torch.manual_seed(seed)
     model = DiffMIC(C, hidden_dim=cfg["width"], num_timesteps=cfg["T"])
-    opt, opt_dcg = _optimisers(model)
+    step = PlainStep(model, Config())  # the library's step and optimisers, default settings
     schedule = NoiseSchedule.build(num_timesteps=cfg["T"])
     gen = torch.Generator().manual_seed(seed + 1)
 
@@ -249,14 +248,14 @@ def child_train(cfg: dict, n_timed: int, seed: int) -> dict[str, Any]:
         x = torch.randn(b, 3, S, S, generator=gen)
         y = torch.randint(0, C, (b,), generator=gen)
         t = antithetic_timesteps(b, schedule.num_timesteps, generator=gen)
-        return x, y, t, torch.randn(b, C, generator=gen)
+        return {"image": x, "label": y, "id": [f"img{i}" for i in range(b)]}, (t, torch.randn(b, C, generator=gen))
 
-    library_train_step(model, opt, opt_dcg, schedule, *batch(B))  # warm-up: Adam state, allocator
+    step(schedule, *batch(B))  # warm-up: Adam state, allocator
     phases = []
     for _ in range(n_timed):
         data = batch(B)
         with Phase(dev) as ph:
-            library_train_step(model, opt, opt_dcg, schedule, *data)
+            step(schedule, *data)
         phases.append(ph)
     step = _med([p.seconds for p in phases])
     return {
@@ -787,7 +786,7 @@ def main(argv: list[str] | None = None) -> int:
             "dcg": "resnet18+resnet18 (6 ROIs, 32 px)",
             "weights": "random init",
             "sampler": "goal-1: ddim, 5 calls, start=mean, t_start=window-1, K = the point's K",
-            "train_step": "_released.library_train_step (bench_train OURS)",
+            "train_step": "diffmic.training.step.PlainStep, default settings (bench_train OURS)",
             "warmup": "one call on the full batch",
             "repeats": repeats,
             "max_images": args.max_images,

@@ -5,7 +5,7 @@
 
 ``A:B`` pairs are compared on the same test images, seed ``s`` of A with seed ``s`` of B, over the
 seeds both finished; the difference is averaged over seeds and its 95 % interval comes from a
-bootstrap over test images (one index set for every seed and both models; ``experiment._pooled_ci``).
+bootstrap over test images (one index set for every seed and both models; ``experiment.pooled_ci``).
 Besides the grid's model names, a side may be
 
 - ``ens(m1+m2)``: the average of the two models' test probabilities (a post-hoc ensemble, the control
@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffmic.experiment import _pooled_ci, cell_metrics, load_grid, read_predictions
+from diffmic.experiment import cell_metrics, load_grid, pooled_ci, read_predictions
 from diffmic.metrics import selective_summary
 
 
@@ -130,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {a} − {b} | 0 | — | — |")
             continue
         A, B = [x for x, _ in both], [y for _, y in both]
-        acc = _pooled_ci(A, B, "acc", args.boot)
-        f1 = _pooled_ci(A, B, "f1", args.boot)  # from the argmax: valid for prior(m) too
+        acc = pooled_ci(A, B, "acc", args.boot)
+        f1 = pooled_ci(A, B, "f1", args.boot)  # from the argmax: valid for prior(m) too
         out["pairs"][pair] = {"n": len(both), "acc": acc, "f1": f1}
         print(f"| {a} − {b} | {len(both)} | {acc} | {f1} |")
     if args.json:

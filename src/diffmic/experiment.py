@@ -76,6 +76,7 @@ __all__ = [
     "run_grid",
     "read_predictions",
     "expected_calibration_error",
+    "pooled_ci",
     "paired_bootstrap",
     "summarise",
     "METRICS",
@@ -651,7 +652,7 @@ def summarise(grid: Grid, n_boot: int = 1000, ci_metrics: tuple[str, ...] = ("ac
                 )
                 if seeds:
                     for k in ci_metrics:
-                        row[f"d_{k}_vs_{ref}"] = _pooled_ci(
+                        row[f"d_{k}_vs_{ref}"] = pooled_ci(
                             [preds[(d, m, s)] for s in seeds], [preds[(d, ref, s)] for s in seeds], k, n_boot
                         )
             rows.append(row)
@@ -843,7 +844,7 @@ def _write_record(grid: Grid, cell_rows: list[dict], rows: list[dict], path: Pat
     return write_json(path, record)
 
 
-def _pooled_ci(a: list[dict], b: list[dict], metric: str, n_boot: int, seed: int = 0) -> str:
+def pooled_ci(a: list[dict], b: list[dict], metric: str, n_boot: int, seed: int = 0) -> str:
     """Mean over seeds of the paired difference, with a bootstrap over images (same indices for all)."""
     for pa, pb in zip(a, b):
         if pa["ids"] != pb["ids"]:

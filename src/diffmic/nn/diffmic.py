@@ -30,22 +30,62 @@ from .encoders import create_encoder
 from .guidance import DCG, ROI_CHANNELS, GuidanceOutput, WeightsArg
 
 __all__ = [
+    "VariantParts",
+    "VARIANT_PARTS",
+    "variant_parts",
     "VARIANTS",
     "BASELINE_VARIANTS",
     "ALL_VARIANTS",
     "DCG_VARIANTS",
+    "DIFFUSION_VARIANTS",
+    "GUIDED_VARIANTS",
     "PRIOR_KINDS",
     "DENOISER_INPUTS",
     "Priors",
     "DiffMIC",
 ]
 
-VARIANTS: tuple[str, ...] = ("basic", "C1", "C2", "full")
+
+class VariantParts(NamedTuple):
+    """What a model variant is made of."""
+
+    diffusion: bool  #: ρ(x) and the conditional denoiser: trained with the diffusion loss, evaluated by sampling
+    dcg: bool  #: the DCG (trained alone first, for ``train.dcg_warmup_epochs``)
+    mmd: bool  #: the condition-specific MMD terms of Eq. 6 (global and local branches)
+    paper: bool  #: a variant of the paper's Table 2 (else a baseline of ours)
+
+
+#: every model variant and its parts: the one place a variant is declared (the config's choices, the
+#: trainer's stages, the EMA, the evaluation path and the predictor read it through the tuples below or
+#: :func:`variant_parts`). Without diffusion a variant is a classifier: the DCG's fused logits when it
+#: has a DCG (``dcg``), else an encoder and a linear head (``basic``).
+VARIANT_PARTS: dict[str, VariantParts] = {
+    "basic": VariantParts(diffusion=False, dcg=False, mmd=False, paper=True),
+    "C1": VariantParts(diffusion=True, dcg=False, mmd=False, paper=True),
+    "C2": VariantParts(diffusion=True, dcg=True, mmd=False, paper=True),
+    "full": VariantParts(diffusion=True, dcg=True, mmd=True, paper=True),
+    "dcg": VariantParts(diffusion=False, dcg=True, mmd=False, paper=False),
+}
+VARIANTS: tuple[str, ...] = tuple(v for v, p in VARIANT_PARTS.items() if p.paper)
 #: baseline variants beside the paper's Table 2 ones (accepted by :class:`DiffMIC` and the config)
-BASELINE_VARIANTS: tuple[str, ...] = ("dcg",)
-ALL_VARIANTS: tuple[str, ...] = VARIANTS + BASELINE_VARIANTS
+BASELINE_VARIANTS: tuple[str, ...] = tuple(v for v, p in VARIANT_PARTS.items() if not p.paper)
+ALL_VARIANTS: tuple[str, ...] = tuple(VARIANT_PARTS)
 #: the variants with a DCG (trained first alone for ``train.dcg_warmup_epochs``)
-DCG_VARIANTS: tuple[str, ...] = ("C2", "full", "dcg")
+DCG_VARIANTS: tuple[str, ...] = tuple(v for v, p in VARIANT_PARTS.items() if p.dcg)
+#: the variants with ρ(x) and a denoiser (the others are classifiers: no sampling, no EMA)
+DIFFUSION_VARIANTS: tuple[str, ...] = tuple(v for v, p in VARIANT_PARTS.items() if p.diffusion)
+#: the variants whose denoiser takes the DCG's priors (out-of-fold priors apply to them)
+GUIDED_VARIANTS: tuple[str, ...] = tuple(v for v, p in VARIANT_PARTS.items() if p.diffusion and p.dcg)
+
+
+def variant_parts(variant: str) -> VariantParts:
+    """The parts of ``variant`` (a ValueError naming the known variants for any other name)."""
+    try:
+        return VARIANT_PARTS[variant]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown variant {variant!r}; expected one of {ALL_VARIANTS}") from None
+
+
 #: denoiser input: ``released`` = [y_t, ŷ] (2C, the released code: ŷ is the branch's guidance vector);
 #: ``paper`` = [y_t, ŷ_g, ŷ_l] (3C, the paper's Eq. 3, the same for every branch).
 DENOISER_INPUTS: tuple[str, ...] = ("released", "paper")
@@ -160,8 +200,7 @@ class DiffMIC(nn.Module):
         super().__init__()
         if denoiser_input not in DENOISER_INPUTS:
             raise ValueError(f"unknown denoiser_input {denoiser_input!r}; expected one of {DENOISER_INPUTS}")
-        if variant not in VARIANTS + BASELINE_VARIANTS:
-            raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS + BASELINE_VARIANTS}")
+        parts = variant_parts(variant)
         if prior not in PRIOR_KINDS:
             raise ValueError(f"unknown prior {prior!r}; expected one of {PRIOR_KINDS}")
         if roi_channels not in ROI_CHANNELS:
@@ -203,7 +242,7 @@ class DiffMIC(nn.Module):
         self.image_embedding: ImageEmbedding | None = None
         self.denoiser: ConditionalDenoiser | None = None
         self.dcg: DCG | None = None
-        if variant == "basic":
+        if not parts.diffusion and not parts.dcg:  # basic: encoder + linear head
             self.encoder = create_encoder(
                 encoder,
                 in_chans=in_chans,
@@ -227,7 +266,7 @@ class DiffMIC(nn.Module):
             roi_select=roi_select,
             freeze_stride=freeze_stride,
         )
-        if variant == "dcg":
+        if not parts.diffusion:  # dcg: the DCG alone
             self.dcg = DCG(self.num_classes, **dcg_kw)
             return
         self.image_embedding = ImageEmbedding(
@@ -253,23 +292,23 @@ class DiffMIC(nn.Module):
     # ------------------------------------------------------------------ flags
     @property
     def uses_diffusion(self) -> bool:
-        """False for ``"basic"`` and ``"dcg"``."""
-        return self.variant not in ("basic", "dcg")
+        """ρ(x) and a denoiser (:data:`DIFFUSION_VARIANTS`); False for the classifiers ``basic`` and ``dcg``."""
+        return VARIANT_PARTS[self.variant].diffusion
 
     @property
     def uses_dcg(self) -> bool:
-        """True for ``"C2"``, ``"full"`` and ``"dcg"``."""
-        return self.variant in DCG_VARIANTS
+        """A DCG (:data:`DCG_VARIANTS`: ``C2``, ``full`` and ``dcg``)."""
+        return VARIANT_PARTS[self.variant].dcg
 
     @property
     def uses_guidance(self) -> bool:
-        """Whether the denoiser takes a guidance vector (``"C2"`` and ``"full"``)."""
+        """Whether the denoiser takes a guidance vector (:data:`GUIDED_VARIANTS`: ``C2`` and ``full``)."""
         return self.uses_dcg and self.uses_diffusion
 
     @property
     def uses_mmd(self) -> bool:
-        """True only for ``"full"`` (condition-specific MMD regularisation)."""
-        return self.variant == "full"
+        """The condition-specific MMD regularisation (``full`` only)."""
+        return VARIANT_PARTS[self.variant].mmd
 
     # ------------------------------------------------------------------ parameter groups
     def diffusion_parameters(self) -> Iterator[nn.Parameter]:
@@ -293,7 +332,7 @@ class DiffMIC(nn.Module):
 
     def classify(self, x: Tensor) -> Tensor:
         """``basic`` and ``dcg`` only: ``x [B, C_in, H, W] -> logits [B, C]`` (``dcg``: ``z_fused``)."""
-        if self.variant == "dcg":
+        if self.classifier is None and not self.uses_diffusion and self.dcg is not None:
             return self.dcg(x).z_fused
         if self.classifier is None:
             raise RuntimeError(f"classify() is only available for variant 'basic', not {self.variant!r}")

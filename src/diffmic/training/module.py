@@ -7,7 +7,10 @@ Stages (paper Sect. 2.3, released code §4.1):
    global and local branches, Eq. 6) with the denoiser optimiser, then one DCG cross-entropy step
    with the DCG optimiser (``train.joint_dcg``).
 
-Speed-ups relative to the released step (see ``docs/performance.md``):
+The step itself (losses for one batch) and the optimisers are :mod:`diffmic.training.step`'s, shared
+with the benchmarks; this module adds what Lightning runs around them: learning-rate schedules,
+gradient accumulation, clipping, logging, seeding and evaluation. Speed-ups relative to the released
+step (see ``docs/performance.md``):
 * the image encoder ρ(x) runs once per step and feeds the three denoiser branches (released: three
   passes; forward values and summed gradients are identical, BN running stats get one update
   instead of three);
@@ -17,7 +20,6 @@ Speed-ups relative to the released step (see ``docs/performance.md``):
 
 from __future__ import annotations
 
-import copy
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -26,15 +28,12 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from diffmic import __version__
 from diffmic.config import Config, config_from_dict
-from diffmic.diffusion.process import antithetic_timesteps, q_sample
 from diffmic.diffusion.reverse import reverse_sample
 from diffmic.diffusion.schedule import NoiseSchedule
-from diffmic.losses import diffusion_loss, guidance_ce
 from diffmic.metrics import (
     SCALAR_METRICS,
     classification_metrics,
@@ -46,38 +45,21 @@ from diffmic.metrics import (
     should_refer,
 )
 from diffmic.reporting import plot_risk_coverage, write_json, write_rows_csv
-from diffmic.training.crossfit import FoldAverage, dcg_part, fold_of, out_of_fold_guidance
+from diffmic.training.crossfit import FoldAverage
 from diffmic.training.loading import build_model, ema_modules  # serving rebuilds the network without Lightning
 from diffmic.training.schedules import lr_factor, warmup_dcg_lr
+from diffmic.training.step import (  # noqa: F401  (NonFiniteLossError, swap_priors: re-exported)
+    NonFiniteLossError,
+    StepOptimizers,
+    build_optimizers,
+    make_fold_dcgs,
+    swap_priors,
+    train_step,
+)
 from diffmic.trust.fitting import prior_probs, sample_columns, test_trust
 from diffmic.trust.lesions import image_hits, lesion_mask_dir, mask_file, read_mask, summarise_hits
 from diffmic.trust.ood import OODInputs, classifier_outputs, ood_scores
 from diffmic.trust.ood import flags as ood_flags
-
-
-class NonFiniteLossError(FloatingPointError):
-    """Raised when a training loss becomes NaN or Inf."""
-
-
-def swap_priors(pri: Any, share: float, images: int, draws: int = 1) -> tuple[Any, Tensor]:
-    """``train.prior_swap``: give a share of the training draws the priors of another image.
-
-    ``pri`` holds ``[images * draws, C]`` tensors, image-major (as ``repeat_interleave`` lays them
-    out). Each row, independently with probability ``share``, takes every prior field (forward-process
-    mean and guidance alike) from the same draw slot of another image of the batch, drawn uniformly.
-    On the training images the DCG's priors are nearly always right, so a denoiser trained on them
-    learns to copy its prior and to ignore rho(x); swapped rows are the cases where copying fails.
-    Returns the new priors and the boolean mask of swapped rows. No-op for ``share <= 0`` or one image.
-    """
-    n = images * draws
-    dev = pri[0].device
-    if share <= 0 or images < 2:
-        return pri, torch.zeros(n, dtype=torch.bool, device=dev)
-    rows = torch.arange(n, device=dev)
-    swap = torch.rand(n, device=dev) < share
-    other = (rows // draws + torch.randint(1, images, (n,), device=dev)) % images
-    src = torch.where(swap, other * draws + rows % draws, rows)
-    return type(pri)(*(p[src] for p in pri)), swap
 
 
 class DiffMICModule(pl.LightningModule):
@@ -91,12 +73,7 @@ class DiffMICModule(pl.LightningModule):
         self.class_names = list(class_names)
         self.model = build_model(self.cfg, num_classes)
         # train.prior_folds = K >= 2: K fold DCGs (copies of the DCG's initial weights; training.crossfit)
-        K = self.cfg.train.prior_folds
-        self.fold_dcgs = (
-            torch.nn.ModuleList(copy.deepcopy(self.model.dcg) for _ in range(K))
-            if K >= 2 and self.model.dcg is not None
-            else None
-        )
+        self.fold_dcgs = make_fold_dcgs(self.model, self.cfg.train)
         self.automatic_optimization = False
         self.val_metrics = classification_metrics(num_classes)
         # the fused DCG prior of a C2/full model in the joint phase, logged beside the read-out
@@ -141,27 +118,7 @@ class DiffMICModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ optimisers
     def configure_optimizers(self):
-        t = self.cfg.train
-        params = list(self.model.diffusion_parameters())
-        groups: list[dict] = [{"params": params, "lr_scale": 1.0}]
-        if t.encoder_lr_scale != 1.0 and self.model.image_embedding is not None:
-            enc = {id(p) for p in self.model.image_embedding.encoder.parameters()}
-            groups = [
-                {"params": [p for p in params if id(p) not in enc], "lr_scale": 1.0},
-                {"params": [p for p in params if id(p) in enc], "lr_scale": t.encoder_lr_scale},
-            ]
-        # fused Adam: one kernel over all parameters (the 108 M-parameter head's update is ~5x faster
-        # on a CPU than the default for-each); Lightning cannot clip the gradients of a fused
-        # optimiser under mixed precision, so the *-mixed precisions keep the for-each version
-        fused = {"fused": True} if t.fused_adam and not str(t.precision).endswith("-mixed") else {}
-        opts = [torch.optim.Adam(groups, lr=t.lr, betas=(0.9, 0.999), eps=1e-8, **fused)] if params else []
-        if self.model.uses_dcg:
-            lr0 = t.dcg_warmup_lr if t.dcg_warmup_lr is not None else t.dcg_lr
-            dcg_params = list(self.model.dcg_parameters())
-            opts.append(torch.optim.Adam(dcg_params, lr=lr0, amsgrad=t.dcg_amsgrad, **fused))
-            if self.fold_dcgs is not None:  # the fold DCGs: one optimiser, the DCG's settings
-                opts.append(torch.optim.Adam(self.fold_dcgs.parameters(), lr=lr0, amsgrad=t.dcg_amsgrad, **fused))
-        return opts
+        return build_optimizers(self.model, self.cfg.train, self.fold_dcgs)
 
     def _set_diffusion_lr(self, opt: torch.optim.Optimizer, batch_idx: int) -> float:
         t = self.cfg.train
@@ -272,146 +229,17 @@ class DiffMICModule(pl.LightningModule):
         self.encoder_from_dcg_done.fill_(True)
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        x, y = batch["image"], batch["label"]
         opts = self.optimizers()
-        opts = opts if isinstance(opts, list) else [opts]
-        opt_diff = opts[0]
-        opt_dcg = opts[1] if len(opts) > 1 else None
-        opt_folds = opts[2] if len(opts) > 2 else None
-        B = x.shape[0]
-
-        if self.model.variant == "dcg":  # DCG alone: its cross-entropy step, same lr schedule as in `full`
-            self.log("train/dcg_lr", self._set_dcg_lr(opts[-1], batch_idx), batch_size=B)
-            self._dcg_step(opts[-1], x, y)
-            return
-
-        if self.model.variant == "basic":
-            self._set_diffusion_lr(opt_diff, batch_idx)
-            loss = F.cross_entropy(self.model.classify(x), y)
-            self._check_finite(loss, "cross-entropy")
-            self._step(opt_diff, loss, self.cfg.train.grad_clip)
-            self.log("train/loss", loss, prog_bar=True, batch_size=B)
-            return
-
-        # train.prior_split: the DCG trains on its share of the images, the denoiser on the rest
-        split = self.cfg.train.prior_split
-        part = dcg_part(batch["id"], split, self.cfg.run.seed).to(x.device) if split > 0 else None
-        xg, yg = (x[part], y[part]) if part is not None else (x, y)  # the DCG's rows
-        if self.in_dcg_warmup:
-            self.log("train/dcg_lr", self._set_dcg_lr(opt_dcg, batch_idx), batch_size=B)
-            if xg.shape[0] > 1:  # BatchNorm needs two images
-                self._dcg_step(opt_dcg, xg, yg, ids=self._rows(batch["id"], part))
-            self._fold_step(opt_folds, x, y, batch["id"], batch_idx)
-            return
-        joint = opt_dcg is not None and self.cfg.train.joint_dcg
-        if part is not None:  # the denoiser's rows; the DCG step below uses the others
-            if joint and xg.shape[0] > 1:
-                self._set_dcg_lr(opt_dcg, batch_idx)
-                self._dcg_step(opt_dcg, xg, yg, ids=self._rows(batch["id"], part))
-            joint = False
-            keep = ~part
-            batch = {**batch, "id": self._rows(batch["id"], keep)}
-            x, y = x[keep], y[keep]
-            B = x.shape[0]
-            if B < 2:
-                return
-
-        # ---- diffusion step (one encoder pass feeds all branches)
-        lr = self._set_diffusion_lr(opt_diff, batch_idx)
-        g_train = None  # train-mode DCG pass reused by the DCG step (exact_dcg_priors=false)
-        if self.fold_dcgs is not None:  # out-of-fold priors: image i's from the DCG of its fold
-            folds = fold_of(batch["id"], len(self.fold_dcgs), self.cfg.run.seed).to(x.device)
-            g = out_of_fold_guidance(self.fold_dcgs, x, folds)
-            self._trace("prior", folds.tolist(), batch["id"])
-        elif self.model.uses_dcg and not self.cfg.train.exact_dcg_priors and joint:
-            # one train-mode DCG pass with autograd: its detached outputs are the priors, and the
-            # DCG step below back-propagates its CE (the diffusion step does not change the DCG)
-            g_train = self.model.guide(x)
-            g = type(g_train)(*(v.detach() for v in g_train))
-        elif self.model.uses_dcg:
-            with torch.no_grad():
-                was_training = self.model.dcg.training
-                if self.cfg.train.exact_dcg_priors:
-                    self.model.dcg.eval()  # released code: priors from the DCG in eval mode
-                g = self.model.guide(x)
-                self.model.dcg.train(was_training)
-        else:
-            g = None
-        pri = self.model.priors(g, B, x.device, x.dtype)
-        s = self.schedule
-        feat = self.model.encode(x)
-        y0 = F.one_hot(y, self.num_classes).to(x.dtype)
-        R = self.cfg.train.noise_samples_per_image
-        if R > 1:  # R (t, eps) draws per image share one encoder pass: same loss expectation
-            feat, y0 = feat.repeat_interleave(R, 0), y0.repeat_interleave(R, 0)
-            pri = type(pri)(*(p.repeat_interleave(R, 0) for p in pri))
-        if self.cfg.train.prior_swap > 0 and g is not None:
-            pri, _ = swap_priors(pri, self.cfg.train.prior_swap, B, R)
-        t = antithetic_timesteps(B * R, s.num_timesteps, device=x.device)
-        eps = torch.randn(B * R, self.num_classes, device=x.device, dtype=x.dtype)
-        gf, gg, gl = self.model.branch_guidance(pri)
-        y_f = q_sample(s, y0, t, pri.fused, eps)
-        eps_g = eps_l = None
-        mmd_w = self.cfg.loss.mmd_weight if self.model.uses_mmd else 0.0
-        if mmd_w > 0:
-            # the fused, global and local branches as one grouped denoiser call: one pass over the
-            # head's weights instead of three, each branch with its own BatchNorm statistics (= three calls)
-            y_g, y_l = q_sample(s, y0, t, pri.global_, eps), q_sample(s, y0, t, pri.local, eps)
-            eps_f, eps_g, eps_l = self.model.eps(
-                feat, torch.cat((y_f, y_g, y_l)), t.repeat(3), torch.cat((gf, gg, gl)), groups=3
-            ).chunk(3)
-        else:
-            eps_f = self.model.eps(feat, y_f, t, gf)
-        losses = diffusion_loss(eps, eps_f, eps_g, eps_l, mmd_weight=mmd_w, bandwidth=self.cfg.loss.mmd_bandwidth)
-        self._check_finite(losses["loss"], "diffusion")
-        self._step(opt_diff, losses["loss"], self.cfg.train.grad_clip)
-        self.log_dict({f"train/{k}": v for k, v in losses.items() if v is not None}, batch_size=B)
-        self.log("train/loss_diff", losses["loss"], prog_bar=True, batch_size=B, logger=False)
-        self.log("train/lr", lr, batch_size=B)
-        self._trace("denoiser", None, batch["id"])
-
-        # ---- DCG step on the same batch (released: after every diffusion step)
-        if joint:
-            self._set_dcg_lr(opt_dcg, batch_idx)
-            self._dcg_step(opt_dcg, x, y, g_train, ids=batch["id"])
-            self._fold_step(opt_folds, x, y, batch["id"], batch_idx)
-
-    def _dcg_step(
-        self, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, g: Any = None, ids: Optional[list] = None
-    ) -> None:
-        g = self.model.guide(x) if g is None else g
-        loss = guidance_ce(g.z_fused, g.z_global, g.z_local, y, mode=self.cfg.loss.dcg_ce)
-        self._check_finite(loss, "DCG cross-entropy")
-        self._step(opt, loss, None)
-        self.log("train/dcg_ce", loss, prog_bar=True, batch_size=x.shape[0])
-        self._trace("dcg", None, ids)
-
-    def _fold_step(self, opt: Optional[torch.optim.Optimizer], x: Tensor, y: Tensor, ids: list, batch_idx: int) -> None:
-        """One CE step of the K fold DCGs (``train.prior_folds``): DCG k on the batch's images outside
-        fold k. Their losses are summed into one step of their optimiser (disjoint parameters, so this
-        equals K separate steps)."""
-        if self.fold_dcgs is None or opt is None:
-            return
-        self._set_dcg_lr(opt, batch_idx)
-        folds = fold_of(ids, len(self.fold_dcgs), self.cfg.run.seed).to(x.device)
-        loss = None
-        for k, dcg in enumerate(self.fold_dcgs):
-            rows = folds != k
-            if int(rows.sum()) < 2:  # BatchNorm needs two images
-                continue
-            g = dcg(x[rows])
-            part = guidance_ce(g.z_fused, g.z_global, g.z_local, y[rows], mode=self.cfg.loss.dcg_ce)
-            loss = part if loss is None else loss + part
-            self._trace("fold", [k] * int(rows.sum()), self._rows(ids, rows))
-        if loss is None:
-            return
-        self._check_finite(loss, "fold DCG cross-entropy")
-        self._step(opt, loss, None)
-        self.log("train/fold_dcg_ce", loss / len(self.fold_dcgs), batch_size=x.shape[0])
-
-    @staticmethod
-    def _rows(ids: list, mask: Optional[Tensor]) -> list:
-        return list(ids) if mask is None else [i for i, m in zip(ids, mask.tolist()) if m]
+        train_step(
+            _LightningHost(self, batch_idx),
+            self.model,
+            self.schedule,
+            batch,
+            StepOptimizers.of(self.model, opts if isinstance(opts, list) else [opts]),
+            self.cfg,
+            warmup=self.in_dcg_warmup,
+            fold_dcgs=self.fold_dcgs,
+        )
 
     #: tests set a list here to record which images each network trained on (training.crossfit)
     CROSSFIT_TRACE: Optional[list] = None
@@ -467,7 +295,7 @@ class DiffMICModule(pl.LightningModule):
         the per-image inputs of the out-of-distribution scores (trust.ood) and the DCG outputs."""
         x = batch["image"]
         e = self.cfg.eval
-        if self.model.variant in ("basic", "dcg"):
+        if not self.model.uses_diffusion:  # a classifier (basic, dcg): no sampling
             logits, feat, g = classifier_outputs(self.model, x)
             return torch.softmax(logits, -1), None, None, {"ood": OODInputs(logits, feat), "guidance": g}
         if stage == "val" and self.in_dcg_warmup:
@@ -495,7 +323,7 @@ class DiffMICModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         values = self.val_metrics.compute()
-        prefix = "val/dcg_" if (self.in_dcg_warmup and self.model.variant != "basic") else "val/"
+        prefix = "val/dcg_" if self.in_dcg_warmup else "val/"
         for k in SCALAR_METRICS:
             self.log(f"{prefix}{k}", values[k], prog_bar=(k == self.cfg.train.monitor))
         self.val_metrics.reset()
@@ -571,12 +399,13 @@ class DiffMICModule(pl.LightningModule):
         lesion_rows = list({r["id"]: r.pop("_lesion") for r in rows if "_lesion" in r}.values())  # once per image
         if self.trainer.is_global_zero and self.output_dir is not None:
             e = self.cfg.eval
+            recorded = self.model.uses_diffusion or self.model.uses_dcg  # not `basic` (as before: `dcg` records it)
             result.update(
                 num_images=len({r["id"] for r in rows}),
                 class_names=self.class_names,
                 variant=self.model.variant,
-                sampler=e.sampler if self.model.variant != "basic" else None,
-                steps=e.steps if self.model.variant != "basic" else None,
+                sampler=e.sampler if recorded else None,
+                steps=e.steps if recorded else None,
                 num_samples=e.num_samples,
                 aggregate=e.aggregate,
             )
@@ -615,3 +444,27 @@ class DiffMICModule(pl.LightningModule):
             cov, acc, out / "risk_coverage.png", point, title=f"{len(rows)} test images, AURC {summary['aurc']:.3f}"
         )
         return summary
+
+
+class _LightningHost:
+    """The :class:`~diffmic.training.step.StepHost` of :meth:`DiffMICModule.training_step`: the finite
+    check, manual backward with gradient accumulation and Lightning's clipping, the lr schedules at
+    this batch, Lightning's ``log`` and the cross-fitting trace."""
+
+    def __init__(self, module: DiffMICModule, batch_idx: int) -> None:
+        self.module, self.batch_idx = module, batch_idx
+
+    def apply(self, opt: torch.optim.Optimizer, loss: Tensor, clip: Optional[float], what: str) -> None:
+        self.module._check_finite(loss, what)
+        self.module._step(opt, loss, clip)
+
+    def set_lr(self, kind: str, opt: torch.optim.Optimizer) -> float:
+        if kind == "dcg":
+            return self.module._set_dcg_lr(opt, self.batch_idx)
+        return self.module._set_diffusion_lr(opt, self.batch_idx)
+
+    def log(self, name: str, value: Any, **kwargs: Any) -> None:
+        self.module.log(name, value, **kwargs)
+
+    def trace(self, what: str, folds: Optional[list], ids: Optional[list]) -> None:
+        self.module._trace(what, folds, ids)
