@@ -177,16 +177,16 @@ def test_resumed_run_equals_uninterrupted_run(killed_run, full_run):
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(monkeypatch, tmp_path, cache, capsys, fast):
     """A NaN loss in the first joint step stops training with a message naming epoch and step;
     the checkpoint of the DCG warm-up epoch is still complete and loadable."""
-    import diffmic.training.module as module_mod
+    import diffmic.training.step as step_mod  # the training step calls the losses from here
 
-    real = module_mod.diffusion_loss
+    real = step_mod.diffusion_loss
 
     def nan_loss(*args, **kwargs):
         out = real(*args, **kwargs)
         out["loss"] = out["loss"] * float("nan")
         return out
 
-    monkeypatch.setattr(module_mod, "diffusion_loss", nan_loss)
+    monkeypatch.setattr(step_mod, "diffusion_loss", nan_loss)
     run = tmp_path / "run"
     rc = main(
         [
@@ -211,11 +211,11 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(monkey
 
 
 def test_non_finite_loss_raises_in_the_library(monkeypatch, tmp_path, cache, fast):
-    import diffmic.training.module as module_mod
+    import diffmic.training.step as step_mod
     from diffmic.training.module import NonFiniteLossError
     from diffmic.training.run import fit
 
-    monkeypatch.setattr(module_mod, "guidance_ce", lambda *a, **k: torch.tensor(float("inf"), requires_grad=True))
+    monkeypatch.setattr(step_mod, "guidance_ce", lambda *a, **k: torch.tensor(float("inf"), requires_grad=True))
     cfg = load_config(
         "cpu_v1",
         [
