@@ -466,13 +466,11 @@ def analyse_dataset(d: dict) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ output
 def _atomic_write(path: Path, write) -> None:
+    from diffmic.atomic import atomic_path
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _fmt(x: Any, nd: int = 3) -> str:

@@ -16,6 +16,7 @@ LAYERS: dict[str, int] = {
     # diffmic.api on first use (a package's __init__ may re-export its submodules, and
     # test_the_root_imports_nothing_when_imported keeps import diffmic itself at layer 0)
     "diffmic": 0,
+    "diffmic.atomic": 0,  # atomic file writes (standard library only): every layer writes through it
     "diffmic.diffusion": 1,
     "diffmic.losses": 1,
     "diffmic.nn": 2,

@@ -18,6 +18,8 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from diffmic.atomic import atomic_path
+
 #: PNG text chunk that marks an explanation image written by diffmic
 EXPLAIN_TAG = ("diffmic", "explanation")
 #: first columns of a predictions CSV written by ``diffmic predict``
@@ -180,14 +182,9 @@ def _write_manifest(run_dir: Path, entries: set[str]) -> None:
 
     run_dir = Path(run_dir)
     text = json.dumps({"format": 1, "written_by": "diffmic", "entries": sorted(entries)}, indent=1)
-    fd, tmp = tempfile.mkstemp(prefix=MANIFEST + ".", suffix=".tmp", dir=run_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text + "\n")
-        os.replace(tmp, run_dir / MANIFEST)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    fd, tmp = tempfile.mkstemp(prefix=MANIFEST + ".", suffix=".tmp", dir=run_dir)  # mode 0600, as before
+    with atomic_path(run_dir / MANIFEST, tmp=tmp), os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text + "\n")
 
 
 def claim_outputs(

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from diffmic.atomic import atomic_path
+
 from .dicom import DICOM_READER_VERSION, is_dicom
 from .records import DataError, DatasetIndex, Problem, Record
 from .transforms import DEFAULT_MAX_PIXELS, PREPROCESS_VERSION, decode_image
@@ -182,17 +184,13 @@ class DecodedCache:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=self.cache_dir)
         os.close(fd)
-        tmp = Path(tmp_name)
-        try:
+        # a unique temporary name per writer: concurrent writers of one cache file never share one
+        with atomic_path(path, tmp=tmp_name) as tmp:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
             decode_records(index, image_size, in_chans, out=out, workers=self.workers, max_pixels=self.max_pixels)
             out.flush()
             del out
             os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         arr = self._open(path, *shape[:2], in_chans)
         if arr is None:  # pragma: no cover - the file we just wrote is unreadable
             raise DataError(f"cache file {path} could not be read back")

@@ -43,6 +43,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from diffmic.atomic import atomic_path
+
 from .records import DataError
 
 __all__ = [
@@ -655,7 +657,7 @@ def download_dataset(
 
     # 2. assemble in a new temporary folder (never one that exists), write the marker last, rename into place
     tmp = Path(tempfile.mkdtemp(prefix=f".{src.name}.tmp-", dir=root))
-    try:
+    with atomic_path(final, tmp=tmp):  # renamed into place when complete, removed on any error
         record = []
         for path, (url, fname, md5, action, dest, rows, id_col) in zip(fetched, jobs):
             n = _apply(action, path, tmp / dest, rows, id_col)
@@ -682,10 +684,6 @@ def download_dataset(
                 indent=1,
             )
         )
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if not keep_archives:
         # only the files this download wrote; the folders go only when nothing else is in them
         for path in fetched:

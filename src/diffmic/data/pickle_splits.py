@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from diffmic.atomic import atomic_path
+
 from .records import DataError
 
 __all__ = ["load_pickle_split", "convert_pickle_split_to_csv"]
@@ -89,8 +91,7 @@ def convert_pickle_split_to_csv(
     entries = load_pickle_split(pkl_path)
     csv_path = Path(csv_path)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = csv_path.with_name(f".{csv_path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+    with atomic_path(csv_path) as tmp, open(tmp, "x", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(["id", "path", "label"] + (["class"] if class_names else []))
         for e in entries:
@@ -100,5 +101,4 @@ def convert_pickle_split_to_csv(
             if class_names:
                 row.append(class_names[lab] if 0 <= lab < len(class_names) else "")
             w.writerow(row)
-    os.replace(tmp, csv_path)
     return len(entries)

@@ -24,7 +24,6 @@ import hashlib
 import inspect
 import json
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 from torch import nn
 
 from diffmic import __version__
+from diffmic.atomic import atomic_path
 
 __all__ = [
     "FORMAT",
@@ -715,49 +715,45 @@ def export_model(
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     except OSError as exc:
         raise ExportError(f"cannot write the model folder '{out}': {exc} (nothing was written)") from exc
-    try:
-        save_file(_tensors(model), str(tmp / WEIGHTS), metadata={"format": FORMAT, "diffmic_version": __version__})
-        meta = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "diffmic_version": __version__,
-            "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "class_names": list(module.class_names),
-            "num_classes": int(module.num_classes),
-            "architecture": arch,
-            "preprocessing": _preprocessing(module.cfg),
-            "sampler": dict(train_config["eval"]),
-            "diffusion": dict(train_config["diffusion"]),
-            "calibration": calibration,
-            "weights": WEIGHTS,
-            "weights_sha256": _sha256(tmp / WEIGHTS),
-            "ema": bool(module.cfg.train.use_ema and "diffmic_ema" in raw),
-            "source": {
-                "checkpoint": str(ckpt_path),
-                "diffmic_version": raw.get("diffmic_version", "unknown"),
-                "epoch": raw.get("epoch"),
-                "global_step": raw.get("global_step"),
-            },
-            "config": train_config,
-        }
-        if onnx:
-            meta["onnx"] = export_onnx(model, module.cfg, tmp, batch=onnx_batch)
-        (tmp / CONFIG).write_text(json.dumps(meta, indent=2, default=str))
-        (tmp / CARD).write_text(_model_card(meta, metrics, fit_summary))
-        if out.is_symlink():  # appeared while exporting
-            raise ExportError(f"'{out}' became a symbolic link while exporting; nothing was written there")
-        if out.is_dir():
-            out.rmdir()  # empty (checked above; fails if something was written there meanwhile)
-        os.replace(tmp, out)
+    try:  # the folder is renamed into place when complete, and removed on any error
+        with atomic_path(out, tmp=tmp):
+            save_file(_tensors(model), str(tmp / WEIGHTS), metadata={"format": FORMAT, "diffmic_version": __version__})
+            meta = {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "diffmic_version": __version__,
+                "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "class_names": list(module.class_names),
+                "num_classes": int(module.num_classes),
+                "architecture": arch,
+                "preprocessing": _preprocessing(module.cfg),
+                "sampler": dict(train_config["eval"]),
+                "diffusion": dict(train_config["diffusion"]),
+                "calibration": calibration,
+                "weights": WEIGHTS,
+                "weights_sha256": _sha256(tmp / WEIGHTS),
+                "ema": bool(module.cfg.train.use_ema and "diffmic_ema" in raw),
+                "source": {
+                    "checkpoint": str(ckpt_path),
+                    "diffmic_version": raw.get("diffmic_version", "unknown"),
+                    "epoch": raw.get("epoch"),
+                    "global_step": raw.get("global_step"),
+                },
+                "config": train_config,
+            }
+            if onnx:
+                meta["onnx"] = export_onnx(model, module.cfg, tmp, batch=onnx_batch)
+            (tmp / CONFIG).write_text(json.dumps(meta, indent=2, default=str))
+            (tmp / CARD).write_text(_model_card(meta, metrics, fit_summary))
+            if out.is_symlink():  # appeared while exporting
+                raise ExportError(f"'{out}' became a symbolic link while exporting; nothing was written there")
+            if out.is_dir():
+                out.rmdir()  # empty (checked above; fails if something was written there meanwhile)
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise ExportError(
             f"cannot write the model folder '{out}': {exc} (nothing was written; if '{out}' appeared "
             "meanwhile, choose a new --out folder)"
         ) from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

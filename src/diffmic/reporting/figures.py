@@ -9,12 +9,12 @@ LaTeX either.
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 from typing import Any, Optional
 
 from torch import Tensor
+
+from diffmic.atomic import atomic_path, fresh_temp_name  # noqa: F401 (fresh_temp_name: re-exported)
 
 #: keyword arguments for every matplotlib Text that holds data: never LaTeX
 PLAIN: dict[str, Any] = {"usetex": False}
@@ -27,25 +27,12 @@ def plain_text(s: object) -> str:
     return str(s).replace("$", "\\$")
 
 
-def fresh_temp_name(path: Path) -> Path:
-    """A hidden temporary name beside ``path`` that no file has (random, checked)."""
-    while True:
-        tmp = path.with_name(f".{path.name[:60]}.{uuid.uuid4().hex[:12]}.tmp{path.suffix}")
-        if not os.path.lexists(tmp):
-            return tmp
-
-
 def save_figure_atomic(fig, path: str | Path, **savefig_kwargs) -> Path:
     """``fig.savefig`` to a fresh temporary file beside ``path``, then renamed over it: a failed
     write leaves no partial file, and no other file (``name.tmp.png``) is ever written over."""
     path = Path(path)
-    tmp = fresh_temp_name(path)
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, **savefig_kwargs)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

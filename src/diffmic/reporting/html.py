@@ -12,8 +12,9 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
 from pathlib import Path
+
+from diffmic.atomic import atomic_write_text
 
 #: ``<meta name='generator'>`` of every report: how a later ``diffmic report`` knows the file is ours
 GENERATOR = "diffmic report"
@@ -90,15 +91,4 @@ def write_report(path: str | Path, title: str, panels: list[tuple[str, str, str]
     for pid, heading, inner in panels:
         parts.append(f"<div class='panel' id='{html.escape(pid)}'><h2>{html.escape(heading)}</h2>{inner}</div>")
     parts.append("</body></html>")
-    from diffmic.reporting.figures import fresh_temp_name
-
-    path = Path(path)
-    tmp = fresh_temp_name(path)
-    try:
-        with open(tmp, "x", encoding="utf-8") as fh:
-            fh.write("".join(parts))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, "".join(parts))

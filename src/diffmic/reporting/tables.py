@@ -8,39 +8,23 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from diffmic.reporting.figures import fresh_temp_name
+from diffmic.atomic import atomic_path, atomic_write_text
 
 
 def write_rows_csv(path: str | Path, rows: list[dict]) -> Path:
     """Write ``rows`` (dicts sharing the first row's keys) as a CSV file with a header."""
     path = Path(path)
-    tmp = fresh_temp_name(path)
-    try:
-        with open(tmp, "x", newline="") as fh:
-            if rows:
-                writer = csv.DictWriter(fh, fieldnames=list(rows[0].keys()))
-                writer.writeheader()
-                writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "x", newline="") as fh:
+        if rows:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0].keys()))
+            writer.writeheader()
+            writer.writerows(rows)
     return path
 
 
 def write_json(path: str | Path, data: Any) -> Path:
     """Write ``data`` as indented JSON."""
-    path = Path(path)
-    tmp = fresh_temp_name(path)
-    try:
-        with open(tmp, "x") as fh:
-            fh.write(json.dumps(data, indent=2))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, json.dumps(data, indent=2))  # ASCII (ensure_ascii)

@@ -15,6 +15,7 @@ from typing import Any, Optional
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from diffmic.atomic import atomic_path
 from diffmic.training.loading import (  # noqa: F401  (re-exported: the checkpoint API lives here)
     _SIZE_SLACK_BYTES,
     CALIBRATION_KEY,
@@ -121,16 +122,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        # "<name>.ckpt.tmp-<pid>": a run killed while saving leaves it, and fit removes it on start
         tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
-        try:
-            with open(tmp, "wb") as fh:
-                torch.save(checkpoint, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with atomic_path(path, tmp=tmp), open(tmp, "wb") as fh:
+            torch.save(checkpoint, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
         try:  # make the rename itself durable
             fd = os.open(path.parent, os.O_RDONLY)
         except OSError:  # pragma: no cover - e.g. Windows cannot open folders

@@ -10,6 +10,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from diffmic.atomic import atomic_write_text
 from diffmic.config import ConfigError
 
 SPLIT_FILE = "split.json"
@@ -30,11 +31,7 @@ def split_record(dm) -> dict:
 
 
 def write_split(run_dir: Path, record: dict) -> Path:
-    path = Path(run_dir) / SPLIT_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(Path(run_dir) / SPLIT_FILE, json.dumps(record, indent=1))  # ASCII JSON
 
 
 def check_split(run_dir: Path, dm, verb: str, overrides: list[str] | None = None) -> None:

@@ -23,6 +23,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from diffmic.atomic import atomic_write_text
 from diffmic.config import Config, ConfigError, logger_names
 
 __all__ = [
@@ -92,9 +93,7 @@ def read_record(run_dir: Path) -> dict:
 def _write_record(run_dir: Path, rec: dict) -> None:
     path = _record_path(run_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(rec, indent=2))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(rec, indent=2))  # ASCII JSON
 
 
 def _mlflow_logger(cfg: Config, run_dir: Path, run_id: str | None):

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from diffmic.atomic import atomic_path
+
 # torchmetrics is imported inside ece / classwise_ece: serving (the Predictor) needs this module but
 # not these two metrics, and importing torchmetrics costs seconds (issue 27.2)
 
@@ -475,9 +477,8 @@ def plot_reliability(panels: list[tuple[str, Tensor]], labels: Tensor, path: str
             ax.set_title(f"{title}\nECE {ece(probs, labels, n_bins):.3f}", fontsize=9)
             ax.legend(fontsize=6, loc="upper left")
         fig.tight_layout()
-        tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-        fig.savefig(tmp)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp)
     finally:
         plt.close(fig)
     return path
