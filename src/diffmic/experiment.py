@@ -454,13 +454,11 @@ def read_predictions(path: str | Path) -> dict[str, Any]:
 
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
-    """Top-label ECE with ``n_bins`` equal-width bins (torchmetrics ``MulticlassCalibrationError``, l1)."""
-    from torchmetrics.functional.classification import multiclass_calibration_error
+    """Top-label ECE with ``n_bins`` equal-width bins (torchmetrics ``MulticlassCalibrationError``, l1):
+    :func:`diffmic.trust.calibration.ece`, the ECE of test_metrics.json, under the experiment's name."""
+    from diffmic.trust.calibration import ece
 
-    p = torch.as_tensor(probs, dtype=torch.float32)
-    return float(
-        multiclass_calibration_error(p, torch.as_tensor(labels), num_classes=p.shape[1], n_bins=n_bins, norm="l1")
-    )
+    return ece(probs, labels, n_bins)
 
 
 def _metric_fns(num_classes: int):
@@ -489,6 +487,15 @@ def _metric_fns(num_classes: int):
         return float(multiclass_auroc(p, y, num_classes=C, average="macro"))
 
     return {"acc": acc, "f1": f1, "balanced_acc": bacc, "kappa": kappa, "auroc": auroc}
+
+
+def _metric_fn(metric: str, num_classes: int):
+    """The function ``(probs, labels) -> float`` of a summary metric (those of :func:`_metric_fns` and ``ece``)."""
+    fns = dict(_metric_fns(num_classes))
+    fns["ece"] = lambda p, y: expected_calibration_error(p.numpy(), y.numpy())
+    if metric not in fns:
+        raise ValueError(f"unknown metric {metric!r}; expected one of {', '.join(fns)}")
+    return fns[metric]
 
 
 def cell_metrics(pred: dict[str, Any]) -> dict[str, float]:
@@ -551,24 +558,15 @@ def paired_bootstrap(
     labels = np.asarray(labels)
     if probs_a.shape != probs_b.shape or probs_a.shape[0] != labels.shape[0]:
         raise ValueError("paired bootstrap needs predictions of both models on the same images")
-    C = probs_a.shape[1]
-    fns = dict(_metric_fns(C))
-    fns["ece"] = lambda p, y: expected_calibration_error(p.numpy(), y.numpy())
-    if metric not in fns:
-        raise ValueError(f"unknown metric {metric!r}; expected one of {', '.join(fns)}")
-    fn = fns[metric]
+    from diffmic.trust.bootstrap import percentile_interval, resamples
+
+    fn = _metric_fn(metric, probs_a.shape[1])
     pa, pb = torch.as_tensor(probs_a, dtype=torch.float64), torch.as_tensor(probs_b, dtype=torch.float64)
     y = torch.as_tensor(labels)
     observed = fn(pa, y) - fn(pb, y)
-    rng = np.random.default_rng(seed)
-    n = labels.shape[0]
-    diffs = np.empty(n_boot)
-    for b in range(n_boot):
-        idx = torch.as_tensor(rng.integers(0, n, n))
-        diffs[b] = fn(pa[idx], y[idx]) - fn(pb[idx], y[idx])
-    diffs = diffs[np.isfinite(diffs)]
-    lo, hi = np.quantile(diffs, [alpha / 2, 1 - alpha / 2])
-    return float(observed), float(lo), float(hi)
+    diffs = (fn(pa[i], y[i]) - fn(pb[i], y[i]) for i in resamples(labels.shape[0], n_boot, seed, rng="numpy"))
+    lo, hi = percentile_interval(diffs, alpha)
+    return float(observed), lo, hi
 
 
 def _fmt(values: list[float]) -> str:
@@ -760,26 +758,15 @@ def bootstrap_ci(
     """The metric of the predictions ``probs`` (one array per seed, on the same images: their mean
     metric), and its percentile-bootstrap ``1 − alpha`` interval: the images are resampled with
     replacement ``n_boot`` times (the same indices for every seed)."""
-    C = probs[0].shape[1]
-    fns = dict(_metric_fns(C))
-    fns["ece"] = lambda p, y: expected_calibration_error(p.numpy(), y.numpy())
-    if metric not in fns:
-        raise ValueError(f"unknown metric {metric!r}; expected one of {', '.join(fns)}")
-    fn = fns[metric]
+    from diffmic.trust.bootstrap import percentile_interval, resamples
+
+    fn = _metric_fn(metric, probs[0].shape[1])
     P = [torch.as_tensor(p, dtype=torch.float64) for p in probs]
     y = torch.as_tensor(np.asarray(labels))
     observed = float(np.mean([fn(p, y) for p in P]))
-    rng = np.random.default_rng(seed)
-    n = len(y)
-    vals = np.empty(n_boot)
-    for b in range(n_boot):
-        idx = torch.as_tensor(rng.integers(0, n, n))
-        vals[b] = np.mean([fn(p[idx], y[idx]) for p in P])
-    vals = vals[np.isfinite(vals)]
-    if not len(vals):
-        return observed, math.nan, math.nan
-    lo, hi = np.quantile(vals, [alpha / 2, 1 - alpha / 2])
-    return observed, float(lo), float(hi)
+    vals = (np.mean([fn(p[i], y[i]) for p in P]) for i in resamples(len(y), n_boot, seed, rng="numpy"))
+    lo, hi = percentile_interval(vals, alpha)
+    return observed, lo, hi
 
 
 def _oof_ci(pooled: list[dict], metric: str, n_boot: int) -> str:
@@ -849,19 +836,19 @@ def pooled_ci(a: list[dict], b: list[dict], metric: str, n_boot: int, seed: int 
     for pa, pb in zip(a, b):
         if pa["ids"] != pb["ids"]:
             raise ValueError("the model and its reference were tested on different images")
+    from diffmic.trust.bootstrap import percentile_interval, resamples
+
     y = a[0]["labels"]
-    fn = _metric_fns(a[0]["probs"].shape[1])[metric]
+    fn = _metric_fn(metric, a[0]["probs"].shape[1])
     A = [torch.as_tensor(p["probs"], dtype=torch.float64) for p in a]
     B = [torch.as_tensor(p["probs"], dtype=torch.float64) for p in b]
     yt = torch.as_tensor(y)
     obs = float(np.mean([fn(pa, yt) - fn(pb, yt) for pa, pb in zip(A, B)]))
-    rng = np.random.default_rng(seed)
-    n = len(y)
-    diffs = np.empty(n_boot)
-    for i in range(n_boot):
-        idx = torch.as_tensor(rng.integers(0, n, n))
-        diffs[i] = np.mean([fn(pa[idx], yt[idx]) - fn(pb[idx], yt[idx]) for pa, pb in zip(A, B)])
-    lo, hi = np.quantile(diffs, [0.025, 0.975])
+    diffs = (
+        np.mean([fn(pa[i], yt[i]) - fn(pb[i], yt[i]) for pa, pb in zip(A, B)])
+        for i in resamples(len(y), n_boot, seed, rng="numpy")
+    )
+    lo, hi = percentile_interval(diffs, 0.05)
     return f"{obs:+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
 

@@ -1,0 +1,101 @@
+"""One ECE and one bootstrap: experiment.py's ECE and bootstraps are trust's, and all equal
+independent reference computations (a hand-worked ECE, numpy / torch percentile bootstraps)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from diffmic import experiment as E
+from diffmic.trust.bootstrap import bootstrap_ci, percentile_interval, resamples
+from diffmic.trust.calibration import ece
+
+
+def test_both_eces_equal_a_hand_worked_two_bin_example():
+    # top-label confidences 0.3, 0.4 (bin [0, 0.5]) and 0.9, 0.6 (bin (0.5, 1]); correct: yes, no, yes, no
+    probs = np.array(
+        [
+            [0.3, 0.25, 0.25, 0.2],
+            [0.2, 0.4, 0.2, 0.2],
+            [0.9, 0.05, 0.03, 0.02],
+            [0.1, 0.1, 0.6, 0.2],
+        ]
+    )
+    labels = np.array([0, 0, 0, 1])
+    # bin 1: accuracy 1/2, mean confidence 0.35; bin 2: accuracy 1/2, mean confidence 0.75
+    hand = 2 / 4 * abs(0.5 - 0.35) + 2 / 4 * abs(0.5 - 0.75)  # 0.2
+    assert E.expected_calibration_error(probs, labels, n_bins=2) == pytest.approx(hand, abs=1e-6)
+    assert ece(torch.as_tensor(probs), torch.as_tensor(labels), n_bins=2) == pytest.approx(hand, abs=1e-6)
+
+
+@pytest.mark.parametrize("n_bins", [2, 10, 15])
+def test_the_experiments_ece_is_trusts_on_random_probabilities(n_bins):
+    rng = np.random.default_rng(n_bins)
+    for C in (2, 3, 7):
+        p = rng.dirichlet(np.ones(C) * 0.7, 200)
+        y = rng.integers(0, C, 200)
+        assert E.expected_calibration_error(p, y, n_bins) == ece(torch.as_tensor(p), torch.as_tensor(y), n_bins)
+
+
+def _numpy_reference(n, n_boot, seed, stat, alpha):
+    """The experiment's former loop: numpy default_rng indices, finite values, np.quantile."""
+    rng = np.random.default_rng(seed)
+    vals = np.array([stat(rng.integers(0, n, n)) for _ in range(n_boot)])
+    vals = vals[np.isfinite(vals)]
+    return np.quantile(vals, [alpha / 2, 1 - alpha / 2])
+
+
+def _data(n=80, C=3, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, C, n)
+    return y, rng.dirichlet(np.ones(C), n), rng.dirichlet(np.ones(C) * 3, n)
+
+
+def test_the_experiment_bootstraps_equal_an_independent_numpy_bootstrap():
+    y, pa, pb = _data()
+    n = len(y)
+    ok_a, ok_b = pa.argmax(1) == y, pb.argmax(1) == y
+    obs, lo, hi = E.paired_bootstrap(y, pa, pb, "acc", n_boot=300, seed=4, alpha=0.1)
+    ref = _numpy_reference(n, 300, 4, lambda i: ok_a[i].mean() - ok_b[i].mean(), 0.1)
+    assert obs == pytest.approx(ok_a.mean() - ok_b.mean(), abs=1e-12)
+    assert [lo, hi] == pytest.approx(list(ref), abs=1e-12)
+
+    obs, lo, hi = E.bootstrap_ci(y, [pa, pb], "acc", n_boot=300, seed=2, alpha=0.05)
+    ref = _numpy_reference(n, 300, 2, lambda i: (ok_a[i].mean() + ok_b[i].mean()) / 2, 0.05)
+    assert obs == pytest.approx((ok_a.mean() + ok_b.mean()) / 2, abs=1e-12)
+    assert [lo, hi] == pytest.approx(list(ref), abs=1e-12)
+
+    rows = lambda p: {"ids": list(range(n)), "labels": y, "probs": p}  # noqa: E731
+    got = E.pooled_ci([rows(pa)], [rows(pb)], "acc", 300, seed=1)
+    d = ok_a.mean() - ok_b.mean()
+    lo, hi = _numpy_reference(n, 300, 1, lambda i: ok_a[i].mean() - ok_b[i].mean(), 0.05)
+    assert got == f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+
+def test_trusts_bootstrap_equals_an_independent_torch_bootstrap_and_takes_the_numpy_stream():
+    y, pa, _ = _data(n=120, seed=3)
+    ok = torch.as_tensor(pa.argmax(1) == y).double()
+    g = torch.Generator().manual_seed(7)
+    draws = [float(ok[torch.randint(0, 120, (120,), generator=g)].mean()) for _ in range(250)]
+    vals, a = torch.tensor(draws, dtype=torch.float64), (1 - 0.9) / 2
+    ref = [float(torch.quantile(vals, a)), float(torch.quantile(vals, 1 - a))]
+    assert bootstrap_ci(lambda i: float(ok[i].mean()), 120, 250, seed=7, level=0.9) == ref  # bit for bit
+    okn = ok.numpy()
+    got = bootstrap_ci(lambda i: float(ok[i].mean()), 120, 250, seed=7, level=0.9, rng="numpy")
+    assert got == pytest.approx(list(_numpy_reference(120, 250, 7, lambda i: okn[i].mean(), 0.1)), abs=1e-12)
+
+
+def test_resamples_and_the_interval_drop_nan_and_infinite_values():
+    a, b = list(resamples(5, 3, seed=1, rng="numpy")), list(resamples(5, 3, seed=1, rng="numpy"))
+    assert all(torch.equal(x, y) and x.shape == (5,) and x.min() >= 0 and x.max() < 5 for x, y in zip(a, b))
+    with pytest.raises(ValueError, match="rng"):
+        next(resamples(5, 1, rng="python"))  # type: ignore[arg-type]
+    assert percentile_interval([1.0, math.nan, 3.0, math.inf, -math.inf], alpha=0.0) == (1.0, 3.0)
+    lo, hi = percentile_interval([math.nan, math.inf])
+    assert math.isnan(lo) and math.isnan(hi)
+    assert percentile_interval([0.0, 1.0, 2.0, 3.0, 4.0], alpha=0.5) == (1.0, 3.0)  # quartiles, linear
+    with pytest.raises(ValueError, match="unknown metric"):
+        E.paired_bootstrap(np.zeros(4, int), np.ones((4, 2)) / 2, np.ones((4, 2)) / 2, "recall")
