@@ -34,6 +34,7 @@ from torch import nn
 
 from diffmic import __version__
 from diffmic.atomic import atomic_path
+from diffmic.training.loading import FILE_MAGIC  # light: imports only torch
 
 __all__ = [
     "FORMAT",
@@ -150,25 +151,13 @@ _ST_DTYPES = {
 }
 _TORCH_ST = {dt: name for name, (_, dt) in _ST_DTYPES.items()}
 
-_MAGIC = {  # as training.checkpoint._MAGIC
-    b"\x89PNG": "a PNG image",
-    b"\xff\xd8\xff": "a JPEG image",
-    b"GIF8": "a GIF image",
-    b"BM": "a BMP image",
-    b"II*\x00": "a TIFF image",
-    b"MM\x00*": "a TIFF image",
-    b"%PDF": "a PDF document",
-    b"\x1f\x8b": "a gzip archive",
-    b"\x93NUMPY": "a NumPy .npy file",
-}
-
 
 def _file_kind(head: bytes) -> str:
     if head.startswith(b"\x80"):
         return "a Python pickle (diffmic never unpickles the weights of a model folder: they could run code)"
     if head.startswith(b"PK\x03\x04"):
         return "a zip archive, such as a PyTorch file written by torch.save (pickles; never loaded from a model folder)"
-    what = next((name for magic, name in _MAGIC.items() if head.startswith(magic)), None)
+    what = next((name for magic, name in FILE_MAGIC.items() if head.startswith(magic)), None)
     if what is None:
         text = bool(head) and all(32 <= c < 127 or c in (9, 10, 13) for c in head)
         what = "a text file" if text else "something else"

@@ -30,7 +30,8 @@ class CheckpointError(ValueError):
     """The file is not a usable diffmic checkpoint for this purpose."""
 
 
-_MAGIC = {
+#: leading bytes of files that are often passed where a checkpoint or weights file belongs, and what they are
+FILE_MAGIC = {
     b"\x89PNG": "a PNG image",
     b"\xff\xd8\xff": "a JPEG image",
     b"GIF8": "a GIF image",
@@ -57,7 +58,7 @@ def _check_file_kind(p: Path) -> None:
         raise CheckpointError(
             f"checkpoint '{p}' could not be read (truncated or not a torch file): the file is empty (0 bytes)."
         )
-    what = next((name for magic, name in _MAGIC.items() if head.startswith(magic)), None)
+    what = next((name for magic, name in FILE_MAGIC.items() if head.startswith(magic)), None)
     if what is None:
         text = all(32 <= c < 127 or c in (9, 10, 13) for c in head)
         what = "a text file" if text else "not a PyTorch file"
