@@ -23,6 +23,7 @@ from diffmic.inference import Predictor
 from diffmic.inference.export import ExportError
 
 from _helpers import ONE_THREAD_ENV, TINY_MODEL  # noqa: E402
+from conftest import write_synthetic_npz
 
 if os.environ.get("CI", "").lower() == "true":  # the hub extra is installed in CI: missing = failure
     import huggingface_hub as hub
@@ -52,14 +53,7 @@ def offline(monkeypatch, tmp_path):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hub")
-    rng = np.random.default_rng(0)
-    parts = {}
-    for split, n in (("train", 24), ("val", 8), ("test", 8)):
-        y = np.arange(n) % 2
-        x = rng.integers(0, 90, (n, 28, 28)).astype(np.uint8)
-        x[y == 1, 8:20, 8:20] += 150
-        parts[f"{split}_images"], parts[f"{split}_labels"] = x, y
-    np.savez(tmp / "tiny.npz", **parts)
+    x = np.load(write_synthetic_npz(tmp / "tiny.npz", {"train": 24, "val": 8, "test": 8}))["test_images"]
     run = tmp / "run"
     over = [
         "data.dataset=medmnist",

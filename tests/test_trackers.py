@@ -13,7 +13,6 @@ import struct
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
@@ -21,6 +20,7 @@ from diffmic.cli import main
 from diffmic.training.trackers import TRACKERS_FILE, metric_scalars
 
 from _helpers import TINY_MODEL  # noqa: E402
+from conftest import write_synthetic_npz
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,14 +46,7 @@ def _have(name: str) -> bool:
 def tracked_run(tmp_path_factory):
     need_module("mlflow")
     tmp = tmp_path_factory.mktemp("trackers")
-    rng = np.random.default_rng(0)
-    parts = {}
-    for split, n in (("train", 24), ("val", 12), ("test", 12)):
-        y = np.arange(n) % 2
-        x = rng.integers(0, 90, (n, 28, 28)).astype(np.uint8)
-        x[y == 1, 8:20, 8:20] += 150
-        parts[f"{split}_images"], parts[f"{split}_labels"] = x, y
-    np.savez(tmp / "tiny.npz", **parts)
+    write_synthetic_npz(tmp / "tiny.npz", {"train": 24, "val": 12, "test": 12})  # conftest's generator
     wandb = _have("wandb") or os.environ.get("CI", "").lower() == "true"
     run = tmp / "run"
     common = [
