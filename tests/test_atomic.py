@@ -143,3 +143,20 @@ def test_no_hand_written_copy_of_the_atomic_write_is_left_in_the_package():
         if n:
             found[str(path.relative_to(SRC))] = n
     assert found == {"atomic.py": 1, "data/download.py": 1, "training/run.py": 1}, found
+
+
+def test_a_relative_target_accepts_the_absolute_name_mkstemp_gives_for_its_folder(tmp_path, monkeypatch):
+    """`make demo` writes into the relative folder runs/demo; tempfile.mkstemp returns an absolute
+    name even for a relative folder (Python >= 3.12), and the two name the same folder."""
+    monkeypatch.chdir(tmp_path)
+    Path("runs/demo").mkdir(parents=True)
+    fd, tmp = tempfile.mkstemp(suffix=".tmp", dir="runs/demo")
+    with atomic_path("runs/demo/manifest.json", tmp=tmp), open(fd, "w") as fh:
+        fh.write("{}")
+    assert (tmp_path / "runs/demo/manifest.json").read_text() == "{}"
+    assert _names(tmp_path / "runs/demo") == ["manifest.json"]
+    # a relative temporary name elsewhere is still refused
+    Path("runs/other").mkdir()
+    with pytest.raises(ValueError, match="not in the folder"):
+        with atomic_path("runs/demo/x.json", tmp="runs/other/x.tmp"):
+            pass

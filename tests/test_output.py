@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -89,3 +90,24 @@ def test_verbose_switch_anywhere(argv):
     assert args.verbose is True
     args, _ = _parser().parse_known_args([a for a in argv if a not in ("-v", "--verbose")])
     assert args.verbose is False
+
+
+def test_a_relative_run_folder_trains_tests_and_writes_only_inside_it(tmp_path, data):
+    """`make demo` and the README write into relative folders (runs/demo): every atomic write there
+    (the output manifest, checkpoints, the data cache) must accept them."""
+    work = tmp_path / "cwd"
+    work.mkdir()
+    args = tiny_fit_args(data, Path("runs/rel"), Path("cache"))
+    out = subprocess.run(
+        [sys.executable, "-m", "diffmic.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=ONE_THREAD_ENV,
+        cwd=work,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (work / "runs/rel/checkpoints").is_dir() and (work / "runs/rel/fit_summary.json").is_file()
+    assert sorted(p.name for p in work.iterdir()) == ["cache", "runs"]
+    assert not [p for p in (work / "runs/rel").rglob("*.tmp*")]
