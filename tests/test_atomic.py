@@ -147,7 +147,7 @@ def test_no_hand_written_copy_of_the_atomic_write_is_left_in_the_package():
 
 def test_a_relative_target_accepts_the_absolute_name_mkstemp_gives_for_its_folder(tmp_path, monkeypatch):
     """`make demo` writes into the relative folder runs/demo; tempfile.mkstemp returns an absolute
-    name even for a relative folder (Python >= 3.12), and the two name the same folder."""
+    name even for a relative folder, and the two name the same folder."""
     monkeypatch.chdir(tmp_path)
     Path("runs/demo").mkdir(parents=True)
     fd, tmp = tempfile.mkstemp(suffix=".tmp", dir="runs/demo")

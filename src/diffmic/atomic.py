@@ -50,7 +50,7 @@ def atomic_path(path: str | os.PathLike, tmp: str | os.PathLike | None = None) -
     """
     path = Path(path)
     tmp = fresh_temp_name(path) if tmp is None else Path(tmp)
-    # compared as absolute paths: tempfile.mkstemp / mkdtemp return absolute names (Python >= 3.12)
+    # compared as absolute paths: tempfile.mkstemp / mkdtemp return absolute names
     # even for a relative folder, and a relative target (runs/demo/...) must still be accepted
     if os.path.abspath(tmp.parent) != os.path.abspath(path.parent):
         raise ValueError(f"the temporary name {tmp} is not in the folder of {path} (the rename would not be atomic)")
