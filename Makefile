@@ -20,8 +20,8 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP) demo-data
-	rm -rf runs/demo  # the demo starts afresh each time (diffmic fit never overwrites a run)
-	$(VENV)/bin/diffmic fit --config src/diffmic/configs/demo_cpu.yaml data.root=$(DATA)/ham10000 run.dir=runs/demo
+	# the demo starts afresh each time: --overwrite removes only the files an earlier demo wrote
+	$(VENV)/bin/diffmic fit --overwrite --config src/diffmic/configs/demo_cpu.yaml data.root=$(DATA)/ham10000 run.dir=runs/demo
 	$(VENV)/bin/diffmic test --run runs/demo
 
 # HAM10000: used as is when $(DATA)/ham10000 exists, downloaded there otherwise (about 3 GB)
@@ -40,5 +40,6 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(VPY) benchmarks/run_all.py
 
+# the decoded-image cache only: runs/ holds trained models (yours too), delete what you no longer need
 clean:
-	rm -rf runs .cache
+	rm -rf .cache

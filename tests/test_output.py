@@ -94,20 +94,32 @@ def test_verbose_switch_anywhere(argv):
 
 def test_a_relative_run_folder_trains_tests_and_writes_only_inside_it(tmp_path, data):
     """`make demo` and the README write into relative folders (runs/demo): every atomic write there
-    (the output manifest, checkpoints, the data cache) must accept them."""
+    (the output manifest, checkpoints, the data cache, the test outputs) must accept them. The demo's
+    sequence: fit, test, then fit --overwrite (what a second `make demo` does)."""
     work = tmp_path / "cwd"
     work.mkdir()
-    args = tiny_fit_args(data, Path("runs/rel"), Path("cache"))
-    out = subprocess.run(
-        [sys.executable, "-m", "diffmic.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=ONE_THREAD_ENV,
-        cwd=work,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert (work / "runs/rel/checkpoints").is_dir() and (work / "runs/rel/fit_summary.json").is_file()
+    fit = tiny_fit_args(data, Path("runs/rel"), Path("cache"))
+
+    def cli(*args: str) -> None:
+        out = subprocess.run(
+            [sys.executable, "-m", "diffmic.cli", *args],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=ONE_THREAD_ENV,
+            cwd=work,
+            check=False,
+        )
+        assert out.returncode == 0, (args[0], out.stderr[-3000:])
+
+    cli(*fit)
+    cli("test", "--run", "runs/rel")
+    run = work / "runs/rel"
+    assert (run / "checkpoints").is_dir() and (run / "fit_summary.json").is_file()
+    assert (run / "test_metrics.json").is_file()
+    mine = run / "notes.txt"  # a file diffmic did not write survives --overwrite
+    mine.write_text("keep")
+    cli(fit[0], "--overwrite", *fit[1:])
+    assert mine.read_text() == "keep" and not (run / "test_metrics.json").exists()
     assert sorted(p.name for p in work.iterdir()) == ["cache", "runs"]
-    assert not [p for p in (work / "runs/rel").rglob("*.tmp*")]
+    assert not [p for p in run.rglob("*.tmp*")]
