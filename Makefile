@@ -42,4 +42,4 @@ bench: $(STAMP)
 
 # the decoded-image cache only: runs/ holds trained models (yours too), delete what you no longer need
 clean:
-	rm -rf .cache
+	rm -rf .cache/diffmic
