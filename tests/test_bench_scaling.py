@@ -33,7 +33,7 @@ def test_power_fit_recovers_exponent(bs):
 
 
 def test_cache_bytes_is_n_s2_3(bs):
-    # HAM10000 at 224 px: 10,015 * 224 * 224 * 3 bytes = the 1.51 GB of docs/performance.md
+    # HAM10000 at 224 px: 10,015 * 224 * 224 * 3 bytes (1.51 GB, a computed cache size)
     assert bs.cache_bytes(10_015, 224) == 1_507_537_920
     assert bs.cache_bytes(bs.HAM10000_N, 64) == 10_015 * 64 * 64 * 3
 
