@@ -3,8 +3,6 @@ library, generic coercion from the dataclass field types, and presets that compo
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import yaml
 
@@ -293,7 +291,7 @@ def test_presets_compose_with_base(tmp_path):
     from diffmic.config import _merge
 
     for child, base in (("demo_cpu", "cpu"), ("breastmnist", "cpu"), ("cpu_v1", "cpu"), ("cpu_steps", "cpu_v1")):
-        own = yaml.safe_load((Path(diffmic.config.__file__).parent / "configs" / f"{child}.yaml").read_text())
+        own = yaml.safe_load((diffmic.config.preset_dir() / f"{child}.yaml").read_text())
         assert own.pop("base") == base
         parent = load_config(base).to_dict()
         redundant = {(s, k) for s, body in own.items() for k, v in body.items() if parent[s][k] == v}

@@ -10,15 +10,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 
-from diffmic.config import Config, ConfigError, load_config, save_config
-from diffmic.nn.diffmic import DCG_VARIANTS
+from diffmic.config import Config, ConfigError, datamodule_kwargs, load_config, save_config, trainer_kwargs
+from diffmic.nn.diffmic import variant_parts
 from diffmic.training.callbacks import DenoiserEMA, StageAwareCheckpoint
 from diffmic.training.checkpoint import TMP_MARK, AtomicCheckpointIO, CheckpointError, load_module, read_checkpoint
 from diffmic.training.ddp import BroadcastBuffers
@@ -26,45 +26,19 @@ from diffmic.training.loading import resolve_checkpoint  # here and re-exported 
 from diffmic.training.module import DiffMICModule
 from diffmic.training.output import model_summary
 
+if TYPE_CHECKING:
+    from diffmic.data.datamodule import DiffMICDataModule
+
 
 class RunFolderError(OSError):
     """The run folder cannot be created or written to."""
 
 
-def build_datamodule(cfg: Config):
+def build_datamodule(cfg: Config) -> DiffMICDataModule:
+    """The data module of ``cfg`` (its arguments from :func:`diffmic.config.datamodule_kwargs`)."""
     from diffmic.data.datamodule import DiffMICDataModule
 
-    d = cfg.data
-    dm = DiffMICDataModule(
-        dataset=d.dataset,
-        root=d.root,
-        split=d.split,
-        test_fraction=d.test_fraction,
-        path_col=d.path_col,
-        label_col=d.label_col,
-        split_col=d.split_col,
-        group_col=d.group_col,
-        image_size=d.image_size,
-        in_chans=d.in_chans,
-        batch_size=d.batch_size,
-        eval_batch_size=d.eval_batch_size,
-        num_workers=d.num_workers,
-        val_fraction=d.val_fraction,
-        seed=cfg.run.seed,
-        vflip=d.vflip,
-        rotation=d.rotation,
-        cache_dir=d.cache_dir,
-        skip_bad=d.skip_bad,
-        subset=d.subset,
-        check_images=d.check_images,
-        class_balance=d.class_balance,
-        folds=d.folds,
-        fold=d.fold,
-        # The released code's protocol: model selection on the test set (optimistic; labelled in
-        # every output). Validation then runs on the test split.
-        val_split="test" if cfg.train.select_on == "test" else "val",
-    )
-    return dm
+    return DiffMICDataModule(**datamodule_kwargs(cfg))
 
 
 def _trainer(cfg: Config, run_dir: Path, callbacks: list, for_fit: bool) -> pl.Trainer:
@@ -79,24 +53,12 @@ def _trainer(cfg: Config, run_dir: Path, callbacks: list, for_fit: bool) -> pl.T
         cbs.append(BroadcastBuffers())  # DDP: every rank starts each epoch with rank 0's BN statistics
     if t.progress_bar:
         cbs.append(TQDMProgressBar(refresh_rate=max(1, t.log_every_n_steps)))
-    total_epochs = t.epochs + (t.dcg_warmup_epochs if cfg.model.variant in DCG_VARIANTS else 0)
     trainer = pl.Trainer(
-        accelerator=t.accelerator,
-        devices=t.devices,
-        strategy=t.strategy,
-        num_nodes=t.num_nodes,
-        precision=t.precision,
-        max_epochs=total_epochs,
+        **trainer_kwargs(cfg),
         logger=loggers if loggers else False,
         callbacks=cbs,
         plugins=[AtomicCheckpointIO()],
         default_root_dir=str(run_dir),
-        check_val_every_n_epoch=t.check_val_every_n_epoch,
-        limit_train_batches=t.limit_train_batches,
-        limit_val_batches=t.limit_val_batches,
-        log_every_n_steps=t.log_every_n_steps,
-        deterministic=cfg.run.deterministic,
-        enable_progress_bar=t.progress_bar,
         enable_model_summary=model_summary(for_fit),
         num_sanity_val_steps=0,
     )
@@ -329,7 +291,7 @@ def _fit_locked(cfg: Config, resume: bool, overwrite: bool) -> Path:
                 enable_version_counter=False,
             )
         )
-    if cfg.train.use_ema and cfg.model.variant not in ("basic", "dcg"):
+    if cfg.train.use_ema and variant_parts(cfg.model.variant).diffusion:
         callbacks.append(DenoiserEMA(cfg.train.ema_decay))
     if cfg.train.early_stop_patience is not None:  # on val/<monitor>, joint stage (training.stopping)
         from diffmic.training.stopping import early_stopping
