@@ -217,14 +217,54 @@ def _settled(run_dir: Path, step):
 
 
 def _fit_locked(cfg: Config, resume: bool, overwrite: bool) -> Path:
+    """``fit`` under the run lock: check and prepare the folder, the data and the module, train,
+    then write the final state and ``fit_summary.json``."""
     from diffmic.provenance import Stopwatch
 
     watch = Stopwatch()
     run_dir = Path(cfg.run.dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    encoder_init = _check_fit_start(cfg, run_dir, resume, overwrite)
+    pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
+    dm = _fit_data(cfg, run_dir, resume)
+    module = _fit_module(cfg, dm, resume, encoder_init)
+    best, callbacks = _fit_callbacks(cfg, run_dir / "checkpoints")
+    trainer = _trainer(cfg, run_dir, callbacks, for_fit=True)
+    trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None, weights_only=True)
+    from diffmic.training.trackers import finish
+
+    finish(trainer.loggers)
+    # The final state, always: ModelCheckpoint may skip the last epoch's `last.ckpt` (for
+    # example when it saved at that global step already), and resume/export rely on it.
+    trainer.save_checkpoint(str(last), weights_only=False)  # full state (optimisers, EMA) for --resume
+    from diffmic.training.stopping import summary as stopping_summary
+
+    summary = {
+        "best_checkpoint": best.best_model_path or None,
+        "best_score": float(best.best_model_score) if best.best_model_score is not None else None,
+        "monitor": best.monitor,
+        "selected_on": cfg.train.select_on,
+        "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "resumed": bool(resume),  # a resumed fit's times cover this process only
+        "early_stopping": stopping_summary(callbacks),
+        **watch.record(),
+    }
+    if trainer.is_global_zero:
+        (run_dir / "fit_summary.json").write_text(json.dumps(summary, indent=2))
+    return run_dir
+
+
+def _check_fit_start(cfg: Config, run_dir: Path, resume: bool, overwrite: bool) -> Optional[dict]:
+    """Everything a fit checks before it changes the run folder: a fresh fit's folder is empty (or
+    ``overwrite`` clears our outputs), a resumed one has ``last.ckpt`` with the same network keys;
+    ``train.init_encoder_from``'s weights are read and checked (returned; None otherwise). A fresh
+    fit's folder is then prepared (a resumed one after its data split is checked, in
+    :func:`_fit_data`). DDP: global rank 0 checks and prepares the folder; under `ddp` the other
+    ranks re-run this command after rank 0 has written it, and under torchrun/srun they start at
+    the same time."""
     ckpt_dir = run_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
-    # DDP: global rank 0 checks and prepares the folder; under `ddp` the other ranks re-run this
-    # command after rank 0 has written it, and under torchrun/srun they start at the same time
     lead = rank_zero_only.rank == 0
     if not resume and lead:
         _refuse_non_empty(run_dir, overwrite)
@@ -243,32 +283,51 @@ def _fit_locked(cfg: Config, resume: bool, overwrite: bool) -> Path:
             )
     elif lead:
         _prepare_run_folder(cfg, run_dir, ckpt_dir, resume)
-    pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
-    dm = build_datamodule(cfg)
-    dm.setup("fit")
+    return encoder_init
+
+
+def _fit_data(cfg: Config, run_dir: Path, resume: bool) -> DiffMICDataModule:
+    """The data module, set up for fit: a resumed fit's split must be the recorded one (then its
+    folder is prepared); the split is recorded and skipped images reported; a step budget
+    (``train.joint_steps`` / ``dcg_warmup_steps``) becomes epochs of this data set."""
     from diffmic.training.budget import apply_step_budget
     from diffmic.training.safety import check_split, report_skipped, split_record, write_split
 
+    lead = rank_zero_only.rank == 0
+    dm = build_datamodule(cfg)
+    dm.setup("fit")
     if resume:
         check_split(run_dir, dm, "fit --resume")
         if lead:
-            _prepare_run_folder(cfg, run_dir, ckpt_dir, resume)
-    if rank_zero_only.rank == 0:
+            _prepare_run_folder(cfg, run_dir, run_dir / "checkpoints", resume)
+    if lead:
         if not (run_dir / "split.json").exists():
             write_split(run_dir, split_record(dm))
         report_skipped(run_dir, dm)
-    # a step budget (train.joint_steps / dcg_warmup_steps) becomes epochs for this data set
-    if apply_step_budget(cfg, len(dm.get_dataset("train"))) and rank_zero_only.rank == 0:
+    if apply_step_budget(cfg, len(dm.get_dataset("train"))) and lead:
         save_config(cfg, run_dir / "config.yaml")
+    return dm
+
+
+def _fit_module(cfg: Config, dm: DiffMICDataModule, resume: bool, encoder_init: Optional[dict]) -> DiffMICModule:
+    """The LightningModule to train: a resumed fit reads no initial-weights file (every weight comes
+    from ``last.ckpt``); ``train.init_encoder_from``'s weights wait for the joint phase."""
     module_cfg = cfg.to_dict()
-    if resume:  # every weight comes from last.ckpt: do not read initial-weights files
+    if resume:
         module_cfg["model"] = {**module_cfg["model"], "encoder_weights": None, "dcg_weights": None}
     module = DiffMICModule(module_cfg, dm.num_classes, list(dm.class_names))
     if cfg.train.init_encoder_from and module.model.uses_diffusion:
-        # fresh fit: the weights read and checked above; resume: read when the joint phase starts
+        # fresh fit: the weights read and checked before; resume: read when the joint phase starts
         # (only if the checkpoint was saved before rho(x) was initialised)
         module.prepare_encoder_init(encoder_init, loader=lambda: _read_encoder_init(cfg))
-    monitor = f"val/{cfg.train.monitor}"
+    return module
+
+
+def _fit_callbacks(cfg: Config, ckpt_dir: Path) -> tuple[StageAwareCheckpoint, list[pl.Callback]]:
+    """The checkpoint that selects ``best.ckpt`` on val/<train.monitor>, and every callback of a fit:
+    learning-rate logging, mid-epoch checkpoints, the denoiser's EMA, early stopping."""
+    t = cfg.train
+    monitor = f"val/{t.monitor}"
     best = StageAwareCheckpoint(
         dirpath=str(ckpt_dir),
         filename="best",
@@ -278,49 +337,26 @@ def _fit_locked(cfg: Config, resume: bool, overwrite: bool) -> Path:
         save_last=True,
         enable_version_counter=False,
     )
-    callbacks: list = [best, LearningRateMonitor(logging_interval="epoch")]
-    if cfg.train.checkpoint_every_n_steps:
+    callbacks: list[pl.Callback] = [best, LearningRateMonitor(logging_interval="epoch")]
+    if t.checkpoint_every_n_steps:
         callbacks.append(
             StageAwareCheckpoint(
                 dirpath=str(ckpt_dir),
                 filename="step",
-                every_n_train_steps=cfg.train.checkpoint_every_n_steps,
+                every_n_train_steps=t.checkpoint_every_n_steps,
                 save_top_k=1,
                 monitor=None,
                 save_last=True,
                 enable_version_counter=False,
             )
         )
-    if cfg.train.use_ema and variant_parts(cfg.model.variant).diffusion:
-        callbacks.append(DenoiserEMA(cfg.train.ema_decay))
-    if cfg.train.early_stop_patience is not None:  # on val/<monitor>, joint stage (training.stopping)
+    if t.use_ema and variant_parts(cfg.model.variant).diffusion:
+        callbacks.append(DenoiserEMA(t.ema_decay))
+    if t.early_stop_patience is not None:  # on val/<monitor>, joint stage (training.stopping)
         from diffmic.training.stopping import early_stopping
 
-        callbacks.append(early_stopping(monitor, cfg.train.early_stop_patience, cfg.train.early_stop_min_delta))
-    trainer = _trainer(cfg, run_dir, callbacks, for_fit=True)
-    trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None, weights_only=True)
-    from diffmic.training.trackers import finish
-
-    finish(trainer.loggers)
-    # The final state, always: ModelCheckpoint may skip the last epoch's `last.ckpt` (for
-    # example when it saved at that global step already), and resume/export rely on it.
-    trainer.save_checkpoint(str(last), weights_only=False)  # full state (optimisers, EMA) for --resume
-    from diffmic.training.stopping import summary as stopping_summary
-
-    summary = {
-        "best_checkpoint": best.best_model_path or None,
-        "best_score": float(best.best_model_score) if best.best_model_score is not None else None,
-        "monitor": monitor,
-        "selected_on": cfg.train.select_on,
-        "epochs": trainer.current_epoch,
-        "global_step": trainer.global_step,
-        "resumed": bool(resume),  # a resumed fit's times cover this process only
-        "early_stopping": stopping_summary(callbacks),
-        **watch.record(),
-    }
-    if trainer.is_global_zero:
-        (run_dir / "fit_summary.json").write_text(json.dumps(summary, indent=2))
-    return run_dir
+        callbacks.append(early_stopping(monitor, t.early_stop_patience, t.early_stop_min_delta))
+    return best, callbacks
 
 
 def evaluate(
