@@ -30,6 +30,12 @@ if TYPE_CHECKING:
     from diffmic.data.datamodule import DiffMICDataModule
 
 
+def _lead() -> bool:
+    """Whether this process is global rank 0 (Lightning sets ``rank_zero_only.rank`` from the
+    launcher's environment; the attribute is not declared on the function)."""
+    return int(getattr(rank_zero_only, "rank", 0)) == 0
+
+
 class RunFolderError(OSError):
     """The run folder cannot be created or written to."""
 
@@ -47,7 +53,7 @@ def _trainer(cfg: Config, run_dir: Path, callbacks: list, for_fit: bool) -> pl.T
     t = cfg.train
     # train.logger: CSV / TensorBoard / MLflow / W&B (training.trackers); MLflow and W&B continue the
     # runs a resumed fit recorded in logs/trackers.json
-    loggers = build_loggers(cfg, run_dir, lead=rank_zero_only.rank == 0) if for_fit else []
+    loggers = build_loggers(cfg, run_dir, lead=_lead()) if for_fit else []
     cbs = list(callbacks)
     if for_fit:
         cbs.append(BroadcastBuffers())  # DDP: every rank starts each epoch with rank 0's BN statistics
@@ -148,7 +154,7 @@ def _prepare_run_folder(cfg: Config, run_dir: Path, ckpt_dir: Path, resume: bool
         for partial in ckpt_dir.glob(f"*.ckpt{TMP_MARK}*"):  # left by a run killed while saving
             partial.unlink()
         log = run_dir / "logs" / "metrics.csv"
-        if resume and log.is_file() and rank_zero_only.rank == 0:
+        if resume and log.is_file() and _lead():
             # Lightning's CSVLogger deletes an existing metrics.csv: keep the log of the epochs
             # before the interruption as metrics.part1.csv, metrics.part2.csv, ...
             n = 1
@@ -192,7 +198,7 @@ def fit(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
         raise ConfigError("resume and overwrite exclude each other")
     check_run_outside_data(cfg.run.dir, cfg.data.root)
     check_available(cfg)  # an MLflow / W&B logger without its package: say so before the folder is touched
-    if rank_zero_only.rank != 0:  # DDP: rank 0 holds the lock for all ranks
+    if not _lead():  # DDP: rank 0 holds the lock for all ranks
         return _fit_locked(cfg, resume, overwrite)
     with RunLock(Path(cfg.run.dir), RunFolderError):
         return _settled(Path(cfg.run.dir), lambda: _fit_locked(cfg, resume, overwrite))
@@ -265,7 +271,7 @@ def _check_fit_start(cfg: Config, run_dir: Path, resume: bool, overwrite: bool) 
     the same time."""
     ckpt_dir = run_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
-    lead = rank_zero_only.rank == 0
+    lead = _lead()
     if not resume and lead:
         _refuse_non_empty(run_dir, overwrite)
     if resume and not last.exists():
@@ -293,7 +299,7 @@ def _fit_data(cfg: Config, run_dir: Path, resume: bool) -> DiffMICDataModule:
     from diffmic.training.budget import apply_step_budget
     from diffmic.training.safety import check_split, report_skipped, split_record, write_split
 
-    lead = rank_zero_only.rank == 0
+    lead = _lead()
     dm = build_datamodule(cfg)
     dm.setup("fit")
     if resume:
@@ -399,7 +405,7 @@ def evaluate(
     trainer = _trainer(cfg, run_dir, [], for_fit=False)
     pl.seed_everything(cfg.run.seed, verbose=False)
     if stage == "test":
-        lead = rank_zero_only.rank == 0  # DDP: rank 0 writes the results, and keeps the manifest
+        lead = _lead()  # DDP: rank 0 writes the results, and keeps the manifest
 
         def test() -> dict:
             if lead:
