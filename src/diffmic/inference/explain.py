@@ -563,7 +563,7 @@ def build_report(run_dir: Path, output: Path | None = None, max_images: int = 60
                 f"<img alt='conformal' src='{png_data_uri(_conformal_figure(conf))}'>" + _conformal_table(conf),
             )
         )
-    if module.model.variant != "basic":
+    if module.model.uses_diffusion:
         try:
             fig, _steps = tsne_figure(module, ds, idx, names, seed)
             panels.append(
@@ -577,7 +577,11 @@ def build_report(run_dir: Path, output: Path | None = None, max_images: int = 60
             panels.append(("tsne", "t-SNE", "<p>scikit-learn is not installed: pip install 'diffmic[report]'.</p>"))
     else:
         panels.append(
-            ("tsne", "t-SNE", "<p>The basic variant has no reverse diffusion: no label-vector trajectory.</p>")
+            (
+                "tsne",
+                "t-SNE",
+                f"<p>The {esc(module.model.variant)} variant has no reverse diffusion: no label-vector trajectory.</p>",
+            )
         )
     panels.append(("ood", "Out-of-distribution flag (images unlike the training data)", _ood_panel(tm)))
     # the numbers of test_metrics.json's `lesions` block (every test image with a mask) where the test

@@ -781,10 +781,12 @@ class _DenoiserStep(nn.Module):
 def export_onnx(model: nn.Module, cfg, folder: str | os.PathLike, batch: int = 2, opset: int = 18) -> dict:
     """Write :data:`ONNX_ENCODER` and :data:`ONNX_STEP` into ``folder`` (fixed batch size ``batch``:
     the DCG's top-K ROI crops are traced for it). Needs the ``onnx`` extra (onnx, onnxscript)."""
-    if model.variant == "basic":
+    if not model.uses_diffusion:
+        from diffmic.nn.diffmic import DIFFUSION_VARIANTS
+
         raise ExportError(
-            "ONNX export covers the diffusion variants (C1, C2, full); variant 'basic' is a plain "
-            "classifier: export it with torch.onnx.export(model.encoder + model.classifier)"
+            f"ONNX export covers the diffusion variants ({', '.join(DIFFUSION_VARIANTS)}); variant "
+            f"'{model.variant}' is a plain classifier: export its classify(x) with torch.onnx.export"
         )
     try:
         import onnx  # noqa: F401
