@@ -243,7 +243,7 @@ def t_start(v: Any, cfg: Config) -> Optional[str]:
     if not 0 <= v <= T - 1:
         return f"must be in [0, diffusion.num_timesteps-1={T - 1}]"
     for key, n in (("eval.steps", cfg.eval.steps), ("eval.val_steps", cfg.eval.val_steps)):
-        if n is not None and n > v + 1:
+        if n is not None and v + 1 < n <= T:  # a chain longer than T is its own key's error (checks.steps)
             return f"must be >= {key}-1={n - 1} (a chain of {n} steps needs {n} timesteps)"
     return None
 
