@@ -68,15 +68,8 @@ def diagnose(run: Path, buckets: int = 5, batch_size: int = 64, ckpt: str | None
                 model,
                 sched,
                 x,
-                sampler=e.sampler,
-                steps=e.steps,
-                eta=e.eta,
-                start=e.start,
-                num_samples=K,
+                **{**e.reverse_kwargs(), "num_samples": K, "point_steps": (e.point_steps or 5) if K == 1 else 0},
                 ids=ids,
-                seed=e.sample_seed,
-                t_start=e.t_start,
-                point_steps=(e.point_steps or 5) if K == 1 else 0,
             )
             probs_k[K].append(readout(out.y0, e.aggregate, e.temperature).probs)
             if out.point is not None:

@@ -1,9 +1,10 @@
-"""Configuration: one table of validation rules (each rule tested here), choice sets taken from the
-library, generic coercion from the dataclass field types, and presets that compose (``base:``)."""
+"""Configuration: the rules and choices each field declares (every rule tested here), choice sets
+taken from the library, generic coercion from the dataclass field types, presets that compose
+(``base:``), and the arguments the config gives each constructor."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import re
 
 import pytest
 import yaml
@@ -287,13 +288,62 @@ def test_section_kwargs_maps_fields_by_name():
     assert kw == {"variant": "full", "hidden_dim": 512, "num_timesteps": 7}
 
 
+def test_the_data_module_gets_every_data_key_and_the_run_seed():
+    """datamodule_kwargs passes each data.* field under its own name (a field the data module does not
+    take would be a TypeError, not a silently dropped key); the protocol of train.select_on picks
+    the split validation runs on."""
+    import dataclasses
+    import inspect
+
+    from diffmic.config import datamodule_kwargs
+    from diffmic.data.datamodule import DiffMICDataModule
+
+    cfg = load_config("cpu_v1", ["data.rotation=12.5", "run.seed=77", "train.select_on=test"])
+    kw = datamodule_kwargs(cfg)
+    params = inspect.signature(DiffMICDataModule).parameters
+    assert set(kw) <= set(params)
+    assert {f.name for f in dataclasses.fields(cfg.data)} <= set(kw)
+    assert (kw["rotation"], kw["seed"], kw["val_split"]) == (12.5, 77, "test")
+    assert datamodule_kwargs(load_config("cpu_v1"))["val_split"] == "val"
+
+
+@pytest.mark.parametrize("variant, warmup", [("full", 3), ("C2", 3), ("dcg", 3), ("C1", 0), ("basic", 0)])
+def test_the_trainer_runs_the_warm_up_only_for_variants_with_a_dcg(variant, warmup):
+    import inspect
+
+    import lightning.pytorch as pl
+
+    from diffmic.config import trainer_kwargs
+
+    over = [f"model.variant={variant}", "train.epochs=5", "train.dcg_warmup_epochs=3", "train.log_every_n_steps=7"]
+    kw = trainer_kwargs(load_config("cpu_v1", over))
+    assert set(kw) <= set(inspect.signature(pl.Trainer).parameters)
+    assert kw["max_epochs"] == 5 + warmup and kw["log_every_n_steps"] == 7
+    assert "accumulate_grad_batches" not in kw  # manual optimisation accumulates itself
+
+
+def test_each_choice_key_is_refused_with_its_declared_choices():
+    """The choices a field declares are the ones the error lists (the only list of them)."""
+    import dataclasses
+
+    for sec, sec_type in ((s, type(getattr(Config(), s))) for s in Config().to_dict()):
+        for f in dataclasses.fields(sec_type):
+            if "choices" not in f.metadata:
+                continue
+            key = f"{sec}.{f.name}"
+            assert CHOICES[key] is f.metadata["choices"]
+            listed = re.escape(", ".join(f.metadata["choices"]))
+            with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: 'bogus' is not one of {listed}$"):
+                load_config(None, [f"{key}=bogus"])
+
+
 # ------------------------------------------------------------------------------------ presets
 def test_presets_compose_with_base(tmp_path):
     """Every derived preset holds only what differs from its base, and loads to base + those keys."""
     from diffmic.config import _merge
 
     for child, base in (("demo_cpu", "cpu"), ("breastmnist", "cpu"), ("cpu_v1", "cpu"), ("cpu_steps", "cpu_v1")):
-        own = yaml.safe_load((Path(diffmic.config.__file__).parent / "configs" / f"{child}.yaml").read_text())
+        own = yaml.safe_load((diffmic.config.preset_dir() / f"{child}.yaml").read_text())
         assert own.pop("base") == base
         parent = load_config(base).to_dict()
         redundant = {(s, k) for s, body in own.items() for k, v in body.items() if parent[s][k] == v}

@@ -11,6 +11,7 @@ from pathlib import Path, PurePath
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from diffmic.config import ConfigError, load_config
 from diffmic.diffusion.reverse import reverse_sample
@@ -38,29 +39,32 @@ def subset_indices(labels: list[int], n: int, seed: int) -> list[int]:
 
 
 @torch.no_grad()
-def tsne_figure(
-    module, dataset, idx: list[int], class_names: list[str], seed: int, num_panels: int = 4, batch_size: int = 64
-):
-    """The paper's Fig. 2: t-SNE of the denoised label vectors y_t at several reverse steps (one
-    sample per image), coloured by the true class. Returns (figure, the steps shown)."""
-    from sklearn.manifold import TSNE
-
-    e = module.cfg.eval
+def label_trajectories(module, dataset, idx: list[int], batch_size: int = 64) -> tuple[Tensor, list[int]]:
+    """The reverse path of one sample per image (``idx`` of ``dataset``) under the run's eval
+    settings (:meth:`~diffmic.config.EvalConfig.reverse_kwargs`, as the Predictor and ``diffmic test``
+    sample): the label vectors ``[S, N, C]`` at each reverse step, the last being y0, and the labels."""
+    kwargs = {**module.cfg.eval.reverse_kwargs(), "num_samples": 1, "point_steps": 0}  # one sample's path
     trajs, labels = [], []
     for s in range(0, len(idx), batch_size):
         items = [dataset[i] for i in idx[s : s + batch_size]]
         x = torch.stack([it["image"] for it in items]).to(module.device)
         out = reverse_sample(
-            module.model,
-            module.schedule,
-            x,
-            **{**e.reverse_kwargs(), "num_samples": 1, "point_steps": 0},  # one sample's path
-            ids=[it["id"] for it in items],
-            return_trajectory=True,
+            module.model, module.schedule, x, **kwargs, ids=[it["id"] for it in items], return_trajectory=True
         )
         trajs.append(torch.stack([t[:, 0] for t in out.trajectory]).cpu())  # [S,B,C]
         labels += [int(it["label"]) for it in items]
-    traj = torch.cat(trajs, 1)
+    return torch.cat(trajs, 1), labels
+
+
+def tsne_figure(
+    module, dataset, idx: list[int], class_names: list[str], seed: int, num_panels: int = 4, batch_size: int = 64
+):
+    """The paper's Fig. 2: t-SNE of the denoised label vectors y_t at several reverse steps (one
+    sample per image, :func:`label_trajectories`), coloured by the true class. Returns (figure, the
+    steps shown)."""
+    from sklearn.manifold import TSNE
+
+    traj, labels = label_trajectories(module, dataset, idx, batch_size)
     S = traj.shape[0]
     pick = sorted({round(float(v)) for v in np.linspace(0, S - 1, num_panels)})
     plt = _plt()
@@ -559,7 +563,7 @@ def build_report(run_dir: Path, output: Path | None = None, max_images: int = 60
                 f"<img alt='conformal' src='{png_data_uri(_conformal_figure(conf))}'>" + _conformal_table(conf),
             )
         )
-    if module.model.variant != "basic":
+    if module.model.uses_diffusion:
         try:
             fig, _steps = tsne_figure(module, ds, idx, names, seed)
             panels.append(
@@ -573,7 +577,11 @@ def build_report(run_dir: Path, output: Path | None = None, max_images: int = 60
             panels.append(("tsne", "t-SNE", "<p>scikit-learn is not installed: pip install 'diffmic[report]'.</p>"))
     else:
         panels.append(
-            ("tsne", "t-SNE", "<p>The basic variant has no reverse diffusion: no label-vector trajectory.</p>")
+            (
+                "tsne",
+                "t-SNE",
+                f"<p>The {esc(module.model.variant)} variant has no reverse diffusion: no label-vector trajectory.</p>",
+            )
         )
     panels.append(("ood", "Out-of-distribution flag (images unlike the training data)", _ood_panel(tm)))
     # the numbers of test_metrics.json's `lesions` block (every test image with a mask) where the test

@@ -341,19 +341,11 @@ def _architecture(meta: dict, cfg, cfg_path: Path) -> dict:
     """The keyword arguments of ``DiffMIC`` for this folder: derived from its validated training
     config (as ``training.module.build_model`` derives them), and required to equal the
     ``architecture`` the folder states. Initial-weight files are never read (``None``)."""
-    from diffmic.config import section_kwargs
+    from diffmic.config import model_kwargs
     from diffmic.nn.diffmic import DiffMIC, architecture
-    from diffmic.nn.encoders import timm_encoder_kwargs
 
     try:
-        kwargs = section_kwargs(
-            DiffMIC,
-            cfg.model,
-            num_timesteps=cfg.diffusion.num_timesteps,
-            crop_size=cfg.crop_size(),
-            in_chans=cfg.data.in_chans,
-            encoder_kwargs=timm_encoder_kwargs(cfg.model.encoder, cfg.model.encoder_kwargs, cfg.data.image_size),
-        )
+        kwargs = model_kwargs(cfg)
     except ValueError as exc:
         raise _refuse(cfg_path, f"its config does not describe a model ({exc})") from exc
     kwargs.update(num_classes=len(meta["class_names"]), encoder_weights=None, dcg_weights=None, pretrained=None)
@@ -427,7 +419,7 @@ def load_model_folder(path: str | os.PathLike, eval_overrides: dict | None = Non
     from safetensors.torch import load_file
 
     from diffmic.config import ConfigError, config_from_dict
-    from diffmic.nn.diffmic import DiffMIC
+    from diffmic.nn.diffmic import DiffMIC, variant_parts
 
     folder = Path(path)
     cfg_path, weights = folder / CONFIG, folder / WEIGHTS
@@ -452,7 +444,7 @@ def load_model_folder(path: str | os.PathLike, eval_overrides: dict | None = Non
     except ConfigError as exc:
         raise ExportError(f"{cfg_path}: {exc}") from exc
     kwargs = _architecture(meta, cfg, cfg_path)
-    if kwargs.get("variant") not in ("basic", "dcg"):  # rho(x) has hidden_dim features
+    if variant_parts(kwargs["variant"]).diffusion:  # rho(x) has hidden_dim features
         _check_ood(meta, cfg_path, feature_dim=int(kwargs["hidden_dim"]))
     _check_model_against_weights(kwargs, header, weights, cfg_path)
     model = DiffMIC(**kwargs)
@@ -516,12 +508,13 @@ def _ood_line(cal: Any) -> str:
 
 def _referral_line(meta: dict) -> str:
     """The referral rule the exported model applies (Predictor.referral_rule), in words."""
+    from diffmic.nn.diffmic import variant_parts
     from diffmic.trust.fitting import applied_rule
 
     cfg = meta["config"]
     ev, variant = cfg["eval"], cfg["model"]["variant"]
     cal = meta.get("calibration")
-    k = None if variant in ("basic", "dcg") else int(ev["num_samples"])
+    k = int(ev["num_samples"]) if variant_parts(variant).diffusion else None
     return applied_rule(cal if isinstance(cal, dict) else None, float(ev["refer_threshold"]), k)
 
 
@@ -788,10 +781,12 @@ class _DenoiserStep(nn.Module):
 def export_onnx(model: nn.Module, cfg, folder: str | os.PathLike, batch: int = 2, opset: int = 18) -> dict:
     """Write :data:`ONNX_ENCODER` and :data:`ONNX_STEP` into ``folder`` (fixed batch size ``batch``:
     the DCG's top-K ROI crops are traced for it). Needs the ``onnx`` extra (onnx, onnxscript)."""
-    if model.variant == "basic":
+    if not model.uses_diffusion:
+        from diffmic.nn.diffmic import DIFFUSION_VARIANTS
+
         raise ExportError(
-            "ONNX export covers the diffusion variants (C1, C2, full); variant 'basic' is a plain "
-            "classifier: export it with torch.onnx.export(model.encoder + model.classifier)"
+            f"ONNX export covers the diffusion variants ({', '.join(DIFFUSION_VARIANTS)}); variant "
+            f"'{model.variant}' is a plain classifier: export its classify(x) with torch.onnx.export"
         )
     try:
         import onnx  # noqa: F401

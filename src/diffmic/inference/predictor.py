@@ -109,8 +109,8 @@ class Predictor:
         calib = getattr(module, "calibration", None)
         #: the out-of-distribution flag in words, or why there is none (a calibration without one)
         self.ood_rule: Optional[str] = ood_rule_text(calib.get("ood")) if calib is not None else None
-        variant = getattr(getattr(module, "model", None), "variant", None)
-        k = None if variant in ("basic", "dcg") else int(self.cfg.eval.num_samples)
+        model = getattr(module, "model", None)
+        k = int(self.cfg.eval.num_samples) if model is None or model.uses_diffusion else None
         fitted = calib is not None and isinstance(calib.get("referral"), dict)
         #: the confidence threshold applied (fitted on validation when calibrated, else eval.refer_threshold)
         self.refer_threshold: float = (
@@ -194,7 +194,7 @@ class Predictor:
         m = self.module
         e = self.cfg.eval
         x = x.to(self.device)
-        if m.model.variant in ("basic", "dcg"):
+        if not m.model.uses_diffusion:  # a classifier (basic, dcg): no sampling
             logits, feat, _ = classifier_outputs(m.model, x)
             probs = torch.softmax(logits, -1)
             y0 = probs.log()[:, None, :]
@@ -218,7 +218,7 @@ class Predictor:
             )
         trust = predict_trust(
             r.probs,
-            r.samples if m.model.variant != "basic" else None,
+            r.samples if m.model.uses_diffusion or m.model.uses_dcg else None,  # not `basic`
             getattr(m, "calibration", None),
             ids=[str(i) for i in ids],
             ood_inputs=ood_inputs,

@@ -214,8 +214,8 @@ def make_server(
     info = html.escape(model_info or f"classes: {', '.join(predictor.class_names)}")
     # the rule the Predictor applies (the threshold fitted on validation when calibrated), stated once
     refer_threshold = float(getattr(predictor, "refer_threshold", predictor.cfg.eval.refer_threshold))
-    variant = getattr(getattr(predictor.module, "model", None), "variant", None)
-    k = None if variant in ("basic", "dcg") else int(predictor.cfg.eval.num_samples)
+    model = getattr(predictor.module, "model", None)
+    k = int(predictor.cfg.eval.num_samples) if model is None or model.uses_diffusion else None
     rule = getattr(predictor, "referral_rule", None) or referral_rule(refer_threshold, k)
     ood_rule = getattr(predictor, "ood_rule", None) or ""
 

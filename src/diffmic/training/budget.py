@@ -13,7 +13,7 @@ import math
 
 from diffmic.config import Config, ConfigError
 from diffmic.data.sampling import train_batches_per_epoch
-from diffmic.nn.diffmic import DCG_VARIANTS
+from diffmic.nn.diffmic import variant_parts
 
 __all__ = ["steps_per_epoch", "epochs_for_steps", "apply_step_budget"]
 
@@ -51,7 +51,7 @@ def apply_step_budget(cfg: Config, num_train: int) -> dict:
     """
     t = cfg.train
     steps = t.joint_steps is not None or t.dcg_warmup_steps is not None
-    merge = t.equal_budget and cfg.model.variant not in DCG_VARIANTS
+    merge = t.equal_budget and not variant_parts(cfg.model.variant).dcg
     if not steps and not (merge and t.dcg_warmup_epochs > 0):
         return {}
     acc = t.accumulate_grad_batches

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
 import torch
@@ -23,6 +23,20 @@ def ema_avg_fn(decay: float):
     return avg
 
 
+@runtime_checkable
+class EMAHost(Protocol):
+    """What :class:`DenoiserEMA` needs of the LightningModule (``training.module.DiffMICModule``)."""
+
+    def diffusion_modules(self) -> torch.nn.ModuleList: ...
+
+
+def _covered(pl_module: object) -> torch.nn.ModuleList:
+    """The modules the EMA averages: ``pl_module.diffusion_modules()``."""
+    if not isinstance(pl_module, EMAHost):
+        raise TypeError(f"DenoiserEMA needs a module with diffusion_modules(), got {type(pl_module).__name__}")
+    return pl_module.diffusion_modules()
+
+
 class DenoiserEMA(pl.Callback):
     """Exponential moving average of ρ(x) and the denoiser (not the DCG), used for evaluation.
 
@@ -40,7 +54,7 @@ class DenoiserEMA(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self.ema is None:
-            self.ema = AveragedModel(pl_module.diffusion_modules(), avg_fn=ema_avg_fn(self.decay), use_buffers=True)
+            self.ema = AveragedModel(_covered(pl_module), avg_fn=ema_avg_fn(self.decay), use_buffers=True)
             if self._pending_state is not None:
                 self.ema.load_state_dict(self._pending_state)
                 self._pending_state = None
@@ -48,12 +62,12 @@ class DenoiserEMA(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # with train.accumulate_grad_batches, only after the batches on which the optimisers stepped
         if self.ema is not None and not pl_module.in_dcg_warmup and getattr(pl_module, "optimizer_stepped", True):
-            self.ema.update_parameters(pl_module.diffusion_modules())
+            self.ema.update_parameters(_covered(pl_module))
 
     def _swap(self, pl_module: pl.LightningModule) -> None:
         if self.ema is None or self.ema.n_averaged.item() == 0:
             return
-        live = pl_module.diffusion_modules()
+        live = _covered(pl_module)
         with torch.no_grad():
             for a, b in zip(
                 list(self.ema.module.parameters()) + list(self.ema.module.buffers()),
@@ -76,7 +90,7 @@ class DenoiserEMA(pl.Callback):
         if self.ema is not None and self.ema.n_averaged.item() > 0:
             state = self.ema.module.state_dict()
             if self._swapped:  # saving during validation: the live weights are the EMA ones
-                state = pl_module.diffusion_modules().state_dict()
+                state = _covered(pl_module).state_dict()
             checkpoint["diffmic_ema"] = {k: v.detach().clone() for k, v in state.items()}
             checkpoint["diffmic_ema_n"] = int(self.ema.n_averaged.item())
 
@@ -111,7 +125,7 @@ class StageAwareCheckpoint(ModelCheckpoint):
         if (
             self.save_last
             and self.monitor is not None
-            and not trainer.fast_dev_run
+            and not getattr(trainer, "fast_dev_run", False)  # set by the Trainer, not declared
             and not trainer.sanity_checking
             and self._last_global_step_saved != trainer.global_step
         ):

@@ -172,25 +172,11 @@ def mismatch(path: str | Path, details: str) -> CheckpointError:
 
 
 def build_model(cfg: Config, num_classes: int) -> DiffMIC:
-    """The network of ``cfg``: every ``model.*`` field that names a DiffMIC argument, plus T, the
-    ROI crop size, the input channels and the encoder's timm kwargs (``img_size=data.image_size`` added
-    for a fixed-input-size timm encoder, see :func:`~diffmic.nn.encoders.timm_encoder_kwargs`)."""
-    from diffmic.config import section_kwargs
+    """The network of ``cfg`` (its arguments from :func:`diffmic.config.model_kwargs`)."""
+    from diffmic.config import model_kwargs
     from diffmic.nn.diffmic import DiffMIC
-    from diffmic.nn.encoders import timm_encoder_kwargs
 
-    m = cfg.model
-    return DiffMIC(
-        num_classes,
-        **section_kwargs(
-            DiffMIC,
-            m,
-            num_timesteps=cfg.diffusion.num_timesteps,
-            crop_size=cfg.crop_size(),
-            in_chans=cfg.data.in_chans,
-            encoder_kwargs=timm_encoder_kwargs(m.encoder, m.encoder_kwargs, cfg.data.image_size),
-        ),
-    )
+    return DiffMIC(num_classes, **model_kwargs(cfg))
 
 
 def ema_modules(model: torch.nn.Module) -> torch.nn.ModuleList:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import lightning.pytorch as pl
 import numpy as np
@@ -64,6 +64,12 @@ from diffmic.trust.ood import flags as ood_flags
 
 class DiffMICModule(pl.LightningModule):
     """Training and evaluation of :class:`~diffmic.nn.diffmic.DiffMIC` (all Table 2 variants)."""
+
+    encoder_from_dcg_done: Tensor  # a buffer (__init__)
+    # set by training.checkpoint.load_module on a module read from a checkpoint
+    loaded_from: str
+    diffmic_version: str
+    calibration: Optional[dict]  # the trust parameters fitted on validation (None: not calibrated)
 
     def __init__(self, config: dict, num_classes: int, class_names: list[str]) -> None:
         super().__init__()
@@ -185,6 +191,7 @@ class DiffMICModule(pl.LightningModule):
         from the diffusion loss, which takes hundreds of epochs). Needs ``model.encoder`` and
         ``model.dcg_global`` to name the same architecture.
         """
+        assert self.model.dcg is not None and self.model.image_embedding is not None  # C2 / full
         src = self.model.dcg.global_encoder.state_dict()
         dst = self.model.image_embedding.encoder
         try:
@@ -235,7 +242,11 @@ class DiffMICModule(pl.LightningModule):
             self.model,
             self.schedule,
             batch,
-            StepOptimizers.of(self.model, opts if isinstance(opts, list) else [opts]),
+            # a LightningOptimizer is an instance of its optimizer's class at run time (Lightning
+            # subclasses it on the fly), which its annotations do not say
+            StepOptimizers.of(
+                self.model, cast(list[torch.optim.Optimizer], opts if isinstance(opts, list) else [opts])
+            ),
             self.cfg,
             warmup=self.in_dcg_warmup,
             fold_dcgs=self.fold_dcgs,
@@ -300,6 +311,7 @@ class DiffMICModule(pl.LightningModule):
             return torch.softmax(logits, -1), None, None, {"ood": OODInputs(logits, feat), "guidance": g}
         if stage == "val" and self.in_dcg_warmup:
             g = self.model.guide(x)
+            assert g is not None  # the warm-up trains the DCG
             return torch.softmax(g.z_fused, -1), None, None, {"ood": OODInputs(g.z_fused), "guidance": g}
         out = reverse_sample(
             self.model,
@@ -310,9 +322,10 @@ class DiffMICModule(pl.LightningModule):
             guide=FoldAverage(self.fold_dcgs) if self.fold_dcgs is not None and e.prior_source == "folds" else None,
         )
         r = readout(out.y0, e.aggregate, e.temperature, point=out.point)
-        g = out.guidance
-        inputs = OODInputs(g.z_fused if g is not None else None, out.feat, r.spread if out.y0.shape[1] >= 2 else None)
-        return r.probs, r, out.prior, {"ood": inputs, "guidance": g}
+        guidance: Any = out.guidance  # a GuidanceOutput or None (the diffusion layer does not name nn types)
+        z = guidance.z_fused if guidance is not None else None
+        inputs = OODInputs(z, out.feat, r.spread if out.y0.shape[1] >= 2 else None)
+        return r.probs, r, out.prior, {"ood": inputs, "guidance": guidance}
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         probs, _, prior = self._scores(batch, "val")

@@ -10,15 +10,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 
-from diffmic.config import Config, ConfigError, load_config, save_config
-from diffmic.nn.diffmic import DCG_VARIANTS
+from diffmic.config import Config, ConfigError, datamodule_kwargs, load_config, save_config, trainer_kwargs
+from diffmic.nn.diffmic import variant_parts
 from diffmic.training.callbacks import DenoiserEMA, StageAwareCheckpoint
 from diffmic.training.checkpoint import TMP_MARK, AtomicCheckpointIO, CheckpointError, load_module, read_checkpoint
 from diffmic.training.ddp import BroadcastBuffers
@@ -26,45 +26,25 @@ from diffmic.training.loading import resolve_checkpoint  # here and re-exported 
 from diffmic.training.module import DiffMICModule
 from diffmic.training.output import model_summary
 
+if TYPE_CHECKING:
+    from diffmic.data.datamodule import DiffMICDataModule
+
+
+def _lead() -> bool:
+    """Whether this process is global rank 0 (Lightning sets ``rank_zero_only.rank`` from the
+    launcher's environment; the attribute is not declared on the function)."""
+    return int(getattr(rank_zero_only, "rank", 0)) == 0
+
 
 class RunFolderError(OSError):
     """The run folder cannot be created or written to."""
 
 
-def build_datamodule(cfg: Config):
+def build_datamodule(cfg: Config) -> DiffMICDataModule:
+    """The data module of ``cfg`` (its arguments from :func:`diffmic.config.datamodule_kwargs`)."""
     from diffmic.data.datamodule import DiffMICDataModule
 
-    d = cfg.data
-    dm = DiffMICDataModule(
-        dataset=d.dataset,
-        root=d.root,
-        split=d.split,
-        test_fraction=d.test_fraction,
-        path_col=d.path_col,
-        label_col=d.label_col,
-        split_col=d.split_col,
-        group_col=d.group_col,
-        image_size=d.image_size,
-        in_chans=d.in_chans,
-        batch_size=d.batch_size,
-        eval_batch_size=d.eval_batch_size,
-        num_workers=d.num_workers,
-        val_fraction=d.val_fraction,
-        seed=cfg.run.seed,
-        vflip=d.vflip,
-        rotation=d.rotation,
-        cache_dir=d.cache_dir,
-        skip_bad=d.skip_bad,
-        subset=d.subset,
-        check_images=d.check_images,
-        class_balance=d.class_balance,
-        folds=d.folds,
-        fold=d.fold,
-        # The released code's protocol: model selection on the test set (optimistic; labelled in
-        # every output). Validation then runs on the test split.
-        val_split="test" if cfg.train.select_on == "test" else "val",
-    )
-    return dm
+    return DiffMICDataModule(**datamodule_kwargs(cfg))
 
 
 def _trainer(cfg: Config, run_dir: Path, callbacks: list, for_fit: bool) -> pl.Trainer:
@@ -73,30 +53,18 @@ def _trainer(cfg: Config, run_dir: Path, callbacks: list, for_fit: bool) -> pl.T
     t = cfg.train
     # train.logger: CSV / TensorBoard / MLflow / W&B (training.trackers); MLflow and W&B continue the
     # runs a resumed fit recorded in logs/trackers.json
-    loggers = build_loggers(cfg, run_dir, lead=rank_zero_only.rank == 0) if for_fit else []
+    loggers = build_loggers(cfg, run_dir, lead=_lead()) if for_fit else []
     cbs = list(callbacks)
     if for_fit:
         cbs.append(BroadcastBuffers())  # DDP: every rank starts each epoch with rank 0's BN statistics
     if t.progress_bar:
         cbs.append(TQDMProgressBar(refresh_rate=max(1, t.log_every_n_steps)))
-    total_epochs = t.epochs + (t.dcg_warmup_epochs if cfg.model.variant in DCG_VARIANTS else 0)
     trainer = pl.Trainer(
-        accelerator=t.accelerator,
-        devices=t.devices,
-        strategy=t.strategy,
-        num_nodes=t.num_nodes,
-        precision=t.precision,
-        max_epochs=total_epochs,
+        **trainer_kwargs(cfg),
         logger=loggers if loggers else False,
         callbacks=cbs,
         plugins=[AtomicCheckpointIO()],
         default_root_dir=str(run_dir),
-        check_val_every_n_epoch=t.check_val_every_n_epoch,
-        limit_train_batches=t.limit_train_batches,
-        limit_val_batches=t.limit_val_batches,
-        log_every_n_steps=t.log_every_n_steps,
-        deterministic=cfg.run.deterministic,
-        enable_progress_bar=t.progress_bar,
         enable_model_summary=model_summary(for_fit),
         num_sanity_val_steps=0,
     )
@@ -186,7 +154,7 @@ def _prepare_run_folder(cfg: Config, run_dir: Path, ckpt_dir: Path, resume: bool
         for partial in ckpt_dir.glob(f"*.ckpt{TMP_MARK}*"):  # left by a run killed while saving
             partial.unlink()
         log = run_dir / "logs" / "metrics.csv"
-        if resume and log.is_file() and rank_zero_only.rank == 0:
+        if resume and log.is_file() and _lead():
             # Lightning's CSVLogger deletes an existing metrics.csv: keep the log of the epochs
             # before the interruption as metrics.part1.csv, metrics.part2.csv, ...
             n = 1
@@ -230,7 +198,7 @@ def fit(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
         raise ConfigError("resume and overwrite exclude each other")
     check_run_outside_data(cfg.run.dir, cfg.data.root)
     check_available(cfg)  # an MLflow / W&B logger without its package: say so before the folder is touched
-    if rank_zero_only.rank != 0:  # DDP: rank 0 holds the lock for all ranks
+    if not _lead():  # DDP: rank 0 holds the lock for all ranks
         return _fit_locked(cfg, resume, overwrite)
     with RunLock(Path(cfg.run.dir), RunFolderError):
         return _settled(Path(cfg.run.dir), lambda: _fit_locked(cfg, resume, overwrite))
@@ -255,15 +223,55 @@ def _settled(run_dir: Path, step):
 
 
 def _fit_locked(cfg: Config, resume: bool, overwrite: bool) -> Path:
+    """``fit`` under the run lock: check and prepare the folder, the data and the module, train,
+    then write the final state and ``fit_summary.json``."""
     from diffmic.provenance import Stopwatch
 
     watch = Stopwatch()
     run_dir = Path(cfg.run.dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    encoder_init = _check_fit_start(cfg, run_dir, resume, overwrite)
+    pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
+    dm = _fit_data(cfg, run_dir, resume)
+    module = _fit_module(cfg, dm, resume, encoder_init)
+    best, callbacks = _fit_callbacks(cfg, run_dir / "checkpoints")
+    trainer = _trainer(cfg, run_dir, callbacks, for_fit=True)
+    trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None, weights_only=True)
+    from diffmic.training.trackers import finish
+
+    finish(trainer.loggers)
+    # The final state, always: ModelCheckpoint may skip the last epoch's `last.ckpt` (for
+    # example when it saved at that global step already), and resume/export rely on it.
+    trainer.save_checkpoint(str(last), weights_only=False)  # full state (optimisers, EMA) for --resume
+    from diffmic.training.stopping import summary as stopping_summary
+
+    summary = {
+        "best_checkpoint": best.best_model_path or None,
+        "best_score": float(best.best_model_score) if best.best_model_score is not None else None,
+        "monitor": best.monitor,
+        "selected_on": cfg.train.select_on,
+        "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "resumed": bool(resume),  # a resumed fit's times cover this process only
+        "early_stopping": stopping_summary(callbacks),
+        **watch.record(),
+    }
+    if trainer.is_global_zero:
+        (run_dir / "fit_summary.json").write_text(json.dumps(summary, indent=2))
+    return run_dir
+
+
+def _check_fit_start(cfg: Config, run_dir: Path, resume: bool, overwrite: bool) -> Optional[dict]:
+    """Everything a fit checks before it changes the run folder: a fresh fit's folder is empty (or
+    ``overwrite`` clears our outputs), a resumed one has ``last.ckpt`` with the same network keys;
+    ``train.init_encoder_from``'s weights are read and checked (returned; None otherwise). A fresh
+    fit's folder is then prepared (a resumed one after its data split is checked, in
+    :func:`_fit_data`). DDP: global rank 0 checks and prepares the folder; under `ddp` the other
+    ranks re-run this command after rank 0 has written it, and under torchrun/srun they start at
+    the same time."""
     ckpt_dir = run_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
-    # DDP: global rank 0 checks and prepares the folder; under `ddp` the other ranks re-run this
-    # command after rank 0 has written it, and under torchrun/srun they start at the same time
-    lead = rank_zero_only.rank == 0
+    lead = _lead()
     if not resume and lead:
         _refuse_non_empty(run_dir, overwrite)
     if resume and not last.exists():
@@ -281,32 +289,51 @@ def _fit_locked(cfg: Config, resume: bool, overwrite: bool) -> Path:
             )
     elif lead:
         _prepare_run_folder(cfg, run_dir, ckpt_dir, resume)
-    pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
-    dm = build_datamodule(cfg)
-    dm.setup("fit")
+    return encoder_init
+
+
+def _fit_data(cfg: Config, run_dir: Path, resume: bool) -> DiffMICDataModule:
+    """The data module, set up for fit: a resumed fit's split must be the recorded one (then its
+    folder is prepared); the split is recorded and skipped images reported; a step budget
+    (``train.joint_steps`` / ``dcg_warmup_steps``) becomes epochs of this data set."""
     from diffmic.training.budget import apply_step_budget
     from diffmic.training.safety import check_split, report_skipped, split_record, write_split
 
+    lead = _lead()
+    dm = build_datamodule(cfg)
+    dm.setup("fit")
     if resume:
         check_split(run_dir, dm, "fit --resume")
         if lead:
-            _prepare_run_folder(cfg, run_dir, ckpt_dir, resume)
-    if rank_zero_only.rank == 0:
+            _prepare_run_folder(cfg, run_dir, run_dir / "checkpoints", resume)
+    if lead:
         if not (run_dir / "split.json").exists():
             write_split(run_dir, split_record(dm))
         report_skipped(run_dir, dm)
-    # a step budget (train.joint_steps / dcg_warmup_steps) becomes epochs for this data set
-    if apply_step_budget(cfg, len(dm.get_dataset("train"))) and rank_zero_only.rank == 0:
+    if apply_step_budget(cfg, len(dm.get_dataset("train"))) and lead:
         save_config(cfg, run_dir / "config.yaml")
+    return dm
+
+
+def _fit_module(cfg: Config, dm: DiffMICDataModule, resume: bool, encoder_init: Optional[dict]) -> DiffMICModule:
+    """The LightningModule to train: a resumed fit reads no initial-weights file (every weight comes
+    from ``last.ckpt``); ``train.init_encoder_from``'s weights wait for the joint phase."""
     module_cfg = cfg.to_dict()
-    if resume:  # every weight comes from last.ckpt: do not read initial-weights files
+    if resume:
         module_cfg["model"] = {**module_cfg["model"], "encoder_weights": None, "dcg_weights": None}
     module = DiffMICModule(module_cfg, dm.num_classes, list(dm.class_names))
     if cfg.train.init_encoder_from and module.model.uses_diffusion:
-        # fresh fit: the weights read and checked above; resume: read when the joint phase starts
+        # fresh fit: the weights read and checked before; resume: read when the joint phase starts
         # (only if the checkpoint was saved before rho(x) was initialised)
         module.prepare_encoder_init(encoder_init, loader=lambda: _read_encoder_init(cfg))
-    monitor = f"val/{cfg.train.monitor}"
+    return module
+
+
+def _fit_callbacks(cfg: Config, ckpt_dir: Path) -> tuple[StageAwareCheckpoint, list[pl.Callback]]:
+    """The checkpoint that selects ``best.ckpt`` on val/<train.monitor>, and every callback of a fit:
+    learning-rate logging, mid-epoch checkpoints, the denoiser's EMA, early stopping."""
+    t = cfg.train
+    monitor = f"val/{t.monitor}"
     best = StageAwareCheckpoint(
         dirpath=str(ckpt_dir),
         filename="best",
@@ -316,49 +343,26 @@ def _fit_locked(cfg: Config, resume: bool, overwrite: bool) -> Path:
         save_last=True,
         enable_version_counter=False,
     )
-    callbacks: list = [best, LearningRateMonitor(logging_interval="epoch")]
-    if cfg.train.checkpoint_every_n_steps:
+    callbacks: list[pl.Callback] = [best, LearningRateMonitor(logging_interval="epoch")]
+    if t.checkpoint_every_n_steps:
         callbacks.append(
             StageAwareCheckpoint(
                 dirpath=str(ckpt_dir),
                 filename="step",
-                every_n_train_steps=cfg.train.checkpoint_every_n_steps,
+                every_n_train_steps=t.checkpoint_every_n_steps,
                 save_top_k=1,
                 monitor=None,
                 save_last=True,
                 enable_version_counter=False,
             )
         )
-    if cfg.train.use_ema and cfg.model.variant not in ("basic", "dcg"):
-        callbacks.append(DenoiserEMA(cfg.train.ema_decay))
-    if cfg.train.early_stop_patience is not None:  # on val/<monitor>, joint stage (training.stopping)
+    if t.use_ema and variant_parts(cfg.model.variant).diffusion:
+        callbacks.append(DenoiserEMA(t.ema_decay))
+    if t.early_stop_patience is not None:  # on val/<monitor>, joint stage (training.stopping)
         from diffmic.training.stopping import early_stopping
 
-        callbacks.append(early_stopping(monitor, cfg.train.early_stop_patience, cfg.train.early_stop_min_delta))
-    trainer = _trainer(cfg, run_dir, callbacks, for_fit=True)
-    trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None, weights_only=True)
-    from diffmic.training.trackers import finish
-
-    finish(trainer.loggers)
-    # The final state, always: ModelCheckpoint may skip the last epoch's `last.ckpt` (for
-    # example when it saved at that global step already), and resume/export rely on it.
-    trainer.save_checkpoint(str(last), weights_only=False)  # full state (optimisers, EMA) for --resume
-    from diffmic.training.stopping import summary as stopping_summary
-
-    summary = {
-        "best_checkpoint": best.best_model_path or None,
-        "best_score": float(best.best_model_score) if best.best_model_score is not None else None,
-        "monitor": monitor,
-        "selected_on": cfg.train.select_on,
-        "epochs": trainer.current_epoch,
-        "global_step": trainer.global_step,
-        "resumed": bool(resume),  # a resumed fit's times cover this process only
-        "early_stopping": stopping_summary(callbacks),
-        **watch.record(),
-    }
-    if trainer.is_global_zero:
-        (run_dir / "fit_summary.json").write_text(json.dumps(summary, indent=2))
-    return run_dir
+        callbacks.append(early_stopping(monitor, t.early_stop_patience, t.early_stop_min_delta))
+    return best, callbacks
 
 
 def evaluate(
@@ -401,7 +405,7 @@ def evaluate(
     trainer = _trainer(cfg, run_dir, [], for_fit=False)
     pl.seed_everything(cfg.run.seed, verbose=False)
     if stage == "test":
-        lead = rank_zero_only.rank == 0  # DDP: rank 0 writes the results, and keeps the manifest
+        lead = _lead()  # DDP: rank 0 writes the results, and keeps the manifest
 
         def test() -> dict:
             if lead:

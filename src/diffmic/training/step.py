@@ -132,14 +132,16 @@ def build_optimizers(
         ]
     # fused Adam: one kernel over all parameters (the 108 M-parameter head's update is ~3.6x faster
     # on a CPU than the default for-each, docs/method.md)
-    fused = {"fused": True} if t.fused_adam and not str(t.precision).endswith("-mixed") else {}
-    opts = [torch.optim.Adam(groups, lr=t.lr, betas=(0.9, 0.999), eps=1e-8, **fused)] if params else []
+    fused = True if t.fused_adam and not str(t.precision).endswith("-mixed") else None  # None: torch's default
+    opts: list[torch.optim.Optimizer] = []
+    if params:
+        opts.append(torch.optim.Adam(groups, lr=t.lr, betas=(0.9, 0.999), eps=1e-8, fused=fused))
     if model.uses_dcg:
         lr0 = t.dcg_warmup_lr if t.dcg_warmup_lr is not None else t.dcg_lr
         dcg_params = list(model.dcg_parameters())
-        opts.append(torch.optim.Adam(dcg_params, lr=lr0, amsgrad=t.dcg_amsgrad, **fused))
+        opts.append(torch.optim.Adam(dcg_params, lr=lr0, amsgrad=t.dcg_amsgrad, fused=fused))
         if fold_dcgs is not None:  # the fold DCGs: one optimiser, the DCG's settings
-            opts.append(torch.optim.Adam(fold_dcgs.parameters(), lr=lr0, amsgrad=t.dcg_amsgrad, **fused))
+            opts.append(torch.optim.Adam(fold_dcgs.parameters(), lr=lr0, amsgrad=t.dcg_amsgrad, fused=fused))
     return opts
 
 
@@ -221,6 +223,7 @@ def diffusion_losses(
     if mmd_w > 0:
         # the fused, global and local branches as one grouped denoiser call: one pass over the
         # head's weights instead of three, each branch with its own BatchNorm statistics (= three calls)
+        assert gf is not None and gg is not None and gl is not None  # MMD: a variant with a DCG's guidance
         y_g, y_l = q_sample(schedule, y0, t, pri.global_, eps), q_sample(schedule, y0, t, pri.local, eps)
         eps_f, eps_g, eps_l = model.eps(
             feat, torch.cat((y_f, y_g, y_l)), t.repeat(3), torch.cat((gf, gg, gl)), groups=3
@@ -295,6 +298,7 @@ def _step_priors(model: DiffMIC, x: Tensor, ids: list, cfg: Config, fold_dcgs: A
         # one train-mode DCG pass with autograd: its detached outputs are the priors, and the
         # DCG step back-propagates its CE (the diffusion step does not change the DCG)
         g_train = model.guide(x)
+        assert g_train is not None  # the variant has a DCG
         return type(g_train)(*(v.detach() for v in g_train)), g_train
     if model.uses_dcg:
         assert model.dcg is not None

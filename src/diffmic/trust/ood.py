@@ -86,7 +86,7 @@ class OODInputs:
 def classifier_outputs(model, x: Tensor) -> tuple[Tensor, Optional[Tensor], Any]:
     """``basic`` / ``dcg`` models: ``(logits, features, guidance)`` from one forward pass, the same
     logits as ``model.classify(x)`` (``basic``: the head on ``encode(x)``; ``dcg``: ``z_fused``)."""
-    if model.variant == "dcg":
+    if model.uses_dcg:
         g = model.guide(x)
         return g.z_fused, None, g
     feat = model.encode(x)
@@ -188,11 +188,14 @@ def candidate_scores(inputs: OODInputs, mahalanobis: Optional[dict] = None) -> d
 
 def score_problem(name: str, variant: str, num_samples: int) -> Optional[str]:
     """Why ``name`` cannot be computed for this model (``None`` when it can)."""
-    if name in LOGIT_SCORES and variant == "C1":
-        return "variant C1 has no DCG logits (use mahalanobis or spread)"
-    if name == "mahalanobis" and variant == "dcg":
-        return "variant dcg has no image features rho(x) (use energy, max_logit or msp)"
-    if name == "spread" and (variant in ("basic", "dcg") or num_samples < 2):
+    from diffmic.nn.diffmic import variant_parts
+
+    parts = variant_parts(variant)
+    if name in LOGIT_SCORES and parts.diffusion and not parts.dcg:  # the denoiser's read-out only
+        return f"variant {variant} has no DCG logits (use mahalanobis or spread)"
+    if name == "mahalanobis" and parts.dcg and not parts.diffusion:  # the DCG alone: no rho(x)
+        return f"variant {variant} has no image features rho(x) (use energy, max_logit or msp)"
+    if name == "spread" and (not parts.diffusion or num_samples < 2):
         return "spread needs K >= 2 reverse samples (eval.num_samples >= 2, a diffusion variant)"
     return None
 
