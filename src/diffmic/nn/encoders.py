@@ -526,18 +526,18 @@ def _timm_download_error(name: str, e: BaseException) -> WeightsError:
     )
 
 
-#: registered names that ``timm.create_model(timm_name, num_classes=0, **kwargs)`` builds, with the stem
-#: width (timm fixes a ResNet's stem at 64 channels; narrower ResNets get a narrower stem). timm's ResNet
+#: registered names that ``timm.create_model(timm_name, num_classes=0, **kwargs)`` builds (a ResNet whose
+#: first stage is narrower than timm's fixed 64-channel stem gets a stem of that width). timm's ResNet
 #: and DenseNet have torchvision's module names and computations, so the encoders' state-dict keys are
 #: torchvision's without the head: torchvision ImageNet weights (``model.pretrained``) and checkpoints
 #: written when these networks came from torchvision or diffmic's own ResNet load with no key conversion.
-TIMM_TRUNKS: dict[str, tuple[str, dict[str, object], int]] = {
-    "resnet18": ("resnet18", {}, 64),
-    "resnet34": ("resnet34", {}, 64),
-    "resnet50": ("resnet50", {}, 64),
-    "resnet10": ("resnet18", {"layers": (1, 1, 1, 1)}, 64),  # BasicBlock [1, 1, 1, 1], D = 512, ~4.9 M params
-    "resnet10_tiny": ("resnet18", {"layers": (1, 1, 1, 1), "channels": (16, 32, 64, 128)}, 16),  # D = 128
-    "densenet121": ("densenet121", {}, 64),
+TIMM_TRUNKS: dict[str, tuple[str, dict[str, tuple[int, ...]]]] = {
+    "resnet18": ("resnet18", {}),
+    "resnet34": ("resnet34", {}),
+    "resnet50": ("resnet50", {}),
+    "resnet10": ("resnet18", {"layers": (1, 1, 1, 1)}),  # BasicBlock [1, 1, 1, 1], D = 512, ~4.9 M params
+    "resnet10_tiny": ("resnet18", {"layers": (1, 1, 1, 1), "channels": (16, 32, 64, 128)}),  # D = 128, ~0.3 M
+    "densenet121": ("densenet121", {}),
 }
 #: a ResNet trunk in forward order: ``(name in the encoder, timm attribute)``; timm calls the stem
 #: activation ``act1``, torchvision ``relu`` (no parameters, so the keys are the same)
@@ -586,9 +586,7 @@ def _torchvision_resnet_init(model: nn.Module) -> None:
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
 
-def _timm_trunk(
-    timm_name: str, kwargs: Mapping[str, object], in_chans: int, spatial: bool, width: int = 64
-) -> TrunkEncoder:
+def _timm_trunk(timm_name: str, kwargs: Mapping[str, tuple[int, ...]], in_chans: int, spatial: bool) -> TrunkEncoder:
     """A registered CNN from ``timm.create_model(timm_name, num_classes=0, **kwargs)`` as a
     :class:`TrunkEncoder` of its feature layers (torchvision's key names).
 
@@ -602,17 +600,18 @@ def _timm_trunk(
     if timm_name.startswith("resnet"):
         with torch.random.fork_rng(devices=[]):
             model = timm.create_model(timm_name, num_classes=0, zero_init_last=False, **kwargs)
+            width = kwargs.get("channels", (64,))[0]
             if width != 64:
                 _narrow_stem(model, width)
         _torchvision_resnet_init(model)
         _replace_stem(model, in_chans)
         mods = {name: model.get_submodule(attr) for name, attr in _RESNET_TRUNK}
-        return TrunkEncoder(mods, int(model.num_features), spatial)
+        return TrunkEncoder(mods, _int_attr(model, "num_features"), spatial)
     model = timm.create_model(timm_name, **kwargs)  # the 1000-class head keeps torchvision's draws
     model.reset_classifier(0)
     _replace_stem(model, in_chans)
     # timm's features end with norm5 and its ReLU (torchvision applies that ReLU in forward)
-    return TrunkEncoder({"features": model.get_submodule("features")}, int(model.num_features), spatial)
+    return TrunkEncoder({"features": model.get_submodule("features")}, _int_attr(model, "num_features"), spatial)
 
 
 def small_resnet(
@@ -624,12 +623,12 @@ def small_resnet(
     """
     w = int(width)
     kwargs = {"layers": tuple(layers), "channels": (w, 2 * w, 4 * w, 8 * w)}
-    return _timm_trunk("resnet18", kwargs, in_chans, spatial, width=w)
+    return _timm_trunk("resnet18", kwargs, in_chans, spatial)
 
 
 def _register_timm_trunk(name: str) -> None:
-    timm_name, kwargs, width = TIMM_TRUNKS[name]
-    register_encoder(name)(lambda in_chans, spatial: _timm_trunk(timm_name, kwargs, in_chans, spatial, width))
+    timm_name, kwargs = TIMM_TRUNKS[name]
+    register_encoder(name)(lambda in_chans, spatial: _timm_trunk(timm_name, kwargs, in_chans, spatial))
 
 
 def _register_tv(name: str) -> None:
@@ -638,10 +637,11 @@ def _register_tv(name: str) -> None:
 
 for _n in TIMM_TRUNKS:
     _register_timm_trunk(_n)
-#: registered names still built by torchvision: timm's EfficientNet-B0, MobileNetV3-Small and ConvNeXt-T
-#: differ from torchvision's in module names and in numbers (batch-norm epsilon, stochastic depth, where
-#: ConvNeXt's head norm sits, MobileNetV3's head convolution after pooling), so moving them would change
-#: what their torchvision ImageNet weights and existing checkpoints compute
+#: registered names still built by torchvision: timm's versions have other key names (ConvNeXt's layer
+#: scale another shape too) and draw other initial weights (EfficientNet's depthwise fan-out, the draw
+#: order), timm's MobileNetV3-Small has other batch-norm settings (eps 1e-5 and momentum 0.1 against
+#: 1e-3 and 0.01), and timm's ConvNeXt-T no stochastic depth by default (torchvision's 0.1): moving
+#: them would change the numbers a seed, their ImageNet weights or an existing checkpoint give
 TORCHVISION_TRUNKS: tuple[str, ...] = ("efficientnet_b0", "mobilenet_v3_small", "convnext_tiny")
 for _n in TORCHVISION_TRUNKS:
     _register_tv(_n)
