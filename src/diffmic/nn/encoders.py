@@ -381,10 +381,9 @@ def _trunk_from_torchvision(model: nn.Module, name: str, in_chans: int, spatial:
     _replace_stem(model, in_chans)
     kids = dict(model.named_children())
     pick = lambda *names: {n: kids[n] for n in names}  # noqa: E731
-    if isinstance(model, tvm.ResNet) or {"conv1", "layer4", "fc"} <= kids.keys():
+    if isinstance(model, tvm.ResNet):
         mods = pick("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
-        out_dim = _linear_in(kids["fc"]) if "fc" in kids else _last_channels(kids["layer4"])
-        return TrunkEncoder(mods, out_dim, spatial)
+        return TrunkEncoder(mods, model.fc.in_features, spatial)
     if isinstance(model, tvm.RegNet):
         return TrunkEncoder(pick("stem", "trunk_output"), model.fc.in_features, spatial)
     if isinstance(model, tvm.ShuffleNetV2):
@@ -412,13 +411,6 @@ def _linear_in(mod: nn.Module) -> int:
         if isinstance(m, nn.Linear):
             return int(m.in_features)
     raise ValueError(f"no Linear layer in {type(mod).__name__}")
-
-
-def _last_channels(mod: nn.Module) -> int:
-    chans = [m.num_features for m in mod.modules() if isinstance(m, nn.BatchNorm2d)]
-    if not chans:
-        raise ValueError(f"cannot infer channels of {type(mod).__name__}")
-    return int(chans[-1])
 
 
 @torch.no_grad()
