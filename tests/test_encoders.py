@@ -1,4 +1,5 @@
-"""Encoder registry: names, shapes, in_chans, local weights loading and error messages."""
+"""Encoder registry: names, shapes, in_chans, local weights loading, error messages, and the timm-built
+encoders against the construction they replaced."""
 
 from __future__ import annotations
 
