@@ -518,11 +518,12 @@ def _timm_download_error(name: str, e: BaseException) -> WeightsError:
     )
 
 
-#: registered names that ``timm.create_model(timm_name, num_classes=0, **kwargs)`` builds (a ResNet whose
-#: first stage is narrower than timm's fixed 64-channel stem gets a stem of that width). timm's ResNet
-#: and DenseNet have torchvision's module names and computations, so the encoders' state-dict keys are
-#: torchvision's without the head: torchvision ImageNet weights (``model.pretrained``) and checkpoints
-#: written when these networks came from torchvision or diffmic's own ResNet load with no key conversion.
+#: registered names that ``timm.create_model(timm_name, **kwargs)`` builds, headless (:func:`_timm_trunk`;
+#: a ResNet whose first stage is narrower than timm's fixed 64-channel stem gets a stem of that width).
+#: timm's ResNet and DenseNet have torchvision's module names and computations, so the encoders'
+#: state-dict keys are torchvision's without the head: torchvision ImageNet weights (``model.pretrained``)
+#: and checkpoints written when these networks came from torchvision or diffmic's own ResNet load with no
+#: key conversion.
 TIMM_TRUNKS: dict[str, tuple[str, dict[str, tuple[int, ...]]]] = {
     "resnet18": ("resnet18", {}),
     "resnet34": ("resnet34", {}),
