@@ -376,26 +376,31 @@ def _replace_stem(model: nn.Module, in_chans: int) -> None:
     raise ValueError(f"{type(model).__name__}: no 3-channel stem convolution to adapt to in_chans={in_chans}")
 
 
+#: torchvision classifier families: class -> (trunk children in forward order, head whose first Linear
+#: reads the trunk's ``D``); DenseNet applies a ReLU after its trunk, ConvNeXt its head's LayerNorm
+_TV_LAYOUTS: dict[type[nn.Module], tuple[tuple[str, ...], str]] = {
+    tvm.ResNet: (("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"), "fc"),
+    tvm.RegNet: (("stem", "trunk_output"), "fc"),
+    tvm.ShuffleNetV2: (("conv1", "maxpool", "stage2", "stage3", "stage4", "conv5"), "fc"),
+    tvm.MNASNet: (("layers",), "classifier"),
+    tvm.DenseNet: (("features",), "classifier"),
+    tvm.ConvNeXt: (("features",), "classifier"),
+}
+
+
 def _trunk_from_torchvision(model: nn.Module, name: str, in_chans: int, spatial: bool) -> TrunkEncoder:
-    """Headless ``TrunkEncoder`` from a torchvision classifier (native child names kept)."""
+    """Headless ``TrunkEncoder`` from a torchvision classifier (native child names kept): a family of
+    :data:`_TV_LAYOUTS`, else a model whose ``features`` are its convolutional trunk (EfficientNet,
+    MobileNet, VGG, SqueezeNet, ...; ``D`` from one probe forward)."""
     _replace_stem(model, in_chans)
+    layout = _TV_LAYOUTS.get(type(model))
+    if layout is not None:
+        trunk, head = layout
+        mods = {n: model.get_submodule(n) for n in trunk}
+        out_dim = _linear_in(model.get_submodule(head))
+        norm = model.get_submodule(f"{head}.0") if isinstance(model, tvm.ConvNeXt) else None
+        return TrunkEncoder(mods, out_dim, spatial, final_relu=isinstance(model, tvm.DenseNet), norm=norm)
     kids = dict(model.named_children())
-    pick = lambda *names: {n: kids[n] for n in names}  # noqa: E731
-    if isinstance(model, tvm.ResNet):
-        mods = pick("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
-        return TrunkEncoder(mods, model.fc.in_features, spatial)
-    if isinstance(model, tvm.RegNet):
-        return TrunkEncoder(pick("stem", "trunk_output"), model.fc.in_features, spatial)
-    if isinstance(model, tvm.ShuffleNetV2):
-        mods = pick("conv1", "maxpool", "stage2", "stage3", "stage4", "conv5")
-        return TrunkEncoder(mods, model.fc.in_features, spatial)
-    if isinstance(model, tvm.MNASNet):
-        return TrunkEncoder(pick("layers"), _linear_in(model.classifier), spatial)
-    if isinstance(model, tvm.DenseNet):
-        return TrunkEncoder(pick("features"), model.classifier.in_features, spatial, final_relu=True)
-    if isinstance(model, tvm.ConvNeXt):
-        norm = model.classifier[0]
-        return TrunkEncoder(pick("features"), _linear_in(model.classifier), spatial, norm=norm)
     if "features" in kids and not isinstance(model, (tvm.SwinTransformer, tvm.VisionTransformer)):
         feats = kids["features"]
         return TrunkEncoder({"features": feats}, _probe_channels(feats, in_chans), spatial)
