@@ -333,3 +333,29 @@ def test_freeze_stride_on_a_timm_built_resnet_freezes_the_early_layers_only(one_
     before = enc.bn1.running_mean.clone()
     enc(torch.randn(2, 3, 32, 32))
     assert torch.equal(enc.bn1.running_mean, before)  # frozen batch norms keep their statistics
+
+
+@pytest.mark.parametrize(
+    ("name", "head"),
+    [
+        ("tv:shufflenet_v2_x0_5", "fc"),
+        ("tv:mnasnet0_5", "classifier"),
+        ("tv:regnet_y_400mf", "fc"),
+        ("tv:densenet121", "classifier"),
+        ("convnext_tiny", "classifier.2"),
+    ],
+)
+def test_a_torchvision_family_pools_what_its_own_forward_feeds_the_classifier(name, head, one_thread):
+    """The trunk table (_TV_LAYOUTS) against torchvision's forward with the last Linear removed."""
+    torch.manual_seed(5)
+    enc = create_encoder(name).eval()
+    torch.manual_seed(5)
+    ref = tvm.get_model(name.removeprefix("tv:"), weights=None).eval()
+    own, theirs = enc.state_dict(), ref.state_dict()
+    assert set(theirs) - set(own) == {k for k in theirs if k.startswith(head.split(".")[0] + ".")} - set(own)
+    assert all(torch.equal(v, theirs[k]) for k, v in own.items())
+    parent, _, leaf = head.rpartition(".")
+    setattr(ref.get_submodule(parent) if parent else ref, leaf, nn.Identity())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x), ref(x), rtol=1e-5, atol=1e-5)
