@@ -1,4 +1,5 @@
-"""Encoder registry: names, shapes, in_chans, local weights loading and error messages."""
+"""Encoder registry: names, shapes, in_chans, local weights loading, error messages, and the timm-built
+encoders against the construction they replaced."""
 
 from __future__ import annotations
 
@@ -64,6 +65,12 @@ def test_register_encoder() -> None:
     assert create_encoder("_test_dummy").out_dim == 128
     with pytest.raises(ValueError, match="already registered"):
         register_encoder("_test_dummy")(_dummy)
+
+
+def test_a_registered_factory_must_return_an_encoder() -> None:
+    register_encoder("_test_not_an_encoder")(lambda in_chans, spatial: nn.Conv2d(in_chans, 4, 1))
+    with pytest.raises(TypeError, match="returned a Conv2d, not a diffmic.nn.encoders.Encoder"):
+        create_encoder("_test_not_an_encoder")
 
 
 @pytest.mark.parametrize("name", ["resnet10_tiny", "timm:resnet10t"])
@@ -193,3 +200,162 @@ def test_timm_vit_basic_checkpoint_round_trip(tmp_path: Path) -> None:
     rebuilt.load_state_dict(loaded.model.state_dict(), strict=True)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.classify(x), module.model.classify(x), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# The timm-built registered encoders against the construction they replaced (same seed, same weights)
+# --------------------------------------------------------------------------------------------------
+
+
+class _HandWrittenResNet(nn.Module):
+    """diffmic's ResNet before the registry used timm (the oracle): BasicBlock stages of ``width * 2**i``
+    channels, torchvision key names and initialisation, a 1000-class head."""
+
+    def __init__(self, width: int, layers=(1, 1, 1, 1)) -> None:
+        super().__init__()
+        from torchvision.models.resnet import BasicBlock
+
+        self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        inplanes = width
+        for i, (n, mult) in enumerate(zip(layers, (1, 2, 4, 8))):
+            planes, stride = width * mult, (1 if i == 0 else 2)
+            down = None
+            if stride != 1 or inplanes != planes:
+                down = nn.Sequential(
+                    nn.Conv2d(inplanes, planes, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+                )
+            blocks = [BasicBlock(inplanes, planes, stride, down)]
+            blocks += [BasicBlock(planes, planes) for _ in range(n - 1)]
+            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
+            inplanes = planes
+        self.fc = nn.Linear(inplanes, 1000)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+
+def _old_construction(name: str, in_chans: int) -> nn.Module:
+    """The network the registered name was built from before (torchvision's, or the hand-written ResNet),
+    with the stem replaced for ``in_chans != 3`` after construction, as the old code did."""
+    if name == "resnet10_tiny":
+        ref: nn.Module = _HandWrittenResNet(16)
+    elif name == "resnet10":
+        ref = _HandWrittenResNet(64)
+    else:
+        ref = tvm.get_model(name, weights=None)
+    if in_chans != 3:
+        stem = ref.features.conv0 if name == "densenet121" else ref.conv1
+        new = nn.Conv2d(in_chans, stem.out_channels, 7, stride=2, padding=3, bias=False)
+        if name == "densenet121":
+            ref.features.conv0 = new
+        else:
+            ref.conv1 = new
+    return ref
+
+
+def _old_features(ref: nn.Module, name: str, x: torch.Tensor, spatial: bool) -> torch.Tensor:
+    if name == "densenet121":
+        f = torch.relu(ref.features(x))
+    else:
+        f = x
+        for n in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
+            f = getattr(ref, n)(f)
+    return f if spatial else f.mean(dim=(2, 3))
+
+
+@pytest.mark.parametrize(
+    ("name", "in_chans", "spatial"),
+    [
+        ("resnet10_tiny", 3, True),
+        ("resnet10_tiny", 1, False),
+        ("resnet10", 3, False),
+        ("resnet18", 1, True),
+        ("resnet34", 3, False),
+        ("resnet50", 3, True),
+        ("densenet121", 3, False),
+        ("densenet121", 2, True),
+    ],
+)
+def test_timm_built_encoders_draw_and_compute_what_the_old_construction_did(name, in_chans, spatial, one_thread):
+    """Same seed: the same initial weights under the same keys and the same random stream afterwards;
+    an old-format state dict loaded into the new encoder gives the old features."""
+    torch.manual_seed(7)
+    ref = _old_construction(name, in_chans).eval()
+    after_old = torch.rand(4)
+    torch.manual_seed(7)
+    enc = create_encoder(name, in_chans=in_chans, spatial=spatial).eval()
+    assert torch.equal(torch.rand(4), after_old)
+    old_sd = {k: v for k, v in ref.state_dict().items() if not k.startswith(("fc.", "classifier."))}
+    new_sd = enc.state_dict()
+    assert list(new_sd) == list(old_sd)
+    assert all(torch.equal(new_sd[k], old_sd[k]) for k in old_sd)
+    # trained-looking weights (not the initial ones): perturb every tensor, load the old format, compare
+    g = torch.Generator().manual_seed(1)
+    trained = {
+        k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in old_sd.items()
+    }
+    ref.load_state_dict(trained, strict=False)
+    enc.load_state_dict(trained, strict=True)
+    x = torch.randn(2, in_chans, 64, 64, generator=g)
+    with torch.no_grad():
+        want, got = _old_features(ref, name, x, spatial), enc(x)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("output_stride", [8, 16, 32])
+def test_a_narrow_resnet_at_a_reduced_output_stride_computes_what_the_old_one_did(output_stride, one_thread):
+    """The DCG's global stream (model.dcg_output_stride): strides removed without dilation, as before."""
+    from diffmic.nn.encoders import set_output_stride, small_resnet
+
+    torch.manual_seed(3)
+    ref = set_output_stride(_HandWrittenResNet(2), output_stride).eval()
+    torch.manual_seed(3)
+    enc = set_output_stride(small_resnet(3, spatial=True, width=2), output_stride).eval()
+    sd = {k: v for k, v in ref.state_dict().items() if not k.startswith("fc.")}
+    assert all(torch.equal(enc.state_dict()[k], sd[k]) for k in sd)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want, got = _old_features(ref, "resnet10", x, spatial=True), enc(x)
+    assert got.shape[-1] == 64 // output_stride
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_freeze_stride_on_a_timm_built_resnet_freezes_the_early_layers_only(one_thread):
+    enc = create_encoder("resnet10_tiny", freeze_stride=8)
+    assert enc._frozen_names == ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2")
+    enc.train()
+    assert not any(p.requires_grad for p in enc.layer2.parameters()) and not enc.layer2.training
+    assert all(p.requires_grad for p in enc.layer3.parameters()) and enc.layer3.training
+    before = enc.bn1.running_mean.clone()
+    enc(torch.randn(2, 3, 32, 32))
+    assert torch.equal(enc.bn1.running_mean, before)  # frozen batch norms keep their statistics
+
+
+@pytest.mark.parametrize(
+    ("name", "head"),
+    [
+        ("tv:shufflenet_v2_x0_5", "fc"),
+        ("tv:mnasnet0_5", "classifier"),
+        ("tv:regnet_y_400mf", "fc"),
+        ("tv:densenet121", "classifier"),
+        ("convnext_tiny", "classifier.2"),
+    ],
+)
+def test_a_torchvision_family_pools_what_its_own_forward_feeds_the_classifier(name, head, one_thread):
+    """The trunk table (_TV_LAYOUTS) against torchvision's forward with the last Linear removed."""
+    torch.manual_seed(5)
+    enc = create_encoder(name).eval()
+    torch.manual_seed(5)
+    ref = tvm.get_model(name.removeprefix("tv:"), weights=None).eval()
+    own, theirs = enc.state_dict(), ref.state_dict()
+    assert set(theirs) - set(own) == {k for k in theirs if k.startswith(head.split(".")[0] + ".")} - set(own)
+    assert all(torch.equal(v, theirs[k]) for k, v in own.items())
+    parent, _, leaf = head.rpartition(".")
+    setattr(ref.get_submodule(parent) if parent else ref, leaf, nn.Identity())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x), ref(x), rtol=1e-5, atol=1e-5)

@@ -160,6 +160,42 @@ def test_hparams_rebuild() -> None:
     assert m2.hparams == m.hparams and m2.dcg.roi_channels == "first"
 
 
+def test_hparams_are_the_call_arguments_in_signature_order_with_defaults(tmp_path) -> None:
+    """Positional or keyword, every argument is recorded once, in signature order, normalised (paths as
+    strings, ints); the arguments added later (denoiser_input, encoder_kwargs, freeze_stride) only
+    when set, so the hparams of older checkpoints keep their keys."""
+    m = DiffMIC(3, "C1", "resnet10_tiny", 16, 2, num_timesteps=50.0, encoder_weights=None, freeze_stride=0)
+    assert list(m.hparams.items()) == [
+        ("num_classes", 3),
+        ("variant", "C1"),
+        ("encoder", "resnet10_tiny"),
+        ("hidden_dim", 16),
+        ("num_layers", 2),
+        ("num_timesteps", 50),
+        ("dcg_global", "resnet18"),
+        ("dcg_local", "resnet18"),
+        ("num_rois", 6),
+        ("crop_size", 32),
+        ("roi_channels", "rgb"),
+        ("prior", "softmax_mean_logits"),
+        ("in_chans", 3),
+        ("encoder_weights", None),
+        ("dcg_weights", None),
+        ("pretrained", None),
+        ("dcg_output_stride", 32),
+        ("roi_select", "sum"),
+    ]
+    assert type(m.hparams["num_timesteps"]) is int
+    m = DiffMIC(2, "basic", "resnet10_tiny", encoder_kwargs={}, denoiser_input="paper", freeze_stride=8)
+    assert m.hparams["denoiser_input"] == "paper" and m.hparams["freeze_stride"] == 8
+    assert "encoder_kwargs" not in m.hparams
+    dcg = DiffMIC(2, "dcg", dcg_global="resnet10_tiny", dcg_local="resnet10_tiny", dcg_weights=(None, None))
+    assert dcg.hparams["dcg_weights"] == (None, None) and dcg.image_embedding is None and dcg.dcg is not None
+    weights = tmp_path / "w.pth"
+    torch.save(m.encoder.state_dict(), weights)
+    assert DiffMIC(2, "basic", "resnet10_tiny", encoder_weights=weights).hparams["encoder_weights"] == str(weights)
+
+
 def test_validation_errors() -> None:
     with pytest.raises(ValueError, match="variant"):
         DiffMIC(3, variant="C3", **TINY)

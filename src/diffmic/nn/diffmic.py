@@ -15,10 +15,11 @@ No optimiser, no data, no sampling loop here: the trainer/predictor composes ``e
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
-from collections.abc import Iterator, Mapping
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, NamedTuple, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 from diffmic.diffusion.process import PRIOR_KINDS, prior_mean
 
 from .denoiser import ConditionalDenoiser, ImageEmbedding
-from .encoders import create_encoder
+from .encoders import Encoder, create_encoder
 from .guidance import DCG, ROI_CHANNELS, GuidanceOutput, WeightsArg
 
 __all__ = [
@@ -143,6 +144,40 @@ def architecture(**kwargs: Any) -> dict[str, Any]:
     return out
 
 
+_Init = TypeVar("_Init", bound=Callable[..., None])
+
+
+def _records_architecture(init: _Init) -> _Init:
+    """Decorator for :meth:`DiffMIC.__init__`: once the model is built, ``self.hparams`` is
+    :func:`architecture` of the arguments of the call, defaults included (bound to the signature, so
+    each argument is named once, in the signature; cf. diffusers' ``register_to_config``)."""
+    sig = inspect.signature(init)
+
+    @functools.wraps(init)
+    def wrapper(self: DiffMIC, *args: Any, **kwargs: Any) -> None:
+        bound = sig.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        init(self, *args, **kwargs)
+        self.hparams = architecture(**{k: v for k, v in bound.arguments.items() if k != "self"})
+
+    return cast(_Init, wrapper)
+
+
+def _checked_parts(num_classes: int, variant: str, prior: str, roi_channels: str, denoiser_input: str) -> VariantParts:
+    """The parts of ``variant`` once the choices of :class:`DiffMIC` are checked (a ValueError names the
+    argument and its choices)."""
+    if denoiser_input not in DENOISER_INPUTS:
+        raise ValueError(f"unknown denoiser_input {denoiser_input!r}; expected one of {DENOISER_INPUTS}")
+    parts = variant_parts(variant)
+    if prior not in PRIOR_KINDS:
+        raise ValueError(f"unknown prior {prior!r}; expected one of {PRIOR_KINDS}")
+    if roi_channels not in ROI_CHANNELS:
+        raise ValueError(f"unknown roi_channels {roi_channels!r}; expected one of {ROI_CHANNELS}")
+    if int(num_classes) < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    return parts
+
+
 class DiffMIC(nn.Module):
     """DiffMIC (Yang et al., MICCAI 2023).
 
@@ -170,9 +205,13 @@ class DiffMIC(nn.Module):
             later layers.
 
     Attributes:
-        hparams: the constructor arguments; ``DiffMIC(**model.hparams)`` rebuilds the architecture.
+        hparams: the constructor arguments as :func:`architecture` records them;
+            ``DiffMIC(**model.hparams)`` rebuilds the architecture.
     """
 
+    hparams: dict[str, Any]
+
+    @_records_architecture
     def __init__(
         self,
         num_classes: int,
@@ -198,96 +237,90 @@ class DiffMIC(nn.Module):
         freeze_stride: int = 0,
     ) -> None:
         super().__init__()
-        if denoiser_input not in DENOISER_INPUTS:
-            raise ValueError(f"unknown denoiser_input {denoiser_input!r}; expected one of {DENOISER_INPUTS}")
-        parts = variant_parts(variant)
-        if prior not in PRIOR_KINDS:
-            raise ValueError(f"unknown prior {prior!r}; expected one of {PRIOR_KINDS}")
-        if roi_channels not in ROI_CHANNELS:
-            raise ValueError(f"unknown roi_channels {roi_channels!r}; expected one of {ROI_CHANNELS}")
-        if int(num_classes) < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        enc_kw = {str(k): v for k, v in (encoder_kwargs or {}).items()}
-        self.hparams: dict[str, Any] = architecture(
-            num_classes=num_classes,
-            variant=variant,
-            encoder=encoder,
-            hidden_dim=hidden_dim,
-            num_layers=num_layers,
-            num_timesteps=num_timesteps,
-            dcg_global=dcg_global,
-            dcg_local=dcg_local,
-            num_rois=num_rois,
-            crop_size=crop_size,
-            roi_channels=roi_channels,
-            prior=prior,
-            in_chans=in_chans,
-            encoder_weights=encoder_weights,
-            dcg_weights=dcg_weights,
-            denoiser_input=denoiser_input,
-            pretrained=pretrained,
-            dcg_output_stride=dcg_output_stride,
-            roi_select=roi_select,
-            encoder_kwargs=enc_kw,
-            freeze_stride=freeze_stride,
-        )
+        parts = _checked_parts(num_classes, variant, prior, roi_channels, denoiser_input)
         self.denoiser_input = denoiser_input
         self.num_classes = int(num_classes)
         self.variant = variant
         self.prior = prior
         self.num_timesteps = int(num_timesteps)
 
-        self.encoder: nn.Module | None = None
+        self.encoder: Encoder | None = None
         self.classifier: nn.Linear | None = None
         self.image_embedding: ImageEmbedding | None = None
         self.denoiser: ConditionalDenoiser | None = None
         self.dcg: DCG | None = None
-        if not parts.diffusion and not parts.dcg:  # basic: encoder + linear head
-            self.encoder = create_encoder(
-                encoder,
+        enc_kw = {str(k): v for k, v in (encoder_kwargs or {}).items()}
+        if parts.diffusion:  # ρ(x) and the denoiser (built before the DCG: a seed's draws depend on the order)
+            self._build_diffusion(
+                encoder, hidden_dim, num_layers, in_chans, encoder_weights, pretrained, enc_kw, freeze_stride
+            )
+        elif not parts.dcg:  # basic: encoder + linear head
+            self._build_classifier(encoder, in_chans, encoder_weights, pretrained, enc_kw, freeze_stride)
+        if parts.dcg:
+            self.dcg = DCG(
+                self.num_classes,
+                global_backbone=dcg_global,
+                local_backbone=dcg_local,
+                num_rois=num_rois,
+                crop_size=crop_size,
+                roi_channels=roi_channels,
                 in_chans=in_chans,
-                weights_path=encoder_weights,
+                weights_path=dcg_weights,
                 pretrained=pretrained,
-                kwargs=enc_kw,
+                output_stride=dcg_output_stride,
+                roi_select=roi_select,
                 freeze_stride=freeze_stride,
             )
-            self.classifier = nn.Linear(self.encoder.out_dim, self.num_classes)
-            return
-        dcg_kw = dict(
-            global_backbone=dcg_global,
-            local_backbone=dcg_local,
-            num_rois=num_rois,
-            crop_size=crop_size,
-            roi_channels=roi_channels,
+
+    def _build_classifier(
+        self,
+        encoder: str,
+        in_chans: int,
+        weights: str | os.PathLike[str] | None,
+        pretrained: bool | str | os.PathLike[str] | None,
+        encoder_kwargs: dict[str, Any],
+        freeze_stride: int,
+    ) -> None:
+        """``basic``: the encoder and a linear head on its pooled features."""
+        self.encoder = create_encoder(
+            encoder,
             in_chans=in_chans,
-            weights_path=dcg_weights,
+            weights_path=weights,
             pretrained=pretrained,
-            output_stride=dcg_output_stride,
-            roi_select=roi_select,
+            kwargs=encoder_kwargs,
             freeze_stride=freeze_stride,
         )
-        if not parts.diffusion:  # dcg: the DCG alone
-            self.dcg = DCG(self.num_classes, **dcg_kw)
-            return
+        self.classifier = nn.Linear(self.encoder.out_dim, self.num_classes)
+
+    def _build_diffusion(
+        self,
+        encoder: str,
+        hidden_dim: int,
+        num_layers: int,
+        in_chans: int,
+        weights: str | os.PathLike[str] | None,
+        pretrained: bool | str | os.PathLike[str] | None,
+        encoder_kwargs: dict[str, Any],
+        freeze_stride: int,
+    ) -> None:
+        """The diffusion variants: ρ(x) and the conditional denoiser (guided when the variant has a DCG)."""
         self.image_embedding = ImageEmbedding(
             encoder,
             hidden_dim,
             in_chans=in_chans,
-            weights_path=encoder_weights,
+            weights_path=weights,
             pretrained=pretrained,
-            encoder_kwargs=enc_kw,
+            encoder_kwargs=encoder_kwargs,
             freeze_stride=freeze_stride,
         )
         self.denoiser = ConditionalDenoiser(
             self.num_classes,
             hidden_dim,
             num_layers,
-            num_timesteps,
+            self.num_timesteps,
             use_guidance=self.uses_dcg,
-            guidance_dim=(2 if denoiser_input == "paper" else 1) * self.num_classes,
+            guidance_dim=(2 if self.denoiser_input == "paper" else 1) * self.num_classes,
         )
-        if self.uses_dcg:
-            self.dcg = DCG(self.num_classes, **dcg_kw)
 
     # ------------------------------------------------------------------ flags
     @property

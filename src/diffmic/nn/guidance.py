@@ -165,7 +165,7 @@ class GatedAttention(nn.Module):
         return z, a
 
 
-def _split_weights(weights_path: WeightsArg) -> tuple[object, object]:
+def _split_weights(weights_path: WeightsArg) -> tuple[str | os.PathLike[str] | None, str | os.PathLike[str] | None]:
     if isinstance(weights_path, (tuple, list)):
         if len(weights_path) != 2:
             raise ValueError("weights_path pair must be (global_backbone_file, local_backbone_file)")
