@@ -172,9 +172,9 @@ def main() -> None:
             data[split] = evaluate(module, ds, [str(i) for i in ds.ids], args.batch_size, split)
             data[split]["labels"] = torch.as_tensor(ds.labels)
         for name, paths in ood_sets.items():
-            ds = ImagePathsDataset(paths, image_size=cfg.data.image_size, in_chans=cfg.data.in_chans)
-            keys = [pixel_key(ds[i]["image"]) for i in range(len(ds))]
-            data[f"ood_{name}"] = evaluate(module, ds, keys, args.batch_size, name)
+            ood_ds = ImagePathsDataset(paths, image_size=cfg.data.image_size, in_chans=cfg.data.in_chans)
+            keys = [pixel_key(ood_ds[i]["image"]) for i in range(len(ood_ds))]
+            data[f"ood_{name}"] = evaluate(module, ood_ds, keys, args.batch_size, name)
         torch.save(data, cache)
 
     from sklearn.metrics import roc_auc_score
