@@ -31,7 +31,7 @@ from torch import Tensor
 
 from diffmic.diffusion.process import posterior_mean_variance, predict_y0_from_eps, q_sample
 from diffmic.losses import diffusion_loss, guidance_ce
-from diffmic.nn.guidance import GuidanceOutput, grid_shape
+from diffmic.nn.guidance import DCG, GuidanceOutput, grid_shape
 
 __all__ = ["released_dcg_forward", "released_reverse", "released_train_step"]
 
@@ -59,7 +59,7 @@ def _released_select(saliency: Tensor, grid_hw: tuple[int, int], k: int, eps: fl
     return torch.stack(picks, dim=1)
 
 
-def released_dcg_forward(dcg: torch.nn.Module, x: Tensor) -> GuidanceOutput:
+def released_dcg_forward(dcg: DCG, x: Tensor) -> GuidanceOutput:
     """DCG forward with the released ROI path (per-sample host syncs, Python crop loop over B×K).
 
     Uses the library DCG's own streams and weights, so the outputs equal ``dcg(x)`` (up to the order of the

@@ -216,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     t_dcg_vec, t_dcg_loop, t_enc = comp["dcg_vectorised_s"], comp["dcg_released_loop_s"], comp["image_encoder_s"]
 
     # ---- OURS (best of --repeats) -------------------------------------------------------------------
-    ours_runs = []
+    ours_runs: list[Phase] = []
+    ours_robust: list[dict] = []  # per run: the contention-robust estimate (StepClock.robust_seconds)
     for r in range(max(1, args.repeats)):
         log(f"[bench_inference] OURS run {r + 1}: reverse_sample(sampler='truncated', steps={n}) ...")
         clock = StepClock(model)
@@ -224,15 +225,17 @@ def main(argv: list[str] | None = None) -> int:
         with Phase(device) as ph:
             clock.start()
             out = reverse_sample(clock if use_clock else model, schedule, x, sampler="truncated", steps=n, noise=noise)
-        ph.robust = clock.robust_seconds(t_dcg_vec + t_enc) if use_clock else {"seconds": None}
+        robust = clock.robust_seconds(t_dcg_vec + t_enc) if use_clock else {"seconds": None}
         ours_runs.append(ph)
+        ours_robust.append(robust)
         log(
             f"[bench_inference]   {ph.seconds:.2f}s ({B / ph.seconds:.2f} img/s), "
-            f"foreign CPU share {ph.foreign_cpu_share}, robust {ph.robust}"
+            f"foreign CPU share {ph.foreign_cpu_share}, robust {robust}"
         )
-    best = min(ours_runs, key=lambda p: p.seconds)
+    i_best = min(range(len(ours_runs)), key=lambda i: ours_runs[i].seconds)
+    best, best_robust = ours_runs[i_best], ours_robust[i_best]
     if device.type == "cpu":  # robust estimate: the smallest available one over the runs
-        best.robust = min((p.robust for p in ours_runs), key=lambda r: r.get("seconds") or float("inf"))
+        best_robust = min(ours_robust, key=lambda r: r.get("seconds") or float("inf"))
     t_ours = best.seconds
     y0_ours = out.y0[:, 0]
     result: dict = {
@@ -257,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             "runs_s": [round(p.seconds, 3) for p in ours_runs],
             "memory": best.mem.report(),
             "foreign_cpu_share": best.foreign_cpu_share,
-            "robust_estimate": best.robust,
+            "robust_estimate": best_robust,
         },
         "components_best_of_3": comp,
     }
@@ -288,11 +291,11 @@ def main(argv: list[str] | None = None) -> int:
         with Phase(device) as pb:
             clock.start()
             y0_base, mu_base = released_reverse(clock if use_clock else model, schedule, x, n, noise)
-        pb.robust = clock.robust_seconds(2 * t_dcg_loop + t_enc) if use_clock else {"seconds": None}
+        base_robust = clock.robust_seconds(2 * t_dcg_loop + t_enc) if use_clock else {"seconds": None}
         t_base = pb.seconds
         log(
             f"[bench_inference]   {t_base:.2f}s ({B / t_base:.2f} img/s), foreign CPU share "
-            f"{pb.foreign_cpu_share}, robust {pb.robust}"
+            f"{pb.foreign_cpu_share}, robust {base_robust}"
         )
         max_diff = float((y0_ours - y0_base).abs().max())
         prior_diff = float((out.prior - mu_base).abs().max())
@@ -305,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             "latency_per_image_s": round(t_base / B, 4),
             "memory": pb.mem.report(),
             "foreign_cpu_share": pb.foreign_cpu_share,
-            "robust_estimate": pb.robust,
+            "robust_estimate": base_robust,
         }
         result["speedup"] = round(ratio, 2)
         result["fewstep"]["speedup_vs_released"] = round(t_base / result["fewstep"]["seconds"], 2)
@@ -322,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         shares = [p.foreign_cpu_share for p in (best, pb) if p.foreign_cpu_share is not None]
         contended = bool(shares and max(shares) > 0.1)
         result["contended"] = contended
-        r_o, r_b = best.robust.get("seconds"), pb.robust.get("seconds")
+        r_o, r_b = best_robust.get("seconds"), base_robust.get("seconds")
         result["speedup_robust"] = round(r_b / r_o, 2) if r_o and r_b else None
         # judge the target on the wall clock; if other programs shared the CPU, on the clean-step estimate;
         # if that is unavailable too, the run cannot be judged (null)

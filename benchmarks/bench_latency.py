@@ -28,6 +28,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
@@ -35,6 +36,7 @@ import torch  # noqa: E402
 from diffmic.diffusion.reverse import reverse_sample  # noqa: E402
 from diffmic.diffusion.samplers import num_noise_draws  # noqa: E402
 from diffmic.diffusion.schedule import NoiseSchedule  # noqa: E402
+from diffmic.nn.denoiser import ConditionalDenoiser  # noqa: E402
 from diffmic.nn.diffmic import DiffMIC  # noqa: E402
 
 from _common import Phase, emit, log, machine_info, pick_device, set_threads, sync, wait_for_quiet  # noqa: E402
@@ -49,7 +51,8 @@ def _variant_model(model: DiffMIC, name: str) -> DiffMIC:
     if "channels_last" in name:
         m = m.to(memory_format=torch.channels_last)
     if name == "compile":
-        m.denoiser = torch.compile(m.denoiser, dynamic=False)
+        # torch.compile returns an OptimizedModule that stands in for the module, typed as a plain callable
+        m.denoiser = cast(ConditionalDenoiser, torch.compile(m.denoiser, dynamic=False))
     return m
 
 
@@ -69,7 +72,8 @@ def _measure(model, schedule, x, noise, steps, autocast, repeats, warmup, device
         y0 = call()
     sync(device)
     t_warm = time.perf_counter() - t0
-    secs, shares = [], []
+    secs: list[float] = []
+    shares: list[float | None] = []
     extra = 0
     while True:
         n_clean = sum((f or 0) <= 0.1 for f in shares)

@@ -1,8 +1,9 @@
 """DDIM-10 vs the full 1000-step chain vs the released truncated 250-step chain, from ONE checkpoint.
 
 Reports, for each sampler, test accuracy / macro-F1 on the run's test split and images/s of the
-reverse process (the encoder and DCG run once per image in all three; what differs is the number
-of denoiser calls). The last stdout line is a JSON object.
+evaluation pass ``diffmic test`` runs (the reverse process and the read-out, with the run's other
+``eval.*`` settings; the encoder and DCG run once per image in all three; what differs is the
+number of denoiser calls). The last stdout line is a JSON object.
 
     python benchmarks/bench_samplers.py --run runs/demo            # HAM10000 test split (3,004 images)
     python benchmarks/bench_samplers.py --run runs/demo --limit 512 # first 512 test images only
@@ -21,38 +22,40 @@ from pathlib import Path
 import torch
 
 
-def evaluate(module, loader, sampler: str, steps, limit: int | None, num_samples: int = 1) -> dict:
-    from diffmic.diffusion.reverse import reverse_sample
-    from diffmic.metrics import classification_metrics, readout
+def evaluate(module, loader, sampler: str, steps: int | None, limit: int | None, num_samples: int = 1) -> dict:
+    """Test accuracy / macro-F1 with ``eval.sampler = sampler``, ``eval.steps = steps`` and
+    ``eval.num_samples = num_samples`` (the run's other eval settings unchanged), through the
+    LightningModule's own evaluation pass (``DiffMICModule._scores``, what ``diffmic test`` runs);
+    only that pass is timed."""
+    from diffmic.config import config_from_dict
+    from diffmic.metrics import classification_metrics
 
+    saved = module.cfg
+    d = saved.to_dict()
+    module.cfg = config_from_dict(
+        {**d, "eval": {**d["eval"], "sampler": sampler, "steps": steps, "num_samples": num_samples}}
+    )
     metrics = classification_metrics(module.num_classes).to(module.device)
-    e = module.cfg.eval
     n = 0
     elapsed = 0.0
-    for batch in loader:
-        if limit is not None and n >= limit:
-            break
-        x = batch["image"].to(module.device)
-        y = batch["label"].to(module.device)
-        if module.device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = reverse_sample(
-            module.model,
-            module.schedule,
-            x,
-            sampler=sampler,
-            steps=steps,
-            num_samples=num_samples,
-            ids=batch["id"],
-            seed=e.sample_seed,
-        )
-        if module.device.type == "cuda":
-            torch.cuda.synchronize()
-        elapsed += time.perf_counter() - t0
-        r = readout(out.y0, "mean", e.temperature)
-        metrics.update(r.probs, y)
-        n += x.shape[0]
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                if limit is not None and n >= limit:
+                    break
+                batch = {**batch, "image": batch["image"].to(module.device)}
+                y = batch["label"].to(module.device)
+                if module.device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                probs, _, _ = module._scores(batch, "test")
+                if module.device.type == "cuda":
+                    torch.cuda.synchronize()
+                elapsed += time.perf_counter() - t0
+                metrics.update(probs, y)
+                n += y.shape[0]
+    finally:
+        module.cfg = saved
     v = metrics.compute()
     return {
         "sampler": sampler,

@@ -64,6 +64,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -131,9 +132,10 @@ def _process_peak_mib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)  # Linux: KiB
 
 
-def _med(xs: list[float]) -> float | None:
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
+def _med(xs: Sequence[float | None]) -> float | None:
+    """The median of the values that are not None (None when there is none)."""
+    vals = [x for x in xs if x is not None]
+    return statistics.median(vals) if vals else None
 
 
 def _r(x: float | None, nd: int = 4) -> float | None:
@@ -200,7 +202,8 @@ def child_infer(cfg: dict, n_timed: int, seed: int) -> dict[str, Any]:
     few = {**FEWSTEP, "start": "mean", "t_start": cfg["window"] - 1, "num_samples": K}
     clock = CallClock(model)
     reverse_sample(clock, schedule, x, **few)  # warm-up
-    runs, phases = [], []
+    runs: list[dict[str, float]] = []
+    phases: list[Phase] = []
     for _ in range(n_timed):
         clock.reset()
         with Phase(dev) as ph:
@@ -208,9 +211,10 @@ def child_infer(cfg: dict, n_timed: int, seed: int) -> dict[str, Any]:
         t = clock.t
         comp = {"dcg": sum(t["dcg"]), "encoder": sum(t["encoder"]), "head": sum(t["head"])}
         comp["other"] = max(0.0, ph.seconds - sum(comp.values()))
-        runs.append({"total": ph.seconds, **comp, "head_call": _med(t["head"]), "head_calls": len(t["head"])})
+        head_call = statistics.median(t["head"])  # every run calls the denoiser head
+        runs.append({"total": ph.seconds, **comp, "head_call": head_call, "head_calls": len(t["head"])})
         phases.append(ph)
-    med = {k: _med([r[k] for r in runs]) for k in ("total", *COMPONENTS, "head_call")}
+    med = {k: statistics.median([r[k] for r in runs]) for k in ("total", *COMPONENTS, "head_call")}
     released = med["dcg"] + med["encoder"] + cfg["window"] * med["head_call"]
     return {
         "s_per_image": _r(med["total"] / B, 5),
@@ -251,16 +255,16 @@ def child_train(cfg: dict, n_timed: int, seed: int) -> dict[str, Any]:
         return {"image": x, "label": y, "id": [f"img{i}" for i in range(b)]}, (t, torch.randn(b, C, generator=gen))
 
     step(schedule, *batch(B))  # warm-up: Adam state, allocator
-    phases = []
+    phases: list[Phase] = []
     for _ in range(n_timed):
         data = batch(B)
         with Phase(dev) as ph:
             step(schedule, *data)
         phases.append(ph)
-    step = _med([p.seconds for p in phases])
+    step_s = statistics.median([p.seconds for p in phases])
     return {
-        "s_per_image": _r(step / B, 5),
-        "step_s": _r(step, 4),
+        "s_per_image": _r(step_s / B, 5),
+        "step_s": _r(step_s, 4),
         "timed_calls": n_timed,
         **_phase_summary(phases),
         "process_peak_rss_mib": _process_peak_mib(),
@@ -405,7 +409,7 @@ def analyse_factor(factor: str, pts: list[dict]) -> dict[str, Any]:
 
 
 def _ok(d: dict | None) -> bool:
-    return bool(d) and "s_per_image" in d
+    return d is not None and "s_per_image" in d
 
 
 def _growth(p: float | None) -> str:
@@ -744,9 +748,10 @@ def main(argv: list[str] | None = None) -> int:
     for f, pts in points.items():
         for p in pts:
             for mode in ("infer", "train"):
-                if isinstance(p.get(mode), str):
-                    p[mode] = done[p[mode]]
-    dataset = None
+                ref = p.get(mode)  # a job key until the job ran
+                if isinstance(ref, str):
+                    p[mode] = done[ref]
+    dataset: dict[str, Any] | None = None
     if "dataset" in factors:
         sizes = sorted(set(sweep["size"]) | {ds_size})
         dataset = {

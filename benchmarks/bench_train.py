@@ -251,7 +251,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # Interleaved (OURS step i, BASELINE step i, alternating which goes first) so that both variants see
     # the same machine conditions; each step is its own Phase.
-    ph_o, ph_b, l_o, l_b = [], [], [], []
+    ph_o: list[Phase] = []
+    ph_b: list[Phase] = []
+    l_o: list[dict[str, float]] = []
+    l_b: list[dict[str, float]] = []
     W = args.warmup
 
     def is_clean(i):

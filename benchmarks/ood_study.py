@@ -27,6 +27,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -171,9 +172,9 @@ def main() -> None:
             data[split] = evaluate(module, ds, [str(i) for i in ds.ids], args.batch_size, split)
             data[split]["labels"] = torch.as_tensor(ds.labels)
         for name, paths in ood_sets.items():
-            ds = ImagePathsDataset(paths, image_size=cfg.data.image_size, in_chans=cfg.data.in_chans)
-            keys = [pixel_key(ds[i]["image"]) for i in range(len(ds))]
-            data[f"ood_{name}"] = evaluate(module, ds, keys, args.batch_size, name)
+            ood_ds = ImagePathsDataset(paths, image_size=cfg.data.image_size, in_chans=cfg.data.in_chans)
+            keys = [pixel_key(ood_ds[i]["image"]) for i in range(len(ood_ds))]
+            data[f"ood_{name}"] = evaluate(module, ood_ds, keys, args.batch_size, name)
         torch.save(data, cache)
 
     from sklearn.metrics import roc_auc_score
@@ -217,19 +218,21 @@ def main() -> None:
     all_ood = {n: np.concatenate([ood[k][n] for k in ood]) for n in names}
     for n in names:
         thr = fit_threshold(torch.as_tensor(val[n]), args.rate)
-        entry = {
+        auroc: dict[str, float] = {}
+        flagged: dict[str, float] = {}
+        entry: dict[str, Any] = {
             "threshold": thr,
             "val_flagged": float(flags(torch.as_tensor(val[n]), thr).double().mean()),
             "test_false_flag_rate": float(flags(torch.as_tensor(test[n]), thr).double().mean()),
-            "auroc": {},
-            "flagged": {},
+            "auroc": auroc,
+            "flagged": flagged,
         }
         for k, v in [*ood.items(), ("all", {n: all_ood[n]})]:
             y = np.r_[np.zeros(len(test[n])), np.ones(len(v[n]))]
-            entry["auroc"][k] = float(roc_auc_score(y, np.r_[test[n], v[n]]))
-            entry["flagged"][k] = float(flags(torch.as_tensor(v[n]), thr).double().mean())
+            auroc[k] = float(roc_auc_score(y, np.r_[test[n], v[n]]))
+            flagged[k] = float(flags(torch.as_tensor(v[n]), thr).double().mean())
         # the mean AUROC over the OOD kinds (each kind weighs the same, whatever its size)
-        entry["auroc_mean_over_sets"] = float(np.mean([entry["auroc"][k] for k in ood]))
+        entry["auroc_mean_over_sets"] = float(np.mean([auroc[k] for k in ood]))
         result["scores"][n] = entry
     ranked = sorted(names, key=lambda n: -result["scores"][n]["auroc_mean_over_sets"])
     result["ranking_by_mean_auroc"] = ranked

@@ -26,6 +26,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -97,7 +98,7 @@ def evaluate_run(
     dcg.eval()
     n = len(ds) if limit is None else min(limit, len(ds))
     stats: dict[str, list] = {}
-    hw = None
+    hw: tuple[int, ...] | None = None  # the saliency map's size (None: no image read)
     for start in range(0, n, batch_size):
         items = [ds[i] for i in range(start, min(n, start + batch_size))]
         x = torch.stack([it["image"] for it in items])
@@ -117,12 +118,12 @@ def evaluate_run(
         _, alt_boxes = crop_rois(x, alt.cell_idx, dcg.crop_size, grid)
         alt_stats = roi_lesion_stats(alt_boxes, up, masks, dcg.crop_size, grid)
         stats.setdefault("roi_hit_pred_channel", []).extend(alt_stats["roi_hit"].tolist())
-    out = {k: round(float(np.mean(v)), 4) for k, v in stats.items()}
+    out: dict[str, Any] = {k: round(float(np.mean(v)), 4) for k, v in stats.items()}
     out.update(
         run=str(run),
         split=split,
         images=n,
-        saliency_hw=list(hw),
+        saliency_hw=list(hw) if hw is not None else None,
         image_size=cfg.data.image_size,
         crop_size=dcg.crop_size,
         num_rois=dcg.num_rois,

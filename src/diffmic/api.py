@@ -98,7 +98,7 @@ def resolve_config(
         )
     if config is not None and not isinstance(config, (str, os.PathLike, Mapping)):
         raise ConfigError(f"config must be a preset name, a YAML path, a dict or a Config, got {type(config).__name__}")
-    return load_config(config, over)
+    return load_config(Path(config) if isinstance(config, os.PathLike) else config, over)
 
 
 def fit(
@@ -151,7 +151,7 @@ def test(
         )
     quiet(not verbose)
     result = evaluate(
-        run,
+        Path(run),
         stage="test",
         ckpt=os.fspath(ckpt) if ckpt is not None else None,
         overrides=_override_list(overrides),

@@ -188,9 +188,7 @@ def _fit(args) -> int:
 
         raise ConfigError("--resume and --overwrite exclude each other: resume keeps the run, overwrite replaces it")
     run_dir = fit(cfg, resume=args.resume, overwrite=args.overwrite)
-    from lightning.pytorch.utilities import rank_zero_only
-
-    if rank_zero_only.rank != 0:  # DDP: one summary, from rank 0
+    if not _is_rank_zero():  # DDP: one summary, from rank 0
         return 0
     summary = json.loads((run_dir / "fit_summary.json").read_text()) if (run_dir / "fit_summary.json").exists() else {}
     print(f"run folder: {run_dir}")
@@ -199,14 +197,20 @@ def _fit(args) -> int:
     return 0
 
 
+def _is_rank_zero() -> bool:
+    """False on the other processes of a multi-GPU (DDP) run."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    # Lightning records the process rank as an attribute of this function when it is imported
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
 def _evaluate(args) -> int:
     from diffmic.training.run import evaluate
 
     _check_config_path(args.config)
     result = evaluate(args.run, stage=args.verb, ckpt=args.ckpt, overrides=args.overrides, config_path=args.config)
-    from lightning.pytorch.utilities import rank_zero_only
-
-    if rank_zero_only.rank != 0:  # DDP: one summary, from rank 0
+    if not _is_rank_zero():  # DDP: one summary, from rank 0
         return 0
     if args.verb == "test":
         shown = {k: result[k] for k in ("acc", "balanced_acc", "f1", "kappa", "auroc") if k in result}
@@ -324,7 +328,7 @@ def _predict(args) -> int:
     print(f"referral rule: {predictor.referral_rule}", file=sys.stderr)  # the rule REFER follows
     if predictor.ood_rule is not None:  # the flag applied, or why there is none
         print(f"out-of-distribution flag: {predictor.ood_rule}", file=sys.stderr)
-    if args.explain:
+    if args.explain and explain_paths is not None:
         for img, r, dest in zip(images, results, explain_paths):
             predictor.save_explanation(img, r, dest)
         print(f"wrote {len(results)} explanation images to {args.explain}")

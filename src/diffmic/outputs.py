@@ -71,7 +71,7 @@ def explanation_names(images: Sequence[Path], roots: Sequence[Path]) -> list[Pat
         if seen[r.as_posix().lower()] > 1:
             r = Path(f"input{i + 1}") / r
         out.append(r)
-    stems = {}
+    stems: dict[str, int] = {}
     for r in out:
         k = r.with_suffix(".png").as_posix().lower()
         stems[k] = stems.get(k, 0) + 1

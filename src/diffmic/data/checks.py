@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from .records import SPLIT_NAMES, DataError, DatasetIndex, Problem, Record
 from .transforms import DEFAULT_MAX_PIXELS, open_image
@@ -129,7 +130,7 @@ def check_image_file(
     return info, kind, reason
 
 
-def pixel_digest(img_or_array) -> str:
+def pixel_digest(img_or_array: np.ndarray | Image.Image) -> str:
     """SHA-1 of decoded pixels (mode, size and bytes): equal for byte-identical images whatever
     their file names or formats."""
     h = hashlib.sha1()
@@ -143,7 +144,12 @@ def pixel_digest(img_or_array) -> str:
     return h.hexdigest()
 
 
-def _inspect_image(path, max_pixels):
+#: what :func:`_inspect_image` finds: ``(width, height, mode)`` or ``None``, the kind and reason of a
+#: problem (``None`` when fine), the digest of the decoded pixels (``None`` when bad)
+_Inspection = tuple[tuple[int, int, str] | None, str | None, str | None, str | None]
+
+
+def _inspect_image(path: str | os.PathLike, max_pixels: int | None) -> _Inspection:
     """:func:`check_image_file` plus the digest of the decoded pixels (``None`` when bad)."""
     p = Path(path)
     try:
@@ -179,6 +185,49 @@ _HINTS = {
     "truncated_image": "the file is cut short: re-download it, or remove it",
     "too_large": "check the file; raise max_pixels if the image is genuine",
 }
+
+
+#: a record's place in the checked splits: (split name, position in that split's records)
+_Where = tuple[str, int]
+#: a file to open: its split, its position there, the record and its (existing, non-empty) path
+_ToOpen = tuple[str, int, Record, Path]
+
+
+@dataclass
+class _Findings:
+    """What the checks of one :func:`check_dataset` call share: the splits, the problems found so
+    far (in check order), the records an error marks for removal, and what was read from the
+    images (sizes, modes and pixel digests)."""
+
+    splits: dict[str, DatasetIndex]
+    class_names: list[str]
+    num_classes: int
+    problems: list[Problem] = field(default_factory=list)
+    #: split -> record id -> the first error about that record
+    bad: defaultdict[str, dict[str, Problem]] = field(default_factory=lambda: defaultdict(dict))
+    #: split -> positions to drop
+    bad_pos: defaultdict[str, set[int]] = field(default_factory=lambda: defaultdict(set))
+    sizes: defaultdict[str, list[tuple[int, int]]] = field(default_factory=lambda: defaultdict(list))
+    modes: Counter[str] = field(default_factory=Counter)
+    mode_example: dict[str, str] = field(default_factory=dict)
+    #: pixel digest -> where those pixels were seen
+    digests: defaultdict[str, list[_Where]] = field(default_factory=lambda: defaultdict(list))
+
+    def add(self, p: Problem, split: str | None = None, pos: int | None = None) -> None:
+        """Record a problem; an error about a record (``split`` and ``pos`` given) marks it bad."""
+        self.problems.append(p)
+        if p.severity == "error" and split is not None and pos is not None:
+            self.bad_pos[split].add(pos)
+            self.bad[split].setdefault(p.record_id or str(pos), p)
+
+    def saw_image(self, where: _Where, digest: str, width: int, height: int, mode: str) -> None:
+        """Note an image that could be read."""
+        self.digests[digest].append(where)
+        self.sizes[where[0]].append((width, height))
+        self.modes[mode] += 1
+
+    def record(self, where: _Where) -> Record:
+        return self.splits[where[0]].records[where[1]]
 
 
 def check_dataset(
@@ -217,399 +266,35 @@ def check_dataset(
     """
     if label_conflict not in ("error", "warning"):
         raise ValueError(f"label_conflict must be 'error' or 'warning', got {label_conflict!r}")
-    if isinstance(index, DatasetIndex):
-        splits = {"all": index}
-    else:
-        splits = dict(index)
-    if not splits:
-        raise ValueError("nothing to check: no splits given")
-    first = next(iter(splits.values()))
-    class_names = list(first.class_names)
+    splits = {"all": index} if isinstance(index, DatasetIndex) else dict(index)
+    class_names = _shared_class_names(splits)
+    f = _Findings(splits, class_names, int(num_classes) if num_classes is not None else len(class_names))
+
+    _check_class_count(f, num_classes)
+    to_open: list[_ToOpen] = []
     for s, ix in splits.items():
-        if list(ix.class_names) != class_names:
-            raise ValueError(f"split {s!r} has class names {ix.class_names}, expected {class_names}")
-    C = int(num_classes) if num_classes is not None else len(class_names)
-
-    problems: list[Problem] = []
-    bad: dict[str, dict[str, Problem]] = defaultdict(dict)  # split -> record id -> first error
-    bad_pos: dict[str, set[int]] = defaultdict(set)  # split -> positions to drop
-    sizes: dict[str, list[tuple[int, int]]] = defaultdict(list)
-    modes: Counter = Counter()
-    mode_example: dict[str, str] = {}
-    digests: dict[str, list[tuple[str, int]]] = defaultdict(list)  # pixel digest -> (split, pos)
-
-    def add(p: Problem, split: str | None = None, pos: int | None = None) -> None:
-        problems.append(p)
-        if p.severity == "error" and split is not None and pos is not None:
-            bad_pos[split].add(pos)
-            bad[split].setdefault(p.record_id or str(pos), p)
-
-    if num_classes is not None and num_classes != len(class_names):
-        add(
-            Problem(
-                "class_count",
-                f"num_classes={num_classes} but the data has {len(class_names)} class names {class_names}",
-                hint="pass the matching num_classes or fix the class list",
-            )
-        )
-
-    # ---- per-record structural checks --------------------------------------------------------
-    to_open: list[tuple[str, int, Record]] = []
-    for s, ix in splits.items():
-        pos_of_id: dict[str, list[int]] = defaultdict(list)
+        pos_of_id: defaultdict[str, list[int]] = defaultdict(list)
         for pos, r in enumerate(ix.records):
             pos_of_id[r.id].append(pos)
-        loader_probs: dict[str, list[Problem]] = defaultdict(list)
-        for p in ix.problems:
-            p = p if p.split is not None else replace(p, split=s)
-            if p.record_id is not None and p.record_id in pos_of_id:
-                # the loader's split ("all") may since have been divided: the record's split now
-                loader_probs[p.record_id].append(replace(p, split=s))
-            else:
-                add(p)
-        for pos, r in enumerate(ix.records):
-            lp = loader_probs.get(r.id, [])
-            for p in lp:
-                add(p, s, pos)
-            if not (0 <= r.label < C) and not any(p.severity == "error" for p in lp):
-                add(
-                    Problem(
-                        "label_out_of_range",
-                        f"{r.where()}: label {r.label} is outside 0..{C - 1} "
-                        f"({C} classes: {', '.join(class_names[:C])})",
-                        split=s,
-                        record_id=r.id,
-                        path=str(r.path) if r.path else None,
-                        hint="fix the label, or the class list / num_classes",
-                    ),
-                    s,
-                    pos,
-                )
-            if r.array_index is not None:
-                if ix.images is None or not (0 <= r.array_index < len(ix.images)):
-                    add(
-                        Problem(
-                            "missing_image",
-                            f"{r.where()}: in-memory image row {r.array_index} does not exist",
-                            split=s,
-                            record_id=r.id,
-                            hint="rebuild the index from the .npz file",
-                        ),
-                        s,
-                        pos,
-                    )
-                else:
-                    im = ix.images[r.array_index]
-                    digests[pixel_digest(im)].append((s, pos))
-                    sizes[s].append((int(im.shape[1]), int(im.shape[0])))
-                    m = "L" if im.ndim == 2 or im.shape[-1] == 1 else "RGB"
-                    modes[m] += 1
-                continue
-            if r.path is None:
-                if not any(p.kind == "missing_file" for p in lp):
-                    add(
-                        Problem(
-                            "missing_file",
-                            f"{r.where()}: record has no image path",
-                            split=s,
-                            record_id=r.id,
-                            hint=_HINTS["missing_file"],
-                        ),
-                        s,
-                        pos,
-                    )
-                continue
-            try:
-                st = os.stat(r.path)
-            except OSError:
-                add(
-                    Problem(
-                        "missing_file",
-                        f"{r.where()}: image file not found",
-                        split=s,
-                        record_id=r.id,
-                        path=str(r.path),
-                        hint=_HINTS["missing_file"],
-                    ),
-                    s,
-                    pos,
-                )
-                continue
-            if st.st_size == 0:
-                add(
-                    Problem(
-                        "empty_file",
-                        f"{r.where()}: image file is empty (0 bytes)",
-                        split=s,
-                        record_id=r.id,
-                        path=str(r.path),
-                        hint=_HINTS["empty_file"],
-                    ),
-                    s,
-                    pos,
-                )
-                continue
-            if check_images:
-                to_open.append((s, pos, r))
-        # duplicates inside the split
-        for rid, ps in pos_of_id.items():
-            if len(ps) > 1:
-                where = "; ".join(ix.records[p].source or f"position {p}" for p in ps[:5])
-                for p in ps[1:]:
-                    add(
-                        Problem(
-                            "duplicate_id",
-                            f"id {rid!r} appears {len(ps)} times in split {s!r} ({where}); keeping the first",
-                            split=s,
-                            record_id=rid,
-                            hint="remove the duplicate rows",
-                        ),
-                        s,
-                        p,
-                    )
-        seen_path: dict[str, int] = {}
-        for pos, r in enumerate(ix.records):
-            if r.path is None:
-                continue
-            key = os.path.normpath(os.path.abspath(r.path))
-            if key in seen_path and ix.records[seen_path[key]].id != r.id:
-                other = ix.records[seen_path[key]]
-                add(
-                    Problem(
-                        "duplicate_file",
-                        f"{r.where()}: same file as {other.where()}",
-                        split=s,
-                        record_id=r.id,
-                        path=str(r.path),
-                        hint="remove one of the two rows",
-                    ),
-                    s,
-                    pos,
-                )
-            else:
-                seen_path.setdefault(key, pos)
-
-    # ---- ids / files shared between splits (leakage) -----------------------------------------
+        to_open += _check_records(f, s, ix, pos_of_id, check_images)
+        _check_duplicate_ids(f, s, ix, pos_of_id)
+        _check_duplicate_files(f, s, ix)
     if len(splits) > 1:
-        owners: dict[str, list[tuple[str, int]]] = defaultdict(list)
-        for s, ix in splits.items():
-            seen = set()
-            for pos, r in enumerate(ix.records):
-                keys = {f"id:{r.id}"}
-                if r.path is not None:
-                    keys.add("path:" + os.path.normpath(os.path.abspath(r.path)))
-                for k in keys:
-                    if (k, s) not in seen:
-                        seen.add((k, s))
-                        owners[k].append((s, pos))
-        reported: set[tuple[str, int]] = set()
-        for occ in owners.values():
-            split_set = {s for s, _ in occ}
-            if len(split_set) < 2:
-                continue
-            keep = min(split_set, key=lambda s: _KEEP_PRIORITY.get(s, 9))
-            for s, pos in occ:
-                if s == keep or (s, pos) in reported:
-                    continue
-                reported.add((s, pos))
-                r = splits[s].records[pos]
-                add(
-                    Problem(
-                        "split_overlap",
-                        f"{r.where()} is also in split {keep!r} (test-set leakage)",
-                        split=s,
-                        record_id=r.id,
-                        path=str(r.path) if r.path else None,
-                        hint=f"remove it from {s!r} (skip_bad keeps the {keep!r} copy)",
-                    ),
-                    s,
-                    pos,
-                )
-
-    # ---- open every image --------------------------------------------------------------------
+        _check_split_overlap(f)
     if to_open:
-
-        def work(item):
-            return _inspect_image(item[2].path, max_pixels)
-
-        nw = workers if workers is not None else max(1, min(4, os.cpu_count() or 1))
-        if nw <= 1 or len(to_open) < 16:
-            results = [work(it) for it in to_open]
-        else:
-            with ThreadPoolExecutor(max_workers=nw) as ex:
-                results = list(ex.map(work, to_open, chunksize=16))
-        for (s, pos, r), (info, kind, reason, digest) in zip(to_open, results):
-            if info is None:
-                add(
-                    Problem(
-                        kind or "corrupt_image",
-                        f"{r.where()}: {reason}",
-                        split=s,
-                        record_id=r.id,
-                        path=str(r.path),
-                        hint=_HINTS.get(kind or "", _HINTS["corrupt_image"]),
-                    ),
-                    s,
-                    pos,
-                )
-                continue
-            w, h, m = info
-            digests[digest].append((s, pos))
-            sizes[s].append((w, h))
-            modes[m] += 1
-            mode_example.setdefault(m, str(r.path))
-    # ---- the same pixels under two labels (whatever the split) -------------------------------
-    conflicted: set[str] = set()
-
-    def label_of(s: str, pos: int) -> int:
-        return splits[s].records[pos].label
-
-    def label_text(label: int) -> str:
-        return repr(class_names[label]) if 0 <= label < min(C, len(class_names)) else str(label)
-
-    for digest, occ in digests.items():
-        labelled = [(s, pos) for s, pos in occ if 0 <= label_of(s, pos) < C]  # bad labels: reported above
-        if len({label_of(s, pos) for s, pos in labelled}) < 2:
-            continue
-        conflicted.add(digest)
-        for s, pos in labelled:
-            r = splits[s].records[pos]
-            others = [(s2, p2) for s2, p2 in labelled if (s2, p2) != (s, pos)]
-            shown = "; ".join(
-                f"{splits[s2].records[p2].where()} (label {label_text(label_of(s2, p2))}, split {s2!r})"
-                for s2, p2 in others[:3]
-            ) + (f"; and {len(others) - 3} more" if len(others) > 3 else "")
-            add(
-                Problem(
-                    "label_conflict",
-                    f"{r.where()} (label {label_text(r.label)}) has the same pixels as {shown}: "
-                    "one image under different labels",
-                    severity=label_conflict,
-                    split=s,
-                    record_id=r.id,
-                    path=str(r.path) if r.path else None,
-                    hint="keep the copy with the right label and remove the others (skip_bad drops every copy)",
-                ),
-                s,
-                pos,
-            )
-    # ---- the same pixels in two splits (leakage under another name) ---------------------------
+        _check_images(f, to_open, max_pixels, workers)
+    conflicted = _check_label_conflicts(f, label_conflict)
     if duplicate_content != "off" and len(splits) > 1:
-        sev = "error" if duplicate_content == "error" else "warning"
-        for digest, occ in digests.items():
-            split_set = {s for s, _ in occ}
-            if len(split_set) < 2 or digest in conflicted:
-                continue
-            keep = min(split_set, key=lambda s: _KEEP_PRIORITY.get(s, 9))
-            first = splits[keep].records[next(pos for s, pos in occ if s == keep)]
-            for s, pos in occ:
-                r = splits[s].records[pos]
-                if s == keep or (
-                    r.path is not None and first.path is not None and os.path.samefile(r.path, first.path)
-                ):
-                    continue  # the same file: reported as split_overlap
-                add(
-                    Problem(
-                        "duplicate_content",
-                        f"{r.where()} has the same pixels as {first.where()} in split {keep!r} (test-set leakage)",
-                        severity=sev,
-                        split=s,
-                        record_id=r.id,
-                        path=str(r.path) if r.path else None,
-                        hint=f"remove one copy (skip_bad drops the {s!r} one)",
-                    ),
-                    s,
-                    pos,
-                )
-    for m, k in modes.items():
-        if m not in _COMMON_MODES:
-            add(
-                Problem(
-                    "unusual_mode",
-                    f"{k} image(s) in mode {m!r} (e.g. {mode_example.get(m, '?')});"
-                    " they are converted when decoding (alpha/palette composited on black, "
-                    "16-bit scaled to 8-bit, CMYK to RGB)",
-                    severity="info",
-                )
-            )
+        _check_duplicate_content(f, "error" if duplicate_content == "error" else "warning", conflicted)
+    _check_modes(f)
 
-    # ---- remove bad records (skip_bad) -------------------------------------------------------
     removed: list[Problem] = []
-    out_splits = splits
+    problems, out_splits = f.problems, splits
     if skip_bad:
-        out_splits = {}
-        for s, ix in splits.items():
-            drop = bad_pos.get(s, set())
-            keep = [i for i in range(len(ix)) if i not in drop]
-            out_splits[s] = ix.subset(keep) if drop else ix
-            for pos in sorted(drop):
-                r = ix.records[pos]
-                cause = bad.get(s, {}).get(r.id)
-                msg = cause.message if cause else r.where()
-                removed.append(
-                    Problem(
-                        cause.kind if cause else "removed",
-                        f"removed: {msg}",
-                        severity="warning",
-                        split=s,
-                        record_id=r.id,
-                        path=str(r.path) if r.path else None,
-                    )
-                )
-        dropped = {(p.split, p.record_id) for p in removed}
-        problems = [
-            replace(p, severity="warning", message=p.message + " [removed]")
-            if p.severity == "error" and (p.split, p.record_id) in dropped
-            else p
-            for p in problems
-        ]
-
-    # ---- empty classes / group overlap (on what is left) -------------------------------------
-    for s, ix in out_splits.items():
-        counts = ix.class_counts()
-        for c in range(min(C, len(class_names))):
-            if counts[c] == 0:
-                sev = "warning" if (allow_empty_classes or skip_bad) else "error"
-                problems.append(
-                    Problem(
-                        "empty_class",
-                        f"split {s!r} has no images of class {c} {class_names[c]!r}",
-                        severity=sev,
-                        split=s,
-                        hint="check the labels / split file, or pass allow_empty_classes=True if this is intended",
-                    )
-                )
-    train_split = "train" if "train" in out_splits else None
-    if train_split is not None:
-        counts = out_splits[train_split].class_counts()
-        present = [class_names[c] for c in range(min(C, len(class_names))) if counts[c] > 0]
-        if len(present) < 2:
-            problems.append(
-                Problem(
-                    "single_class",
-                    f"split {train_split!r} has images of {len(present)} class(es) "
-                    f"{present} (classes: {class_names}); a classifier needs images of at least 2 classes",
-                    split=train_split,
-                    hint="add images of the other classes, or fix the labels / class folders",
-                )
-            )
-    if "train" in out_splits and out_splits["train"].has_groups:
-        train_groups = {r.group for r in out_splits["train"].records if r.group is not None}
-        for s in ("val", "test"):
-            if s in out_splits:
-                shared = [r for r in out_splits[s].records if r.group in train_groups]
-                if shared:
-                    problems.append(
-                        Problem(
-                            "group_overlap",
-                            f"{len(shared)} of {len(out_splits[s])} {s} images "
-                            f"share a group (lesion) with train, e.g. {shared[0].id} "
-                            f"(group {shared[0].group}); scores on {s} are optimistic",
-                            severity="info",
-                            split=s,
-                            hint="use a grouped split (split='lesion') for an honest estimate",
-                        )
-                    )
+        out_splits, removed, problems = _remove_bad(f)
+    # checks on what is left
+    problems += _check_class_coverage(out_splits, f, lenient=allow_empty_classes or skip_bad)
+    problems += _check_group_overlap(out_splits)
 
     order = {n: i for i, n in enumerate(SPLIT_NAMES)}
     report = DataReport(
@@ -619,11 +304,447 @@ def check_dataset(
         removed=removed,
         image_sizes={
             s: np.asarray(v, dtype=np.int64).reshape(-1, 2)
-            for s, v in sorted(sizes.items(), key=lambda kv: order.get(kv[0], 9))
+            for s, v in sorted(f.sizes.items(), key=lambda kv: order.get(kv[0], 9))
         },
-        modes=modes,
+        modes=f.modes,
         checked_images=check_images,
     )
     if report.errors:
         raise DataError.from_problems(report.problems, report=report)
     return report
+
+
+def _shared_class_names(splits: dict[str, DatasetIndex]) -> list[str]:
+    """The class names every split shares (a ``ValueError`` when none is given or they differ)."""
+    if not splits:
+        raise ValueError("nothing to check: no splits given")
+    class_names = list(next(iter(splits.values())).class_names)
+    for s, ix in splits.items():
+        if list(ix.class_names) != class_names:
+            raise ValueError(f"split {s!r} has class names {ix.class_names}, expected {class_names}")
+    return class_names
+
+
+def _check_class_count(f: _Findings, num_classes: int | None) -> None:
+    if num_classes is not None and num_classes != len(f.class_names):
+        f.add(
+            Problem(
+                "class_count",
+                f"num_classes={num_classes} but the data has {len(f.class_names)} class names {f.class_names}",
+                hint="pass the matching num_classes or fix the class list",
+            )
+        )
+
+
+# ---- per-record structural checks ------------------------------------------------------------
+def _check_records(
+    f: _Findings, s: str, ix: DatasetIndex, pos_of_id: Mapping[str, list[int]], check_images: bool
+) -> list[_ToOpen]:
+    """The loader's problems, the label range and the image of each record of split ``s``;
+    returns the files to open (with ``check_images``)."""
+    loader_probs = _loader_problems(f, s, ix, pos_of_id)
+    to_open: list[_ToOpen] = []
+    for pos, r in enumerate(ix.records):
+        lp = loader_probs.get(r.id, [])
+        for p in lp:
+            f.add(p, s, pos)
+        _check_label(f, s, pos, r, lp)
+        if r.array_index is not None:
+            _check_array_image(f, s, ix, pos, r, r.array_index)
+            continue
+        path = _check_file(f, s, pos, r, lp)
+        if path is not None and check_images:
+            to_open.append((s, pos, r, path))
+    return to_open
+
+
+def _loader_problems(
+    f: _Findings, s: str, ix: DatasetIndex, pos_of_id: Mapping[str, list[int]]
+) -> dict[str, list[Problem]]:
+    """Adds the loader's problems that name no record of the split; returns the others by id."""
+    loader_probs: defaultdict[str, list[Problem]] = defaultdict(list)
+    for p in ix.problems:
+        p = p if p.split is not None else replace(p, split=s)
+        if p.record_id is not None and p.record_id in pos_of_id:
+            # the loader's split ("all") may since have been divided: the record's split now
+            loader_probs[p.record_id].append(replace(p, split=s))
+        else:
+            f.add(p)
+    return loader_probs
+
+
+def _check_label(f: _Findings, s: str, pos: int, r: Record, loader_probs: list[Problem]) -> None:
+    C = f.num_classes
+    if not (0 <= r.label < C) and not any(p.severity == "error" for p in loader_probs):
+        f.add(
+            Problem(
+                "label_out_of_range",
+                f"{r.where()}: label {r.label} is outside 0..{C - 1} ({C} classes: {', '.join(f.class_names[:C])})",
+                split=s,
+                record_id=r.id,
+                path=str(r.path) if r.path else None,
+                hint="fix the label, or the class list / num_classes",
+            ),
+            s,
+            pos,
+        )
+
+
+def _check_array_image(f: _Findings, s: str, ix: DatasetIndex, pos: int, r: Record, row: int) -> None:
+    """An in-memory image (row ``row`` of ``ix.images``) must exist; it is then read."""
+    if ix.images is None or not (0 <= row < len(ix.images)):
+        f.add(
+            Problem(
+                "missing_image",
+                f"{r.where()}: in-memory image row {row} does not exist",
+                split=s,
+                record_id=r.id,
+                hint="rebuild the index from the .npz file",
+            ),
+            s,
+            pos,
+        )
+        return
+    im = ix.images[row]
+    mode = "L" if im.ndim == 2 or im.shape[-1] == 1 else "RGB"
+    f.saw_image((s, pos), pixel_digest(im), int(im.shape[1]), int(im.shape[0]), mode)
+
+
+def _check_file(f: _Findings, s: str, pos: int, r: Record, loader_probs: list[Problem]) -> Path | None:
+    """The record's image file must be named, exist and be non-empty; returns it when it is."""
+    if r.path is None:
+        if not any(p.kind == "missing_file" for p in loader_probs):
+            f.add(
+                Problem(
+                    "missing_file",
+                    f"{r.where()}: record has no image path",
+                    split=s,
+                    record_id=r.id,
+                    hint=_HINTS["missing_file"],
+                ),
+                s,
+                pos,
+            )
+        return None
+    try:
+        st = os.stat(r.path)
+    except OSError:
+        f.add(
+            Problem(
+                "missing_file",
+                f"{r.where()}: image file not found",
+                split=s,
+                record_id=r.id,
+                path=str(r.path),
+                hint=_HINTS["missing_file"],
+            ),
+            s,
+            pos,
+        )
+        return None
+    if st.st_size == 0:
+        f.add(
+            Problem(
+                "empty_file",
+                f"{r.where()}: image file is empty (0 bytes)",
+                split=s,
+                record_id=r.id,
+                path=str(r.path),
+                hint=_HINTS["empty_file"],
+            ),
+            s,
+            pos,
+        )
+        return None
+    return r.path
+
+
+# ---- duplicates inside a split -----------------------------------------------------------------
+def _check_duplicate_ids(f: _Findings, s: str, ix: DatasetIndex, pos_of_id: Mapping[str, list[int]]) -> None:
+    for rid, ps in pos_of_id.items():
+        if len(ps) > 1:
+            where = "; ".join(ix.records[p].source or f"position {p}" for p in ps[:5])
+            for p in ps[1:]:
+                f.add(
+                    Problem(
+                        "duplicate_id",
+                        f"id {rid!r} appears {len(ps)} times in split {s!r} ({where}); keeping the first",
+                        split=s,
+                        record_id=rid,
+                        hint="remove the duplicate rows",
+                    ),
+                    s,
+                    p,
+                )
+
+
+def _check_duplicate_files(f: _Findings, s: str, ix: DatasetIndex) -> None:
+    seen_path: dict[str, int] = {}
+    for pos, r in enumerate(ix.records):
+        if r.path is None:
+            continue
+        key = os.path.normpath(os.path.abspath(r.path))
+        if key in seen_path and ix.records[seen_path[key]].id != r.id:
+            other = ix.records[seen_path[key]]
+            f.add(
+                Problem(
+                    "duplicate_file",
+                    f"{r.where()}: same file as {other.where()}",
+                    split=s,
+                    record_id=r.id,
+                    path=str(r.path),
+                    hint="remove one of the two rows",
+                ),
+                s,
+                pos,
+            )
+        else:
+            seen_path.setdefault(key, pos)
+
+
+def _kept_split(split_set: set[str]) -> str:
+    """Of the splits holding copies of one record, the one whose copy is kept."""
+    return min(split_set, key=lambda s: _KEEP_PRIORITY.get(s, 9))
+
+
+# ---- ids / files shared between splits (leakage) -----------------------------------------------
+def _check_split_overlap(f: _Findings) -> None:
+    owners: defaultdict[str, list[_Where]] = defaultdict(list)
+    for s, ix in f.splits.items():
+        seen = set()
+        for pos, r in enumerate(ix.records):
+            keys = {f"id:{r.id}"}
+            if r.path is not None:
+                keys.add("path:" + os.path.normpath(os.path.abspath(r.path)))
+            for k in keys:
+                if (k, s) not in seen:
+                    seen.add((k, s))
+                    owners[k].append((s, pos))
+    reported: set[_Where] = set()
+    for occ in owners.values():
+        split_set = {s for s, _ in occ}
+        if len(split_set) < 2:
+            continue
+        keep = _kept_split(split_set)
+        for s, pos in occ:
+            if s == keep or (s, pos) in reported:
+                continue
+            reported.add((s, pos))
+            r = f.record((s, pos))
+            f.add(
+                Problem(
+                    "split_overlap",
+                    f"{r.where()} is also in split {keep!r} (test-set leakage)",
+                    split=s,
+                    record_id=r.id,
+                    path=str(r.path) if r.path else None,
+                    hint=f"remove it from {s!r} (skip_bad keeps the {keep!r} copy)",
+                ),
+                s,
+                pos,
+            )
+
+
+# ---- open every image ----------------------------------------------------------------------------
+def _check_images(f: _Findings, to_open: list[_ToOpen], max_pixels: int | None, workers: int | None) -> None:
+    def work(item: _ToOpen) -> _Inspection:
+        return _inspect_image(item[3], max_pixels)
+
+    nw = workers if workers is not None else max(1, min(4, os.cpu_count() or 1))
+    if nw <= 1 or len(to_open) < 16:
+        results = [work(it) for it in to_open]
+    else:
+        with ThreadPoolExecutor(max_workers=nw) as ex:
+            results = list(ex.map(work, to_open, chunksize=16))
+    for (s, pos, r, path), (info, kind, reason, digest) in zip(to_open, results):
+        if info is None or digest is None:
+            f.add(
+                Problem(
+                    kind or "corrupt_image",
+                    f"{r.where()}: {reason}",
+                    split=s,
+                    record_id=r.id,
+                    path=str(path),
+                    hint=_HINTS.get(kind or "", _HINTS["corrupt_image"]),
+                ),
+                s,
+                pos,
+            )
+            continue
+        w, h, m = info
+        f.saw_image((s, pos), digest, w, h, m)
+        f.mode_example.setdefault(m, str(path))
+
+
+# ---- the same pixels under two labels (whatever the split) -----------------------------------------
+def _check_label_conflicts(f: _Findings, severity: str) -> set[str]:
+    """Adds a ``label_conflict`` for every copy of pixels seen under two labels; returns their digests."""
+    C, class_names = f.num_classes, f.class_names
+    conflicted: set[str] = set()
+
+    def label_of(where: _Where) -> int:
+        return f.record(where).label
+
+    def label_text(label: int) -> str:
+        return repr(class_names[label]) if 0 <= label < min(C, len(class_names)) else str(label)
+
+    for digest, occ in f.digests.items():
+        labelled = [w for w in occ if 0 <= label_of(w) < C]  # bad labels: reported above
+        if len({label_of(w) for w in labelled}) < 2:
+            continue
+        conflicted.add(digest)
+        for s, pos in labelled:
+            r = f.record((s, pos))
+            others = [w for w in labelled if w != (s, pos)]
+            shown = "; ".join(
+                f"{f.record(w).where()} (label {label_text(label_of(w))}, split {w[0]!r})" for w in others[:3]
+            ) + (f"; and {len(others) - 3} more" if len(others) > 3 else "")
+            f.add(
+                Problem(
+                    "label_conflict",
+                    f"{r.where()} (label {label_text(r.label)}) has the same pixels as {shown}: "
+                    "one image under different labels",
+                    severity=severity,
+                    split=s,
+                    record_id=r.id,
+                    path=str(r.path) if r.path else None,
+                    hint="keep the copy with the right label and remove the others (skip_bad drops every copy)",
+                ),
+                s,
+                pos,
+            )
+    return conflicted
+
+
+# ---- the same pixels in two splits (leakage under another name) ------------------------------------
+def _check_duplicate_content(f: _Findings, severity: str, conflicted: set[str]) -> None:
+    for digest, occ in f.digests.items():
+        split_set = {s for s, _ in occ}
+        if len(split_set) < 2 or digest in conflicted:
+            continue
+        keep = _kept_split(split_set)
+        first = f.record(next(w for w in occ if w[0] == keep))
+        for s, pos in occ:
+            r = f.record((s, pos))
+            if s == keep or (r.path is not None and first.path is not None and os.path.samefile(r.path, first.path)):
+                continue  # the same file: reported as split_overlap
+            f.add(
+                Problem(
+                    "duplicate_content",
+                    f"{r.where()} has the same pixels as {first.where()} in split {keep!r} (test-set leakage)",
+                    severity=severity,
+                    split=s,
+                    record_id=r.id,
+                    path=str(r.path) if r.path else None,
+                    hint=f"remove one copy (skip_bad drops the {s!r} one)",
+                ),
+                s,
+                pos,
+            )
+
+
+def _check_modes(f: _Findings) -> None:
+    for m, k in f.modes.items():
+        if m not in _COMMON_MODES:
+            f.add(
+                Problem(
+                    "unusual_mode",
+                    f"{k} image(s) in mode {m!r} (e.g. {f.mode_example.get(m, '?')});"
+                    " they are converted when decoding (alpha/palette composited on black, "
+                    "16-bit scaled to 8-bit, CMYK to RGB)",
+                    severity="info",
+                )
+            )
+
+
+# ---- remove bad records (skip_bad) -----------------------------------------------------------------
+def _remove_bad(f: _Findings) -> tuple[dict[str, DatasetIndex], list[Problem], list[Problem]]:
+    """Drops the records an error names: returns the cleaned splits, one warning per removed
+    record, and the problems with the errors about removed records turned into warnings."""
+    removed: list[Problem] = []
+    out_splits: dict[str, DatasetIndex] = {}
+    for s, ix in f.splits.items():
+        drop = f.bad_pos.get(s, set())
+        kept = [i for i in range(len(ix)) if i not in drop]
+        out_splits[s] = ix.subset(kept) if drop else ix
+        for pos in sorted(drop):
+            r = ix.records[pos]
+            cause = f.bad.get(s, {}).get(r.id)
+            msg = cause.message if cause else r.where()
+            removed.append(
+                Problem(
+                    cause.kind if cause else "removed",
+                    f"removed: {msg}",
+                    severity="warning",
+                    split=s,
+                    record_id=r.id,
+                    path=str(r.path) if r.path else None,
+                )
+            )
+    dropped = {(p.split, p.record_id) for p in removed}
+    problems = [
+        replace(p, severity="warning", message=p.message + " [removed]")
+        if p.severity == "error" and (p.split, p.record_id) in dropped
+        else p
+        for p in f.problems
+    ]
+    return out_splits, removed, problems
+
+
+# ---- checks on the splits as they are used ---------------------------------------------------------
+def _check_class_coverage(splits: dict[str, DatasetIndex], f: _Findings, *, lenient: bool) -> list[Problem]:
+    """Classes without images in a split (warnings when ``lenient``), fewer than two classes in train."""
+    class_names = f.class_names
+    n = min(f.num_classes, len(class_names))
+    problems: list[Problem] = []
+    for s, ix in splits.items():
+        counts = ix.class_counts()
+        for c in range(n):
+            if counts[c] == 0:
+                problems.append(
+                    Problem(
+                        "empty_class",
+                        f"split {s!r} has no images of class {c} {class_names[c]!r}",
+                        severity="warning" if lenient else "error",
+                        split=s,
+                        hint="check the labels / split file, or pass allow_empty_classes=True if this is intended",
+                    )
+                )
+    if "train" in splits:
+        counts = splits["train"].class_counts()
+        present = [class_names[c] for c in range(n) if counts[c] > 0]
+        if len(present) < 2:
+            problems.append(
+                Problem(
+                    "single_class",
+                    f"split 'train' has images of {len(present)} class(es) "
+                    f"{present} (classes: {class_names}); a classifier needs images of at least 2 classes",
+                    split="train",
+                    hint="add images of the other classes, or fix the labels / class folders",
+                )
+            )
+    return problems
+
+
+def _check_group_overlap(splits: dict[str, DatasetIndex]) -> list[Problem]:
+    """Groups (lesions) of train that also appear in val or test: optimistic scores (info)."""
+    if "train" not in splits or not splits["train"].has_groups:
+        return []
+    train_groups = {r.group for r in splits["train"].records if r.group is not None}
+    problems: list[Problem] = []
+    for s in ("val", "test"):
+        if s in splits:
+            shared = [r for r in splits[s].records if r.group in train_groups]
+            if shared:
+                problems.append(
+                    Problem(
+                        "group_overlap",
+                        f"{len(shared)} of {len(splits[s])} {s} images "
+                        f"share a group (lesion) with train, e.g. {shared[0].id} "
+                        f"(group {shared[0].group}); scores on {s} are optimistic",
+                        severity="info",
+                        split=s,
+                        hint="use a grouped split (split='lesion') for an honest estimate",
+                    )
+                )
+    return problems

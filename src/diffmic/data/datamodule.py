@@ -189,13 +189,7 @@ class DiffMICDataModule(pl.LightningDataModule):
         if self._sources is not None:
             return self._sources
         ds, root = self.dataset, self.root
-        if ds == "ham10000":
-            src = load_ham10000(root, self.split, seed=self.seed, test_fraction=self.test_fraction)
-        elif ds == "aptos2019":
-            if self.split == "lesion":
-                raise ValueError("APTOS has no lesion ids")
-            src = load_aptos2019(root, self.split, seed=self.seed, test_fraction=self.test_fraction)
-        elif ds == "csv":
+        if ds == "csv":
             csv_path = self.csv_path
             base = root
             if csv_path is None:
@@ -212,6 +206,14 @@ class DiffMICDataModule(pl.LightningDataModule):
                 self._class_names_arg,
                 group_col=self.group_col,
             )
+        elif root is None:
+            raise ValueError(f"dataset={ds!r} needs root (csv_path is for dataset='csv')")
+        elif ds == "ham10000":
+            src = load_ham10000(root, self.split, seed=self.seed, test_fraction=self.test_fraction)
+        elif ds == "aptos2019":
+            if self.split == "lesion":
+                raise ValueError("APTOS has no lesion ids")
+            src = load_aptos2019(root, self.split, seed=self.seed, test_fraction=self.test_fraction)
         elif ds == "folder":
             src = load_image_folder(root, self._class_names_arg)
         else:
@@ -414,7 +416,7 @@ class DiffMICDataModule(pl.LightningDataModule):
         return self.report.summary() + extra
 
     # ---- loaders -----------------------------------------------------------------------------
-    def _loader(self, ds: Dataset, train: bool) -> DataLoader:
+    def _loader(self, ds: CachedImageDataset, train: bool) -> DataLoader:
         return DataLoader(
             ds,
             batch_size=self.batch_size if train else self.eval_batch_size,
@@ -426,7 +428,7 @@ class DiffMICDataModule(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
-    def _train_sampler(self, ds: Dataset) -> EpochSeededSampler:
+    def _train_sampler(self, ds: CachedImageDataset) -> EpochSeededSampler:
         weights = None
         if self.class_balance > 0:
             weights = class_balance_weights(ds.labels, self.class_balance)

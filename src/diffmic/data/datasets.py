@@ -30,8 +30,8 @@ class CachedImageDataset(Dataset):
     def __init__(
         self,
         images: np.ndarray,
-        rows: Sequence[int],
-        labels: Sequence[int],
+        rows: Sequence[int] | np.ndarray,
+        labels: Sequence[int] | np.ndarray,
         ids: Sequence[str],
         transform: Callable[[np.ndarray], torch.Tensor] | None = None,
     ) -> None:

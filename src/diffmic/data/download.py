@@ -252,7 +252,7 @@ SOURCES["aptos2019_splits"] = DownloadSource(
 )
 
 for _name, _md5s in _MEDMNIST_MD5.items():
-    for _suffix, _md5 in zip(("", "_64", "_128", "_224"), _md5s):
+    for _suffix, _checksum in zip(("", "_64", "_128", "_224"), _md5s):
         _n = f"{_name}{_suffix}"
         _size = _suffix[1:] or "28"
         SOURCES[_n] = DownloadSource(
@@ -261,7 +261,7 @@ for _name, _md5s in _MEDMNIST_MD5.items():
             licence=_MEDMNIST_LICENCE.get(_name, "CC BY 4.0"),
             citation="Yang et al., 'MedMNIST v2', Sci. Data 10, 41 (2023)",
             approx_size="see https://zenodo.org/records/10519652",
-            files=(RemoteFile(f"{_ZENODO}/{_n}.npz?download=1", f"{_n}.npz", _md5, "copy", f"{_n}.npz"),),
+            files=(RemoteFile(f"{_ZENODO}/{_n}.npz?download=1", f"{_n}.npz", _checksum, "copy", f"{_n}.npz"),),
             layout=f"{_n}/{_n}.npz",
             config_hint="data.dataset=medmnist data.root={path}/" + f"{_n}.npz",
         )
@@ -453,8 +453,8 @@ def _resolve_dataverse(
         if not isinstance(entry, dict) or not isinstance(entry.get("dataFile") or {}, dict):
             continue  # not a file entry: a listing is data, checked before use
         df = entry.get("dataFile") or {}
-        names = [df.get("filename"), df.get("originalFileName"), entry.get("label")]
-        if any(isinstance(n, str) and _norm(n) == _norm(want.match) for n in names):
+        given = [df.get("filename"), df.get("originalFileName"), entry.get("label")]
+        if any(isinstance(n, str) and _norm(n) == _norm(want.match) for n in given):
             fid = df.get("id")
             if isinstance(fid, bool) or not (isinstance(fid, int) or (isinstance(fid, str) and fid.isdigit())):
                 raise DownloadError(
@@ -659,8 +659,8 @@ def download_dataset(
     tmp = Path(tempfile.mkdtemp(prefix=f".{src.name}.tmp-", dir=root))
     with atomic_path(final, tmp=tmp):  # renamed into place when complete, removed on any error
         record = []
-        for path, (url, fname, md5, action, dest, rows, id_col) in zip(fetched, jobs):
-            n = _apply(action, path, tmp / dest, rows, id_col)
+        for path, (url, fname, md5, action, dest_name, rows, id_col) in zip(fetched, jobs):
+            n = _apply(action, path, tmp / dest_name, rows, id_col)
             record.append(
                 {
                     "file": fname,
@@ -668,7 +668,7 @@ def download_dataset(
                     "md5": md5 or _md5(path),
                     "md5_published": md5 is not None,
                     "action": action,
-                    "dest": dest,
+                    "dest": dest_name,
                     "count": n,
                 }
             )

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 
@@ -187,6 +188,10 @@ class DatasetIndex:
         return replace(self, records=recs, problems=probs)
 
 
+@overload
+def filter_existing(indexes: DatasetIndex) -> tuple[DatasetIndex, list[Record]]: ...
+@overload
+def filter_existing(indexes: Mapping[str, DatasetIndex]) -> tuple[dict[str, DatasetIndex], list[Record]]: ...
 def filter_existing(
     indexes: DatasetIndex | Mapping[str, DatasetIndex],
 ) -> tuple[DatasetIndex | dict[str, DatasetIndex], list[Record]]:

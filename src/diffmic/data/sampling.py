@@ -26,7 +26,7 @@ class EpochSeededSampler(torch.utils.data.Sampler[int]):
     a function of (seed, epoch) only.
     """
 
-    def __init__(self, num_samples: int, seed: int, weights: Sequence[float] | None = None) -> None:
+    def __init__(self, num_samples: int, seed: int, weights: Sequence[float] | np.ndarray | None = None) -> None:
         self.num_samples = int(num_samples)
         self.seed = int(seed)
         self.epoch = 0
@@ -60,7 +60,7 @@ class EpochSeededSampler(torch.utils.data.Sampler[int]):
         return iter((i, (base * 1_000_033 + k) % (2**63 - 1)) for k, i in enumerate(order))
 
 
-def class_balance_weights(labels: Sequence[int], power: float) -> np.ndarray:
+def class_balance_weights(labels: Sequence[int] | np.ndarray, power: float) -> np.ndarray:
     """Per-sample sampling weights ``n_c ** -power`` for a sample of class ``c``.
 
     ``power`` 0 gives uniform sampling (the data's own class frequencies), 1 gives every class the

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from .records import DataError, DatasetIndex
+from .records import DataError, DatasetIndex, Problem, Record
 
 __all__ = [
     "stratified_split",
@@ -25,14 +25,14 @@ __all__ = [
 
 
 def _fractions(fractions: Sequence[float] | None, test_fraction: float | None) -> np.ndarray:
-    if fractions is None and test_fraction is None:
-        raise ValueError("give either fractions=(...) or test_fraction=...")
     if fractions is not None and test_fraction is not None:
         raise ValueError("give fractions or test_fraction, not both")
     if test_fraction is not None:
         if not 0.0 <= test_fraction <= 1.0:
             raise ValueError(f"test_fraction must be in [0, 1], got {test_fraction}")
         fractions = (1.0 - test_fraction, test_fraction)
+    elif fractions is None:
+        raise ValueError("give either fractions=(...) or test_fraction=...")
     f = np.asarray(fractions, dtype=np.float64)
     if f.ndim != 1 or len(f) < 1 or np.any(f < 0) or not np.isfinite(f).all():
         raise ValueError(f"fractions must be non-negative numbers, got {fractions}")
@@ -53,7 +53,7 @@ def _largest_remainder(n: int, fractions: np.ndarray) -> np.ndarray:
     return base
 
 
-def _stratum_counts(sizes: Sequence[int], f: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _stratum_counts(sizes: Sequence[int] | np.ndarray, f: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Per-class part sizes: each within one of ``n_c * f_p``, summing to ``n_c`` per class and,
     as closely as possible, to the largest-remainder split of the total per part (rounding
     leftovers are shared out across classes instead of always favouring the same part)."""
@@ -70,13 +70,13 @@ def _stratum_counts(sizes: Sequence[int], f: np.ndarray, rng: np.random.Generato
             base[c, p] += 1
             left[c] -= 1
             quota[p] -= 1
-    for c in np.flatnonzero(left > 0):  # quotas exhausted: fall back to the class's own remainders
-        for p in sorted(range(len(f)), key=lambda p: (-rem[c, p], p))[: left[c]]:
-            base[c, p] += 1
+    for k in np.flatnonzero(left > 0):  # quotas exhausted: fall back to the class's own remainders
+        for p in sorted(range(len(f)), key=lambda p: (-rem[k, p], p))[: left[k]]:
+            base[k, p] += 1
     return base
 
 
-def allocate(n: int, sizes: Sequence[int], min_one: bool = True) -> np.ndarray:
+def allocate(n: int, sizes: Sequence[int] | np.ndarray, min_one: bool = True) -> np.ndarray:
     """How many items to take from each class to draw ``n`` items in proportion to ``sizes``,
     never more than a class has; with ``min_one`` every non-empty class gets at least one item
     when ``n`` allows it (largest classes first otherwise). The result sums to ``min(n, sum)``."""
@@ -275,7 +275,10 @@ def pool_splits(splits: Mapping[str, DatasetIndex]) -> DatasetIndex:
                 f"cannot pool the splits for k-fold cross-validation: split {name!r} has the classes "
                 f"{list(ix.class_names)}, not {names}"
             )
-    records, problems, arrays, offset = [], [], [], 0
+    records: list[Record] = []
+    problems: list[Problem] = []
+    arrays: list[np.ndarray] = []
+    offset = 0
     in_memory = any(ix.images is not None for ix in parts)
     for name, ix in splits.items():
         problems.extend(ix.problems)

@@ -101,6 +101,7 @@ def open_image(
     :func:`~diffmic.data.dicom.read_dicom`: the returned image is its 8-bit grey or RGB rendering.
     """
     name = _name(src)
+    fp: Path | io.BytesIO
     if isinstance(src, (str, os.PathLike)):
         p = Path(src)
         if not p.is_file():
@@ -333,6 +334,9 @@ def norm_stats(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 class Normalize(torch.nn.Module):
     """``uint8 [C,H,W]`` (or ``[B,C,H,W]``) -> float32 in [0, 1] -> ``(x - mean) / std``."""
+
+    mean: torch.Tensor  # buffers
+    std: torch.Tensor
 
     def __init__(self, in_chans: int = 3) -> None:
         super().__init__()

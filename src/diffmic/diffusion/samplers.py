@@ -476,15 +476,35 @@ def sample(
     """
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; valid samplers: {', '.join(SAMPLERS)}")
-    common = dict(generator=generator, noise=noise, return_trajectory=return_trajectory)
     if name == "ddim":
         n = DEFAULT_DDIM_STEPS if steps is None else steps
-        return sample_ddim(eps_fn, schedule, prior_mean, n, eta, start=start, t_start=t_start, **common)
+        return sample_ddim(
+            eps_fn,
+            schedule,
+            prior_mean,
+            n,
+            eta,
+            start=start,
+            t_start=t_start,
+            generator=generator,
+            noise=noise,
+            return_trajectory=return_trajectory,
+        )
     if name == "dpmpp2m":
         if eta != 0:
             raise ValueError(f"sampler 'dpmpp2m' is deterministic: eta must be 0, got {eta}")
         n = DEFAULT_DDIM_STEPS if steps is None else steps
-        return sample_dpmpp2m(eps_fn, schedule, prior_mean, n, start=start, t_start=t_start, **common)
+        return sample_dpmpp2m(
+            eps_fn,
+            schedule,
+            prior_mean,
+            n,
+            start=start,
+            t_start=t_start,
+            generator=generator,
+            noise=noise,
+            return_trajectory=return_trajectory,
+        )
     if t_start is not None:
         raise ValueError(f"t_start applies to 'ddim' and 'dpmpp2m' only, not {name!r}; set eval.t_start=null")
     if eta != 0 or start != "noise":
@@ -496,5 +516,15 @@ def sample(
     if name == "ddpm":
         if steps is not None and steps != T:
             raise ValueError(f"sampler 'ddpm' always runs T={T} steps; got steps={steps} (use 'truncated' or 'ddim')")
-        return sample_ddpm(eps_fn, schedule, prior_mean, **common)
-    return sample_truncated(eps_fn, schedule, prior_mean, T if steps is None else steps, **common)
+        return sample_ddpm(
+            eps_fn, schedule, prior_mean, generator=generator, noise=noise, return_trajectory=return_trajectory
+        )
+    return sample_truncated(
+        eps_fn,
+        schedule,
+        prior_mean,
+        T if steps is None else steps,
+        generator=generator,
+        noise=noise,
+        return_trajectory=return_trajectory,
+    )

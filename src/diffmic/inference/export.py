@@ -27,7 +27,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -35,6 +35,10 @@ from torch import nn
 from diffmic import __version__
 from diffmic.atomic import atomic_path
 from diffmic.training.loading import FILE_MAGIC  # light: imports only torch
+
+if TYPE_CHECKING:
+    from diffmic.diffusion.schedule import NoiseSchedule
+    from diffmic.nn.diffmic import DiffMIC
 
 __all__ = [
     "FORMAT",
@@ -81,7 +85,7 @@ class PortableModel(nn.Module):
         self.class_names = list(class_names)
         self.calibration = calibration
         self.meta = dict(meta or {})
-        self._schedule = None
+        self._schedule: NoiseSchedule | None = None
 
     @property
     def schedule(self):
@@ -676,7 +680,11 @@ def export_model(
         raise ExportError(f"'{out}' already exists and is a file; choose a new --out folder (nothing was written)")
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"'{out}' already exists and is not empty; choose a new --out folder (nothing was written)")
-    ckpt_path = resolve_checkpoint(Path(run), str(ckpt) if ckpt else None) if run else Path(ckpt)
+    if run:
+        ckpt_path = resolve_checkpoint(Path(run), str(ckpt) if ckpt else None)
+    else:
+        assert ckpt is not None  # run or ckpt: checked on entry
+        ckpt_path = Path(ckpt)
     raw = read_checkpoint(ckpt_path)
     hp = raw["hyper_parameters"]
     module = load_module(ckpt_path)  # EMA weights applied when the run evaluates with them
@@ -757,7 +765,7 @@ class _EncoderDCG(nn.Module):
     """``image [B, C_in, H, W] -> (features ρ(x) [B, hidden], prior [B, C])`` (prior: fused DCG prior; zeros
     for variants without DCG)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: DiffMIC) -> None:
         super().__init__()
         self.model = model
 
@@ -770,7 +778,7 @@ class _EncoderDCG(nn.Module):
 class _DenoiserStep(nn.Module):
     """``(features [B, hidden], y_t [B, C], t [B] int64, prior [B, C]) -> ε [B, C]``."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: DiffMIC) -> None:
         super().__init__()
         self.model = model
 
@@ -778,7 +786,7 @@ class _DenoiserStep(nn.Module):
         return self.model.eps(feat, y_t, t, prior if self.model.uses_guidance else None)
 
 
-def export_onnx(model: nn.Module, cfg, folder: str | os.PathLike, batch: int = 2, opset: int = 18) -> dict:
+def export_onnx(model: DiffMIC, cfg, folder: str | os.PathLike, batch: int = 2, opset: int = 18) -> dict:
     """Write :data:`ONNX_ENCODER` and :data:`ONNX_STEP` into ``folder`` (fixed batch size ``batch``:
     the DCG's top-K ROI crops are traced for it). Needs the ``onnx`` extra (onnx, onnxscript)."""
     if not model.uses_diffusion:

@@ -33,6 +33,7 @@ import traceback
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import cast
 
 from diffmic.inference.predictor import Prediction, Predictor
 from diffmic.metrics import referral_rule
@@ -69,9 +70,9 @@ def parse_upload(content_type: str, body: bytes) -> tuple[str, bytes]:
         raise UploadError("the upload is not a valid multipart/form-data body")
     for part in msg.iter_parts():
         if part.get_param("name", header="content-disposition") == "image":
-            data = part.get_payload(decode=True) or b""
+            data = part.get_payload(decode=True)  # bytes for a leaf part (None for a nested multipart)
             name = part.get_filename() or "upload"
-            if not data:
+            if not isinstance(data, bytes) or not data:
                 raise UploadError("no file was chosen, or the file is empty: choose an image file")
             return name, data
     raise UploadError("no image in the upload: choose a file in the form")
@@ -349,9 +350,10 @@ def load_predictor(run: str | None, ckpt: str | None, eval_overrides: dict) -> t
     ``diffmic export``: :meth:`Predictor.load`) or ``--ckpt``; and a one-line description."""
     from diffmic.config import ConfigError
 
-    if not run and not ckpt:
+    source = ckpt or run
+    if not source:
         raise ConfigError("serve needs --run RUN (a run folder or a checkpoint file) or --ckpt FILE")
-    target = Path(ckpt) if ckpt else Path(run)
+    target = Path(source)
     if not target.exists():
         raise FileNotFoundError(f"'{target}' does not exist: pass a trained run folder or a checkpoint file")
     if ckpt:
@@ -389,7 +391,8 @@ def serve_main(args) -> int:
         )
     except OSError as exc:
         raise ConfigError(f"cannot listen on {args.host}:{args.port}: {exc}. Choose another --port.") from exc
-    host, port = server.server_address[:2]
+    # a TCP server's address: (host, port) for IPv4, (host, port, flowinfo, scope_id) for IPv6
+    host, port = cast(tuple[str, int], server.server_address[:2])
     print(f"serving {what} on http://{host}:{port}/ (Ctrl-C to stop)", flush=True)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print("warning: listening beyond this machine; this demo has no authentication", file=sys.stderr)
