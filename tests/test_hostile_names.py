@@ -315,9 +315,8 @@ def test_predict_refuses_an_extreme_aspect_ratio_before_decoding(size, folder_ru
 
 
 def test_open_image_refuses_extreme_aspect_ratio_from_the_header(tmp_path, monkeypatch):
-    from diffmic.data.transforms import MAX_ASPECT_RATIO, decode_image, open_image
+    from diffmic.data.transforms import decode_image, open_image
 
-    assert MAX_ASPECT_RATIO == 20
     p = _thin_png(tmp_path / "thin.png", 2, 70000)
     loaded = []
     monkeypatch.setattr(Image.Image, "load", lambda self, *a, **k: loaded.append(1))
@@ -329,8 +328,10 @@ def test_open_image_refuses_extreme_aspect_ratio_from_the_header(tmp_path, monke
     monkeypatch.undo()
     with pytest.raises(DataError, match="aspect ratio"):
         decode_image(np.zeros((2, 100, 3), np.uint8), 32)  # an in-memory array too
-    ok = _thin_png(tmp_path / "ok.png", 10, 200)  # 20:1 is accepted
+    ok = _thin_png(tmp_path / "ok.png", 10, 200)  # 20:1 is accepted, one pixel more is not
     assert decode_image(ok, 32).shape == (32, 32, 3)
+    with pytest.raises(DataError, match=r"10x201 .*more than the 20:1"):
+        open_image(_thin_png(tmp_path / "over.png", 10, 201))
 
 
 @pytest.mark.parametrize("hw", [(4000, 200), (2000, 4), (60, 1200), (40, 48)])

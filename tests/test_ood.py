@@ -181,7 +181,9 @@ def test_stored_arrays_round_trip_and_bad_ones_are_refused():
 def test_auto_picks_the_first_score_the_model_has():
     assert resolve_score("none", "full", 8) is None
     assert resolve_score("energy", "full", 8) == "energy"
-    assert resolve_score("auto", "full", 8) is not None
+    # the first of mahalanobis, energy, spread the model has: the DCG alone has no image features
+    assert resolve_score("auto", "full", 8) == "mahalanobis"
+    assert resolve_score("auto", "dcg", 1) == "energy"
     for variant, k in (("full", 8), ("C1", 8), ("C2", 1), ("basic", 1), ("dcg", 1)):
         picked = resolve_score("auto", variant, k)
         assert picked is not None and score_problem(picked, variant, k) is None, (variant, picked)
