@@ -114,6 +114,11 @@ NUMBERED: dict[str, Any] = {
 }
 
 
+#: :func:`synthetic_images` / :func:`write_synthetic_folder` options: a disc in the class's colour
+#: (red, green, blue) on dark noise, at a random place
+DISCS: dict[str, Any] = {"order": "grouped", "region": "disc", "background": 45.0, "spread": 26.0}
+
+
 def write_synthetic_npz(path: Path, splits: dict[str, int] = SPLITS, size: int = 28, **kw: Any) -> Path:
     """A MedMNIST-style ``.npz`` (``<split>_images``, ``<split>_labels`` as ``[N, 1]``), split ``i``
     drawn by :func:`synthetic_images` with seed ``100 + i`` and the options ``kw``."""

@@ -20,22 +20,10 @@ from diffmic.inference.export import ExportError, export_model, load_model_folde
 from diffmic.nn.encoders import create_encoder
 
 from _helpers import ONE_THREAD_ENV, TINY_MODEL, one_thread  # noqa: F401
+from conftest import write_synthetic_npz
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SRC = Path(__file__).parents[1] / "src"
-
-
-def synthetic_npz(path: Path, n_train: int = 48, n_val: int = 8, n_test: int = 16, seed: int = 0) -> Path:
-    """Two easy classes of 28x28 grey images: dark (0) or bright (1), with noise."""
-    rng = np.random.default_rng(seed)
-    arrays = {}
-    for s, n in (("train", n_train), ("val", n_val), ("test", n_test)):
-        lab = np.arange(n) % 2
-        base = np.where(lab[:, None, None] == 1, 190, 60)
-        arrays[f"{s}_images"] = np.clip(base + rng.normal(0, 25, (n, 28, 28)), 0, 255).astype(np.uint8)
-        arrays[f"{s}_labels"] = lab.reshape(n, 1).astype(np.uint8)
-    np.savez(path, **arrays)
-    return path
 
 
 def synthetic_images(folder: Path, n: int = 4) -> list[Path]:
@@ -52,7 +40,9 @@ def synthetic_images(folder: Path, n: int = 4) -> list[Path]:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("export")
-    npz = synthetic_npz(tmp / "synth.npz")
+    # two easy classes of 28x28 grey images, dark (0) or bright (1), alternating
+    splits = {"train": 48, "val": 8, "test": 16}
+    npz = write_synthetic_npz(tmp / "synth.npz", splits, order="cycle", region="all", background=60.0, contrast=130.0)
     # start the backbones from a local "pretrained" file, then delete it: loading must not need it
     weights = tmp / "resnet10_tiny.pth"
     torch.save(create_encoder("resnet10_tiny").state_dict(), weights)

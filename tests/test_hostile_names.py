@@ -23,6 +23,7 @@ from diffmic.cli import main
 from diffmic.data.records import DataError
 
 from _helpers import TINY_MODEL, one_thread  # noqa: F401
+from conftest import DISCS, synthetic_images
 
 # a name that would run script in a browser, and one that matplotlib's mathtext cannot parse
 FOLDER_CLASSES = ["<img src=x onerror=alert(1)> $\\undefinedcmd$", "$\\undefinedcmd$", "a&b \"q\" 'x' ]]> <!-- $x^{$"]
@@ -52,13 +53,11 @@ OUR_TAGS = {
 }
 
 
-def _images(folder: Path, n: int, colour, rng, stems) -> list[Path]:
-    yy, xx = np.mgrid[0:40, 0:48]
+def _images(folder: Path, n: int, c: int, seed: int, stems) -> list[Path]:
+    """``n`` images of class ``c`` of conftest's coloured discs (40x48), under hostile file names."""
+    imgs, _ = synthetic_images([n if k == c else 0 for k in range(3)], (40, 48), seed, rgb=True, **DISCS)
     out = []
-    for i in range(n):
-        img = rng.integers(0, 90, (40, 48, 3)).astype(np.uint8)
-        cy, cx = rng.integers(12, 28), rng.integers(16, 32)
-        img[(yy - cy) ** 2 + (xx - cx) ** 2 < 64] = colour
+    for i, img in enumerate(imgs):
         p = folder / f"{stems[i % len(stems)]} {i:02d}.png"
         if i % 5 == 4:  # an input named like a gallery file the old report wrote next to its input
             p = folder / f"{stems[i % len(stems)]} {i - 1:02d}.png.png"
@@ -118,9 +117,8 @@ def folder_run(tmp_path_factory, one_thread) -> tuple[Path, Path]:  # noqa: F811
     """Class folders with hostile names, hostile file names."""
     tmp = tmp_path_factory.mktemp("hostile_folder")
     root = tmp / "imgs"
-    rng = np.random.default_rng(0)
-    for name, col in zip(FOLDER_CLASSES, [(200, 40, 40), (40, 200, 40), (40, 40, 200)]):
-        _images(root / name, 14, col, rng, FILE_STEMS)
+    for c, name in enumerate(FOLDER_CLASSES):
+        _images(root / name, 14, c, c, FILE_STEMS)
     return _fit(["data.dataset=folder", f"data.root={root}"], tmp), root
 
 
@@ -129,10 +127,9 @@ def csv_run(tmp_path_factory, one_thread) -> tuple[Path, Path]:  # noqa: F811
     """Hostile class names in a CSV whose paths are absolute (the images live in the user's folder)."""
     tmp = tmp_path_factory.mktemp("hostile_csv")
     root = tmp / "<img src=w onerror=alert(13)>"  # the user's image folder
-    rng = np.random.default_rng(1)
     rows = []
-    for name, col in zip(CSV_CLASSES, [(200, 40, 40), (40, 200, 40), (40, 40, 200)]):
-        for p in _images(root / "all", 14, col, rng, [f"{s} {len(rows)}" for s in FILE_STEMS]):
+    for c, name in enumerate(CSV_CLASSES):
+        for p in _images(root / "all", 14, c, 10 + c, [f"{s} {len(rows)}" for s in FILE_STEMS]):
             rows.append({"path": str(p.resolve()), "label": name})
     manifest = tmp / "manifest.csv"
     with open(manifest, "w", newline="") as fh:

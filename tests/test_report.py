@@ -20,6 +20,7 @@ from diffmic.cli import main
 from diffmic.trust.calibration import ece
 
 from _helpers import TINY_MODEL, one_thread  # noqa: F401
+from conftest import DISCS, write_synthetic_folder
 
 PANELS = [
     "metrics",
@@ -41,17 +42,8 @@ def tiny_run(tmp_path_factory, one_thread) -> Path:  # noqa: F811
     """Three classes of synthetic 48x40 images (a coloured disc on noise), a one-epoch tiny model."""
     tmp = tmp_path_factory.mktemp("trust")
     root = tmp / "imgs"
-    rng = np.random.default_rng(0)
-    colours = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
-    yy, xx = np.mgrid[0:40, 0:48]
-    for name, col in colours.items():
-        for i in range(40):
-            img = rng.integers(0, 90, (40, 48, 3)).astype(np.uint8)
-            cy, cx = rng.integers(12, 28), rng.integers(16, 32)
-            img[(yy - cy) ** 2 + (xx - cx) ** 2 < 64] = col
-            p = root / name / f"{name}_{i:03d}.png"
-            p.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img).save(p)
+    names = ("red", "green", "blue")
+    write_synthetic_folder(root, (40, 40, 40), (40, 48), names, stem="{name}_{i:03d}", seed=0, **DISCS)
     run = tmp / "run"
     rc = main(
         [
