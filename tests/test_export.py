@@ -26,7 +26,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SRC = Path(__file__).parents[1] / "src"
 
 
-def synthetic_images(folder: Path, n: int = 4) -> list[Path]:
+def flat_images(folder: Path, n: int = 4) -> list[Path]:
+    """``n`` uniform 40x36 grey PNGs, alternately dark (60) and bright (190): inputs to predict on."""
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     for i in range(n):
@@ -80,7 +81,7 @@ def test_export_folder_predicts_like_the_checkpoint(tiny_run, tmp_path):
     assert meta["sampler"]["sampler"] == meta["config"]["eval"]["sampler"]
     assert meta["config"]["model"]["pretrained"].endswith("resnet10_tiny.pth")  # as trained
     assert meta["architecture"]["pretrained"] is None
-    images = synthetic_images(tmp_path / "imgs")
+    images = flat_images(tmp_path / "imgs")
     ref = Predictor.from_checkpoint(tiny_run / "checkpoints" / "best.ckpt", device="cpu").predict(images)
     got = Predictor.load(out, device="cpu").predict(images)
     for a, b in zip(ref, got):
@@ -174,7 +175,7 @@ def test_onnx_agrees_with_pytorch(tiny_run, tmp_path):
     model, cfg = pm.model, pm.cfg
     from diffmic.data.datasets import ImagePathsDataset
 
-    paths = synthetic_images(tmp_path / "imgs", B)
+    paths = flat_images(tmp_path / "imgs", B)
     ds = ImagePathsDataset(paths, image_size=cfg.data.image_size, in_chans=cfg.data.in_chans)
     x = torch.stack([ds[i]["image"] for i in range(B)])
     enc = ort.InferenceSession(str(out / "encoder_dcg.onnx"), providers=["CPUExecutionProvider"])
