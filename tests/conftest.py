@@ -122,7 +122,7 @@ DISCS: dict[str, Any] = {"order": "grouped", "region": "disc", "background": 45.
 def write_synthetic_npz(path: Path, splits: dict[str, int] = SPLITS, size: int = 28, **kw: Any) -> Path:
     """A MedMNIST-style ``.npz`` (``<split>_images``, ``<split>_labels`` as ``[N, 1]``), split ``i``
     drawn by :func:`synthetic_images` with seed ``100 + i`` and the options ``kw``."""
-    arrays = {}
+    arrays: dict[str, Any] = {}
     for i, (name, n) in enumerate(splits.items()):
         imgs, labels = synthetic_images(n, size, seed=100 + i, **kw)
         arrays[f"{name}_images"], arrays[f"{name}_labels"] = imgs, labels[:, None]
