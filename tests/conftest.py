@@ -4,6 +4,10 @@ fresh clone without ``../shared/data`` (the real-data tests are an extra layer, 
 * ``synth_npz``: a MedMNIST-style ``.npz`` (28x28 grey, 2 classes, train/val/test = 64/16/32, 70:30
   class ratio) with a learnable signal: class 1 has a bright square in the centre.
 * ``synth_folder``: class sub-folders of RGB PNGs (``benign``/``malignant``) with the same signal.
+
+Every generated image set of the tests comes from :func:`synthetic_images` (written by
+:func:`write_synthetic_npz` / :func:`write_synthetic_folder`); ``DARK_BRIGHT``, ``NUMBERED`` and
+``DISCS`` name the option sets several modules share.
 """
 
 from __future__ import annotations
