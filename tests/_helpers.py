@@ -1,4 +1,5 @@
-"""Shared test helpers: where the real data live, and the tiny CPU model used by CLI tests."""
+"""Shared test helpers: where the real data live, the tiny CPU model and the ``diffmic fit`` arguments
+used by CLI tests (the generated data sets: conftest.py)."""
 
 from __future__ import annotations
 
@@ -58,3 +59,48 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def tiny_fit_args(data: Path, run: Path, cache: Path, epochs: int = 1, warmup: int = 1) -> list[str]:
+    """``diffmic fit`` arguments for a seconds-long CPU fit on an image folder (conftest's
+    ``write_synthetic_folder``), batches of 16."""
+    return [
+        "fit",
+        "--config",
+        "cpu_v1",
+        "data.dataset=folder",
+        f"data.root={data}",
+        "data.split=random",
+        "data.image_size=32",
+        "data.batch_size=16",
+        f"data.cache_dir={cache}",
+        *TINY_MODEL,
+        f"train.epochs={epochs}",
+        f"train.dcg_warmup_epochs={warmup}",
+        f"run.dir={run}",
+    ]
+
+
+def fit_args(data: Path, run: Path, *extra: str, warmup: int = 1, epochs: int = 2) -> list[str]:
+    """``diffmic fit`` arguments for the safety tests: a small image folder in batches of 4, a quarter
+    held out for testing and a fifth for validation, two reverse samples, logs at every step."""
+    return [
+        "fit",
+        "--config",
+        "cpu_v1",
+        "data.dataset=folder",
+        f"data.root={data}",
+        "data.split=random",
+        "data.image_size=32",
+        "data.batch_size=4",
+        "data.test_fraction=0.25",
+        "data.val_fraction=0.2",
+        f"data.cache_dir={run.parent / 'cache'}",
+        *TINY_MODEL,
+        "eval.num_samples=2",
+        f"train.epochs={epochs}",
+        f"train.dcg_warmup_epochs={warmup}",
+        "train.log_every_n_steps=1",
+        f"run.dir={run}",
+        *extra,
+    ]

@@ -10,12 +10,12 @@ import pytest
 import yaml
 
 import diffmic
-from _synthetic import image_folder
 from diffmic.api import resolve_config
 from diffmic.cli import main
 from diffmic.config import ConfigError, load_config
 
 from _helpers import TINY_MODEL
+from conftest import DARK_BRIGHT, write_synthetic_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,7 +42,7 @@ def test_python_training_example(tmp_path):
     """The README's example on generated images: fit, then test, from Python. The run folder and
     the metrics come back; they are the run's fit_summary.json and test_metrics.json, and the test
     accuracy is the share of correct rows of its predictions.csv."""
-    data = image_folder(tmp_path / "data", per_class=12)
+    data = write_synthetic_folder(tmp_path / "data", (12, 12), 40, **DARK_BRIGHT)
     settings = _tiny(data, tmp_path / "runs" / "mine", tmp_path / "cache")
 
     run, fitted = diffmic.fit("cpu_v1", settings)

@@ -94,9 +94,14 @@ def test_an_images_prior_never_comes_from_a_dcg_that_trained_on_it(tmp_path, syn
     # the fold DCGs are saved with the model, and the folds' average is a usable test-time prior
     sd = read_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]
     assert any(k.startswith("fold_dcgs.2.") for k in sd)
+    # (the folds' prior is taken for every validation image, and only when asked for)
+    seen: list[int] = []
+    forward = FoldAverage.forward
+    monkeypatch.setattr(FoldAverage, "forward", lambda self, x: seen.append(x.shape[0]) or forward(self, x))
     full = evaluate(run, stage="validate")
+    assert seen == []
     folds = evaluate(run, stage="validate", overrides=["eval.prior_source=folds"])
-    assert set(full) == set(folds) and 0 <= folds["val/acc"] <= 1
+    assert set(full) == set(folds) and sum(seen) == 16, seen  # conftest's 16 validation images
 
 
 def test_prior_split_keeps_the_dcgs_and_the_denoisers_images_apart(tmp_path, synth_npz, monkeypatch):

@@ -9,23 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from diffmic.data import DataError, DiffMICDataModule, ImagePathsDataset
 
 from _helpers import need as _need
+from conftest import write_synthetic_folder
 
 
 def _folder(root: Path, per_class=(12, 9, 6)) -> Path:
-    rng = np.random.default_rng(0)
-    for c, n in enumerate(per_class):
-        for i in range(n):
-            p = root / f"class{c}" / f"{i}.png"
-            p.parent.mkdir(parents=True, exist_ok=True)
-            a = rng.integers(0, 256, (20, 26, 3), dtype=np.uint8)
-            a[..., 0] = 40 * c
-            Image.fromarray(a).save(p)
-    return root
+    """``root/class<c>/<i>.png``: 20x26 RGB noise, class c brighter by 40 c."""
+    names = [f"class{c}" for c in range(len(per_class))]
+    kw = {"stem": "{i}", "order": "grouped", "region": "all", "background": 128.0, "spread": 70.0, "contrast": 40.0}
+    return write_synthetic_folder(root, per_class, (20, 26), names, seed=0, **kw)
 
 
 def _check_batch(b, B, C, S):

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from _synthetic import image_folder, tiny_fit_args
 from diffmic.cli import main
 from diffmic.training.checkpoint import read_checkpoint
 
-from _helpers import ONE_THREAD_ENV, one_thread  # noqa: F401
+from _helpers import ONE_THREAD_ENV, one_thread, tiny_fit_args  # noqa: F401
+from conftest import DARK_BRIGHT, write_synthetic_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -50,7 +50,7 @@ def _wait(proc: subprocess.Popen, timeout: int = 600) -> str:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
-    data = image_folder(tmp / "data", per_class=PER_CLASS)
+    data = write_synthetic_folder(tmp / "data", (PER_CLASS, PER_CLASS), 40, **DARK_BRIGHT)
     resumed, straight = tmp / "resumed", tmp / "straight"
     a = _cli(*tiny_fit_args(data, resumed, tmp / "cache_a", epochs=1, warmup=1), *CONSTANT_LR, *DDP)
     b = _cli(*tiny_fit_args(data, straight, tmp / "cache_b", epochs=2, warmup=1), *CONSTANT_LR, *DDP)

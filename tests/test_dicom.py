@@ -415,10 +415,11 @@ def test_patient_identifiers_are_never_written(tmp_path, capsys):
     of them. Record ids are the file paths."""
     import threading
 
-    from _synthetic import tiny_fit_args
     from diffmic.cli import main
     from diffmic.inference import Predictor
     from diffmic.inference.serve import make_server
+
+    from _helpers import tiny_fit_args
 
     data = dicom_class_folder(tmp_path / "data")
     run, cache, out = tmp_path / "run", tmp_path / "cache", tmp_path / "out"

@@ -9,8 +9,10 @@ import json
 
 import pytest
 
-from _synthetic import image_folder, tiny_fit_args
 from diffmic.cli import main
+
+from _helpers import tiny_fit_args
+from conftest import DARK_BRIGHT, write_synthetic_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,7 +51,7 @@ def test_a_fit_whose_validation_stops_improving_stops(tmp_path):
     """The full model with 2 DCG warm-up epochs and up to 8 joint epochs at a learning rate too small
     to change its predictions: val/acc stops improving, the fit ends at the validation the rule
     gives (patience 2), the warm-up's validations not counted, and fit_summary.json says so."""
-    data = image_folder(tmp_path / "data", per_class=12)
+    data = write_synthetic_folder(tmp_path / "data", (12, 12), 40, **DARK_BRIGHT)
     run = tmp_path / "run"
     args = tiny_fit_args(data, run, tmp_path / "cache", epochs=8, warmup=2)
     frozen = ["train.lr=1e-9", "train.min_lr=1e-9", "train.dcg_lr=1e-9", "train.dcg_warmup_lr=1e-9"]

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from _safety_data import fit_args, make_folder
 from diffmic.cli import main
 from diffmic.config import ConfigError, load_config
 from diffmic.training.checkpoint import read_checkpoint
 from diffmic.training.module import DiffMICModule
 
-from _helpers import one_thread  # noqa: F401
+from _helpers import fit_args, one_thread  # noqa: F401
+from conftest import NUMBERED, write_synthetic_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,7 +27,7 @@ FROM = "train.init_encoder_from_dcg=false"  # the CPU preset starts rho(x) from 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    return make_folder(tmp_path_factory.mktemp("data") / "folder", n=8)
+    return write_synthetic_folder(tmp_path_factory.mktemp("data") / "folder", (8, 8), **NUMBERED)
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from diffmic.nn.guidance import set_output_stride
 from diffmic.training.budget import apply_step_budget, epochs_for_steps
 
 from _helpers import TINY_MODEL  # noqa: E402
+from conftest import write_synthetic_npz
 
 # ---------------------------------------------------------------------------------------------- statistics
 
@@ -181,20 +182,9 @@ def test_dcg_variant_predicts_with_the_fused_logits():
 @pytest.fixture(scope="module")
 def tiny_npz(tmp_path_factory):
     """A MedMNIST-layout file: 2 classes (dark / bright squares on noise), 28 x 28 grey."""
-    rng = np.random.default_rng(0)
-
-    def make(n):
-        y = np.arange(n) % 2
-        x = rng.integers(0, 90, (n, 28, 28)).astype(np.uint8)
-        x[y == 1, 8:20, 8:20] += 150
-        return x, y
-
-    d = tmp_path_factory.mktemp("npz")
-    parts = {}
-    for split, n in (("train", 32), ("val", 12), ("test", 16)):
-        parts[f"{split}_images"], parts[f"{split}_labels"] = make(n)
-    np.savez(d / "tiny.npz", **parts)
-    return d / "tiny.npz"
+    splits = {"train": 32, "val": 12, "test": 16}
+    npz = tmp_path_factory.mktemp("npz") / "tiny.npz"
+    return write_synthetic_npz(npz, splits, order="cycle", background=45.0, contrast=150.0)
 
 
 def _grid(tmp, npz, models: dict) -> str:

@@ -20,25 +20,14 @@ from diffmic.inference.export import ExportError, export_model, load_model_folde
 from diffmic.nn.encoders import create_encoder
 
 from _helpers import ONE_THREAD_ENV, TINY_MODEL, one_thread  # noqa: F401
+from conftest import write_synthetic_npz
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SRC = Path(__file__).parents[1] / "src"
 
 
-def synthetic_npz(path: Path, n_train: int = 48, n_val: int = 8, n_test: int = 16, seed: int = 0) -> Path:
-    """Two easy classes of 28x28 grey images: dark (0) or bright (1), with noise."""
-    rng = np.random.default_rng(seed)
-    arrays = {}
-    for s, n in (("train", n_train), ("val", n_val), ("test", n_test)):
-        lab = np.arange(n) % 2
-        base = np.where(lab[:, None, None] == 1, 190, 60)
-        arrays[f"{s}_images"] = np.clip(base + rng.normal(0, 25, (n, 28, 28)), 0, 255).astype(np.uint8)
-        arrays[f"{s}_labels"] = lab.reshape(n, 1).astype(np.uint8)
-    np.savez(path, **arrays)
-    return path
-
-
-def synthetic_images(folder: Path, n: int = 4) -> list[Path]:
+def flat_images(folder: Path, n: int = 4) -> list[Path]:
+    """``n`` uniform 40x36 grey PNGs, alternately dark (60) and bright (190): inputs to predict on."""
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     for i in range(n):
@@ -52,7 +41,9 @@ def synthetic_images(folder: Path, n: int = 4) -> list[Path]:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("export")
-    npz = synthetic_npz(tmp / "synth.npz")
+    # two easy classes of 28x28 grey images, dark (0) or bright (1), alternating
+    splits = {"train": 48, "val": 8, "test": 16}
+    npz = write_synthetic_npz(tmp / "synth.npz", splits, order="cycle", region="all", background=60.0, contrast=130.0)
     # start the backbones from a local "pretrained" file, then delete it: loading must not need it
     weights = tmp / "resnet10_tiny.pth"
     torch.save(create_encoder("resnet10_tiny").state_dict(), weights)
@@ -90,7 +81,7 @@ def test_export_folder_predicts_like_the_checkpoint(tiny_run, tmp_path):
     assert meta["sampler"]["sampler"] == meta["config"]["eval"]["sampler"]
     assert meta["config"]["model"]["pretrained"].endswith("resnet10_tiny.pth")  # as trained
     assert meta["architecture"]["pretrained"] is None
-    images = synthetic_images(tmp_path / "imgs")
+    images = flat_images(tmp_path / "imgs")
     ref = Predictor.from_checkpoint(tiny_run / "checkpoints" / "best.ckpt", device="cpu").predict(images)
     got = Predictor.load(out, device="cpu").predict(images)
     for a, b in zip(ref, got):
@@ -184,7 +175,7 @@ def test_onnx_agrees_with_pytorch(tiny_run, tmp_path):
     model, cfg = pm.model, pm.cfg
     from diffmic.data.datasets import ImagePathsDataset
 
-    paths = synthetic_images(tmp_path / "imgs", B)
+    paths = flat_images(tmp_path / "imgs", B)
     ds = ImagePathsDataset(paths, image_size=cfg.data.image_size, in_chans=cfg.data.in_chans)
     x = torch.stack([ds[i]["image"] for i in range(B)])
     enc = ort.InferenceSession(str(out / "encoder_dcg.onnx"), providers=["CPUExecutionProvider"])

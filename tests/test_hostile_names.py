@@ -23,6 +23,7 @@ from diffmic.cli import main
 from diffmic.data.records import DataError
 
 from _helpers import TINY_MODEL, one_thread  # noqa: F401
+from conftest import DISCS, synthetic_images
 
 # a name that would run script in a browser, and one that matplotlib's mathtext cannot parse
 FOLDER_CLASSES = ["<img src=x onerror=alert(1)> $\\undefinedcmd$", "$\\undefinedcmd$", "a&b \"q\" 'x' ]]> <!-- $x^{$"]
@@ -52,13 +53,11 @@ OUR_TAGS = {
 }
 
 
-def _images(folder: Path, n: int, colour, rng, stems) -> list[Path]:
-    yy, xx = np.mgrid[0:40, 0:48]
+def _images(folder: Path, n: int, c: int, seed: int, stems) -> list[Path]:
+    """``n`` images of class ``c`` of conftest's coloured discs (40x48), under hostile file names."""
+    imgs, _ = synthetic_images([n if k == c else 0 for k in range(3)], (40, 48), seed, rgb=True, **DISCS)
     out = []
-    for i in range(n):
-        img = rng.integers(0, 90, (40, 48, 3)).astype(np.uint8)
-        cy, cx = rng.integers(12, 28), rng.integers(16, 32)
-        img[(yy - cy) ** 2 + (xx - cx) ** 2 < 64] = colour
+    for i, img in enumerate(imgs):
         p = folder / f"{stems[i % len(stems)]} {i:02d}.png"
         if i % 5 == 4:  # an input named like a gallery file the old report wrote next to its input
             p = folder / f"{stems[i % len(stems)]} {i - 1:02d}.png.png"
@@ -118,9 +117,8 @@ def folder_run(tmp_path_factory, one_thread) -> tuple[Path, Path]:  # noqa: F811
     """Class folders with hostile names, hostile file names."""
     tmp = tmp_path_factory.mktemp("hostile_folder")
     root = tmp / "imgs"
-    rng = np.random.default_rng(0)
-    for name, col in zip(FOLDER_CLASSES, [(200, 40, 40), (40, 200, 40), (40, 40, 200)]):
-        _images(root / name, 14, col, rng, FILE_STEMS)
+    for c, name in enumerate(FOLDER_CLASSES):
+        _images(root / name, 14, c, c, FILE_STEMS)
     return _fit(["data.dataset=folder", f"data.root={root}"], tmp), root
 
 
@@ -129,10 +127,9 @@ def csv_run(tmp_path_factory, one_thread) -> tuple[Path, Path]:  # noqa: F811
     """Hostile class names in a CSV whose paths are absolute (the images live in the user's folder)."""
     tmp = tmp_path_factory.mktemp("hostile_csv")
     root = tmp / "<img src=w onerror=alert(13)>"  # the user's image folder
-    rng = np.random.default_rng(1)
     rows = []
-    for name, col in zip(CSV_CLASSES, [(200, 40, 40), (40, 200, 40), (40, 40, 200)]):
-        for p in _images(root / "all", 14, col, rng, [f"{s} {len(rows)}" for s in FILE_STEMS]):
+    for c, name in enumerate(CSV_CLASSES):
+        for p in _images(root / "all", 14, c, 10 + c, [f"{s} {len(rows)}" for s in FILE_STEMS]):
             rows.append({"path": str(p.resolve()), "label": name})
     manifest = tmp / "manifest.csv"
     with open(manifest, "w", newline="") as fh:
@@ -315,9 +312,8 @@ def test_predict_refuses_an_extreme_aspect_ratio_before_decoding(size, folder_ru
 
 
 def test_open_image_refuses_extreme_aspect_ratio_from_the_header(tmp_path, monkeypatch):
-    from diffmic.data.transforms import MAX_ASPECT_RATIO, decode_image, open_image
+    from diffmic.data.transforms import decode_image, open_image
 
-    assert MAX_ASPECT_RATIO == 20
     p = _thin_png(tmp_path / "thin.png", 2, 70000)
     loaded = []
     monkeypatch.setattr(Image.Image, "load", lambda self, *a, **k: loaded.append(1))
@@ -329,8 +325,10 @@ def test_open_image_refuses_extreme_aspect_ratio_from_the_header(tmp_path, monke
     monkeypatch.undo()
     with pytest.raises(DataError, match="aspect ratio"):
         decode_image(np.zeros((2, 100, 3), np.uint8), 32)  # an in-memory array too
-    ok = _thin_png(tmp_path / "ok.png", 10, 200)  # 20:1 is accepted
+    ok = _thin_png(tmp_path / "ok.png", 10, 200)  # 20:1 is accepted, one pixel more is not
     assert decode_image(ok, 32).shape == (32, 32, 3)
+    with pytest.raises(DataError, match=r"10x201 .*more than the 20:1"):
+        open_image(_thin_png(tmp_path / "over.png", 10, 201))
 
 
 @pytest.mark.parametrize("hw", [(4000, 200), (2000, 4), (60, 1200), (40, 48)])

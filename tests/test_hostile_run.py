@@ -16,11 +16,11 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 
-from _safety_data import fit_args, make_folder
 from diffmic.cli import main
 from diffmic.training.checkpoint import read_checkpoint
 
-from _helpers import one_thread  # noqa: F401
+from _helpers import fit_args, one_thread  # noqa: F401
+from conftest import NUMBERED, write_synthetic_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,7 +34,7 @@ def _files(folder: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    return make_folder(tmp_path_factory.mktemp("data") / "folder", n=8)
+    return write_synthetic_folder(tmp_path_factory.mktemp("data") / "folder", (8, 8), **NUMBERED)
 
 
 # ------------------------------------------------------------------ 5. --overwrite by origin
@@ -97,7 +97,8 @@ def test_overwrite_refuses_a_users_file_under_a_name_a_run_writes(tmp_path, data
 
 @pytest.mark.parametrize("where", ["equal", "inside", "holds", "symlink"])
 def test_run_folder_holding_or_inside_the_data_is_refused(tmp_path, where, capsys):
-    data = make_folder(tmp_path / "data", classes=("benign", "logs"), n=6)  # a class folder named `logs`
+    # a class folder named `logs`
+    data = write_synthetic_folder(tmp_path / "data", (6, 6), names=("benign", "logs"), **NUMBERED)
     run = {
         "equal": data,
         "inside": data / "benign" / "run",

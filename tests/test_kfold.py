@@ -25,6 +25,7 @@ from diffmic.experiment import OOF_FILE, load_grid, read_predictions, summarise
 from diffmic.training.run import build_datamodule
 
 from _helpers import TINY_MODEL  # noqa: E402
+from conftest import write_synthetic_npz
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -301,14 +302,8 @@ def test_overlapping_folds_are_refused(tmp_path, synth_npz):
 @pytest.fixture(scope="module")
 def cv_grid(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cv")
-    rng = np.random.default_rng(0)
-    parts = {}
-    for split, n in (("train", 24), ("test", 12)):
-        yy = np.arange(n) % 2
-        x = rng.integers(0, 90, (n, 28, 28)).astype(np.uint8)
-        x[yy == 1, 8:20, 8:20] += 150
-        parts[f"{split}_images"], parts[f"{split}_labels"] = x, yy
-    np.savez(tmp / "tiny.npz", **parts)
+    # 28x28 grey noise, a bright centre square for class 1, alternating labels; no validation split
+    write_synthetic_npz(tmp / "tiny.npz", {"train": 24, "test": 12}, order="cycle", background=45.0, contrast=150.0)
     doc = {
         "out": str(tmp / "exp"),
         "seeds": [1],

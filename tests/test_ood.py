@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 
-from _synthetic import image_folder, tiny_fit_args
 from diffmic.cli import main
 from diffmic.trust.ood import (
     NOT_STORED,
@@ -37,7 +36,11 @@ from diffmic.trust.ood import (
     score_problem,
 )
 
-from _helpers import one_thread  # noqa: F401
+from _helpers import (
+    one_thread,  # noqa: F401
+    tiny_fit_args,
+)
+from conftest import DARK_BRIGHT, write_synthetic_folder
 
 # ------------------------------------------------------------------------------ scores (no model)
 
@@ -181,7 +184,9 @@ def test_stored_arrays_round_trip_and_bad_ones_are_refused():
 def test_auto_picks_the_first_score_the_model_has():
     assert resolve_score("none", "full", 8) is None
     assert resolve_score("energy", "full", 8) == "energy"
-    assert resolve_score("auto", "full", 8) is not None
+    # the first of mahalanobis, energy, spread the model has: the DCG alone has no image features
+    assert resolve_score("auto", "full", 8) == "mahalanobis"
+    assert resolve_score("auto", "dcg", 1) == "energy"
     for variant, k in (("full", 8), ("C1", 8), ("C2", 1), ("basic", 1), ("dcg", 1)):
         picked = resolve_score("auto", variant, k)
         assert picked is not None and score_problem(picked, variant, k) is None, (variant, picked)
@@ -215,7 +220,7 @@ def test_classifier_variants_give_the_logits_of_classify_and_their_features(vari
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, one_thread):  # noqa: F811
     tmp = tmp_path_factory.mktemp("ood")
-    data = image_folder(tmp / "data", per_class=30, size=40)
+    data = write_synthetic_folder(tmp / "data", (30, 30), 40, **DARK_BRIGHT)
     r = tmp / "run"
     args = tiny_fit_args(data, r, tmp / "cache") + ["eval.num_samples=4", "eval.bootstrap_resamples=20"]
     assert main(args) == 0

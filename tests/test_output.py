@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from _synthetic import image_folder, tiny_fit_args
-
-from _helpers import ONE_THREAD_ENV
+from _helpers import ONE_THREAD_ENV, tiny_fit_args
+from conftest import DARK_BRIGHT, write_synthetic_folder
 
 NOISE = {
     "tip": "💡 Tip",
@@ -25,7 +24,7 @@ NOISE = {
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return image_folder(tmp_path_factory.mktemp("img") / "data", per_class=12)
+    return write_synthetic_folder(tmp_path_factory.mktemp("img") / "data", (12, 12), 40, **DARK_BRIGHT)
 
 
 def _fit(tmp_path, data, *extra: str) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -16,8 +17,10 @@ import torch
 from PIL import Image
 
 from diffmic.cli import main
+from diffmic.trust.calibration import ece
 
 from _helpers import TINY_MODEL, one_thread  # noqa: F401
+from conftest import DISCS, write_synthetic_folder
 
 PANELS = [
     "metrics",
@@ -39,17 +42,8 @@ def tiny_run(tmp_path_factory, one_thread) -> Path:  # noqa: F811
     """Three classes of synthetic 48x40 images (a coloured disc on noise), a one-epoch tiny model."""
     tmp = tmp_path_factory.mktemp("trust")
     root = tmp / "imgs"
-    rng = np.random.default_rng(0)
-    colours = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
-    yy, xx = np.mgrid[0:40, 0:48]
-    for name, col in colours.items():
-        for i in range(40):
-            img = rng.integers(0, 90, (40, 48, 3)).astype(np.uint8)
-            cy, cx = rng.integers(12, 28), rng.integers(16, 32)
-            img[(yy - cy) ** 2 + (xx - cx) ** 2 < 64] = col
-            p = root / name / f"{name}_{i:03d}.png"
-            p.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img).save(p)
+    names = ("red", "green", "blue")
+    write_synthetic_folder(root, (40, 40, 40), (40, 48), names, stem="{name}_{i:03d}", seed=0, **DISCS)
     run = tmp / "run"
     rc = main(
         [
@@ -124,8 +118,21 @@ def test_test_writes_trust_blocks_and_stores_calibration(tiny_run):
     nll = float(torch.nn.functional.nll_loss(cal.clamp_min(1e-12).log(), labels))
     assert m["calibration"]["nll"] == pytest.approx(nll, rel=1e-6)
     assert {"acc", "ece", "nll", "brier", "pavpu", "conformal_coverage", "accuracy_kept"} <= set(m["ci"])
-    lo, hi = m["ci"]["acc"]
-    assert lo <= m["acc"] + 1e-9 and m["acc"] - 1e-9 <= hi
+    # the intervals are the percentile bootstrap of these rows' statistics, at the stated level,
+    # resample count and seed (redrawn here; the intervals' coverage: test_bootstrap_coverage.py)
+    seed = int(re.search(r"50 resamples, seed (\d+), 95 %", m["ci_method"]).group(1))
+    g = torch.Generator().manual_seed(seed)
+    draws = [torch.randint(0, len(rows), (len(rows),), generator=g) for _ in range(50)]
+    right = torch.from_numpy(correct).double()
+    for key, stat in {
+        "acc": lambda i: float(right[i].mean()),
+        "ece_unscaled": lambda i: ece(raw[i], labels[i]),  # the ECE itself: test_trust.py
+        "nll": lambda i: float(torch.nn.functional.nll_loss(cal[i].clamp_min(1e-12).log(), labels[i])),
+    }.items():
+        values = torch.tensor([stat(i) for i in draws], dtype=torch.float64)
+        want = torch.quantile(values, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+        assert m["ci"][key] == pytest.approx(want, rel=1e-5, abs=1e-15), key
+    assert m["ci"]["ece_unscaled"][0] < m["ci"]["ece_unscaled"][1]  # a spread to check on this run
     assert (tiny_run / "reliability.png").is_file()
     # stored in the checkpoint, read back by the Predictor
     assert ck["diffmic_calibration"]["temperature"] == pytest.approx(T)

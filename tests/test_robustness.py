@@ -100,16 +100,18 @@ def killed_run(tmp_path_factory, cache, fast) -> dict:
             stderr=subprocess.STDOUT,
             env=ONE_THREAD,
         )
-        deadline = time.monotonic() + 240
         try:
-            while not any(r.get("epoch") == "2" and r.get("train/loss") for r in _csv_rows(log)):
+            for _ in range(60_000):  # a hang guard, not a speed check: polls for up to 10 minutes
+                if any(r.get("epoch") == "2" and r.get("train/loss") for r in _csv_rows(log)):
+                    break
                 if proc.poll() is not None:
                     pytest.fail(
                         f"fit ended (rc {proc.returncode}) before it could be killed:\n"
                         + (tmp / "fit.log").read_text()[-3000:]
                     )
-                assert time.monotonic() < deadline, "fit did not reach epoch 2 in time"
                 time.sleep(0.01)
+            else:
+                pytest.fail("fit logged no step of epoch 2 in 60000 polls:\n" + (tmp / "fit.log").read_text()[-3000:])
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(30)
         finally:

@@ -13,14 +13,13 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from diffmic.cli import main
 
 from _helpers import TINY_MODEL, one_thread  # noqa: F401
+from conftest import DISCS, write_synthetic_folder
 
 THRESHOLD = 0.6173  # no fit gives this value by chance: each place must have read it
 
@@ -30,16 +29,7 @@ def run(tmp_path_factory, one_thread) -> Path:  # noqa: F811
     """A tiny 3-class run, calibrated, whose stored referral threshold is then set to THRESHOLD."""
     tmp = tmp_path_factory.mktemp("rule")
     root = tmp / "imgs"
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:32, 0:32]
-    for name, col in {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}.items():
-        for i in range(24):
-            img = rng.integers(0, 90, (32, 32, 3)).astype(np.uint8)
-            cy, cx = rng.integers(10, 22, 2)
-            img[(yy - cy) ** 2 + (xx - cx) ** 2 < 40] = col
-            p = root / name / f"{name}_{i:03d}.png"
-            p.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img).save(p)
+    write_synthetic_folder(root, (24, 24, 24), 32, ("red", "green", "blue"), stem="{name}_{i:03d}", seed=0, **DISCS)
     run = tmp / "run"
     args = ["data.image_size=32", "data.batch_size=16", *TINY_MODEL, "data.dataset=folder", f"data.root={root}"]
     args += ["data.split=random", "data.test_fraction=0.3", "data.val_fraction=0.3", f"run.dir={run}"]

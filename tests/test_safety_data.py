@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from _safety_data import fit_args, make_folder
 from diffmic.cli import main
 from diffmic.data.checks import check_dataset
 from diffmic.data.records import DataError
 from diffmic.data.sources import load_csv_manifest
+
+from _helpers import fit_args
+from conftest import NUMBERED, write_synthetic_folder
 
 
 def _png(path: Path, seed: int) -> None:
@@ -107,7 +109,7 @@ def test_given_class_names_are_matched_exactly(tmp_path):
 def test_same_pixels_in_two_splits_are_reported(tmp_path, capsys):
     root = tmp_path / "data"
     for split in ("train", "test"):
-        make_folder(root / split, n=4, seed={"train": 0, "test": 1}[split])
+        write_synthetic_folder(root / split, (4, 4), seed={"train": 0, "test": 1}[split], **NUMBERED)
     # a copy of a training image under another name, and one re-encoded as BMP (same pixels)
     (root / "test" / "benign" / "copy.png").write_bytes((root / "train" / "benign" / "img0.png").read_bytes())
     Image.open(root / "train" / "malignant" / "img1.png").save(root / "test" / "malignant" / "other.bmp")
@@ -126,7 +128,7 @@ def test_same_pixels_in_two_splits_are_reported(tmp_path, capsys):
 
 
 def test_single_class_data_is_refused_before_training(tmp_path, capsys):
-    root = make_folder(tmp_path / "data", classes=("benign",), n=8)
+    root = write_synthetic_folder(tmp_path / "data", (8,), names=("benign",), **NUMBERED)
     rc = main(
         [
             "data",
@@ -223,7 +225,7 @@ def test_same_pixels_same_label_in_two_splits_stays_a_leakage(tmp_path):
 def test_label_conflict_in_a_folder_is_named_and_skip_bad_drops_both(tmp_path, capsys):
     import csv
 
-    root = make_folder(tmp_path / "data", n=10)  # 21 images, 19 left: no training batch of 1 image
+    root = write_synthetic_folder(tmp_path / "data", (10, 10), **NUMBERED)  # 21 images, 19 left: no batch of 1
     (root / "malignant" / "same.png").write_bytes((root / "benign" / "img3.png").read_bytes())
     rc = main(["data", "check", "--config", "cpu_v1", "data.dataset=folder", f"data.root={root}", "data.image_size=16"])
     out = capsys.readouterr().out

@@ -14,10 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from _safety_data import fit_args, make_folder
 from diffmic.cli import main
 
-from _helpers import one_thread  # noqa: F401
+from _helpers import fit_args, one_thread  # noqa: F401
+from conftest import NUMBERED, write_synthetic_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("pred")
-    data = make_folder(tmp / "data", n=8)
+    data = write_synthetic_folder(tmp / "data", (8, 8), **NUMBERED)
     run = tmp / "run"
     assert main(fit_args(data, run, epochs=1)) == 0
     return run

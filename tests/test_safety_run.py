@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from _safety_data import fit_args, make_folder
 from diffmic.cli import main
 from diffmic.training.checkpoint import CheckpointError, load_module, read_checkpoint
 
-from _helpers import ONE_THREAD_ENV, one_thread  # noqa: F401
+from _helpers import ONE_THREAD_ENV, fit_args, one_thread  # noqa: F401
+from conftest import NUMBERED, write_synthetic_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,7 +40,7 @@ def _csv(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    return make_folder(tmp_path_factory.mktemp("data") / "folder", n=8)
+    return write_synthetic_folder(tmp_path_factory.mktemp("data") / "folder", (8, 8), **NUMBERED)
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +167,7 @@ def test_split_is_recorded_and_evaluation_refuses_to_change_it(trained, capsys):
 
 # ------------------------------------------------------------------- 8. skip_bad -> skipped.csv
 def test_skip_bad_prints_and_writes_skipped_csv(tmp_path, capsys):
-    d = make_folder(tmp_path / "data", n=8)
+    d = write_synthetic_folder(tmp_path / "data", (8, 8), **NUMBERED)
     (d / "benign" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     (d / "malignant" / "empty.png").write_bytes(b"")
     run = tmp_path / "run"

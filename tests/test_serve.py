@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from _synthetic import image_folder, tiny_fit_args
 from diffmic.cli import main
 from diffmic.inference import Predictor
 from diffmic.inference.serve import make_server, parse_upload, safe_name
 
-from _helpers import ONE_THREAD_ENV, one_thread  # noqa: F401
+from _helpers import ONE_THREAD_ENV, one_thread, tiny_fit_args  # noqa: F401
+from conftest import DARK_BRIGHT, write_synthetic_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def trained(tmp_path_factory):
     """A tiny model trained on generated dark/bright images: (run folder, image folder)."""
     tmp = tmp_path_factory.mktemp("serve")
-    data = image_folder(tmp / "data", per_class=16)
+    data = write_synthetic_folder(tmp / "data", (16, 16), 40, **DARK_BRIGHT)
     run = tmp / "run"
     assert main(tiny_fit_args(data, run, tmp / "cache")) == 0
     return run, data

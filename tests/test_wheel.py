@@ -22,6 +22,7 @@ import pytest
 from diffmic import __version__
 
 from _helpers import TINY_MODEL
+from conftest import write_synthetic_npz
 
 ROOT = Path(__file__).parents[1]
 pytestmark = pytest.mark.slow
@@ -85,17 +86,10 @@ def test_wheel_installs_and_runs_in_a_clean_venv(tmp_path):
     assert "fit" in _run([exe, "--help"], env).stdout
     assert _run([exe, "--version"], env).stdout.strip() == f"diffmic {__version__}"
 
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for s, n in (("train", 16), ("val", 4), ("test", 8)):
-        lab = np.arange(n) % 2
-        arrays[f"{s}_images"] = np.clip(
-            np.where(lab[:, None, None] == 1, 190, 60) + rng.normal(0, 20, (n, 28, 28)), 0, 255
-        ).astype(np.uint8)
-        arrays[f"{s}_labels"] = lab.reshape(n, 1).astype(np.uint8)
-    np.savez(tmp_path / "tiny.npz", **arrays)
+    # dark (0) and bright (1) 28x28 grey images, alternating
+    splits = {"train": 16, "val": 4, "test": 8}
+    kw = {"order": "cycle", "region": "all", "background": 60.0, "spread": 20.0, "contrast": 130.0}
+    write_synthetic_npz(tmp_path / "tiny.npz", splits, **kw)
     run = tmp_path / "run"
     # `--config cpu` resolves the preset shipped inside the installed wheel
     _run(

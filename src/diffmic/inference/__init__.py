@@ -1,7 +1,10 @@
 """Serving a trained model: load once, classify many images.
 
->>> from diffmic.inference import Predictor  # doctest: +SKIP
->>> p = Predictor.from_checkpoint("runs/demo/checkpoints/best.ckpt")  # doctest: +SKIP
+Usage (run by ``tests/test_doc_examples.py``)::
+
+    from diffmic.inference import Predictor
+
+    p = Predictor.from_checkpoint("runs/demo/checkpoints/best.ckpt")
 """
 
 from diffmic.inference.predictor import Prediction, Predictor

@@ -1,10 +1,14 @@
 """Classify new images from a checkpoint: probability, uncertainty, referral flag, saliency and ROIs.
 
->>> from diffmic.inference import Predictor
->>> p = Predictor.from_checkpoint("runs/demo/checkpoints/best.ckpt")
->>> results = p.predict(["lesion.jpg"])
->>> results[0].label, results[0].confidence, results[0].refer
->>> p = Predictor.from_pretrained("org/name")  # an exported model folder on the Hugging Face Hub
+Usage (run by ``tests/test_doc_examples.py`` on a tiny checkpoint)::
+
+    from diffmic.inference import Predictor
+
+    p = Predictor.from_checkpoint("runs/demo/checkpoints/best.ckpt")
+    results = p.predict(["lesion.jpg"])
+    print(results[0].label, results[0].confidence, results[0].refer)
+
+``Predictor.from_pretrained("org/name")`` loads an exported model folder from the Hugging Face Hub.
 """
 
 from __future__ import annotations
