@@ -23,6 +23,7 @@ from diffmic.metrics import readout, should_refer
 from diffmic.trust.fitting import applied_rule, predict_trust
 from diffmic.trust.ood import OODInputs, classifier_outputs
 from diffmic.trust.ood import rule_text as ood_rule_text
+from diffmic.trust.rows import prediction_row
 
 
 @dataclass
@@ -64,29 +65,24 @@ class Prediction:
     ood_score: Optional[float] = None
 
     def as_row(self) -> dict:
-        row = {
-            "id": self.id,
-            "pred": self.label_index,
-            "label": self.label,
-            "confidence": self.confidence,
-            "agreement": self.agreement,
-            "spread": self.spread,
-            "entropy": self.entropy,
-            "refer": int(self.refer),
-        }
-        row.update({f"p_{k}": v for k, v in self.probs.items()})
-        if self.prediction_set is not None:
-            row["confidence_unscaled"] = self.confidence_unscaled
-            row["set"] = "|".join(self.prediction_set)
-        if self.uncertain is not None:
-            row["uncertain"] = int(self.uncertain)
-            row["ttest_p"] = self.ttest_p
-        if self.ood is not None:
-            row["ood"] = int(self.ood)
-            row["ood_score"] = self.ood_score
-        if self.roi_boxes is not None:
-            row["roi_boxes"] = ";".join(",".join(str(int(v)) for v in box) for box in self.roi_boxes)
-        return row
+        """The image's row of ``diffmic predict``'s CSV (:func:`diffmic.trust.rows.prediction_row`)."""
+        return prediction_row(
+            self.id,
+            list(self.probs),
+            list(self.probs.values()),
+            layout="predict",
+            label=self.label,
+            pred=self.label_index,
+            confidence=self.confidence,
+            readout=(self.agreement, self.spread, self.entropy),
+            refer=self.refer,
+            confidence_unscaled=self.confidence_unscaled,
+            prediction_set=self.prediction_set,
+            ttest_p=self.ttest_p,
+            uncertain=self.uncertain,
+            ood=(self.ood_score, self.ood) if self.ood is not None and self.ood_score is not None else None,
+            roi_boxes=self.roi_boxes,
+        )
 
 
 def pixel_key(x: Tensor) -> str:
