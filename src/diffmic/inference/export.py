@@ -535,15 +535,31 @@ def _calibration_line(meta: dict) -> str:
 
 
 def _model_card(meta: dict, metrics: dict | None, fit_summary: dict | None) -> str:
+    """README.md of an exported model folder: the model, its training data, its test metrics, the
+    intended use and limits, the files."""
     cfg = meta["config"]
-    data, model, ev = cfg["data"], cfg["model"], cfg["eval"]
     names = meta["class_names"]
     lines = [
-        f"# DiffMIC model card: {data['dataset']} ({len(names)} classes)",
+        f"# DiffMIC model card: {cfg['data']['dataset']} ({len(names)} classes)",
         "",
         f"Exported by diffmic {__version__} on {meta['exported']} from `{meta['source']['checkpoint']}` "
         f"(trained with diffmic {meta['source']['diffmic_version']}).",
         "",
+    ]
+    lines += _card_model(meta)
+    lines += _card_training(cfg["data"], fit_summary)
+    lines += ["", "## Test metrics", ""]
+    lines += _card_test(metrics)
+    lines += _card_use_and_files(meta)
+    return "\n".join(lines)
+
+
+def _card_model(meta: dict) -> list[str]:
+    """The model card's ``## Model``: architecture, read-out, referral, calibration, classes."""
+    cfg = meta["config"]
+    model, ev = cfg["model"], cfg["eval"]
+    names = meta["class_names"]
+    return [
         "## Model",
         "",
         f"DiffMIC variant `{model['variant']}`: image encoder `{model['encoder']}`, DCG streams "
@@ -564,6 +580,12 @@ def _model_card(meta: dict, metrics: dict | None, fit_summary: dict | None) -> s
         "",
         "Classes (output order): " + ", ".join(f"{i} {n}" for i, n in enumerate(names)),
         "",
+    ]
+
+
+def _card_training(data: dict, fit_summary: dict | None) -> list[str]:
+    """The model card's ``## Training data``: the data set and split, and how the checkpoint was chosen."""
+    lines = [
         "## Training data",
         "",
         f"Data set `{data['dataset']}` (data.root `{data['root']}`), split `{data['split']}`"
@@ -587,7 +609,12 @@ def _model_card(meta: dict, metrics: dict | None, fit_summary: dict | None) -> s
             f"{fit_summary.get('selected_on')} {fit_summary.get('monitor')} "
             f"(score {_fmt(fit_summary.get('best_score'))})."
         )
-    lines += ["", "## Test metrics", ""]
+    return lines
+
+
+def _card_test(metrics: dict | None) -> list[str]:
+    """The model card's test metrics (test_metrics.json) with their 95 % intervals and the referral."""
+    lines: list[str] = []
     if metrics:
         ci = metrics.get("ci") or metrics.get("intervals") or {}
         lines += [
@@ -612,7 +639,12 @@ def _model_card(meta: dict, metrics: dict | None, fit_summary: dict | None) -> s
             "No test_metrics.json in the run folder: this model was not evaluated on a test split "
             "(run `diffmic test --run RUN` before exporting)."
         )
-    lines += [
+    return lines
+
+
+def _card_use_and_files(meta: dict) -> list[str]:
+    """The model card's ``## Intended use and limits``, ``## Files`` and ``## Reference``."""
+    return [
         "",
         "## Intended use and limits",
         "",
@@ -635,7 +667,6 @@ def _model_card(meta: dict, metrics: dict | None, fit_summary: dict | None) -> s
         PAPER,
         "",
     ]
-    return "\n".join(lines)
 
 
 def _pretrained_text(model: dict) -> str:
