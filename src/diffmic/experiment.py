@@ -562,7 +562,7 @@ def summarise(grid: Grid, n_boot: int = 1000, ci_metrics: tuple[str, ...] = ("ac
     grid.out.mkdir(parents=True, exist_ok=True)
     preds: dict[tuple[str, str, int], dict] = {}
     by_fold: dict[tuple[str, str, int], dict[int, Cell]] = {}
-    cell_rows = []
+    cell_rows: list[dict[str, Any]] = []
     for c in grid.cells:
         if not c.done:
             continue
@@ -650,7 +650,8 @@ def pool_out_of_fold(cells: list[Cell]) -> dict[str, Any]:
     the folds' test images overlap, or do not cover the images their ``split.json`` records."""
     import json
 
-    parts, owner = [], {}
+    parts: list[dict[str, Any]] = []
+    owner: dict[str, str] = {}
     for c in cells:
         pred = read_predictions(c.run_dir / "predictions.csv")
         for i in pred["ids"]:
@@ -736,7 +737,7 @@ def bootstrap_ci(
     P = [torch.as_tensor(p, dtype=torch.float64) for p in probs]
     y = torch.as_tensor(np.asarray(labels))
     observed = float(np.mean([fn(p, y) for p in P]))
-    vals = (np.mean([fn(p[i], y[i]) for p in P]) for i in resamples(len(y), n_boot, seed, rng="numpy"))
+    vals = (float(np.mean([fn(p[i], y[i]) for p in P])) for i in resamples(len(y), n_boot, seed, rng="numpy"))
     lo, hi = percentile_interval(vals, alpha)
     return observed, lo, hi
 
@@ -787,7 +788,7 @@ def _write_record(grid: Grid, cell_rows: list[dict], rows: list[dict], path: Pat
     for r in cell_rows:
         run = Path(r["run_dir"])
         cells.append({**{k: v for k, v in r.items() if k != "run_dir"}, **cell_provenance(run)})
-    record = {
+    record: dict[str, Any] = {
         "grid": str(grid.path) if grid.path else None,
         "out": str(grid.out),
         "summarised_on": machine(),
@@ -817,7 +818,7 @@ def pooled_ci(a: list[dict], b: list[dict], metric: str, n_boot: int, seed: int 
     yt = torch.as_tensor(y)
     obs = float(np.mean([fn(pa, yt) - fn(pb, yt) for pa, pb in zip(A, B)]))
     diffs = (
-        np.mean([fn(pa[i], yt[i]) - fn(pb[i], yt[i]) for pa, pb in zip(A, B)])
+        float(np.mean([fn(pa[i], yt[i]) - fn(pb[i], yt[i]) for pa, pb in zip(A, B)]))
         for i in resamples(len(y), n_boot, seed, rng="numpy")
     )
     lo, hi = percentile_interval(diffs, 0.05)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, cast
 
 import numpy as np
 import torch
@@ -24,6 +24,9 @@ from diffmic.trust.fitting import applied_rule, predict_trust
 from diffmic.trust.ood import OODInputs, classifier_outputs
 from diffmic.trust.ood import rule_text as ood_rule_text
 from diffmic.trust.rows import prediction_row
+
+if TYPE_CHECKING:
+    from diffmic.nn.guidance import GuidanceOutput
 
 
 @dataclass
@@ -107,10 +110,10 @@ class Predictor:
         self.ood_rule: Optional[str] = ood_rule_text(calib.get("ood")) if calib is not None else None
         variant = getattr(getattr(module, "model", None), "variant", None)
         k = None if variant in ("basic", "dcg") else int(self.cfg.eval.num_samples)
-        fitted = calib is not None and isinstance(calib.get("referral"), dict)
+        fitted = calib.get("referral") if calib is not None else None
         #: the confidence threshold applied (fitted on validation when calibrated, else eval.refer_threshold)
         self.refer_threshold: float = (
-            float(calib["referral"]["threshold"]) if fitted else float(self.cfg.eval.refer_threshold)
+            float(fitted["threshold"]) if isinstance(fitted, dict) else float(self.cfg.eval.refer_threshold)
         )
         #: the referral rule applied to every prediction, in words (diffmic.metrics.referral_rule)
         self.referral_rule: str = applied_rule(calib, self.cfg.eval.refer_threshold, k)
@@ -190,6 +193,8 @@ class Predictor:
         m = self.module
         e = self.cfg.eval
         x = x.to(self.device)
+        guidance: Optional[GuidanceOutput]
+        prior: Optional[Tensor]
         if m.model.variant in ("basic", "dcg"):
             logits, feat, _ = classifier_outputs(m.model, x)
             probs = torch.softmax(logits, -1)
@@ -206,7 +211,8 @@ class Predictor:
                 ids=list(seed_keys if seed_keys is not None else ids),
             )
             r = readout(out.y0, e.aggregate, e.temperature, point=out.point)
-            guidance, prior = out.guidance, out.prior
+            # ReverseOutput (diffusion, below nn) cannot name the DCG's output type
+            guidance, prior = cast("Optional[GuidanceOutput]", out.guidance), out.prior
             ood_inputs = OODInputs(
                 guidance.z_fused if guidance is not None else None,
                 out.feat,
@@ -306,7 +312,10 @@ class Predictor:
         axes[0].imshow(img.squeeze(), cmap="gray" if img.shape[-1] == 1 else None)
         axes[0].set_title(f"{result.label} p={result.confidence:.2f}" + (" REFER" if result.refer else ""))
         if result.roi_boxes:
-            for box, a in zip(result.roi_boxes, result.roi_attention or [None] * len(result.roi_boxes)):
+            weights: list[Optional[float]] = [None] * len(result.roi_boxes)
+            if result.roi_attention:
+                weights = list(result.roi_attention)
+            for box, a in zip(result.roi_boxes, weights):
                 y0, x0, y1, x1 = box
                 axes[0].add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="yellow", lw=1.5))
                 if a is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -137,9 +138,7 @@ def probe_writable(run_dir: Path, error: type[OSError] = OSError, nbytes: int = 
 def _lock_file(fd: int) -> bool:
     """An exclusive, non-blocking lock on the open file ``fd`` (released by the kernel when the
     process ends, however it ends); False when another open of the file holds it."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
+    if sys.platform == "win32":  # pragma: no cover - no fcntl there
         import msvcrt
 
         try:
@@ -147,6 +146,8 @@ def _lock_file(fd: int) -> bool:
         except OSError:
             return False
         return True
+    import fcntl
+
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

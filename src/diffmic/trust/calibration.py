@@ -258,15 +258,15 @@ def fit_calibration(probs: Tensor, labels: Tensor, calibrator: str = "temperatur
     if calibrator == "auto":
         cv = cross_validate_calibrators(p, y, AUTO_CANDIDATES)
         chosen = auto_choice(cv)
-        fitted = fit_calibration(p, y, chosen)
-        fitted["auto"] = {
+        auto = fit_calibration(p, y, chosen)
+        auto["auto"] = {
             "chosen": chosen,
             "rule": AUTO_RULE,
             "folds": AUTO_FOLDS,
             "repeats": AUTO_REPEATS,
             "cv": cv,
         }
-        return fitted
+        return auto
     T = fit_temperature(p, y)
     fitted: dict = {"kind": calibrator, "temperature": T, "isotonic": None, "affine": None}
     if calibrator == "temperature+isotonic":
@@ -410,9 +410,11 @@ def fit_referral(
         ok = (tail >= target_accuracy).nonzero().flatten()
         k = int(ok[0]) if ok.numel() else n - 1
         goal = {"target_accuracy": float(target_accuracy)}
-    else:
+    elif max_referred is not None:
         k = int(max_referred * n + 1e-9)
         goal = {"max_referred": float(max_referred)}
+    else:
+        raise ValueError("fit_referral needs max_referred or target_accuracy")
     if k == 0:
         threshold = 0.0
     else:

@@ -549,11 +549,11 @@ def predict_trust(
             if s is not None:
                 out["ood_score"], out["ood"] = s, ood_flags(s, ood.get("threshold"))
                 out["refer"] = out["refer"] | out["ood"]
-        rand = calib["conformal"].get("randomised", False) and ids is not None
+        u = image_uniforms(ids) if ids is not None and calib["conformal"].get("randomised", False) else None
         scaled = apply_temperature(raw, float(calib["temperature"]))
         cp = _conformal_probs(calib, scaled, cal)
-        out["sets"] = conformal_sets(cp, calib["conformal"], image_uniforms(ids) if rand else None)
+        out["sets"] = conformal_sets(cp, calib["conformal"], u)
     if samples is not None and samples.shape[1] >= 2:
-        u = card_uncertainty(samples.detach().cpu())
-        out["uncertain"], out["p_value"] = u.uncertain, u.p_value
+        card = card_uncertainty(samples.detach().cpu())
+        out["uncertain"], out["p_value"] = card.uncertain, card.p_value
     return out
