@@ -131,7 +131,7 @@ def test_no_import_cycles():
 
 
 def _package(name: str) -> str:
-    """The package of the layer table a module belongs to (``diffmic.trust.fitting`` -> ``diffmic.trust``)."""
+    """The package of the layer table a module belongs to (``diffmic.trust.evaluate`` -> ``diffmic.trust``)."""
     return ".".join(name.split(".")[:2])
 
 
@@ -160,7 +160,7 @@ def _package_cycles(graph: dict[str, set[str]]) -> list[str]:
 
 
 def test_no_package_import_cycles():
-    """Modules may form no cycle and still tie two packages together (trust.fitting importing
+    """Modules may form no cycle and still tie two packages together (trust.evaluate importing
     reporting while reporting.overlay imports trust.lesions): packages may not import each other."""
     cycles = _package_cycles(_graph())
     assert not cycles, "package import cycles:\n" + "\n".join(cycles)
@@ -169,13 +169,13 @@ def test_no_package_import_cycles():
 def test_the_package_rule_catches_a_cycle_through_two_modules():
     """The checker itself: two module edges that meet in no module cycle still make a package cycle."""
     graph = {
-        "diffmic.trust.fitting": {"diffmic.reporting.figures"},
+        "diffmic.trust.evaluate": {"diffmic.reporting.figures"},
         "diffmic.reporting.figures": set(),
         "diffmic.reporting.overlay": {"diffmic.trust.lesions"},
         "diffmic.trust.lesions": set(),
     }
     assert _package_cycles(graph) == ["diffmic.reporting -> diffmic.trust -> diffmic.reporting"]
-    del graph["diffmic.trust.fitting"]
+    del graph["diffmic.trust.evaluate"]
     assert _package_cycles(graph) == []
 
 

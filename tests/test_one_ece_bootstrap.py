@@ -107,7 +107,7 @@ def test_one_set_of_scalar_metrics_equals_scikit_learn_and_serves_the_experiment
 
     from diffmic.config import EvalConfig
     from diffmic.metrics import SCALAR_METRICS, scalar_metric_fns
-    from diffmic.trust.fitting import fit_trust, test_trust
+    from diffmic.trust.evaluate import fit_trust, test_trust
 
     rng = np.random.default_rng(5)
     n, C = 150, 4

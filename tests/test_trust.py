@@ -254,7 +254,7 @@ def test_temperature_plus_isotonic_fixes_what_one_temperature_cannot():
 def test_fit_and_test_trust_with_the_isotonic_calibrator(tmp_path):
     from diffmic.config import EvalConfig
     from diffmic.trust.calibration import apply_calibration
-    from diffmic.trust.fitting import fit_trust, predict_trust, settings_match, test_trust
+    from diffmic.trust.evaluate import fit_trust, predict_trust, settings_match, test_trust
 
     g = torch.Generator().manual_seed(1)
     n, C = 600, 3

@@ -229,7 +229,7 @@ def _read_meta(cfg_path: Path) -> dict:
         )
     _check_ood(meta, cfg_path)
     if isinstance(meta.get("calibration"), dict):  # calibrator, referral threshold, conformal sets
-        from diffmic.trust.fitting import check_trust
+        from diffmic.trust.evaluate import check_trust
 
         try:
             check_trust(meta["calibration"], len(names))
@@ -516,7 +516,7 @@ def _ood_line(cal: Any) -> str:
 
 def _referral_line(meta: dict) -> str:
     """The referral rule the exported model applies (Predictor.referral_rule), in words."""
-    from diffmic.trust.fitting import applied_rule
+    from diffmic.trust.evaluate import applied_rule
 
     cfg = meta["config"]
     ev, variant = cfg["eval"], cfg["model"]["variant"]
@@ -527,7 +527,7 @@ def _referral_line(meta: dict) -> str:
 
 def _calibration_line(meta: dict) -> str:
     """The stored calibration in words (the fitted values are in config.json's `calibration`)."""
-    from diffmic.trust.fitting import describe_calibration
+    from diffmic.trust.evaluate import describe_calibration
 
     cal = meta.get("calibration")
     text = describe_calibration(cal if isinstance(cal, dict) else None, list(meta["class_names"]))

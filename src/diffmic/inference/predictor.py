@@ -20,7 +20,7 @@ from torch import Tensor
 
 from diffmic.diffusion.reverse import reverse_sample
 from diffmic.metrics import readout, should_refer
-from diffmic.trust.fitting import applied_rule, predict_trust
+from diffmic.trust.evaluate import applied_rule, predict_trust
 from diffmic.trust.ood import OODInputs, classifier_outputs
 from diffmic.trust.ood import rule_text as ood_rule_text
 from diffmic.trust.rows import prediction_row

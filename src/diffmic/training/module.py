@@ -56,7 +56,7 @@ from diffmic.training.step import (  # noqa: F401  (NonFiniteLossError, swap_pri
     swap_priors,
     train_step,
 )
-from diffmic.trust.fitting import prior_probs, test_trust
+from diffmic.trust.evaluate import prior_probs, test_trust
 from diffmic.trust.lesions import image_hits, lesion_mask_dir, mask_file, read_mask, summarise_hits
 from diffmic.trust.ood import OODInputs, classifier_outputs, ood_scores
 from diffmic.trust.ood import flags as ood_flags

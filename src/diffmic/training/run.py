@@ -468,7 +468,7 @@ def calibrate(
 
 
 def _fit_calibration(module, cfg: Config, ckpt_path: Path, store: bool) -> dict:
-    from diffmic.trust.fitting import collect_probs, fit_trust
+    from diffmic.trust.evaluate import collect_probs, fit_trust
 
     if cfg.train.select_on == "test":
         raise ConfigError(
@@ -534,7 +534,7 @@ def ensure_calibration(module, cfg: Config, ckpt_path: Path, run_dir: Path) -> N
     settings; otherwise fit one on the validation split, stored in the checkpoint only when it has
     none yet and lies in this run folder (a calibration for other settings is used for this test
     only; `diffmic calibrate` replaces a stored one)."""
-    from diffmic.trust.fitting import settings_match
+    from diffmic.trust.evaluate import settings_match
 
     calib = getattr(module, "calibration", None)
     if calib is not None and settings_match(calib.get("settings"), module.cfg.eval):

@@ -1,4 +1,5 @@
-"""Fit the trust parameters on the validation split and apply them to test rows / predictions.
+"""Fit the trust parameters on the validation split (:func:`fit_trust`) and evaluate with them: the
+test rows (:func:`test_trust`) and new predictions (:func:`predict_trust`).
 
 The fitted parameters (temperature, referral threshold, conformal quantile, with the evaluation
 settings they were fitted for) are stored in the checkpoint under ``diffmic_calibration``.
