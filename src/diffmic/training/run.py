@@ -21,10 +21,10 @@ from diffmic.config import Config, ConfigError, load_config, save_config
 from diffmic.nn.diffmic import DCG_VARIANTS
 from diffmic.training.callbacks import DenoiserEMA, StageAwareCheckpoint
 from diffmic.training.checkpoint import TMP_MARK, AtomicCheckpointIO, CheckpointError, load_module, read_checkpoint
+from diffmic.training.console import model_summary
 from diffmic.training.ddp import BroadcastBuffers
 from diffmic.training.loading import resolve_checkpoint  # here and re-exported (predict uses it without Lightning)
 from diffmic.training.module import DiffMICModule
-from diffmic.training.output import model_summary
 
 
 class RunFolderError(OSError):
