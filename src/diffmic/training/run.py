@@ -223,7 +223,7 @@ def fit(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
     unless ``overwrite`` (which removes only what the folder's manifest says a run of ours
     wrote); ``resume`` first checks that the network keys match the checkpoint and that the data
     split is the recorded one, and changes nothing in the folder when they do not."""
-    from diffmic.training.safety import RunLock, check_run_outside_data
+    from diffmic.training.run_folder import RunLock, check_run_outside_data
     from diffmic.training.trackers import check_available
 
     if resume and overwrite:
@@ -285,7 +285,7 @@ def _fit_locked(cfg: Config, resume: bool, overwrite: bool) -> Path:
     dm = build_datamodule(cfg)
     dm.setup("fit")
     from diffmic.training.budget import apply_step_budget
-    from diffmic.training.safety import check_split, report_skipped, split_record, write_split
+    from diffmic.training.run_folder import check_split, report_skipped, split_record, write_split
 
     if resume:
         check_split(run_dir, dm, "fit --resume")
@@ -378,7 +378,7 @@ def evaluate(
         raise ConfigError(f"'{cfg_file}' not found: pass --run with a trained run folder or --config.")
     cfg = load_config(cfg_file, overrides)
     ckpt_path = resolve_checkpoint(run_dir, ckpt)
-    from diffmic.training.safety import check_run_outside_data, check_split, probe_writable
+    from diffmic.training.run_folder import check_run_outside_data, check_split, probe_writable
 
     read_checkpoint(ckpt_path)  # a bad --ckpt is reported before the data are read
     if stage == "test":
