@@ -28,7 +28,7 @@ demo: $(STAMP) demo-data
 demo-data: $(STAMP)
 	test -d $(DATA)/ham10000 || $(VENV)/bin/diffmic data download ham10000 --root $(DATA)
 
-# lint (ruff check + format check, mypy on the typed core), then the test suite
+# lint (ruff check + format check, mypy on the whole package and the benchmarks), then the test suite
 test: lint
 	$(VPY) -m pytest -q
 

@@ -31,7 +31,7 @@ from diffmic.trust.calibration import (
     cross_validate_calibrators,
     fit_calibration,
 )
-from diffmic.trust.fitting import collect_probs
+from diffmic.trust.evaluate import collect_probs
 
 
 def val_probs(run: Path) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,16 +24,15 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from diffmic.experiment import cell_metrics, load_grid, pooled_ci, read_predictions
-from diffmic.metrics import selective_summary
 
 
-def _load(grids: list[str], extra: list[str] = ()) -> dict[tuple[str, int], dict]:
+def _load(grids: list[str], extra: Sequence[str] = ()) -> dict[tuple[str, int], dict]:
     preds: dict[tuple[str, int], dict] = {}
     for spec in extra:  # NAME=FOLDER holding seed<N>/predictions.csv (e.g. from retest_deterministic.sh)
         name, _, folder = spec.partition("=")
@@ -71,17 +70,6 @@ def _side(name: str, seed: int, preds: dict) -> dict | None:
     return preds.get((name, seed))
 
 
-def _aurcs(p: dict) -> tuple[float, float | None]:
-    probs = torch.as_tensor(p["probs"], dtype=torch.float64)
-    correct = (probs.argmax(1) == torch.as_tensor(p["labels"])).double()
-    conf = selective_summary(probs.max(1).values, correct)["aurc"]
-    agr = None
-    if "agreement" in p:
-        score = torch.as_tensor(p["agreement"], dtype=torch.float64) + 1e-6 * probs.max(1).values
-        agr = selective_summary(score, correct)["aurc"]
-    return float(conf), (None if agr is None else float(agr))
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("grids", nargs="*", help="grid YAML files (their finished cells are pooled by model name)")
@@ -104,9 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         if not ps:
             continue
         mets = [cell_metrics(p) for p in ps]
-        aur = [_aurcs(p) for p in ps if not p.get("argmax_only")]
-        conf = [a for a, _ in aur]
-        agr = [b for _, b in aur if b is not None]
+        ranked = [m for p, m in zip(ps, mets) if not p.get("argmax_only")]  # prior(m): no probabilities to rank
+        conf = [m["aurc_conf"] for m in ranked]
+        agr = [m["aurc_agreement"] for m in ranked if "aurc_agreement" in m]
         row = {
             "n": len(ps),
             "acc": float(np.mean([m["acc"] for m in mets])),

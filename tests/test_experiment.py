@@ -15,7 +15,7 @@ from scipy import stats
 
 from diffmic.cli import main
 from diffmic.config import ConfigError, load_config
-from diffmic.experiment import expected_calibration_error, load_grid, paired_bootstrap, read_predictions
+from diffmic.experiment import load_grid, metric_fn, paired_bootstrap, read_predictions
 from diffmic.nn.diffmic import DiffMIC
 from diffmic.nn.encoders import create_encoder
 from diffmic.nn.guidance import set_output_stride
@@ -62,9 +62,10 @@ def test_ece_hand_worked():
     # plus two at confidence 0.6, both right, in another bin: |1 - 0.6| = 0.4 -> ECE 0.4
     probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.4, 0.6], [0.4, 0.6]])
     labels = np.array([0, 1, 1, 1])
-    assert expected_calibration_error(probs, labels) == pytest.approx(0.4, abs=1e-6)
+    ece = metric_fn("ece", 2)  # the experiment table's ECE: 15 bins
+    assert ece(torch.as_tensor(probs), torch.as_tensor(labels)) == pytest.approx(0.4, abs=1e-6)
     labels2 = np.array([0, 0, 1, 1])  # 0.9 bin: |1 - 0.9| = 0.1, 0.6 bin: 0.4 -> mean 0.25
-    assert expected_calibration_error(probs, labels2) == pytest.approx(0.25, abs=1e-6)
+    assert ece(torch.as_tensor(probs), torch.as_tensor(labels2)) == pytest.approx(0.25, abs=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- budgets

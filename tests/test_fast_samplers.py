@@ -201,7 +201,7 @@ def test_readout_with_a_point_hand_values():
 
 def test_a_calibration_from_before_a_new_eval_key_still_matches():
     from diffmic.config import EvalConfig
-    from diffmic.trust.fitting import eval_settings, settings_match
+    from diffmic.trust.evaluate import eval_settings, settings_match
 
     cur = EvalConfig()
     old = {k: v for k, v in eval_settings(cur).items() if k not in ("point_steps", "t_start")}

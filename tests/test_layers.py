@@ -1,5 +1,6 @@
 """The package's import rule (docs/design.md): a module imports only from its own layer or the
-layers below it, and no two modules import each other (directly or through others).
+layers below it, and no two modules import each other (directly or through others); nor do two
+packages (``diffmic.trust`` and ``diffmic.reporting``, say), through any of their modules.
 
 Imports inside functions count too: a lazy import is still a dependency."""
 
@@ -22,11 +23,11 @@ LAYERS: dict[str, int] = {
     "diffmic.nn": 2,
     "diffmic.metrics": 2,
     "diffmic.data": 3,
-    "diffmic.reporting": 3,
     "diffmic.outputs": 3,
     "diffmic.provenance": 3,
     "diffmic.trust": 3,
     "diffmic.config": 4,
+    "diffmic.reporting": 4,  # draws and writes what trust measures (reliability diagram, lesion crops)
     "diffmic.training": 5,
     "diffmic.inference": 6,
     "diffmic.experiment": 6,  # runs training, reads run folders
@@ -127,6 +128,55 @@ def test_no_import_cycles():
         if m not in state:
             visit(m, [m])
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def _package(name: str) -> str:
+    """The package of the layer table a module belongs to (``diffmic.trust.evaluate`` -> ``diffmic.trust``)."""
+    return ".".join(name.split(".")[:2])
+
+
+def _package_cycles(graph: dict[str, set[str]]) -> list[str]:
+    """Cycles of the package graph: package A -> B when some module of A imports some module of B."""
+    edges: dict[str, set[str]] = {}
+    for mod, deps in graph.items():
+        a = _package(mod)
+        edges.setdefault(a, set()).update(_package(d) for d in deps if _package(d) not in (a, "diffmic"))
+    state: dict[str, int] = {}
+    cycles: list[str] = []
+
+    def visit(p: str, stack: list[str]) -> None:
+        state[p] = 1
+        for d in sorted(edges.get(p, ())):
+            if state.get(d) == 1:
+                cycles.append(" -> ".join(stack[stack.index(d) :] + [d]))
+            elif d not in state:
+                visit(d, stack + [d])
+        state[p] = 2
+
+    for p in sorted(edges):
+        if p not in state:
+            visit(p, [p])
+    return cycles
+
+
+def test_no_package_import_cycles():
+    """Modules may form no cycle and still tie two packages together (trust.evaluate importing
+    reporting while reporting.overlay imports trust.lesions): packages may not import each other."""
+    cycles = _package_cycles(_graph())
+    assert not cycles, "package import cycles:\n" + "\n".join(cycles)
+
+
+def test_the_package_rule_catches_a_cycle_through_two_modules():
+    """The checker itself: two module edges that meet in no module cycle still make a package cycle."""
+    graph = {
+        "diffmic.trust.evaluate": {"diffmic.reporting.figures"},
+        "diffmic.reporting.figures": set(),
+        "diffmic.reporting.overlay": {"diffmic.trust.lesions"},
+        "diffmic.trust.lesions": set(),
+    }
+    assert _package_cycles(graph) == ["diffmic.reporting -> diffmic.trust -> diffmic.reporting"]
+    del graph["diffmic.trust.evaluate"]
+    assert _package_cycles(graph) == []
 
 
 def test_a_module_outside_the_table_has_no_layer():

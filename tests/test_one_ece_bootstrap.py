@@ -1,4 +1,4 @@
-"""One ECE and one bootstrap: experiment.py's ECE and bootstraps are trust's, and all equal
+"""One ECE, one bootstrap and one set of scalar metrics: experiment.py's ECE, bootstraps and metrics are trust's, and all equal
 independent reference computations (a hand-worked ECE, numpy / torch percentile bootstraps)."""
 
 from __future__ import annotations
@@ -27,17 +27,17 @@ def test_both_eces_equal_a_hand_worked_two_bin_example():
     labels = np.array([0, 0, 0, 1])
     # bin 1: accuracy 1/2, mean confidence 0.35; bin 2: accuracy 1/2, mean confidence 0.75
     hand = 2 / 4 * abs(0.5 - 0.35) + 2 / 4 * abs(0.5 - 0.75)  # 0.2
-    assert E.expected_calibration_error(probs, labels, n_bins=2) == pytest.approx(hand, abs=1e-6)
     assert ece(torch.as_tensor(probs), torch.as_tensor(labels), n_bins=2) == pytest.approx(hand, abs=1e-6)
 
 
-@pytest.mark.parametrize("n_bins", [2, 10, 15])
-def test_the_experiments_ece_is_trusts_on_random_probabilities(n_bins):
-    rng = np.random.default_rng(n_bins)
+@pytest.mark.parametrize("seed", [2, 10, 15])
+def test_the_experiments_ece_is_trusts_on_random_probabilities(seed):
+    rng = np.random.default_rng(seed)
     for C in (2, 3, 7):
-        p = rng.dirichlet(np.ones(C) * 0.7, 200)
-        y = rng.integers(0, C, 200)
-        assert E.expected_calibration_error(p, y, n_bins) == ece(torch.as_tensor(p), torch.as_tensor(y), n_bins)
+        p = torch.as_tensor(rng.dirichlet(np.ones(C) * 0.7, 200))
+        y = torch.as_tensor(rng.integers(0, C, 200))
+        assert E.metric_fn("ece", C) is ece
+        assert E.cell_metrics({"probs": p.numpy(), "labels": y.numpy()})["ece"] == ece(p, y)
 
 
 def _numpy_reference(n, n_boot, seed, stat, alpha):
@@ -99,3 +99,48 @@ def test_resamples_and_the_interval_drop_nan_and_infinite_values():
     assert percentile_interval([0.0, 1.0, 2.0, 3.0, 4.0], alpha=0.5) == (1.0, 3.0)  # quartiles, linear
     with pytest.raises(ValueError, match="unknown metric"):
         E.paired_bootstrap(np.zeros(4, int), np.ones((4, 2)) / 2, np.ones((4, 2)) / 2, "recall")
+
+
+def test_one_set_of_scalar_metrics_equals_scikit_learn_and_serves_the_experiment_and_trust():
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, cohen_kappa_score, f1_score, roc_auc_score
+    from torchmetrics.functional.classification import multiclass_accuracy
+
+    from diffmic.config import EvalConfig
+    from diffmic.metrics import SCALAR_METRICS, scalar_metric_fns
+    from diffmic.trust.evaluate import fit_trust, test_trust
+
+    rng = np.random.default_rng(5)
+    n, C = 150, 4
+    y = rng.integers(0, C, n)
+    p64 = torch.as_tensor(rng.dirichlet(np.ones(C) * 0.6, n)).float().double()  # float32 values, as in the CSV
+    yt = torch.as_tensor(y)
+    fns = scalar_metric_fns(C)
+    assert tuple(fns) == SCALAR_METRICS
+    pred = p64.argmax(1).numpy()
+    ref = {
+        "acc": accuracy_score(y, pred),
+        "balanced_acc": balanced_accuracy_score(y, pred),
+        "f1": f1_score(y, pred, average="macro"),
+        "kappa": cohen_kappa_score(y, pred, weights="quadratic"),
+        "auroc": roc_auc_score(y, p64.numpy(), multi_class="ovr", average="macro"),
+    }
+    for k, f in fns.items():
+        assert f(p64, yt) == pytest.approx(ref[k], abs=1e-6), k
+    assert fns["acc"](p64, yt) == ref["acc"]  # float64: the exact fraction
+    # float32: torchmetrics' micro accuracy bit for bit (the headline acc of test_metrics.json)
+    assert fns["acc"](p64.float(), yt) == float(multiclass_accuracy(p64.float(), yt, C, average="micro"))
+    # the experiment table scores with these functions ...
+    cells = E.cell_metrics({"probs": p64.numpy(), "labels": y})
+    assert all(cells[k] == f(p64, yt) for k, f in fns.items())
+    # ... and so do the bootstrap intervals of test_metrics.json (on the float32 probabilities)
+    ids = [f"i{j}" for j in range(n)]
+    calib = fit_trust(p64[:70], yt[:70], EvalConfig(calibrator="temperature"), ids=ids[:70], compare=False)
+    rows = [
+        {"id": ids[j], "label": int(y[j]), "pred": int(pred[j]), "confidence": float(p64[j].max())}
+        | {f"p_{c}": float(p64[j, c]) for c in range(C)}
+        for j in range(70, n)
+    ]
+    ci = test_trust(rows, calib, [str(c) for c in range(C)], seed=3, resamples=40).blocks["ci"]
+    p32, y2 = p64[70:].float(), yt[70:]
+    for k, f in fns.items():
+        assert ci[k] == bootstrap_ci(lambda i, f=f: f(p32[i], y2[i]), n - 70, 40, seed=3), k

@@ -63,20 +63,20 @@ def test_quiet_can_be_undone_in_process():
     import logging
     import warnings
 
-    from diffmic.training import output
+    from diffmic.training import console
 
-    output.quiet(True)
+    console.quiet(True)
     assert logging.getLogger("lightning.pytorch").level == logging.WARNING
-    assert not output.model_summary(for_fit=True)
+    assert not console.model_summary(for_fit=True)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("default")
-        output.quiet(True)  # re-applied inside the recording context
+        console.quiet(True)  # re-applied inside the recording context
         warnings.warn("The number of training batches (2) is smaller than the logging interval x", UserWarning)
         warnings.warn("some other warning", UserWarning)
     assert [str(w.message) for w in seen] == ["some other warning"]
-    output.quiet(False)
+    console.quiet(False)
     assert logging.getLogger("lightning.pytorch").level == logging.INFO
-    assert output.model_summary(for_fit=True) and not output.model_summary(for_fit=False)
+    assert console.model_summary(for_fit=True) and not console.model_summary(for_fit=False)
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """Every place that states the referral rule states the one that is applied (issue 25.5): the
 threshold stored with the calibration is changed, and ``diffmic test`` / ``report``, ``predict``,
 the Predictor, the ``serve`` page and the exported model card all state it, in the words of one
-function (:func:`diffmic.trust.fitting.applied_rule`), and refer by it."""
+function (:func:`diffmic.trust.evaluate.applied_rule`), and refer by it."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def run(tmp_path_factory, one_thread) -> Path:  # noqa: F811
 
 
 def _rule(run: Path) -> str:
-    from diffmic.trust.fitting import applied_rule
+    from diffmic.trust.evaluate import applied_rule
 
     calib = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
     return applied_rule(calib["diffmic_calibration"])

@@ -182,7 +182,7 @@ def test_skip_bad_prints_and_writes_skipped_csv(tmp_path, capsys):
 # ------------------------------------------------------------ 12. clear errors instead of traces
 def test_write_probe_before_evaluation(trained, monkeypatch, capsys):
     import diffmic.training.run as run_mod
-    from diffmic.training import safety
+    from diffmic.training import run_folder
 
     run = trained["run"]
     before = _files(run)
@@ -193,7 +193,7 @@ def test_write_probe_before_evaluation(trained, monkeypatch, capsys):
     def no_data(cfg):
         raise AssertionError("the data were read before the write probe")
 
-    monkeypatch.setattr(safety.os, "fsync", full_disk)
+    monkeypatch.setattr(run_folder.os, "fsync", full_disk)
     monkeypatch.setattr(run_mod, "build_datamodule", no_data)
     rc = main(["test", "--run", str(run)])
     err = capsys.readouterr().err

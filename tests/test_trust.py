@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from diffmic.reporting import plot_reliability
 from diffmic.trust.bootstrap import bootstrap_ci
 from diffmic.trust.calibration import (
     apply_temperature,
@@ -17,7 +18,6 @@ from diffmic.trust.calibration import (
     fit_referral,
     fit_temperature,
     nll,
-    plot_reliability,
     reliability_bins,
 )
 from diffmic.trust.conformal import (
@@ -254,7 +254,7 @@ def test_temperature_plus_isotonic_fixes_what_one_temperature_cannot():
 def test_fit_and_test_trust_with_the_isotonic_calibrator(tmp_path):
     from diffmic.config import EvalConfig
     from diffmic.trust.calibration import apply_calibration
-    from diffmic.trust.fitting import fit_trust, predict_trust, settings_match, test_trust
+    from diffmic.trust.evaluate import fit_trust, predict_trust, settings_match, test_trust
 
     g = torch.Generator().manual_seed(1)
     n, C = 600, 3
@@ -282,7 +282,7 @@ def test_fit_and_test_trust_with_the_isotonic_calibrator(tmp_path):
     ]
     for r, i in zip(rows, range(300, n)):
         r["confidence"] = float(probs[i].max())
-    blocks = test_trust(rows, cal, [str(c) for c in range(C)], tmp_path, resamples=20)
+    blocks = test_trust(rows, cal, [str(c) for c in range(C)], resamples=20).blocks
     want = apply_calibration(probs[300:], cal)
     assert blocks["calibration"]["calibrator"] == "temperature+isotonic"
     assert blocks["calibration"]["ece"] == pytest.approx(ece(want, labels[300:]), abs=1e-6)
@@ -330,3 +330,156 @@ def test_auto_calibrator_takes_isotonic_only_where_cross_validation_supports_it(
             assert cv["temperature+isotonic"]["nll"] > cv["temperature"]["nll"] + 0.2
     with pytest.raises(ValueError, match="calibrator must be one of"):
         fit_calibration(probs, labels, "platt")
+
+
+# ------------------------------------------------------------------ the one prediction-row builder
+def _former_test_row(i, names, probs, conf, readout, refer, prior, pp, card, ood):
+    """The row ``DiffMICModule.test_step`` built by hand before trust.rows (the reference)."""
+    row = {"id": f"img{i}", "label": i % len(names), "pred": int(probs[i].argmax()), "confidence": float(conf[i])}
+    if readout is not None:
+        row["agreement"], row["spread"], row["entropy"] = (float(v[i]) for v in readout)
+        row["refer"] = int(refer[i])
+    for c, name in enumerate(names):
+        row[f"p_{name}"] = float(probs[i, c])
+    if prior is not None:
+        row["prior_pred"] = int(prior[i].argmax())
+        row.update({f"prior_p_{name}": float(pp[i, c]) for c, name in enumerate(names)})
+    if card is not None:
+        row.update({"ttest_p": float(card.p_value[i]), "uncertain": int(card.uncertain[i])})
+        for c, n in enumerate(names):
+            row[f"y_mean_{n}"], row[f"y_lo_{n}"], row[f"y_hi_{n}"] = (
+                float(card.mean[i, c]),
+                float(card.low[i, c]),
+                float(card.high[i, c]),
+            )
+    if ood is not None:
+        row["ood_score"], row["ood"] = float(ood[0][i]), int(ood[1][i])
+    return row
+
+
+def _former_calibrated(r, names, conf, pred, moved, refer, sets, cal):
+    """The loop of the former test_trust that applied a calibration to a row (the reference)."""
+    r["confidence_unscaled"] = r["confidence"]
+    r["confidence"] = float(conf)
+    if moved:
+        r["pred_unscaled"] = r["pred"]
+        r["pred"] = int(pred)
+    r["refer"] = int(refer)
+    r["set"] = "|".join(n for c, n in enumerate(names) if sets[c])
+    r["set_size"] = int(sets.sum())
+    for c, n in enumerate(names):
+        r[f"unscaled_p_{n}"] = r[f"p_{n}"]
+        r[f"p_{n}"] = float(cal[c])
+
+
+@pytest.mark.parametrize("sampled", [True, False])
+@pytest.mark.parametrize("moved", [True, False])
+def test_test_rows_and_their_calibration_are_byte_identical_to_the_former_hand_built_rows(tmp_path, sampled, moved):
+    from diffmic.reporting import write_rows_csv
+    from diffmic.trust.rows import calibrate_row, prediction_row
+
+    g = torch.Generator().manual_seed(3)
+    n, names = 6, ["benign", "malignant", "x"]
+    samples = torch.randn(n, 4, 3, generator=g, dtype=torch.float64)
+    probs = torch.softmax(samples.mean(1) / 0.2, -1).float()
+    conf = probs.max(-1).values
+    readout = [torch.rand(n, generator=g) for _ in range(3)] if sampled else None
+    refer = torch.rand(n, generator=g) < 0.5
+    prior = torch.rand(n, 3, generator=g) if sampled else None
+    pp = prior.double() / prior.double().sum(-1, keepdim=True) if prior is not None else None
+    card = card_uncertainty(samples) if sampled else None
+    ood = (torch.rand(n, generator=g, dtype=torch.float64), torch.rand(n, generator=g) < 0.3) if sampled else None
+    former = [_former_test_row(i, names, probs, conf, readout, refer, prior, pp, card, ood) for i in range(n)]
+    rows = [
+        prediction_row(
+            f"img{i}",
+            names,
+            probs[i],
+            label=i % 3,
+            pred=int(probs[i].argmax()),
+            confidence=float(conf[i]),
+            readout=(float(readout[0][i]), float(readout[1][i]), float(readout[2][i])) if readout is not None else None,
+            refer=bool(refer[i]) if sampled else None,
+            prior_pred=int(prior[i].argmax()) if prior is not None else None,
+            prior_probs=pp[i] if pp is not None else None,
+            ttest_p=float(card.p_value[i]) if card is not None else None,
+            uncertain=bool(card.uncertain[i]) if card is not None else None,
+            card_interval=(card.mean[i], card.low[i], card.high[i]) if card is not None else None,
+            ood=(float(ood[0][i]), bool(ood[1][i])) if ood is not None else None,
+        )
+        for i in range(n)
+    ]
+    cal = torch.softmax(torch.randn(n, 3, generator=g, dtype=torch.float64), -1)
+    cconf, cpred = cal.max(-1)
+    cpred = cpred if moved else probs.argmax(-1)
+    sets = torch.rand(n, 3, generator=g) < 0.6
+    crefer = torch.rand(n, generator=g) < 0.5
+    for i in range(n):
+        _former_calibrated(former[i], names, cconf[i], cpred[i], moved, crefer[i], sets[i], cal[i])
+        calibrate_row(
+            rows[i],
+            names,
+            cal[i],
+            confidence=float(cconf[i]),
+            pred=int(cpred[i]) if moved else None,
+            refer=bool(crefer[i]),
+            prediction_set=[nm for c, nm in enumerate(names) if sets[i, c]],
+        )
+    a, b = write_rows_csv(tmp_path / "former.csv", former), write_rows_csv(tmp_path / "rows.csv", rows)
+    assert a.read_bytes() == b.read_bytes()
+    assert ("pred_unscaled" in rows[0]) == moved and ("refer" in rows[0]) and ("agreement" in rows[0]) == sampled
+
+
+def test_predict_rows_are_byte_identical_to_the_former_as_row(tmp_path):
+    """``Prediction.as_row`` against the row it built by hand before trust.rows (the reference)."""
+    from diffmic.inference.predictor import Prediction
+    from diffmic.reporting import write_rows_csv
+
+    def former(p: Prediction) -> dict:
+        row = {
+            "id": p.id,
+            "pred": p.label_index,
+            "label": p.label,
+            "confidence": p.confidence,
+            "agreement": p.agreement,
+            "spread": p.spread,
+            "entropy": p.entropy,
+            "refer": int(p.refer),
+        }
+        row.update({f"p_{k}": v for k, v in p.probs.items()})
+        if p.prediction_set is not None:
+            row["confidence_unscaled"] = p.confidence_unscaled
+            row["set"] = "|".join(p.prediction_set)
+        if p.uncertain is not None:
+            row["uncertain"] = int(p.uncertain)
+            row["ttest_p"] = p.ttest_p
+        if p.ood is not None:
+            row["ood"] = int(p.ood)
+            row["ood_score"] = p.ood_score
+        if p.roi_boxes is not None:
+            row["roi_boxes"] = ";".join(",".join(str(int(v)) for v in box) for box in p.roi_boxes)
+        return row
+
+    plain = Prediction("a.png", "nevus", 1, {"mel": 0.25, "nevus": 0.75}, 0.75, 1.0, 0.0, 0.56, False)
+    full = Prediction(
+        "b,c.png",
+        "mel",
+        0,
+        {"mel": 0.6, "nevus": 0.4},
+        0.6,
+        0.5,
+        0.12,
+        0.67,
+        True,
+        roi_boxes=[[0, 1, 5, 6], [2, 3, 7, 8]],
+        confidence_unscaled=0.55,
+        prediction_set=["mel", "nevus"],
+        uncertain=True,
+        ttest_p=0.2,
+        ood=False,
+        ood_score=1.5,
+    )
+    for preds in ([plain], [full], [full, full]):
+        a = write_rows_csv(tmp_path / "former.csv", [former(p) for p in preds])
+        b = write_rows_csv(tmp_path / "rows.csv", [p.as_row() for p in preds])
+        assert a.read_bytes() == b.read_bytes()

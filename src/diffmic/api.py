@@ -120,7 +120,7 @@ def fit(
     if resume and overwrite:
         raise ConfigError("resume and overwrite exclude each other: resume keeps the run, overwrite replaces it")
     cfg = resolve_config(config, overrides, run=run, resume=resume)
-    from diffmic.training.output import quiet
+    from diffmic.training.console import quiet
     from diffmic.training.run import fit as fit_run
 
     quiet(not verbose)
@@ -142,7 +142,7 @@ def test(
     another checkpoint than ``best.ckpt``, ``config`` another config than the run's. Writes
     ``test_metrics.json`` and ``predictions.csv`` into the run folder; returns the run folder and the
     test metrics."""
-    from diffmic.training.output import quiet
+    from diffmic.training.console import quiet
     from diffmic.training.run import evaluate
 
     if config is not None and Path(config).is_dir():

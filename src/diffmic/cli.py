@@ -494,7 +494,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         errors = errors + (ExportError,)
     # predict and serve run without Lightning (issue 27.2): importing it to quieten it would cost seconds
     if args.verb in ("fit", "validate", "test", "export"):
-        from diffmic.training.output import quiet
+        from diffmic.training.console import quiet
 
         quiet(not args.verbose)
     try:

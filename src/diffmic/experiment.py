@@ -66,6 +66,7 @@ import torch
 import yaml
 
 from diffmic.config import ConfigError, load_config
+from diffmic.metrics import MetricFn, scalar_metric_fns, selective_summary
 
 __all__ = [
     "Cell",
@@ -75,7 +76,9 @@ __all__ = [
     "PLACEHOLDERS",
     "run_grid",
     "read_predictions",
-    "expected_calibration_error",
+    "cell_metrics",
+    "metric_fn",
+    "aurc",
     "pooled_ci",
     "paired_bootstrap",
     "summarise",
@@ -453,63 +456,32 @@ def read_predictions(path: str | Path) -> dict[str, Any]:
     return out
 
 
-def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
-    """Top-label ECE with ``n_bins`` equal-width bins (torchmetrics ``MulticlassCalibrationError``, l1):
-    :func:`diffmic.trust.calibration.ece`, the ECE of test_metrics.json, under the experiment's name."""
+def metric_fn(metric: str, num_classes: int) -> MetricFn:
+    """The function ``(probs, labels) -> float`` of a summary metric (:data:`METRICS`): the package's
+    one definition of each (:func:`diffmic.metrics.scalar_metric_fns` and
+    :func:`diffmic.trust.calibration.ece`, 15 bins)."""
     from diffmic.trust.calibration import ece
 
-    return ece(probs, labels, n_bins)
-
-
-def _metric_fns(num_classes: int):
-    from torchmetrics.functional.classification import (
-        multiclass_accuracy,
-        multiclass_auroc,
-        multiclass_cohen_kappa,
-        multiclass_f1_score,
-    )
-
-    C = num_classes
-
-    def acc(p, y):
-        return float((p.argmax(1) == y).double().mean())
-
-    def f1(p, y):
-        return float(multiclass_f1_score(p, y, num_classes=C, average="macro"))
-
-    def bacc(p, y):
-        return float(multiclass_accuracy(p, y, num_classes=C, average="macro"))
-
-    def kappa(p, y):
-        return float(multiclass_cohen_kappa(p, y, num_classes=C, weights="quadratic"))
-
-    def auroc(p, y):
-        return float(multiclass_auroc(p, y, num_classes=C, average="macro"))
-
-    return {"acc": acc, "f1": f1, "balanced_acc": bacc, "kappa": kappa, "auroc": auroc}
-
-
-def _metric_fn(metric: str, num_classes: int):
-    """The function ``(probs, labels) -> float`` of a summary metric (those of :func:`_metric_fns` and ``ece``)."""
-    fns = dict(_metric_fns(num_classes))
-    fns["ece"] = lambda p, y: expected_calibration_error(p.numpy(), y.numpy())
+    fns = scalar_metric_fns(num_classes)
+    fns["ece"] = ece
     if metric not in fns:
         raise ValueError(f"unknown metric {metric!r}; expected one of {', '.join(fns)}")
     return fns[metric]
 
 
 def cell_metrics(pred: dict[str, Any]) -> dict[str, float]:
-    """All summary metrics of one cell from its predictions (so every model is scored the same way)."""
+    """All summary metrics of one cell from its predictions (:func:`read_predictions`), so that every
+    model is scored the same way: the :data:`METRICS` (in table order), ``aurc_conf`` (the AURC of
+    the top-class probability), and with the optional columns ``aurc_agreement`` and ``prior_acc``."""
     p = torch.as_tensor(pred["probs"], dtype=torch.float64)
     y = torch.as_tensor(pred["labels"])
-    out = {k: fn(p, y) for k, fn in _metric_fns(p.shape[1]).items()}
-    out["ece"] = expected_calibration_error(pred["probs"], pred["labels"])
+    out = {k: metric_fn(k, p.shape[1])(p, y) for k in METRICS}
     correct = (p.argmax(1) == y).double()
-    out["aurc_conf"] = _aurc(p.max(1).values, correct)
+    out["aurc_conf"] = aurc(p.max(1).values, correct)
     if "agreement" in pred:
         # agreement first, confidence breaks ties (agreement of K samples takes K+1 values)
         score = torch.as_tensor(pred["agreement"], dtype=torch.float64) + 1e-6 * p.max(1).values
-        out["aurc_agreement"] = _aurc(score, correct)
+        out["aurc_agreement"] = aurc(score, correct)
     if "prior_pred" in pred:
         out["prior_acc"] = float((torch.as_tensor(pred["prior_pred"]).long() == y).double().mean())
     return out
@@ -535,9 +507,9 @@ def cell_lesions(run_dir: Path) -> dict[str, float]:
     return {col: float(block[key]) for col, key in LESION_COLUMNS.items() if isinstance(block.get(key), (int, float))}
 
 
-def _aurc(score: torch.Tensor, correct: torch.Tensor) -> float:
-    from diffmic.metrics import selective_summary
-
+def aurc(score: torch.Tensor, correct: torch.Tensor) -> float:
+    """The area under the risk-coverage curve of ranking the images by ``score`` (highest kept first;
+    :func:`diffmic.metrics.selective_summary`)."""
     return float(selective_summary(score, correct)["aurc"])
 
 
@@ -560,7 +532,7 @@ def paired_bootstrap(
         raise ValueError("paired bootstrap needs predictions of both models on the same images")
     from diffmic.trust.bootstrap import percentile_interval, resamples
 
-    fn = _metric_fn(metric, probs_a.shape[1])
+    fn = metric_fn(metric, probs_a.shape[1])
     pa, pb = torch.as_tensor(probs_a, dtype=torch.float64), torch.as_tensor(probs_b, dtype=torch.float64)
     y = torch.as_tensor(labels)
     observed = fn(pa, y) - fn(pb, y)
@@ -590,7 +562,7 @@ def summarise(grid: Grid, n_boot: int = 1000, ci_metrics: tuple[str, ...] = ("ac
     grid.out.mkdir(parents=True, exist_ok=True)
     preds: dict[tuple[str, str, int], dict] = {}
     by_fold: dict[tuple[str, str, int], dict[int, Cell]] = {}
-    cell_rows = []
+    cell_rows: list[dict[str, Any]] = []
     for c in grid.cells:
         if not c.done:
             continue
@@ -678,7 +650,8 @@ def pool_out_of_fold(cells: list[Cell]) -> dict[str, Any]:
     the folds' test images overlap, or do not cover the images their ``split.json`` records."""
     import json
 
-    parts, owner = [], {}
+    parts: list[dict[str, Any]] = []
+    owner: dict[str, str] = {}
     for c in cells:
         pred = read_predictions(c.run_dir / "predictions.csv")
         for i in pred["ids"]:
@@ -760,11 +733,11 @@ def bootstrap_ci(
     replacement ``n_boot`` times (the same indices for every seed)."""
     from diffmic.trust.bootstrap import percentile_interval, resamples
 
-    fn = _metric_fn(metric, probs[0].shape[1])
+    fn = metric_fn(metric, probs[0].shape[1])
     P = [torch.as_tensor(p, dtype=torch.float64) for p in probs]
     y = torch.as_tensor(np.asarray(labels))
     observed = float(np.mean([fn(p, y) for p in P]))
-    vals = (np.mean([fn(p[i], y[i]) for p in P]) for i in resamples(len(y), n_boot, seed, rng="numpy"))
+    vals = (float(np.mean([fn(p[i], y[i]) for p in P])) for i in resamples(len(y), n_boot, seed, rng="numpy"))
     lo, hi = percentile_interval(vals, alpha)
     return observed, lo, hi
 
@@ -815,7 +788,7 @@ def _write_record(grid: Grid, cell_rows: list[dict], rows: list[dict], path: Pat
     for r in cell_rows:
         run = Path(r["run_dir"])
         cells.append({**{k: v for k, v in r.items() if k != "run_dir"}, **cell_provenance(run)})
-    record = {
+    record: dict[str, Any] = {
         "grid": str(grid.path) if grid.path else None,
         "out": str(grid.out),
         "summarised_on": machine(),
@@ -839,13 +812,13 @@ def pooled_ci(a: list[dict], b: list[dict], metric: str, n_boot: int, seed: int 
     from diffmic.trust.bootstrap import percentile_interval, resamples
 
     y = a[0]["labels"]
-    fn = _metric_fn(metric, a[0]["probs"].shape[1])
+    fn = metric_fn(metric, a[0]["probs"].shape[1])
     A = [torch.as_tensor(p["probs"], dtype=torch.float64) for p in a]
     B = [torch.as_tensor(p["probs"], dtype=torch.float64) for p in b]
     yt = torch.as_tensor(y)
     obs = float(np.mean([fn(pa, yt) - fn(pb, yt) for pa, pb in zip(A, B)]))
     diffs = (
-        np.mean([fn(pa[i], yt[i]) - fn(pb[i], yt[i]) for pa, pb in zip(A, B)])
+        float(np.mean([fn(pa[i], yt[i]) - fn(pb[i], yt[i]) for pa, pb in zip(A, B)]))
         for i in resamples(len(y), n_boot, seed, rng="numpy")
     )
     lo, hi = percentile_interval(diffs, 0.05)

@@ -1,12 +1,13 @@
 """Dataset-level, DDP-safe metrics (torchmetrics) and read-outs from K reverse samples per image.
 
-torchmetrics is imported by :func:`classification_metrics` only: the read-outs (:func:`readout`,
-:func:`should_refer`, :func:`referral_rule`) serve predictions, which must not pay the seconds that
-importing torchmetrics takes (issue 27.2).
+torchmetrics is imported by :func:`classification_metrics` and :func:`scalar_metric_fns` only: the
+read-outs (:func:`readout`, :func:`should_refer`, :func:`referral_rule`) serve predictions, which
+must not pay the seconds that importing torchmetrics takes (issue 27.2).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -52,6 +53,47 @@ def classification_metrics(num_classes: int) -> MetricCollection:
 
 
 SCALAR_METRICS = ("acc", "balanced_acc", "f1", "kappa", "auroc")
+
+#: ``(probs [N,C], labels [N]) -> float``: one scalar metric of a set of predictions
+MetricFn = Callable[[Tensor, Tensor], float]
+
+
+def scalar_metric_fns(num_classes: int) -> dict[str, MetricFn]:
+    """The :data:`SCALAR_METRICS` as functions of one set of predictions: the one definition behind
+    the bootstrap intervals of test_metrics.json (``trust``) and the experiment tables.
+
+    ``balanced_acc``, ``f1``, ``kappa`` and ``auroc`` are torchmetrics' functional forms of the
+    metrics of :func:`classification_metrics`; ``acc`` is the fraction of arg-max hits in the dtype
+    of ``probs``: for float32 probabilities torchmetrics' micro accuracy bit for bit (the headline
+    ``acc`` of test_metrics.json), for float64 ones the exact fraction (the experiment tables).
+    """
+    from torchmetrics.functional.classification import (
+        multiclass_auroc,
+        multiclass_cohen_kappa,
+        multiclass_f1_score,
+        multiclass_recall,
+    )
+
+    c = num_classes
+
+    def acc(p: Tensor, y: Tensor) -> float:
+        return float((p.argmax(1) == y).to(p.dtype).mean())
+
+    def balanced_acc(p: Tensor, y: Tensor) -> float:
+        return float(multiclass_recall(p, y, c, average="macro"))
+
+    def f1(p: Tensor, y: Tensor) -> float:
+        return float(multiclass_f1_score(p, y, c, average="macro"))
+
+    def kappa(p: Tensor, y: Tensor) -> float:
+        return float(multiclass_cohen_kappa(p, y, c, weights="quadratic"))
+
+    def auroc(p: Tensor, y: Tensor) -> float:
+        return float(multiclass_auroc(p, y, c, average="macro"))
+
+    return {"acc": acc, "balanced_acc": balanced_acc, "f1": f1, "kappa": kappa, "auroc": auroc}
+
+
 AGGREGATES: tuple[str, ...] = ("mean", "vote")  # read-outs of the K samples (readout)
 
 

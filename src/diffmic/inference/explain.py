@@ -8,12 +8,13 @@ import csv
 import json
 import re
 from pathlib import Path, PurePath
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from diffmic.config import ConfigError, load_config
+from diffmic.config import Config, ConfigError, load_config
 from diffmic.diffusion.reverse import reverse_sample
 from diffmic.reporting import write_json
 from diffmic.reporting.figures import PLAIN, plain_text
@@ -51,6 +52,7 @@ def label_trajectories(module, dataset, idx: list[int], batch_size: int = 64) ->
         out = reverse_sample(
             module.model, module.schedule, x, **kwargs, ids=[it["id"] for it in items], return_trajectory=True
         )
+        assert out.trajectory is not None  # asked for with return_trajectory=True
         trajs.append(torch.stack([t[:, 0] for t in out.trajectory]).cpu())  # [S,B,C]
         labels += [int(it["label"]) for it in items]
     return torch.cat(trajs, 1), labels
@@ -416,7 +418,7 @@ def _ood_panel(tm: dict) -> str:
         rule = ood.get("rule") if isinstance(ood, dict) and ood.get("rule") else ood_rule_text(None)
         return f"<p>{esc(rule)}</p>"
     n = tm.get("num_images")
-    rows = [
+    rows: list[list[Any]] = [
         ["score", ood.get("score")],
         ["threshold (flag when the score is above it)", _num(ood.get("threshold"), "{:.4g}")],
         ["fitted on", f"{ood.get('fitted_on')} ({ood.get('num_images')} images)"],
@@ -453,25 +455,18 @@ def check_report_output(run_dir: Path, output: Path | None) -> Path:
     return out
 
 
+Panel = tuple[str, str, str]  # (id, heading, HTML body) of one report section
+
+
 def build_report(run_dir: Path, output: Path | None = None, max_images: int = 600, gallery_size: int = 4) -> Path:
+    """Write the self-contained HTML report of a tested run (``diffmic report``): the test metrics
+    and figures, the t-SNE of the denoised label vectors, the lesion checks and the gallery."""
     from diffmic.training.checkpoint import load_module
     from diffmic.training.run import build_datamodule, resolve_checkpoint
 
     run_dir = Path(run_dir)
-    metrics_file, preds_file = run_dir / "test_metrics.json", run_dir / "predictions.csv"
-    for f in (metrics_file, preds_file, run_dir / "config.yaml"):
-        if not f.is_file():
-            raise FileNotFoundError(f"'{f}' not found: run `diffmic test --run {run_dir}` first")
-    tm = json.loads(metrics_file.read_text())
-    if "calibration" not in tm:
-        raise ConfigError(
-            f"'{metrics_file}' has no calibration block (written by an older diffmic): "
-            f"run `diffmic test --run {run_dir}` again"
-        )
+    tm, rows, cfg = _read_tested_run(run_dir)
     output = check_report_output(run_dir, output)
-    with open(preds_file, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    cfg = load_config(run_dir / "config.yaml")
     # every file the report writes is checked before the model is loaded or anything is written
     fig_dir = run_dir / "report_files"
     selection = gallery_selection(rows, gallery_size, cfg.run.seed)
@@ -487,14 +482,49 @@ def build_report(run_dir: Path, output: Path | None = None, max_images: int = 60
     dm.setup("test")
     ds = dm.get_dataset("test")
     names = list(module.class_names)
-    seed = cfg.run.seed
     labels = [int(ds[i]["label"]) for i in range(len(ds))] if not hasattr(ds, "labels") else list(ds.labels)
-    idx = subset_indices(labels, max_images, seed)
+    idx = subset_indices(labels, max_images, cfg.run.seed)
 
-    panels = []
+    panels = [
+        _metrics_panel(tm),
+        *_result_panels(tm, names, run_dir),
+        _tsne_panel(module, ds, idx, names, cfg.run.seed),
+    ]
+    panels.append(("ood", "Out-of-distribution flag (images unlike the training data)", _ood_panel(tm)))
+    panels.append(_lesions_panel(tm, module, ds, idx, cfg, run_dir))
+    panels.append(_gallery_panel(explanation_gallery(module, ds, selection, cfg, fig_dir)))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return write_report(
+        output,
+        f"diffmic report: {run_dir}",
+        panels,
+        intro=f"variant {tm.get('variant')}, sampler {tm.get('sampler')}, K = {tm.get('num_samples')}",
+    )
+
+
+def _read_tested_run(run_dir: Path) -> tuple[dict, list[dict], Config]:
+    """test_metrics.json, the rows of predictions.csv and the config of a tested run (an error
+    naming the command to run when the test is missing or predates the calibration block)."""
+    metrics_file, preds_file = run_dir / "test_metrics.json", run_dir / "predictions.csv"
+    for f in (metrics_file, preds_file, run_dir / "config.yaml"):
+        if not f.is_file():
+            raise FileNotFoundError(f"'{f}' not found: run `diffmic test --run {run_dir}` first")
+    tm = json.loads(metrics_file.read_text())
+    if "calibration" not in tm:
+        raise ConfigError(
+            f"'{metrics_file}' has no calibration block (written by an older diffmic): "
+            f"run `diffmic test --run {run_dir}` again"
+        )
+    with open(preds_file, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    return tm, rows, load_config(run_dir / "config.yaml")
+
+
+def _metrics_panel(tm: dict) -> Panel:
+    """The test metrics with their 95 % bootstrap intervals, and the rules behind them in words."""
     ci = tm.get("ci", {})
 
-    def with_ci(k, v):
+    def with_ci(k: str, v: object) -> list:
         lo, hi = ci.get(k, [None, None])
         return [k, v if v is not None else "n/a", lo if lo is not None else "", hi if hi is not None else ""]
 
@@ -509,29 +539,33 @@ def build_report(run_dir: Path, output: Path | None = None, max_images: int = 60
         with_ci("conformal_coverage", conf.get("coverage")),
         with_ci("mean_set_size", conf.get("mean_set_size")),
     ]
-    panels.append(
-        (
-            "metrics",
-            "Test metrics with 95 % bootstrap intervals",
-            table(["metric", "value", "CI low", "CI high"], head)
-            + "<p>"
-            + esc(
-                f"{tm.get('num_images')} test images; calibration: {cal.get('calibrator', 'temperature')} "
-                f"(temperature {_num(cal.get('temperature'))}) fitted on "
-                f"{cal.get('fitted_on')}; {tm.get('ci_method', '')}. Referral rule: {ref.get('rule', '')}. "
-                f"Uncertainty: {unc.get('method', '')}; accuracy confident {unc.get('accuracy_confident')}, "
-                f"uncertain {unc.get('accuracy_uncertain')}."
-            )
-            + "</p>",
+    return (
+        "metrics",
+        "Test metrics with 95 % bootstrap intervals",
+        table(["metric", "value", "CI low", "CI high"], head)
+        + "<p>"
+        + esc(
+            f"{tm.get('num_images')} test images; calibration: {cal.get('calibrator', 'temperature')} "
+            f"(temperature {_num(cal.get('temperature'))}) fitted on "
+            f"{cal.get('fitted_on')}; {tm.get('ci_method', '')}. Referral rule: {ref.get('rule', '')}. "
+            f"Uncertainty: {unc.get('method', '')}; accuracy confident {unc.get('accuracy_confident')}, "
+            f"uncertain {unc.get('accuracy_uncertain')}."
         )
+        + "</p>",
     )
-    panels.append(
+
+
+def _result_panels(tm: dict, names: list[str], run_dir: Path) -> list[Panel]:
+    """The panels read from the test's files: confusion matrix, per-class table, the figures the
+    test drew, the calibrators compared and the conformal sets."""
+    conf = tm.get("conformal", {})
+    panels: list[Panel] = [
         (
             "confusion",
             "Confusion matrix",
             f"<img alt='confusion matrix' src='{png_data_uri(_confusion(tm['confusion_matrix'], names))}'>",
         )
-    )
+    ]
     per = [
         [
             n,
@@ -553,7 +587,11 @@ def build_report(run_dir: Path, output: Path | None = None, max_images: int = 60
         if f.is_file():
             panels.append((pid, heading, f"<img alt='{pid}' src='{png_data_uri(f)}'>"))
     panels.append(
-        ("calibrators", "Calibrators compared (fitted on validation, scored on test)", _calibrators_panel(cal))
+        (
+            "calibrators",
+            "Calibrators compared (fitted on validation, scored on test)",
+            _calibrators_panel(tm["calibration"]),
+        )
     )
     if conf:
         panels.append(
@@ -563,70 +601,64 @@ def build_report(run_dir: Path, output: Path | None = None, max_images: int = 60
                 f"<img alt='conformal' src='{png_data_uri(_conformal_figure(conf))}'>" + _conformal_table(conf),
             )
         )
-    if module.model.uses_diffusion:
-        try:
-            fig, _steps = tsne_figure(module, ds, idx, names, seed)
-            panels.append(
-                (
-                    "tsne",
-                    f"t-SNE of the denoised label vectors ({len(idx)} test images, paper Fig. 2)",
-                    f"<img alt='tsne' src='{png_data_uri(fig)}'>",
-                )
-            )
-        except ImportError:
-            panels.append(("tsne", "t-SNE", "<p>scikit-learn is not installed: pip install 'diffmic[report]'.</p>"))
-    else:
-        panels.append(
-            (
-                "tsne",
-                "t-SNE",
-                f"<p>The {esc(module.model.variant)} variant has no reverse diffusion: no label-vector trajectory.</p>",
-            )
+    return panels
+
+
+def _tsne_panel(module, ds, idx: list[int], names: list[str], seed: int) -> Panel:
+    """The t-SNE of the denoised label vectors (sampling variants), or why there is none."""
+    if not module.model.uses_diffusion:
+        return (
+            "tsne",
+            "t-SNE",
+            f"<p>The {esc(module.model.variant)} variant has no reverse diffusion: no label-vector trajectory.</p>",
         )
-    panels.append(("ood", "Out-of-distribution flag (images unlike the training data)", _ood_panel(tm)))
-    # the numbers of test_metrics.json's `lesions` block (every test image with a mask) where the test
-    # wrote one; otherwise computed here on the --max-images subset
+    try:
+        fig, _steps = tsne_figure(module, ds, idx, names, seed)
+    except ImportError:
+        return "tsne", "t-SNE", "<p>scikit-learn is not installed: pip install 'diffmic[report]'.</p>"
+    return (
+        "tsne",
+        f"t-SNE of the denoised label vectors ({len(idx)} test images, paper Fig. 2)",
+        f"<img alt='tsne' src='{png_data_uri(fig)}'>",
+    )
+
+
+def _lesions_panel(tm: dict, module, ds, idx: list[int], cfg, run_dir: Path) -> Panel:
+    """The explanations against lesion masks: the numbers of test_metrics.json's ``lesions`` block
+    (every test image with a mask) where the test wrote one, otherwise computed here on the
+    ``--max-images`` subset (and written to ``lesion_hits.json``)."""
     lesions = tm.get("lesions") if isinstance(tm.get("lesions"), dict) else None
     if lesions is None and module.model.uses_dcg:
         lesions = lesion_check(module, ds, idx, cfg)
-    if lesions:
-        write_json(run_dir / "lesion_hits.json", lesions)
-        lrows = [
-            [
-                "ROI overlap with lesion (mean fraction of region)",
-                lesions.get("roi_overlap"),
-                lesions.get("roi_overlap_random"),
-            ],
-            ["ROI centre on lesion", lesions.get("roi_center_hit"), lesions.get("roi_center_hit_random")],
-            ["saliency peak on lesion", lesions["peak_hit"], lesions["peak_hit_random"]],
-            ["pointing game (5 px tolerance)", lesions["pointing_hit"], lesions["pointing_hit_random"]],
-            ["saliency mass on lesion", lesions["energy_on_lesion"], lesions["lesion_share"]],
-        ]
-        panels.append(
-            (
-                "lesions",
-                f"Explanations against lesion masks ({lesions['num_images']} test images)",
-                table(["measure", "DCG", "random region / point of the same size"], lrows),
-            )
-        )
-    else:
-        panels.append(
-            ("lesions", "Explanations against lesion masks", "<p>No lesion masks for this data set (or no DCG).</p>")
-        )
-    gal = explanation_gallery(module, ds, selection, cfg, fig_dir)
+    if not lesions:
+        return "lesions", "Explanations against lesion masks", "<p>No lesion masks for this data set (or no DCG).</p>"
+    write_json(run_dir / "lesion_hits.json", lesions)
+    lrows = [
+        [
+            "ROI overlap with lesion (mean fraction of region)",
+            lesions.get("roi_overlap"),
+            lesions.get("roi_overlap_random"),
+        ],
+        ["ROI centre on lesion", lesions.get("roi_center_hit"), lesions.get("roi_center_hit_random")],
+        ["saliency peak on lesion", lesions["peak_hit"], lesions["peak_hit_random"]],
+        ["pointing game (5 px tolerance)", lesions["pointing_hit"], lesions["pointing_hit_random"]],
+        ["saliency mass on lesion", lesions["energy_on_lesion"], lesions["lesion_share"]],
+    ]
+    return (
+        "lesions",
+        f"Explanations against lesion masks ({lesions['num_images']} test images)",
+        table(["measure", "DCG", "random region / point of the same size"], lrows),
+    )
+
+
+def _gallery_panel(gallery: list) -> Panel:
+    """The gallery rows (correct / wrong / uncertain ...) of :func:`explanation_gallery` as HTML figures."""
     inner = ""
-    for title, figs in gal:
+    for title, figs in gallery:
         inner += f"<h3 style='font-size:13px'>{esc(title)}</h3><div class='gallery'>"
         inner += "".join(
             f"<figure><img alt='{esc(image_id)}' src='{png_data_uri(p)}'><figcaption>{esc(c)}</figcaption></figure>"
             for p, image_id, c in figs
         )
         inner += "</div>"
-    panels.append(("gallery", "Gallery: saliency and regions on the original images", inner))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    return write_report(
-        output,
-        f"diffmic report: {run_dir}",
-        panels,
-        intro=f"variant {tm.get('variant')}, sampler {tm.get('sampler')}, K = {tm.get('num_samples')}",
-    )
+    return "gallery", "Gallery: saliency and regions on the original images", inner

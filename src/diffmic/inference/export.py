@@ -233,7 +233,7 @@ def _read_meta(cfg_path: Path) -> dict:
         )
     _check_ood(meta, cfg_path)
     if isinstance(meta.get("calibration"), dict):  # calibrator, referral threshold, conformal sets
-        from diffmic.trust.fitting import check_trust
+        from diffmic.trust.evaluate import check_trust
 
         try:
             check_trust(meta["calibration"], len(names))
@@ -513,7 +513,7 @@ def _ood_line(cal: Any) -> str:
 def _referral_line(meta: dict) -> str:
     """The referral rule the exported model applies (Predictor.referral_rule), in words."""
     from diffmic.nn.diffmic import variant_parts
-    from diffmic.trust.fitting import applied_rule
+    from diffmic.trust.evaluate import applied_rule
 
     cfg = meta["config"]
     ev, variant = cfg["eval"], cfg["model"]["variant"]
@@ -524,7 +524,7 @@ def _referral_line(meta: dict) -> str:
 
 def _calibration_line(meta: dict) -> str:
     """The stored calibration in words (the fitted values are in config.json's `calibration`)."""
-    from diffmic.trust.fitting import describe_calibration
+    from diffmic.trust.evaluate import describe_calibration
 
     cal = meta.get("calibration")
     text = describe_calibration(cal if isinstance(cal, dict) else None, list(meta["class_names"]))
@@ -532,15 +532,31 @@ def _calibration_line(meta: dict) -> str:
 
 
 def _model_card(meta: dict, metrics: dict | None, fit_summary: dict | None) -> str:
+    """README.md of an exported model folder: the model, its training data, its test metrics, the
+    intended use and limits, the files."""
     cfg = meta["config"]
-    data, model, ev = cfg["data"], cfg["model"], cfg["eval"]
     names = meta["class_names"]
     lines = [
-        f"# DiffMIC model card: {data['dataset']} ({len(names)} classes)",
+        f"# DiffMIC model card: {cfg['data']['dataset']} ({len(names)} classes)",
         "",
         f"Exported by diffmic {__version__} on {meta['exported']} from `{meta['source']['checkpoint']}` "
         f"(trained with diffmic {meta['source']['diffmic_version']}).",
         "",
+    ]
+    lines += _card_model(meta)
+    lines += _card_training(cfg["data"], fit_summary)
+    lines += ["", "## Test metrics", ""]
+    lines += _card_test(metrics)
+    lines += _card_use_and_files(meta)
+    return "\n".join(lines)
+
+
+def _card_model(meta: dict) -> list[str]:
+    """The model card's ``## Model``: architecture, read-out, referral, calibration, classes."""
+    cfg = meta["config"]
+    model, ev = cfg["model"], cfg["eval"]
+    names = meta["class_names"]
+    return [
         "## Model",
         "",
         f"DiffMIC variant `{model['variant']}`: image encoder `{model['encoder']}`, DCG streams "
@@ -561,6 +577,12 @@ def _model_card(meta: dict, metrics: dict | None, fit_summary: dict | None) -> s
         "",
         "Classes (output order): " + ", ".join(f"{i} {n}" for i, n in enumerate(names)),
         "",
+    ]
+
+
+def _card_training(data: dict, fit_summary: dict | None) -> list[str]:
+    """The model card's ``## Training data``: the data set and split, and how the checkpoint was chosen."""
+    lines = [
         "## Training data",
         "",
         f"Data set `{data['dataset']}` (data.root `{data['root']}`), split `{data['split']}`"
@@ -584,7 +606,12 @@ def _model_card(meta: dict, metrics: dict | None, fit_summary: dict | None) -> s
             f"{fit_summary.get('selected_on')} {fit_summary.get('monitor')} "
             f"(score {_fmt(fit_summary.get('best_score'))})."
         )
-    lines += ["", "## Test metrics", ""]
+    return lines
+
+
+def _card_test(metrics: dict | None) -> list[str]:
+    """The model card's test metrics (test_metrics.json) with their 95 % intervals and the referral."""
+    lines: list[str] = []
     if metrics:
         ci = metrics.get("ci") or metrics.get("intervals") or {}
         lines += [
@@ -609,7 +636,12 @@ def _model_card(meta: dict, metrics: dict | None, fit_summary: dict | None) -> s
             "No test_metrics.json in the run folder: this model was not evaluated on a test split "
             "(run `diffmic test --run RUN` before exporting)."
         )
-    lines += [
+    return lines
+
+
+def _card_use_and_files(meta: dict) -> list[str]:
+    """The model card's ``## Intended use and limits``, ``## Files`` and ``## Reference``."""
+    return [
         "",
         "## Intended use and limits",
         "",
@@ -632,7 +664,6 @@ def _model_card(meta: dict, metrics: dict | None, fit_summary: dict | None) -> s
         PAPER,
         "",
     ]
-    return "\n".join(lines)
 
 
 def _pretrained_text(model: dict) -> str:

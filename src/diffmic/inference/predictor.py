@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, cast
 
 import numpy as np
 import torch
@@ -24,9 +24,13 @@ from torch import Tensor
 
 from diffmic.diffusion.reverse import reverse_sample
 from diffmic.metrics import readout, should_refer
-from diffmic.trust.fitting import applied_rule, predict_trust
+from diffmic.trust.evaluate import applied_rule, predict_trust
 from diffmic.trust.ood import OODInputs, classifier_outputs
 from diffmic.trust.ood import rule_text as ood_rule_text
+from diffmic.trust.rows import prediction_row
+
+if TYPE_CHECKING:
+    from diffmic.nn.guidance import GuidanceOutput
 
 
 @dataclass
@@ -68,29 +72,24 @@ class Prediction:
     ood_score: Optional[float] = None
 
     def as_row(self) -> dict:
-        row = {
-            "id": self.id,
-            "pred": self.label_index,
-            "label": self.label,
-            "confidence": self.confidence,
-            "agreement": self.agreement,
-            "spread": self.spread,
-            "entropy": self.entropy,
-            "refer": int(self.refer),
-        }
-        row.update({f"p_{k}": v for k, v in self.probs.items()})
-        if self.prediction_set is not None:
-            row["confidence_unscaled"] = self.confidence_unscaled
-            row["set"] = "|".join(self.prediction_set)
-        if self.uncertain is not None:
-            row["uncertain"] = int(self.uncertain)
-            row["ttest_p"] = self.ttest_p
-        if self.ood is not None:
-            row["ood"] = int(self.ood)
-            row["ood_score"] = self.ood_score
-        if self.roi_boxes is not None:
-            row["roi_boxes"] = ";".join(",".join(str(int(v)) for v in box) for box in self.roi_boxes)
-        return row
+        """The image's row of ``diffmic predict``'s CSV (:func:`diffmic.trust.rows.prediction_row`)."""
+        return prediction_row(
+            self.id,
+            list(self.probs),
+            list(self.probs.values()),
+            layout="predict",
+            label=self.label,
+            pred=self.label_index,
+            confidence=self.confidence,
+            readout=(self.agreement, self.spread, self.entropy),
+            refer=self.refer,
+            confidence_unscaled=self.confidence_unscaled,
+            prediction_set=self.prediction_set,
+            ttest_p=self.ttest_p,
+            uncertain=self.uncertain,
+            ood=(self.ood_score, self.ood) if self.ood is not None and self.ood_score is not None else None,
+            roi_boxes=self.roi_boxes,
+        )
 
 
 def pixel_key(x: Tensor) -> str:
@@ -115,10 +114,10 @@ class Predictor:
         self.ood_rule: Optional[str] = ood_rule_text(calib.get("ood")) if calib is not None else None
         model = getattr(module, "model", None)
         k = int(self.cfg.eval.num_samples) if model is None or model.uses_diffusion else None
-        fitted = calib is not None and isinstance(calib.get("referral"), dict)
+        fitted = calib.get("referral") if calib is not None else None
         #: the confidence threshold applied (fitted on validation when calibrated, else eval.refer_threshold)
         self.refer_threshold: float = (
-            float(calib["referral"]["threshold"]) if fitted else float(self.cfg.eval.refer_threshold)
+            float(fitted["threshold"]) if isinstance(fitted, dict) else float(self.cfg.eval.refer_threshold)
         )
         #: the referral rule applied to every prediction, in words (diffmic.metrics.referral_rule)
         self.referral_rule: str = applied_rule(calib, self.cfg.eval.refer_threshold, k)
@@ -198,6 +197,8 @@ class Predictor:
         m = self.module
         e = self.cfg.eval
         x = x.to(self.device)
+        guidance: Optional[GuidanceOutput]
+        prior: Optional[Tensor]
         if not m.model.uses_diffusion:  # a classifier (basic, dcg): no sampling
             logits, feat, _ = classifier_outputs(m.model, x)
             probs = torch.softmax(logits, -1)
@@ -214,7 +215,8 @@ class Predictor:
                 ids=list(seed_keys if seed_keys is not None else ids),
             )
             r = readout(out.y0, e.aggregate, e.temperature, point=out.point)
-            guidance, prior = out.guidance, out.prior
+            # ReverseOutput (diffusion, below nn) cannot name the DCG's output type
+            guidance, prior = cast("Optional[GuidanceOutput]", out.guidance), out.prior
             ood_inputs = OODInputs(
                 guidance.z_fused if guidance is not None else None,
                 out.feat,
@@ -314,7 +316,10 @@ class Predictor:
         axes[0].imshow(img.squeeze(), cmap="gray" if img.shape[-1] == 1 else None)
         axes[0].set_title(f"{result.label} p={result.confidence:.2f}" + (" REFER" if result.refer else ""))
         if result.roi_boxes:
-            for box, a in zip(result.roi_boxes, result.roi_attention or [None] * len(result.roi_boxes)):
+            weights: list[Optional[float]] = [None] * len(result.roi_boxes)
+            if result.roi_attention:
+                weights = list(result.roi_attention)
+            for box, a in zip(result.roi_boxes, weights):
                 y0, x0, y1, x1 = box
                 axes[0].add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="yellow", lw=1.5))
                 if a is not None:

@@ -71,3 +71,58 @@ def plot_risk_coverage(
     finally:
         plt.close(fig)
     return path
+
+
+def plot_referral(coverage: Tensor, accuracy: Tensor, summary: dict, path: str | Path) -> Path:
+    """:func:`plot_risk_coverage` of a test split, with the point of its referral rule (from the
+    ``referral`` block of test_metrics.json, :func:`diffmic.metrics.selective_summary`)."""
+    point = None
+    if summary["accuracy_kept"] is not None:
+        point = (1.0 - summary["referred_fraction"], summary["accuracy_kept"])
+    title = f"{summary['num_images']} test images, AURC {summary['aurc']:.3f}"
+    return plot_risk_coverage(coverage, accuracy, path, point, title=title)
+
+
+def plot_reliability(panels: list[tuple[str, Tensor]], labels: Tensor, path: str | Path, n_bins: int = 15) -> Path:
+    """Reliability diagram, one panel per (title, probs): accuracy per confidence bin vs the diagonal
+    (:func:`diffmic.trust.calibration.reliability_bins`), each titled with its ECE."""
+    import matplotlib
+    import torch
+
+    from diffmic.trust.calibration import ece, reliability_bins
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), dpi=120, squeeze=False)
+    try:
+        edges = torch.linspace(0, 1, n_bins + 1)
+        for ax, (title, probs) in zip(axes[0], panels):
+            mc, ma, cnt = reliability_bins(probs, labels, n_bins)
+            keep = cnt > 0
+            ax.bar(
+                edges[:-1][keep].numpy(),
+                ma[keep].numpy(),
+                width=1 / n_bins,
+                align="edge",
+                edgecolor="k",
+                lw=0.5,
+                label="accuracy",
+            )
+            ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfect calibration")
+            ax.plot(
+                mc[keep].numpy(), ma[keep].numpy(), "o", color="C3", ms=3, label="(mean confidence, accuracy) per bin"
+            )
+            ax.set_xlim(0, 1)
+            ax.set_ylim(0, 1)
+            ax.set_xlabel("confidence")
+            ax.set_ylabel("accuracy")
+            ax.set_title(f"{title}\nECE {ece(probs, labels, n_bins):.3f}", fontsize=9)
+            ax.legend(fontsize=6, loc="upper left")
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp)
+    finally:
+        plt.close(fig)
+    return path

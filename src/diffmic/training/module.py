@@ -44,7 +44,7 @@ from diffmic.metrics import (
     selective_summary,
     should_refer,
 )
-from diffmic.reporting import plot_risk_coverage, write_json, write_rows_csv
+from diffmic.reporting import plot_referral, plot_reliability, write_json, write_rows_csv
 from diffmic.training.crossfit import FoldAverage
 from diffmic.training.loading import build_model, ema_modules  # serving rebuilds the network without Lightning
 from diffmic.training.schedules import lr_factor, warmup_dcg_lr
@@ -56,10 +56,12 @@ from diffmic.training.step import (  # noqa: F401  (NonFiniteLossError, swap_pri
     swap_priors,
     train_step,
 )
-from diffmic.trust.fitting import prior_probs, sample_columns, test_trust
+from diffmic.trust.evaluate import prior_probs, test_trust
 from diffmic.trust.lesions import image_hits, lesion_mask_dir, mask_file, read_mask, summarise_hits
 from diffmic.trust.ood import OODInputs, classifier_outputs, ood_scores
 from diffmic.trust.ood import flags as ood_flags
+from diffmic.trust.rows import prediction_row
+from diffmic.trust.uncertainty import card_uncertainty
 
 
 class DiffMICModule(pl.LightningModule):
@@ -369,25 +371,29 @@ class DiffMICModule(pl.LightningModule):
         self.test_metrics.update(probs, labels)
         pred = probs.argmax(-1)
         conf = probs.max(-1).values
-        card = sample_columns(r.samples, self.class_names) if r is not None and r.samples is not None else None
+        card = card_uncertainty(r.samples) if r is not None and r.samples is not None else None
         pp = prior_probs(prior.detach().double().cpu()) if prior is not None else None  # the DCG's own probabilities
         for i, image_id in enumerate(batch["id"]):
-            row = {"id": image_id, "label": int(labels[i]), "pred": int(pred[i]), "confidence": float(conf[i])}
-            if r is not None:
-                row["agreement"] = float(r.agreement[i])
-                row["spread"] = float(r.spread[i])
-                row["entropy"] = float(r.entropy[i])
-                row["refer"] = int(should_refer(float(conf[i]), float(r.agreement[i]), self.cfg.eval.refer_threshold))
-            for c, name in enumerate(self.class_names):
-                row[f"p_{name}"] = float(probs[i, c])
-            if prior is not None:
-                row["prior_pred"] = int(prior[i].argmax())
-            if pp is not None:
-                row.update({f"prior_p_{name}": float(pp[i, c]) for c, name in enumerate(self.class_names)})
-            if card is not None:
-                row.update(card[i])
-            if ood is not None:
-                row["ood_score"], row["ood"] = float(ood[0][i]), int(ood[1][i])
+            row = prediction_row(
+                image_id,
+                self.class_names,
+                probs[i],
+                label=int(labels[i]),
+                pred=int(pred[i]),
+                confidence=float(conf[i]),
+                readout=(float(r.agreement[i]), float(r.spread[i]), float(r.entropy[i])) if r is not None else None,
+                refer=(
+                    should_refer(float(conf[i]), float(r.agreement[i]), self.cfg.eval.refer_threshold)
+                    if r is not None
+                    else None
+                ),
+                prior_pred=int(prior[i].argmax()) if prior is not None else None,
+                prior_probs=pp[i] if pp is not None else None,
+                ttest_p=float(card.p_value[i]) if card is not None else None,
+                uncertain=bool(card.uncertain[i]) if card is not None else None,
+                card_interval=(card.mean[i], card.low[i], card.high[i]) if card is not None else None,
+                ood=(float(ood[0][i]), bool(ood[1][i])) if ood is not None else None,
+            )
             mask = mask_file(mask_dir, image_id) if g is not None else None
             if mask is not None:  # per-image hit rates, averaged into test_metrics.json's `lesions` block
                 row["_lesion"] = image_hits(
@@ -426,11 +432,12 @@ class DiffMICModule(pl.LightningModule):
             out.mkdir(parents=True, exist_ok=True)
             calib = getattr(self, "calibration", None)
             if rows and calib is not None:  # fitted on validation (diffmic calibrate / first test)
-                result.update(
-                    test_trust(
-                        rows, calib, self.class_names, out, seed=self.cfg.run.seed, resamples=e.bootstrap_resamples
-                    )
+                tested = test_trust(
+                    rows, calib, self.class_names, seed=self.cfg.run.seed, resamples=e.bootstrap_resamples
                 )
+                result.update(tested.blocks)
+                plot_referral(*tested.curve, tested.blocks["referral"], out / "risk_coverage.png")
+                plot_reliability(tested.reliability, tested.labels, out / "reliability.png")
             elif rows:
                 result["referral"] = self._referral(rows, out)
             lesions = summarise_hits(lesion_rows)
@@ -450,12 +457,7 @@ class DiffMICModule(pl.LightningModule):
         rule = referral_rule(e.refer_threshold, e.num_samples if sampled else None)
         cov, acc = risk_coverage(conf, correct)
         summary = {"rule": rule, **selective_summary(conf, correct, refer, curve=(cov, acc))}
-        point = None
-        if summary["accuracy_kept"] is not None:
-            point = (1.0 - summary["referred_fraction"], summary["accuracy_kept"])
-        plot_risk_coverage(
-            cov, acc, out / "risk_coverage.png", point, title=f"{len(rows)} test images, AURC {summary['aurc']:.3f}"
-        )
+        plot_referral(cov, acc, summary, out / "risk_coverage.png")
         return summary
 
 

@@ -21,10 +21,10 @@ from diffmic.config import Config, ConfigError, datamodule_kwargs, load_config, 
 from diffmic.nn.diffmic import variant_parts
 from diffmic.training.callbacks import DenoiserEMA, StageAwareCheckpoint
 from diffmic.training.checkpoint import TMP_MARK, AtomicCheckpointIO, CheckpointError, load_module, read_checkpoint
+from diffmic.training.console import model_summary
 from diffmic.training.ddp import BroadcastBuffers
 from diffmic.training.loading import resolve_checkpoint  # here and re-exported (predict uses it without Lightning)
 from diffmic.training.module import DiffMICModule
-from diffmic.training.output import model_summary
 
 if TYPE_CHECKING:
     from diffmic.data.datamodule import DiffMICDataModule
@@ -191,7 +191,7 @@ def fit(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
     unless ``overwrite`` (which removes only what the folder's manifest says a run of ours
     wrote); ``resume`` first checks that the network keys match the checkpoint and that the data
     split is the recorded one, and changes nothing in the folder when they do not."""
-    from diffmic.training.safety import RunLock, check_run_outside_data
+    from diffmic.training.run_folder import RunLock, check_run_outside_data
     from diffmic.training.trackers import check_available
 
     if resume and overwrite:
@@ -297,7 +297,7 @@ def _fit_data(cfg: Config, run_dir: Path, resume: bool) -> DiffMICDataModule:
     folder is prepared); the split is recorded and skipped images reported; a step budget
     (``train.joint_steps`` / ``dcg_warmup_steps``) becomes epochs of this data set."""
     from diffmic.training.budget import apply_step_budget
-    from diffmic.training.safety import check_split, report_skipped, split_record, write_split
+    from diffmic.training.run_folder import check_split, report_skipped, split_record, write_split
 
     lead = _lead()
     dm = build_datamodule(cfg)
@@ -382,7 +382,7 @@ def evaluate(
         raise ConfigError(f"'{cfg_file}' not found: pass --run with a trained run folder or --config.")
     cfg = load_config(cfg_file, overrides)
     ckpt_path = resolve_checkpoint(run_dir, ckpt)
-    from diffmic.training.safety import check_run_outside_data, check_split, probe_writable
+    from diffmic.training.run_folder import check_run_outside_data, check_split, probe_writable
 
     read_checkpoint(ckpt_path)  # a bad --ckpt is reported before the data are read
     if stage == "test":
@@ -472,7 +472,7 @@ def calibrate(
 
 
 def _fit_calibration(module, cfg: Config, ckpt_path: Path, store: bool) -> dict:
-    from diffmic.trust.fitting import collect_probs, fit_trust
+    from diffmic.trust.evaluate import collect_probs, fit_trust
 
     if cfg.train.select_on == "test":
         raise ConfigError(
@@ -538,7 +538,7 @@ def ensure_calibration(module, cfg: Config, ckpt_path: Path, run_dir: Path) -> N
     settings; otherwise fit one on the validation split, stored in the checkpoint only when it has
     none yet and lies in this run folder (a calibration for other settings is used for this test
     only; `diffmic calibrate` replaces a stored one)."""
-    from diffmic.trust.fitting import settings_match
+    from diffmic.trust.evaluate import settings_match
 
     calib = getattr(module, "calibration", None)
     if calib is not None and settings_match(calib.get("settings"), module.cfg.eval):

@@ -12,13 +12,10 @@ the same ``log p`` (on log-probabilities, matrix scaling is Dirichlet calibratio
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from diffmic.atomic import atomic_path
 
 # torchmetrics is imported inside ece / classwise_ece: serving (the Predictor) needs this module but
 # not these two metrics, and importing torchmetrics costs seconds (issue 27.2)
@@ -261,15 +258,15 @@ def fit_calibration(probs: Tensor, labels: Tensor, calibrator: str = "temperatur
     if calibrator == "auto":
         cv = cross_validate_calibrators(p, y, AUTO_CANDIDATES)
         chosen = auto_choice(cv)
-        fitted = fit_calibration(p, y, chosen)
-        fitted["auto"] = {
+        auto = fit_calibration(p, y, chosen)
+        auto["auto"] = {
             "chosen": chosen,
             "rule": AUTO_RULE,
             "folds": AUTO_FOLDS,
             "repeats": AUTO_REPEATS,
             "cv": cv,
         }
-        return fitted
+        return auto
     T = fit_temperature(p, y)
     fitted: dict = {"kind": calibrator, "temperature": T, "isotonic": None, "affine": None}
     if calibrator == "temperature+isotonic":
@@ -413,9 +410,11 @@ def fit_referral(
         ok = (tail >= target_accuracy).nonzero().flatten()
         k = int(ok[0]) if ok.numel() else n - 1
         goal = {"target_accuracy": float(target_accuracy)}
-    else:
+    elif max_referred is not None:
         k = int(max_referred * n + 1e-9)
         goal = {"max_referred": float(max_referred)}
+    else:
+        raise ValueError("fit_referral needs max_referred or target_accuracy")
     if k == 0:
         threshold = 0.0
     else:
@@ -441,47 +440,6 @@ def reliability_bins(probs: Tensor, labels: Tensor, n_bins: int = 15) -> tuple[T
     mc = torch.bincount(idx, conf, minlength=n_bins) / cnt.clamp_min(1)
     ma = torch.bincount(idx, acc, minlength=n_bins) / cnt.clamp_min(1)
     return mc, ma, cnt
-
-
-def plot_reliability(panels: list[tuple[str, Tensor]], labels: Tensor, path: str | Path, n_bins: int = 15) -> Path:
-    """Reliability diagram, one panel per (title, probs): accuracy per confidence bin vs the diagonal."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), dpi=120, squeeze=False)
-    try:
-        edges = torch.linspace(0, 1, n_bins + 1)
-        for ax, (title, probs) in zip(axes[0], panels):
-            mc, ma, cnt = reliability_bins(probs, labels, n_bins)
-            keep = cnt > 0
-            ax.bar(
-                edges[:-1][keep].numpy(),
-                ma[keep].numpy(),
-                width=1 / n_bins,
-                align="edge",
-                edgecolor="k",
-                lw=0.5,
-                label="accuracy",
-            )
-            ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfect calibration")
-            ax.plot(
-                mc[keep].numpy(), ma[keep].numpy(), "o", color="C3", ms=3, label="(mean confidence, accuracy) per bin"
-            )
-            ax.set_xlim(0, 1)
-            ax.set_ylim(0, 1)
-            ax.set_xlabel("confidence")
-            ax.set_ylabel("accuracy")
-            ax.set_title(f"{title}\nECE {ece(probs, labels, n_bins):.3f}", fontsize=9)
-            ax.legend(fontsize=6, loc="upper left")
-        fig.tight_layout()
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp)
-    finally:
-        plt.close(fig)
-    return path
 
 
 def _finite_number(v) -> bool:

@@ -37,7 +37,7 @@ import base64
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, TypeGuard, overload
 
 import numpy as np
 import torch
@@ -252,7 +252,7 @@ def fit_ood(
         raise ValueError(f"eval.ood_score={score}: this model gives no input for it")
     s = scores[score]
     thr = fit_threshold(s, false_flag_rate)
-    out = {
+    out: dict[str, Any] = {
         "score": score,
         "threshold": thr,
         "false_flag_rate": float(false_flag_rate),
@@ -260,8 +260,8 @@ def fit_ood(
         "num_images": int(s.numel()),
         "fit_flagged_fraction": float(flags(s, thr).double().mean()) if s.numel() else None,
     }
-    if score == "mahalanobis":
-        out["mahalanobis"] = {**mahalanobis, "fitted_on": mahalanobis.get("fitted_on", "train")}  # type: ignore[dict-item]
+    if score == "mahalanobis" and mahalanobis is not None:  # candidate_scores gives it only with the statistics
+        out["mahalanobis"] = {**mahalanobis, "fitted_on": mahalanobis.get("fitted_on", "train")}
     return out
 
 
@@ -295,6 +295,10 @@ def rule_text(ood: Optional[dict]) -> str:
     )
 
 
+@overload
+def public(ood: dict) -> dict: ...
+@overload
+def public(ood: None) -> None: ...
 def public(ood: Optional[dict]) -> Optional[dict]:
     """``ood`` without its matrices (for printing, test_metrics.json and the model card)."""
     if not isinstance(ood, dict):
@@ -344,7 +348,7 @@ def decode_array(d: Any, name: str = "array") -> np.ndarray:
     return a
 
 
-def _number(v: Any) -> bool:
+def _number(v: Any) -> TypeGuard[int | float]:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 

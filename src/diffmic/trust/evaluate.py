@@ -1,4 +1,5 @@
-"""Fit the trust parameters on the validation split and apply them to test rows / predictions.
+"""Fit the trust parameters on the validation split (:func:`fit_trust`) and evaluate with them: the
+test rows (:func:`test_trust`) and new predictions (:func:`predict_trust`).
 
 The fitted parameters (temperature, referral threshold, conformal quantile, with the evaluation
 settings they were fitted for) are stored in the checkpoint under ``diffmic_calibration``.
@@ -6,7 +7,8 @@ settings they were fitted for) are stored in the checkpoint under ``diffmic_cali
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -21,7 +23,6 @@ from diffmic.trust.calibration import (
     ece,
     fit_calibration,
     fit_referral,
-    plot_reliability,
     scores,
 )
 from diffmic.trust.conformal import (
@@ -34,6 +35,7 @@ from diffmic.trust.conformal import (
 )
 from diffmic.trust.ood import OODInputs, ood_scores, public, rule_text
 from diffmic.trust.ood import flags as ood_flags
+from diffmic.trust.rows import calibrate_row
 from diffmic.trust.uncertainty import card_uncertainty, pavpu
 
 CKPT_KEY = "diffmic_calibration"
@@ -216,163 +218,181 @@ def collect_probs(module, loader, ood: list | None = None, prior: list | None = 
     return torch.cat(ps), torch.cat(ys), ids
 
 
-def sample_columns(samples: Tensor, class_names: list[str]) -> list[dict]:
-    """Per-image CARD columns for predictions.csv: t-test p-value, flag, per-class mean and 95 % interval."""
-    u = card_uncertainty(samples)
-    rows = []
-    for i in range(samples.shape[0]):
-        row = {"ttest_p": float(u.p_value[i]), "uncertain": int(u.uncertain[i])}
-        for c, n in enumerate(class_names):
-            row[f"y_mean_{n}"] = float(u.mean[i, c])
-            row[f"y_lo_{n}"] = float(u.low[i, c])
-            row[f"y_hi_{n}"] = float(u.high[i, c])
-        rows.append(row)
-    return rows
+@dataclass
+class _Applied:
+    """A stored calibration applied to the test rows: the tensors every block is computed from."""
+
+    raw: Tensor  # the model's probabilities [N,C]
+    scaled: Tensor  # temperature-scaled
+    cal: Tensor  # calibrated (the calibrator's output)
+    labels: Tensor
+    conf: Tensor  # calibrated top-class probability
+    pred: Tensor  # calibrated arg-max
+    correct: Tensor
+    refer: Tensor  # below the fitted threshold, or flagged out-of-distribution
+    sets: Tensor  # conformal prediction sets [N,C] (bool)
+    cprobs: Tensor  # the probabilities the conformal sets are built from
+    u: Tensor | None  # per-image uniforms of randomised sets
+    ood: dict  # the ``ood`` block (:func:`_ood_block`)
 
 
-def _headline(probs: Tensor, labels: Tensor, num_classes: int) -> dict:
-    from torchmetrics.functional.classification import (
-        multiclass_accuracy,
-        multiclass_auroc,
-        multiclass_cohen_kappa,
-        multiclass_f1_score,
-        multiclass_recall,
+@dataclass
+class TrustTest:
+    """What :func:`test_trust` measured: the blocks of test_metrics.json, and what the two figures
+    beside it draw (the caller draws them: :func:`diffmic.reporting.plot_referral` and
+    :func:`diffmic.reporting.plot_reliability`)."""
+
+    blocks: dict
+    #: the risk-coverage curve of the calibrated confidence (:func:`diffmic.metrics.risk_coverage`)
+    curve: tuple[Tensor, Tensor]
+    #: the reliability diagram's panels: (title, probabilities) of the test images
+    reliability: list[tuple[str, Tensor]]
+    labels: Tensor
+
+
+def test_trust(rows: list[dict], calib: dict, class_names: list[str], seed: int = 0, resamples: int = 500) -> TrustTest:
+    """Apply ``calib`` to the test rows (in place, :func:`diffmic.trust.rows.calibrate_row`:
+    calibrated ``confidence``/``p_*`` with the unscaled values kept as ``*_unscaled``, the fitted
+    ``refer``, the prediction set) and measure the ``calibration``, ``conformal``, ``referral``,
+    ``ood``, ``uncertainty`` and ``ci`` blocks."""
+    from diffmic.metrics import risk_coverage
+
+    a = _apply(rows, calib, class_names)
+    curve = risk_coverage(a.conf, a.correct)
+    blocks: dict = {"calibration": _calibration_block(rows, calib, class_names, a)}
+    blocks["conformal"] = _conformal_block(calib["conformal"], a.sets, a.cprobs, a.labels, class_names, a.u)
+    blocks["referral"] = _referral_block(calib, a, curve)
+    blocks["ood"] = a.ood
+    unc = torch.tensor([r["uncertain"] for r in rows]).bool() if "uncertain" in rows[0] else None
+    blocks["uncertainty"] = (
+        {"method": "CARD: paired t-test between the two largest sampled classes, alpha 0.05", **pavpu(a.correct, unc)}
+        if unc is not None
+        else {"method": "none: one deterministic output (no reverse samples)", "pavpu": None}
     )
-
-    p = probs.float()
-    return {
-        "acc": lambda i: multiclass_accuracy(p[i], labels[i], num_classes, average="micro"),
-        "balanced_acc": lambda i: multiclass_recall(p[i], labels[i], num_classes, average="macro"),
-        "f1": lambda i: multiclass_f1_score(p[i], labels[i], num_classes, average="macro"),
-        "kappa": lambda i: multiclass_cohen_kappa(p[i], labels[i], num_classes, weights="quadratic"),
-        "auroc": lambda i: multiclass_auroc(p[i], labels[i], num_classes, average="macro"),
-    }
+    stats = _bootstrap_stats(calib, a, unc, len(class_names))
+    blocks["ci"] = {k: bootstrap_ci(f, len(rows), resamples, seed) for k, f in stats.items()}
+    blocks["ci_method"] = f"percentile bootstrap over test images, {resamples} resamples, seed {seed}, 95 %"
+    return TrustTest(blocks, curve, _reliability_panels(calib, a), a.labels)
 
 
-def test_trust(
-    rows: list[dict], calib: dict, class_names: list[str], out: Path | None, seed: int = 0, resamples: int = 500
-) -> dict:
-    """Apply ``calib`` to the test rows (in place: calibrated ``confidence``/``p_*`` with the unscaled
-    values kept as ``*_unscaled``, the fitted ``refer``, the prediction set) and return the
-    ``calibration``, ``uncertainty``, ``conformal``, ``referral`` and ``ci`` blocks."""
-    from diffmic.metrics import risk_coverage, selective_summary
-    from diffmic.reporting import plot_risk_coverage
-
-    C = len(class_names)
+def _apply(rows: list[dict], calib: dict, class_names: list[str]) -> _Applied:
+    """Calibrate, refer and build the prediction sets of the test rows, and write them into the rows."""
     raw = torch.tensor([[r[f"p_{n}"] for n in class_names] for r in rows], dtype=torch.float64)
     labels = torch.tensor([r["label"] for r in rows]).long()
-    T = float(calib["temperature"])
-    kind = calibrator_kind(calib)
-    scaled = apply_temperature(raw, T)
+    scaled = apply_temperature(raw, float(calib["temperature"]))
     cal = apply_calibration(raw, calib)
     conf, pred = cal.max(-1)  # vector / matrix / dirichlet may move the arg-max: the prediction follows
     correct = pred == labels
-    thr = float(calib["referral"]["threshold"])
-    refer = conf < thr
+    refer = conf < float(calib["referral"]["threshold"])
     ood_block, ood_flag = _ood_block(rows, calib.get("ood"), correct)
     if ood_flag is not None:  # flagged images are referred whatever their confidence
         refer = refer | ood_flag
-    rand = calib["conformal"].get("randomised", False)
-    u = image_uniforms([r["id"] for r in rows]) if rand else None
+    u = image_uniforms([r["id"] for r in rows]) if calib["conformal"].get("randomised", False) else None
     cprobs = _conformal_probs(calib, scaled, cal)
     sets = conformal_sets(cprobs, calib["conformal"], u)
     moved = bool((pred != raw.argmax(-1)).any())
     for i, r in enumerate(rows):
-        r["confidence_unscaled"] = r["confidence"]
-        r["confidence"] = float(conf[i])
-        if moved:
-            r["pred_unscaled"] = r["pred"]
-            r["pred"] = int(pred[i])
-        r["refer"] = int(refer[i])
-        r["set"] = "|".join(n for c, n in enumerate(class_names) if sets[i, c])
-        r["set_size"] = int(sets[i].sum())
-        for c, n in enumerate(class_names):
-            r[f"unscaled_p_{n}"] = r[f"p_{n}"]
-            r[f"p_{n}"] = float(cal[i, c])
+        calibrate_row(
+            r,
+            class_names,
+            cal[i],
+            confidence=float(conf[i]),
+            pred=int(pred[i]) if moved else None,
+            refer=bool(refer[i]),
+            prediction_set=[n for c, n in enumerate(class_names) if sets[i, c]],
+        )
+    return _Applied(raw, scaled, cal, labels, conf, pred, correct, refer, sets, cprobs, u, ood_block)
 
-    blocks: dict = {}
+
+def _calibration_block(rows: list[dict], calib: dict, class_names: list[str], a: _Applied) -> dict:
+    """The ``calibration`` block: the calibrator's scores on the test images, unscaled and (beyond a
+    temperature) temperature-scaled beside it, every compared calibrator and the DCG prior's."""
+    kind = calibrator_kind(calib)
     beyond_t = kind != "temperature"
-    blocks["calibration"] = {
+    block = {
         "calibrator": kind,
         **({"auto": calib["auto"]} if calib.get("auto") else {}),
-        "temperature": T,
+        "temperature": float(calib["temperature"]),
         "fitted_on": calib.get("fitted_on"),
         "n_bins": 15,
-        **calibration_summary(cal, labels),
-        **{f"{k}_unscaled": v for k, v in calibration_summary(raw, labels).items()},
-        **({f"{k}_temperature": v for k, v in calibration_summary(scaled, labels).items()} if beyond_t else {}),
+        **calibration_summary(a.cal, a.labels),
+        **{f"{k}_unscaled": v for k, v in calibration_summary(a.raw, a.labels).items()},
+        **({f"{k}_temperature": v for k, v in calibration_summary(a.scaled, a.labels).items()} if beyond_t else {}),
         # the arg-max of the calibrated probabilities against the model's (the headline metrics)
-        "accuracy": float(correct.double().mean()),
-        "accuracy_unscaled": float((raw.argmax(-1) == labels).double().mean()),
-        "argmax_changed": float((pred != raw.argmax(-1)).double().mean()),
+        "accuracy": float(a.correct.double().mean()),
+        "accuracy_unscaled": float((a.raw.argmax(-1) == a.labels).double().mean()),
+        "argmax_changed": float((a.pred != a.raw.argmax(-1)).double().mean()),
     }
     if calib.get("compared"):
-        blocks["calibration"]["compared"] = _compared(raw, labels, calib["compared"])
-    prior_block = _prior_block(rows, calib.get("prior"), labels, class_names)
+        block["compared"] = _compared(a.raw, a.labels, calib["compared"])
+    prior_block = _prior_block(rows, calib.get("prior"), a.labels, class_names)
     if prior_block is not None:
-        blocks["calibration"]["prior"] = prior_block
-    blocks["conformal"] = _conformal_block(calib["conformal"], sets, cprobs, labels, class_names, u)
-    cov, acc = risk_coverage(conf, correct)
+        block["prior"] = prior_block
+    return block
+
+
+def _referral_block(calib: dict, a: _Applied, curve: tuple[Tensor, Tensor]) -> dict:
+    """The ``referral`` block: the fitted rule and goal, and what it buys on the test images."""
+    from diffmic.metrics import selective_summary
+
     g = calib["referral"]
     goal = (
         f"refer at most {g['max_referred']:.0%}"
         if "max_referred" in g
         else f"accuracy >= {g['target_accuracy']} on kept images"
     )
-    referral = {
+    return {
         "rule": applied_rule(calib),
-        "threshold": thr,
+        "threshold": float(g["threshold"]),
         "goal": goal,
         "fit_referred_fraction": g.get("fit_referred_fraction"),
         "fit_accuracy_kept": g.get("fit_accuracy_kept"),
-        **selective_summary(conf, correct, refer, curve=(cov, acc)),
+        **selective_summary(a.conf, a.correct, a.refer, curve=curve),
     }
-    if out is not None:
-        point = None
-        if referral["accuracy_kept"] is not None:
-            point = (1.0 - referral["referred_fraction"], referral["accuracy_kept"])
-        plot_risk_coverage(
-            cov, acc, out / "risk_coverage.png", point, title=f"{len(rows)} test images, AURC {referral['aurc']:.3f}"
-        )
-        panels = [("unscaled", raw), (f"temperature {T:.2f} (fitted on validation)", scaled)]
-        if kind == "temperature+isotonic":
-            panels.append(("then isotonic (fitted on validation)", cal))
-        elif beyond_t:
-            panels.append((f"{kind} scaling (fitted on validation)", cal))
-        plot_reliability(panels, labels, out / "reliability.png")
-    blocks["referral"] = referral
-    blocks["ood"] = ood_block
-    unc = None
-    if "uncertain" in rows[0]:
-        unc = torch.tensor([r["uncertain"] for r in rows]).bool()
-        blocks["uncertainty"] = {
-            "method": "CARD: paired t-test between the two largest sampled classes, alpha 0.05",
-            **pavpu(correct, unc),
-        }
-    else:
-        blocks["uncertainty"] = {"method": "none: one deterministic output (no reverse samples)", "pavpu": None}
 
-    n = len(rows)
-    stats = _headline(raw, labels, C)
+
+def _reliability_panels(calib: dict, a: _Applied) -> list[tuple[str, Tensor]]:
+    """The reliability diagram's panels: unscaled, temperature-scaled and (beyond a temperature) calibrated."""
+    kind = calibrator_kind(calib)
+    T = float(calib["temperature"])
+    panels = [("unscaled", a.raw), (f"temperature {T:.2f} (fitted on validation)", a.scaled)]
+    if kind == "temperature+isotonic":
+        panels.append(("then isotonic (fitted on validation)", a.cal))
+    elif kind != "temperature":
+        panels.append((f"{kind} scaling (fitted on validation)", a.cal))
+    return panels
+
+
+def _bootstrap_stats(calib: dict, a: _Applied, unc: Tensor | None, num_classes: int) -> dict[str, Callable]:
+    """The statistics of the ``ci`` block, each a function of a resample's image indices: the
+    headline metrics of the model's probabilities (:func:`diffmic.metrics.scalar_metric_fns`, in
+    float32 as the headline metrics themselves), calibration, referral and conformal measures."""
+    from diffmic.metrics import scalar_metric_fns, selective_summary
+
+    raw, cal, labels, correct, refer, sets = a.raw, a.cal, a.labels, a.correct, a.refer, a.sets
+    p = raw.float()
+    stats: dict[str, Callable] = {
+        k: (lambda i, f=f: f(p[i], labels[i])) for k, f in scalar_metric_fns(num_classes).items()
+    }
     stats["ece"] = lambda i: ece(cal[i], labels[i])
     stats["ece_unscaled"] = lambda i: ece(raw[i], labels[i])
-    if beyond_t:
-        stats["ece_temperature"] = lambda i: ece(scaled[i], labels[i])
+    if calibrator_kind(calib) != "temperature":
+        stats["ece_temperature"] = lambda i: ece(a.scaled[i], labels[i])
     stats["nll"] = lambda i: float(torch.nn.functional.nll_loss(cal[i].clamp_min(1e-12).log(), labels[i]))
-    stats["brier"] = lambda i: float(((cal[i] - torch.nn.functional.one_hot(labels[i], C)) ** 2).sum(-1).mean())
-    stats["aurc"] = lambda i: selective_summary(conf[i], correct[i])["aurc"]
+    stats["brier"] = lambda i: float(
+        ((cal[i] - torch.nn.functional.one_hot(labels[i], num_classes)) ** 2).sum(-1).mean()
+    )
+    stats["aurc"] = lambda i: selective_summary(a.conf[i], correct[i])["aurc"]
     stats["referred_fraction"] = lambda i: float(refer[i].double().mean())
     stats["accuracy_kept"] = lambda i: (
         float(correct[i][~refer[i]].double().mean()) if (~refer[i]).any() else float("nan")
     )
-    covered = sets[torch.arange(n), labels]
+    covered = sets[torch.arange(labels.numel()), labels]
     stats["conformal_coverage"] = lambda i: float(covered[i].double().mean())
     stats["mean_set_size"] = lambda i: float(sets[i].sum(-1).double().mean())
     if unc is not None:
         stats["pavpu"] = lambda i: pavpu(correct[i], unc[i])["pavpu"]
-    blocks["ci"] = {k: bootstrap_ci(f, n, resamples, seed) for k, f in stats.items()}
-    blocks["ci_method"] = f"percentile bootstrap over test images, {resamples} resamples, seed {seed}, 95 %"
-    return blocks
+    return stats
 
 
 def applied_rule(calib: dict | None, refer_threshold: float = 0.5, num_samples: int | None = None) -> str:
@@ -530,11 +550,11 @@ def predict_trust(
             if s is not None:
                 out["ood_score"], out["ood"] = s, ood_flags(s, ood.get("threshold"))
                 out["refer"] = out["refer"] | out["ood"]
-        rand = calib["conformal"].get("randomised", False) and ids is not None
+        u = image_uniforms(ids) if ids is not None and calib["conformal"].get("randomised", False) else None
         scaled = apply_temperature(raw, float(calib["temperature"]))
         cp = _conformal_probs(calib, scaled, cal)
-        out["sets"] = conformal_sets(cp, calib["conformal"], image_uniforms(ids) if rand else None)
+        out["sets"] = conformal_sets(cp, calib["conformal"], u)
     if samples is not None and samples.shape[1] >= 2:
-        u = card_uncertainty(samples.detach().cpu())
-        out["uncertain"], out["p_value"] = u.uncertain, u.p_value
+        card = card_uncertainty(samples.detach().cpu())
+        out["uncertain"], out["p_value"] = card.uncertain, card.p_value
     return out

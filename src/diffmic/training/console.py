@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from typing import cast
 
 _LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
 
@@ -77,7 +78,9 @@ def quiet(enabled: bool = True) -> None:
         if enabled:
             warnings.filterwarnings("ignore", message=message, category=category)
         else:
-            warnings.filters[:] = [
+            # typeshed declares the filter list a Sequence (editing it is discouraged, not refused);
+            # removing exactly the filters added above is the one way to undo them
+            cast(list, warnings.filters)[:] = [
                 f
                 for f in warnings.filters
                 if not (f[0] == "ignore" and f[1] is not None and f[1].pattern == message and f[2] is category)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -15,14 +16,14 @@ from diffmic.config import ConfigError
 
 SPLIT_FILE = "split.json"
 SKIPPED_FILE = "skipped.csv"
-SPLITS = ("train", "val", "test")
+SPLIT_NAMES = ("train", "val", "test")  # the splits of a run (data.split names the protocol: data.sources.SPLITS)
 #: overrides that can change which images land in which split
 _SPLIT_KEYS = ("data.", "run.seed", "--config")
 
 
 def split_record(dm) -> dict:
     """The ids of every split after ``setup()``, and a SHA-256 over them."""
-    splits = {k: list(dm.indexes[k].ids) for k in SPLITS if k in dm.indexes}
+    splits = {k: list(dm.indexes[k].ids) for k in SPLIT_NAMES if k in dm.indexes}
     digest = hashlib.sha256(json.dumps(splits, sort_keys=True).encode("utf-8")).hexdigest()
     record = {"format": 1, "sha256": digest, "sizes": {k: len(v) for k, v in splits.items()}, "splits": splits}
     if getattr(dm, "folds", 0) >= 2:  # k-fold cross-validation: which fold is the test split
@@ -50,7 +51,7 @@ def check_split(run_dir: Path, dm, verb: str, overrides: list[str] | None = None
         ) from exc
     new = split_record(dm)["splits"]
     diffs = []
-    for k in SPLITS:
+    for k in SPLIT_NAMES:
         a, b = set(old.get(k, [])), set(new.get(k, []))
         if a != b:
             added, removed = sorted(b - a), sorted(a - b)
@@ -137,9 +138,7 @@ def probe_writable(run_dir: Path, error: type[OSError] = OSError, nbytes: int = 
 def _lock_file(fd: int) -> bool:
     """An exclusive, non-blocking lock on the open file ``fd`` (released by the kernel when the
     process ends, however it ends); False when another open of the file holds it."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
+    if sys.platform == "win32":  # pragma: no cover - no fcntl there
         import msvcrt
 
         try:
@@ -147,6 +146,8 @@ def _lock_file(fd: int) -> bool:
         except OSError:
             return False
         return True
+    import fcntl
+
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
