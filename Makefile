@@ -33,8 +33,8 @@ test: lint
 	$(VPY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check --no-cache src tests benchmarks
+	$(VENV)/bin/ruff format --no-cache --check src tests benchmarks
 	$(VENV)/bin/mypy
 
 bench: $(STAMP)

@@ -61,9 +61,11 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def tiny_fit_args(data: Path, run: Path, cache: Path, epochs: int = 1, warmup: int = 1) -> list[str]:
-    """``diffmic fit`` arguments for a seconds-long CPU fit on an image folder (conftest's
-    ``write_synthetic_folder``), batches of 16."""
+def _folder_fit_args(
+    data: Path, run: Path, cache: Path, batch_size: int, *middle: str, epochs: int, warmup: int
+) -> list[str]:
+    """``diffmic fit`` arguments of a tiny ``cpu_v1`` run on an image folder at 32 px (``middle``: the
+    caller's settings between the data and the budget)."""
     return [
         "fit",
         "--config",
@@ -72,7 +74,8 @@ def tiny_fit_args(data: Path, run: Path, cache: Path, epochs: int = 1, warmup: i
         f"data.root={data}",
         "data.split=random",
         "data.image_size=32",
-        "data.batch_size=16",
+        f"data.batch_size={batch_size}",
+        *middle,
         f"data.cache_dir={cache}",
         *TINY_MODEL,
         f"train.epochs={epochs}",
@@ -81,26 +84,23 @@ def tiny_fit_args(data: Path, run: Path, cache: Path, epochs: int = 1, warmup: i
     ]
 
 
+def tiny_fit_args(data: Path, run: Path, cache: Path, epochs: int = 1, warmup: int = 1) -> list[str]:
+    """``diffmic fit`` arguments for a seconds-long CPU fit on an image folder (conftest's
+    ``write_synthetic_folder``), batches of 16."""
+    return _folder_fit_args(data, run, cache, 16, epochs=epochs, warmup=warmup)
+
+
 def fit_args(data: Path, run: Path, *extra: str, warmup: int = 1, epochs: int = 2) -> list[str]:
     """``diffmic fit`` arguments for the safety tests: a small image folder in batches of 4, a quarter
     held out for testing and a fifth for validation, two reverse samples, logs at every step."""
-    return [
-        "fit",
-        "--config",
-        "cpu_v1",
-        "data.dataset=folder",
-        f"data.root={data}",
-        "data.split=random",
-        "data.image_size=32",
-        "data.batch_size=4",
+    args = _folder_fit_args(
+        data,
+        run,
+        run.parent / "cache",
+        4,
         "data.test_fraction=0.25",
         "data.val_fraction=0.2",
-        f"data.cache_dir={run.parent / 'cache'}",
-        *TINY_MODEL,
-        "eval.num_samples=2",
-        f"train.epochs={epochs}",
-        f"train.dcg_warmup_epochs={warmup}",
-        "train.log_every_n_steps=1",
-        f"run.dir={run}",
-        *extra,
-    ]
+        epochs=epochs,
+        warmup=warmup,
+    )
+    return [*args[:-1], "eval.num_samples=2", "train.log_every_n_steps=1", args[-1], *extra]

@@ -426,37 +426,20 @@ def _check_file(f: _Findings, s: str, pos: int, r: Record, loader_probs: list[Pr
                 pos,
             )
         return None
+    path = r.path
+
+    def file_problem(kind: str, what: str) -> None:
+        f.add(Problem(kind, f"{r.where()}: {what}", split=s, record_id=r.id, path=str(path), hint=_HINTS[kind]), s, pos)
+
     try:
-        st = os.stat(r.path)
+        st = os.stat(path)
     except OSError:
-        f.add(
-            Problem(
-                "missing_file",
-                f"{r.where()}: image file not found",
-                split=s,
-                record_id=r.id,
-                path=str(r.path),
-                hint=_HINTS["missing_file"],
-            ),
-            s,
-            pos,
-        )
+        file_problem("missing_file", "image file not found")
         return None
     if st.st_size == 0:
-        f.add(
-            Problem(
-                "empty_file",
-                f"{r.where()}: image file is empty (0 bytes)",
-                split=s,
-                record_id=r.id,
-                path=str(r.path),
-                hint=_HINTS["empty_file"],
-            ),
-            s,
-            pos,
-        )
+        file_problem("empty_file", "image file is empty (0 bytes)")
         return None
-    return r.path
+    return path
 
 
 # ---- duplicates inside a split -----------------------------------------------------------------

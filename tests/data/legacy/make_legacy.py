@@ -63,8 +63,11 @@ def main() -> None:
     torch.set_num_threads(1)
     sys.path.insert(0, str(HERE.parents[1]))
     register()
+    # tests/_synthetic.py exists at the commit this script is meant to run at (see the docstring);
+    # since 2026-12-05 the tests' generator is conftest.write_synthetic_folder
+    from _synthetic import image_folder  # type: ignore[import-not-found]
+
     import diffmic
-    from _synthetic import image_folder
     from diffmic.inference.export import export_model
     from diffmic.inference.predictor import Predictor
 
