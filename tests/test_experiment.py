@@ -185,7 +185,7 @@ def tiny_npz(tmp_path_factory):
     """A MedMNIST-layout file: 2 classes (dark / bright squares on noise), 28 x 28 grey."""
     splits = {"train": 32, "val": 12, "test": 16}
     npz = tmp_path_factory.mktemp("npz") / "tiny.npz"
-    return write_synthetic_npz(npz, splits, order="cycle", background=45.0, contrast=150.0)
+    return write_synthetic_npz(npz, splits, order="cycle", background=45.0, contrast=60.0)
 
 
 def _grid(tmp, npz, models: dict) -> str:
