@@ -25,7 +25,7 @@ import torch
 def evaluate(module, loader, sampler: str, steps: int | None, limit: int | None, num_samples: int = 1) -> dict:
     """Test accuracy / macro-F1 with ``eval.sampler = sampler``, ``eval.steps = steps`` and
     ``eval.num_samples = num_samples`` (the run's other eval settings unchanged), through the
-    LightningModule's own evaluation pass (``DiffMICModule._scores``, what ``diffmic test`` runs);
+    LightningModule's own evaluation pass (``DiffMICModule.scores``, what ``diffmic test`` runs);
     only that pass is timed."""
     from diffmic.config import config_from_dict
     from diffmic.metrics import classification_metrics
@@ -48,7 +48,7 @@ def evaluate(module, loader, sampler: str, steps: int | None, limit: int | None,
                 if module.device.type == "cuda":
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                probs, _, _ = module._scores(batch, "test")
+                probs, _, _ = module.scores(batch, "test")
                 if module.device.type == "cuda":
                     torch.cuda.synchronize()
                 elapsed += time.perf_counter() - t0

@@ -7,6 +7,7 @@ end point of every deterministic sampler is available in closed form.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from diffmic.diffusion import samplers
@@ -220,3 +221,48 @@ def test_point_readout_in_a_window_shorter_than_its_steps():
     out = reverse_sample(m, s, x, sampler="truncated", steps=3, noise=torch.randn(3, 2, 3), point_steps=5)
     ref = reverse_sample(m, s, x, sampler="ddim", steps=3, start="mean", t_start=2).y0[:, 0]
     torch.testing.assert_close(out.point, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_a_sampler_is_one_registry_entry(monkeypatch):
+    """Adding a sampler is one `SamplerSpec` in `samplers._REGISTRY`: `sample`, `num_noise_draws`
+    and `reverse_sample` (its start options, window and point read-out) all read the entry. A
+    throw-away sampler that runs DDIM under another name gives DDIM's answer through every path."""
+    from dataclasses import replace
+
+    from diffmic.diffusion.reverse import reverse_sample
+
+    spec = replace(samplers.get_sampler("ddim"), name="ddim_alias")
+    monkeypatch.setitem(samplers._REGISTRY, "ddim_alias", spec)
+    m, s = _tiny_full(), NoiseSchedule.build(num_timesteps=20, beta_start=1e-3, beta_end=0.2)
+    x = torch.randn(2, 3, 32, 32)
+    assert samplers.num_noise_draws("ddim_alias", 20, 4, 0.5) == samplers.num_noise_draws("ddim", 20, 4, 0.5) == 4
+    kw = dict(steps=3, start="mean", t_start=9, seed=3, ids=["a", "b"], point_steps=2)
+    a = reverse_sample(m, s, x, sampler="ddim", **kw)
+    b = reverse_sample(m, s, x, sampler="ddim_alias", **kw)
+    torch.testing.assert_close(b.y0, a.y0, rtol=0, atol=0)
+    torch.testing.assert_close(b.point, a.point, rtol=0, atol=0)
+    # the same spec declared as an ancestral-style sampler: reverse_sample resets start/t_start, and
+    # the point read-out's window is the last `steps` timesteps instead of t_start
+    anc = replace(spec, name="ddim_anc", takes_start=False)
+    monkeypatch.setitem(samplers._REGISTRY, "ddim_anc", anc)
+    assert anc.first_timestep(20, 3, 9) == 2 and spec.first_timestep(20, 3, 9) == 9
+    c = reverse_sample(m, s, x, sampler="ddim_anc", **kw)
+    d = reverse_sample(m, s, x, sampler="ddim", **{**kw, "start": "noise", "t_start": None})
+    torch.testing.assert_close(c.y0, d.y0, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="valid samplers: ddpm, truncated, ddim, dpmpp2m"):
+        samplers.get_sampler("euler")
+
+
+@pytest.mark.parametrize("name", samplers.SAMPLERS)
+def test_every_sampler_uses_exactly_its_declared_noise_draws(name):
+    """`num_draws` is the leading size of the noise a sampler accepts: one row more or less is refused."""
+    s = NoiseSchedule.build(num_timesteps=12, beta_start=1e-3, beta_end=0.2)
+    mu = torch.zeros(2, 3)
+    steps = None if samplers.get_sampler(name).full_chain else 4
+    eta = 0.5 if name == "ddim" else 0.0
+    n = samplers.num_noise_draws(name, 12, steps, eta)
+    eps_fn = lambda y, t: torch.zeros_like(y)  # noqa: E731
+    samplers.sample(name, eps_fn, s, mu, steps=steps, eta=eta, noise=torch.randn(n, 2, 3))
+    for wrong in (n - 1, n + 1):
+        with pytest.raises(ValueError, match="noise must have shape"):
+            samplers.sample(name, eps_fn, s, mu, steps=steps, eta=eta, noise=torch.randn(wrong, 2, 3))

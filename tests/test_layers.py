@@ -18,6 +18,7 @@ LAYERS: dict[str, int] = {
     # test_the_root_imports_nothing_when_imported keeps import diffmic itself at layer 0)
     "diffmic": 0,
     "diffmic.atomic": 0,  # atomic file writes (standard library only): every layer writes through it
+    "diffmic.devices": 1,  # the default device of single-process jobs (torch only)
     "diffmic.diffusion": 1,
     "diffmic.losses": 1,
     "diffmic.nn": 2,

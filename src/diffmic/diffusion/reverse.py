@@ -82,8 +82,9 @@ def reverse_sample(
 
     With ``ids`` given, each image draws its noise from its own seeded generator, so its prediction
     does not depend on batch size or order. Otherwise ``noise`` or ``generator`` is used.
-    ``start`` and ``t_start`` (first timestep, default T-1) apply to ``"ddim"`` / ``"dpmpp2m"``;
-    the ancestral ``"ddpm"`` / ``"truncated"`` chains ignore them.
+    ``start`` and ``t_start`` (first timestep, default T-1) apply to the samplers that take a start
+    (``SamplerSpec.takes_start``: ``"ddim"``, ``"dpmpp2m"``); the ancestral ``"ddpm"`` /
+    ``"truncated"`` chains ignore them.
 
     ``point_steps = n > 0`` also computes ``point`` ``[B,C]``: the deterministic read-out, DDIM
     (η = 0) started at the prior mean μ and integrated in n network calls from the first timestep
@@ -103,14 +104,11 @@ def reverse_sample(
     C = mu.shape[-1]
     mu_k = mu.repeat_interleave(K, 0)
     guide_k = priors.guidance.repeat_interleave(K, 0) if model.uses_guidance else None
-    if sampler == "ddpm":
+    spec = samplers.get_sampler(sampler)
+    if spec.full_chain:
         steps = None  # the full chain always runs all T steps
-    T = schedule.num_timesteps
-    if sampler in ("ddim", "dpmpp2m"):
-        point_t = T - 1 if t_start is None else int(t_start)
-    else:  # the ancestral chains' window: the last `steps` of the T steps (all of them for ddpm)
-        point_t = (T if steps is None else min(int(steps), T)) - 1
-    if sampler in ("ddpm", "truncated"):
+    point_t = spec.first_timestep(schedule.num_timesteps, steps, t_start)
+    if not spec.takes_start:
         # start / t_start configure the ODE samplers (eval.start, eval.t_start); the released
         # ancestral chains always start from mu + z, so `eval.sampler=truncated` alone switches back
         start, t_start = "noise", None

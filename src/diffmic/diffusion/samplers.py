@@ -40,7 +40,9 @@ __all__ = [
     "SAMPLERS",
     "EpsFn",
     "SampleOutput",
+    "SamplerSpec",
     "ddim_timesteps",
+    "get_sampler",
     "num_noise_draws",
     "sample",
     "sample_ddim",
@@ -50,7 +52,6 @@ __all__ = [
 ]
 
 EpsFn = Callable[[Tensor, Tensor], Tensor]
-SAMPLERS: tuple[str, ...] = ("ddpm", "truncated", "ddim", "dpmpp2m")
 DDIM_STARTS: tuple[str, ...] = ("noise", "mean")
 DEFAULT_DDIM_STEPS = 10
 
@@ -159,17 +160,7 @@ def num_noise_draws(name: str, num_timesteps: int, steps: int | None = None, eta
 
     This is the leading size of the ``noise=`` tensor accepted by the samplers.
     """
-    if name == "ddpm":
-        return int(num_timesteps)
-    if name == "truncated":
-        return _check_steps(num_timesteps if steps is None else steps, num_timesteps, "steps")
-    if name == "ddim":
-        n = ddim_timesteps(num_timesteps, DEFAULT_DDIM_STEPS if steps is None else steps).numel()
-        return 1 + (n - 1 if eta > 0 else 0)
-    if name == "dpmpp2m":
-        _check_steps(DEFAULT_DDIM_STEPS if steps is None else steps, num_timesteps, "steps")
-        return 1
-    raise ValueError(f"unknown sampler {name!r}; valid samplers: {', '.join(SAMPLERS)}")
+    return get_sampler(name).num_draws(int(num_timesteps), steps, eta)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,7 +435,191 @@ def sample_dpmpp2m(
 
 
 # ---------------------------------------------------------------------------------------------
-# dispatch
+# the registry: every sampler is declared once, here
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """What the library needs to know about one sampler; :data:`SAMPLERS` lists their names.
+
+    Attributes:
+        name: the value of ``eval.sampler`` / ``eval.val_sampler``.
+        run: ``run(eps_fn, schedule, prior_mean, steps=, eta=, start=, t_start=, generator=,
+            noise=, return_trajectory=) -> SampleOutput``; raises ``ValueError`` for an option the
+            sampler does not support.
+        num_draws: ``num_draws(T, steps, eta)``, the leading size of its ``noise=`` tensor
+            (:func:`num_noise_draws`).
+        takes_start: True for samplers that honour ``start`` (``"noise"`` / ``"mean"``) and
+            ``t_start``; the ancestral chains always start from μ + z at the top of their window,
+            and :func:`~diffmic.diffusion.reverse.reverse_sample` resets those options for them.
+        full_chain: True when the sampler always runs all T steps (``steps`` is ignored).
+    """
+
+    name: str
+    run: Callable[..., SampleOutput]
+    num_draws: Callable[[int, int | None, float], int]
+    takes_start: bool
+    full_chain: bool = False
+
+    def first_timestep(self, num_timesteps: int, steps: int | None, t_start: int | None) -> int:
+        """The first (highest) timestep of the sampler's window.
+
+        ``t_start`` (default T−1) for the samplers that take a start; ``steps − 1`` for a truncated
+        ancestral chain; T − 1 for the full chain.
+        """
+        if self.takes_start:
+            return num_timesteps - 1 if t_start is None else int(t_start)
+        if self.full_chain or steps is None:
+            return num_timesteps - 1
+        return min(int(steps), num_timesteps) - 1
+
+
+def _ancestral_options(name: str, eta: float, start: str, t_start: int | None) -> None:
+    if t_start is not None:
+        raise ValueError(f"t_start applies to 'ddim' and 'dpmpp2m' only, not {name!r}; set eval.t_start=null")
+    if eta != 0 or start != "noise":
+        raise ValueError(
+            f"sampler {name!r} supports only eta=0 and start='noise' (got eta={eta}, start={start!r}); "
+            "set eval.eta=0 eval.start=noise"
+        )
+
+
+def _run_ddpm(
+    eps_fn: EpsFn,
+    schedule: NoiseSchedule,
+    prior_mean: Tensor,
+    *,
+    steps: int | None,
+    eta: float,
+    start: str,
+    t_start: int | None,
+    generator: torch.Generator | None,
+    noise: Tensor | None,
+    return_trajectory: bool,
+) -> SampleOutput:
+    _ancestral_options("ddpm", eta, start, t_start)
+    T = schedule.num_timesteps
+    if steps is not None and steps != T:
+        raise ValueError(f"sampler 'ddpm' always runs T={T} steps; got steps={steps} (use 'truncated' or 'ddim')")
+    return sample_ddpm(
+        eps_fn, schedule, prior_mean, generator=generator, noise=noise, return_trajectory=return_trajectory
+    )
+
+
+def _run_truncated(
+    eps_fn: EpsFn,
+    schedule: NoiseSchedule,
+    prior_mean: Tensor,
+    *,
+    steps: int | None,
+    eta: float,
+    start: str,
+    t_start: int | None,
+    generator: torch.Generator | None,
+    noise: Tensor | None,
+    return_trajectory: bool,
+) -> SampleOutput:
+    _ancestral_options("truncated", eta, start, t_start)
+    n = schedule.num_timesteps if steps is None else steps
+    return sample_truncated(
+        eps_fn, schedule, prior_mean, n, generator=generator, noise=noise, return_trajectory=return_trajectory
+    )
+
+
+def _run_ddim(
+    eps_fn: EpsFn,
+    schedule: NoiseSchedule,
+    prior_mean: Tensor,
+    *,
+    steps: int | None,
+    eta: float,
+    start: str,
+    t_start: int | None,
+    generator: torch.Generator | None,
+    noise: Tensor | None,
+    return_trajectory: bool,
+) -> SampleOutput:
+    n = DEFAULT_DDIM_STEPS if steps is None else steps
+    return sample_ddim(
+        eps_fn,
+        schedule,
+        prior_mean,
+        n,
+        eta,
+        start=start,
+        t_start=t_start,
+        generator=generator,
+        noise=noise,
+        return_trajectory=return_trajectory,
+    )
+
+
+def _run_dpmpp2m(
+    eps_fn: EpsFn,
+    schedule: NoiseSchedule,
+    prior_mean: Tensor,
+    *,
+    steps: int | None,
+    eta: float,
+    start: str,
+    t_start: int | None,
+    generator: torch.Generator | None,
+    noise: Tensor | None,
+    return_trajectory: bool,
+) -> SampleOutput:
+    if eta != 0:
+        raise ValueError(f"sampler 'dpmpp2m' is deterministic: eta must be 0, got {eta}")
+    n = DEFAULT_DDIM_STEPS if steps is None else steps
+    return sample_dpmpp2m(
+        eps_fn,
+        schedule,
+        prior_mean,
+        n,
+        start=start,
+        t_start=t_start,
+        generator=generator,
+        noise=noise,
+        return_trajectory=return_trajectory,
+    )
+
+
+def _ddim_draws(num_timesteps: int, steps: int | None, eta: float) -> int:
+    n = ddim_timesteps(num_timesteps, DEFAULT_DDIM_STEPS if steps is None else steps).numel()
+    return 1 + (n - 1 if eta > 0 else 0)
+
+
+def _dpmpp2m_draws(num_timesteps: int, steps: int | None, eta: float) -> int:
+    _check_steps(DEFAULT_DDIM_STEPS if steps is None else steps, num_timesteps, "steps")
+    return 1
+
+
+_REGISTRY: dict[str, SamplerSpec] = {
+    spec.name: spec
+    for spec in (
+        SamplerSpec("ddpm", _run_ddpm, lambda T, steps, eta: int(T), takes_start=False, full_chain=True),
+        SamplerSpec(
+            "truncated",
+            _run_truncated,
+            lambda T, steps, eta: _check_steps(T if steps is None else steps, T, "steps"),
+            takes_start=False,
+        ),
+        SamplerSpec("ddim", _run_ddim, _ddim_draws, takes_start=True),
+        SamplerSpec("dpmpp2m", _run_dpmpp2m, _dpmpp2m_draws, takes_start=True),
+    )
+}
+SAMPLERS: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def get_sampler(name: str) -> SamplerSpec:
+    """The :class:`SamplerSpec` registered as ``name``.
+
+    Raises:
+        ValueError: ``name`` is not in :data:`SAMPLERS`.
+    """
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown sampler {name!r}; valid samplers: {', '.join(SAMPLERS)}") from None
 
 
 def sample(
@@ -464,8 +639,8 @@ def sample(
     """Run the sampler ``name`` in ``SAMPLERS``.
 
     Args:
-        name: ``"ddpm"`` (``steps`` must be None or T), ``"truncated"`` (``steps`` = n, default T)
-            or ``"ddim"`` (``steps`` = number of DDIM steps, default 10).
+        name: ``"ddpm"`` (``steps`` must be None or T), ``"truncated"`` (``steps`` = n, default T),
+            ``"ddim"`` or ``"dpmpp2m"`` (``steps`` = number of network calls, default 10).
         eta, start: DDIM only; the ancestral samplers require ``eta == 0`` and ``start == "noise"``.
             ``"dpmpp2m"`` takes ``start`` and requires ``eta == 0``.
         t_start: first timestep of ``"ddim"`` / ``"dpmpp2m"`` (default T−1).
@@ -474,56 +649,14 @@ def sample(
     Raises:
         ValueError: unknown sampler name or an option the sampler does not support.
     """
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; valid samplers: {', '.join(SAMPLERS)}")
-    if name == "ddim":
-        n = DEFAULT_DDIM_STEPS if steps is None else steps
-        return sample_ddim(
-            eps_fn,
-            schedule,
-            prior_mean,
-            n,
-            eta,
-            start=start,
-            t_start=t_start,
-            generator=generator,
-            noise=noise,
-            return_trajectory=return_trajectory,
-        )
-    if name == "dpmpp2m":
-        if eta != 0:
-            raise ValueError(f"sampler 'dpmpp2m' is deterministic: eta must be 0, got {eta}")
-        n = DEFAULT_DDIM_STEPS if steps is None else steps
-        return sample_dpmpp2m(
-            eps_fn,
-            schedule,
-            prior_mean,
-            n,
-            start=start,
-            t_start=t_start,
-            generator=generator,
-            noise=noise,
-            return_trajectory=return_trajectory,
-        )
-    if t_start is not None:
-        raise ValueError(f"t_start applies to 'ddim' and 'dpmpp2m' only, not {name!r}; set eval.t_start=null")
-    if eta != 0 or start != "noise":
-        raise ValueError(
-            f"sampler {name!r} supports only eta=0 and start='noise' (got eta={eta}, start={start!r}); "
-            "set eval.eta=0 eval.start=noise"
-        )
-    T = schedule.num_timesteps
-    if name == "ddpm":
-        if steps is not None and steps != T:
-            raise ValueError(f"sampler 'ddpm' always runs T={T} steps; got steps={steps} (use 'truncated' or 'ddim')")
-        return sample_ddpm(
-            eps_fn, schedule, prior_mean, generator=generator, noise=noise, return_trajectory=return_trajectory
-        )
-    return sample_truncated(
+    return get_sampler(name).run(
         eps_fn,
         schedule,
         prior_mean,
-        T if steps is None else steps,
+        steps=steps,
+        eta=eta,
+        start=start,
+        t_start=t_start,
         generator=generator,
         noise=noise,
         return_trajectory=return_trajectory,

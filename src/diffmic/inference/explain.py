@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from diffmic.config import Config, ConfigError, load_config
+from diffmic.devices import default_device
 from diffmic.diffusion.reverse import reverse_sample
 from diffmic.reporting import write_json
 from diffmic.reporting.figures import PLAIN, plain_text
@@ -476,7 +477,7 @@ def build_report(run_dir: Path, output: Path | None = None, max_images: int = 60
             run_dir, tm.get("checkpoint") if tm.get("checkpoint") and Path(tm["checkpoint"]).exists() else None
         )
     )
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     module.to(device).eval()
     dm = build_datamodule(cfg)
     dm.setup("test")

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from diffmic.devices import default_device
 from diffmic.diffusion.reverse import reverse_sample
 from diffmic.metrics import readout, should_refer
 from diffmic.trust.evaluate import applied_rule, predict_trust
@@ -104,7 +105,7 @@ class Predictor:
 
     def __init__(self, module, device: Optional[torch.device | str] = None) -> None:
         if device is None:
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            device = default_device()
         self.module = module.to(device).eval()
         self.device = torch.device(device)
         self.cfg = module.cfg

@@ -299,12 +299,15 @@ class DiffMICModule(pl.LightningModule):
             opt.zero_grad(set_to_none=True)
 
     # ------------------------------------------------------------------ evaluation
-    def _scores(self, batch: dict, stage: str) -> tuple[Tensor, Optional[Any], Optional[Tensor]]:
-        """Class probabilities ``[B,C]`` for the metrics, plus the sample read-out when sampling."""
+    def scores(self, batch: dict, stage: str) -> tuple[Tensor, Optional[Any], Optional[Tensor]]:
+        """The evaluation pass of one batch, as ``diffmic test`` runs it (public: the trust layer and the
+        benchmarks call it): class probabilities ``[B,C]``, the sample read-out when the model samples
+        (else None) and the fused DCG prior ``[B,C]`` (else None). ``stage`` is ``"val"`` or
+        ``"test"`` (``eval.val_sampler`` or ``eval.sampler``)."""
         return self._eval_batch(batch, stage)[:3]
 
     def _eval_batch(self, batch: dict, stage: str) -> tuple[Tensor, Optional[Any], Optional[Tensor], dict]:
-        """:meth:`_scores` and, from the same forward pass, ``{"ood": OODInputs, "guidance": ...}``:
+        """:meth:`scores` and, from the same forward pass, ``{"ood": OODInputs, "guidance": ...}``:
         the per-image inputs of the out-of-distribution scores (trust.ood) and the DCG outputs."""
         x = batch["image"]
         e = self.cfg.eval
@@ -330,7 +333,7 @@ class DiffMICModule(pl.LightningModule):
         return r.probs, r, out.prior, {"ood": inputs, "guidance": guidance}
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        probs, _, prior = self._scores(batch, "val")
+        probs, _, prior = self.scores(batch, "val")
         self.val_metrics.update(probs, batch["label"])
         if prior is not None and self.model.uses_dcg:
             self.val_prior_metrics.update(prior, batch["label"])

@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 
 from diffmic.config import Config, ConfigError, datamodule_kwargs, load_config, save_config, trainer_kwargs
+from diffmic.devices import default_device
 from diffmic.nn.diffmic import variant_parts
 from diffmic.training.callbacks import DenoiserEMA, StageAwareCheckpoint
 from diffmic.training.checkpoint import TMP_MARK, AtomicCheckpointIO, CheckpointError, load_module, read_checkpoint
@@ -377,25 +378,13 @@ def evaluate(
 
     watch = Stopwatch()
     run_dir = Path(run_dir)
-    cfg_file = Path(config_path) if config_path else run_dir / "config.yaml"
-    if not cfg_file.exists():
-        raise ConfigError(f"'{cfg_file}' not found: pass --run with a trained run folder or --config.")
-    cfg = load_config(cfg_file, overrides)
-    ckpt_path = resolve_checkpoint(run_dir, ckpt)
-    from diffmic.training.run_folder import check_run_outside_data, check_split, probe_writable
-
-    read_checkpoint(ckpt_path)  # a bad --ckpt is reported before the data are read
-    if stage == "test":
-        from diffmic.training.trackers import check_available
-
-        check_available(cfg)  # MLflow / W&B get the test metrics: their packages are needed
-        check_run_outside_data(run_dir, cfg.data.root)
-        probe_writable(run_dir, RunFolderError)  # a read-only folder or a full disk: say so before evaluating
-        _claim_test_outputs(run_dir, claim=False)  # a file of the user's under an output name: say so now
+    cfg, ckpt_path = _evaluation_inputs(run_dir, stage, ckpt, overrides, config_path)
     dm = build_datamodule(cfg)
     dm.setup("test" if stage == "test" else "validate")
     eval_over = {"eval": {k: v for k, v in cfg.to_dict()["eval"].items()}}
     module = load_module(ckpt_path, expected_class_names=list(dm.class_names), overrides=eval_over)
+    from diffmic.training.run_folder import check_split
+
     check_split(
         run_dir, dm, stage, overrides=list(overrides or []) + ([f"--config {config_path}"] if config_path else [])
     )
@@ -405,26 +394,55 @@ def evaluate(
     trainer = _trainer(cfg, run_dir, [], for_fit=False)
     pl.seed_everything(cfg.run.seed, verbose=False)
     if stage == "test":
-        lead = _lead()  # DDP: rank 0 writes the results, and keeps the manifest
-
-        def test() -> dict:
-            if lead:
-                _claim_test_outputs(run_dir, claim=True)
-            trainer.test(module, datamodule=dm, verbose=False)
-            result = getattr(module, "test_result", {})
-            result["checkpoint"] = str(ckpt_path)
-            result["selected_on"] = cfg.train.select_on
-            result["provenance"] = watch.record()  # the machine, and the test's wall / CPU time
-            if trainer.is_global_zero:
-                (run_dir / "test_metrics.json").write_text(json.dumps(result, indent=2))
-                from diffmic.training.trackers import log_test
-
-                log_test(cfg, run_dir, result)  # train.logger's MLflow / W&B runs get the test metrics and figures
-            return result
-
-        return _settled(run_dir, test) if lead else test()
+        return _test(trainer, module, dm, cfg, run_dir, ckpt_path, watch)
     out = trainer.validate(module, datamodule=dm, verbose=False)
     return {k: float(v) for k, v in (out[0] if out else {}).items()}
+
+
+def _evaluation_inputs(
+    run_dir: Path, stage: str, ckpt: Optional[str], overrides: Optional[list[str]], config_path: Optional[str]
+) -> tuple[Config, Path]:
+    """The run's configuration and checkpoint, and for a test every check that can fail before the
+    data are read: a bad --ckpt, a missing tracker package, a run folder inside the data, a folder
+    that cannot be written, a user's file under a test output's name."""
+    cfg_file = Path(config_path) if config_path else run_dir / "config.yaml"
+    if not cfg_file.exists():
+        raise ConfigError(f"'{cfg_file}' not found: pass --run with a trained run folder or --config.")
+    cfg = load_config(cfg_file, overrides)
+    ckpt_path = resolve_checkpoint(run_dir, ckpt)
+    read_checkpoint(ckpt_path)  # a bad --ckpt is reported before the data are read
+    if stage == "test":
+        from diffmic.training.run_folder import check_run_outside_data, probe_writable
+        from diffmic.training.trackers import check_available
+
+        check_available(cfg)  # MLflow / W&B get the test metrics: their packages are needed
+        check_run_outside_data(run_dir, cfg.data.root)
+        probe_writable(run_dir, RunFolderError)  # a read-only folder or a full disk: say so before evaluating
+        _claim_test_outputs(run_dir, claim=False)  # a file of the user's under an output name: say so now
+    return cfg, ckpt_path
+
+
+def _test(trainer: pl.Trainer, module, dm, cfg: Config, run_dir: Path, ckpt_path: Path, watch) -> dict:
+    """Run the test pass; rank 0 records the outputs in the manifest first and writes
+    ``test_metrics.json`` (with the machine and the test's wall / CPU time) and the trackers' copies."""
+    lead = _lead()  # DDP: rank 0 writes the results, and keeps the manifest
+
+    def test() -> dict:
+        if lead:
+            _claim_test_outputs(run_dir, claim=True)
+        trainer.test(module, datamodule=dm, verbose=False)
+        result = getattr(module, "test_result", {})
+        result["checkpoint"] = str(ckpt_path)
+        result["selected_on"] = cfg.train.select_on
+        result["provenance"] = watch.record()  # the machine, and the test's wall / CPU time
+        if trainer.is_global_zero:
+            (run_dir / "test_metrics.json").write_text(json.dumps(result, indent=2))
+            from diffmic.training.trackers import log_test
+
+            log_test(cfg, run_dir, result)  # train.logger's MLflow / W&B runs get the test metrics and figures
+        return result
+
+    return _settled(run_dir, test) if lead else test()
 
 
 def _claim_test_outputs(run_dir: Path, claim: bool) -> None:
@@ -485,7 +503,7 @@ def _fit_calibration(module, cfg: Config, ckpt_path: Path, store: bool) -> dict:
         loader = dm.val_dataloader()
     except KeyError as exc:
         raise ConfigError(f"no validation split to calibrate on ({exc}); set data.val_fraction > 0") from exc
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     module.to(device)
     pl.seed_everything(cfg.run.seed, verbose=False)
     ood_parts: list = []

@@ -206,7 +206,7 @@ def collect_probs(module, loader, ood: list | None = None, prior: list | None = 
     for batch in loader:
         batch = {k: (v.to(module.device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
         if ood is None:
-            probs, _, pr = module._scores(batch, "test")
+            probs, _, pr = module.scores(batch, "test")
         else:
             probs, _, pr, extra = module._eval_batch(batch, "test")
             ood.append(extra["ood"].detached())
