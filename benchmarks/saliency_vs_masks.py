@@ -80,14 +80,18 @@ def evaluate_run(
     run: Path, split: str = "val", limit: int | None = None, mask_dir: Path | None = None, batch_size: int = 64
 ) -> dict:
     from diffmic.config import load_config
+    from diffmic.data.sources import find_dataset
     from diffmic.nn.guidance import crop_rois, grid_shape, select_rois
     from diffmic.training.checkpoint import load_module
     from diffmic.training.run import build_datamodule, resolve_checkpoint
 
     cfg = load_config(run / "config.yaml")
-    if cfg.data.dataset != "ham10000":
-        raise SystemExit(f"{run}: needs a HAM10000 run (lesion masks), got data.dataset={cfg.data.dataset}")
-    mask_dir = mask_dir or Path(cfg.data.root) / "masks"
+    spec = find_dataset(cfg.data.dataset)
+    if spec is None or spec.mask_folder is None:
+        raise SystemExit(
+            f"{run}: needs a run on a data set with lesion masks (HAM10000), got data.dataset={cfg.data.dataset}"
+        )
+    mask_dir = mask_dir or Path(cfg.data.root) / spec.mask_folder
     dm = build_datamodule(cfg)
     dm.setup("fit" if split == "val" else "test")
     ds = dm.get_dataset(split)

@@ -402,11 +402,11 @@ def _add_portable_parsers(p, sub, dsub) -> None:
 
 
 def _data_download(args) -> int:
-    from diffmic.data.download import SOURCES, available_datasets, download_dataset
+    from diffmic.data.download import available_datasets, download_dataset, download_source
 
     if args.list or not args.name:
         for name in available_datasets():
-            src = SOURCES[name]
+            src = download_source(name)
             print(f"{name}\t{getattr(src, 'description', 'manual download (see: diffmic data download ' + name + ')')}")
         return 0 if args.list else 2
     download_dataset(

@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable
 from typing import Any, Optional
 
+from diffmic.data.sources import REGISTRY, find_dataset
 from diffmic.nn.diffmic import DIFFUSION_VARIANTS, GUIDED_VARIANTS
 from diffmic.trust.ood import score_problem
 
@@ -77,9 +78,13 @@ def path(v: Any, cfg: Config) -> Optional[str]:
 
 # ------------------------------------------------------------------------------------------ data
 def lesion_split(v: Any, cfg: Config) -> Optional[str]:
-    if v == "lesion" and cfg.data.dataset != "ham10000":
-        return "needs lesion ids: only data.dataset=ham10000 has them (use authors or random)"
-    return None
+    """``lesion`` only for a data set whose entry in ``data.sources.REGISTRY`` has lesion ids."""
+    spec = find_dataset(cfg.data.dataset)
+    if v != "lesion" or spec is None or "lesion" in spec.splits:
+        return None
+    have = [f"data.dataset={s.name}" for s in REGISTRY.values() if "lesion" in s.splits]
+    verb = "has" if len(have) == 1 else "have"
+    return f"needs lesion ids: only {' or '.join(have)} {verb} them (use {' or '.join(spec.splits)})"
 
 
 def folds(v: Any, cfg: Config) -> Optional[str]:

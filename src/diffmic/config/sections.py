@@ -86,9 +86,9 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = option("ham10000", choices=DATASETS)  # data.sources: one entry per data set
+    dataset: str = option("ham10000", choices=DATASETS)  # data.sources.REGISTRY: one entry per data set
     root: str = option("../shared/data/ham10000", check=ck.path)  # data folder (csv: the manifest; medmnist: the .npz)
-    split: str = option("authors", choices=SPLITS, check=ck.lesion_split)  # lesion: HAM10000 only
+    split: str = option("authors", choices=SPLITS, check=ck.lesion_split)  # lesion: data sets with lesion ids
     test_fraction: float = option(0.3, check=_OPEN01)  # for split=random/lesion (paper: 7:3; ultrasound 8:2)
     path_col: str = "path"  # csv manifests
     label_col: str = "label"

@@ -12,7 +12,13 @@ from .pickle_splits import convert_pickle_split_to_csv, load_pickle_split
 from .records import DataError, DatasetIndex, Problem, Record, filter_existing
 from .sources import (
     APTOS_CLASSES,
+    DATASETS,
     HAM10000_CLASSES,
+    REGISTRY,
+    DatasetSpec,
+    LoadRequest,
+    dataset_spec,
+    find_dataset,
     load_aptos2019,
     load_csv_manifest,
     load_ham10000,
@@ -48,6 +54,12 @@ __all__ = [
     "load_pickle_split",
     "convert_pickle_split_to_csv",
     "split_all",
+    "DATASETS",
+    "REGISTRY",
+    "DatasetSpec",
+    "LoadRequest",
+    "dataset_spec",
+    "find_dataset",
     "HAM10000_CLASSES",
     "APTOS_CLASSES",
     "stratified_split",
@@ -76,7 +88,6 @@ __all__ = [
 
 _LAZY = {
     "DiffMICDataModule": "datamodule",
-    "DATASETS": "datamodule",
     "ImagePathsDataset": "datasets",
     "CachedImageDataset": "datasets",
 }

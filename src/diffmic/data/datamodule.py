@@ -22,7 +22,7 @@ from .checks import DataReport, check_dataset
 from .datasets import CachedImageDataset, ImagePathsDataset
 from .records import DataError, DatasetIndex, Record, filter_existing
 from .sampling import EpochSeededSampler, class_balance_weights, drops_last_batch
-from .sources import load_aptos2019, load_csv_manifest, load_ham10000, load_image_folder, load_medmnist, split_all
+from .sources import LoadRequest, dataset_spec, split_all
 from .splits import kfold_split, pool_splits, stratified_split, stratified_subset
 from .transforms import DEFAULT_MAX_PIXELS, build_transform
 
@@ -37,21 +37,13 @@ __all__ = [
 
 from .sources import DATASETS, SPLITS  # noqa: E402  (defined without Lightning, for the config)
 
-_ALIASES = {
-    "ham": "ham10000",
-    "isic2018": "ham10000",
-    "isic": "ham10000",
-    "aptos": "aptos2019",
-    "image_folder": "folder",
-    "imagefolder": "folder",
-    "npz": "medmnist",
-}
-
 
 class DiffMICDataModule(pl.LightningDataModule):
     """Data for DiffMIC training, validation, testing and prediction.
 
-    dataset: ``"ham10000"`` | ``"aptos2019"`` | ``"csv"`` | ``"folder"`` | ``"medmnist"``.
+    dataset: a name in :data:`~diffmic.data.sources.REGISTRY` (``"ham10000"`` | ``"aptos2019"`` |
+        ``"csv"`` | ``"folder"`` | ``"medmnist"``) or one of its aliases; its entry says how it is
+        read, split and grouped.
     root: dataset folder (HAM10000 / APTOS / class folders), the ``.npz`` file (MedMNIST), or
         the base folder for relative CSV paths (``csv_path`` names the CSV; a ``root`` ending in
         ``.csv`` is taken as the CSV itself).
@@ -123,13 +115,12 @@ class DiffMICDataModule(pl.LightningDataModule):
         fold: int = 0,
     ) -> None:
         super().__init__()
-        ds = _ALIASES.get(dataset.lower(), dataset.lower())
-        if ds not in DATASETS:
-            raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+        spec = dataset_spec(dataset)
         if split not in SPLITS:
             raise ValueError(f"split must be 'authors', 'lesion' or 'random', got {split!r}")
-        if split == "lesion" and ds != "ham10000":
-            raise ValueError("split='lesion' needs lesion ids, which only HAM10000 has")
+        problem = spec.split_error(split)
+        if problem:
+            raise ValueError(problem)
         if in_chans not in (1, 3):
             raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
         if image_size <= 0 or batch_size <= 0:
@@ -148,7 +139,8 @@ class DiffMICDataModule(pl.LightningDataModule):
             raise ValueError("root is required")
         if folds < 0 or folds == 1 or (folds >= 2 and not 0 <= fold < folds):
             raise ValueError(f"folds must be 0 (off) or >= 2 and fold in [0, folds-1], got folds={folds} fold={fold}")
-        self.dataset = ds
+        self.spec = spec
+        self.dataset = spec.name
         self.root = Path(root) if root is not None else None
         self.split = split
         self.csv_path = Path(csv_path) if csv_path is not None else None
@@ -188,39 +180,20 @@ class DiffMICDataModule(pl.LightningDataModule):
     def _load_sources(self) -> dict[str, DatasetIndex]:
         if self._sources is not None:
             return self._sources
-        ds, root = self.dataset, self.root
-        if ds == "csv":
-            csv_path = self.csv_path
-            base = root
-            if csv_path is None:
-                if root is not None and root.suffix.lower() == ".csv":
-                    csv_path, base = root, None
-                else:
-                    raise ValueError("dataset='csv' needs csv_path (or root pointing at the CSV)")
-            src = load_csv_manifest(
-                csv_path,
-                base,
-                self.path_col,
-                self.label_col,
-                self.split_col,
-                self._class_names_arg,
-                group_col=self.group_col,
-            )
-        elif root is None:
-            raise ValueError(f"dataset={ds!r} needs root (csv_path is for dataset='csv')")
-        elif ds == "ham10000":
-            src = load_ham10000(root, self.split, seed=self.seed, test_fraction=self.test_fraction)
-        elif ds == "aptos2019":
-            if self.split == "lesion":
-                raise ValueError("APTOS has no lesion ids")
-            src = load_aptos2019(root, self.split, seed=self.seed, test_fraction=self.test_fraction)
-        elif ds == "folder":
-            src = load_image_folder(root, self._class_names_arg)
-        else:
-            if self.split != "authors":
-                raise ValueError("MedMNIST only supports its official split (split='authors')")
-            src = load_medmnist(root, self._class_names_arg)
-        self._sources = self._arrange(src)
+        names = self._class_names_arg
+        request = LoadRequest(
+            root=self.root,
+            split=self.split,
+            seed=self.seed,
+            test_fraction=self.test_fraction,
+            csv_path=self.csv_path,
+            path_col=self.path_col,
+            label_col=self.label_col,
+            split_col=self.split_col,
+            group_col=self.group_col,
+            class_names=tuple(names) if names is not None else None,
+        )
+        self._sources = self._arrange(self.spec.load(request))
         return self._sources
 
     def _arrange(self, src: dict[str, DatasetIndex]) -> dict[str, DatasetIndex]:
@@ -232,13 +205,14 @@ class DiffMICDataModule(pl.LightningDataModule):
             self._pooled = pooled
             rest, test = kfold_split(pooled, self.folds, self.fold, seed=self.seed)
             return {"train": rest, "test": test}
-        if self.split == "random" and self.dataset in ("csv", "folder") and len(src) > 1:
+        if self.split == "random" and self.spec.resplit_random and len(src) > 1:
             # pool the source's splits and re-split
             recs = [r for ix in src.values() for r in ix.records]
             probs = [p for ix in src.values() for p in ix.problems]
             first = next(iter(src.values()))
             src = {"all": DatasetIndex(recs, list(first.class_names), problems=probs)}
-        grouped = self.dataset == "ham10000" or self.group_col is not None  # no lesion / patient in two splits
+        # no lesion / patient in two splits: the data set's own groups, or a CSV's group column
+        grouped = self.spec.group_column is not None or self.group_col is not None
         if "all" in src:
             src = split_all(src["all"], self.test_fraction, self.seed, grouped=grouped)
         if "train" not in src:
@@ -253,7 +227,7 @@ class DiffMICDataModule(pl.LightningDataModule):
         """The same pixels in two splits: an error for your own data (folder, CSV); a warning for
         a public benchmark (BreastMNIST's official split holds one such pair), whose published
         protocols keep them."""
-        return "warning" if self.dataset in ("medmnist", "ham10000", "aptos2019") else "error"
+        return "warning" if self.spec.public_benchmark else "error"
 
     @property
     def label_conflict_policy(self) -> str:
@@ -261,7 +235,7 @@ class DiffMICDataModule(pl.LightningDataModule):
         copy); a warning for a public benchmark, whose published split is kept as it is
         (BreastMNIST's official split holds one such pair: train 115 'malignant' = test 76
         'normal, benign')."""
-        return "warning" if self.dataset in ("medmnist", "ham10000", "aptos2019") else "error"
+        return "warning" if self.spec.public_benchmark else "error"
 
     @property
     def class_names(self) -> list[str]:

@@ -14,7 +14,9 @@ Like torchvision's and MedMNIST's downloaders:
   into place, so a killed or failed download never leaves ``DIR/NAME`` looking complete;
 * offline: a clear error that lists what to download by hand and where to put it (CLI exit 2).
 
-Every URL lives in :data:`SOURCES` (one table). ``mirror`` (``--mirror`` / ``DIFFMIC_DATA_MIRROR``)
+Every URL lives in the entry of its data set in :data:`diffmic.data.sources.REGISTRY`
+(``DatasetSpec.downloads``, described with the classes of :mod:`diffmic.data.remote`);
+:data:`SOURCES` is the table of them all, by download name. ``mirror`` (``--mirror`` / ``DIFFMIC_DATA_MIRROR``)
 rewrites ``https://<host>/<path>`` to ``<mirror>/<host>/<path>``: for institutional mirrors and for
 the tests, which serve fake archives from a local HTTP server on 127.0.0.1.
 
@@ -40,12 +42,13 @@ import urllib.parse
 import urllib.request
 import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from diffmic.atomic import atomic_path
 
 from .records import DataError
+from .remote import DataverseFile, DownloadSource, ManualSource, RemoteFile
+from .sources import REGISTRY
 
 __all__ = [
     "MARKER",
@@ -57,6 +60,7 @@ __all__ = [
     "ManualSource",
     "RemoteFile",
     "available_datasets",
+    "download_source",
     "download_dataset",
     "fetch_file",
     "is_complete",
@@ -81,194 +85,23 @@ class ManualDownloadRequired(DownloadError):
 # The table of sources
 
 
-@dataclass(frozen=True)
-class RemoteFile:
-    """One file at a fixed URL. ``md5=None``: the source publishes no checksum (see docs)."""
-
-    url: str
-    filename: str
-    md5: str | None = None
-    action: str = "copy"  # copy | unzip_jpg | unzip_png | pkl_split
-    dest: str = ""  # path inside the data-set folder (file for copy/pkl_split, folder for unzip_*)
-    expect_rows: int | None = None  # pkl_split: number of rows the split must have
-    id_col: str = "image_id"  # pkl_split: id column of the CSV written (HAM10000 image_id, APTOS id_code)
+#: every download, by name: the ``downloads`` of the data sets in :data:`~diffmic.data.sources.REGISTRY`
+SOURCES: dict[str, DownloadSource | ManualSource] = {d.name: d for spec in REGISTRY.values() for d in spec.downloads}
 
 
-@dataclass(frozen=True)
-class DataverseFile:
-    """A file of a Harvard Dataverse data set, found by name in the data set's file listing
-    (``/api/datasets/:persistentId/versions/:latest-published/files``), which also gives its MD5."""
-
-    match: str  # file name (compared case-insensitively, ignoring '_', '-', '.' and the extension)
-    action: str = "copy"  # copy | metadata_csv | unzip_jpg | unzip_png
-    dest: str = ""
+def _registered() -> dict[str, DownloadSource | ManualSource]:
+    """The downloads of the data sets in the registry now (one registered after this import too)."""
+    return {d.name: d for spec in REGISTRY.values() for d in spec.downloads}
 
 
-@dataclass(frozen=True)
-class DownloadSource:
-    name: str
-    description: str
-    licence: str
-    citation: str
-    approx_size: str
-    files: Sequence[RemoteFile] = ()
-    dataverse_server: str | None = None
-    dataverse_doi: str | None = None
-    dataverse_files: Sequence[DataverseFile] = ()
-    layout: str = ""
-    config_hint: str = ""  # how to point a config at the result ('{path}' is the data-set folder)
-
-
-@dataclass(frozen=True)
-class ManualSource:
-    name: str
-    message: str
-
-
-_DIFFMIC_REPO = "https://raw.githubusercontent.com/scott-yjyang/DiffMIC/ae42dc7506bed03790eeb97fe242223235a75d5e"
-_ZENODO = "https://zenodo.org/records/10519652/files"
-
-# MedMNIST v2 2-D single-label sets: URLs and MD5s exactly as the `medmnist` package (3.0.2,
-# medmnist/info.py INFO[...]["url"/"MD5"...]) publishes them. Multi-label ChestMNIST and the 3-D
-# sets are left out: the loader reads single-label 2-D images.
-_MEDMNIST_MD5 = {
-    "breastmnist": (
-        "750601b1f35ba3300ea97c75c52ff8f6",
-        "742edef2a1fd1524b2efff4bd7ba9364",
-        "363e4b3f8d712e9b5de15470a2aaadf1",
-        "b56378a6eefa9fed602bb16d192d4c8b",
-    ),
-    "pneumoniamnist": (
-        "28209eda62fecd6e6a2d98b1501bb15f",
-        "8f4eceb4ccffa70c672198ea285246c6",
-        "05b46931834c231683c68f40c47b2971",
-        "d6a3c71de1b945ea11211b03746c1fe1",
-    ),
-    "dermamnist": (
-        "0744692d530f8e62ec473284d019b0c7",
-        "b70a2f5635c6199aeaa28c31d7202e1f",
-        "2defd784463fa5243564e855ed717de1",
-        "8974907d8e169bef5f5b96bc506ae45d",
-    ),
-    "retinamnist": (
-        "bd4c0672f1bba3e3a89f0e4e876791e4",
-        "afda852cc34dcda56f86ad2b2457dbcc",
-        "e48e916a24454daf90583d4e6efb1a18",
-        "eae7e3b6f3fcbda4ae613ebdcbe35348",
-    ),
-    "bloodmnist": (
-        "7053d0359d879ad8a5505303e11de1dc",
-        "2b94928a2ae4916078ca51e05b6b800b",
-        "adace1e0ed228fccda1f39692059dd4c",
-        "b718ff6835fcbdb22ba9eacccd7b2601",
-    ),
-}
-_MEDMNIST_LICENCE = {"dermamnist": "CC BY-NC 4.0"}
-
-SOURCES: dict[str, DownloadSource | ManualSource] = {
-    "ham10000": DownloadSource(
-        name="ham10000",
-        description="HAM10000 (ISIC 2018 Task 3 training set): 10,015 dermatoscopic images (600x450 JPEG), "
-        "metadata, lesion segmentation masks, and the DiffMIC authors' 7,011/3,004 split",
-        licence="CC BY-NC 4.0 (images, metadata, masks); split files from github.com/scott-yjyang/DiffMIC",
-        citation="Tschandl, Rosendahl & Kittler, 'The HAM10000 dataset', Sci. Data 5, 180161 (2018)",
-        approx_size="about 3 GB downloaded (two image zips ~2.6 GB, masks ~30 MB), about 3 GB on disk",
-        dataverse_server="https://dataverse.harvard.edu",
-        dataverse_doi="10.7910/DVN/DBW86T",
-        dataverse_files=(
-            DataverseFile("HAM10000_metadata", "metadata_csv", "HAM10000_metadata.csv"),
-            DataverseFile("HAM10000_images_part_1.zip", "unzip_jpg", "images"),
-            DataverseFile("HAM10000_images_part_2.zip", "unzip_jpg", "images"),
-            DataverseFile("HAM10000_segmentations_lesion_tschandl.zip", "unzip_png", "masks"),
-        ),
-        files=(
-            RemoteFile(
-                f"{_DIFFMIC_REPO}/dataset/isic2018/isic2018_train.pkl",
-                "isic2018_train.pkl",
-                None,
-                "pkl_split",
-                "splits/diffmic_train.csv",
-                expect_rows=7011,
-            ),
-            RemoteFile(
-                f"{_DIFFMIC_REPO}/dataset/isic2018/isic2018_test.pkl",
-                "isic2018_test.pkl",
-                None,
-                "pkl_split",
-                "splits/diffmic_test.csv",
-                expect_rows=3004,
-            ),
-        ),
-        layout="ham10000/images/ISIC_*.jpg, ham10000/masks/ISIC_*_segmentation.png, "
-        "ham10000/HAM10000_metadata.csv, ham10000/splits/diffmic_{train,test}.csv",
-        config_hint="data.dataset=ham10000 data.root={path}",
-    ),
-    "aptos2019": ManualSource(
-        name="aptos2019",
-        message=(
-            "APTOS 2019 Blindness Detection is distributed only under Kaggle's competition rules "
-            "(a Kaggle account that has accepted them), so diffmic does not download it.\n"
-            "Get it from https://www.kaggle.com/competitions/aptos2019-blindness-detection/data "
-            "(or `kaggle competitions download -c aptos2019-blindness-detection`, ~9.5 GB), unzip it "
-            "and lay it out as\n"
-            "  {root}/aptos2019/train.csv               (id_code,diagnosis; 3,662 rows)\n"
-            "  {root}/aptos2019/train_images/<id_code>.png\n"
-            "  {root}/aptos2019/splits/diffmic_{{train,test}}.csv   (the DiffMIC authors' 2,564/1,098 split: "
-            "`diffmic data download aptos2019_splits --root {root}` writes them to {root}/aptos2019_splits/; "
-            "copy them there. Without them use data.split=random)\n"
-            "then train with: diffmic fit --config aptos2019 data.root={root}/aptos2019"
-        ),
-    ),
-}
-
-SOURCES["aptos2019_splits"] = DownloadSource(
-    name="aptos2019_splits",
-    description="the DiffMIC authors' APTOS 2019 split (2,564 train / 1,098 test id_codes; images not included)",
-    licence="split lists from github.com/scott-yjyang/DiffMIC; the APTOS images are under Kaggle's terms",
-    citation="Yang et al., DiffMIC, MICCAI 2023",
-    approx_size="about 100 KB",
-    files=(
-        RemoteFile(
-            f"{_DIFFMIC_REPO}/dataset/aptos/aptos_train.pkl",
-            "aptos_train.pkl",
-            None,
-            "pkl_split",
-            "diffmic_train.csv",
-            expect_rows=2564,
-            id_col="id_code",
-        ),
-        RemoteFile(
-            f"{_DIFFMIC_REPO}/dataset/aptos/aptos_test.pkl",
-            "aptos_test.pkl",
-            None,
-            "pkl_split",
-            "diffmic_test.csv",
-            expect_rows=1098,
-            id_col="id_code",
-        ),
-    ),
-    layout="aptos2019_splits/diffmic_{train,test}.csv (copy into aptos2019/splits/)",
-    config_hint="copy {path}/diffmic_*.csv to <aptos2019 folder>/splits/, then data.root=<aptos2019 folder>",
-)
-
-for _name, _md5s in _MEDMNIST_MD5.items():
-    for _suffix, _checksum in zip(("", "_64", "_128", "_224"), _md5s):
-        _n = f"{_name}{_suffix}"
-        _size = _suffix[1:] or "28"
-        SOURCES[_n] = DownloadSource(
-            name=_n,
-            description=f"MedMNIST v2 {_name} at {_size}x{_size} (official .npz)",
-            licence=_MEDMNIST_LICENCE.get(_name, "CC BY 4.0"),
-            citation="Yang et al., 'MedMNIST v2', Sci. Data 10, 41 (2023)",
-            approx_size="see https://zenodo.org/records/10519652",
-            files=(RemoteFile(f"{_ZENODO}/{_n}.npz?download=1", f"{_n}.npz", _checksum, "copy", f"{_n}.npz"),),
-            layout=f"{_n}/{_n}.npz",
-            config_hint="data.dataset=medmnist data.root={path}/" + f"{_n}.npz",
-        )
+def download_source(name: str) -> DownloadSource | ManualSource | None:
+    """The download called ``name`` (any case): :data:`SOURCES`, then the registry's data sets."""
+    key = name.lower()
+    return SOURCES.get(key) or _registered().get(key)
 
 
 def available_datasets() -> list[str]:
-    return sorted(SOURCES)
+    return sorted(set(SOURCES) | set(_registered()))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -530,14 +363,14 @@ def _metadata_csv(src_file: Path, dest: Path) -> int:
     return len(rows) - 1
 
 
-def _pkl_split(src_file: Path, dest: Path, expect_rows: int | None, id_col: str = "image_id") -> int:
+def _pkl_split(
+    src_file: Path, dest: Path, expect_rows: int | None, id_col: str = "image_id", classes: Sequence[str] = ()
+) -> int:
     """Released ``.pkl`` split (list of {'img_root', 'label'}, read with the restricted unpickler) ->
     ``<id_col>,label,class`` CSV as :func:`~diffmic.data.sources.load_ham10000` (``image_id``) and
-    :func:`~diffmic.data.sources.load_aptos2019` (``id_code``) read it."""
+    :func:`~diffmic.data.sources.load_aptos2019` (``id_code``) read it (``class``: the name of the
+    label in ``classes``, empty where it has none)."""
     from .pickle_splits import load_pickle_split
-    from .sources import APTOS_CLASSES, HAM10000_CLASSES
-
-    classes = APTOS_CLASSES if id_col == "id_code" else HAM10000_CLASSES
 
     entries = load_pickle_split(src_file)
     if expect_rows is not None and len(entries) != expect_rows:
@@ -554,7 +387,14 @@ def _pkl_split(src_file: Path, dest: Path, expect_rows: int | None, id_col: str 
     return len(entries)
 
 
-def _apply(action: str, file: Path, target: Path, expect_rows: int | None = None, id_col: str = "image_id") -> int:
+def _apply(
+    action: str,
+    file: Path,
+    target: Path,
+    expect_rows: int | None = None,
+    id_col: str = "image_id",
+    classes: Sequence[str] = (),
+) -> int:
     if action == "copy":
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(file, target)
@@ -566,7 +406,7 @@ def _apply(action: str, file: Path, target: Path, expect_rows: int | None = None
     if action == "metadata_csv":
         return _metadata_csv(file, target)
     if action == "pkl_split":
-        return _pkl_split(file, target, expect_rows, id_col)
+        return _pkl_split(file, target, expect_rows, id_col, classes)
     raise ValueError(f"unknown action {action!r}")
 
 
@@ -606,10 +446,9 @@ def download_dataset(
     Already complete (marker present): returns at once. An existing folder without the marker
     (written by hand, or by something else) is never touched: :class:`DownloadError`.
     """
-    key = name.lower()
-    if key not in SOURCES:
+    src = download_source(name)
+    if src is None:
         raise DownloadError(f"unknown data set '{name}'; available: {', '.join(available_datasets())}")
-    src = SOURCES[key]
     root = Path(root).expanduser()
     if isinstance(src, ManualSource):
         raise ManualDownloadRequired(src.message.format(root=root))
@@ -630,14 +469,16 @@ def download_dataset(
     log(f"downloading {src.name}: {src.description}; {src.approx_size}. Licence: {src.licence}.")
 
     # 1. fetch everything (resumable, verified)
-    jobs: list[tuple[str, str, str | None, str, str, int | None, str]] = []
+    jobs: list[tuple[str, str, str | None, str, str, int | None, str, tuple[str, ...]]] = []
     if src.dataverse_doi:
         listing = _dataverse_listing(src, mirror, manual)
         for want in src.dataverse_files:
             url, fname, md5 = _resolve_dataverse(src, listing, want, mirror)
-            jobs.append((url, fname, md5, want.action, want.dest, None, ""))
+            jobs.append((url, fname, md5, want.action, want.dest, None, "", ()))
     for f in src.files:
-        jobs.append((_mirror(f.url, mirror), f.filename, f.md5, f.action, f.dest, f.expect_rows, f.id_col))
+        jobs.append(
+            (_mirror(f.url, mirror), f.filename, f.md5, f.action, f.dest, f.expect_rows, f.id_col, tuple(f.classes))
+        )
     # names are data: each file is fetched under a plain base name inside the staging folder, and
     # two files of one name are refused (one must never overwrite or stand in for the other)
     seen: dict[str, str] = {}
@@ -659,8 +500,8 @@ def download_dataset(
     tmp = Path(tempfile.mkdtemp(prefix=f".{src.name}.tmp-", dir=root))
     with atomic_path(final, tmp=tmp):  # renamed into place when complete, removed on any error
         record = []
-        for path, (url, fname, md5, action, dest_name, rows, id_col) in zip(fetched, jobs):
-            n = _apply(action, path, tmp / dest_name, rows, id_col)
+        for path, (url, fname, md5, action, dest_name, rows, id_col, classes) in zip(fetched, jobs):
+            n = _apply(action, path, tmp / dest_name, rows, id_col, classes)
             record.append(
                 {
                     "file": fname,

@@ -1,4 +1,11 @@
-"""Dataset loaders. They read labels, split files and folder layouts and build
+"""Dataset loaders and the registry of named data sets.
+
+:data:`REGISTRY` holds one :class:`DatasetSpec` per ``data.dataset`` name: its loader, the split
+protocols it supports, its lesion / patient groups, its downloads, its lesion masks and original
+images. :data:`DATASETS` (the config's choices), the data module, ``diffmic data download``, the
+lesion checks, the report and the model card read it; a new data set is a loader and one entry.
+
+The loaders read labels, split files and folder layouts and build
 :class:`~diffmic.data.records.DatasetIndex` objects; they never decode images and do not
 check that image files exist (that is :func:`diffmic.data.checks.check_dataset`'s job, so that
 every missing file is reported, not silently dropped).
@@ -18,13 +25,16 @@ from __future__ import annotations
 import csv
 import io
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 
 from .dicom import DICOM_EXTENSIONS
 from .records import DataError, DatasetIndex, Problem, Record
+from .remote import DataverseFile, DownloadSource, ManualSource, RemoteFile
 from .splits import stratified_split
 
 __all__ = [
@@ -39,6 +49,14 @@ __all__ = [
     "load_image_folder",
     "load_medmnist",
     "split_all",
+    "DATASETS",
+    "SPLITS",
+    "REGISTRY",
+    "DatasetSpec",
+    "LoadRequest",
+    "dataset_spec",
+    "find_dataset",
+    "image_id_file",
 ]
 
 HAM10000_CLASSES = ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
@@ -49,7 +67,6 @@ MEDMNIST_CLASSES = {
     "breastmnist": ["malignant", "normal, benign"],
     "pneumoniamnist": ["normal", "pneumonia"],
 }
-DATASETS = ("ham10000", "aptos2019", "csv", "folder", "medmnist")  # data.dataset (DiffMICDataModule)
 SPLITS = ("authors", "lesion", "random")  # data.split
 #: the suffixes of image files in class folders and in ``diffmic predict`` folders (DICOM needs the
 #: ``dicom`` extra; see :mod:`diffmic.data.dicom`)
@@ -238,6 +255,49 @@ def load_ham10000(
     return split_all(full, test_fraction, seed, grouped=(split == "lesion"))
 
 
+#: where the HAM10000 files and the DiffMIC split come from (``diffmic data download ham10000``)
+_DIFFMIC_REPO = "https://raw.githubusercontent.com/scott-yjyang/DiffMIC/ae42dc7506bed03790eeb97fe242223235a75d5e"
+HAM10000_DOWNLOAD = DownloadSource(
+    name="ham10000",
+    description="HAM10000 (ISIC 2018 Task 3 training set): 10,015 dermatoscopic images (600x450 JPEG), "
+    "metadata, lesion segmentation masks, and the DiffMIC authors' 7,011/3,004 split",
+    licence="CC BY-NC 4.0 (images, metadata, masks); split files from github.com/scott-yjyang/DiffMIC",
+    citation="Tschandl, Rosendahl & Kittler, 'The HAM10000 dataset', Sci. Data 5, 180161 (2018)",
+    approx_size="about 3 GB downloaded (two image zips ~2.6 GB, masks ~30 MB), about 3 GB on disk",
+    dataverse_server="https://dataverse.harvard.edu",
+    dataverse_doi="10.7910/DVN/DBW86T",
+    dataverse_files=(
+        DataverseFile("HAM10000_metadata", "metadata_csv", "HAM10000_metadata.csv"),
+        DataverseFile("HAM10000_images_part_1.zip", "unzip_jpg", "images"),
+        DataverseFile("HAM10000_images_part_2.zip", "unzip_jpg", "images"),
+        DataverseFile("HAM10000_segmentations_lesion_tschandl.zip", "unzip_png", "masks"),
+    ),
+    files=tuple(
+        RemoteFile(
+            f"{_DIFFMIC_REPO}/dataset/isic2018/isic2018_{part}.pkl",
+            f"isic2018_{part}.pkl",
+            None,
+            "pkl_split",
+            f"splits/diffmic_{part}.csv",
+            expect_rows=rows,
+            classes=tuple(HAM10000_CLASSES),
+        )
+        for part, rows in (("train", 7011), ("test", 3004))
+    ),
+    layout="ham10000/images/ISIC_*.jpg, ham10000/masks/ISIC_*_segmentation.png, "
+    "ham10000/HAM10000_metadata.csv, ham10000/splits/diffmic_{train,test}.csv",
+    config_hint="data.dataset=ham10000 data.root={path}",
+)
+
+
+def _ham10000_original(root: Path | None, image_id: str) -> Path | None:
+    """The JPEG of a HAM10000 image id (``root/images/<id>.jpg``), where it is."""
+    if root is None:
+        return None
+    p = root / "images" / f"{image_id}.jpg"
+    return p if p.is_file() else None
+
+
 # ----------------------------------------------------------------------------------------------
 # APTOS 2019
 
@@ -328,6 +388,48 @@ def load_aptos2019(
         recs.append(make(row["id_code"], lab, src))
     full = DatasetIndex(recs, list(APTOS_CLASSES), problems=probs)
     return split_all(full, test_fraction, seed)
+
+
+APTOS2019_DOWNLOADS = (
+    ManualSource(
+        name="aptos2019",
+        message=(
+            "APTOS 2019 Blindness Detection is distributed only under Kaggle's competition rules "
+            "(a Kaggle account that has accepted them), so diffmic does not download it.\n"
+            "Get it from https://www.kaggle.com/competitions/aptos2019-blindness-detection/data "
+            "(or `kaggle competitions download -c aptos2019-blindness-detection`, ~9.5 GB), unzip it "
+            "and lay it out as\n"
+            "  {root}/aptos2019/train.csv               (id_code,diagnosis; 3,662 rows)\n"
+            "  {root}/aptos2019/train_images/<id_code>.png\n"
+            "  {root}/aptos2019/splits/diffmic_{{train,test}}.csv   (the DiffMIC authors' 2,564/1,098 split: "
+            "`diffmic data download aptos2019_splits --root {root}` writes them to {root}/aptos2019_splits/; "
+            "copy them there. Without them use data.split=random)\n"
+            "then train with: diffmic fit --config aptos2019 data.root={root}/aptos2019"
+        ),
+    ),
+    DownloadSource(
+        name="aptos2019_splits",
+        description="the DiffMIC authors' APTOS 2019 split (2,564 train / 1,098 test id_codes; images not included)",
+        licence="split lists from github.com/scott-yjyang/DiffMIC; the APTOS images are under Kaggle's terms",
+        citation="Yang et al., DiffMIC, MICCAI 2023",
+        approx_size="about 100 KB",
+        files=tuple(
+            RemoteFile(
+                f"{_DIFFMIC_REPO}/dataset/aptos/aptos_{part}.pkl",
+                f"aptos_{part}.pkl",
+                None,
+                "pkl_split",
+                f"diffmic_{part}.csv",
+                expect_rows=rows,
+                id_col="id_code",
+                classes=tuple(APTOS_CLASSES),
+            )
+            for part, rows in (("train", 2564), ("test", 1098))
+        ),
+        layout="aptos2019_splits/diffmic_{train,test}.csv (copy into aptos2019/splits/)",
+        config_hint="copy {path}/diffmic_*.csv to <aptos2019 folder>/splits/, then data.root=<aptos2019 folder>",
+    ),
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -645,3 +747,269 @@ def load_medmnist(npz_path: str | os.PathLike, class_names: Sequence[str] | None
         ]
         out[s] = DatasetIndex(recs, list(class_names), images=imgs)
     return out
+
+
+# MedMNIST v2 2-D single-label sets: URLs and MD5s exactly as the `medmnist` package (3.0.2,
+# medmnist/info.py INFO[...]["url"/"MD5"...]) publishes them. Multi-label ChestMNIST and the 3-D
+# sets are left out: the loader reads single-label 2-D images.
+_ZENODO = "https://zenodo.org/records/10519652/files"
+_MEDMNIST_MD5 = {
+    "breastmnist": (
+        "750601b1f35ba3300ea97c75c52ff8f6",
+        "742edef2a1fd1524b2efff4bd7ba9364",
+        "363e4b3f8d712e9b5de15470a2aaadf1",
+        "b56378a6eefa9fed602bb16d192d4c8b",
+    ),
+    "pneumoniamnist": (
+        "28209eda62fecd6e6a2d98b1501bb15f",
+        "8f4eceb4ccffa70c672198ea285246c6",
+        "05b46931834c231683c68f40c47b2971",
+        "d6a3c71de1b945ea11211b03746c1fe1",
+    ),
+    "dermamnist": (
+        "0744692d530f8e62ec473284d019b0c7",
+        "b70a2f5635c6199aeaa28c31d7202e1f",
+        "2defd784463fa5243564e855ed717de1",
+        "8974907d8e169bef5f5b96bc506ae45d",
+    ),
+    "retinamnist": (
+        "bd4c0672f1bba3e3a89f0e4e876791e4",
+        "afda852cc34dcda56f86ad2b2457dbcc",
+        "e48e916a24454daf90583d4e6efb1a18",
+        "eae7e3b6f3fcbda4ae613ebdcbe35348",
+    ),
+    "bloodmnist": (
+        "7053d0359d879ad8a5505303e11de1dc",
+        "2b94928a2ae4916078ca51e05b6b800b",
+        "adace1e0ed228fccda1f39692059dd4c",
+        "b718ff6835fcbdb22ba9eacccd7b2601",
+    ),
+}
+_MEDMNIST_LICENCE = {"dermamnist": "CC BY-NC 4.0"}
+
+
+def _medmnist_download(name: str, suffix: str, md5: str) -> DownloadSource:
+    """One official MedMNIST ``.npz`` (``suffix``: ``""`` = 28 px, ``"_64"``, ``"_128"``, ``"_224"``)."""
+    n = f"{name}{suffix}"
+    size = suffix[1:] or "28"
+    return DownloadSource(
+        name=n,
+        description=f"MedMNIST v2 {name} at {size}x{size} (official .npz)",
+        licence=_MEDMNIST_LICENCE.get(name, "CC BY 4.0"),
+        citation="Yang et al., 'MedMNIST v2', Sci. Data 10, 41 (2023)",
+        approx_size="see https://zenodo.org/records/10519652",
+        files=(RemoteFile(f"{_ZENODO}/{n}.npz?download=1", f"{n}.npz", md5, "copy", f"{n}.npz"),),
+        layout=f"{n}/{n}.npz",
+        config_hint="data.dataset=medmnist data.root={path}/" + f"{n}.npz",
+    )
+
+
+MEDMNIST_DOWNLOADS = tuple(
+    _medmnist_download(name, suffix, md5)
+    for name, md5s in _MEDMNIST_MD5.items()
+    for suffix, md5 in zip(("", "_64", "_128", "_224"), md5s)
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# The registry: one entry per named data set
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    """What the data module asks a data set's loader for: its ``data.*`` settings."""
+
+    root: Path | None
+    split: str = "authors"
+    seed: int = 1234
+    test_fraction: float = 0.3
+    csv_path: Path | None = None
+    path_col: str = "path"
+    label_col: str = "label"
+    split_col: str | None = None
+    group_col: str | None = None
+    class_names: tuple[str, ...] | None = None
+
+    def folder(self, dataset: str) -> Path:
+        """``root``, which every data set but a CSV manifest needs."""
+        if self.root is None:
+            raise ValueError(f"dataset={dataset!r} needs root (csv_path is for dataset='csv')")
+        return self.root
+
+
+def image_id_file(root: Path | None, image_id: str) -> Path | None:
+    """The original image of an item whose id is a path (CSV manifests), where that file is."""
+    p = Path(image_id)
+    return p if p.is_file() else None
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Everything that differs between named data sets (``data.dataset``); every part of the package
+    that depends on the data set reads it from here (:func:`find_dataset`).
+
+    ``load`` reads the source's splits (``{"train", "val", "test"}`` or ``{"all"}``, as the loaders
+    above). ``splits``: the ``data.split`` protocols it supports (``"lesion"`` needs records with
+    groups). ``group_column``: the column of the data set's own files that names a record's group
+    (lesion / patient id, ``Record.group``), kept in one split and one fold; a CSV manifest names
+    its own (``data.group_col``). ``resplit_random``: ``split="random"`` pools the source's own splits
+    and draws a new one (the loader itself does not split). ``public_benchmark``: the published split
+    is kept as it is, so the same pixels in two splits or under two labels are a warning, not an
+    error. ``downloads``: what ``diffmic data download`` fetches for it. ``mask_folder``: the folder
+    under ``root`` of its lesion masks (``<image id>_segmentation.png``). ``original_image``: the
+    original file of an item (``root``, image id) for the report, or ``None``. ``split_notes``: a
+    sentence for the model card, by split.
+    """
+
+    name: str
+    title: str  # in messages ("HAM10000")
+    load: Callable[[LoadRequest], dict[str, DatasetIndex]]
+    splits: tuple[str, ...] = ("authors", "random")
+    aliases: tuple[str, ...] = ()
+    group_column: str | None = None
+    resplit_random: bool = False
+    public_benchmark: bool = False
+    downloads: tuple[DownloadSource | ManualSource, ...] = ()
+    mask_folder: str | None = None
+    original_image: Callable[[Path | None, str], Path | None] = image_id_file
+    split_notes: Mapping[str, str] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.splits if s not in SPLITS]
+        if not self.splits or unknown:
+            raise ValueError(f"data set {self.name!r}: splits must be some of {SPLITS}, got {self.splits}")
+        if "lesion" in self.splits and self.group_column is None:
+            raise ValueError(f"data set {self.name!r}: split 'lesion' needs a group_column (lesion ids)")
+
+    def split_error(self, split: str) -> str | None:
+        """Why this data set cannot be split by ``split`` (``None``: it can)."""
+        if split in self.splits:
+            return None
+        if split == "lesion":
+            have = " and ".join(s.title for s in REGISTRY.values() if "lesion" in s.splits) or "no data set"
+            return f"split='lesion' needs lesion ids, which only {have} has"
+        if self.splits == ("authors",):
+            return f"{self.title} only supports its official split (split='authors')"
+        return f"{self.title} supports split={' / '.join(self.splits)}, not {split!r}"
+
+
+def _load_ham10000(req: LoadRequest) -> dict[str, DatasetIndex]:
+    return load_ham10000(req.folder("ham10000"), req.split, seed=req.seed, test_fraction=req.test_fraction)
+
+
+def _load_aptos2019(req: LoadRequest) -> dict[str, DatasetIndex]:
+    return load_aptos2019(req.folder("aptos2019"), req.split, seed=req.seed, test_fraction=req.test_fraction)
+
+
+def _load_csv(req: LoadRequest) -> dict[str, DatasetIndex]:
+    csv_path, base = req.csv_path, req.root
+    if csv_path is None:
+        if req.root is not None and req.root.suffix.lower() == ".csv":
+            csv_path, base = req.root, None
+        else:
+            raise ValueError("dataset='csv' needs csv_path (or root pointing at the CSV)")
+    return load_csv_manifest(
+        csv_path, base, req.path_col, req.label_col, req.split_col, req.class_names, group_col=req.group_col
+    )
+
+
+def _load_folder(req: LoadRequest) -> dict[str, DatasetIndex]:
+    return load_image_folder(req.folder("folder"), req.class_names)
+
+
+def _load_medmnist(req: LoadRequest) -> dict[str, DatasetIndex]:
+    return load_medmnist(req.folder("medmnist"), req.class_names)
+
+
+#: the named data sets (``data.dataset``), in the order the config lists them
+REGISTRY: dict[str, DatasetSpec] = {
+    spec.name: spec
+    for spec in (
+        DatasetSpec(
+            name="ham10000",
+            title="HAM10000",
+            load=_load_ham10000,
+            splits=("authors", "lesion", "random"),
+            aliases=("ham", "isic2018", "isic"),
+            group_column="lesion_id",
+            public_benchmark=True,
+            downloads=(HAM10000_DOWNLOAD,),
+            mask_folder="masks",
+            original_image=_ham10000_original,
+            split_notes={
+                "authors": "Note: the authors' HAM10000 split is per image, and about a third of its test images "
+                "show a lesion that is also in the training split, so test scores on it are optimistic."
+            },
+        ),
+        DatasetSpec(
+            name="aptos2019",
+            title="APTOS 2019",
+            load=_load_aptos2019,
+            aliases=("aptos",),
+            public_benchmark=True,
+            downloads=APTOS2019_DOWNLOADS,
+        ),
+        DatasetSpec(name="csv", title="a CSV manifest", load=_load_csv, resplit_random=True),
+        DatasetSpec(
+            name="folder",
+            title="a class-folder tree",
+            load=_load_folder,
+            aliases=("image_folder", "imagefolder"),
+            resplit_random=True,
+        ),
+        DatasetSpec(
+            name="medmnist",
+            title="MedMNIST",
+            load=_load_medmnist,
+            splits=("authors",),
+            aliases=("npz",),
+            public_benchmark=True,
+            downloads=MEDMNIST_DOWNLOADS,
+        ),
+    )
+}
+
+
+class _RegistryNames(Sequence[str]):
+    """The names in :data:`REGISTRY`, read when asked (a tuple-like view: a data set registered later
+    is one of them)."""
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+    @overload
+    def __getitem__(self, i: slice) -> tuple[str, ...]: ...
+    def __getitem__(self, i: int | slice) -> str | tuple[str, ...]:
+        return tuple(REGISTRY)[i]
+
+    def __len__(self) -> int:
+        return len(REGISTRY)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, (tuple, _RegistryNames)) and tuple(self) == tuple(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return repr(tuple(REGISTRY))
+
+
+#: ``data.dataset``'s choices: the names in :data:`REGISTRY`
+DATASETS: Sequence[str] = _RegistryNames()
+
+
+def find_dataset(name: str | None) -> DatasetSpec | None:
+    """The entry of a data set by its name or an alias (any case); ``None`` for another name."""
+    if not name:
+        return None
+    key = str(name).lower()
+    if key in REGISTRY:
+        return REGISTRY[key]
+    return next((s for s in REGISTRY.values() if key in s.aliases), None)
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    """:func:`find_dataset`, raising ``ValueError`` (listing :data:`DATASETS`) for an unknown name."""
+    spec = find_dataset(name)
+    if spec is None:
+        raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
+    return spec

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from diffmic.config import Config, ConfigError, load_config
+from diffmic.data.sources import find_dataset, image_id_file
 from diffmic.devices import default_device
 from diffmic.diffusion.reverse import reverse_sample
 from diffmic.reporting import write_json
@@ -99,11 +100,12 @@ def _mask_path(cfg, image_id: str) -> Path | None:
 
 
 def _original_path(cfg, image_id: str) -> Path | None:
-    if cfg.data.dataset == "ham10000":
-        p = Path(cfg.data.root) / "images" / f"{image_id}.jpg"
-        return p if p.is_file() else None
-    p = Path(image_id)
-    return p if p.is_file() else None
+    """The original image file of a test item, as the data set's entry in ``data.sources.REGISTRY``
+    finds it (``None``: the report shows the network input)."""
+    spec = find_dataset(cfg.data.dataset)
+    root = Path(cfg.data.root) if cfg.data.root else None
+    find = spec.original_image if spec is not None else image_id_file
+    return find(root, image_id)
 
 
 @torch.no_grad()

@@ -595,11 +595,12 @@ def _card_training(data: dict, fit_summary: dict | None) -> list[str]:
         + (f", stratified subset of {data['subset']} images" if data.get("subset") else "")
         + f", images at {data['image_size']} px, {data['in_chans']} channel(s).",
     ]
-    if data["dataset"] == "ham10000" and data["split"] == "authors":
-        lines.append(
-            "Note: the authors' HAM10000 split is per image, and about a third of its test images show "
-            "a lesion that is also in the training split, so test scores on it are optimistic."
-        )
+    from diffmic.data.sources import find_dataset
+
+    spec = find_dataset(data["dataset"])
+    note = spec.split_notes.get(data["split"]) if spec is not None else None
+    if note:
+        lines.append(note)
     if fit_summary:
         lines.append(
             f"Training: {fit_summary.get('epochs')} epochs, checkpoint selected on "

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diffmic.data.sources import find_dataset
+
 
 def crop_box(w: int, h: int) -> tuple[int, int, int]:
     """(left, top, side) of the centred square the network sees (same rounding as the loader)."""
@@ -118,10 +120,12 @@ MASK_SUFFIX = "_segmentation.png"
 
 
 def lesion_mask_dir(dataset: str, root: str | os.PathLike | None) -> Path | None:
-    """The folder of lesion masks of a data set, where it has one (HAM10000: ``root/masks``)."""
-    if dataset != "ham10000" or root is None:
+    """The folder of lesion masks of a data set, where it has one: its entry's ``mask_folder`` in
+    :data:`diffmic.data.sources.REGISTRY` under ``root`` (HAM10000: ``root/masks``)."""
+    spec = find_dataset(dataset)
+    if spec is None or spec.mask_folder is None or root is None:
         return None
-    p = Path(root) / "masks"
+    p = Path(root) / spec.mask_folder
     return p if p.is_dir() else None
 
 
