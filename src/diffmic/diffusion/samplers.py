@@ -39,6 +39,7 @@ __all__ = [
     "DDIM_STARTS",
     "SAMPLERS",
     "EpsFn",
+    "SampleOptions",
     "SampleOutput",
     "SamplerSpec",
     "ddim_timesteps",
@@ -444,9 +445,8 @@ class SamplerSpec:
 
     Attributes:
         name: the value of ``eval.sampler`` / ``eval.val_sampler``.
-        run: ``run(eps_fn, schedule, prior_mean, steps=, eta=, start=, t_start=, generator=,
-            noise=, return_trajectory=) -> SampleOutput``; raises ``ValueError`` for an option the
-            sampler does not support.
+        run: ``run(eps_fn, schedule, prior_mean, options: SampleOptions) -> SampleOutput``; raises
+            ``ValueError`` for an option the sampler does not support.
         num_draws: ``num_draws(T, steps, eta)``, the leading size of its ``noise=`` tensor
             (:func:`num_noise_draws`).
         takes_start: True for samplers that honour ``start`` (``"noise"`` / ``"mean"``) and
@@ -456,7 +456,7 @@ class SamplerSpec:
     """
 
     name: str
-    run: Callable[..., SampleOutput]
+    run: Callable[[EpsFn, NoiseSchedule, Tensor, SampleOptions], SampleOutput]
     num_draws: Callable[[int, int | None, float], int]
     takes_start: bool
     full_chain: bool = False
@@ -474,112 +474,77 @@ class SamplerSpec:
         return min(int(steps), num_timesteps) - 1
 
 
-def _ancestral_options(name: str, eta: float, start: str, t_start: int | None) -> None:
-    if t_start is not None:
+@dataclass(frozen=True)
+class SampleOptions:
+    """The options :func:`sample` passes to a sampler's ``run`` (see :func:`sample`)."""
+
+    steps: int | None = None
+    eta: float = 0.0
+    start: str = "noise"
+    t_start: int | None = None
+    generator: torch.Generator | None = None
+    noise: Tensor | None = None
+    return_trajectory: bool = False
+
+
+def _ancestral_options(name: str, o: SampleOptions) -> None:
+    if o.t_start is not None:
         raise ValueError(f"t_start applies to 'ddim' and 'dpmpp2m' only, not {name!r}; set eval.t_start=null")
-    if eta != 0 or start != "noise":
+    if o.eta != 0 or o.start != "noise":
         raise ValueError(
-            f"sampler {name!r} supports only eta=0 and start='noise' (got eta={eta}, start={start!r}); "
+            f"sampler {name!r} supports only eta=0 and start='noise' (got eta={o.eta}, start={o.start!r}); "
             "set eval.eta=0 eval.start=noise"
         )
 
 
-def _run_ddpm(
-    eps_fn: EpsFn,
-    schedule: NoiseSchedule,
-    prior_mean: Tensor,
-    *,
-    steps: int | None,
-    eta: float,
-    start: str,
-    t_start: int | None,
-    generator: torch.Generator | None,
-    noise: Tensor | None,
-    return_trajectory: bool,
-) -> SampleOutput:
-    _ancestral_options("ddpm", eta, start, t_start)
+def _run_ddpm(eps_fn: EpsFn, schedule: NoiseSchedule, prior_mean: Tensor, o: SampleOptions) -> SampleOutput:
+    _ancestral_options("ddpm", o)
     T = schedule.num_timesteps
-    if steps is not None and steps != T:
-        raise ValueError(f"sampler 'ddpm' always runs T={T} steps; got steps={steps} (use 'truncated' or 'ddim')")
+    if o.steps is not None and o.steps != T:
+        raise ValueError(f"sampler 'ddpm' always runs T={T} steps; got steps={o.steps} (use 'truncated' or 'ddim')")
     return sample_ddpm(
-        eps_fn, schedule, prior_mean, generator=generator, noise=noise, return_trajectory=return_trajectory
+        eps_fn, schedule, prior_mean, generator=o.generator, noise=o.noise, return_trajectory=o.return_trajectory
     )
 
 
-def _run_truncated(
-    eps_fn: EpsFn,
-    schedule: NoiseSchedule,
-    prior_mean: Tensor,
-    *,
-    steps: int | None,
-    eta: float,
-    start: str,
-    t_start: int | None,
-    generator: torch.Generator | None,
-    noise: Tensor | None,
-    return_trajectory: bool,
-) -> SampleOutput:
-    _ancestral_options("truncated", eta, start, t_start)
-    n = schedule.num_timesteps if steps is None else steps
+def _run_truncated(eps_fn: EpsFn, schedule: NoiseSchedule, prior_mean: Tensor, o: SampleOptions) -> SampleOutput:
+    _ancestral_options("truncated", o)
+    n = schedule.num_timesteps if o.steps is None else o.steps
     return sample_truncated(
-        eps_fn, schedule, prior_mean, n, generator=generator, noise=noise, return_trajectory=return_trajectory
+        eps_fn, schedule, prior_mean, n, generator=o.generator, noise=o.noise, return_trajectory=o.return_trajectory
     )
 
 
-def _run_ddim(
-    eps_fn: EpsFn,
-    schedule: NoiseSchedule,
-    prior_mean: Tensor,
-    *,
-    steps: int | None,
-    eta: float,
-    start: str,
-    t_start: int | None,
-    generator: torch.Generator | None,
-    noise: Tensor | None,
-    return_trajectory: bool,
-) -> SampleOutput:
-    n = DEFAULT_DDIM_STEPS if steps is None else steps
+def _run_ddim(eps_fn: EpsFn, schedule: NoiseSchedule, prior_mean: Tensor, o: SampleOptions) -> SampleOutput:
+    n = DEFAULT_DDIM_STEPS if o.steps is None else o.steps
     return sample_ddim(
         eps_fn,
         schedule,
         prior_mean,
         n,
-        eta,
-        start=start,
-        t_start=t_start,
-        generator=generator,
-        noise=noise,
-        return_trajectory=return_trajectory,
+        o.eta,
+        start=o.start,
+        t_start=o.t_start,
+        generator=o.generator,
+        noise=o.noise,
+        return_trajectory=o.return_trajectory,
     )
 
 
-def _run_dpmpp2m(
-    eps_fn: EpsFn,
-    schedule: NoiseSchedule,
-    prior_mean: Tensor,
-    *,
-    steps: int | None,
-    eta: float,
-    start: str,
-    t_start: int | None,
-    generator: torch.Generator | None,
-    noise: Tensor | None,
-    return_trajectory: bool,
-) -> SampleOutput:
-    if eta != 0:
-        raise ValueError(f"sampler 'dpmpp2m' is deterministic: eta must be 0, got {eta}")
-    n = DEFAULT_DDIM_STEPS if steps is None else steps
+def _run_dpmpp2m(eps_fn: EpsFn, schedule: NoiseSchedule, prior_mean: Tensor, o: SampleOptions) -> SampleOutput:
+    if o.eta != 0:
+        raise ValueError(f"sampler 'dpmpp2m' is deterministic: eta must be 0, got {o.eta}")
+    n = DEFAULT_DDIM_STEPS if o.steps is None else o.steps
     return sample_dpmpp2m(
         eps_fn,
         schedule,
         prior_mean,
         n,
-        start=start,
-        t_start=t_start,
-        generator=generator,
-        noise=noise,
-        return_trajectory=return_trajectory,
+        start=o.start,
+        t_start=o.t_start,
+        generator=o.generator,
+        noise=o.noise,
+        return_trajectory=o.return_trajectory,
     )
 
 
@@ -649,15 +614,5 @@ def sample(
     Raises:
         ValueError: unknown sampler name or an option the sampler does not support.
     """
-    return get_sampler(name).run(
-        eps_fn,
-        schedule,
-        prior_mean,
-        steps=steps,
-        eta=eta,
-        start=start,
-        t_start=t_start,
-        generator=generator,
-        noise=noise,
-        return_trajectory=return_trajectory,
-    )
+    options = SampleOptions(steps, eta, start, t_start, generator, noise, return_trajectory)
+    return get_sampler(name).run(eps_fn, schedule, prior_mean, options)
