@@ -371,3 +371,35 @@ def test_pickle_split_accepts_list_of_dicts_and_converts(tmp_path):
     (tmp_path / "junk.pkl").write_bytes(b"\x80\x04not a pickle")
     with pytest.raises(DataError):
         load_pickle_split(tmp_path / "junk.pkl")
+
+
+@pytest.mark.parametrize("dataset", ["ham10000", "aptos2019"])
+def test_authors_split_rows_name_a_bad_label_and_a_disagreement(tmp_path, dataset):
+    """The published split files (splits/diffmic_{train,test}.csv): a label that is not an integer
+    is an error of its row (label -1, never guessed); one that disagrees with the data set's own
+    label (HAM10000 metadata dx, APTOS train.csv) a warning naming the row, both labels' sources."""
+    from diffmic.data.sources import load_aptos2019, load_ham10000
+
+    (tmp_path / "splits").mkdir()
+    if dataset == "ham10000":
+        (tmp_path / "HAM10000_metadata.csv").write_text(
+            "lesion_id,image_id,dx\nL1,ISIC_1,mel\nL2,ISIC_2,nv\nL3,ISIC_3,df\n"
+        )
+        idc, rows = "image_id", ["ISIC_1,0", "ISIC_2,4", "ISIC_3,x"]  # ISIC_2: nv is 1, not 4 (BKL)
+        load = load_ham10000
+        want = ["diffmic_train.csv:line 3: label 4 (BKL) of 'ISIC_2' disagrees with metadata dx='nv'"]
+    else:
+        (tmp_path / "train.csv").write_text("id_code,diagnosis\na1,0\na2,2\na3,4\n")
+        idc, rows = "id_code", ["a1,0", "a2,3", "a3,x"]
+        load = load_aptos2019
+        want = ["diffmic_train.csv:line 3: label 3 (Severe) of 'a2' disagrees with train.csv diagnosis 2"]
+    (tmp_path / "splits" / "diffmic_train.csv").write_text(f"{idc},label\n" + "\n".join(rows) + "\n")
+    (tmp_path / "splits" / "diffmic_test.csv").write_text(f"{idc},label\n{rows[0]}\n")
+    out = load(tmp_path, split="authors")
+    train = out["train"]
+    assert [r.label for r in train.records] == [0, int(rows[1][-1]), -1]
+    warn = [p for p in train.problems if p.severity == "warning"]
+    err = [p for p in train.problems if p.severity != "warning"]
+    assert [p.message for p in warn] == want and warn[0].split == "train"
+    assert len(err) == 1 and "line 4: label 'x'" in err[0].message and "is not an integer" in err[0].message
+    assert out["test"].problems == []

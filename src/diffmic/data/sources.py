@@ -160,6 +160,61 @@ def _check_split_name(split: str, allowed: Iterable[str]) -> None:
 # HAM10000
 
 
+def _authors_split(
+    root: Path,
+    id_column: str,
+    classes: list[str],
+    make: Callable[[str, int, str], Record],
+    known_label: Callable[[str], tuple[int | None, str]],
+    *,
+    other_splits: str,
+    label_hint: str,
+    reference: str,
+) -> dict[str, DatasetIndex]:
+    """The authors' published split, ``root/splits/diffmic_{train,test}.csv`` (``<id_column>,label``).
+
+    A label that is not an integer is an error (the record keeps label −1); one that disagrees with
+    the data set's own label, ``known_label(id) -> (label or None, what it is)``, a warning.
+    """
+    out: dict[str, DatasetIndex] = {}
+    for part in ("train", "test"):
+        f = root / "splits" / f"diffmic_{part}.csv"
+        if not f.is_file():
+            raise DataError(f"split file not found: {f}. Use {other_splits}, or restore the DiffMIC split files.")
+        recs, probs = [], []
+        for line, row in _read_csv(f, [id_column, "label"]):
+            src, rid = f"{f.name}:line {line}", row[id_column]
+            lab = _parse_int(row["label"])
+            if lab is None:
+                probs.append(
+                    Problem(
+                        "bad_label",
+                        f"{src}: label {row['label']!r} of {rid!r} is not an integer",
+                        split=part,
+                        record_id=rid,
+                        hint=label_hint,
+                    )
+                )
+                lab = -1
+            else:
+                expected, what = known_label(rid)
+                if expected is not None and expected != lab:
+                    name = classes[lab] if 0 <= lab < len(classes) else "?"
+                    probs.append(
+                        Problem(
+                            "label_mismatch",
+                            f"{src}: label {lab} ({name}) of {rid!r} disagrees with {what}",
+                            severity="warning",
+                            split=part,
+                            record_id=rid,
+                            hint=f"check the split file against {reference}",
+                        )
+                    )
+            recs.append(make(rid, lab, src))
+        out[part] = DatasetIndex(recs, classes, problems=probs)
+    return out
+
+
 def load_ham10000(
     root: str | os.PathLike, split: str = "authors", seed: int = 1234, test_fraction: float = 0.3
 ) -> dict[str, DatasetIndex]:
@@ -197,45 +252,21 @@ def load_ham10000(
         return Record(id=image_id, label=label, path=img_dir / f"{image_id}.jpg", group=group, source=source)
 
     if split == "authors":
-        out: dict[str, DatasetIndex] = {}
-        for part in ("train", "test"):
-            f = root / "splits" / f"diffmic_{part}.csv"
-            if not f.is_file():
-                raise DataError(
-                    f"split file not found: {f}. Use split='lesion' or 'random', or restore the DiffMIC split files."
-                )
-            recs, probs = [], []
-            for line, row in _read_csv(f, ["image_id", "label"]):
-                src = f"{f.name}:line {line}"
-                lab = _parse_int(row["label"])
-                if lab is None:
-                    probs.append(
-                        Problem(
-                            "bad_label",
-                            f"{src}: label {row['label']!r} of {row['image_id']!r} is not an integer",
-                            split=part,
-                            record_id=row["image_id"],
-                            hint="use class indices 0-6 (MEL..VASC)",
-                        )
-                    )
-                    lab = -1
-                else:
-                    m = meta.get(row["image_id"])
-                    if m is not None and HAM10000_DX.get(m["dx"].lower()) not in (None, lab):
-                        probs.append(
-                            Problem(
-                                "label_mismatch",
-                                f"{src}: label {lab} ({HAM10000_CLASSES[lab] if 0 <= lab < 7 else '?'})"
-                                f" of {row['image_id']!r} disagrees with metadata dx={m['dx']!r}",
-                                severity="warning",
-                                split=part,
-                                record_id=row["image_id"],
-                                hint="check the split file against HAM10000_metadata.csv",
-                            )
-                        )
-                recs.append(make(row["image_id"], lab, src))
-            out[part] = DatasetIndex(recs, list(HAM10000_CLASSES), problems=probs)
-        return out
+
+        def ham_label(image_id: str) -> tuple[int | None, str]:
+            m = meta.get(image_id)
+            return (None, "") if m is None else (HAM10000_DX.get(m["dx"].lower()), f"metadata dx={m['dx']!r}")
+
+        return _authors_split(
+            root,
+            "image_id",
+            list(HAM10000_CLASSES),
+            make,
+            ham_label,
+            other_splits="split='lesion' or 'random'",
+            label_hint="use class indices 0-6 (MEL..VASC)",
+            reference="HAM10000_metadata.csv",
+        )
 
     recs, probs = [], []
     for image_id, m in meta.items():
@@ -333,41 +364,16 @@ def load_aptos2019(
         return Record(id=id_code, label=label, path=img_dir / f"{id_code}.png", source=source)
 
     if split == "authors":
-        out: dict[str, DatasetIndex] = {}
-        for part in ("train", "test"):
-            f = root / "splits" / f"diffmic_{part}.csv"
-            if not f.is_file():
-                raise DataError(f"split file not found: {f}. Use split='random', or restore the DiffMIC split files.")
-            recs, probs = [], []
-            for line, row in _read_csv(f, ["id_code", "label"]):
-                src = f"{f.name}:line {line}"
-                lab = _parse_int(row["label"])
-                if lab is None:
-                    probs.append(
-                        Problem(
-                            "bad_label",
-                            f"{src}: label {row['label']!r} of {row['id_code']!r} is not an integer",
-                            split=part,
-                            record_id=row["id_code"],
-                            hint="use grades 0-4",
-                        )
-                    )
-                    lab = -1
-                elif row["id_code"] in diag and diag[row["id_code"]] != lab:
-                    probs.append(
-                        Problem(
-                            "label_mismatch",
-                            f"{src}: label {lab} of {row['id_code']!r} disagrees "
-                            f"with train.csv diagnosis {diag[row['id_code']]}",
-                            severity="warning",
-                            split=part,
-                            record_id=row["id_code"],
-                            hint="check the split file against train.csv",
-                        )
-                    )
-                recs.append(make(row["id_code"], lab, src))
-            out[part] = DatasetIndex(recs, list(APTOS_CLASSES), problems=probs)
-        return out
+        return _authors_split(
+            root,
+            "id_code",
+            list(APTOS_CLASSES),
+            make,
+            lambda id_code: (diag.get(id_code), f"train.csv diagnosis {diag.get(id_code)}"),
+            other_splits="split='random'",
+            label_hint="use grades 0-4",
+            reference="train.csv",
+        )
 
     if not labels_path.is_file():
         raise DataError(f"{labels_path} not found: split='random' needs train.csv")
