@@ -63,7 +63,7 @@ def test_the_experiment_bootstraps_equal_an_independent_numpy_bootstrap():
     assert obs == pytest.approx(ok_a.mean() - ok_b.mean(), abs=1e-12)
     assert [lo, hi] == pytest.approx(list(ref), abs=1e-12)
 
-    obs, lo, hi = E.bootstrap_ci(y, [pa, pb], "acc", n_boot=300, seed=2, alpha=0.05)
+    obs, lo, hi = E.seed_mean_ci(y, [pa, pb], "acc", n_boot=300, seed=2, alpha=0.05)
     ref = _numpy_reference(n, 300, 2, lambda i: (ok_a[i].mean() + ok_b[i].mean()) / 2, 0.05)
     assert obs == pytest.approx((ok_a.mean() + ok_b.mean()) / 2, abs=1e-12)
     assert [lo, hi] == pytest.approx(list(ref), abs=1e-12)

@@ -725,7 +725,7 @@ def write_oof_predictions(path: Path, pooled: dict[str, Any]) -> Path:
     return write_rows_csv(path, rows)
 
 
-def bootstrap_ci(
+def seed_mean_ci(
     labels: np.ndarray, probs: list[np.ndarray], metric: str, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
 ) -> tuple[float, float, float]:
     """The metric of the predictions ``probs`` (one array per seed, on the same images: their mean
@@ -746,7 +746,7 @@ def _oof_ci(pooled: list[dict], metric: str, n_boot: int) -> str:
     for p in pooled[1:]:
         if p["ids"] != pooled[0]["ids"]:
             raise ConfigError("the out-of-fold predictions of two seeds cover different images")
-    obs, lo, hi = bootstrap_ci(pooled[0]["labels"], [p["probs"] for p in pooled], metric, n_boot)
+    obs, lo, hi = seed_mean_ci(pooled[0]["labels"], [p["probs"] for p in pooled], metric, n_boot)
     return f"{obs:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
