@@ -273,19 +273,24 @@ class DiffMICDataModule(pl.LightningDataModule):
         src = self._prepared_sources()
         ci = self.check_images if check_images is None else check_images
         try:
-            return check_dataset(
-                src,
-                max_pixels=self.max_pixels,
-                check_images=ci,
-                skip_bad=self.skip_bad,
-                allow_empty_classes=self.allow_empty_classes,
-                duplicate_content=self.duplicate_content_policy,
-                label_conflict=self.label_conflict_policy,
-            )
+            return self._check_sources(src, ci)
         except DataError as e:
             if raise_on_error or e.report is None:
                 raise
             return e.report
+
+    def _check_sources(self, src: dict[str, DatasetIndex], check_images: bool) -> DataReport:
+        """``check_dataset`` with this data module's policies (size bound, bad images, empty classes,
+        duplicates, label conflicts)."""
+        return check_dataset(
+            src,
+            max_pixels=self.max_pixels,
+            check_images=check_images,
+            skip_bad=self.skip_bad,
+            allow_empty_classes=self.allow_empty_classes,
+            duplicate_content=self.duplicate_content_policy,
+            label_conflict=self.label_conflict_policy,
+        )
 
     # ---- Lightning hooks ---------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -295,15 +300,7 @@ class DiffMICDataModule(pl.LightningDataModule):
         # a cache hit proves every image decoded before: skip re-opening them
         cached = [self._pooled] if self._pooled is not None and self.require_images else list(src.values())
         ci = self.check_images and not all(self.cache.exists(ix, self.image_size, self.in_chans) for ix in cached)
-        self.report = check_dataset(
-            src,
-            max_pixels=self.max_pixels,
-            check_images=ci,
-            skip_bad=self.skip_bad,
-            allow_empty_classes=self.allow_empty_classes,
-            duplicate_content=self.duplicate_content_policy,
-            label_conflict=self.label_conflict_policy,
-        )
+        self.report = self._check_sources(src, ci)
         src = self.report.splits
 
         positions: dict[str, tuple[str, np.ndarray]] = {
