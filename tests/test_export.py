@@ -180,17 +180,19 @@ def test_onnx_agrees_with_pytorch(tiny_run, tmp_path):
     x = torch.stack([ds[i]["image"] for i in range(B)])
     enc = ort.InferenceSession(str(out / "encoder_dcg.onnx"), providers=["CPUExecutionProvider"])
     step = ort.InferenceSession(str(out / "denoiser_step.onnx"), providers=["CPUExecutionProvider"])
-    feat_o, prior_o = enc.run(None, {"image": x.numpy()})
+    feat_o, prior_o, guide_o = enc.run(None, {"image": x.numpy()})
     with torch.no_grad():
         feat_t = model.encode(x)
-        prior_t = model.priors(model.guide(x), B).fused
+        pri = model.priors(model.guide(x), B)
+        prior_t, guide_t = pri.fused, pri.guidance
     # stated tolerance: 1e-4 absolute on features and priors (float32, different kernels)
     assert np.abs(feat_o - feat_t.numpy()).max() < 1e-4
     assert np.abs(prior_o - prior_t.numpy()).max() < 1e-4
+    assert np.abs(guide_o - guide_t.numpy()).max() < 1e-4
 
     def eps_torch(y_t, t):
         with torch.no_grad():
-            return model.eps(feat_t, y_t, t, prior_t)
+            return model.eps(feat_t, y_t, t, guide_t)
 
     def eps_onnx(y_t, t):
         (e,) = step.run(
@@ -199,7 +201,7 @@ def test_onnx_agrees_with_pytorch(tiny_run, tmp_path):
                 "features": feat_o,
                 "y_t": y_t.numpy().astype(np.float32),
                 "t": t.numpy().astype(np.int64),
-                "prior": prior_o,
+                "guidance": guide_o,
             },
         )
         return torch.from_numpy(e)
@@ -216,3 +218,52 @@ def test_onnx_agrees_with_pytorch(tiny_run, tmp_path):
         runs.append(readout(res.y0.view(B, 1, -1), e.aggregate, e.temperature))
     assert torch.equal(runs[0].pred, runs[1].pred)
     assert (runs[0].probs - runs[1].probs).abs().max() < 1e-3
+
+
+@pytest.mark.skipif(
+    not _have_onnxruntime() and os.environ.get("CI", "").lower() != "true",
+    reason="onnx/onnxruntime not installed (pip install 'diffmic[onnx]'); required when CI=true",
+)
+@pytest.mark.parametrize(
+    "over", [[], ["model.prior=zero"], ["model.denoiser_input=paper"]], ids=["default", "zero-prior", "paper-input"]
+)
+def test_onnx_graphs_follow_reverse_sample(tmp_path, over):
+    """The two graphs, driven by the sampler as docs/deployment.md says (μ = `prior`, the step fed
+    `guidance`), give the library's own `reverse_sample` answer: also when the denoiser's guidance
+    is not the fused prior (the zero prior, whose guidance is softmax(½(z_g + z_l)), and the paper's
+    [ŷ_g, ŷ_l] input of width 2C), where the step graph used to take the prior."""
+    import onnxruntime as ort
+
+    from diffmic.config import load_config, model_kwargs
+    from diffmic.diffusion import samplers
+    from diffmic.diffusion.reverse import reverse_sample
+    from diffmic.diffusion.schedule import NoiseSchedule
+    from diffmic.inference.export import export_onnx
+    from diffmic.nn.diffmic import DiffMIC
+
+    # output stride 8: a 4x4 saliency map (at stride 32 the 1x1 map ties every ROI cell, and torch and ONNX
+    # Runtime break the tie differently)
+    over = [*TINY_MODEL, "data.image_size=32", "diffusion.num_timesteps=50", "model.dcg_output_stride=8", *over]
+    cfg = load_config("cpu_v1", over)
+    torch.manual_seed(0)
+    model = DiffMIC(num_classes=3, **model_kwargs(cfg)).eval()
+    for p in model.parameters():  # a trained-looking network: weights off their init, so guidance matters
+        p.data.add_(0.05 * torch.randn_like(p))
+    B = 2
+    meta = export_onnx(model, cfg, tmp_path, batch=B)
+    x = torch.randn(B, 3, 32, 32)
+    enc = ort.InferenceSession(str(tmp_path / "encoder_dcg.onnx"), providers=["CPUExecutionProvider"])
+    step = ort.InferenceSession(str(tmp_path / "denoiser_step.onnx"), providers=["CPUExecutionProvider"])
+    feat, prior, guide = enc.run(None, {"image": x.numpy()})
+    assert guide.shape[1] == meta["denoiser_step"]["inputs"]["guidance"][1]
+
+    def eps_onnx(y_t, t):
+        run = {"features": feat, "y_t": y_t.numpy().astype(np.float32), "t": t.numpy(), "guidance": guide}
+        return torch.from_numpy(step.run(None, run)[0])
+
+    schedule = NoiseSchedule.build(num_timesteps=50, beta_start=1e-4, beta_end=0.02)
+    noise = torch.randn(1, B, 3)
+    ours = samplers.sample("ddim", eps_onnx, schedule, torch.from_numpy(prior), steps=5, noise=noise).y0
+    with torch.no_grad():
+        ref = reverse_sample(model, schedule, x, sampler="ddim", steps=5, noise=noise).y0[:, 0]
+    assert (ours - ref).abs().max() < 1e-4

@@ -794,28 +794,30 @@ def _read_json(path: Path) -> dict | None:
 
 
 class _EncoderDCG(nn.Module):
-    """``image [B, C_in, H, W] -> (features ρ(x) [B, hidden], prior [B, C])`` (prior: fused DCG prior; zeros
-    for variants without DCG)."""
+    """``image [B, C_in, H, W] -> (features ρ(x) [B, hidden], prior [B, C], guidance [B, G])``: the fused
+    DCG prior (the sampler's mean μ) and the guidance vector the denoiser takes (``Priors.guidance``:
+    the fused prior by default, softmax(½(z_g + z_l)) with ``model.prior=zero``, ``[ŷ_g, ŷ_l]`` (G = 2C)
+    with ``model.denoiser_input=paper``; zeros for variants without a DCG)."""
 
     def __init__(self, model: DiffMIC) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         feat = self.model.encode(image)
         pri = self.model.priors(self.model.guide(image), image.shape[0], image.device, image.dtype)
-        return feat, pri.fused
+        return feat, pri.fused, pri.guidance
 
 
 class _DenoiserStep(nn.Module):
-    """``(features [B, hidden], y_t [B, C], t [B] int64, prior [B, C]) -> ε [B, C]``."""
+    """``(features [B, hidden], y_t [B, C], t [B] int64, guidance [B, G]) -> ε [B, C]``."""
 
     def __init__(self, model: DiffMIC) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, feat: torch.Tensor, y_t: torch.Tensor, t: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
-        return self.model.eps(feat, y_t, t, prior if self.model.uses_guidance else None)
+    def forward(self, feat: torch.Tensor, y_t: torch.Tensor, t: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+        return self.model.eps(feat, y_t, t, guidance if self.model.uses_guidance else None)
 
 
 def export_onnx(model: DiffMIC, cfg, folder: str | os.PathLike, batch: int = 2, opset: int = 18) -> dict:
@@ -839,14 +841,14 @@ def export_onnx(model: DiffMIC, cfg, folder: str | os.PathLike, batch: int = 2, 
     enc = _EncoderDCG(model).eval()
     step = _DenoiserStep(model).eval()
     with torch.no_grad():
-        feat, prior = enc(image)
-        args = (feat, prior.clone(), torch.full((batch,), 10, dtype=torch.long), prior)
+        feat, prior, guidance = enc(image)
+        args = (feat, prior.clone(), torch.full((batch,), 10, dtype=torch.long), guidance)
         torch.onnx.export(
             enc,
             (image,),
             str(folder / ONNX_ENCODER),
             input_names=["image"],
-            output_names=["features", "prior"],
+            output_names=["features", "prior", "guidance"],
             opset_version=opset,
             dynamo=False,
         )
@@ -854,22 +856,24 @@ def export_onnx(model: DiffMIC, cfg, folder: str | os.PathLike, batch: int = 2, 
             step,
             args,
             str(folder / ONNX_STEP),
-            input_names=["features", "y_t", "t", "prior"],
+            input_names=["features", "y_t", "t", "guidance"],
             output_names=["eps"],
             opset_version=opset,
             dynamo=False,
-            dynamic_axes={k: {0: "batch"} for k in ("features", "y_t", "t", "prior", "eps")},
+            dynamic_axes={k: {0: "batch"} for k in ("features", "y_t", "t", "guidance", "eps")},
         )
+    g = int(guidance.shape[1])
     return {
         "encoder_dcg": {
             "file": ONNX_ENCODER,
             "inputs": {"image": [batch, c_in, s, s]},
-            "outputs": {"features": [batch, int(feat.shape[1])], "prior": [batch, n]},
-            "note": "fixed batch size; the input is the preprocessed image (see preprocessing)",
+            "outputs": {"features": [batch, int(feat.shape[1])], "prior": [batch, n], "guidance": [batch, g]},
+            "note": "fixed batch size; the input is the preprocessed image (see preprocessing); prior is the "
+            "sampler's mean, guidance what the denoiser step takes",
         },
         "denoiser_step": {
             "file": ONNX_STEP,
-            "inputs": {"features": ["B", int(feat.shape[1])], "y_t": ["B", n], "t": ["B"], "prior": ["B", n]},
+            "inputs": {"features": ["B", int(feat.shape[1])], "y_t": ["B", n], "t": ["B"], "guidance": ["B", g]},
             "outputs": {"eps": ["B", n]},
             "note": "t is int64 in [0, T); run the sampler (config sampler/diffusion) around it",
         },
