@@ -346,7 +346,7 @@ def test_freeze_stride_on_a_timm_built_resnet_freezes_the_early_layers_only(one_
     ],
 )
 def test_a_torchvision_family_pools_what_its_own_forward_feeds_the_classifier(name, head, one_thread):
-    """The trunk table (_TV_LAYOUTS) against torchvision's forward with the last Linear removed."""
+    """The trunk table (_tv_layouts()) against torchvision's forward with the last Linear removed."""
     torch.manual_seed(5)
     enc = create_encoder(name).eval()
     torch.manual_seed(5)

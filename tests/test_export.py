@@ -180,7 +180,7 @@ def test_onnx_agrees_with_pytorch(tiny_run, tmp_path):
     x = torch.stack([ds[i]["image"] for i in range(B)])
     enc = ort.InferenceSession(str(out / "encoder_dcg.onnx"), providers=["CPUExecutionProvider"])
     step = ort.InferenceSession(str(out / "denoiser_step.onnx"), providers=["CPUExecutionProvider"])
-    feat_o, prior_o, guide_o = enc.run(None, {"image": x.numpy()})
+    feat_o, prior_o, guide_o = enc.run(["features", "prior", "guidance"], {"image": x.numpy()})
     with torch.no_grad():
         feat_t = model.encode(x)
         pri = model.priors(model.guide(x), B)
@@ -254,7 +254,7 @@ def test_onnx_graphs_follow_reverse_sample(tmp_path, over):
     x = torch.randn(B, 3, 32, 32)
     enc = ort.InferenceSession(str(tmp_path / "encoder_dcg.onnx"), providers=["CPUExecutionProvider"])
     step = ort.InferenceSession(str(tmp_path / "denoiser_step.onnx"), providers=["CPUExecutionProvider"])
-    feat, prior, guide = enc.run(None, {"image": x.numpy()})
+    feat, prior, guide = enc.run(["features", "prior", "guidance"], {"image": x.numpy()})
     assert guide.shape[1] == meta["denoiser_step"]["inputs"]["guidance"][1]
 
     def eps_onnx(y_t, t):

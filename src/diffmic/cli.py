@@ -74,6 +74,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     pr.add_argument("--revision", help="with a Hub --model: the branch, tag or commit to load (default: main)")
     pr.add_argument("--ckpt", help="checkpoint (default: <run>/checkpoints/best.ckpt)")
+    pr.add_argument(
+        "--backend",
+        choices=("torch", "onnx"),
+        default="torch",
+        help="torch (default): rebuild the PyTorch network; onnx: run an exported model folder's ONNX graphs "
+        "(diffmic export --onnx) with ONNX Runtime on the CPU, without timm/torchvision (faster start-up)",
+    )
     pr.add_argument("--output", help="CSV file for the predictions (default: print)")
     pr.add_argument("--explain", help="folder for per-image saliency/ROI PNGs")
     pr.add_argument("--batch-size", type=int, default=32)
@@ -296,10 +303,12 @@ def _predict(args) -> int:
         raise ConfigError("--revision applies to a Hub model given with --model ORG/NAME")
     # every output checked before the model is loaded or anything is written
     explain_paths = plan_outputs(images, roots, input_dirs, args.output, args.explain)
+    if args.backend == "onnx" and args.ckpt:
+        raise ConfigError("--backend onnx runs an exported model folder (--model FOLDER or --run FOLDER), not --ckpt")
     if args.model:  # an exported model folder, on disk or on the Hugging Face Hub
-        predictor = Predictor.from_pretrained(args.model, args.revision, **eval_over)
+        predictor = Predictor.from_pretrained(args.model, args.revision, backend=args.backend, **eval_over)
     elif args.run and not args.ckpt:  # a run folder or an exported model folder (diffmic export)
-        predictor = Predictor.load(args.run, **eval_over)
+        predictor = Predictor.load(args.run, backend=args.backend, **eval_over)
     else:
         ckpt = resolve_checkpoint(Path(args.run), args.ckpt) if args.run else Path(args.ckpt)
         predictor = Predictor.from_checkpoint(ckpt, **eval_over)
@@ -394,6 +403,13 @@ def _add_portable_parsers(p, sub, dsub) -> None:
     ex.add_argument("--out", required=True, help="new (or empty) output folder")
     ex.add_argument("--onnx", action="store_true", help="also write ONNX graphs (needs the [onnx] extra)")
     ex.add_argument(
+        "--onnx-batch",
+        type=int,
+        default=1,
+        help="with --onnx: the encoder graph's fixed batch size (default 1; `predict --backend onnx` runs any "
+        "number of images in chunks of it)",
+    )
+    ex.add_argument(
         "--push-to-hub",
         metavar="ORG/NAME",
         help="then upload the folder with its model card to this Hugging Face Hub model repository",
@@ -423,7 +439,7 @@ def _export(args) -> int:
 
         if not is_repo_id(args.push_to_hub):  # before the export, not after it
             raise ExportError(f"--push-to-hub: {args.push_to_hub!r} is not a Hub model id (org/name)")
-    out = export_model(run=args.run, ckpt=args.ckpt, out=args.out, onnx=args.onnx)
+    out = export_model(run=args.run, ckpt=args.ckpt, out=args.out, onnx=args.onnx, onnx_batch=args.onnx_batch)
     print(f"wrote a portable model folder to {out}")
     if args.push_to_hub:
         from diffmic.inference.hub import push_to_hub

@@ -11,8 +11,11 @@ The folder holds
   SHA-256 of the weights file (checked on load);
 * ``MODEL_CARD.md`` — training data and split, test metrics with their intervals when the run was
   tested, intended use and limits, the paper reference;
-* with ``--onnx``: ``encoder_dcg.onnx`` (image -> features ρ(x) and the fused DCG prior) and
-  ``denoiser_step.onnx`` (one noise prediction ε(ρ(x), y_t, t, prior)); see :func:`export_onnx`.
+* with ``--onnx``: ``encoder_dcg.onnx`` (image -> features ρ(x), the fused DCG prior, the denoiser's
+  guidance and the DCG's logits, saliency and ROIs) and ``denoiser_step.onnx`` (one noise prediction
+  ε(ρ(x), y_t, t, guidance)), with their SHA-256 and sizes in config.json; see :func:`export_onnx`.
+  ``Predictor.load(folder, backend="onnx")`` serves them with ONNX Runtime
+  (:mod:`diffmic.inference.onnx_backend`).
 
 :func:`load_model_folder` reads it back with PyTorch, safetensors and the ``nn`` layer only;
 :class:`~diffmic.inference.predictor.Predictor` accepts it (``Predictor.load(folder)``).
@@ -73,11 +76,13 @@ class ExportError(ValueError):
 
 
 class PortableModel(nn.Module):
-    """What :class:`Predictor` needs from a trained model: ``model`` (:class:`DiffMIC`), ``cfg``,
-    ``class_names``, ``schedule`` (built on the model's device), ``calibration`` (or ``None``)."""
+    """What :class:`Predictor` needs from a trained model: ``model`` (:class:`DiffMIC`, or a stand-in
+    without parameters such as :class:`~diffmic.inference.onnx_backend.OnnxNetwork`, which states its
+    ``device``), ``cfg``, ``class_names``, ``schedule`` (built on the model's device), ``calibration``
+    (or ``None``)."""
 
     def __init__(
-        self, model: nn.Module, cfg, class_names: list[str], calibration: Any = None, meta: dict | None = None
+        self, model: Any, cfg, class_names: list[str], calibration: Any = None, meta: dict | None = None
     ) -> None:
         super().__init__()
         self.model = model
@@ -91,13 +96,26 @@ class PortableModel(nn.Module):
     def schedule(self):
         from diffmic.diffusion.schedule import NoiseSchedule
 
-        dev = next(self.model.parameters()).device
+        dev = _model_device(self.model)
         s = self._schedule
         if s is None or s.betas.device != dev:
             d = self.cfg.diffusion
             s = NoiseSchedule.build(d.schedule, d.num_timesteps, d.beta_start, d.beta_end).to(dev)
             self._schedule = s
         return s
+
+
+def _model_device(model: Any) -> torch.device:
+    """The device of ``model``'s first parameter, else the ``device`` a network without parameters
+    states (the ONNX backend's)."""
+    if isinstance(model, nn.Module):
+        p = next(model.parameters(), None)
+        if p is not None:
+            return p.device
+    dev = getattr(model, "device", None)
+    if dev is None:
+        raise TypeError(f"{type(model).__name__} has neither parameters nor a `device`: no device for the schedule")
+    return torch.device(dev)
 
 
 def is_model_folder(path: str | os.PathLike) -> bool:
@@ -412,6 +430,24 @@ def _check_model_against_weights(kwargs: dict, header: dict, weights: Path, cfg_
         raise _refuse(weights, f"its tensors do not match the model {cfg_path} describes: {shown}")
 
 
+def folder_config(meta: dict, cfg_path: Path, eval_overrides: dict | None = None):
+    """The validated :class:`~diffmic.config.Config` of a model folder's ``config.json`` (read by
+    :func:`_read_meta`), with ``eval.*`` settings overridden."""
+    from diffmic.config import ConfigError, config_from_dict
+
+    config = dict(meta["config"])
+    if eval_overrides:
+        known = config.get("eval", {}) if isinstance(config.get("eval", {}), dict) else {}
+        bad = set(eval_overrides) - set(known)
+        if bad:
+            raise ExportError(f"unknown eval settings {sorted(bad)}; valid: {sorted(known)}")
+        config["eval"] = {**known, **eval_overrides}
+    try:
+        return config_from_dict(config, source=str(cfg_path))
+    except ConfigError as exc:
+        raise ExportError(f"{cfg_path}: {exc}") from exc
+
+
 def load_model_folder(path: str | os.PathLike, eval_overrides: dict | None = None) -> PortableModel:
     """Rebuild the model of an exported folder (strict weights; eval.* settings may be overridden).
 
@@ -422,7 +458,6 @@ def load_model_folder(path: str | os.PathLike, eval_overrides: dict | None = Non
     raises :class:`ExportError` naming the file and the key."""
     from safetensors.torch import load_file
 
-    from diffmic.config import ConfigError, config_from_dict
     from diffmic.nn.diffmic import DiffMIC, variant_parts
 
     folder = Path(path)
@@ -436,17 +471,7 @@ def load_model_folder(path: str | os.PathLike, eval_overrides: dict | None = Non
     digest = meta.get("weights_sha256")
     if digest and _sha256(weights) != digest.lower():
         raise ExportError(f"{weights}: SHA-256 differs from {CONFIG} (file changed or truncated); re-export it")
-    config = dict(meta["config"])
-    if eval_overrides:
-        known = config.get("eval", {}) if isinstance(config.get("eval", {}), dict) else {}
-        bad = set(eval_overrides) - set(known)
-        if bad:
-            raise ExportError(f"unknown eval settings {sorted(bad)}; valid: {sorted(known)}")
-        config["eval"] = {**known, **eval_overrides}
-    try:
-        cfg = config_from_dict(config, source=str(cfg_path))
-    except ConfigError as exc:
-        raise ExportError(f"{cfg_path}: {exc}") from exc
+    cfg = folder_config(meta, cfg_path, eval_overrides)
     kwargs = _architecture(meta, cfg, cfg_path)
     if variant_parts(kwargs["variant"]).diffusion:  # rho(x) has hidden_dim features
         _check_ood(meta, cfg_path, feature_dim=int(kwargs["hidden_dim"]))
@@ -688,7 +713,7 @@ def export_model(
     ckpt: str | os.PathLike | None = None,
     out: str | os.PathLike = "",
     onnx: bool = False,
-    onnx_batch: int = 2,
+    onnx_batch: int = 1,
 ) -> Path:
     """Write the portable folder ``out`` from a run (best checkpoint) or a checkpoint file.
 
@@ -793,20 +818,31 @@ def _read_json(path: Path) -> dict | None:
 # ONNX
 
 
+#: the encoder graph's outputs: always ``features``, ``prior``, ``guidance``; with a DCG also the DCG's
+#: outputs the predictor reports (the OOD energy score reads ``z_fused``)
+ONNX_ENCODER_OUTPUTS: tuple[str, ...] = ("features", "prior", "guidance")
+ONNX_DCG_OUTPUTS: tuple[str, ...] = ("z_fused", "saliency", "roi_boxes", "roi_attention")
+
+
 class _EncoderDCG(nn.Module):
-    """``image [B, C_in, H, W] -> (features ρ(x) [B, hidden], prior [B, C], guidance [B, G])``: the fused
-    DCG prior (the sampler's mean μ) and the guidance vector the denoiser takes (``Priors.guidance``:
+    """``image [B, C_in, H, W] -> (features ρ(x) [B, hidden], prior [B, C], guidance [B, G], ...)``: the
+    fused DCG prior (the sampler's mean μ) and the guidance vector the denoiser takes (``Priors.guidance``:
     the fused prior by default, softmax(½(z_g + z_l)) with ``model.prior=zero``, ``[ŷ_g, ŷ_l]`` (G = 2C)
-    with ``model.denoiser_input=paper``; zeros for variants without a DCG)."""
+    with ``model.denoiser_input=paper``; zeros for variants without a DCG). With a DCG also its fused
+    logits ``z_fused [B, C]``, ``saliency [B, C, h, w]``, ``roi_boxes [B, K, 4]`` (int64) and
+    ``roi_attention [B, K]`` (:data:`ONNX_DCG_OUTPUTS`)."""
 
     def __init__(self, model: DiffMIC) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         feat = self.model.encode(image)
-        pri = self.model.priors(self.model.guide(image), image.shape[0], image.device, image.dtype)
-        return feat, pri.fused, pri.guidance
+        g = self.model.guide(image)
+        pri = self.model.priors(g, image.shape[0], image.device, image.dtype)
+        if g is None:
+            return feat, pri.fused, pri.guidance
+        return feat, pri.fused, pri.guidance, g.z_fused, g.saliency, g.roi_boxes.long(), g.roi_attention
 
 
 class _DenoiserStep(nn.Module):
@@ -820,9 +856,12 @@ class _DenoiserStep(nn.Module):
         return self.model.eps(feat, y_t, t, guidance if self.model.uses_guidance else None)
 
 
-def export_onnx(model: DiffMIC, cfg, folder: str | os.PathLike, batch: int = 2, opset: int = 18) -> dict:
-    """Write :data:`ONNX_ENCODER` and :data:`ONNX_STEP` into ``folder`` (fixed batch size ``batch``:
-    the DCG's top-K ROI crops are traced for it). Needs the ``onnx`` extra (onnx, onnxscript)."""
+def export_onnx(model: DiffMIC, cfg, folder: str | os.PathLike, batch: int = 1, opset: int = 18) -> dict:
+    """Write :data:`ONNX_ENCODER` and :data:`ONNX_STEP` into ``folder`` and return config.json's ``onnx``
+    block (each graph's inputs, outputs, SHA-256 and size in bytes). The encoder graph has the fixed
+    batch size ``batch`` (the DCG's top-K ROI crops are traced for it; the ONNX backend of the
+    predictor runs any number of images in chunks of it); the step graph takes any batch. Needs the
+    ``onnx`` extra (onnx, onnxscript)."""
     if not model.uses_diffusion:
         from diffmic.nn.diffmic import DIFFUSION_VARIANTS
 
@@ -830,6 +869,8 @@ def export_onnx(model: DiffMIC, cfg, folder: str | os.PathLike, batch: int = 2, 
             f"ONNX export covers the diffusion variants ({', '.join(DIFFUSION_VARIANTS)}); variant "
             f"'{model.variant}' is a plain classifier: export its classify(x) with torch.onnx.export"
         )
+    if not _is_int(batch) or batch < 1:
+        raise ExportError(f"the ONNX export batch must be a whole number >= 1, got {batch!r}")
     try:
         import onnx  # noqa: F401
     except ImportError as exc:
@@ -841,14 +882,16 @@ def export_onnx(model: DiffMIC, cfg, folder: str | os.PathLike, batch: int = 2, 
     enc = _EncoderDCG(model).eval()
     step = _DenoiserStep(model).eval()
     with torch.no_grad():
-        feat, prior, guidance = enc(image)
+        outs = enc(image)
+        feat, prior, guidance = outs[:3]
+        names = ONNX_ENCODER_OUTPUTS + (ONNX_DCG_OUTPUTS if len(outs) > 3 else ())
         args = (feat, prior.clone(), torch.full((batch,), 10, dtype=torch.long), guidance)
         torch.onnx.export(
             enc,
             (image,),
             str(folder / ONNX_ENCODER),
             input_names=["image"],
-            output_names=["features", "prior", "guidance"],
+            output_names=list(names),
             opset_version=opset,
             dynamo=False,
         )
@@ -866,13 +909,19 @@ def export_onnx(model: DiffMIC, cfg, folder: str | os.PathLike, batch: int = 2, 
     return {
         "encoder_dcg": {
             "file": ONNX_ENCODER,
+            "sha256": _sha256(folder / ONNX_ENCODER),
+            "bytes": (folder / ONNX_ENCODER).stat().st_size,
+            "batch": batch,
             "inputs": {"image": [batch, c_in, s, s]},
-            "outputs": {"features": [batch, int(feat.shape[1])], "prior": [batch, n], "guidance": [batch, g]},
+            "outputs": {name: [int(d) for d in o.shape] for name, o in zip(names, outs)},
             "note": "fixed batch size; the input is the preprocessed image (see preprocessing); prior is the "
-            "sampler's mean, guidance what the denoiser step takes",
+            "sampler's mean, guidance what the denoiser step takes; with a DCG also its fused logits z_fused, "
+            "saliency maps, ROI boxes (y0, x0, y1, x1, int64) and their attention weights",
         },
         "denoiser_step": {
             "file": ONNX_STEP,
+            "sha256": _sha256(folder / ONNX_STEP),
+            "bytes": (folder / ONNX_STEP).stat().st_size,
             "inputs": {"features": ["B", int(feat.shape[1])], "y_t": ["B", n], "t": ["B"], "guidance": ["B", g]},
             "outputs": {"eps": ["B", n]},
             "note": "t is int64 in [0, T); run the sampler (config sampler/diffusion) around it",

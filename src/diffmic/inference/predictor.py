@@ -100,6 +100,18 @@ def pixel_key(x: Tensor) -> str:
     return hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
+#: how a model folder is run: ``torch`` (the PyTorch network) or ``onnx`` (its ONNX graphs, ONNX Runtime)
+BACKENDS: tuple[str, ...] = ("torch", "onnx")
+
+
+def _backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        from diffmic.inference.export import ExportError
+
+        raise ExportError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    return backend
+
+
 class Predictor:
     """Load a trained model once and classify many images (CPU or GPU, any batch size)."""
 
@@ -137,12 +149,25 @@ class Predictor:
         return cls(PortableModel(net.model, net.cfg, net.class_names, net.calibration, meta), device=device)
 
     @classmethod
-    def load(cls, path: str | Path, device=None, **eval_overrides) -> Predictor:
+    def load(cls, path: str | Path, device=None, backend: str = "torch", **eval_overrides) -> Predictor:
         """From a model folder written by ``diffmic export`` (no Lightning needed), a run folder
-        (its best checkpoint) or a checkpoint file."""
-        from diffmic.inference.export import is_model_folder, load_model_folder
+        (its best checkpoint) or a checkpoint file.
+
+        ``backend="onnx"``: a model folder exported with ``--onnx``, served by its ONNX graphs with ONNX
+        Runtime on the CPU (:mod:`diffmic.inference.onnx_backend`; neither timm nor torchvision is
+        imported); ``"torch"`` (default) rebuilds the PyTorch network."""
+        from diffmic.inference.export import ExportError, is_model_folder, load_model_folder
 
         p = Path(path)
+        if _backend(backend) == "onnx":
+            if not is_model_folder(p):
+                raise ExportError(
+                    f"backend 'onnx' serves an exported model folder with ONNX graphs (`diffmic export --onnx`); "
+                    f"'{p}' is not one"
+                )
+            from diffmic.inference.onnx_backend import load_onnx_folder, onnx_device
+
+            return cls(load_onnx_folder(p, eval_overrides or None), device=onnx_device(device))
         if is_model_folder(p):
             return cls(load_model_folder(p, eval_overrides or None), device=device)
         if p.is_dir():
@@ -161,16 +186,22 @@ class Predictor:
         local_files_only: bool = False,
         token: Optional[str | bool] = None,
         device=None,
+        backend: str = "torch",
         **eval_overrides,
     ) -> Predictor:
         """From an exported model folder on the Hugging Face Hub (``"org/name"``; ``revision`` pins a
         branch, tag or commit) or on disk. The Hub folder is fetched into the Hugging Face cache
         (offline: the cached snapshot) and loaded with every check of :meth:`load`, the weights'
-        SHA-256 included (see :mod:`diffmic.inference.hub`)."""
+        SHA-256 included (see :mod:`diffmic.inference.hub`); ``backend`` as for :meth:`load`."""
         from diffmic.inference.export import load_model_folder
         from diffmic.inference.hub import resolve_model
 
+        use = _backend(backend)
         folder = resolve_model(model, revision, cache_dir, local_files_only, token)
+        if use == "onnx":
+            from diffmic.inference.onnx_backend import load_onnx_folder, onnx_device
+
+            return cls(load_onnx_folder(folder, eval_overrides or None), device=onnx_device(device))
         return cls(load_model_folder(folder, eval_overrides or None), device=device)
 
     def _load_images(self, images: Sequence) -> tuple[Tensor, list[str]]:

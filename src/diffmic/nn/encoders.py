@@ -51,7 +51,6 @@ from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
-from torchvision import models as tvm
 
 __all__ = [
     "EFFICIENTNET_LITE",
@@ -376,24 +375,35 @@ def _replace_stem(model: nn.Module, in_chans: int) -> None:
     raise ValueError(f"{type(model).__name__}: no 3-channel stem convolution to adapt to in_chans={in_chans}")
 
 
-#: torchvision classifier families: class -> (trunk children in forward order, head whose first Linear
-#: reads the trunk's ``D``); DenseNet applies a ReLU after its trunk, ConvNeXt its head's LayerNorm
-_TV_LAYOUTS: dict[type[nn.Module], tuple[tuple[str, ...], str]] = {
-    tvm.ResNet: (("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"), "fc"),
-    tvm.RegNet: (("stem", "trunk_output"), "fc"),
-    tvm.ShuffleNetV2: (("conv1", "maxpool", "stage2", "stage3", "stage4", "conv5"), "fc"),
-    tvm.MNASNet: (("layers",), "classifier"),
-    tvm.DenseNet: (("features",), "classifier"),
-    tvm.ConvNeXt: (("features",), "classifier"),
-}
+def _tvm() -> types.ModuleType:
+    """``torchvision.models``, imported on first use: importing torchvision costs seconds (it imports
+    ``torch._dynamo``), which serving a model that needs none of it (an ONNX model folder) must not pay."""
+    from torchvision import models
+
+    return models
+
+
+def _tv_layouts() -> dict[type[nn.Module], tuple[tuple[str, ...], str]]:
+    """torchvision classifier families: class -> (trunk children in forward order, head whose first Linear
+    reads the trunk's ``D``); DenseNet applies a ReLU after its trunk, ConvNeXt its head's LayerNorm."""
+    tvm = _tvm()
+    return {
+        tvm.ResNet: (("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"), "fc"),
+        tvm.RegNet: (("stem", "trunk_output"), "fc"),
+        tvm.ShuffleNetV2: (("conv1", "maxpool", "stage2", "stage3", "stage4", "conv5"), "fc"),
+        tvm.MNASNet: (("layers",), "classifier"),
+        tvm.DenseNet: (("features",), "classifier"),
+        tvm.ConvNeXt: (("features",), "classifier"),
+    }
 
 
 def _trunk_from_torchvision(model: nn.Module, name: str, in_chans: int, spatial: bool) -> TrunkEncoder:
     """Headless ``TrunkEncoder`` from a torchvision classifier (native child names kept): a family of
-    :data:`_TV_LAYOUTS`, else a model whose ``features`` are its convolutional trunk (EfficientNet,
+    :func:`_tv_layouts`, else a model whose ``features`` are its convolutional trunk (EfficientNet,
     MobileNet, VGG, SqueezeNet, ...; ``D`` from one probe forward)."""
+    tvm = _tvm()
     _replace_stem(model, in_chans)
-    layout = _TV_LAYOUTS.get(type(model))
+    layout = _tv_layouts().get(type(model))
     if layout is not None:
         trunk, head = layout
         mods = {n: model.get_submodule(n) for n in trunk}
@@ -433,7 +443,7 @@ def _probe_channels(features: nn.Module, in_chans: int) -> int:
 
 def _torchvision_encoder(name: str, in_chans: int, spatial: bool) -> TrunkEncoder:
     try:
-        model = tvm.get_model(name, weights=None)
+        model = _tvm().get_model(name, weights=None)
     except (ValueError, KeyError) as e:
         raise ValueError(f"unknown torchvision model {name!r}; see torchvision.models.list_models() ({e})") from None
     return _trunk_from_torchvision(model, name, in_chans, spatial)
@@ -861,7 +871,7 @@ def _download_torchvision(name: str) -> dict[str, Tensor]:
     import urllib.error
 
     try:
-        weights = tvm.get_model_weights(name).DEFAULT
+        weights = _tvm().get_model_weights(name).DEFAULT
     except (ValueError, KeyError) as e:
         raise WeightsError(f"torchvision publishes no pretrained weights for {name!r} ({e})") from e
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
