@@ -1,7 +1,7 @@
 """Run every diffmic benchmark and collect the results.
 
 Runs ``bench_inference.py``, ``bench_train.py``, ``bench_latency.py``, ``bench_single.py``, the accuracy
-study on ``runs/demo`` (``sampler_study.py``), ``bench_scaling.py`` and ``bench_startup.py`` one after the other as subprocesses
+study on ``runs/demo`` (``sampler_study.py``), ``bench_scaling.py``, ``bench_startup.py`` and ``bench_trust_cost.py`` (on ``runs/demo``) one after the other as subprocesses
 of the same Python interpreter (their progress goes to stderr), takes the JSON object on the last stdout line
 of each, writes them all to ``benchmarks/results/latest.json`` and prints a summary JSON object as the last
 stdout line. Exit status is non-zero if any benchmark failed (crash, or an equality check that did not hold).
@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _common import emit, log, wait_for_quiet  # noqa: E402
 
-BENCHES = ("inference", "train", "latency", "single", "accuracy", "scaling", "startup")
+BENCHES = ("inference", "train", "latency", "single", "accuracy", "scaling", "startup", "trust_cost")
 DEMO_RUN = HERE.parent / "runs" / "demo"
 QUICK = {  # --quick: a smoke run (seconds, not minutes); the numbers mean little
     "inference": ["--batch", "2", "--steps", "10", "--repeats", "1", "--wait-quiet", "0", "--sweep", ""],
@@ -34,6 +34,7 @@ QUICK = {  # --quick: a smoke run (seconds, not minutes); the numbers mean littl
     "accuracy": [],
     "scaling": ["--quick"],
     "startup": ["--repeats", "1", "--wait-quiet", "0"],
+    "trust_cost": ["--images", "2", "--repeats", "1"],
 }
 
 
@@ -78,6 +79,12 @@ def main(argv: list[str] | None = None) -> int:
                 results[name] = {"skipped": f"no {DEMO_RUN}: accuracy not measured, speed only"}
                 continue
             cmd = [sys.executable, str(HERE / "sampler_study.py"), "--run", str(DEMO_RUN), "--bench", "--int8"]
+        elif name == "trust_cost":  # issue 27.5: what each trust output adds to one prediction, `make demo`'s model
+            if not (DEMO_RUN / "checkpoints").is_dir():
+                log(f"[run_all] trust_cost: no trained run at {DEMO_RUN} (run `make demo` first); not measured")
+                results[name] = {"skipped": f"no {DEMO_RUN}: trust costs not measured"}
+                continue
+            cmd = [sys.executable, str(HERE / "bench_trust_cost.py"), "--model", str(DEMO_RUN)]
         elif name == "single":
             cmd = [sys.executable, str(HERE / "bench_single.py")]
         elif name == "startup":  # issue 27.2: a cold process to one answer, above `import torch`
@@ -197,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     summary["startup_s"] = st.get("startup_s")  # cold `Predictor.load` + one image, minus `import torch`
     summary["startup_torchvision_s"] = st.get("torchvision_above_torch_s")
     summary["startup_training_stack_imported"] = st.get("training_stack_imported")
+    summary["startup_onnx_s"] = st.get("startup_onnx_s")  # the same with the ONNX Runtime backend
+    tc = results.get("trust_cost", {})
+    summary["trust_cost_per_image_s"] = tc.get("per_image_s") or tc.get("skipped")
     summary["train_speedup"] = tr.get("speedup")
     summary["train_speedup_uncontended"] = tr.get("speedup_uncontended_steps")
     sc = results.get("scaling", {})
