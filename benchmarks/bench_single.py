@@ -8,6 +8,8 @@ and, for comparison, DDIM-10 from noise (the previous latency benchmark's settin
 
 Variants of the head (the 6144-wide denoiser MLP, memory-bandwidth bound at batch 1):
 * ``fp32``;
+* ``onnx`` — the same network exported (``export_onnx``, batch 1) and served by ONNX Runtime on the CPU
+  (``Predictor.load(folder, backend="onnx")``'s network);
 * ``int8`` — ``torch.ao.quantization.quantize_dynamic`` of the denoiser's Linear layers (weights int8,
   activations quantised on the fly). Whether it changes predicted classes is checked on a trained
   checkpoint's test split by ``sampler_study.py --int8`` (random weights cannot say).
@@ -45,6 +47,28 @@ def build_predictor(classes: int, sampler: dict):
     cfg["eval"].update(sampler)
     module = DiffMICModule(cfg, classes, [f"c{i}" for i in range(classes)])
     return Predictor(module.eval(), device="cpu")
+
+
+def onnx_predictor(predictor, folder: Path):
+    """The same network served by ONNX Runtime (``backend="onnx"``): its two graphs exported at batch 1
+    into ``folder`` and loaded as :class:`~diffmic.inference.onnx_backend.OnnxNetwork`."""
+    import onnxruntime as ort
+
+    from diffmic.inference.export import PortableModel, export_onnx
+    from diffmic.inference.onnx_backend import OnnxNetwork, _session
+    from diffmic.inference.predictor import Predictor
+
+    mod = predictor.module
+    export_onnx(mod.model, mod.cfg, folder, batch=1)
+    enc, step = (folder / "encoder_dcg.onnx", folder / "denoiser_step.onnx")
+    net = OnnxNetwork(
+        _session(ort, enc, enc.read_bytes()),
+        _session(ort, step, step.read_bytes()),
+        variant=mod.model.variant,
+        num_classes=mod.model.num_classes,
+        uses_dcg=mod.model.uses_dcg,
+    )
+    return Predictor(PortableModel(net, mod.cfg, mod.class_names), device="cpu")
 
 
 def quantise_head(predictor) -> None:
@@ -94,11 +118,14 @@ def main(argv: list[str] | None = None) -> int:
         for name, smp, q in (
             ("fewstep_fp32", few, False),
             ("fewstep_int8", few, True),
+            ("fewstep_onnx", few, False),
             ("ddim10_noise_fp32", ddim10, False),
         ):
             p = build_predictor(args.classes, smp)
             if q:
                 quantise_head(p)
+            if name.endswith("onnx"):  # the same network, served by ONNX Runtime
+                p = onnx_predictor(p, tmp)
             med, secs = timed(lambda: p.predict([img]), args.repeats)
             result["variants"][name] = {
                 "median_s": round(med, 4),
@@ -132,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     result["single_image_s"] = fp32
     result["single_image_s_fp32"] = fp32
     result["single_image_s_int8"] = result["variants"]["fewstep_int8"]["median_s"]
+    result["single_image_s_onnx"] = result["variants"]["fewstep_onnx"]["median_s"]
     result["meets_target"] = bool(fp32 <= PAPER_S_PER_IMAGE)
     result["pre_run_wait"] = quiet
     result["machine"] = machine_info(torch.device("cpu"))
