@@ -1,7 +1,8 @@
 """Run every diffmic benchmark and collect the results.
 
 Runs ``bench_inference.py``, ``bench_train.py``, ``bench_latency.py``, ``bench_single.py``, the accuracy
-study on ``runs/demo`` (``sampler_study.py``), ``bench_scaling.py``, ``bench_startup.py`` and ``bench_trust_cost.py`` (on ``runs/demo``) one after the other as subprocesses
+study on ``runs/demo`` (``sampler_study.py``), ``bench_scaling.py``, ``bench_startup.py``,
+``bench_trust_cost.py`` and ``backend_agreement.py`` (both on ``runs/demo``) one after the other as subprocesses
 of the same Python interpreter (their progress goes to stderr), takes the JSON object on the last stdout line
 of each, writes them all to ``benchmarks/results/latest.json`` and prints a summary JSON object as the last
 stdout line. Exit status is non-zero if any benchmark failed (crash, or an equality check that did not hold).
@@ -24,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _common import emit, log, wait_for_quiet  # noqa: E402
 
-BENCHES = ("inference", "train", "latency", "single", "accuracy", "scaling", "startup", "trust_cost")
+BENCHES = ("inference", "train", "latency", "single", "accuracy", "scaling", "startup", "trust_cost", "backends")
 DEMO_RUN = HERE.parent / "runs" / "demo"
 QUICK = {  # --quick: a smoke run (seconds, not minutes); the numbers mean little
     "inference": ["--batch", "2", "--steps", "10", "--repeats", "1", "--wait-quiet", "0", "--sweep", ""],
@@ -35,6 +36,7 @@ QUICK = {  # --quick: a smoke run (seconds, not minutes); the numbers mean littl
     "scaling": ["--quick"],
     "startup": ["--repeats", "1", "--wait-quiet", "0"],
     "trust_cost": ["--images", "2", "--repeats", "1"],
+    "backends": ["--limit", "8", "--batch", "4"],
 }
 
 
@@ -85,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
                 results[name] = {"skipped": f"no {DEMO_RUN}: trust costs not measured"}
                 continue
             cmd = [sys.executable, str(HERE / "bench_trust_cost.py"), "--model", str(DEMO_RUN)]
+        elif name == "backends":  # issue 27's rule: ONNX Runtime against PyTorch on the demo's whole test split
+            if not (DEMO_RUN / "checkpoints").is_dir():
+                log(f"[run_all] backends: no trained run at {DEMO_RUN} (run `make demo` first); not measured")
+                results[name] = {"skipped": f"no {DEMO_RUN}: backends not compared"}
+                continue
+            cmd = [sys.executable, str(HERE / "backend_agreement.py"), "--run", str(DEMO_RUN)]
         elif name == "single":
             cmd = [sys.executable, str(HERE / "bench_single.py")]
         elif name == "startup":  # issue 27.2: a cold process to one answer, above `import torch`
@@ -205,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     summary["startup_torchvision_s"] = st.get("torchvision_above_torch_s")
     summary["startup_training_stack_imported"] = st.get("training_stack_imported")
     summary["startup_onnx_s"] = st.get("startup_onnx_s")  # the same with the ONNX Runtime backend
+    be = results.get("backends", {})  # the ONNX Runtime backend against PyTorch, demo test split
+    summary["throughput_speedup"] = be.get("throughput_speedup")
+    summary["classes_changed"] = be.get("classes_changed")
+    summary["prob_max_abs_diff"] = be.get("prob_max_abs_diff")
     tc = results.get("trust_cost", {})
     summary["trust_cost_per_image_s"] = tc.get("per_image_s") or tc.get("skipped")
     summary["train_speedup"] = tr.get("speedup")
