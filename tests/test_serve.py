@@ -4,6 +4,7 @@ browser test drives headless Chromium (skipped without it, unless CI=true)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -289,6 +290,39 @@ def test_serves_an_exported_model_folder(trained, tmp_path, monkeypatch):
     ref = Predictor.load(folder).predict([img.name])[0]
     assert _span(page, "pred-label") == ref.label
     assert all(abs(v - ref.probs[k]) <= 5e-4 for k, v in _probs(page).items())
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("onnxruntime") is None and os.environ.get("CI", "").lower() != "true",
+    reason="onnxruntime not installed (pip install 'diffmic[onnx]'); required when CI=true",
+)
+def test_serves_a_model_folder_with_onnx_runtime(trained, tmp_path, monkeypatch):
+    """`diffmic serve --run MODEL_FOLDER --backend onnx` answers as the ONNX-backed Predictor of that
+    folder; `--backend onnx` with `--ckpt` is refused (ONNX graphs live in an exported folder)."""
+    from diffmic.config import ConfigError
+    from diffmic.inference.serve import load_predictor
+
+    run, data = trained
+    folder = tmp_path / "model"
+    assert main(["export", "--run", str(run), "--out", str(folder), "--onnx"]) == 0
+    predictor, what = load_predictor(str(folder), None, {}, backend="onnx")
+    assert what == f"model folder {folder} (ONNX Runtime)"
+    assert type(predictor.module.model).__name__ == "OnnxNetwork"
+    srv = make_server(predictor, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        img = data / "dark" / "dark1.png"
+        status, page = _post(f"http://127.0.0.1:{srv.server_address[1]}/", img.name, img.read_bytes())
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert status == 200
+    monkeypatch.chdir(img.parent)
+    ref = Predictor.load(folder, backend="onnx").predict([img.name])[0]
+    assert _span(page, "pred-label") == ref.label
+    assert all(abs(v - ref.probs[k]) <= 5e-4 for k, v in _probs(page).items())
+    with pytest.raises(ConfigError, match="not --ckpt"):
+        load_predictor(None, str(run / "checkpoints" / "best.ckpt"), {}, backend="onnx")
 
 
 # ------------------------------------------------ issue 21.12: a bounded queue, and always an answer

@@ -116,6 +116,12 @@ def _parser() -> argparse.ArgumentParser:
         default=4,
         help="uploads that may wait while one is classified (default 4); more get HTTP 503 'busy' with Retry-After",
     )
+    sv.add_argument(
+        "--backend",
+        choices=("torch", "onnx"),
+        default="torch",
+        help="torch (default) or onnx: serve an exported model folder's ONNX graphs with ONNX Runtime on the CPU",
+    )
     sv.add_argument("overrides", nargs="*", help="eval.* overrides, e.g. eval.num_samples=8")
 
     # -v/--verbose anywhere: `diffmic -v fit ...` or `diffmic fit ... --verbose`

@@ -345,9 +345,12 @@ def make_server(
     return server
 
 
-def load_predictor(run: str | None, ckpt: str | None, eval_overrides: dict) -> tuple[Predictor, str]:
+def load_predictor(
+    run: str | None, ckpt: str | None, eval_overrides: dict, backend: str = "torch"
+) -> tuple[Predictor, str]:
     """The predictor for ``--run`` (a run folder, a checkpoint file, or a model folder written by
-    ``diffmic export``: :meth:`Predictor.load`) or ``--ckpt``; and a one-line description."""
+    ``diffmic export``: :meth:`Predictor.load`) or ``--ckpt``; and a one-line description.
+    ``backend="onnx"``: a model folder's ONNX graphs with ONNX Runtime (:meth:`Predictor.load`)."""
     from diffmic.config import ConfigError
 
     source = ckpt or run
@@ -357,9 +360,12 @@ def load_predictor(run: str | None, ckpt: str | None, eval_overrides: dict) -> t
     if not target.exists():
         raise FileNotFoundError(f"'{target}' does not exist: pass a trained run folder or a checkpoint file")
     if ckpt:
+        if backend != "torch":
+            raise ConfigError("--backend onnx serves an exported model folder (--run FOLDER), not --ckpt")
         return Predictor.from_checkpoint(target, **eval_overrides), f"checkpoint {target}"
     kind = "checkpoint" if target.is_file() else "model folder" if (target / "config.json").is_file() else "run"
-    return Predictor.load(target, **eval_overrides), f"{kind} {target}"
+    described = f"{kind} {target}" + (" (ONNX Runtime)" if backend == "onnx" else "")
+    return Predictor.load(target, backend=backend, **eval_overrides), described
 
 
 def serve_main(args) -> int:
@@ -379,7 +385,7 @@ def serve_main(args) -> int:
     max_queue = getattr(args, "max_queue", DEFAULT_MAX_QUEUE)
     if max_queue < 0:
         raise ConfigError(f"--max-queue must be 0 or more, got {max_queue}")
-    predictor, what = load_predictor(args.run, args.ckpt, eval_over)
+    predictor, what = load_predictor(args.run, args.ckpt, eval_over, getattr(args, "backend", "torch"))
     try:
         server = make_server(
             predictor,
