@@ -144,3 +144,42 @@ def test_one_set_of_scalar_metrics_equals_scikit_learn_and_serves_the_experiment
     p32, y2 = p64[70:].float(), yt[70:]
     for k, f in fns.items():
         assert ci[k] == bootstrap_ci(lambda i, f=f: f(p32[i], y2[i]), n - 70, 40, seed=3), k
+
+
+def test_pooled_ci_scores_each_seed_against_its_own_test_images():
+    """Seeds of a grid with a seeded random split (a class folder) are tested on different images.
+    Each seed's difference is scored against that seed's labels: here model A is right on every image
+    of both seeds and B on none, so the difference is +1 exactly, and every resample agrees. (Scoring
+    seed 2 against seed 1's labels, as before, gives a difference well below 1.) With different test
+    sizes, each seed draws its own resamples; the interval is an independent numpy bootstrap's."""
+    C = 3
+    rng = np.random.default_rng(7)
+
+    def seed_rows(n, start):
+        y = rng.integers(0, C, n)
+        right = np.eye(C)[y] * 0.8 + 0.2 / C  # argmax = the label
+        wrong = np.eye(C)[(y + 1) % C] * 0.8 + 0.2 / C  # argmax = another class
+        ids = list(range(start, start + n))
+        return {"ids": ids, "labels": y, "probs": right}, {"ids": ids, "labels": y, "probs": wrong}
+
+    (a1, b1), (a2, b2) = seed_rows(60, 0), seed_rows(60, 1000)
+    assert E.pooled_ci([a1, a2], [b1, b2], "acc", 200, seed=3) == "+1.000 [+1.000, +1.000]"
+
+    # different sizes and a model that is right on part of each seed: an independent bootstrap per seed
+    ya, yb = rng.integers(0, C, 50), rng.integers(0, C, 70)
+    pa = [np.eye(C)[y] for y in (ya, yb)]
+    pb = [np.eye(C)[np.where(np.arange(len(y)) % 3 == 0, y, (y + 1) % C)] for y in (ya, yb)]
+    A = [
+        {"ids": [f"s{k}-{i}" for i in range(len(y))], "labels": y, "probs": p}
+        for k, (y, p) in enumerate(zip((ya, yb), pa))
+    ]
+    B = [{**r, "probs": p} for r, p in zip(A, pb)]
+    ok_b = [(p.argmax(1) == y).astype(float) for p, y in zip(pb, (ya, yb))]
+    observed = np.mean([1 - ok.mean() for ok in ok_b])
+    r0, r1 = np.random.default_rng(5), np.random.default_rng(6)
+    vals = [
+        np.mean([1 - ok_b[0][r0.integers(0, 50, 50)].mean(), 1 - ok_b[1][r1.integers(0, 70, 70)].mean()])
+        for _ in range(300)
+    ]
+    lo, hi = np.quantile(vals, [0.025, 0.975])
+    assert E.pooled_ci(A, B, "acc", 300, seed=5) == f"{observed:+.3f} [{lo:+.3f}, {hi:+.3f}]"

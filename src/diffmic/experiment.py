@@ -57,6 +57,7 @@ import csv
 import math
 import os
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -805,22 +806,29 @@ def _write_record(grid: Grid, cell_rows: list[dict], rows: list[dict], path: Pat
 
 
 def pooled_ci(a: list[dict], b: list[dict], metric: str, n_boot: int, seed: int = 0) -> str:
-    """Mean over seeds of the paired difference, with a bootstrap over images (same indices for all)."""
+    """Mean over seeds of the paired difference ``metric(a) − metric(b)``, with a bootstrap over images.
+
+    Within a seed both models must have been tested on the same images. Each seed is scored against its
+    own labels: seeds may have different test images (a seeded random split per seed, e.g. a class
+    folder). When every seed has the same images, one index set resamples them all; otherwise each seed
+    draws its own index sets (seeded ``seed + k``) and the k-th resample of every seed is averaged.
+    """
     for pa, pb in zip(a, b):
         if pa["ids"] != pb["ids"]:
             raise ValueError("the model and its reference were tested on different images")
     from diffmic.trust.bootstrap import percentile_interval, resamples
 
-    y = a[0]["labels"]
     fn = metric_fn(metric, a[0]["probs"].shape[1])
     A = [torch.as_tensor(p["probs"], dtype=torch.float64) for p in a]
     B = [torch.as_tensor(p["probs"], dtype=torch.float64) for p in b]
-    yt = torch.as_tensor(y)
-    obs = float(np.mean([fn(pa, yt) - fn(pb, yt) for pa, pb in zip(A, B)]))
-    diffs = (
-        float(np.mean([fn(pa[i], yt[i]) - fn(pb[i], yt[i]) for pa, pb in zip(A, B)]))
-        for i in resamples(len(y), n_boot, seed, rng="numpy")
-    )
+    Y = [torch.as_tensor(np.asarray(p["labels"])) for p in a]
+    obs = float(np.mean([fn(pa, y) - fn(pb, y) for pa, pb, y in zip(A, B, Y)]))
+    draws: Iterable[Sequence[torch.Tensor]]
+    if all(p["ids"] == a[0]["ids"] for p in a):
+        draws = ([i] * len(a) for i in resamples(len(Y[0]), n_boot, seed, rng="numpy"))
+    else:
+        draws = zip(*(resamples(len(y), n_boot, seed + k, rng="numpy") for k, y in enumerate(Y)))
+    diffs = (float(np.mean([fn(pa[i], y[i]) - fn(pb[i], y[i]) for pa, pb, y, i in zip(A, B, Y, idx)])) for idx in draws)
     lo, hi = percentile_interval(diffs, 0.05)
     return f"{obs:+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
