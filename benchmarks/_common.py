@@ -175,6 +175,24 @@ def own_cpu_s() -> float:
     return t.user + t.system
 
 
+class ForeignLoad:
+    """The share of the machine's CPU that other programs used between ``start()`` and ``share()``
+    (busy CPU seconds of the whole machine minus this process's, over wall time × logical CPUs; None
+    where /proc/stat cannot be read)."""
+
+    def __init__(self) -> None:
+        self.start()
+
+    def start(self) -> None:
+        self._busy, self._own, self._t0 = cpu_busy_s(), own_cpu_s(), time.perf_counter()
+
+    def share(self) -> float | None:
+        busy, own, elapsed = cpu_busy_s(), own_cpu_s(), time.perf_counter() - self._t0
+        if busy is None or self._busy is None or elapsed <= 0:
+            return None
+        return round(max(0.0, (busy - self._busy) - (own - self._own)) / (elapsed * (os.cpu_count() or 1)), 3)
+
+
 class Phase:
     """Times one phase (with device syncs) and measures its peak memory and the CPU load *not* caused by
     this process (other programs, hypervisor steal) while it ran.

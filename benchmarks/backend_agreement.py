@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from _common import cpu_busy_s, emit, log, machine_info, own_cpu_s  # noqa: E402
+from _common import ForeignLoad, emit, log, machine_info  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         onnx_pred = Predictor.load(folder, backend="onnx")
         probs: dict[str, list[np.ndarray]] = {"torch": [], "onnx": []}
         secs = {"torch": 0.0, "onnx": 0.0}
-        busy0, own0, t0 = cpu_busy_s(), own_cpu_s(), time.perf_counter()
+        load = ForeignLoad()
         for i in range(0, len(paths), args.batch):
             chunk = paths[i : i + args.batch]
             for name, pred in (("torch", torch_pred), ("onnx", onnx_pred)):
@@ -73,15 +72,11 @@ def main(argv: list[str] | None = None) -> int:
                 probs[name].append(np.array([[r.probs[n] for n in names] for r in out]))
             if (i // args.batch) % 10 == 0:
                 log(f"[backends] {i + len(chunk)}/{len(paths)} images")
-        elapsed = time.perf_counter() - t0
-        busy1, own1 = cpu_busy_s(), own_cpu_s()
+        foreign = load.share()
     p_t, p_o = np.concatenate(probs["torch"]), np.concatenate(probs["onnx"])
     diff = np.abs(p_t - p_o)
     changed = int((p_t.argmax(1) != p_o.argmax(1)).sum())
     ips = {k: len(paths) / v for k, v in secs.items()}
-    foreign = None
-    if busy0 is not None and busy1 is not None:
-        foreign = round(max(0.0, (busy1 - busy0) - (own1 - own0)) / (elapsed * (os.cpu_count() or 1)), 3)
     emit(
         {
             "benchmark": "backend_agreement",

@@ -19,7 +19,6 @@ Usage:  python benchmarks/bench_recipes.py [--presets cpu_v1,cpu] [--repeats 5]
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_busy_s, emit, log, machine_info, own_cpu_s, set_threads, wait_for_quiet  # noqa: E402
+from _common import ForeignLoad, emit, log, machine_info, set_threads, wait_for_quiet  # noqa: E402
 
 
 def build(preset: str, classes: int, seed: int) -> dict:
@@ -87,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     for b in built.values():  # warm-up: optimiser state, allocator, kernels
         b["step"](b["schedule"], b["batch"]())
         one_image(b)
-    busy0, own0, t0 = cpu_busy_s(), own_cpu_s(), time.perf_counter()
+    load = ForeignLoad()
     for rnd in range(max(1, args.repeats)):
         for p, b in built.items():
             data = b["batch"]()
@@ -101,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             f"[recipes] round {rnd + 1}: "
             + ", ".join(f"{p} step {v['train_step_s'][-1]:.2f}s" for p, v in times.items())
         )
-    elapsed = time.perf_counter() - t0
-    busy1, own1 = cpu_busy_s(), own_cpu_s()
+    foreign = load.share()
     result: dict = {}
     for p, b in built.items():
         cfg = b["cfg"]
@@ -127,9 +125,6 @@ def main(argv: list[str] | None = None) -> int:
         }
         for p in presets[1:]
     }
-    foreign = None
-    if busy0 is not None and busy1 is not None:
-        foreign = round(max(0.0, (busy1 - busy0) - (own1 - own0)) / (elapsed * (os.cpu_count() or 1)), 3)
     emit(
         {
             "benchmark": "recipes",

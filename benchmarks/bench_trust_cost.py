@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import statistics
 import sys
 import time
@@ -36,7 +35,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from _common import cpu_busy_s, emit, log, machine_info, own_cpu_s, wait_for_quiet  # noqa: E402
+from _common import ForeignLoad, emit, log, machine_info, wait_for_quiet  # noqa: E402
 
 
 def _test_images(run: Path, root: Path, n: int) -> list[Path]:
@@ -106,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         x = x_all[:1].to(pred.device)
         reverse_sample(m.model, m.schedule, x, **kw, ids=[keys[0]])
         pred.predict_tensor(x, [ids[0]], [keys[0]])
-    busy0, own0, t0 = cpu_busy_s(), own_cpu_s(), time.perf_counter()
+    load = ForeignLoad()
     with torch.inference_mode():
         for rnd in range(max(1, args.repeats)):
             for i in range(len(paths)):
@@ -126,8 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                 for k, v in zip(parts, (t_net, t_k, t_1, t_cal, t_tt, t_pred)):
                     parts[k].append(v)
             log(f"[trust-cost] round {rnd + 1}: predict median {statistics.median(parts['predict']):.4f} s/image")
-    elapsed = time.perf_counter() - t0
-    busy1, own1 = cpu_busy_s(), own_cpu_s()
+    foreign = load.share()
     med = {k: statistics.median(v) for k, v in parts.items()}
     cost = {
         "networks_s": med["networks"],
@@ -137,9 +135,6 @@ def main(argv: list[str] | None = None) -> int:
         "ttest_s": med["ttest"],
         "predict_s": med["predict"],
     }
-    foreign = None
-    if busy0 is not None and busy1 is not None:
-        foreign = round(max(0.0, (busy1 - busy0) - (own1 - own0)) / (elapsed * (os.cpu_count() or 1)), 3)
     emit(
         {
             "benchmark": "trust_cost",

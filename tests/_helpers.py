@@ -84,6 +84,27 @@ def _folder_fit_args(
     ]
 
 
+def npz_fit_args(npz: Path, run: Path, cache: Path, *extra: str) -> list[str]:
+    """``diffmic fit`` arguments of a tiny ``cpu_v1`` run on a MedMNIST-style ``.npz`` (conftest's
+    ``write_synthetic_npz``) at 32 px in batches of 8: 1 DCG warm-up and 1 joint epoch (``extra``:
+    further settings, e.g. ``model.dcg_output_stride=8``)."""
+    return [
+        "fit",
+        "--config",
+        "cpu_v1",
+        *TINY_MODEL,
+        "data.dataset=medmnist",
+        f"data.root={npz}",
+        "data.image_size=32",
+        "data.batch_size=8",
+        f"data.cache_dir={cache}",
+        *extra,
+        f"run.dir={run}",
+        "train.epochs=2",
+        "train.dcg_warmup_epochs=1",
+    ]
+
+
 def tiny_fit_args(data: Path, run: Path, cache: Path, epochs: int = 1, warmup: int = 1) -> list[str]:
     """``diffmic fit`` arguments for a seconds-long CPU fit on an image folder (conftest's
     ``write_synthetic_folder``), batches of 16."""

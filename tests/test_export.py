@@ -19,7 +19,7 @@ from diffmic.inference import Predictor
 from diffmic.inference.export import ExportError, export_model, load_model_folder
 from diffmic.nn.encoders import create_encoder
 
-from _helpers import ONE_THREAD_ENV, TINY_MODEL, one_thread  # noqa: F401
+from _helpers import ONE_THREAD_ENV, TINY_MODEL, npz_fit_args, one_thread  # noqa: F401
 from conftest import write_synthetic_npz
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -48,23 +48,7 @@ def tiny_run(tmp_path_factory) -> Path:
     weights = tmp / "resnet10_tiny.pth"
     torch.save(create_encoder("resnet10_tiny").state_dict(), weights)
     run = tmp / "run"
-    rc = main(
-        [
-            "fit",
-            "--config",
-            "cpu_v1",
-            *TINY_MODEL,
-            "data.dataset=medmnist",
-            f"data.root={npz}",
-            "data.image_size=32",
-            "data.batch_size=8",
-            f"data.cache_dir={tmp / 'cache'}",
-            f"model.pretrained={weights}",
-            f"run.dir={run}",
-            "train.epochs=2",
-            "train.dcg_warmup_epochs=1",
-        ]
-    )
+    rc = main(npz_fit_args(npz, run, tmp / "cache", f"model.pretrained={weights}"))
     assert rc == 0
     assert main(["test", "--run", str(run)]) == 0
     weights.unlink()

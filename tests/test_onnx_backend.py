@@ -20,7 +20,7 @@ from diffmic.cli import main
 from diffmic.inference import Predictor
 from diffmic.inference.export import ExportError, export_model
 
-from _helpers import ONE_THREAD_ENV, TINY_MODEL, one_thread  # noqa: F401
+from _helpers import ONE_THREAD_ENV, TINY_MODEL, npz_fit_args, one_thread  # noqa: F401
 from conftest import write_synthetic_npz
 
 
@@ -53,23 +53,7 @@ def tiny_run(tmp_path_factory) -> Path:
     splits = {"train": 32, "val": 8, "test": 8}
     npz = write_synthetic_npz(tmp / "synth.npz", splits, order="cycle", region="all", background=60.0, contrast=130.0)
     run = tmp / "run"
-    rc = main(
-        [
-            "fit",
-            "--config",
-            "cpu_v1",
-            *TINY_MODEL,
-            "data.dataset=medmnist",
-            f"data.root={npz}",
-            "data.image_size=32",
-            "data.batch_size=8",
-            f"data.cache_dir={tmp / 'cache'}",
-            "model.dcg_output_stride=8",
-            f"run.dir={run}",
-            "train.epochs=2",
-            "train.dcg_warmup_epochs=1",
-        ]
-    )
+    rc = main(npz_fit_args(npz, run, tmp / "cache", "model.dcg_output_stride=8"))
     assert rc == 0
     return run
 

@@ -267,6 +267,17 @@ def test_browser_upload_shows_the_predictors_class_and_survives_bad_files(traine
         driver.quit()
 
 
+def _serve_once(predictor, img: Path) -> tuple[int, str]:
+    """Serve ``predictor`` on a free port, upload ``img`` once, stop: (HTTP status, page)."""
+    srv = make_server(predictor, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        return _post(f"http://127.0.0.1:{srv.server_address[1]}/", img.name, img.read_bytes())
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
 def test_serves_an_exported_model_folder(trained, tmp_path, monkeypatch):
     """`diffmic serve --run MODEL_FOLDER` (written by `diffmic export`) answers as the Predictor
     loaded from that folder does."""
@@ -277,14 +288,8 @@ def test_serves_an_exported_model_folder(trained, tmp_path, monkeypatch):
     assert main(["export", "--run", str(run), "--out", str(folder)]) == 0
     predictor, what = load_predictor(str(folder), None, {})
     assert what == f"model folder {folder}"
-    srv = make_server(predictor, "127.0.0.1", 0)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        img = data / "bright" / "bright2.png"
-        status, page = _post(f"http://127.0.0.1:{srv.server_address[1]}/", img.name, img.read_bytes())
-    finally:
-        srv.shutdown()
-        srv.server_close()
+    img = data / "bright" / "bright2.png"
+    status, page = _serve_once(predictor, img)
     assert status == 200
     monkeypatch.chdir(img.parent)
     ref = Predictor.load(folder).predict([img.name])[0]
@@ -308,14 +313,8 @@ def test_serves_a_model_folder_with_onnx_runtime(trained, tmp_path, monkeypatch)
     predictor, what = load_predictor(str(folder), None, {}, backend="onnx")
     assert what == f"model folder {folder} (ONNX Runtime)"
     assert type(predictor.module.model).__name__ == "OnnxNetwork"
-    srv = make_server(predictor, "127.0.0.1", 0)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        img = data / "dark" / "dark1.png"
-        status, page = _post(f"http://127.0.0.1:{srv.server_address[1]}/", img.name, img.read_bytes())
-    finally:
-        srv.shutdown()
-        srv.server_close()
+    img = data / "dark" / "dark1.png"
+    status, page = _serve_once(predictor, img)
     assert status == 200
     monkeypatch.chdir(img.parent)
     ref = Predictor.load(folder, backend="onnx").predict([img.name])[0]
