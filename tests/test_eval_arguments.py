@@ -51,7 +51,7 @@ def test_the_reports_paths_end_where_the_predictor_and_test_read_out(setup):
     pred_probs = torch.tensor([[r.probs[n] for n in module.class_names] for r in pred])
     assert torch.allclose(explain_probs, pred_probs, atol=1e-5)
 
-    test_probs = module._scores({"image": x, "id": ids}, "test")[0]
+    test_probs = module.scores({"image": x, "id": ids}, "test")[0]
     assert torch.allclose(test_probs, pred_probs, atol=1e-5)
 
     # the setting matters: without t_start the chain reads out something else
