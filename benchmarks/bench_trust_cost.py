@@ -13,7 +13,10 @@ time per image is reported for each part of one prediction:
 * ``calibration``: the calibrated probabilities, the fitted referral, the conformal set and the
   out-of-distribution score and flag (``trust.evaluate.predict_trust`` without the samples);
 * ``ttest``: the CARD t-test over the K samples (``trust.uncertainty.card_uncertainty``);
-* ``predict``: the whole ``Predictor.predict_tensor`` (read-out, trust outputs, the result objects).
+* ``predict``: the whole ``Predictor.predict_tensor`` (read-out, trust outputs, the result objects);
+* ``sampler_fast`` / ``predict_fast``: the same on the fast path (``diffmic predict --fast``,
+  :meth:`Predictor.set_fast`): the point read-out alone, no K chains; the JSON says whether the fast
+  path changed any class or probability (it must not) and its speed-up on the whole prediction.
 
 Times are per image at batch 1, wall clock, on the device the Predictor picks (CPU here). The last stdout
 line is one JSON object; ``share_of_predict`` puts each part against the whole.
@@ -77,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from diffmic.diffusion.reverse import reverse_sample
     from diffmic.inference import Predictor
+    from diffmic.inference.predictor import FastPathError
     from diffmic.metrics import readout
     from diffmic.trust.evaluate import predict_trust
     from diffmic.trust.ood import OODInputs
@@ -95,6 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     K = int(e.num_samples)
     parts: dict[str, list[float]] = {k: [] for k in ("networks", "sampler_K", "sampler_1", "calibration", "ttest")}
     parts["predict"] = []
+    try:
+        pred.set_fast(True)
+        pred.set_fast(False)
+        fast_refused = None
+    except FastPathError as exc:  # a model that needs its samples: the fast path is not timed
+        fast_refused = str(exc)
+    if fast_refused is None:
+        parts["sampler_fast"], parts["predict_fast"] = [], []
+    fast_moved = {"classes_changed": 0, "prob_max_abs_diff": 0.0}
 
     def clock(fn):
         t0 = time.perf_counter()
@@ -121,9 +134,20 @@ def main(argv: list[str] | None = None) -> int:
                 samples = r.samples
                 assert samples is not None  # a diffusion read-out keeps its K samples
                 _, t_tt = clock(lambda: card_uncertainty(samples.detach().cpu()))
-                _, t_pred = clock(lambda: pred.predict_tensor(x, [ids[i]], [keys[i]]))
+                res, t_pred = clock(lambda: pred.predict_tensor(x, [ids[i]], [keys[i]]))
                 for k, v in zip(parts, (t_net, t_k, t_1, t_cal, t_tt, t_pred)):
                     parts[k].append(v)
+                if fast_refused is None:
+                    kwf = {**kw, "draw_samples": False}
+                    _, t_f = clock(lambda: reverse_sample(net, m.schedule, x, **kwf, ids=[keys[i]]))
+                    pred.set_fast(True)
+                    fres, t_pf = clock(lambda: pred.predict_tensor(x, [ids[i]], [keys[i]]))
+                    pred.set_fast(False)
+                    parts["sampler_fast"].append(t_f)
+                    parts["predict_fast"].append(t_pf)
+                    fast_moved["classes_changed"] += int(fres[0].label != res[0].label) if rnd == 0 else 0
+                    diff = max(abs(fres[0].probs[c] - res[0].probs[c]) for c in res[0].probs)
+                    fast_moved["prob_max_abs_diff"] = max(fast_moved["prob_max_abs_diff"], diff)
             log(f"[trust-cost] round {rnd + 1}: predict median {statistics.median(parts['predict']):.4f} s/image")
     foreign = load.share()
     med = {k: statistics.median(v) for k, v in parts.items()}
@@ -135,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         "ttest_s": med["ttest"],
         "predict_s": med["predict"],
     }
+    if fast_refused is None:
+        cost["sampler_fast_s"] = med["sampler_fast"]
+        cost["predict_fast_s"] = med["predict_fast"]
     emit(
         {
             "benchmark": "trust_cost",
@@ -152,6 +179,15 @@ def main(argv: list[str] | None = None) -> int:
             "per_image_s": {k: round(v, 5) for k, v in cost.items()},
             "share_of_predict": {k: round(v / cost["predict_s"], 3) for k, v in cost.items() if k != "predict_s"},
             "sampler_K_over_1": round(cost["sampler_K_s"] / cost["sampler_1_s"], 2) if cost["sampler_1_s"] else None,
+            "fast_path": (
+                {"refused": fast_refused}
+                if fast_refused is not None
+                else {
+                    "speedup": round(cost["predict_s"] / cost["predict_fast_s"], 2),
+                    "images": len(paths),
+                    **fast_moved,
+                }
+            ),
             "foreign_cpu_share": foreign,
             "contended": foreign is not None and foreign > 0.1,
             "waited_for_quiet": quiet,

@@ -219,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     summary["prob_max_abs_diff"] = be.get("prob_max_abs_diff")
     tc = results.get("trust_cost", {})
     summary["trust_cost_per_image_s"] = tc.get("per_image_s") or tc.get("skipped")
+    summary["fast_path"] = tc.get("fast_path")  # predict --fast: speed-up, classes changed (must be 0)
     summary["train_speedup"] = tr.get("speedup")
     summary["train_speedup_uncontended"] = tr.get("speedup_uncontended_steps")
     sc = results.get("scaling", {})

@@ -155,6 +155,18 @@ def test_onnx_backend_predicts_like_torch(onnx_folder, tmp_path):
     assert [r["label"] for r in rows] == [a.label for a in ref]
 
 
+def test_onnx_fast_path_gives_the_torch_fast_path(onnx_folder, tmp_path):
+    """``--fast`` through the ONNX graphs: the point read-out alone, the torch backend's answer."""
+    images = _images(tmp_path / "imgs", 3)
+    ref = Predictor.load(onnx_folder, device="cpu", fast=True).predict(images)
+    got = Predictor.load(onnx_folder, backend="onnx", fast=True).predict(images)
+    full = Predictor.load(onnx_folder, backend="onnx").predict(images)
+    for a, b, c in zip(ref, got, full):
+        assert a.label == b.label == c.label and b.agreement is None and c.agreement is not None
+        assert np.allclose(list(a.probs.values()), list(b.probs.values()), atol=1e-3)
+        assert np.allclose(list(c.probs.values()), list(b.probs.values()), atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "variant,over",
     [("C1", []), ("full", ["model.prior=zero"]), ("full", ["model.denoiser_input=paper"])],

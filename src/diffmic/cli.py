@@ -21,6 +21,12 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+FAST_HELP = (
+    "draw no reverse samples: the same class, calibrated probabilities, prediction set, referral threshold and "
+    "out-of-distribution flag from the deterministic read-out alone (eval.point_steps calls), without the sample "
+    "agreement, spread and t-test (refused where the model needs the samples for its prediction or its flag)"
+)
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diffmic", description="DiffMIC: diffusion for medical image classification")
@@ -81,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
         help="torch (default): rebuild the PyTorch network; onnx: run an exported model folder's ONNX graphs "
         "(diffmic export --onnx) with ONNX Runtime on the CPU, without timm/torchvision (faster start-up)",
     )
+    pr.add_argument("--fast", action="store_true", help=FAST_HELP)
     pr.add_argument("--output", help="CSV file for the predictions (default: print)")
     pr.add_argument("--explain", help="folder for per-image saliency/ROI PNGs")
     pr.add_argument("--batch-size", type=int, default=32)
@@ -122,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
         default="torch",
         help="torch (default) or onnx: serve an exported model folder's ONNX graphs with ONNX Runtime on the CPU",
     )
+    sv.add_argument("--fast", action="store_true", help=FAST_HELP)
     sv.add_argument("overrides", nargs="*", help="eval.* overrides, e.g. eval.num_samples=8")
 
     # -v/--verbose anywhere: `diffmic -v fit ...` or `diffmic fit ... --verbose`
@@ -312,12 +320,14 @@ def _predict(args) -> int:
     if args.backend == "onnx" and args.ckpt:
         raise ConfigError("--backend onnx runs an exported model folder (--model FOLDER or --run FOLDER), not --ckpt")
     if args.model:  # an exported model folder, on disk or on the Hugging Face Hub
-        predictor = Predictor.from_pretrained(args.model, args.revision, backend=args.backend, **eval_over)
+        predictor = Predictor.from_pretrained(
+            args.model, args.revision, backend=args.backend, fast=args.fast, **eval_over
+        )
     elif args.run and not args.ckpt:  # a run folder or an exported model folder (diffmic export)
-        predictor = Predictor.load(args.run, backend=args.backend, **eval_over)
+        predictor = Predictor.load(args.run, backend=args.backend, fast=args.fast, **eval_over)
     else:
         ckpt = resolve_checkpoint(Path(args.run), args.ckpt) if args.run else Path(args.ckpt)
-        predictor = Predictor.from_checkpoint(ckpt, **eval_over)
+        predictor = Predictor.from_checkpoint(ckpt, fast=args.fast, **eval_over)
     good = _readable_images(images, predictor.cfg.data.image_size, predictor.cfg.data.in_chans, args.skip_bad)
     images = [images[i] for i in good]
     if explain_paths is not None:
@@ -512,8 +522,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         errors = errors + (RunFolderError,)
     if args.verb in ("export", "predict", "serve"):
         from diffmic.inference.export import ExportError
+        from diffmic.inference.predictor import FastPathError
 
-        errors = errors + (ExportError,)
+        errors = errors + (ExportError, FastPathError)
     # predict and serve run without Lightning (issue 27.2): importing it to quieten it would cost seconds
     if args.verb in ("fit", "validate", "test", "export"):
         from diffmic.training.console import quiet

@@ -77,6 +77,7 @@ def reverse_sample(
     return_trajectory: bool = False,
     point_steps: int = 0,
     guide: Optional[Callable[[Tensor], object]] = None,
+    draw_samples: bool = True,
 ) -> ReverseOutput:
     """Classify a batch ``x [B,3,H,W]`` by reverse diffusion over the label vector.
 
@@ -95,9 +96,17 @@ def reverse_sample(
 
     ``guide``: where the DCG outputs come from (default ``model.guide``; e.g. the average of a
     cross-fitted model's fold DCGs, ``eval.prior_source=folds``).
+
+    ``draw_samples=False`` (the fast path, ``diffmic predict --fast``): only the point read-out is
+    computed (``point_steps`` must be > 0); the K chains are not run, and ``y0`` is the point read-out
+    as the one "sample" ``[B,1,C]``. The point equals the one ``draw_samples=True`` gives.
     """
+    if not draw_samples and not (point_steps and int(point_steps) > 0):
+        raise ValueError(
+            "draw_samples=False needs the point read-out (point_steps > 0): without the samples there is no prediction"
+        )
     B = x.shape[0]
-    K = num_samples
+    K = num_samples if draw_samples else 1
     guidance = (guide or model.guide)(x)
     priors = model.priors(guidance, B, x.device, x.dtype if x.is_floating_point() else torch.float32)
     mu = priors.fused  # [B,C]
@@ -112,10 +121,16 @@ def reverse_sample(
         # start / t_start configure the ODE samplers (eval.start, eval.t_start); the released
         # ancestral chains always start from mu + z, so `eval.sampler=truncated` alone switches back
         start, t_start = "noise", None
-    if noise is None and ids is not None:
+    if noise is None and ids is not None and draw_samples:
         draws = samplers.num_noise_draws(sampler, schedule.num_timesteps, steps, eta)
         noise = per_image_noise(list(ids), seed, draws, K, C, mu.device, mu.dtype)
     feat = None
+    if not draw_samples:
+        feat = model.encode(x)
+        only = _point_readout(
+            model, schedule, feat, mu, priors.guidance if model.uses_guidance else None, point_steps, point_t
+        )
+        return ReverseOutput(only[:, None, :], mu, guidance, None, only, feat)
     if reencode:
         x_k = x.repeat_interleave(K, 0)
 
@@ -142,18 +157,26 @@ def reverse_sample(
         return_trajectory=return_trajectory,
     )
     traj = [s.view(B, K, C) for s in out.trajectory] if out.trajectory is not None else None
-    point = None
+    point: Optional[Tensor] = None
     if point_steps and int(point_steps) > 0:
         feat1 = feat_k[::K] if not reencode else model.encode(x)
         guide1 = priors.guidance if model.uses_guidance else None
-        point = samplers.sample(
-            "ddim",
-            lambda y_t, t: model.eps(feat1, y_t, t, guide1),
-            schedule,
-            mu,
-            steps=min(int(point_steps), point_t + 1),  # a window shorter than point_steps: one call per step
-            eta=0.0,
-            start="mean",
-            t_start=point_t,
-        ).y0
+        point = _point_readout(model, schedule, feat1, mu, guide1, point_steps, point_t)
     return ReverseOutput(out.y0.view(B, K, C), mu, guidance, traj, point, feat)
+
+
+def _point_readout(
+    model, schedule: NoiseSchedule, feat: Tensor, mu: Tensor, guide: Optional[Tensor], point_steps: int, point_t: int
+) -> Tensor:
+    """The deterministic read-out ``[B,C]``: DDIM (η = 0) from the prior mean ``mu`` at ``point_t``
+    to t = 0 in ``point_steps`` calls (one per timestep where the window is shorter)."""
+    return samplers.sample(
+        "ddim",
+        lambda y_t, t: model.eps(feat, y_t, t, guide),
+        schedule,
+        mu,
+        steps=min(int(point_steps), point_t + 1),  # a window shorter than point_steps: one call per step
+        eta=0.0,
+        start="mean",
+        t_start=point_t,
+    ).y0

@@ -9,6 +9,9 @@ Usage (run by ``tests/test_doc_examples.py`` on a tiny checkpoint)::
     print(results[0].label, results[0].confidence, results[0].refer)
 
 ``Predictor.from_pretrained("org/name")`` loads an exported model folder from the Hugging Face Hub.
+``fast=True`` (``diffmic predict --fast``) skips the K reverse samples: the same prediction,
+calibrated probabilities, prediction set, referral threshold and out-of-distribution flag, without
+the sample agreement, spread and t-test (:meth:`Predictor.set_fast`).
 """
 
 from __future__ import annotations
@@ -52,8 +55,8 @@ class Prediction:
     label_index: int
     probs: dict[str, float]
     confidence: float
-    agreement: float
-    spread: float
+    agreement: Optional[float]
+    spread: Optional[float]
     entropy: float
     refer: bool
     prior_probs: Optional[dict[str, float]] = None
@@ -112,8 +115,15 @@ def _backend(backend: str) -> str:
     return backend
 
 
+class FastPathError(ValueError):
+    """The fast path cannot keep this model's outputs (:meth:`Predictor.set_fast`)."""
+
+
 class Predictor:
     """Load a trained model once and classify many images (CPU or GPU, any batch size)."""
+
+    #: True: no reverse samples are drawn (:meth:`set_fast`)
+    fast: bool = False
 
     def __init__(self, module, device: Optional[torch.device | str] = None) -> None:
         if device is None:
@@ -125,18 +135,55 @@ class Predictor:
         calib = getattr(module, "calibration", None)
         #: the out-of-distribution flag in words, or why there is none (a calibration without one)
         self.ood_rule: Optional[str] = ood_rule_text(calib.get("ood")) if calib is not None else None
-        model = getattr(module, "model", None)
-        k = int(self.cfg.eval.num_samples) if model is None or model.uses_diffusion else None
         fitted = calib.get("referral") if calib is not None else None
         #: the confidence threshold applied (fitted on validation when calibrated, else eval.refer_threshold)
         self.refer_threshold: float = (
             float(fitted["threshold"]) if isinstance(fitted, dict) else float(self.cfg.eval.refer_threshold)
         )
+        self._state_rule()
+
+    def _state_rule(self) -> None:
+        model = getattr(self.module, "model", None)
+        draws = model is None or model.uses_diffusion
+        k = int(self.cfg.eval.num_samples) if draws and not self.fast else None
         #: the referral rule applied to every prediction, in words (diffmic.metrics.referral_rule)
-        self.referral_rule: str = applied_rule(calib, self.cfg.eval.refer_threshold, k)
+        self.referral_rule: str = applied_rule(
+            getattr(self.module, "calibration", None), self.cfg.eval.refer_threshold, k
+        )
+
+    def set_fast(self, enabled: bool = True) -> Predictor:
+        """The fast path: draw no reverse samples, only the deterministic point read-out
+        (``eval.point_steps`` calls of the denoiser), which is the prediction either way. The class,
+        the probabilities, their calibration, the prediction set, the fitted referral threshold and the
+        out-of-distribution flag are the ones of the full path (they do not use the samples); the
+        sample agreement, spread and CARD t-test are not computed, and without a calibration the
+        referral rule is the confidence threshold alone (:attr:`referral_rule` says so).
+
+        Raises :class:`FastPathError` where the fast path would change an output: a model whose
+        prediction is the mean of its samples (``eval.point_steps=0``), or whose stored
+        out-of-distribution flag scores the samples' spread. A classifier (``basic``, ``dcg``) draws
+        no samples anyway. Returns ``self``."""
+        if enabled:
+            model = self.module.model
+            if model.uses_diffusion and int(self.cfg.eval.point_steps) <= 0:
+                raise FastPathError(
+                    "--fast needs the deterministic read-out, but this model's prediction is the mean of its "
+                    f"{int(self.cfg.eval.num_samples)} reverse samples (eval.point_steps=0); run without --fast, or "
+                    "predict with eval.point_steps=N (then `diffmic calibrate` the model for that read-out)"
+                )
+            calib = getattr(self.module, "calibration", None)
+            ood = calib.get("ood") if isinstance(calib, dict) else None
+            if model.uses_diffusion and isinstance(ood, dict) and ood.get("score") == "spread":
+                raise FastPathError(
+                    "--fast draws no reverse samples, but this model's out-of-distribution flag scores their "
+                    "spread; run without --fast (or `diffmic calibrate` with eval.ood_score=mahalanobis or energy)"
+                )
+        self.fast = bool(enabled)
+        self._state_rule()
+        return self
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device=None, **eval_overrides) -> Predictor:
+    def from_checkpoint(cls, path: str | Path, device=None, fast: bool = False, **eval_overrides) -> Predictor:
         """From a checkpoint written by ``diffmic fit``, without Lightning: the network is rebuilt from
         the recorded config and loaded strictly, the EMA weights where the run evaluates with them
         (:func:`diffmic.training.loading.load_network`, the checks of ``load_module``)."""
@@ -146,16 +193,20 @@ class Predictor:
         over = {"eval": eval_overrides} if eval_overrides else None
         net = load_network(path, overrides=over)
         meta = {"loaded_from": net.loaded_from, "diffmic_version": net.diffmic_version}
-        return cls(PortableModel(net.model, net.cfg, net.class_names, net.calibration, meta), device=device)
+        return cls(PortableModel(net.model, net.cfg, net.class_names, net.calibration, meta), device=device).set_fast(
+            fast
+        )
 
     @classmethod
-    def load(cls, path: str | Path, device=None, backend: str = "torch", **eval_overrides) -> Predictor:
+    def load(
+        cls, path: str | Path, device=None, backend: str = "torch", fast: bool = False, **eval_overrides
+    ) -> Predictor:
         """From a model folder written by ``diffmic export`` (no Lightning needed), a run folder
         (its best checkpoint) or a checkpoint file.
 
         ``backend="onnx"``: a model folder exported with ``--onnx``, served by its ONNX graphs with ONNX
         Runtime on the CPU (:mod:`diffmic.inference.onnx_backend`; neither timm nor torchvision is
-        imported); ``"torch"`` (default) rebuilds the PyTorch network."""
+        imported); ``"torch"`` (default) rebuilds the PyTorch network. ``fast``: :meth:`set_fast`."""
         from diffmic.inference.export import ExportError, is_model_folder, load_model_folder
 
         p = Path(path)
@@ -167,14 +218,14 @@ class Predictor:
                 )
             from diffmic.inference.onnx_backend import load_onnx_folder, onnx_device
 
-            return cls(load_onnx_folder(p, eval_overrides or None), device=onnx_device(device))
+            return cls(load_onnx_folder(p, eval_overrides or None), device=onnx_device(device)).set_fast(fast)
         if is_model_folder(p):
-            return cls(load_model_folder(p, eval_overrides or None), device=device)
+            return cls(load_model_folder(p, eval_overrides or None), device=device).set_fast(fast)
         if p.is_dir():
             from diffmic.training.loading import resolve_checkpoint
 
             p = resolve_checkpoint(p, None)
-        return cls.from_checkpoint(p, device=device, **eval_overrides)
+        return cls.from_checkpoint(p, device=device, fast=fast, **eval_overrides)
 
     @classmethod
     def from_pretrained(
@@ -187,12 +238,13 @@ class Predictor:
         token: Optional[str | bool] = None,
         device=None,
         backend: str = "torch",
+        fast: bool = False,
         **eval_overrides,
     ) -> Predictor:
         """From an exported model folder on the Hugging Face Hub (``"org/name"``; ``revision`` pins a
         branch, tag or commit) or on disk. The Hub folder is fetched into the Hugging Face cache
         (offline: the cached snapshot) and loaded with every check of :meth:`load`, the weights'
-        SHA-256 included (see :mod:`diffmic.inference.hub`); ``backend`` as for :meth:`load`."""
+        SHA-256 included (see :mod:`diffmic.inference.hub`); ``backend`` and ``fast`` as for :meth:`load`."""
         from diffmic.inference.export import load_model_folder
         from diffmic.inference.hub import resolve_model
 
@@ -201,8 +253,8 @@ class Predictor:
         if use == "onnx":
             from diffmic.inference.onnx_backend import load_onnx_folder, onnx_device
 
-            return cls(load_onnx_folder(folder, eval_overrides or None), device=onnx_device(device))
-        return cls(load_model_folder(folder, eval_overrides or None), device=device)
+            return cls(load_onnx_folder(folder, eval_overrides or None), device=onnx_device(device)).set_fast(fast)
+        return cls(load_model_folder(folder, eval_overrides or None), device=device).set_fast(fast)
 
     def _load_images(self, images: Sequence) -> tuple[Tensor, list[str]]:
         x, ids, _ = self._load_images_seeded(images)
@@ -245,6 +297,7 @@ class Predictor:
                 x,
                 **e.reverse_kwargs(),
                 ids=list(seed_keys if seed_keys is not None else ids),
+                draw_samples=not self.fast,
             )
             r = readout(out.y0, e.aggregate, e.temperature, point=out.point)
             # ReverseOutput (diffusion, below nn) cannot name the DCG's output type
@@ -261,6 +314,7 @@ class Predictor:
             ids=[str(i) for i in ids],
             ood_inputs=ood_inputs,
         )
+        sampled = m.model.uses_diffusion and not self.fast  # agreement / spread mean something
         results = []
         for i, image_id in enumerate(ids):
             k = int(r.pred[i])
@@ -272,10 +326,12 @@ class Predictor:
                 label_index=k,
                 probs={n: float(r.probs[i, c]) for c, n in enumerate(self.class_names)},
                 confidence=float(r.confidence[i]),
-                agreement=float(r.agreement[i]),
-                spread=float(r.spread[i]),
+                agreement=float(r.agreement[i]) if sampled or not m.model.uses_diffusion else None,
+                spread=float(r.spread[i]) if sampled or not m.model.uses_diffusion else None,
                 entropy=float(r.entropy[i]),
-                refer=should_refer(float(r.confidence[i]), float(r.agreement[i]), e.refer_threshold),
+                refer=should_refer(
+                    float(r.confidence[i]), float(r.agreement[i]) if sampled else None, e.refer_threshold
+                ),
             )
             if trust.get("probs") is not None:
                 res.confidence_unscaled = res.confidence

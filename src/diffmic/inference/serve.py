@@ -149,11 +149,12 @@ def render_result(result: Prediction, png: bytes, refer_threshold: float, rule: 
     elif result.refer:
         # the threshold as the rule states it (3 decimals; more where the two would read the same)
         d = 3 if round(result.confidence, 3) != round(refer_threshold, 3) else 6
-        why = (
-            f"probability {result.confidence:.{d}f} is below {refer_threshold:.{d}f}"
-            if result.confidence < refer_threshold
-            else f"only {result.agreement:.0%} of the reverse samples agree on the class"
-        )
+        if result.confidence < refer_threshold:
+            why = f"probability {result.confidence:.{d}f} is below {refer_threshold:.{d}f}"
+        elif result.agreement is not None:
+            why = f"only {result.agreement:.0%} of the reverse samples agree on the class"
+        else:
+            why = "the referral rule below applies"
         flag = f"<p id='refer' class='refer'>REFER to a clinician: {why}</p>"
     else:
         flag = "<p id='refer' class='ok'>Not referred: the referral rule below does not apply to this image</p>"
@@ -168,12 +169,16 @@ def render_result(result: Prediction, png: bytes, refer_threshold: float, rule: 
         )
         rois = f"<h3>Regions of interest (pixels of the network input)</h3><ul id='rois'>{items}</ul>"
     img = base64.b64encode(png).decode("ascii")
+    readout = (
+        "fast read-out: no reverse samples drawn (no sample agreement, spread or t-test)"
+        if result.agreement is None or result.spread is None
+        else f"sample agreement <span id='agreement'>{result.agreement:.2f}</span>, spread {result.spread:.3f}"
+    )
     return (
         f"<div id='result'><h2>Result for <span id='filename'>{e(result.id)}</span></h2>"
         f"<p>Predicted class: <span id='pred-label'>{e(result.label)}</span></p>"
         f"<p>probability <span id='confidence'>{result.confidence:.3f}</span>, "
-        f"sample agreement <span id='agreement'>{result.agreement:.2f}</span>, "
-        f"spread {result.spread:.3f}, entropy {result.entropy:.3f}</p>{flag}"
+        f"{readout}, entropy {result.entropy:.3f}</p>{flag}"
         f"<h3>Class probabilities</h3><table id='probs'><tr><th>class</th><th>p</th><th></th></tr>{rows}</table>"
         f"<h3>Saliency map and regions</h3><img id='overlay' alt='input with regions of interest, and the "
         f"DCG saliency map of the predicted class' src='data:image/png;base64,{img}'>{rois}</div>"
@@ -216,7 +221,8 @@ def make_server(
     # the rule the Predictor applies (the threshold fitted on validation when calibrated), stated once
     refer_threshold = float(getattr(predictor, "refer_threshold", predictor.cfg.eval.refer_threshold))
     model = getattr(predictor.module, "model", None)
-    k = int(predictor.cfg.eval.num_samples) if model is None or model.uses_diffusion else None
+    draws = (model is None or model.uses_diffusion) and not getattr(predictor, "fast", False)
+    k = int(predictor.cfg.eval.num_samples) if draws else None
     rule = getattr(predictor, "referral_rule", None) or referral_rule(refer_threshold, k)
     ood_rule = getattr(predictor, "ood_rule", None) or ""
 
@@ -346,11 +352,12 @@ def make_server(
 
 
 def load_predictor(
-    run: str | None, ckpt: str | None, eval_overrides: dict, backend: str = "torch"
+    run: str | None, ckpt: str | None, eval_overrides: dict, backend: str = "torch", fast: bool = False
 ) -> tuple[Predictor, str]:
     """The predictor for ``--run`` (a run folder, a checkpoint file, or a model folder written by
     ``diffmic export``: :meth:`Predictor.load`) or ``--ckpt``; and a one-line description.
-    ``backend="onnx"``: a model folder's ONNX graphs with ONNX Runtime (:meth:`Predictor.load`)."""
+    ``backend="onnx"``: a model folder's ONNX graphs with ONNX Runtime (:meth:`Predictor.load`);
+    ``fast``: no reverse samples (:meth:`Predictor.set_fast`)."""
     from diffmic.config import ConfigError
 
     source = ckpt or run
@@ -362,10 +369,10 @@ def load_predictor(
     if ckpt:
         if backend != "torch":
             raise ConfigError("--backend onnx serves an exported model folder (--run FOLDER), not --ckpt")
-        return Predictor.from_checkpoint(target, **eval_overrides), f"checkpoint {target}"
+        return Predictor.from_checkpoint(target, fast=fast, **eval_overrides), f"checkpoint {target}"
     kind = "checkpoint" if target.is_file() else "model folder" if (target / "config.json").is_file() else "run"
     described = f"{kind} {target}" + (" (ONNX Runtime)" if backend == "onnx" else "")
-    return Predictor.load(target, backend=backend, **eval_overrides), described
+    return Predictor.load(target, backend=backend, fast=fast, **eval_overrides), described
 
 
 def serve_main(args) -> int:
@@ -385,7 +392,11 @@ def serve_main(args) -> int:
     max_queue = getattr(args, "max_queue", DEFAULT_MAX_QUEUE)
     if max_queue < 0:
         raise ConfigError(f"--max-queue must be 0 or more, got {max_queue}")
-    predictor, what = load_predictor(args.run, args.ckpt, eval_over, getattr(args, "backend", "torch"))
+    predictor, what = load_predictor(
+        args.run, args.ckpt, eval_over, getattr(args, "backend", "torch"), bool(getattr(args, "fast", False))
+    )
+    if predictor.fast:
+        what += " (fast: no reverse samples)"
     try:
         server = make_server(
             predictor,

@@ -44,7 +44,7 @@ def prediction_row(
     pred: int,
     confidence: float,
     layout: Layout = "test",
-    readout: tuple[float, float, float] | None = None,
+    readout: tuple[float | None, float | None, float] | None = None,
     refer: bool | None = None,
     prior_pred: int | None = None,
     prior_probs: PerClass | None = None,
@@ -60,7 +60,7 @@ def prediction_row(
     is left out.
 
     ``label``: the true class index (test) or the predicted class name (predict); ``readout``:
-    ``(agreement, spread, entropy)`` of the K reverse samples; ``ttest_p`` / ``uncertain``: CARD's
+    ``(agreement, spread, entropy)`` of the K reverse samples (a ``None`` is left out); ``ttest_p`` / ``uncertain``: CARD's
     t-test of the two top classes; ``card_interval``: per-class ``(mean, low, high)`` of the
     samples (test); ``ood``: ``(score, flagged)``; ``confidence_unscaled`` / ``prediction_set``:
     the uncalibrated confidence and the conformal set of a calibrated prediction (predict; test rows
@@ -72,8 +72,8 @@ def prediction_row(
     row: dict[str, Any] = {"id": image_id}
     row.update({"label": label, "pred": int(pred)} if test else {"pred": int(pred), "label": label})
     row["confidence"] = float(confidence)
-    if readout is not None:
-        row["agreement"], row["spread"], row["entropy"] = (float(v) for v in readout)
+    if readout is not None:  # agreement / spread None: no samples were drawn (predict --fast)
+        row.update({k: float(v) for k, v in zip(("agreement", "spread", "entropy"), readout) if v is not None})
     if refer is not None:
         row["refer"] = int(refer)
     row.update(_per_class("p_", class_names, probs))
