@@ -192,6 +192,16 @@ class ForeignLoad:
             return None
         return round(max(0.0, (busy - self._busy) - (own - self._own)) / (elapsed * (os.cpu_count() or 1)), 3)
 
+    def record(self, device: torch.device) -> dict[str, Any]:
+        """The closing keys of a benchmark's JSON: ``foreign_cpu_share`` since ``start()``,
+        ``contended`` (above 0.1) and ``machine``."""
+        foreign = self.share()
+        return {
+            "foreign_cpu_share": foreign,
+            "contended": foreign is not None and foreign > 0.1,
+            "machine": machine_info(device),
+        }
+
 
 class Phase:
     """Times one phase (with device syncs) and measures its peak memory and the CPU load *not* caused by

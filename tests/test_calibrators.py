@@ -13,11 +13,13 @@ import torch
 from diffmic.trust.calibration import (
     ARGMAX_KEPT,
     AUTO_CANDIDATES,
+    AUTO_NLL_CANDIDATES,
     FIXED_CALIBRATORS,
     apply_affine,
     apply_calibration,
     apply_temperature,
     auto_choice,
+    auto_nll_choice,
     calibrator_kind,
     compare_calibrators,
     ece,
@@ -120,6 +122,37 @@ def test_auto_rule_by_hand():
     assert auto_choice(cv) == "temperature"
     cv["temperature+isotonic"].update(brier=0.260, ece=0.06)  # a tie on both: the simpler one
     assert auto_choice(cv) == "temperature"
+
+
+def test_auto_nll_rule_by_hand():
+    cv = {k: {"nll": 0.60, "ece": 0.05} for k in AUTO_NLL_CANDIDATES}
+    assert auto_nll_choice(cv) == "temperature"  # a tie everywhere: the simplest
+    cv["dirichlet"]["nll"] = 0.55
+    cv["dirichlet"]["ece"] = 0.09  # a worse held-out ECE does not matter: the NLL decides
+    assert auto_nll_choice(cv) == "dirichlet"
+    cv["vector"]["nll"] = 0.549
+    assert auto_nll_choice(cv) == "vector"
+    assert set(AUTO_NLL_CANDIDATES) == set(FIXED_CALIBRATORS)
+
+
+def test_auto_nll_finds_the_class_bias_and_leaves_a_calibrated_model_alone():
+    """Probabilities off by a per-class bias (what vector scaling fixes, one temperature cannot):
+    auto_nll leaves the temperature and its held-out NLL is lower than the temperature's on fresh
+    images drawn the same way. Probabilities that are already calibrated: it keeps a temperature
+    (within the noise, the simplest calibrator), and the test NLL does not get worse."""
+    w = torch.ones(4, dtype=torch.float64)
+    b = torch.tensor([0.8, 0.0, -0.6, 0.0], dtype=torch.float64)
+    p, y, _ = _affine_data(3, 800, w, b)
+    pt, yt, _ = _affine_data(4, 20000, w, b)
+    f = fit_calibration(p, y, "auto_nll")
+    assert f["auto"]["by"] == "auto_nll" and f["auto"]["chosen"] in ("vector", "matrix", "dirichlet")
+    assert set(f["auto"]["cv"]) == set(AUTO_NLL_CANDIDATES)
+    temp = fit_calibration(p, y, "temperature")
+    assert nll(apply_calibration(pt, f), yt) < nll(apply_calibration(pt, temp), yt) - 0.01
+    p0, y0, _ = _affine_data(5, 800, w, torch.zeros(4, dtype=torch.float64))
+    pt0, yt0, _ = _affine_data(6, 20000, w, torch.zeros(4, dtype=torch.float64))
+    f0 = fit_calibration(p0, y0, "auto_nll")
+    assert nll(apply_calibration(pt0, f0), yt0) <= nll(pt0, yt0) + 0.005
 
 
 def test_auto_keeps_the_same_choice_over_independent_validation_splits():

@@ -436,7 +436,8 @@ def describe_calibration(calib: dict | None, class_names: list[str] | None = Non
     if kind in ("temperature", "temperature+isotonic") and calib.get("temperature") is not None:
         text += f" (temperature {float(calib['temperature']):.3f})"
     if calib.get("auto"):
-        text += ", chosen by eval.calibrator=auto: " + str(calib["auto"].get("rule", ""))
+        by = calib["auto"].get("by", "auto")
+        text += f", chosen by eval.calibrator={by}: " + str(calib["auto"].get("rule", ""))
     if kind not in ("temperature", "temperature+isotonic"):
         text += "; it may change the predicted class"
     conf = calib.get("conformal")
