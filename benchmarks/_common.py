@@ -295,6 +295,28 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def _float(out):
+    """A network output (a tensor or a named tuple of them) with its bf16 tensors back in fp32."""
+    if isinstance(out, torch.Tensor):
+        return out.float() if out.dtype == torch.bfloat16 else out
+    if isinstance(out, tuple) and hasattr(out, "_fields"):
+        return type(out)(*(_float(v) for v in out))
+    return out
+
+
+def bf16_networks(model) -> None:
+    """Run ``model``'s DCG and ρ(x) passes (``guide``, ``encode``) under CPU bf16 autocast (oneDNN),
+    returning fp32 outputs: the denoiser and everything after stay in fp32."""
+    for name in ("guide", "encode"):
+        fn = getattr(model, name)
+
+        def wrapped(*a, _fn=fn, **k):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return _float(_fn(*a, **k))
+
+        setattr(model, name, wrapped)
+
+
 def emit(obj: dict[str, Any]) -> None:
     """Print the result as one JSON line (must be the last line on stdout)."""
     sys.stdout.flush()

@@ -40,30 +40,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from _common import ForeignLoad, emit, log  # noqa: E402
+from _common import ForeignLoad, bf16_networks, emit, log  # noqa: E402
 
 VARIANTS = ("onnx", "onnx_fast", "torch_fast", "torch_cl", "torch_bf16_nets", "torch_bf16")
-
-
-def _float(out):
-    """A network output (a tensor or a named tuple of them) with its bf16 tensors back in fp32."""
-    if isinstance(out, torch.Tensor):
-        return out.float() if out.dtype == torch.bfloat16 else out
-    if isinstance(out, tuple) and hasattr(out, "_fields"):
-        return type(out)(*(_float(v) for v in out))
-    return out
-
-
-def _bf16_networks(model) -> None:
-    """Run ``model``'s DCG and ρ(x) passes under CPU bf16 autocast, returning fp32 outputs."""
-    for name in ("guide", "encode"):
-        fn = getattr(model, name)
-
-        def wrapped(*a, _fn=fn, **k):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                return _float(_fn(*a, **k))
-
-        setattr(model, name, wrapped)
 
 
 def _variant(name: str, run: Path, folder: Path):
@@ -78,7 +57,7 @@ def _variant(name: str, run: Path, folder: Path):
     if name == "torch_cl":
         pred.module.model.to(memory_format=torch.channels_last)
     elif name == "torch_bf16_nets":
-        _bf16_networks(pred.module.model)
+        bf16_networks(pred.module.model)
     elif name == "torch_bf16":
         return pred, lambda: torch.autocast("cpu", dtype=torch.bfloat16)
     return pred, contextlib.nullcontext

@@ -12,7 +12,10 @@ Variants of the head (the 6144-wide denoiser MLP, memory-bandwidth bound at batc
   (``Predictor.load(folder, backend="onnx")``'s network);
 * ``int8`` — ``torch.ao.quantization.quantize_dynamic`` of the denoiser's Linear layers (weights int8,
   activations quantised on the fly). Whether it changes predicted classes is checked on a trained
-  checkpoint's test split by ``sampler_study.py --int8`` (random weights cannot say).
+  checkpoint's test split by ``sampler_study.py --int8`` (random weights cannot say);
+* ``bf16_nets`` — the DCG and encoder passes under CPU bf16 autocast (oneDNN, this CPU's
+  ``avx512_bf16``), the head in fp32; whether it changes classes is checked on the `make demo` test split
+  by ``backend_agreement.py --variants torch_bf16_nets``.
 
 Also reports the time of each stage (decode+preprocess, DCG, encoder, one head step) at batch 1.
 
@@ -33,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from _common import Phase, emit, log, machine_info, set_threads, wait_for_quiet  # noqa: E402
+from _common import Phase, bf16_networks, emit, log, machine_info, set_threads, wait_for_quiet  # noqa: E402
 
 PAPER_S_PER_IMAGE = 0.056
 
@@ -119,11 +122,14 @@ def main(argv: list[str] | None = None) -> int:
             ("fewstep_fp32", few, False),
             ("fewstep_int8", few, True),
             ("fewstep_onnx", few, False),
+            ("fewstep_bf16_nets", few, False),
             ("ddim10_noise_fp32", ddim10, False),
         ):
             p = build_predictor(args.classes, smp)
             if q:
                 quantise_head(p)
+            if name.endswith("bf16_nets"):
+                bf16_networks(p.module.model)
             if name.endswith("onnx"):  # the same network, served by ONNX Runtime
                 p = onnx_predictor(p, tmp)
             med, secs = timed(lambda: p.predict([img]), args.repeats)
@@ -150,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
             }
             quantise_head(p)
             stages["head_step_int8_s"] = timed(lambda: m.eps(feat, mu, t, mu), args.repeats)[0]
+            bf16_networks(m)
+            stages["dcg_bf16_s"] = timed(lambda: m.guide(x), args.repeats)[0]
+            stages["encoder_bf16_s"] = timed(lambda: m.encode(x), args.repeats)[0]
         result["stages_batch1"] = {k: round(v, 4) for k, v in stages.items()}
     result["foreign_cpu_share"] = ph.foreign_cpu_share
     result["contended"] = bool((ph.foreign_cpu_share or 0) > 0.1)
@@ -160,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     result["single_image_s_fp32"] = fp32
     result["single_image_s_int8"] = result["variants"]["fewstep_int8"]["median_s"]
     result["single_image_s_onnx"] = result["variants"]["fewstep_onnx"]["median_s"]
+    result["single_image_s_bf16_nets"] = result["variants"]["fewstep_bf16_nets"]["median_s"]
     result["meets_target"] = bool(fp32 <= PAPER_S_PER_IMAGE)
     result["pre_run_wait"] = quiet
     result["machine"] = machine_info(torch.device("cpu"))

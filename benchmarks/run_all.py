@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[name] = {"skipped": f"no {DEMO_RUN}: backends not compared"}
                 continue
             cmd = [sys.executable, str(HERE / "backend_agreement.py"), "--run", str(DEMO_RUN)]
+            cmd += ["--variants", "onnx", "onnx_fast", "torch_bf16_nets"]  # the first one gives the main keys
         elif name == "single":
             cmd = [sys.executable, str(HERE / "bench_single.py")]
         elif name == "startup":  # issue 27.2: a cold process to one answer, above `import torch`
@@ -208,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     summary["int8_head_on_demo_test"] = acc.get("int8_head", {}).get("test")
     summary["single_image_s"] = results.get("single", {}).get("single_image_s")
     summary["single_image_s_fp32"] = results.get("single", {}).get("single_image_s_fp32")
+    summary["single_image_s_bf16_nets"] = results.get("single", {}).get("single_image_s_bf16_nets")
     st = results.get("startup", {})
     summary["startup_s"] = st.get("startup_s")  # cold `Predictor.load` + one image, minus `import torch`
     summary["startup_torchvision_s"] = st.get("torchvision_above_torch_s")
@@ -217,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     summary["throughput_speedup"] = be.get("throughput_speedup")
     summary["classes_changed"] = be.get("classes_changed")
     summary["prob_max_abs_diff"] = be.get("prob_max_abs_diff")
+    # the fast path and bf16 networks under the same rule: classes changed, probability moves, speed-up
+    summary["backend_variants"] = be.get("variants")
     tc = results.get("trust_cost", {})
     summary["trust_cost_per_image_s"] = tc.get("per_image_s") or tc.get("skipped")
     summary["fast_path"] = tc.get("fast_path")  # predict --fast: speed-up, classes changed (must be 0)
