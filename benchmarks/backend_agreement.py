@@ -28,6 +28,7 @@ The last stdout line is one JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import sys
 import tempfile
@@ -47,8 +48,6 @@ VARIANTS = ("onnx", "onnx_fast", "torch_fast", "torch_cl", "torch_bf16_nets", "t
 
 def _variant(name: str, run: Path, folder: Path):
     """The Predictor of variant ``name`` and the context its predict calls run in."""
-    import contextlib
-
     from diffmic.inference import Predictor
 
     if name in ("onnx", "onnx_fast"):
@@ -91,8 +90,6 @@ def main(argv: list[str] | None = None) -> int:
     names = torch_pred.class_names
     with tempfile.TemporaryDirectory(prefix="diffmic-backends-") as tmp:
         folder = export_model(run=run, out=Path(tmp) / "model", onnx=True, onnx_batch=args.onnx_batch)
-        import contextlib
-
         runs = {"torch": (torch_pred, contextlib.nullcontext)}
         runs.update({v: _variant(v, run, folder) for v in dict.fromkeys(args.variants)})
         probs: dict[str, list[np.ndarray]] = {k: [] for k in runs}
