@@ -21,6 +21,7 @@ import csv
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         run = Path(r)
         pv, yv, names = _val_probs(run)
         pt, yt = _test_probs(run, names)
-        res: dict[str, dict] = {"val_images": int(yv.numel()), "test_images": int(yt.numel())}
+        res: dict[str, Any] = {"val_images": int(yv.numel()), "test_images": int(yt.numel())}
         res["none"] = scores(pt, yt)
         for kind in (*FIXED_CALIBRATORS, *RULES):
             t1 = time.perf_counter()
@@ -99,9 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         "auto_nll classwise ECE | auto_nll accuracy change |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for run, res in out.items():
+    for name, res in out.items():
         lines.append(
-            f"| {run} | {res['val_images']} / {res['test_images']} | {res['none']['ece']:.4f} | "
+            f"| {name} | {res['val_images']} / {res['test_images']} | {res['none']['ece']:.4f} | "
             f"{res['temperature']['ece']:.4f} | {res['auto']['chosen']}, {res['auto']['ece']:.4f} | "
             f"{res['auto_nll']['chosen']}, {res['auto_nll']['ece']:.4f} | {res['auto_nll']['classwise_ece']:.4f} | "
             f"{res['auto_nll']['acc'] - res['none']['acc']:+.4f} |"
