@@ -271,13 +271,18 @@ def fit_calibration(probs: Tensor, labels: Tensor, calibrator: str = "temperatur
     y = torch.as_tensor(labels).long()
     if calibrator in ("auto", "auto_nll"):
         by_nll = calibrator == "auto_nll"
+        dirichlet = None
         if by_nll:  # Dirichlet's penalty chosen once on the split: 15 fits in the CV instead of 300
-            lam = fit_dirichlet(p, y)["lambda"]
-            cv = cross_validate_calibrators(p, y, AUTO_NLL_CANDIDATES, dirichlet_lambda=lam)
+            dirichlet = fit_dirichlet(p, y)
+            cv = cross_validate_calibrators(p, y, AUTO_NLL_CANDIDATES, dirichlet_lambda=dirichlet["lambda"])
         else:
             cv = cross_validate_calibrators(p, y, AUTO_CANDIDATES)
         chosen = auto_nll_choice(cv) if by_nll else auto_choice(cv)
-        auto = fit_calibration(p, y, chosen)
+        if chosen == "dirichlet" and dirichlet is not None:  # the fit above, not a second one
+            auto = {"kind": "dirichlet", "temperature": fit_temperature(p, y), "isotonic": None}
+            auto["affine"] = {"kind": "matrix", **dirichlet}
+        else:
+            auto = fit_calibration(p, y, chosen)
         auto["auto"] = {
             "chosen": chosen,
             "by": calibrator,
