@@ -103,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     from PIL import Image
 
-    tmp = Path(tempfile.mkdtemp(prefix="diffmic-bench-single-"))
+    # removed after the timings, and at exit if a variant fails (the ONNX files are ~30 MB)
+    tmpdir = tempfile.TemporaryDirectory(prefix="diffmic-bench-single-")
+    tmp = Path(tmpdir.name)
     img = tmp / "lesion.jpg"
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (450, 600, 3), dtype=np.uint8)).save(img, quality=90)
@@ -160,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             stages["dcg_bf16_s"] = timed(lambda: m.guide(x), args.repeats)[0]
             stages["encoder_bf16_s"] = timed(lambda: m.encode(x), args.repeats)[0]
         result["stages_batch1"] = {k: round(v, 4) for k, v in stages.items()}
+    tmpdir.cleanup()
     result["foreign_cpu_share"] = ph.foreign_cpu_share
     result["contended"] = bool((ph.foreign_cpu_share or 0) > 0.1)
     # fp32 is the headline: the int8 head changed 4 of 3,004 predicted classes on the `make demo` test

@@ -176,3 +176,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if _TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _decoded_cache_in_the_tests_temp(tmp_path_factory):
+    """Every decoded-image cache the tests make (in process or in a `diffmic` subprocess) goes under
+    the session's temporary folder, never the checkout's ``.cache/diffmic`` or ``~/.cache/diffmic``:
+    a run of the suite leaves nothing behind in the user's folders. Tests of the default location
+    set or delete ``DIFFMIC_CACHE_DIR`` themselves (``monkeypatch``)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DIFFMIC_CACHE_DIR", str(tmp_path_factory.mktemp("decoded-cache")))
+        yield
