@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,7 @@ from diffmic.nn.encoders import create_encoder
 from diffmic.nn.guidance import set_output_stride
 from diffmic.training.budget import apply_step_budget, epochs_for_steps
 
-from _helpers import TINY_MODEL  # noqa: E402
+from _helpers import ONE_THREAD_ENV, TINY_MODEL  # noqa: E402
 from conftest import write_synthetic_npz
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -274,6 +276,31 @@ def test_grid_resumes_skipping_finished_cells(grid_run, capsys):
     for p, t in before.items():
         if "basic/seed1" not in str(p):
             assert p.stat().st_mtime_ns == t
+
+
+def test_experiment_prints_no_lightning_chatter(tmp_path, tiny_npz):
+    """`diffmic experiment` is as quiet as `diffmic fit` (tests/test_output.py): no GPU banner, tips,
+    model summary or known warnings; `-v` brings them back."""
+    path = _grid(tmp_path, tiny_npz, {"basic": {"overrides": ["model.variant=basic", "train.joint_steps=2"], "seeds": [1]}})
+
+    def run(*extra: str) -> str:
+        out = subprocess.run(
+            [sys.executable, "-m", "diffmic.cli", *extra, "experiment", path, "--n-boot", "10"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=ONE_THREAD_ENV,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout + out.stderr
+
+    text = run()
+    assert "tiny/basic/seed1: running" in text and "| tiny |" in text
+    for noise in ("GPU available:", "Trainable params", "Experiment logs directory", "💡 Tip"):
+        assert noise not in text, noise
+    (Path(tmp_path) / "exp" / "tiny" / "basic" / "seed1" / "test_metrics.json").unlink()  # re-tested with -v
+    assert "GPU available:" in run("-v")
 
 
 def test_bad_grid_is_a_clear_error(tmp_path, tiny_npz, capsys):

@@ -526,7 +526,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         errors = errors + (ExportError, FastPathError)
     # predict and serve run without Lightning (issue 27.2): importing it to quieten it would cost seconds
-    if args.verb in ("fit", "validate", "test", "export"):
+    if args.verb in ("fit", "validate", "test", "export", "experiment", "calibrate"):
         from diffmic.training.console import quiet
 
         quiet(not args.verbose)
