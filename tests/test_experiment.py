@@ -281,7 +281,9 @@ def test_grid_resumes_skipping_finished_cells(grid_run, capsys):
 def test_experiment_prints_no_lightning_chatter(tmp_path, tiny_npz):
     """`diffmic experiment` is as quiet as `diffmic fit` (tests/test_output.py): no GPU banner, tips,
     model summary or known warnings; `-v` brings them back."""
-    path = _grid(tmp_path, tiny_npz, {"basic": {"overrides": ["model.variant=basic", "train.joint_steps=2"], "seeds": [1]}})
+    path = _grid(
+        tmp_path, tiny_npz, {"basic": {"overrides": ["model.variant=basic", "train.joint_steps=2"], "seeds": [1]}}
+    )
 
     def run(*extra: str) -> str:
         out = subprocess.run(
