@@ -7,6 +7,8 @@ shows the training images, where the denoiser learnt what it does):
   images where the two argmaxes differ, and the mean L1 distance between the read-out
   probabilities and the prior, for K = 1 and K = 8 samples (the run's sampler) and for the
   deterministic read-out from the prior mean (``readout_point``: ``eval.point_steps`` calls, 5 if unset);
+* ``prior_out_of_fold`` (runs with ``train.prior_folds``): the accuracy of the priors the denoiser
+  trained on, each image's from the fold DCG that did not see it (meaningful on ``--split train``);
 * ``eps_mse``: the denoiser's noise-prediction MSE per timestep bucket on validation images, with
   the true label y0, against two controls at the same (t, ε): (a) ρ(x) of another image of the
   batch (features shuffled: does the image embedding matter?) and (b) the prior of another image
@@ -34,7 +36,9 @@ def diagnose(run: Path, buckets: int = 5, batch_size: int = 64, ckpt: str | None
     from diffmic.diffusion.reverse import reverse_sample
     from diffmic.metrics import readout
     from diffmic.training.checkpoint import load_module
+    from diffmic.training.crossfit import fold_of, out_of_fold_guidance
     from diffmic.training.run import build_datamodule, resolve_checkpoint
+    from diffmic.training.step import make_fold_dcgs
 
     cfg = load_config(run / "config.yaml")
     dm = build_datamodule(cfg)
@@ -43,9 +47,15 @@ def diagnose(run: Path, buckets: int = 5, batch_size: int = 64, ckpt: str | None
     ckpt_path = resolve_checkpoint(run, ckpt)
     raw = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     trained = {"checkpoint": ckpt_path.name, "epoch": raw.get("epoch"), "global_step": raw.get("global_step")}
-    del raw
     module = load_module(ckpt_path).eval()
     model, sched, e = module.model, module.schedule, cfg.eval
+    # train.prior_folds >= 2: the fold DCGs, whose out-of-fold priors the denoiser trained on
+    fold_dcgs = make_fold_dcgs(model, cfg.train)
+    if fold_dcgs is not None:
+        fold_state = {k[len("fold_dcgs.") :]: v for k, v in raw["state_dict"].items() if k.startswith("fold_dcgs.")}
+        fold_dcgs.load_state_dict(fold_state, strict=True)
+        fold_dcgs.eval()
+    del raw
     if not model.uses_diffusion:
         raise SystemExit(f"{run}: variant {model.variant} has no diffusion")
     C, T = model.num_classes, sched.num_timesteps
@@ -55,6 +65,7 @@ def diagnose(run: Path, buckets: int = 5, batch_size: int = 64, ckpt: str | None
     probs_k: dict[int, list] = {1: [], 8: []}
     probs_point: list = []  # the deterministic read-out from mu over the window (eval.point_steps, 5 if unset)
     priors = []
+    oof_priors = []  # with fold DCGs: image i's prior from the DCG of its fold (did not train on it)
     mse = {name: torch.zeros(buckets) for name in ("true", "shuffled_image", "shuffled_prior")}
     counts = torch.zeros(buckets)
     gen = torch.Generator().manual_seed(0)
@@ -77,6 +88,11 @@ def diagnose(run: Path, buckets: int = 5, batch_size: int = 64, ckpt: str | None
         g = model.guide(x)
         pri = model.priors(g, x.shape[0], x.device, x.dtype)
         priors.append(pri.fused)
+        if fold_dcgs is not None:
+            folds = fold_of(ids, len(fold_dcgs), cfg.run.seed)
+            oof_priors.append(
+                model.priors(out_of_fold_guidance(fold_dcgs, x, folds), x.shape[0], x.device, x.dtype).fused
+            )
         feat = model.encode(x)
         y0 = torch.nn.functional.one_hot(y, C).float()
         perm = torch.roll(torch.arange(x.shape[0]), 1)
@@ -101,6 +117,12 @@ def diagnose(run: Path, buckets: int = 5, batch_size: int = 64, ckpt: str | None
         }
 
     res["prior"] = score(prior)
+    if oof_priors:  # on --split train: the priors the denoiser trained on, against the model's own DCG
+        oof = torch.cat(oof_priors)
+        res["prior_out_of_fold"] = {
+            **score(oof),
+            "argmax_differs_from_prior": round(float((oof.argmax(1) != prior.argmax(1)).float().mean()), 4),
+        }
     for name, ps in [*((f"readout_K{K}", v) for K, v in probs_k.items()), ("readout_point", probs_point)]:
         p = torch.cat(ps)
         res[name] = {

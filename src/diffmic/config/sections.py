@@ -38,6 +38,7 @@ __all__ = [
     "PRIOR_SOURCES",
     "RULES",
     "SELECT_ON",
+    "SELECT_TIES",
     "Config",
     "DataConfig",
     "DiffusionConfig",
@@ -51,6 +52,8 @@ __all__ = [
 
 DCG_WARMUP_SCHEDULES: tuple[str, ...] = ("constant", "cosine")  # training.schedules.warmup_dcg_lr
 SELECT_ON: tuple[str, ...] = ("val", "test")
+#: train.select_ties: which checkpoint a tie of val/<monitor> keeps (first = released, strict ">")
+SELECT_TIES: tuple[str, ...] = ("first", "last")
 #: where the test-time prior of a cross-fitted model comes from (``eval.prior_source``)
 PRIOR_SOURCES: tuple[str, ...] = ("full", "folds")
 
@@ -217,6 +220,9 @@ class TrainConfig:
     check_val_every_n_epoch: int = option(1, check=between(1))
     select_on: str = option("val", choices=SELECT_ON)  # test: the released code's protocol (optimistic)
     monitor: str = option("acc", choices=SCALAR_METRICS)
+    # ours: on a tie of val/<monitor> keep the first best checkpoint (released: strict ">") or the
+    # last one (its denoiser trained longer; on 78 validation images ties are common, docs/results.md)
+    select_ties: str = option("first", choices=SELECT_TIES)
     checkpoint_every_n_steps: Optional[int] = option(None, check=between(1, optional=True))  # mid-epoch, for resume
     limit_train_batches: Optional[Union[int, float]] = option(None, check=ck.limit_batches)
     limit_val_batches: Optional[Union[int, float]] = option(None, check=ck.limit_batches)

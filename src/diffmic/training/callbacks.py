@@ -7,6 +7,7 @@ from typing import Any, Optional, Protocol, runtime_checkable
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import Tensor
 from torch.optim.swa_utils import AveragedModel
 
 
@@ -107,7 +108,27 @@ class DenoiserEMA(pl.Callback):
 
 class StageAwareCheckpoint(ModelCheckpoint):
     """ModelCheckpoint that does not select (top-k) during the DCG warm-up, whose validation
-    measures the DCG only; ``last.ckpt`` is still written for resuming."""
+    measures the DCG only; ``last.ckpt`` is still written for resuming.
+
+    ``ties="last"`` (``train.select_ties``): with ``save_top_k=1``, a later validation that equals the
+    best score replaces it (Lightning, like the released code, keeps the first: strict improvement)."""
+
+    def __init__(self, *args: Any, ties: str = "first", **kwargs: Any) -> None:
+        if ties not in ("first", "last"):
+            raise ValueError(f"ties must be 'first' or 'last', got {ties!r}")
+        super().__init__(*args, **kwargs)
+        self.ties = ties
+
+    def check_monitor_top_k(self, trainer: pl.Trainer, current: Optional[Tensor] = None) -> bool:
+        if (
+            self.ties == "last"
+            and current is not None
+            and self.save_top_k == 1
+            and self.kth_best_model_path in self.best_k_models
+            and bool(torch.eq(current, self.best_k_models[self.kth_best_model_path]))
+        ):
+            return trainer.strategy.reduce_boolean_decision(True)
+        return super().check_monitor_top_k(trainer, current)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if getattr(pl_module, "in_dcg_warmup", False):

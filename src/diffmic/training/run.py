@@ -343,6 +343,7 @@ def _fit_callbacks(cfg: Config, ckpt_dir: Path) -> tuple[StageAwareCheckpoint, l
         save_top_k=1,
         save_last=True,
         enable_version_counter=False,
+        ties=t.select_ties,
     )
     callbacks: list[pl.Callback] = [best, LearningRateMonitor(logging_interval="epoch")]
     if t.checkpoint_every_n_steps:
