@@ -4,6 +4,8 @@ used by CLI tests (the generated data sets: conftest.py)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,6 +36,21 @@ TINY_MODEL = [
 ]
 
 ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def cli_output(*args: str, timeout: float = 600) -> str:
+    """``python -m diffmic.cli ARGS`` in a one-thread subprocess; asserts exit 0 and returns what it
+    printed (stdout, then stderr)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "diffmic.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=ONE_THREAD_ENV,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout + out.stderr
 
 
 def need(sub: str) -> Path:

@@ -184,6 +184,11 @@ def _decoded_cache_in_the_tests_temp(tmp_path_factory):
     the session's temporary folder, never the checkout's ``.cache/diffmic`` or ``~/.cache/diffmic``:
     a run of the suite leaves nothing behind in the user's folders. Tests of the default location
     set or delete ``DIFFMIC_CACHE_DIR`` themselves (``monkeypatch``)."""
+    import _helpers
+
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DIFFMIC_CACHE_DIR", str(tmp_path_factory.mktemp("decoded-cache")))
+        cache = str(tmp_path_factory.mktemp("decoded-cache"))
+        mp.setenv("DIFFMIC_CACHE_DIR", cache)
+        # the environment of the tests' subprocesses (a copy of os.environ made at import)
+        mp.setitem(_helpers.ONE_THREAD_ENV, "DIFFMIC_CACHE_DIR", cache)
         yield

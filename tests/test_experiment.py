@@ -6,8 +6,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +21,7 @@ from diffmic.nn.encoders import create_encoder
 from diffmic.nn.guidance import set_output_stride
 from diffmic.training.budget import apply_step_budget, epochs_for_steps
 
-from _helpers import ONE_THREAD_ENV, TINY_MODEL  # noqa: E402
+from _helpers import TINY_MODEL, cli_output  # noqa: E402
 from conftest import write_synthetic_npz
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -286,16 +284,7 @@ def test_experiment_prints_no_lightning_chatter(tmp_path, tiny_npz):
     )
 
     def run(*extra: str) -> str:
-        out = subprocess.run(
-            [sys.executable, "-m", "diffmic.cli", *extra, "experiment", path, "--n-boot", "10"],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env=ONE_THREAD_ENV,
-            check=False,
-        )
-        assert out.returncode == 0, out.stderr[-3000:]
-        return out.stdout + out.stderr
+        return cli_output(*extra, "experiment", path, "--n-boot", "10")
 
     text = run()
     assert "tiny/basic/seed1: running" in text and "| tiny |" in text

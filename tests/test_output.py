@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from _helpers import ONE_THREAD_ENV, tiny_fit_args
+from _helpers import ONE_THREAD_ENV, cli_output, tiny_fit_args
 from conftest import DARK_BRIGHT, write_synthetic_folder
 
 NOISE = {
@@ -29,17 +29,7 @@ def data(tmp_path_factory):
 
 def _fit(tmp_path, data, *extra: str) -> str:
     run = tmp_path / "run"
-    args = tiny_fit_args(data, run, tmp_path / "cache")
-    out = subprocess.run(
-        [sys.executable, "-m", "diffmic.cli", *args, *extra],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=ONE_THREAD_ENV,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout + out.stderr
+    return cli_output(*tiny_fit_args(data, run, tmp_path / "cache"), *extra)
 
 
 def test_default_fit_prints_no_lightning_chatter(tmp_path, data):
