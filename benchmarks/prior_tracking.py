@@ -8,7 +8,9 @@ shows the training images, where the denoiser learnt what it does):
   probabilities and the prior, for K = 1 and K = 8 samples (the run's sampler) and for the
   deterministic read-out from the prior mean (``readout_point``: ``eval.point_steps`` calls, 5 if unset);
 * ``prior_out_of_fold`` (runs with ``train.prior_folds``): the accuracy of the priors the denoiser
-  trained on, each image's from the fold DCG that did not see it (meaningful on ``--split train``);
+  trained on, each image's from the fold DCG that did not see it (meaningful on ``--split train``),
+  and ``readout_point_out_of_fold``: the deterministic read-out conditioned on them (how many of the
+  wrong ones it corrects);
 * ``eps_mse``: the denoiser's noise-prediction MSE per timestep bucket on validation images, with
   the true label y0, against two controls at the same (t, ε): (a) ρ(x) of another image of the
   batch (features shuffled: does the image embedding matter?) and (b) the prior of another image
@@ -66,6 +68,7 @@ def diagnose(run: Path, buckets: int = 5, batch_size: int = 64, ckpt: str | None
     probs_point: list = []  # the deterministic read-out from mu over the window (eval.point_steps, 5 if unset)
     priors = []
     oof_priors = []  # with fold DCGs: image i's prior from the DCG of its fold (did not train on it)
+    oof_point = []  # the point read-out from those priors
     mse = {name: torch.zeros(buckets) for name in ("true", "shuffled_image", "shuffled_prior")}
     counts = torch.zeros(buckets)
     gen = torch.Generator().manual_seed(0)
@@ -93,6 +96,17 @@ def diagnose(run: Path, buckets: int = 5, batch_size: int = 64, ckpt: str | None
             oof_priors.append(
                 model.priors(out_of_fold_guidance(fold_dcgs, x, folds), x.shape[0], x.device, x.dtype).fused
             )
+            # the deterministic read-out conditioned on those out-of-fold priors: on the training
+            # images, does the denoiser correct the priors it was trained to correct?
+            out = reverse_sample(
+                model,
+                sched,
+                x,
+                **{**e.reverse_kwargs(), "num_samples": 1, "point_steps": e.point_steps or 5},
+                ids=ids,
+                guide=lambda xb, f=folds: out_of_fold_guidance(fold_dcgs, xb, f),
+            )
+            oof_point.append(readout(out.y0, e.aggregate, e.temperature, point=out.point).probs)
         feat = model.encode(x)
         y0 = torch.nn.functional.one_hot(y, C).float()
         perm = torch.roll(torch.arange(x.shape[0]), 1)
@@ -122,6 +136,17 @@ def diagnose(run: Path, buckets: int = 5, batch_size: int = 64, ckpt: str | None
         res["prior_out_of_fold"] = {
             **score(oof),
             "argmax_differs_from_prior": round(float((oof.argmax(1) != prior.argmax(1)).float().mean()), 4),
+        }
+        p = torch.cat(oof_point)
+        wrong = oof.argmax(1) != labels
+        res["readout_point_out_of_fold"] = {
+            **score(p),
+            "argmax_differs_from_its_prior": round(float((p.argmax(1) != oof.argmax(1)).float().mean()), 4),
+            "mean_L1_to_its_prior": round(float((p - oof).abs().sum(1).mean()), 4),
+            # of the images whose out-of-fold prior is wrong, the share the read-out gets right
+            "corrects_wrong_priors": round(float((p.argmax(1)[wrong] == labels[wrong]).float().mean()), 4)
+            if bool(wrong.any())
+            else None,
         }
     for name, ps in [*((f"readout_K{K}", v) for K, v in probs_k.items()), ("readout_point", probs_point)]:
         p = torch.cat(ps)
