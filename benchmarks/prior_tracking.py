@@ -22,6 +22,7 @@ shows the training images, where the denoiser learnt what it does):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -104,7 +105,7 @@ def diagnose(run: Path, buckets: int = 5, batch_size: int = 64, ckpt: str | None
                 x,
                 **{**e.reverse_kwargs(), "num_samples": 1, "point_steps": e.point_steps or 5},
                 ids=ids,
-                guide=lambda xb, f=folds: out_of_fold_guidance(fold_dcgs, xb, f),
+                guide=functools.partial(out_of_fold_guidance, fold_dcgs, folds=folds),
             )
             oof_point.append(readout(out.y0, e.aggregate, e.temperature, point=out.point).probs)
         feat = model.encode(x)
