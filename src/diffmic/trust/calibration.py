@@ -278,11 +278,7 @@ def fit_calibration(probs: Tensor, labels: Tensor, calibrator: str = "temperatur
         else:
             cv = cross_validate_calibrators(p, y, AUTO_CANDIDATES)
         chosen = auto_nll_choice(cv) if by_nll else auto_choice(cv)
-        if chosen == "dirichlet" and dirichlet is not None:  # the fit above, not a second one
-            auto = {"kind": "dirichlet", "temperature": fit_temperature(p, y), "isotonic": None}
-            auto["affine"] = {"kind": "matrix", **dirichlet}
-        else:
-            auto = fit_calibration(p, y, chosen)
+        auto = _fit_one(p, y, chosen, dirichlet)  # Dirichlet chosen: the fit above, not a second one
         auto["auto"] = {
             "chosen": chosen,
             "by": calibrator,
@@ -292,6 +288,12 @@ def fit_calibration(probs: Tensor, labels: Tensor, calibrator: str = "temperatur
             "cv": cv,
         }
         return auto
+    return _fit_one(p, y, calibrator)
+
+
+def _fit_one(p: Tensor, y: Tensor, calibrator: str, dirichlet: dict | None = None) -> dict:
+    """One fixed calibrator fitted (``fit_calibration`` for every kind but ``auto*``); ``dirichlet``:
+    a Dirichlet fit of the same data already made, used instead of fitting it again."""
     T = fit_temperature(p, y)
     fitted: dict = {"kind": calibrator, "temperature": T, "isotonic": None, "affine": None}
     if calibrator == "temperature+isotonic":
@@ -300,7 +302,7 @@ def fit_calibration(probs: Tensor, labels: Tensor, calibrator: str = "temperatur
     elif calibrator in ("vector", "matrix"):
         fitted["affine"] = {"kind": calibrator, **fit_affine(p, y, calibrator)}
     elif calibrator == "dirichlet":
-        fitted["affine"] = {"kind": "matrix", **fit_dirichlet(p, y)}
+        fitted["affine"] = {"kind": "matrix", **(dirichlet if dirichlet is not None else fit_dirichlet(p, y))}
     return fitted
 
 
